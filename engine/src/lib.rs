@@ -1,0 +1,2 @@
+//! Model loading, inference engines and the dynamic batcher core. Knows
+//! nothing about gRPC or Kubernetes.

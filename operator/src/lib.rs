@@ -1,0 +1,1 @@
+//! The InferencePipeline API types and the operator's reconcile core.

@@ -1,0 +1,5 @@
+//! `tandem-operator`: runs the controller or prints the CRD.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("tandem-operator: not implemented yet")
+}
