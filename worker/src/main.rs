@@ -1,5 +1,30 @@
 //! `tandem-worker`: one binary, two roles (`preprocess`, `inference`).
 
+use clap::{Parser, Subcommand};
+
+mod inference;
+mod preprocess;
+
+/// Tandem worker: the CPU preprocess stage or the GPU/CPU inference stage.
+#[derive(Debug, Parser)]
+#[command(name = "tandem-worker", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// Decode/resize/normalize images or tokenize text, then forward to inference pods.
+    Preprocess(preprocess::Args),
+    /// Load a model and serve batched inference over OIP v2.
+    Inference(inference::Args),
+}
+
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("tandem-worker: not implemented yet")
+    let cli = Cli::parse();
+    match cli.role {
+        Role::Preprocess(args) => preprocess::run(args),
+        Role::Inference(args) => inference::run(args),
+    }
 }
