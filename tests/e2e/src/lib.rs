@@ -1,1 +1,256 @@
-//! Helpers shared by the end-to-end tests: reaching the local cluster.
+//! Helpers shared by the end-to-end tests: reaching the local cluster started by
+//! `tests/kube/cluster up`, running `kubectl`, per-test namespaces and polling
+//! waits with deadlines.
+//!
+//! Tests that need the cluster call [`Cluster::connect`], which fails the test
+//! loudly (never skips) when the cluster is not reachable.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Handle on the local cluster: where its kubeconfig is.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    /// Connects to the cluster named by `KUBECONFIG` and checks `/readyz`.
+    ///
+    /// # Panics
+    /// When the cluster is not configured or not ready: cluster tests must fail,
+    /// not skip, when their cluster is missing.
+    pub fn connect() -> Cluster {
+        let kubeconfig = std::env::var_os("KUBECONFIG").map(PathBuf::from).unwrap_or_else(|| {
+            panic!(
+                "KUBECONFIG is not set: start the local cluster with `tests/kube/cluster up` and \
+                 `eval \"$(tests/kube/cluster env)\"` (scripts/test does both)"
+            )
+        });
+        let cluster = Cluster { kubeconfig };
+        let ready = cluster.kubectl(["get", "--raw", "/readyz"]);
+        match ready {
+            Ok(out) if out.status.success() => cluster,
+            Ok(out) => panic!(
+                "the local cluster is not ready (kubectl get --raw /readyz): {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(err) => panic!("cannot run kubectl against the local cluster: {err:#}"),
+        }
+    }
+
+    /// The admin kubeconfig path.
+    pub fn kubeconfig(&self) -> &PathBuf {
+        &self.kubeconfig
+    }
+
+    /// Runs kubectl with the admin kubeconfig and returns its raw output.
+    pub fn kubectl<I, S>(&self, args: I) -> anyhow::Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running kubectl (is the cluster's kubectl on PATH?)")
+    }
+
+    /// Runs kubectl as the holder of a bearer `token` (no client certificate):
+    /// same server and CA as the admin kubeconfig, nothing else.
+    pub fn kubectl_with_token(&self, token: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let field = |path: &str| -> anyhow::Result<String> {
+            let jsonpath = format!("jsonpath={{.clusters[0].cluster.{path}}}");
+            self.kubectl_ok(["config", "view", "--minify", "-o", &jsonpath])
+        };
+        let server = field("server")?;
+        let ca = field("certificate-authority")?;
+        Command::new("kubectl")
+            .env_remove("KUBECONFIG")
+            .args(["--kubeconfig", "/dev/null", "--server", &server])
+            .args(["--certificate-authority", &ca, "--token", token])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running kubectl with a token")
+    }
+
+    /// Runs kubectl and returns stdout; fails with kubectl's stderr otherwise.
+    pub fn kubectl_ok<I, S>(&self, args: I) -> anyhow::Result<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = self.kubectl(&args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {:?} failed: {}",
+                args,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl <args> -f -` with `manifest` on stdin (apply, create, delete).
+    pub fn kubectl_stdin(&self, args: &[&str], manifest: &str) -> anyhow::Result<Output> {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning kubectl")?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(manifest.as_bytes())
+            .context("writing the manifest to kubectl")?;
+        child.wait_with_output().context("waiting for kubectl")
+    }
+
+    /// `kubectl apply -f -`, failing with kubectl's message.
+    pub fn apply(&self, manifest: &str) -> anyhow::Result<()> {
+        let out = self.kubectl_stdin(&["apply"], manifest)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl apply failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads one object (or a list) as JSON.
+    pub fn get_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut all: Vec<&str> = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        let text = self.kubectl_ok(&all)?;
+        serde_json::from_str(&text).context("parsing kubectl JSON output")
+    }
+
+    /// Creates a fresh namespace for one test; deleted when the guard drops.
+    pub fn namespace(&self, prefix: &str) -> anyhow::Result<TestNamespace> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        self.kubectl_ok(["create", "namespace", &name])?;
+        // The ServiceAccount controller creates `default` a moment later;
+        // pods cannot be created before it exists.
+        wait_until(
+            "the default ServiceAccount",
+            Duration::from_secs(30),
+            || {
+                Ok(self
+                    .kubectl(["get", "serviceaccount", "default", "-n", &name])?
+                    .status
+                    .success()
+                    .then_some(()))
+            },
+        )?;
+        Ok(TestNamespace {
+            cluster: self.clone(),
+            name,
+        })
+    }
+}
+
+/// A namespace owned by one test; deleted (without waiting) on drop.
+#[derive(Debug)]
+pub struct TestNamespace {
+    cluster: Cluster,
+    name: String,
+}
+
+impl TestNamespace {
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = self
+            .cluster
+            .kubectl(["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, an error, or `timeout`
+/// passes. Errors from `check` end the wait at once.
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A minimal HTTP/1.0 GET (no TLS, no redirects, so no chunked bodies):
+/// returns (status, body). Enough for probing test servers on pod IPs.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("malformed HTTP response from {addr}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status line in response from {addr}"))?;
+    Ok((status, body.to_owned()))
+}
+
+/// Processes on this machine whose environment has `POD_NAME=<pod>`: how the
+/// tests see whether a pod's processes still run, independent of the agent.
+pub fn processes_of_pod(pod: &str) -> Vec<u32> {
+    let needle = format!("POD_NAME={pod}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+                .unwrap_or(false)
+        })
+        .collect()
+}

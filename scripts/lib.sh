@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Shared by scripts/test.sh and scripts/demo.sh: install what a fresh machine
+# lacks and say what is happening.
+
+say() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Debian packages the project needs (network namespaces, certificates).
+ensure_system_packages() {
+  local missing=()
+  command -v ip >/dev/null || missing+=(iproute2)
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v setsid >/dev/null || missing+=(util-linux)
+  command -v pgrep >/dev/null || missing+=(procps)
+  command -v curl >/dev/null || missing+=(curl)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+# Seconds since the given epoch, for the timing lines.
+since() { echo $(( $(date +%s) - $1 ))s; }
