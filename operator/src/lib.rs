@@ -1,1 +1,12 @@
 //! The InferencePipeline API types and the operator's reconcile core.
+//!
+//! Pure layers (`crd`, `validate`, `build`, `status`) are free of I/O; `controller`, `leader`
+//! and `metrics` are the edges that talk to the API server and the network.
+
+pub mod build;
+pub mod crd;
+pub mod status;
+pub mod validate;
+
+#[cfg(test)]
+mod test_fixtures;

@@ -1,0 +1,258 @@
+//! Renders `pipeline.yaml`, the preprocess workers' configuration.
+//!
+//! The schema is owned by the worker (`worker/src/config.rs`, `docs/worker-config.md`), which
+//! rejects unknown fields; the types here mirror the subset the operator sets, and the tests pin
+//! the exact YAML. The operator does not depend on the worker crate (crate = layer), so a
+//! schema change there must be mirrored here.
+
+use serde::Serialize;
+
+use crate::build::{PORT_CONTROL, PORT_GRPC, PORT_HTTP, PORT_METRICS};
+use crate::crd::{ImageDtype, Normalize, ResizeFilter, ResizeMode, TensorLayout};
+use crate::validate::{Input, ValidatedPipeline};
+
+/// Key of the config file inside the ConfigMap.
+pub const CONFIG_FILE: &str = "pipeline.yaml";
+/// Where the ConfigMap is mounted in preprocess pods.
+pub const CONFIG_MOUNT_DIR: &str = "/etc/tandem";
+
+/// The worker configuration as rendered into the ConfigMap.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerConfig {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Model clients address.
+    pub model: WorkerModel,
+    /// Input processing.
+    pub preprocess: WorkerPreprocess,
+    /// Output processing.
+    pub postprocess: WorkerPostprocess,
+    /// Listening ports.
+    pub ports: WorkerPorts,
+    /// Admission limits.
+    pub limits: WorkerLimits,
+}
+
+/// `model` section.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct WorkerModel {
+    /// OIP model name.
+    pub name: String,
+    /// OIP model version.
+    pub version: String,
+}
+
+/// `preprocess` section: exactly one of text or image. A struct of two options rather than an
+/// enum because serde_yaml_ng writes enums as YAML tags (`!text`), while the worker's examples
+/// and docs use the plain `text:` / `image:` map form.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct WorkerPreprocess {
+    /// Tokenize text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<WorkerText>,
+    /// Decode and resize images.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<WorkerImage>,
+}
+
+/// `preprocess.text`.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerText {
+    /// `tokenizer.json` location.
+    pub tokenizer: String,
+    /// Truncation length in tokens.
+    pub max_length: i32,
+}
+
+/// `preprocess.image`.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct WorkerImage {
+    /// Output size and mapping.
+    pub resize: WorkerResize,
+    /// Per-channel normalization.
+    pub normalize: Normalize,
+    /// Tensor layout.
+    pub layout: TensorLayout,
+    /// Tensor element type.
+    pub dtype: ImageDtype,
+}
+
+/// `preprocess.image.resize`.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerResize {
+    /// Width in pixels.
+    pub width: i32,
+    /// Height in pixels.
+    pub height: i32,
+    /// Aspect-ratio handling.
+    pub mode: ResizeMode,
+    /// Resampling filter.
+    pub filter: ResizeFilter,
+}
+
+/// `postprocess` section.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "kind")]
+pub enum WorkerPostprocess {
+    /// Embeddings passed through.
+    Embedding,
+    /// Softmax and top-k.
+    Classification {
+        /// Classes per item.
+        #[serde(rename = "topK")]
+        top_k: i32,
+        /// Label source.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        labels: Option<String>,
+    },
+}
+
+/// `ports` section.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerPorts {
+    /// HTTP (REST, probes).
+    pub http: i32,
+    /// gRPC (OIP).
+    pub grpc: i32,
+    /// Prometheus.
+    pub metrics: i32,
+    /// WorkerControl.
+    pub control: i32,
+}
+
+/// `limits` section.
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerLimits {
+    /// Admission bound.
+    pub max_queue_depth: u32,
+}
+
+impl WorkerConfig {
+    /// The configuration for a validated pipeline.
+    pub fn for_pipeline(v: &ValidatedPipeline) -> Self {
+        let (preprocess, postprocess) = match &v.preprocess.input {
+            Input::Text(t) => (
+                WorkerPreprocess {
+                    text: Some(WorkerText {
+                        tokenizer: t.tokenizer.clone(),
+                        max_length: t.max_length,
+                    }),
+                    image: None,
+                },
+                WorkerPostprocess::Embedding,
+            ),
+            Input::Image(i) => (
+                WorkerPreprocess {
+                    text: None,
+                    image: Some(WorkerImage {
+                        resize: WorkerResize {
+                            width: i.resize.width,
+                            height: i.resize.height,
+                            mode: i.resize.mode,
+                            filter: i.resize.filter,
+                        },
+                        normalize: i.normalize.clone(),
+                        layout: i.layout,
+                        dtype: i.dtype,
+                    }),
+                },
+                WorkerPostprocess::Classification {
+                    top_k: i.top_k,
+                    labels: i.labels.clone(),
+                },
+            ),
+        };
+        Self {
+            pipeline: v.meta.name.clone(),
+            model: WorkerModel {
+                name: v.inference.model.name.clone(),
+                version: v.inference.model.version.clone(),
+            },
+            preprocess,
+            postprocess,
+            ports: WorkerPorts {
+                http: PORT_HTTP,
+                grpc: PORT_GRPC,
+                metrics: PORT_METRICS,
+                control: PORT_CONTROL,
+            },
+            limits: WorkerLimits {
+                max_queue_depth: v.preprocess.max_queue_depth,
+            },
+        }
+    }
+}
+
+/// `pipeline.yaml` for a validated pipeline.
+pub fn render_worker_config(v: &ValidatedPipeline) -> Result<String, serde_yaml_ng::Error> {
+    // serde_yaml is archived upstream; serde_yaml_ng is the maintained fork with the same API,
+    // and the worker parses this file with it too.
+    serde_yaml_ng::to_string(&WorkerConfig::for_pipeline(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_fixtures::{image_pipeline, text_pipeline};
+    use crate::validate::validate;
+
+    #[test]
+    fn a_text_pipeline_renders_the_worker_schema_with_embedding_postprocess() {
+        let v = validate(&text_pipeline()).unwrap();
+        let yaml = render_worker_config(&v).unwrap();
+        assert_eq!(
+            yaml,
+            "pipeline: minilm
+model:
+  name: minilm
+  version: '2'
+preprocess:
+  text:
+    tokenizer: file:///models/minilm/tokenizer.json
+    maxLength: 256
+postprocess:
+  kind: Embedding
+ports:
+  http: 8000
+  grpc: 8001
+  metrics: 9090
+  control: 9091
+limits:
+  maxQueueDepth: 1024
+"
+        );
+    }
+
+    #[test]
+    fn an_image_pipeline_renders_resize_normalize_and_classification() {
+        let v = validate(&image_pipeline()).unwrap();
+        let yaml = render_worker_config(&v).unwrap();
+        let expected = "preprocess:
+  image:
+    resize:
+      width: 224
+      height: 224
+      mode: CenterCrop
+      filter: Bilinear
+    normalize:
+      mean:
+      - 0.485
+      - 0.456
+      - 0.406
+      std:
+      - 0.229
+      - 0.224
+      - 0.225
+    layout: NCHW
+    dtype: FP32
+postprocess:
+  kind: Classification
+  topK: 5
+  labels: imagenet
+";
+        assert!(yaml.contains(expected), "{yaml}");
+    }
+}

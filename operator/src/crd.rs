@@ -1,0 +1,658 @@
+//! The `InferencePipeline` API (`tandem.dev/v1alpha1`): Rust types, defaults, server-side
+//! validation rules and printer columns. The CRD YAML in `crds/` is generated from this file.
+//!
+//! `///` comments here are user documentation (they become `kubectl explain` output); notes for
+//! maintainers use `//`. CEL rules sit next to the field they guard, each with a message that says
+//! what to change.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every Tandem resource.
+pub const GROUP: &str = "tandem.dev";
+/// Served and stored version of `InferencePipeline`.
+pub const VERSION: &str = "v1alpha1";
+
+/// Longest pipeline name: derived object names such as `<name>-inference-green` must stay
+/// within the 63 characters of a DNS label (Services, label values).
+pub const MAX_PIPELINE_NAME_LEN: usize = 47;
+
+// CEL fragments reused by several fields. Kubernetes' CEL cost estimator needs bounded string
+// lengths, which is one more reason every string below carries a `maxLength`.
+const DURATION_RULE: &str = "self.matches('^([0-9]+(ms|s|m|h))+$')";
+
+/// A two-stage AI inference pipeline: CPU preprocess workers in front of (GPU) inference workers,
+/// each stage autoscaled on its own queue depth, with blue-green model rollouts.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tandem.dev",
+    version = "v1alpha1",
+    kind = "InferencePipeline",
+    plural = "inferencepipelines",
+    shortname = "ipl",
+    namespaced,
+    status = "InferencePipelineStatus",
+    derive = "PartialEq",
+    doc = "InferencePipeline runs a model behind a preprocess stage (tokenize or decode/resize/normalize) on the Open Inference Protocol v2, scaling both stages on their queue depth and swapping models blue-green.",
+    validation = Rule::new("size(self.metadata.name) <= 47").message("metadata.name must be at most 47 characters: the operator derives object names such as <name>-inference-green from it, and those must fit in 63"),
+    printcolumn(name = "Model", type_ = "string", json_path = ".status.summary.model", description = "Active model as name:version"),
+    printcolumn(name = "Active", type_ = "string", json_path = ".status.activeColor", description = "Color that serves live traffic"),
+    printcolumn(name = "Traffic", type_ = "string", json_path = ".status.summary.traffic", description = "Live traffic split between colors"),
+    printcolumn(name = "Preprocess", type_ = "string", json_path = ".status.summary.preprocess", description = "Ready/desired preprocess pods"),
+    printcolumn(name = "Inference", type_ = "string", json_path = ".status.summary.inference", description = "Ready/desired inference pods"),
+    printcolumn(name = "Queue", type_ = "integer", json_path = ".status.summary.queueDepth", description = "Requests queued across both stages"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct InferencePipelineSpec {
+    /// The CPU stage in front of the model: the client-facing Open Inference Protocol endpoint
+    /// that turns raw text or images into tensors, forwards them to the inference stage and
+    /// post-processes the outputs.
+    pub preprocess: PreprocessSpec,
+    /// The model-serving stage: one Deployment per color (blue/green), batching requests onto a
+    /// CUDA GPU or the CPU.
+    pub inference: InferenceSpec,
+    /// How a new model in `inference.model` replaces the serving one: shadow comparison, then
+    /// traffic steps, with automatic rollback.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+}
+
+/// The preprocess stage.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.text) != has(self.image)").message("preprocess must set exactly one of text or image"),
+    validation = Rule::new("self.replicas.min >= 1").message("preprocess.replicas.min must be at least 1: the preprocess stage is the pipeline's front door and cannot scale to zero"),
+    validation = Rule::new("self.targetQueueDepth <= self.maxQueueDepth").message("preprocess.targetQueueDepth must not exceed preprocess.maxQueueDepth")
+)]
+pub struct PreprocessSpec {
+    /// Text input: tokenize strings for a transformer encoder and pool its outputs into
+    /// sentence embeddings. Exactly one of `text` and `image` must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextPreprocess>,
+    /// Image input: decode, resize and normalize images into the model's input tensor and turn
+    /// logits into top-k classes. Exactly one of `text` and `image` must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImagePreprocess>,
+    /// Bounds for the number of preprocess pods; the autoscaler moves within them.
+    #[serde(default = "default_preprocess_replicas")]
+    pub replicas: ReplicaRange,
+    /// Queued requests per pod the autoscaler aims for; more queued work adds pods.
+    #[serde(default = "default_preprocess_target_queue_depth")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100000").message("preprocess.targetQueueDepth must be between 1 and 100000"))]
+    pub target_queue_depth: i32,
+    /// Requests a pod holds at most; beyond this it answers RESOURCE_EXHAUSTED instead of
+    /// growing its memory.
+    #[serde(default = "default_max_queue_depth")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("preprocess.maxQueueDepth must be between 1 and 1000000"))]
+    pub max_queue_depth: i32,
+    /// CPU and memory for each preprocess pod. When unset, the pod requests 100m CPU and 128Mi
+    /// memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Tokenization and pooling for text models.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TextPreprocess {
+    /// Where the Hugging Face `tokenizer.json` comes from: `file://`, `http://` or `https://`.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('file://') || self.startsWith('http://') || self.startsWith('https://')").message("preprocess.text.tokenizer must be a file://, http:// or https:// URI"))]
+    pub tokenizer: String,
+    /// Longest input in tokens; longer inputs are truncated.
+    #[serde(default = "default_text_max_length")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 8192").message("preprocess.text.maxLength must be between 1 and 8192 tokens"))]
+    pub max_length: i32,
+}
+
+/// Image decoding, resizing and normalization.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImagePreprocess {
+    /// Target size and method.
+    pub resize: Resize,
+    /// Per-channel normalization applied after scaling pixels to [0, 1]: `(x - mean) / std`.
+    #[serde(default)]
+    pub normalize: Normalize,
+    /// Memory layout of the input tensor.
+    #[serde(default)]
+    pub layout: TensorLayout,
+    /// Element type of the tensor sent to inference: `FP32` (normalized here) or `UINT8` (raw
+    /// pixels, a quarter of the bytes on the wire; the model normalizes on the device).
+    #[serde(default)]
+    pub dtype: ImageDtype,
+    /// Where class names come from: `imagenet` (built in) or a file path with one label per
+    /// line. Without labels, classes are reported by index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub labels: Option<String>,
+    /// Classes to return per image, by descending probability.
+    #[serde(default = "default_top_k")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("preprocess.image.topK must be between 1 and 1000"))]
+    pub top_k: i32,
+}
+
+/// Resize parameters.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Resize {
+    /// Output width in pixels.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 8192").message("preprocess.image.resize.width must be between 1 and 8192 pixels"))]
+    pub width: i32,
+    /// Output height in pixels.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 8192").message("preprocess.image.resize.height must be between 1 and 8192 pixels"))]
+    pub height: i32,
+    /// How the aspect ratio is handled.
+    #[serde(default)]
+    pub mode: ResizeMode,
+    /// Resampling filter.
+    #[serde(default)]
+    pub filter: ResizeFilter,
+}
+
+/// Aspect-ratio handling when resizing.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResizeMode {
+    /// Scale to cover the output, keep the aspect ratio, crop the overflow around the center.
+    #[default]
+    CenterCrop,
+    /// Scale to fit inside the output, keep the aspect ratio, pad the rest with black.
+    FitPad,
+    /// Scale each axis independently to exactly width x height (distorts the aspect ratio).
+    Stretch,
+}
+
+/// Element type of an image tensor.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageDtype {
+    /// 32-bit floats, normalized by the preprocess stage.
+    #[default]
+    #[serde(rename = "FP32")]
+    Fp32,
+    /// Raw 0..255 pixels.
+    #[serde(rename = "UINT8")]
+    Uint8,
+}
+
+/// Resampling filter.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResizeFilter {
+    /// Bilinear (triangle) filter, antialiased when downscaling; matches Pillow's `BILINEAR`.
+    #[default]
+    Bilinear,
+    /// Lanczos with a window of 3: sharpest, slowest; matches Pillow's `LANCZOS`.
+    Lanczos3,
+}
+
+/// Per-channel normalization (R, G, B).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Normalize {
+    /// Mean per channel (R, G, B), subtracted after scaling pixels to [0, 1]. ImageNet's by
+    /// default.
+    #[x_kube(validation = Rule::new("size(self) == 3").message("preprocess.image.normalize.mean must list 3 values (R, G, B)"))]
+    #[schemars(length(max = 3))]
+    pub mean: Vec<f64>,
+    /// Standard deviation per channel (R, G, B), divided by after subtracting the mean.
+    /// ImageNet's by default.
+    #[schemars(length(max = 3))]
+    #[x_kube(validation = Rule::new("size(self) == 3").message("preprocess.image.normalize.std must list 3 values (R, G, B)"))]
+    #[x_kube(validation = Rule::new("self.all(s, s > 0.0)").message("preprocess.image.normalize.std values must be positive"))]
+    pub std: Vec<f64>,
+}
+
+impl Default for Normalize {
+    fn default() -> Self {
+        Self {
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+        }
+    }
+}
+
+/// Memory layout of an image tensor.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TensorLayout {
+    /// Batch, channels, height, width (PyTorch convention).
+    #[default]
+    #[serde(rename = "NCHW")]
+    Nchw,
+    /// Batch, height, width, channels (TensorFlow convention).
+    #[serde(rename = "NHWC")]
+    Nhwc,
+}
+
+/// The inference stage.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.targetQueueDepth <= self.maxQueueDepth").message("inference.targetQueueDepth must not exceed inference.maxQueueDepth")
+)]
+pub struct InferenceSpec {
+    /// The model to serve. Changing it starts a blue-green rollout.
+    pub model: ModelSpec,
+    /// Where the model runs. `CUDA` pods request one `nvidia.com/gpu` each.
+    #[serde(default)]
+    pub device: Device,
+    /// Dynamic batching of concurrent requests.
+    #[serde(default)]
+    pub batching: Batching,
+    /// Bounds for the number of inference pods per color; `min: 0` lets the stage scale to
+    /// zero when idle.
+    #[serde(default = "default_inference_replicas")]
+    pub replicas: ReplicaRange,
+    /// Queued requests per pod the autoscaler aims for.
+    #[serde(default = "default_inference_target_queue_depth")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100000").message("inference.targetQueueDepth must be between 1 and 100000"))]
+    pub target_queue_depth: i32,
+    /// Requests a pod holds at most; beyond this it answers RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_queue_depth")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("inference.maxQueueDepth must be between 1 and 1000000"))]
+    pub max_queue_depth: i32,
+    /// CPU and memory for each inference pod. When unset, the pod requests 500m CPU and 1Gi
+    /// memory. `nvidia.com/gpu: 1` is added for `CUDA` unless set here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// A model: safetensors weights plus a Hugging Face `config.json` next to them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Model name as clients address it on the Open Inference Protocol.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$')").message("inference.model.name must be lowercase letters, digits, '-', '.' or '_', starting and ending with a letter or digit"))]
+    pub name: String,
+    /// Model version; a new version (or URI) in the spec starts a rollout.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9]([-A-Za-z0-9._]*[A-Za-z0-9])?$')").message("inference.model.version must be letters, digits, '-', '.' or '_', starting and ending with a letter or digit"))]
+    pub version: String,
+    /// Where the weights (`model.safetensors`) come from: `file://`, `http://` or `https://`.
+    /// Downloaded when the pod starts and checked against `sha256`.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('file://') || self.startsWith('http://') || self.startsWith('https://')").message("inference.model.uri must be a file://, http:// or https:// URI"))]
+    pub uri: String,
+    /// SHA-256 of the weights file, 64 hexadecimal characters; a pod refuses weights that do
+    /// not match.
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-fA-F]{64}$')").message("inference.model.sha256 must be exactly 64 hexadecimal characters (the SHA-256 of the file at inference.model.uri)"))]
+    pub sha256: String,
+}
+
+/// Compute device of the inference stage.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// An NVIDIA GPU through CUDA; each pod requests `nvidia.com/gpu: 1`.
+    #[default]
+    #[serde(rename = "CUDA")]
+    Cuda,
+    /// The CPU; no GPU requested.
+    #[serde(rename = "CPU")]
+    Cpu,
+}
+
+/// Dynamic batching.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Batching {
+    /// Most requests merged into one model call.
+    #[serde(default = "default_max_batch_size")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 4096").message("inference.batching.maxBatchSize must be between 1 and 4096"))]
+    pub max_batch_size: i32,
+    /// Longest a request waits for others to fill a batch, as a duration such as `2ms`.
+    #[serde(default = "default_max_delay")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("inference.batching.maxDelay must be a duration such as 2ms, 1s or 1m"))]
+    pub max_delay: String,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            max_batch_size: default_max_batch_size(),
+            max_delay: default_max_delay(),
+        }
+    }
+}
+
+/// Lower and upper bound for a stage's pod count.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.min <= self.max").message("replicas.min must be less than or equal to replicas.max"))]
+pub struct ReplicaRange {
+    /// Fewest pods; 0 allows scaling to zero (inference only).
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 1000").message("replicas.min must be between 0 and 1000"))]
+    pub min: i32,
+    /// Most pods.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("replicas.max must be between 1 and 1000"))]
+    pub max: i32,
+}
+
+/// Blue-green model rollout.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Percentages of live traffic sent to the candidate, one step after another; strictly
+    /// ascending and ending at 100 (full promotion).
+    #[serde(default = "default_steps")]
+    #[schemars(length(min = 1, max = 10))]
+    #[x_kube(
+        validation = Rule::new("self.all(s, s >= 1 && s <= 100)").message("rollout.steps must be percentages between 1 and 100"),
+        validation = Rule::new("self.isSorted() && self.all(s, self.indexOf(s) == self.lastIndexOf(s))").message("rollout.steps must be strictly ascending, e.g. [10, 50, 100]"),
+        validation = Rule::new("self[size(self) - 1] == 100").message("rollout.steps must end at 100")
+    )]
+    pub steps: Vec<i32>,
+    /// How long each traffic step lasts before the next, as a duration such as `30s`.
+    #[serde(default = "default_step_duration")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("rollout.stepDuration must be a duration such as 30s, 5m or 1h"))]
+    pub step_duration: String,
+    /// Shadow phase before any live traffic moves: requests are copied to the candidate and
+    /// the outputs compared with the serving model's.
+    #[serde(default)]
+    pub shadow: ShadowSpec,
+    /// Return all traffic to the serving color when the candidate fails (parity, errors).
+    #[serde(default = "default_true")]
+    pub auto_rollback: bool,
+    /// How long the old color keeps running after promotion, for an instant rollback.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("rollout.scaleDownDelay must be a duration such as 30s, 5m or 1h"))]
+    pub scale_down_delay: String,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            steps: default_steps(),
+            step_duration: default_step_duration(),
+            shadow: ShadowSpec::default(),
+            auto_rollback: true,
+            scale_down_delay: default_scale_down_delay(),
+        }
+    }
+}
+
+/// Shadow comparison of candidate and serving outputs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowSpec {
+    /// Requests to compare before moving live traffic; 0 skips the shadow phase.
+    #[serde(default = "default_shadow_requests")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 1000000").message("rollout.shadow.requests must be between 0 and 1000000"))]
+    pub requests: i32,
+    /// Highest tolerated fraction of compared requests whose outputs differ.
+    #[serde(default = "default_max_mismatch_rate")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("rollout.shadow.maxMismatchRate must be between 0 and 1"))]
+    pub max_mismatch_rate: f64,
+    /// When two outputs count as equal.
+    #[serde(default)]
+    pub tolerance: Tolerance,
+}
+
+impl Default for ShadowSpec {
+    fn default() -> Self {
+        Self {
+            requests: default_shadow_requests(),
+            max_mismatch_rate: default_max_mismatch_rate(),
+            tolerance: Tolerance::default(),
+        }
+    }
+}
+
+/// Output equality tolerance.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Tolerance {
+    /// Smallest cosine similarity between the two output vectors that still counts as a match.
+    #[serde(default = "default_cosine")]
+    #[x_kube(validation = Rule::new("self >= -1.0 && self <= 1.0").message("rollout.shadow.tolerance.cosine must be between -1 and 1"))]
+    pub cosine: f64,
+}
+
+impl Default for Tolerance {
+    fn default() -> Self {
+        Self {
+            cosine: default_cosine(),
+        }
+    }
+}
+
+// ---- status ----
+
+/// Observed state, written by the operator. Holds everything needed to resume after an
+/// operator restart.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InferencePipelineStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// One-word lifecycle summary; the conditions say why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// `Ready`, `Progressing` and `Degraded`, each with a reason and a message that explains it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The color whose inference pods serve live traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_color: Option<Color>,
+    /// The model the active color serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_model: Option<ModelRef>,
+    /// The rollout in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+    /// Pods of the preprocess stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocess: Option<StageStatus>,
+    /// Pods of the inference stage's active color.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<StageStatus>,
+    /// Human-readable summaries shown by `kubectl get ipl`, derived from the fields above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<StatusSummary>,
+}
+
+/// Lifecycle phase of a pipeline.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Objects created, pods not ready yet.
+    Pending,
+    /// Pods are starting or being replaced.
+    Progressing,
+    /// Every stage has its desired pods ready.
+    Ready,
+    /// Something prevents pods from becoming ready; see the Degraded condition.
+    Degraded,
+    /// The spec cannot be served; see the Degraded condition. Fix the spec.
+    Invalid,
+}
+
+/// A Deployment color of the inference stage.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Color {
+    /// The first color of every pipeline.
+    Blue,
+    /// The other color.
+    Green,
+}
+
+impl Color {
+    /// The other color.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Blue => Self::Green,
+            Self::Green => Self::Blue,
+        }
+    }
+
+    /// Lowercase name, as used in object names and the `tandem.dev/color` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Blue => "blue",
+            Self::Green => "green",
+        }
+    }
+}
+
+/// A model identity as recorded in status.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRef {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// Weights URI.
+    pub uri: String,
+    /// Weights SHA-256.
+    pub sha256: String,
+}
+
+impl From<&ModelSpec> for ModelRef {
+    fn from(m: &ModelSpec) -> Self {
+        Self {
+            name: m.name.clone(),
+            version: m.version.clone(),
+            uri: m.uri.clone(),
+            sha256: m.sha256.clone(),
+        }
+    }
+}
+
+/// State of a blue-green rollout.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The color being brought up with the new model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_color: Option<Color>,
+    /// The model the candidate serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_model: Option<ModelRef>,
+    /// Index into `spec.rollout.steps` of the current traffic step; absent while shadowing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<i32>,
+    /// Percentage of live traffic on the candidate.
+    #[serde(default)]
+    pub traffic_percent: i32,
+    /// When the current step (or the shadow phase) began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<Time>,
+    /// Shadow comparison counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStatus>,
+}
+
+/// Shadow comparison counters.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowStatus {
+    /// Requests compared so far.
+    #[serde(default)]
+    pub compared: i64,
+    /// Compared requests whose outputs differed beyond the tolerance.
+    #[serde(default)]
+    pub mismatches: i64,
+}
+
+/// Pod counts of one stage.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StageStatus {
+    /// Pods that exist.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Pods that pass their readiness probe.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Pods wanted, within `spec.<stage>.replicas`. The autoscaler writes this; the operator
+    /// sizes the Deployment from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// Requests queued in the stage at the last poll.
+    #[serde(default)]
+    pub queue_depth: i64,
+}
+
+/// Strings for `kubectl get` columns.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusSummary {
+    /// Active model as `name:version`.
+    pub model: String,
+    /// Live traffic split, e.g. `blue 100%` or `blue 90% green 10%`.
+    pub traffic: String,
+    /// Ready/desired preprocess pods, e.g. `2/2`.
+    pub preprocess: String,
+    /// Ready/desired inference pods of the active color, e.g. `0/1`.
+    pub inference: String,
+    /// Requests queued across both stages.
+    #[serde(default)]
+    pub queue_depth: i64,
+}
+
+/// The CRD as YAML, exactly as committed in `crds/` (the drift test compares the two).
+pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    // serde_yaml is archived upstream; serde_yaml_ng is its maintained fork with the same API.
+    serde_yaml_ng::to_string(&InferencePipeline::crd())
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_preprocess_replicas() -> ReplicaRange {
+    ReplicaRange { min: 1, max: 8 }
+}
+fn default_inference_replicas() -> ReplicaRange {
+    ReplicaRange { min: 1, max: 4 }
+}
+fn default_preprocess_target_queue_depth() -> i32 {
+    16
+}
+fn default_inference_target_queue_depth() -> i32 {
+    64
+}
+fn default_max_queue_depth() -> i32 {
+    1024
+}
+fn default_text_max_length() -> i32 {
+    256
+}
+fn default_top_k() -> i32 {
+    5
+}
+fn default_max_batch_size() -> i32 {
+    32
+}
+fn default_max_delay() -> String {
+    "2ms".to_owned()
+}
+fn default_steps() -> Vec<i32> {
+    vec![10, 50, 100]
+}
+fn default_step_duration() -> String {
+    "30s".to_owned()
+}
+fn default_scale_down_delay() -> String {
+    "5m".to_owned()
+}
+fn default_shadow_requests() -> i32 {
+    500
+}
+fn default_max_mismatch_rate() -> f64 {
+    0.01
+}
+fn default_cosine() -> f64 {
+    0.999
+}

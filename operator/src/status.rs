@@ -1,0 +1,675 @@
+//! Pure status computation: observations of the owned Deployments and their pods in, the next
+//! `InferencePipelineStatus` out. Conditions keep `lastTransitionTime` while their status is
+//! unchanged, and every message says why.
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{
+    Color, InferencePipelineStatus, ModelRef, Phase, RolloutStatus, StageStatus, StatusSummary,
+};
+use crate::validate::ValidateError;
+
+/// Condition type: every stage has its desired pods ready.
+pub const READY: &str = "Ready";
+/// Condition type: pods are being created or replaced.
+pub const PROGRESSING: &str = "Progressing";
+/// Condition type: something keeps pods from becoming ready, or the spec is invalid.
+pub const DEGRADED: &str = "Degraded";
+
+/// What was observed of one Deployment (from the server-side apply response) and its pods.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeploymentObservation {
+    /// Pods the Deployment should run (`spec.replicas` as applied).
+    pub desired: i32,
+    /// Pods that exist.
+    pub replicas: i32,
+    /// Pods that are ready.
+    pub ready: i32,
+    /// Pods on the current template.
+    pub updated: i32,
+    /// Whether the Deployment controller has seen the latest spec.
+    pub observed_current: bool,
+    /// Why pods are not ready, when it is known (unschedulable, crash loop, image pull).
+    pub problem: Option<Problem>,
+}
+
+/// Why pods of a stage are not running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// PascalCase reason for the Degraded condition: `PodsUnschedulable` or `PodsFailing`.
+    pub reason: &'static str,
+    /// Human-readable cause, e.g. `Insufficient nvidia.com/gpu`.
+    pub message: String,
+}
+
+impl DeploymentObservation {
+    fn is_ready(&self) -> bool {
+        self.observed_current && self.ready >= self.desired && self.updated >= self.desired
+    }
+}
+
+/// Everything status is computed from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observation {
+    /// The pipeline's `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The preprocess Deployment.
+    pub preprocess: DeploymentObservation,
+    /// The active color's inference Deployment.
+    pub inference: DeploymentObservation,
+    /// The active color.
+    pub active_color: Color,
+    /// The model it serves.
+    pub active_model: ModelRef,
+    /// The rollout in progress, carried through unchanged (the rollout machine owns it).
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// A notable transition worth a Kubernetes Event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// `Normal` or `Warning`.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// Human-readable note.
+    pub note: String,
+}
+
+/// The status for a valid pipeline.
+pub fn compute(
+    prev: Option<&InferencePipelineStatus>,
+    obs: &Observation,
+    now: &Time,
+) -> InferencePipelineStatus {
+    let prev_conditions = prev.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let pre = &obs.preprocess;
+    let inf = &obs.inference;
+    let ready = pre.is_ready() && inf.is_ready();
+    let problem = stage_problem("inference", inf).or_else(|| stage_problem("preprocess", pre));
+
+    let mut conditions = Vec::with_capacity(3);
+    let (ready_reason, ready_message) = if ready {
+        (
+            "AllPodsReady",
+            format!(
+                "{}/{} preprocess and {}/{} inference pods ready",
+                pre.ready, pre.desired, inf.ready, inf.desired
+            ),
+        )
+    } else if !inf.is_ready() {
+        ("InferenceNotReady", not_ready_message("inference", inf))
+    } else {
+        ("PreprocessNotReady", not_ready_message("preprocess", pre))
+    };
+    conditions.push(condition(
+        prev_conditions,
+        READY,
+        ready,
+        ready_reason,
+        ready_message,
+        obs.generation,
+        now,
+    ));
+
+    let progressing = !ready && problem.is_none();
+    let (p_reason, p_message) = if progressing {
+        let stage = if inf.is_ready() {
+            ("preprocess", pre)
+        } else {
+            ("inference", inf)
+        };
+        ("PodsStarting", not_ready_message(stage.0, stage.1))
+    } else if ready {
+        ("Stable", "every stage runs its desired pods".to_owned())
+    } else {
+        (
+            "Blocked",
+            "pods cannot become ready; see the Degraded condition".to_owned(),
+        )
+    };
+    conditions.push(condition(
+        prev_conditions,
+        PROGRESSING,
+        progressing,
+        p_reason,
+        p_message,
+        obs.generation,
+        now,
+    ));
+
+    let (d_reason, d_message) = match &problem {
+        Some((reason, message)) => (*reason, message.clone()),
+        None => ("AsExpected", "no problems observed".to_owned()),
+    };
+    conditions.push(condition(
+        prev_conditions,
+        DEGRADED,
+        problem.is_some(),
+        d_reason,
+        d_message,
+        obs.generation,
+        now,
+    ));
+
+    let phase = if ready {
+        Phase::Ready
+    } else if problem.is_some() {
+        Phase::Degraded
+    } else if pre.ready == 0 && inf.ready == 0 {
+        Phase::Pending
+    } else {
+        Phase::Progressing
+    };
+
+    let prev_stage = |s: Option<&StageStatus>| s.map(|s| s.queue_depth).unwrap_or(0);
+    let preprocess = StageStatus {
+        replicas: pre.replicas,
+        ready_replicas: pre.ready,
+        desired_replicas: Some(pre.desired),
+        queue_depth: prev_stage(prev.and_then(|s| s.preprocess.as_ref())),
+    };
+    let inference = StageStatus {
+        replicas: inf.replicas,
+        ready_replicas: inf.ready,
+        desired_replicas: Some(inf.desired),
+        queue_depth: prev_stage(prev.and_then(|s| s.inference.as_ref())),
+    };
+    let summary = StatusSummary {
+        model: format!("{}:{}", obs.active_model.name, obs.active_model.version),
+        traffic: traffic(obs.active_color, obs.rollout.as_ref()),
+        preprocess: format!("{}/{}", pre.ready, pre.desired),
+        inference: format!("{}/{}", inf.ready, inf.desired),
+        queue_depth: preprocess.queue_depth + inference.queue_depth,
+    };
+    InferencePipelineStatus {
+        observed_generation: obs.generation,
+        phase: Some(phase),
+        conditions,
+        active_color: Some(obs.active_color),
+        active_model: Some(obs.active_model.clone()),
+        rollout: obs.rollout.clone(),
+        preprocess: Some(preprocess),
+        inference: Some(inference),
+        summary: Some(summary),
+    }
+}
+
+/// The status for a spec the operator cannot serve: Degraded with the reason, everything else
+/// kept as it was (objects from the last valid spec keep running).
+pub fn invalid(
+    prev: Option<&InferencePipelineStatus>,
+    generation: Option<i64>,
+    err: &ValidateError,
+    now: &Time,
+) -> InferencePipelineStatus {
+    let mut next = prev.cloned().unwrap_or_default();
+    let prev_conditions = std::mem::take(&mut next.conditions);
+    let message = format!("invalid spec: {err}");
+    next.conditions = vec![
+        condition(
+            &prev_conditions,
+            READY,
+            false,
+            "InvalidSpec",
+            message.clone(),
+            generation,
+            now,
+        ),
+        condition(
+            &prev_conditions,
+            PROGRESSING,
+            false,
+            "InvalidSpec",
+            "waiting for a corrected spec".to_owned(),
+            generation,
+            now,
+        ),
+        condition(
+            &prev_conditions,
+            DEGRADED,
+            true,
+            "InvalidSpec",
+            message,
+            generation,
+            now,
+        ),
+    ];
+    next.observed_generation = generation;
+    next.phase = Some(Phase::Invalid);
+    next
+}
+
+/// Condition changes between two statuses that deserve an Event.
+pub fn transitions(
+    prev: Option<&InferencePipelineStatus>,
+    next: &InferencePipelineStatus,
+) -> Vec<Transition> {
+    let status_of = |s: Option<&InferencePipelineStatus>, t: &str| {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let mut out = Vec::new();
+    for t in [READY, DEGRADED] {
+        let before = status_of(prev, t);
+        let Some(after) = next.conditions.iter().find(|c| c.type_ == t) else {
+            continue;
+        };
+        if before.as_ref() == Some(&(after.status.clone(), after.reason.clone())) {
+            continue;
+        }
+        let became_true = after.status == "True";
+        // A first `Degraded=False` or `Ready=False` is the normal start, not news.
+        if before.is_none() && ((t == DEGRADED && !became_true) || (t == READY && !became_true)) {
+            continue;
+        }
+        let warning = (t == DEGRADED) == became_true;
+        out.push(Transition {
+            warning,
+            reason: after.reason.clone(),
+            note: after.message.clone(),
+        });
+    }
+    out
+}
+
+/// The first human-readable reason the given pods are not running, such as
+/// `Insufficient nvidia.com/gpu` or `CrashLoopBackOff: back-off restarting failed container`.
+pub fn pod_problem(pods: &[Pod]) -> Option<Problem> {
+    for pod in pods {
+        let Some(status) = &pod.status else { continue };
+        for c in status.conditions.iter().flatten() {
+            if c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+            {
+                let why = c
+                    .message
+                    .as_deref()
+                    .map(scheduler_reasons)
+                    .unwrap_or_default();
+                let why = if why.is_empty() {
+                    "no node fits the pod".to_owned()
+                } else {
+                    why
+                };
+                return Some(Problem {
+                    reason: "PodsUnschedulable",
+                    message: why,
+                });
+            }
+        }
+        let containers = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten());
+        for cs in containers {
+            let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
+            if let Some(w) = waiting {
+                let reason = w.reason.as_deref().unwrap_or_default();
+                if matches!(
+                    reason,
+                    "CrashLoopBackOff"
+                        | "ImagePullBackOff"
+                        | "ErrImagePull"
+                        | "InvalidImageName"
+                        | "CreateContainerConfigError"
+                        | "CreateContainerError"
+                        | "RunContainerError"
+                ) {
+                    let mut msg = reason.to_owned();
+                    if let Some(m) = w.message.as_deref().filter(|m| !m.is_empty()) {
+                        msg.push_str(": ");
+                        msg.push_str(&truncate(m, 200));
+                    }
+                    return Some(Problem {
+                        reason: "PodsFailing",
+                        message: msg,
+                    });
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Shortens a scheduler message such as
+/// `0/3 nodes are available: 1 node(s) had untolerated taint {x: y}, 2 Insufficient nvidia.com/gpu. preemption: …`
+/// to its reasons: `node(s) had untolerated taint {x: y}, Insufficient nvidia.com/gpu`.
+pub fn scheduler_reasons(message: &str) -> String {
+    let body = message.split_once(": ").map(|(_, b)| b).unwrap_or(message);
+    let body = body.split(". preemption:").next().unwrap_or(body);
+    let body = body.trim().trim_end_matches('.');
+    body.split(", ")
+        .map(|part| {
+            let part = part.trim();
+            match part.split_once(' ') {
+                Some((n, rest)) if n.bytes().all(|b| b.is_ascii_digit()) => rest,
+                _ => part,
+            }
+        })
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn stage_problem(stage: &str, d: &DeploymentObservation) -> Option<(&'static str, String)> {
+    let problem = d.problem.as_ref()?;
+    if d.ready >= d.desired && d.observed_current {
+        return None;
+    }
+    Some((
+        problem.reason,
+        format!(
+            "{}/{} {stage} pods ready: {}",
+            d.ready, d.desired, problem.message
+        ),
+    ))
+}
+
+fn not_ready_message(stage: &str, d: &DeploymentObservation) -> String {
+    match &d.problem {
+        Some(p) => format!(
+            "{}/{} {stage} pods ready: {}",
+            d.ready, d.desired, p.message
+        ),
+        None if !d.observed_current => {
+            format!("{stage} Deployment has not picked up the latest spec yet")
+        }
+        None if d.updated < d.desired => {
+            format!(
+                "{}/{} {stage} pods updated, {} ready",
+                d.updated, d.desired, d.ready
+            )
+        }
+        None => format!("{}/{} {stage} pods ready", d.ready, d.desired),
+    }
+}
+
+fn traffic(active: Color, rollout: Option<&RolloutStatus>) -> String {
+    match rollout.and_then(|r| r.candidate_color.map(|c| (c, r.traffic_percent))) {
+        Some((candidate, pct)) if pct > 0 => {
+            format!(
+                "{} {}% {} {}%",
+                active.as_str(),
+                100 - pct,
+                candidate.as_str(),
+                pct
+            )
+        }
+        _ => format!("{} 100%", active.as_str()),
+    }
+}
+
+fn condition(
+    prev: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_owned();
+    let last_transition_time = prev
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message: truncate(&message, 1024),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition, PodStatus,
+    };
+    use k8s_openapi::jiff::Timestamp;
+
+    fn t(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn dep(desired: i32, ready: i32) -> DeploymentObservation {
+        DeploymentObservation {
+            desired,
+            replicas: desired,
+            ready,
+            updated: desired,
+            observed_current: true,
+            problem: None,
+        }
+    }
+
+    fn obs(pre: DeploymentObservation, inf: DeploymentObservation) -> Observation {
+        Observation {
+            generation: Some(4),
+            preprocess: pre,
+            inference: inf,
+            active_color: Color::Blue,
+            active_model: ModelRef {
+                name: "minilm".into(),
+                version: "2".into(),
+                ..ModelRef::default()
+            },
+            rollout: None,
+        }
+    }
+
+    fn cond<'a>(s: &'a InferencePipelineStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn all_pods_ready_means_ready_not_progressing_not_degraded() {
+        let s = compute(None, &obs(dep(2, 2), dep(1, 1)), &t(100));
+        assert_eq!(s.phase, Some(Phase::Ready));
+        assert_eq!(cond(&s, READY).status, "True");
+        assert_eq!(
+            cond(&s, READY).message,
+            "2/2 preprocess and 1/1 inference pods ready"
+        );
+        assert_eq!(cond(&s, PROGRESSING).status, "False");
+        assert_eq!(cond(&s, DEGRADED).status, "False");
+        assert_eq!(s.observed_generation, Some(4));
+        assert_eq!(cond(&s, READY).observed_generation, Some(4));
+        let sum = s.summary.unwrap();
+        assert_eq!(
+            (sum.model.as_str(), sum.traffic.as_str()),
+            ("minilm:2", "blue 100%")
+        );
+        assert_eq!(
+            (sum.preprocess.as_str(), sum.inference.as_str()),
+            ("2/2", "1/1")
+        );
+    }
+
+    #[test]
+    fn unschedulable_gpu_pods_say_why_in_ready_and_degraded() {
+        let mut inf = dep(2, 0);
+        inf.problem = Some(Problem {
+            reason: "PodsUnschedulable",
+            message: "Insufficient nvidia.com/gpu".into(),
+        });
+        let s = compute(None, &obs(dep(1, 1), inf), &t(100));
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        assert_eq!(
+            cond(&s, READY).message,
+            "0/2 inference pods ready: Insufficient nvidia.com/gpu"
+        );
+        assert_eq!(cond(&s, DEGRADED).status, "True");
+        assert_eq!(cond(&s, DEGRADED).reason, "PodsUnschedulable");
+        assert_eq!(
+            cond(&s, DEGRADED).message,
+            "0/2 inference pods ready: Insufficient nvidia.com/gpu"
+        );
+    }
+
+    #[test]
+    fn starting_pods_are_pending_then_progressing() {
+        let s = compute(None, &obs(dep(1, 0), dep(1, 0)), &t(100));
+        assert_eq!(s.phase, Some(Phase::Pending));
+        assert_eq!(cond(&s, PROGRESSING).status, "True");
+        assert_eq!(cond(&s, PROGRESSING).message, "0/1 inference pods ready");
+        let s = compute(Some(&s), &obs(dep(1, 1), dep(1, 0)), &t(110));
+        assert_eq!(s.phase, Some(Phase::Progressing));
+    }
+
+    #[test]
+    fn last_transition_time_is_kept_while_the_status_is_unchanged() {
+        let first = compute(None, &obs(dep(1, 1), dep(1, 1)), &t(100));
+        let second = compute(Some(&first), &obs(dep(1, 1), dep(1, 1)), &t(200));
+        assert_eq!(second, first);
+        let third = compute(Some(&second), &obs(dep(1, 1), dep(1, 0)), &t(300));
+        assert_eq!(cond(&third, READY).last_transition_time, t(300));
+        assert_eq!(cond(&third, DEGRADED).last_transition_time, t(100));
+    }
+
+    #[test]
+    fn queue_depth_written_by_the_autoscaler_is_preserved() {
+        let mut prev = compute(None, &obs(dep(1, 1), dep(1, 1)), &t(100));
+        prev.preprocess.as_mut().unwrap().queue_depth = 7;
+        prev.inference.as_mut().unwrap().queue_depth = 5;
+        let s = compute(Some(&prev), &obs(dep(1, 1), dep(1, 1)), &t(200));
+        assert_eq!(s.summary.unwrap().queue_depth, 12);
+    }
+
+    #[test]
+    fn an_invalid_spec_is_degraded_with_the_validation_message() {
+        let ready = compute(None, &obs(dep(1, 1), dep(1, 1)), &t(100));
+        let s = invalid(
+            Some(&ready),
+            Some(5),
+            &ValidateError::PreprocessInput,
+            &t(200),
+        );
+        assert_eq!(s.phase, Some(Phase::Invalid));
+        assert_eq!(s.observed_generation, Some(5));
+        let d = cond(&s, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "InvalidSpec")
+        );
+        assert_eq!(
+            d.message,
+            "invalid spec: preprocess must set exactly one of text or image"
+        );
+        assert_eq!(s.summary, ready.summary);
+    }
+
+    #[test]
+    fn transitions_report_ready_and_degraded_changes_but_not_a_quiet_start() {
+        let starting = compute(None, &obs(dep(1, 0), dep(1, 0)), &t(100));
+        assert!(transitions(None, &starting).is_empty());
+        let ready = compute(Some(&starting), &obs(dep(1, 1), dep(1, 1)), &t(110));
+        let ev = transitions(Some(&starting), &ready);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            (ev[0].reason.as_str(), ev[0].warning),
+            ("AllPodsReady", false)
+        );
+        assert!(transitions(Some(&ready), &ready).is_empty());
+        let mut inf = dep(1, 0);
+        inf.problem = Some(Problem {
+            reason: "PodsFailing",
+            message: "CrashLoopBackOff".into(),
+        });
+        let broken = compute(Some(&ready), &obs(dep(1, 1), inf), &t(120));
+        let ev = transitions(Some(&ready), &broken);
+        assert!(ev.iter().any(|e| e.warning && e.reason == "PodsFailing"));
+    }
+
+    #[test]
+    fn scheduler_messages_shrink_to_their_reasons() {
+        assert_eq!(
+            scheduler_reasons(
+                "0/3 nodes are available: 1 node(s) had untolerated taint {a: b}, 2 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod."
+            ),
+            "node(s) had untolerated taint {a: b}, Insufficient nvidia.com/gpu"
+        );
+        assert_eq!(
+            scheduler_reasons("0/1 nodes are available: 1 Insufficient nvidia.com/gpu."),
+            "Insufficient nvidia.com/gpu"
+        );
+    }
+
+    #[test]
+    fn pod_problems_come_from_scheduling_and_container_waits() {
+        let unschedulable = Pod {
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "PodScheduled".into(),
+                    status: "False".into(),
+                    reason: Some("Unschedulable".into()),
+                    message: Some("0/1 nodes are available: 1 Insufficient nvidia.com/gpu.".into()),
+                    ..PodCondition::default()
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        };
+        let p = pod_problem(&[unschedulable]).unwrap();
+        assert_eq!(
+            (p.reason, p.message.as_str()),
+            ("PodsUnschedulable", "Insufficient nvidia.com/gpu")
+        );
+        let crashing = Pod {
+            status: Some(PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "inference".into(),
+                    state: Some(ContainerState {
+                        waiting: Some(ContainerStateWaiting {
+                            reason: Some("CrashLoopBackOff".into()),
+                            message: Some("back-off 10s restarting failed container".into()),
+                        }),
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        };
+        let p = pod_problem(&[Pod::default(), crashing]).unwrap();
+        assert_eq!(
+            (p.reason, p.message.as_str()),
+            (
+                "PodsFailing",
+                "CrashLoopBackOff: back-off 10s restarting failed container"
+            )
+        );
+    }
+
+    #[test]
+    fn a_rollout_shows_the_split_in_the_traffic_column() {
+        let mut o = obs(dep(1, 1), dep(1, 1));
+        o.rollout = Some(RolloutStatus {
+            candidate_color: Some(Color::Green),
+            traffic_percent: 10,
+            ..RolloutStatus::default()
+        });
+        let s = compute(None, &o, &t(1));
+        assert_eq!(s.summary.unwrap().traffic, "blue 90% green 10%");
+    }
+}

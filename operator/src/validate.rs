@@ -1,0 +1,538 @@
+//! Turns an `InferencePipeline` into a [`ValidatedPipeline`] once, so builders never re-check.
+//!
+//! The API server already enforces the CRD's schema and CEL rules; this module repeats the checks
+//! that builders depend on (an older CRD may be installed, or the object may predate a rule) and
+//! parses strings such as durations into typed values. Pure: no I/O.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use kube::ResourceExt;
+
+use crate::crd::{
+    Device, ImagePreprocess, InferencePipeline, MAX_PIPELINE_NAME_LEN, ModelSpec, ReplicaRange,
+    TextPreprocess,
+};
+
+/// Why a spec cannot be served. The `Display` text goes into the Degraded condition, so it
+/// says what to change.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValidateError {
+    /// The object has no namespace (the CRD is namespaced, so only a malformed object lacks one).
+    #[error("the pipeline has no namespace")]
+    MissingNamespace,
+    /// The object has no UID yet, so owner references cannot point at it.
+    #[error("the pipeline has no metadata.uid")]
+    MissingUid,
+    /// The name is too long for derived object names.
+    #[error(
+        "metadata.name {name:?} is {len} characters; at most {MAX_PIPELINE_NAME_LEN} fit derived names such as <name>-inference-green"
+    )]
+    NameTooLong {
+        /// The offending name.
+        name: String,
+        /// Its length.
+        len: usize,
+    },
+    /// Neither or both of `preprocess.text` and `preprocess.image` are set.
+    #[error("preprocess must set exactly one of text or image")]
+    PreprocessInput,
+    /// `min > max`, or out of bounds.
+    #[error(
+        "{stage}.replicas must satisfy 0 <= min <= max and max >= 1 (got min {min}, max {max})"
+    )]
+    ReplicaRange {
+        /// `preprocess` or `inference`.
+        stage: &'static str,
+        /// Given minimum.
+        min: i32,
+        /// Given maximum.
+        max: i32,
+    },
+    /// The preprocess stage is the front door and cannot scale to zero.
+    #[error(
+        "preprocess.replicas.min must be at least 1: the preprocess stage cannot scale to zero"
+    )]
+    PreprocessScaleToZero,
+    /// A count that must be positive is not.
+    #[error("{field} must be at least 1 (got {value})")]
+    NotPositive {
+        /// Field path.
+        field: &'static str,
+        /// Given value.
+        value: i64,
+    },
+    /// A target queue depth above the maximum can never be reached.
+    #[error("{stage}.targetQueueDepth ({target}) must not exceed {stage}.maxQueueDepth ({max})")]
+    TargetAboveMax {
+        /// `preprocess` or `inference`.
+        stage: &'static str,
+        /// Given target.
+        target: i32,
+        /// Given maximum.
+        max: i32,
+    },
+    /// A URI with a scheme the workers cannot fetch.
+    #[error("{field} must be a file://, http:// or https:// URI (got {value:?})")]
+    UriScheme {
+        /// Field path.
+        field: &'static str,
+        /// Given value.
+        value: String,
+    },
+    /// Not a SHA-256 hex digest.
+    #[error("inference.model.sha256 must be exactly 64 hexadecimal characters")]
+    Sha256,
+    /// An unparsable duration.
+    #[error("{field} must be a duration such as 2ms, 30s or 5m (got {value:?})")]
+    Duration {
+        /// Field path.
+        field: &'static str,
+        /// Given value.
+        value: String,
+    },
+    /// Rollout steps not strictly ascending, out of range or not ending at 100.
+    #[error(
+        "rollout.steps must be strictly ascending percentages between 1 and 100 ending at 100 (got {0:?})"
+    )]
+    Steps(Vec<i32>),
+    /// Normalization vectors of different lengths or a non-positive std.
+    #[error("preprocess.image.normalize needs 3 mean and 3 std values (R, G, B), std positive")]
+    Normalize,
+}
+
+/// The input side of the preprocess stage.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// Tokenize text.
+    Text(TextPreprocess),
+    /// Decode and resize images.
+    Image(ImagePreprocess),
+}
+
+/// Replica bounds after validation: `min <= max`, `max >= 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replicas {
+    /// Fewest pods.
+    pub min: i32,
+    /// Most pods.
+    pub max: i32,
+}
+
+impl Replicas {
+    /// The pod count to run for a desired count from status (written by the autoscaler):
+    /// clamped into the bounds, the minimum when nothing is desired yet.
+    pub fn clamp(self, desired: Option<i32>) -> i32 {
+        desired.unwrap_or(self.min).clamp(self.min, self.max)
+    }
+}
+
+/// The preprocess stage, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidPreprocess {
+    /// Text or image input.
+    pub input: Input,
+    /// Pod bounds (`min >= 1`).
+    pub replicas: Replicas,
+    /// Autoscaler target per pod.
+    pub target_queue_depth: u32,
+    /// Admission bound per pod.
+    pub max_queue_depth: u32,
+    /// Pod resources as given.
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// The inference stage, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidInference {
+    /// The model in the spec (the rollout target).
+    pub model: ModelSpec,
+    /// Compute device.
+    pub device: Device,
+    /// Largest batch.
+    pub max_batch_size: u32,
+    /// Batching window.
+    pub max_delay: Duration,
+    /// Pod bounds per color.
+    pub replicas: Replicas,
+    /// Autoscaler target per pod.
+    pub target_queue_depth: u32,
+    /// Admission bound per pod.
+    pub max_queue_depth: u32,
+    /// Pod resources as given.
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// The rollout policy, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidRollout {
+    /// Strictly ascending percentages ending at 100.
+    pub steps: Vec<u8>,
+    /// Duration of each step.
+    pub step_duration: Duration,
+    /// Requests to shadow-compare; 0 skips shadowing.
+    pub shadow_requests: u32,
+    /// Highest tolerated mismatch fraction.
+    pub max_mismatch_rate: f64,
+    /// Cosine similarity threshold.
+    pub cosine_tolerance: f64,
+    /// Roll back automatically on failure.
+    pub auto_rollback: bool,
+    /// How long the old color lingers after promotion.
+    pub scale_down_delay: Duration,
+}
+
+/// Identity of the pipeline object, for names, labels and owner references.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PipelineMeta {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+}
+
+/// A spec that builders can turn into objects without further checks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidatedPipeline {
+    /// Object identity.
+    pub meta: PipelineMeta,
+    /// Preprocess stage.
+    pub preprocess: ValidPreprocess,
+    /// Inference stage.
+    pub inference: ValidInference,
+    /// Rollout policy.
+    pub rollout: ValidRollout,
+}
+
+/// Validates a pipeline, returning the first problem found.
+pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateError> {
+    let name = p.name_any();
+    if name.len() > MAX_PIPELINE_NAME_LEN {
+        return Err(ValidateError::NameTooLong {
+            len: name.len(),
+            name,
+        });
+    }
+    let namespace = p.namespace().ok_or(ValidateError::MissingNamespace)?;
+    let uid = p.uid().ok_or(ValidateError::MissingUid)?;
+    let meta = PipelineMeta {
+        name,
+        namespace,
+        uid,
+        generation: p.metadata.generation,
+    };
+
+    let spec = &p.spec;
+    let pre = &spec.preprocess;
+    let input = match (&pre.text, &pre.image) {
+        (Some(text), None) => {
+            check_uri("preprocess.text.tokenizer", &text.tokenizer)?;
+            positive("preprocess.text.maxLength", text.max_length.into())?;
+            Input::Text(text.clone())
+        }
+        (None, Some(image)) => {
+            positive("preprocess.image.resize.width", image.resize.width.into())?;
+            positive("preprocess.image.resize.height", image.resize.height.into())?;
+            positive("preprocess.image.topK", image.top_k.into())?;
+            let n = &image.normalize;
+            if n.mean.len() != 3
+                || n.std.len() != 3
+                || n.std.iter().any(|s| *s <= 0.0 || !s.is_finite())
+                || n.mean.iter().any(|m| !m.is_finite())
+            {
+                return Err(ValidateError::Normalize);
+            }
+            Input::Image(image.clone())
+        }
+        _ => return Err(ValidateError::PreprocessInput),
+    };
+    let pre_replicas = replicas("preprocess", pre.replicas)?;
+    if pre_replicas.min < 1 {
+        return Err(ValidateError::PreprocessScaleToZero);
+    }
+    let preprocess = ValidPreprocess {
+        input,
+        replicas: pre_replicas,
+        target_queue_depth: positive("preprocess.targetQueueDepth", pre.target_queue_depth.into())?,
+        max_queue_depth: positive("preprocess.maxQueueDepth", pre.max_queue_depth.into())?,
+        resources: pre.resources.clone(),
+    };
+    target_within_max("preprocess", pre.target_queue_depth, pre.max_queue_depth)?;
+
+    let inf = &spec.inference;
+    check_uri("inference.model.uri", &inf.model.uri)?;
+    if inf.model.sha256.len() != 64 || !inf.model.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ValidateError::Sha256);
+    }
+    target_within_max("inference", inf.target_queue_depth, inf.max_queue_depth)?;
+    let inference = ValidInference {
+        model: inf.model.clone(),
+        device: inf.device,
+        max_batch_size: positive(
+            "inference.batching.maxBatchSize",
+            inf.batching.max_batch_size.into(),
+        )?,
+        max_delay: duration("inference.batching.maxDelay", &inf.batching.max_delay)?,
+        replicas: replicas("inference", inf.replicas)?,
+        target_queue_depth: positive("inference.targetQueueDepth", inf.target_queue_depth.into())?,
+        max_queue_depth: positive("inference.maxQueueDepth", inf.max_queue_depth.into())?,
+        resources: inf.resources.clone(),
+    };
+
+    let r = &spec.rollout;
+    let rollout = ValidRollout {
+        steps: steps(&r.steps)?,
+        step_duration: duration("rollout.stepDuration", &r.step_duration)?,
+        shadow_requests: u32::try_from(r.shadow.requests).map_err(|_| {
+            ValidateError::NotPositive {
+                field: "rollout.shadow.requests",
+                value: r.shadow.requests.into(),
+            }
+        })?,
+        max_mismatch_rate: r.shadow.max_mismatch_rate.clamp(0.0, 1.0),
+        cosine_tolerance: r.shadow.tolerance.cosine.clamp(-1.0, 1.0),
+        auto_rollback: r.auto_rollback,
+        scale_down_delay: duration("rollout.scaleDownDelay", &r.scale_down_delay)?,
+    };
+
+    Ok(ValidatedPipeline {
+        meta,
+        preprocess,
+        inference,
+        rollout,
+    })
+}
+
+fn replicas(stage: &'static str, r: ReplicaRange) -> Result<Replicas, ValidateError> {
+    if r.min < 0 || r.max < 1 || r.min > r.max {
+        return Err(ValidateError::ReplicaRange {
+            stage,
+            min: r.min,
+            max: r.max,
+        });
+    }
+    Ok(Replicas {
+        min: r.min,
+        max: r.max,
+    })
+}
+
+fn positive(field: &'static str, value: i64) -> Result<u32, ValidateError> {
+    match u32::try_from(value) {
+        Ok(v) if v >= 1 => Ok(v),
+        _ => Err(ValidateError::NotPositive { field, value }),
+    }
+}
+
+fn target_within_max(stage: &'static str, target: i32, max: i32) -> Result<(), ValidateError> {
+    if target > max {
+        return Err(ValidateError::TargetAboveMax { stage, target, max });
+    }
+    Ok(())
+}
+
+fn check_uri(field: &'static str, value: &str) -> Result<(), ValidateError> {
+    let ok = ["file://", "http://", "https://"]
+        .iter()
+        .any(|scheme| value.len() > scheme.len() && value.starts_with(scheme));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidateError::UriScheme {
+            field,
+            value: value.to_owned(),
+        })
+    }
+}
+
+fn steps(steps: &[i32]) -> Result<Vec<u8>, ValidateError> {
+    let invalid = || ValidateError::Steps(steps.to_vec());
+    let ascending = steps.windows(2).all(|w| w[0] < w[1]);
+    if !ascending || steps.last() != Some(&100) || steps.first().is_some_and(|s| *s < 1) {
+        return Err(invalid());
+    }
+    steps
+        .iter()
+        .map(|s| u8::try_from(*s).map_err(|_| invalid()))
+        .collect()
+}
+
+fn duration(field: &'static str, value: &str) -> Result<Duration, ValidateError> {
+    parse_duration(value).ok_or_else(|| ValidateError::Duration {
+        field,
+        value: value.to_owned(),
+    })
+}
+
+/// Parses the duration grammar the CRD accepts: one or more `<digits><unit>` with unit `ms`,
+/// `s`, `m` or `h` (e.g. `1m30s`). `None` for anything else, including overflow.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let value: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1u64, 2)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else {
+            return None;
+        };
+        rest = &rest[len..];
+        total = total.checked_add(Duration::from_millis(value.checked_mul(unit_ms)?))?;
+    }
+    Some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_fixtures::text_pipeline;
+
+    #[test]
+    fn a_valid_text_pipeline_validates_with_parsed_durations() {
+        let v = validate(&text_pipeline()).expect("valid");
+        assert_eq!(v.meta.name, "minilm");
+        assert_eq!(v.inference.max_delay, Duration::from_millis(2));
+        assert_eq!(v.rollout.step_duration, Duration::from_secs(30));
+        assert_eq!(v.rollout.scale_down_delay, Duration::from_secs(300));
+        assert_eq!(v.rollout.steps, vec![10, 50, 100]);
+        assert!(matches!(v.preprocess.input, Input::Text(_)));
+    }
+
+    #[test]
+    fn both_text_and_image_is_rejected() {
+        let mut p = text_pipeline();
+        p.spec.preprocess.image = Some(crate::test_fixtures::image_preprocess());
+        assert_eq!(validate(&p), Err(ValidateError::PreprocessInput));
+    }
+
+    #[test]
+    fn neither_text_nor_image_is_rejected() {
+        let mut p = text_pipeline();
+        p.spec.preprocess.text = None;
+        assert_eq!(validate(&p), Err(ValidateError::PreprocessInput));
+    }
+
+    #[test]
+    fn min_above_max_is_rejected_with_both_numbers() {
+        let mut p = text_pipeline();
+        p.spec.inference.replicas = ReplicaRange { min: 5, max: 2 };
+        let err = validate(&p).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "inference.replicas must satisfy 0 <= min <= max and max >= 1 (got min 5, max 2)"
+        );
+    }
+
+    #[test]
+    fn preprocess_cannot_scale_to_zero_but_inference_can() {
+        let mut p = text_pipeline();
+        p.spec.inference.replicas = ReplicaRange { min: 0, max: 2 };
+        assert!(validate(&p).is_ok());
+        p.spec.preprocess.replicas = ReplicaRange { min: 0, max: 2 };
+        assert_eq!(validate(&p), Err(ValidateError::PreprocessScaleToZero));
+    }
+
+    #[test]
+    fn steps_must_ascend_strictly_and_end_at_100() {
+        for bad in [
+            vec![50, 10, 100],
+            vec![10, 10, 100],
+            vec![10, 50],
+            vec![],
+            vec![0, 100],
+            vec![10, 101],
+        ] {
+            let mut p = text_pipeline();
+            p.spec.rollout.steps = bad.clone();
+            assert_eq!(validate(&p), Err(ValidateError::Steps(bad)));
+        }
+        let mut p = text_pipeline();
+        p.spec.rollout.steps = vec![100];
+        assert!(validate(&p).is_ok());
+    }
+
+    #[test]
+    fn unknown_uri_schemes_are_rejected() {
+        let mut p = text_pipeline();
+        p.spec.inference.model.uri = "s3://bucket/model.safetensors".into();
+        assert!(matches!(
+            validate(&p),
+            Err(ValidateError::UriScheme {
+                field: "inference.model.uri",
+                ..
+            })
+        ));
+        let mut p = text_pipeline();
+        p.spec.inference.model.uri = "https://".into();
+        assert!(validate(&p).is_err());
+    }
+
+    #[test]
+    fn sha256_must_be_64_hex_characters() {
+        let mut p = text_pipeline();
+        p.spec.inference.model.sha256 = "abc".into();
+        assert_eq!(validate(&p), Err(ValidateError::Sha256));
+        p.spec.inference.model.sha256 = "g".repeat(64);
+        assert_eq!(validate(&p), Err(ValidateError::Sha256));
+    }
+
+    #[test]
+    fn a_target_queue_depth_above_the_maximum_is_rejected() {
+        let mut p = text_pipeline();
+        p.spec.preprocess.target_queue_depth = 2000;
+        assert!(matches!(
+            validate(&p),
+            Err(ValidateError::TargetAboveMax {
+                stage: "preprocess",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn names_longer_than_47_characters_are_rejected() {
+        let mut p = text_pipeline();
+        p.metadata.name = Some("a".repeat(48));
+        assert!(matches!(
+            validate(&p),
+            Err(ValidateError::NameTooLong { len: 48, .. })
+        ));
+    }
+
+    #[test]
+    fn durations_parse_compound_forms_and_reject_others() {
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        for bad in ["", "5", "s", "1.5s", "1d", "-1s", "99999999999999999999h"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn clamp_uses_min_when_nothing_is_desired_and_stays_within_bounds() {
+        let r = Replicas { min: 1, max: 4 };
+        assert_eq!(r.clamp(None), 1);
+        assert_eq!(r.clamp(Some(9)), 4);
+        assert_eq!(r.clamp(Some(0)), 1);
+        assert_eq!(r.clamp(Some(3)), 3);
+    }
+}
