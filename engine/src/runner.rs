@@ -1,0 +1,297 @@
+//! The engine thread: owns an [`Engine`], pulls batches from the
+//! [`Batcher`](crate::batcher::Batcher) and answers each request through its
+//! reply callback. Callers submit from any thread (async handlers included);
+//! a full queue is refused at once. Closing stops intake, runs what is queued
+//! without waiting for `max_delay`, then ends the thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::batch;
+use crate::batcher::{Batcher, BatcherConfig, Poll, QueueFull, length_bucket};
+use crate::engine::{Engine, EngineError};
+use crate::spec::{InputKind, ModelSpec};
+use crate::tensor::Tensor;
+
+/// The reply of one request: its outputs in spec order, or the error.
+pub type Reply = Box<dyn FnOnce(Result<Vec<Tensor>, EngineError>) + Send>;
+
+/// One request for the engine thread.
+pub struct Job {
+    /// Inputs in spec order, already validated against the spec.
+    pub inputs: Vec<Tensor>,
+    /// Called once with the outputs.
+    pub reply: Reply,
+    /// The request's tracing span; queue wait, batch assembly and engine
+    /// forward spans become its children.
+    pub span: tracing::Span,
+}
+
+struct Queued {
+    job: Job,
+    _queue_wait: tracing::Span,
+}
+
+/// Why a job was not queued; the job comes back.
+pub enum SubmitError {
+    /// The queue holds `max_queue_depth` requests.
+    QueueFull(Job),
+    /// The runner is draining or stopped.
+    Closed(Job),
+}
+
+/// Counters readable while the engine runs.
+#[derive(Debug, Default)]
+struct Counters {
+    in_flight: AtomicU64,
+    batches: AtomicU64,
+    batched_rows: AtomicU64,
+    max_batch: AtomicU64,
+    rejected: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A snapshot of the runner's load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunnerStats {
+    /// Requests waiting in the batcher.
+    pub queue_depth: u64,
+    /// Requests in the batch being run.
+    pub in_flight: u64,
+    /// Batches run.
+    pub batches: u64,
+    /// Mean rows per batch.
+    pub mean_batch_size: f64,
+    /// Largest batch run.
+    pub max_batch_size: u64,
+    /// Requests refused because the queue was full.
+    pub rejected: u64,
+    /// Requests answered with an engine error.
+    pub errors: u64,
+    /// The configured queue bound.
+    pub max_queue_depth: u64,
+}
+
+struct State {
+    batcher: Batcher<Queued>,
+    closing: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    counters: Counters,
+    spec: ModelSpec,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Handle to a running engine thread (cheap to clone).
+#[derive(Clone)]
+pub struct Runner {
+    shared: Arc<Shared>,
+}
+
+impl Runner {
+    /// Starts the engine thread.
+    pub fn spawn(engine: Box<dyn Engine>, cfg: BatcherConfig) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { batcher: Batcher::new(cfg), closing: false }),
+            wake: Condvar::new(),
+            counters: Counters::default(),
+            spec: engine.spec().clone(),
+        });
+        let s = shared.clone();
+        let handle = std::thread::Builder::new().name("tandem-engine".into()).spawn(move || run_loop(&s, engine))?;
+        Ok((Self { shared }, handle))
+    }
+
+    /// The served model's signature.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.shared.spec
+    }
+
+    /// Queues a job; refused at once when the queue is full or closing.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let rows = job.inputs.first().map_or(0, Tensor::rows);
+        let group = match self.shared.spec.kind {
+            InputKind::Sequence => length_bucket(job.inputs.first().and_then(|t| t.shape.get(1).copied()).unwrap_or(0)),
+            InputKind::Fixed => job.inputs.first().map_or(0, |t| t.dtype() as u64),
+        };
+        let mut st = self.shared.lock();
+        if st.closing {
+            return Err(SubmitError::Closed(job));
+        }
+        let queue_wait = tracing::info_span!(parent: &job.span, "queue_wait");
+        match st.batcher.push(Queued { job, _queue_wait: queue_wait }, rows, group, Instant::now()) {
+            Ok(()) => {
+                drop(st);
+                self.shared.wake.notify_one();
+                Ok(())
+            }
+            Err(QueueFull(q)) => {
+                self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                Err(SubmitError::QueueFull(q.job))
+            }
+        }
+    }
+
+    /// Stops intake; queued work still runs, then the thread ends.
+    pub fn close(&self) {
+        self.shared.lock().closing = true;
+        self.shared.wake.notify_all();
+    }
+
+    /// A snapshot of load and counters.
+    pub fn stats(&self) -> RunnerStats {
+        let (queue_depth, max_queue_depth) = {
+            let st = self.shared.lock();
+            (st.batcher.len() as u64, st.batcher.config().max_queue_depth as u64)
+        };
+        let c = &self.shared.counters;
+        let batches = c.batches.load(Ordering::Relaxed);
+        let rows = c.batched_rows.load(Ordering::Relaxed);
+        RunnerStats {
+            queue_depth,
+            in_flight: c.in_flight.load(Ordering::Relaxed),
+            batches,
+            mean_batch_size: if batches == 0 { 0.0 } else { rows as f64 / batches as f64 },
+            max_batch_size: c.max_batch.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            max_queue_depth,
+        }
+    }
+}
+
+fn run_loop(shared: &Shared, mut engine: Box<dyn Engine>) {
+    let mut st = shared.lock();
+    loop {
+        let now = Instant::now();
+        // While closing, nothing waits for company any more.
+        let horizon = if st.closing { now + st.batcher.config().max_delay + Duration::from_secs(1) } else { now };
+        match st.batcher.poll(horizon) {
+            Poll::Batch(jobs) => {
+                shared.counters.in_flight.store(jobs.len() as u64, Ordering::Relaxed);
+                drop(st);
+                run_batch(shared, engine.as_mut(), jobs);
+                shared.counters.in_flight.store(0, Ordering::Relaxed);
+                st = shared.lock();
+            }
+            Poll::WaitUntil(t) => {
+                let timeout = t.saturating_duration_since(now);
+                st = shared.wake.wait_timeout(st, timeout).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+            }
+            Poll::Idle if st.closing => return,
+            Poll::Idle => {
+                st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+}
+
+fn run_batch(shared: &Shared, engine: &mut dyn Engine, queued: Vec<Queued>) {
+    let jobs: Vec<Job> = queued.into_iter().map(|q| q.job).collect();
+    let assembly: Vec<tracing::Span> = jobs.iter().map(|j| tracing::info_span!(parent: &j.span, "batch_assembly")).collect();
+    let requests: Vec<&[Tensor]> = jobs.iter().map(|j| j.inputs.as_slice()).collect();
+    let joined = batch::join(&shared.spec, &requests);
+    drop(assembly);
+    let result = joined.and_then(|(inputs, rows)| {
+        let total: usize = rows.iter().sum();
+        let c = &shared.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.batched_rows.fetch_add(total as u64, Ordering::Relaxed);
+        c.max_batch.fetch_max(total as u64, Ordering::Relaxed);
+        let forward: Vec<tracing::Span> = jobs
+            .iter()
+            .map(|j| tracing::info_span!(parent: &j.span, "engine_forward", batch_rows = total))
+            .collect();
+        let out = engine.forward(&inputs);
+        drop(forward);
+        out.map(|o| batch::split(o, &rows))
+    });
+    match result {
+        Ok(per_request) => {
+            for (job, out) in jobs.into_iter().zip(per_request) {
+                (job.reply)(Ok(out));
+            }
+        }
+        Err(e) => {
+            shared.counters.errors.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            for job in jobs {
+                (job.reply)(Err(e.clone()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::TensorSpec;
+    use crate::tensor::DataType;
+    use std::sync::mpsc;
+
+    /// Doubles its input; records batch sizes.
+    struct Doubler {
+        spec: ModelSpec,
+        seen: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl Engine for Doubler {
+        fn spec(&self) -> &ModelSpec {
+            &self.spec
+        }
+        fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
+            let crate::tensor::TensorData::F32(v) = &inputs[0].data else { unreachable!() };
+            self.seen.lock().unwrap().push(inputs[0].rows());
+            Ok(vec![Tensor::f32(inputs[0].shape.clone(), v.iter().map(|x| x * 2.0).collect())])
+        }
+    }
+
+    fn doubler() -> (Box<dyn Engine>, Arc<Mutex<Vec<usize>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let spec = ModelSpec {
+            inputs: vec![TensorSpec::new("x", DataType::Fp32, &[-1, 1])],
+            outputs: vec![TensorSpec::new("y", DataType::Fp32, &[-1, 1])],
+            kind: InputKind::Fixed,
+            also_accepts: vec![],
+        };
+        (Box::new(Doubler { spec, seen: seen.clone() }), seen)
+    }
+
+    #[test]
+    fn closing_runs_every_queued_request_before_the_thread_ends() {
+        let (engine, seen) = doubler();
+        // A long max_delay: only closing can make these run promptly.
+        let cfg = BatcherConfig { max_batch_size: 8, max_delay: Duration::from_secs(3600), max_queue_depth: 16 };
+        let (runner, handle) = Runner::spawn(engine, cfg).unwrap();
+        let (tx, rx) = mpsc::channel();
+        for i in 0..3 {
+            let tx = tx.clone();
+            let job = Job {
+                inputs: vec![Tensor::f32(vec![1, 1], vec![i as f32])],
+                reply: Box::new(move |r| tx.send(r).unwrap()),
+                span: tracing::Span::none(),
+            };
+            assert!(runner.submit(job).is_ok());
+        }
+        runner.close();
+        handle.join().unwrap();
+        let mut got: Vec<f32> = rx.try_iter().map(|r| match &r.unwrap()[0].data {
+            crate::tensor::TensorData::F32(v) => v[0],
+            _ => unreachable!(),
+        }).collect();
+        got.sort_by(f32::total_cmp);
+        assert_eq!(got, vec![0.0, 2.0, 4.0]);
+        assert_eq!(seen.lock().unwrap().as_slice(), &[3]);
+        let late = Job { inputs: vec![], reply: Box::new(|_| {}), span: tracing::Span::none() };
+        assert!(matches!(runner.submit(late), Err(SubmitError::Closed(_))));
+    }
+}
