@@ -1,0 +1,852 @@
+//! The Helm chart `helm/tandem`.
+//!
+//! Without a cluster: the chart's CRD is byte for byte the committed `crds/` one, `helm lint`
+//! is clean, and bad values fail at render time with a message naming the value.
+//!
+//! Against the local cluster (tier 4): the rendered chart passes a server-side dry run; an
+//! installed chart runs the operator *as its ServiceAccount* (the node agent hands pods a token
+//! kubeconfig), which reconciles an example pipeline end to end; the ServiceAccount can do
+//! exactly what the operator needs and nothing more; `helm upgrade` rolls the operator and it
+//! keeps reconciling; `helm uninstall` leaves nothing of the chart behind.
+//!
+//! `helm` and `kubectl` come from `eval "$(tests/kube/cluster env)"`.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tandem_e2e::{Cluster, http_get, processes_of_pod, wait_until};
+
+const CRD_NAME: &str = "inferencepipelines.tandem.dev";
+const RELEASE: &str = "tandem";
+/// The operator's metrics/health port (chart default `metrics.port`).
+const METRICS_PORT: u16 = 8080;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn chart_dir() -> PathBuf {
+    repo_root().join("helm/tandem")
+}
+
+fn helm<I, S>(args: I) -> anyhow::Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new("helm")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context(
+            "running helm: put the cluster's helm on PATH with `eval \"$(tests/kube/cluster env)\"`",
+        )
+}
+
+fn helm_ok<I, S>(args: I) -> anyhow::Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = helm(&args)?;
+    if !out.status.success() {
+        bail!(
+            "helm {:?} failed: {}{}",
+            args,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `*.yaml` file names and contents of a directory, sorted by name.
+fn yaml_files(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("file name")?
+                .to_owned();
+            files.push((name, std::fs::read(&path)?));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[test]
+fn the_charts_crds_are_byte_identical_to_the_committed_crds() -> anyhow::Result<()> {
+    let committed = yaml_files(&repo_root().join("crds"))?;
+    let chart = yaml_files(&chart_dir().join("crds"))?;
+    assert!(!committed.is_empty(), "crds/ holds no CRD");
+    let names = |v: &[(String, Vec<u8>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(&chart),
+        names(&committed),
+        "helm/tandem/crds/ must hold the same files as crds/ (copy them: cp crds/*.yaml helm/tandem/crds/)"
+    );
+    for ((name, a), (_, b)) in chart.iter().zip(&committed) {
+        assert!(
+            a == b,
+            "helm/tandem/crds/{name} differs from crds/{name}: copy it (cp crds/{name} helm/tandem/crds/)"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn helm_lint_is_clean_in_both_rbac_scopes() -> anyhow::Result<()> {
+    let chart = chart_dir();
+    let scopes: [&[&str]; 2] = [&[], &["--set", "rbac.scope=Namespaced"]];
+    for extra in scopes {
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["lint".as_ref(), "--strict".as_ref(), chart.as_os_str()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        let out = helm_ok(&args)?;
+        assert!(out.contains("0 chart(s) failed"), "helm lint: {out}");
+        assert!(
+            !out.contains("[WARNING]") && !out.contains("[ERROR]"),
+            "helm lint: {out}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_values_fail_at_render_time_with_a_message_naming_the_value() -> anyhow::Result<()> {
+    let chart = chart_dir();
+    let cases = [
+        ("rbac.scope=Everywhere", "/rbac/scope"),
+        ("replicaCount=0", "/replicaCount"),
+        (
+            "leaderElection.leaseDuration=soon",
+            "/leaderElection/leaseDuration",
+        ),
+        ("image.digest=latest", "/image/digest"),
+        (
+            "podSecurityContext.runAsNonRoot=false",
+            "/podSecurityContext/runAsNonRoot",
+        ),
+        (
+            "securityContext.allowPrivilegeEscalation=true",
+            "/securityContext/allowPrivilegeEscalation",
+        ),
+        ("metrics.port=80", "/metrics/port"),
+        (
+            "worker.image.pullPolicy=Sometimes",
+            "/worker/image/pullPolicy",
+        ),
+        ("replicas=3", "additional properties 'replicas'"),
+    ];
+    for (set, expected) in cases {
+        let out = helm([
+            "template".as_ref(),
+            "t".as_ref(),
+            chart.as_os_str(),
+            "--set".as_ref(),
+            set.as_ref(),
+        ])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "--set {set} rendered, but must be rejected"
+        );
+        assert!(
+            stderr.contains(expected),
+            "--set {set}: the error should name {expected:?}, got: {stderr}"
+        );
+    }
+    let out = helm([
+        "template".as_ref(),
+        "t".as_ref(),
+        chart.as_os_str(),
+        "--set".as_ref(),
+        "serviceAccount.create=false".as_ref(),
+    ])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("serviceAccount.name must name an existing ServiceAccount"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn the_rendered_chart_passes_a_server_side_dry_run_in_both_rbac_scopes() -> anyhow::Result<()> {
+    let cluster = Cluster::connect();
+    let ns = cluster.namespace("chart-dry")?;
+    let chart = chart_dir();
+    for scope in ["Cluster", "Namespaced"] {
+        let manifest = helm_ok([
+            "template".as_ref(),
+            RELEASE.as_ref(),
+            chart.as_os_str(),
+            "--include-crds".as_ref(),
+            "-n".as_ref(),
+            ns.name().as_ref(),
+            "--set".as_ref(),
+            format!("rbac.scope={scope}").as_ref(),
+        ])?;
+        let out = cluster.kubectl_stdin(&["apply", "--dry-run=server"], &manifest)?;
+        assert!(
+            out.status.success(),
+            "rbac.scope={scope}: kubectl apply --dry-run=server failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        for kind in [
+            "customresourcedefinition",
+            "deployment.apps",
+            "lease.coordination.k8s.io",
+            "serviceaccount",
+        ] {
+            assert!(
+                stdout.contains(kind),
+                "rbac.scope={scope}: no {kind} in {stdout}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure the CRD exists and is Established. It is cluster-scoped and shared by every test,
+/// so the chart is installed with `--skip-crds` and the CRD applied here from the chart's copy
+/// (which the drift test keeps identical to `crds/`).
+fn ensure_crd(cluster: &Cluster) -> anyhow::Result<()> {
+    let crd = std::fs::read_to_string(chart_dir().join("crds").join(format!("{CRD_NAME}.yaml")))?;
+    let out = cluster.kubectl_stdin(&["apply", "--server-side", "--force-conflicts"], &crd)?;
+    if !out.status.success() {
+        bail!("applying the CRD: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    cluster.kubectl_ok([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        &format!("crd/{CRD_NAME}"),
+    ])?;
+    Ok(())
+}
+
+/// A Helm release in one namespace; uninstalled (best effort) on drop so a failed test does not
+/// leave its ClusterRole behind.
+struct Release {
+    namespace: String,
+    uninstalled: bool,
+}
+
+impl Release {
+    fn install(cluster: &Cluster, namespace: &str, sets: &[&str]) -> anyhow::Result<Release> {
+        ensure_crd(cluster)?;
+        let chart = chart_dir();
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "install".into(),
+            RELEASE.into(),
+            chart.into(),
+            "--namespace".into(),
+            namespace.into(),
+            "--skip-crds".into(),
+            "--kubeconfig".into(),
+            cluster.kubeconfig().into(),
+        ];
+        for s in sets {
+            args.push("--set".into());
+            args.push(s.into());
+        }
+        helm_ok(&args)?;
+        Ok(Release {
+            namespace: namespace.to_owned(),
+            uninstalled: false,
+        })
+    }
+
+    fn upgrade(&self, cluster: &Cluster, sets: &[&str]) -> anyhow::Result<()> {
+        let chart = chart_dir();
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "upgrade".into(),
+            RELEASE.into(),
+            chart.into(),
+            "--namespace".into(),
+            self.namespace.clone().into(),
+            "--skip-crds".into(),
+            "--kubeconfig".into(),
+            cluster.kubeconfig().into(),
+        ];
+        for s in sets {
+            args.push("--set".into());
+            args.push(s.into());
+        }
+        helm_ok(&args)?;
+        Ok(())
+    }
+
+    fn uninstall(&mut self, cluster: &Cluster) -> anyhow::Result<()> {
+        helm_ok([
+            "uninstall".as_ref(),
+            RELEASE.as_ref(),
+            "--namespace".as_ref(),
+            self.namespace.as_ref(),
+            "--wait".as_ref(),
+            "--timeout".as_ref(),
+            "60s".as_ref(),
+            "--kubeconfig".as_ref(),
+            cluster.kubeconfig().as_os_str(),
+        ])?;
+        self.uninstalled = true;
+        Ok(())
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        if !self.uninstalled {
+            let _ = helm([
+                "uninstall",
+                RELEASE,
+                "--namespace",
+                &self.namespace,
+                "--wait=false",
+            ]);
+        }
+    }
+}
+
+/// The operator Deployment's name for release [`RELEASE`].
+const OPERATOR: &str = "tandem";
+
+/// Waits until the operator Deployment has rolled out completely: every replica updated to the
+/// current template and Ready, no old pod left. Returns the current pods' names and IPs.
+fn wait_operator_rolled_out(
+    cluster: &Cluster,
+    ns: &str,
+    replicas: i64,
+) -> anyhow::Result<Vec<(String, IpAddr)>> {
+    wait_until(
+        "the operator Deployment to be rolled out and Ready",
+        Duration::from_secs(180),
+        || {
+            let d = cluster.get_json(&["deployment", OPERATOR, "-n", ns])?;
+            let st = &d["status"];
+            let done = st["observedGeneration"] == d["metadata"]["generation"]
+                && st["updatedReplicas"].as_i64() == Some(replicas)
+                && st["readyReplicas"].as_i64() == Some(replicas)
+                && st["replicas"].as_i64() == Some(replicas);
+            if !done {
+                return Ok(None);
+            }
+            let pods = cluster.get_json(&[
+                "pods",
+                "-n",
+                ns,
+                "-l",
+                "app.kubernetes.io/instance=tandem,app.kubernetes.io/component=operator",
+            ])?;
+            let mut out = Vec::new();
+            for p in pods["items"].as_array().into_iter().flatten() {
+                if p["metadata"]["deletionTimestamp"].is_string() {
+                    return Ok(None);
+                }
+                let name = p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                let Some(ip) = p["status"]["podIP"].as_str().and_then(|s| s.parse().ok()) else {
+                    return Ok(None);
+                };
+                out.push((name, ip));
+            }
+            Ok((out.len() as i64 == replicas).then_some(out))
+        },
+    )
+}
+
+/// The pod holding the leader Lease, once it is one of `pods`.
+fn wait_leader(
+    cluster: &Cluster,
+    ns: &str,
+    pods: &[(String, IpAddr)],
+) -> anyhow::Result<(String, IpAddr)> {
+    wait_until(
+        "one of the operator pods to hold the leader Lease",
+        Duration::from_secs(60),
+        || {
+            let lease = cluster.get_json(&["lease", OPERATOR, "-n", ns])?;
+            let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default();
+            Ok(pods.iter().find(|(name, _)| name == holder).cloned())
+        },
+    )
+}
+
+/// Reads the environment of the pod's process and its `KUBECONFIG`: proves the operator
+/// authenticates with a ServiceAccount token, not the admin's client certificate.
+fn assert_pod_uses_a_service_account_token(pod: &str) -> anyhow::Result<()> {
+    let pids = processes_of_pod(pod);
+    let pid = pids
+        .first()
+        .with_context(|| format!("no process runs pod {pod}"))?;
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    let kubeconfig = environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("KUBECONFIG="))
+        .with_context(|| format!("pod {pod}'s process has no KUBECONFIG"))?
+        .to_owned();
+    let text =
+        std::fs::read_to_string(&kubeconfig).with_context(|| format!("reading {kubeconfig}"))?;
+    assert!(
+        text.contains("token"),
+        "{pod}'s kubeconfig {kubeconfig} carries no token"
+    );
+    assert!(
+        !text.contains("client-certificate") && !text.contains("client-key"),
+        "{pod}'s kubeconfig {kubeconfig} carries a client certificate: the operator must run as its ServiceAccount"
+    );
+    Ok(())
+}
+
+/// `tandem_operator_reconcile_errors_total` samples above zero, other than invalid specs.
+fn reconcile_errors(metrics: &str) -> Vec<String> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tandem_operator_reconcile_errors"))
+        .filter(|l| !l.contains("InvalidSpec"))
+        .filter(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v > 0.0)
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One permission: (resource, resource names, verb) or (non-resource URL, "", verb).
+type Permission = (String, String, String);
+
+/// Parses the table of `kubectl auth can-i --list` by its header's column offsets (the
+/// Resources column is blank on non-resource rows, so splitting on whitespace cannot work).
+fn parse_can_i_list(table: &str) -> anyhow::Result<BTreeSet<Permission>> {
+    let mut lines = table.lines();
+    let header = lines.next().context("empty can-i output")?;
+    let col = |name: &str| {
+        header
+            .find(name)
+            .with_context(|| format!("no {name:?} column in {header:?}"))
+    };
+    let (urls, names, verbs) = (
+        col("Non-Resource URLs")?,
+        col("Resource Names")?,
+        col("Verbs")?,
+    );
+    let cell = |line: &str, from: usize, to: Option<usize>| -> String {
+        let end = to.unwrap_or(line.len()).min(line.len());
+        line.get(from.min(end)..end)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    let list = |s: String| -> Vec<String> {
+        s.trim_start_matches('[')
+            .trim_end_matches(']')
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut out = BTreeSet::new();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let resource = cell(line, 0, Some(urls));
+        let subject = if resource.is_empty() {
+            cell(line, urls, Some(names))
+        } else {
+            resource
+        };
+        let resource_names = list(cell(line, names, Some(verbs))).join(",");
+        for verb in list(cell(line, verbs, None)) {
+            out.insert((subject.clone(), resource_names.clone(), verb));
+        }
+    }
+    Ok(out)
+}
+
+/// What `subject` may do in `ns`, as `kubectl auth can-i --list --as=...` reports it.
+fn can_i_list(cluster: &Cluster, subject: &str, ns: &str) -> anyhow::Result<BTreeSet<Permission>> {
+    let table = cluster.kubectl_ok([
+        "auth",
+        "can-i",
+        "--list",
+        &format!("--as={subject}"),
+        "-n",
+        ns,
+    ])?;
+    parse_can_i_list(&table)
+}
+
+/// Permissions `sa` has in `ns` beyond what any ServiceAccount of its namespace has (the
+/// namespace's `default` ServiceAccount is the baseline: discovery, self-reviews).
+fn extra_permissions(
+    cluster: &Cluster,
+    sa_ns: &str,
+    sa: &str,
+    ns: &str,
+) -> anyhow::Result<BTreeSet<Permission>> {
+    let granted = can_i_list(cluster, &format!("system:serviceaccount:{sa_ns}:{sa}"), ns)?;
+    let baseline = can_i_list(
+        cluster,
+        &format!("system:serviceaccount:{sa_ns}:default"),
+        ns,
+    )?;
+    Ok(granted.difference(&baseline).cloned().collect())
+}
+
+fn perms(rows: &[(&str, &str, &[&str])]) -> BTreeSet<Permission> {
+    rows.iter()
+        .flat_map(|(res, names, verbs)| {
+            verbs
+                .iter()
+                .map(move |v| (res.to_string(), names.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Exactly what the operator needs where pipelines live (see helm/tandem/templates/rbac.yaml).
+fn workload_permissions() -> BTreeSet<Permission> {
+    perms(&[
+        ("inferencepipelines.tandem.dev", "", &["list", "watch"]),
+        ("inferencepipelines.tandem.dev/status", "", &["patch"]),
+        (
+            "deployments.apps",
+            "",
+            &["list", "watch", "create", "patch", "delete"],
+        ),
+        (
+            "poddisruptionbudgets.policy",
+            "",
+            &["list", "watch", "create", "patch", "delete"],
+        ),
+        ("services", "", &["list", "watch", "create", "patch"]),
+        ("configmaps", "", &["list", "watch", "create", "patch"]),
+        ("serviceaccounts", "", &["list", "watch", "create", "patch"]),
+        ("pods", "", &["list"]),
+        ("events.events.k8s.io", "", &["create", "patch"]),
+    ])
+}
+
+/// Exactly what the operator needs in its own namespace for leader election.
+fn lease_permissions() -> BTreeSet<Permission> {
+    perms(&[("leases.coordination.k8s.io", OPERATOR, &["get", "update"])])
+}
+
+fn assert_permissions(what: &str, got: &BTreeSet<Permission>, want: &BTreeSet<Permission>) {
+    let beyond: Vec<_> = got.difference(want).collect();
+    let missing: Vec<_> = want.difference(got).collect();
+    assert!(
+        beyond.is_empty() && missing.is_empty(),
+        "{what}: the operator's ServiceAccount may do more than it needs: {beyond:?}; lacks: {missing:?}"
+    );
+}
+
+/// Objects of the release still present in `ns`, plus its cluster-scoped objects.
+fn leftovers(cluster: &Cluster, ns: &str) -> anyhow::Result<Vec<String>> {
+    let mut left = Vec::new();
+    let kinds = "deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,poddisruptionbudgets,leases,configmaps,secrets";
+    let selector = format!("app.kubernetes.io/instance={RELEASE},app.kubernetes.io/part-of=tandem");
+    let names = cluster.kubectl_ok(["get", kinds, "-n", ns, "-l", &selector, "-o", "name"])?;
+    left.extend(names.lines().map(str::to_owned));
+    let helm_secrets = cluster.kubectl_ok([
+        "get",
+        "secrets",
+        "-n",
+        ns,
+        "-l",
+        &format!("owner=helm,name={RELEASE}"),
+        "-o",
+        "name",
+    ])?;
+    left.extend(helm_secrets.lines().map(str::to_owned));
+    for kind in ["lease", "serviceaccount", "deployment", "service"] {
+        let name = if kind == "service" {
+            format!("{OPERATOR}-metrics")
+        } else {
+            OPERATOR.to_owned()
+        };
+        if cluster
+            .kubectl(["get", kind, &name, "-n", ns])?
+            .status
+            .success()
+        {
+            left.push(format!("{kind}/{name}"));
+        }
+    }
+    let cluster_name = format!("{ns}-{OPERATOR}");
+    for kind in ["clusterrole", "clusterrolebinding"] {
+        if cluster
+            .kubectl(["get", kind, &cluster_name])?
+            .status
+            .success()
+        {
+            left.push(format!("{kind}/{cluster_name}"));
+        }
+    }
+    left.retain(|l| !l.is_empty());
+    Ok(left)
+}
+
+fn wait_nothing_left(cluster: &Cluster, ns: &str) -> anyhow::Result<()> {
+    let mut last = Vec::new();
+    let waited = wait_until(
+        "helm uninstall to leave nothing behind",
+        Duration::from_secs(60),
+        || {
+            last = leftovers(cluster, ns)?;
+            Ok(last.is_empty().then_some(()))
+        },
+    );
+    if waited.is_err() {
+        bail!("after helm uninstall these are left: {last:?}");
+    }
+    Ok(())
+}
+
+/// The example pipeline, placed in `ns`.
+fn example_pipeline(ns: &str) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(repo_root().join("docs/examples/minilm-text-embedding.yaml"))?;
+    Ok(text.replacen(
+        "  name: minilm\n",
+        &format!("  name: minilm\n  namespace: {ns}\n"),
+        1,
+    ))
+}
+
+fn owned_count(cluster: &Cluster, ns: &str, kind: &str) -> anyhow::Result<usize> {
+    let list = cluster.get_json(&[
+        kind,
+        "-n",
+        ns,
+        "-l",
+        "app.kubernetes.io/instance=minilm,app.kubernetes.io/managed-by=tandem-operator",
+    ])?;
+    Ok(list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|o| {
+            o["metadata"]["ownerReferences"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| {
+                    r["kind"] == "InferencePipeline"
+                        && r["name"] == "minilm"
+                        && r["controller"] == true
+                })
+        })
+        .count())
+}
+
+/// Waits until the operator has reconciled the pipeline's current generation: every owned
+/// kind exists (owned by the pipeline) and status.observedGeneration caught up.
+fn wait_reconciled(cluster: &Cluster, ns: &str) -> anyhow::Result<()> {
+    wait_until(
+        "the operator to reconcile the pipeline",
+        Duration::from_secs(120),
+        || {
+            let p = cluster.get_json(&["inferencepipeline", "minilm", "-n", ns])?;
+            if p["status"]["observedGeneration"] != p["metadata"]["generation"] {
+                return Ok(None);
+            }
+            for (kind, at_least) in [
+                ("deployments", 2),
+                ("services", 1),
+                ("configmaps", 1),
+                ("serviceaccounts", 1),
+                ("poddisruptionbudgets", 2),
+            ] {
+                if owned_count(cluster, ns, kind)? < at_least {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+}
+
+fn leader_metrics(ip: IpAddr) -> anyhow::Result<String> {
+    let (status, body) = http_get(
+        SocketAddr::new(ip, METRICS_PORT),
+        "/metrics",
+        Duration::from_secs(5),
+    )?;
+    if status != 200 {
+        bail!("GET /metrics answered {status}: {body}");
+    }
+    Ok(body)
+}
+
+#[test]
+fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_permissions_it_needs()
+-> anyhow::Result<()> {
+    let cluster = Cluster::connect();
+    let guard = cluster.namespace("chart")?;
+    let ns = guard.name();
+    let mut release = Release::install(&cluster, ns, &[])?;
+
+    // Two replicas Ready; one holds the Lease; it authenticates with its ServiceAccount token.
+    let pods = wait_operator_rolled_out(&cluster, ns, 2)?;
+    let (leader, leader_ip) = wait_leader(&cluster, ns, &pods)?;
+    assert_pod_uses_a_service_account_token(&leader)?;
+
+    // The ServiceAccount may do exactly what the operator needs: workload permissions in every
+    // namespace (cluster scope), the Lease only in its own.
+    let sa = OPERATOR;
+    assert_permissions(
+        "release namespace",
+        &extra_permissions(&cluster, ns, sa, ns)?,
+        &workload_permissions()
+            .union(&lease_permissions())
+            .cloned()
+            .collect(),
+    );
+    assert_permissions(
+        "namespace default",
+        &extra_permissions(&cluster, ns, sa, "default")?,
+        &workload_permissions(),
+    );
+
+    // It reconciles an example pipeline end to end with those permissions alone.
+    let out = cluster.kubectl_stdin(&["apply"], &example_pipeline(ns)?)?;
+    assert!(
+        out.status.success(),
+        "applying the example: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_reconciled(&cluster, ns)?;
+    let errors = reconcile_errors(&leader_metrics(leader_ip)?);
+    assert!(
+        errors.is_empty(),
+        "the leader counted reconcile errors (RBAC?): {errors:?}"
+    );
+
+    // helm upgrade with a changed value rolls the operator; the new leader keeps reconciling.
+    release.upgrade(&cluster, &["concurrency=4", "logging.format=text"])?;
+    let template_args = cluster.kubectl_ok([
+        "get",
+        "deployment",
+        OPERATOR,
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ])?;
+    assert!(
+        template_args.contains("--concurrency=4"),
+        "upgrade did not change the args: {template_args}"
+    );
+    let pods = wait_operator_rolled_out(&cluster, ns, 2)?;
+    let (leader, _) = wait_leader(&cluster, ns, &pods)?;
+    assert_pod_uses_a_service_account_token(&leader)?;
+    cluster.kubectl_ok([
+        "patch",
+        "inferencepipeline",
+        "minilm",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"preprocess":{"replicas":{"min":2,"max":4}}}}"#,
+    ])?;
+    wait_reconciled(&cluster, ns)?;
+
+    // Uninstall: pipelines first (their objects are theirs, not the chart's), then the chart.
+    cluster.kubectl_ok([
+        "delete",
+        "inferencepipeline",
+        "minilm",
+        "-n",
+        ns,
+        "--wait=false",
+    ])?;
+    release.uninstall(&cluster)?;
+    wait_nothing_left(&cluster, ns)?;
+    Ok(())
+}
+
+#[test]
+fn namespaced_scope_grants_the_watched_namespace_only_and_uninstall_leaves_nothing()
+-> anyhow::Result<()> {
+    let cluster = Cluster::connect();
+    let home = cluster.namespace("chart-home")?;
+    let watched = cluster.namespace("chart-watched")?;
+    let (ns, wns) = (home.name(), watched.name());
+    let mut release = Release::install(
+        &cluster,
+        ns,
+        &[
+            "rbac.scope=Namespaced",
+            &format!("rbac.watchNamespace={wns}"),
+        ],
+    )?;
+
+    // The leader is Ready only once its caches hold a full list: namespaced list/watch suffice.
+    let pods = wait_operator_rolled_out(&cluster, ns, 2)?;
+    wait_leader(&cluster, ns, &pods)?;
+
+    let sa = OPERATOR;
+    assert_permissions(
+        "watched namespace",
+        &extra_permissions(&cluster, ns, sa, wns)?,
+        &workload_permissions(),
+    );
+    assert_permissions(
+        "release namespace",
+        &extra_permissions(&cluster, ns, sa, ns)?,
+        &lease_permissions(),
+    );
+    assert_permissions(
+        "namespace default",
+        &extra_permissions(&cluster, ns, sa, "default")?,
+        &BTreeSet::new(),
+    );
+    for kind in ["clusterrole", "clusterrolebinding"] {
+        let out = cluster.kubectl(["get", kind, &format!("{ns}-{OPERATOR}")])?;
+        assert!(!out.status.success(), "Namespaced scope created a {kind}");
+    }
+
+    release.uninstall(&cluster)?;
+    wait_nothing_left(&cluster, ns)?;
+    let role = cluster.kubectl(["get", "role,rolebinding", OPERATOR, "-n", wns])?;
+    let left = String::from_utf8_lossy(&role.stdout);
+    assert!(
+        left.trim().is_empty(),
+        "left in the watched namespace: {left}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_can_i_table_parser_reads_resource_and_non_resource_rows() -> anyhow::Result<()> {
+    let table = "\
+Resources                                       Non-Resource URLs   Resource Names   Verbs
+leases.coordination.k8s.io                      []                  [tandem]         [get update]
+pods                                            []                  []               [list]
+                                                [/healthz]          []               [get]
+";
+    let got = parse_can_i_list(table)?;
+    let want = perms(&[
+        ("leases.coordination.k8s.io", "tandem", &["get", "update"]),
+        ("pods", "", &["list"]),
+        ("[/healthz]", "", &["get"]),
+    ]);
+    assert_eq!(got, want);
+    Ok(())
+}
