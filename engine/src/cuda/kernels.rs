@@ -1,0 +1,1 @@
+//! NVRTC kernel sources (CUDA C as Rust string constants).

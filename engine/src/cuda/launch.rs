@@ -1,0 +1,1 @@
+//! Launch configurations for the NVRTC kernels.

@@ -1,0 +1,1 @@
+//! Device memory planning for activations.
