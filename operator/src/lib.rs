@@ -4,7 +4,10 @@
 //! and `metrics` are the edges that talk to the API server and the network.
 
 pub mod build;
+pub mod controller;
 pub mod crd;
+pub mod leader;
+pub mod metrics;
 pub mod status;
 pub mod validate;
 

@@ -1,8 +1,27 @@
-//! `tandem-operator`: runs the controller or prints the CRD.
+//! `tandem-operator`: runs the controller (`run`) or prints the CRD (`crd`).
 
-use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// The Tandem operator.
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use tandem_operator::build::BuildConfig;
+use tandem_operator::controller::{self, ControllerConfig};
+use tandem_operator::leader::{self, LeaderConfig};
+use tandem_operator::metrics::{self, Metrics};
+use tandem_operator::validate::parse_duration;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The Tandem operator: InferencePipeline reconciler.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
@@ -14,13 +33,277 @@ struct Cli {
 enum Command {
     /// Print the InferencePipeline CRD as YAML.
     Crd,
+    /// Run the controller (with leader election).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Worker container image; defaults to `tandem-worker:<operator version>`.
+    #[arg(long, env = "TANDEM_WORKER_IMAGE")]
+    worker_image: Option<String>,
+    /// `imagePullPolicy` for worker containers (cluster default when unset).
+    #[arg(long, env = "TANDEM_WORKER_IMAGE_PULL_POLICY")]
+    worker_image_pull_policy: Option<String>,
+    /// Namespace to watch; every namespace when unset.
+    #[arg(long, env = "TANDEM_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "TANDEM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "TANDEM_LEASE_NAME", default_value = "tandem-operator")]
+    lease_name: String,
+    /// Namespace of the Lease; the pod's (or kubeconfig's) namespace when unset.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// How long a Lease stays valid without renewal (e.g. `15s`); a standby takes over after it.
+    #[arg(long, env = "TANDEM_LEASE_DURATION", default_value = "15s", value_parser = duration_arg)]
+    lease_duration: Duration,
+    /// This replica's identity in the Lease and on Events; `<hostname>-<pid>` when unset.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Reconciles running at once.
+    #[arg(long, env = "TANDEM_CONCURRENCY", default_value_t = 8)]
+    concurrency: u16,
+    /// Page size of initial list calls; small pages keep peak memory low.
+    #[arg(long, env = "TANDEM_PAGE_SIZE", default_value_t = 100)]
+    page_size: u32,
+    /// Log format.
+    #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 15s"))
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match cli.command {
         Command::Crd => {
             print!("{}", tandem_operator::crd::crd_yaml()?);
             Ok(())
         }
+        Command::Run(args) => {
+            // Two worker threads: reconciles are I/O-bound, and fewer threads (and their
+            // allocator arenas) keep the resident set small.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            rt.block_on(run(args))
+        }
+    }
+}
+
+/// Installs logging (and OTLP tracing when `OTEL_EXPORTER_OTLP_ENDPOINT` is set). Returns the
+/// tracer provider to flush on exit.
+fn init_telemetry(
+    format: LogFormat,
+) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use opentelemetry::trace::TracerProvider as _;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,kube=warn,tower=warn,hyper=warn"));
+    let provider = if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .context("building the OTLP span exporter")?;
+        Some(
+            opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name("tandem-operator")
+                        .build(),
+                )
+                .build(),
+        )
+    } else {
+        None
+    };
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("tandem-operator")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    match format {
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
+            .try_init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+    }
+    .context("installing the log subscriber")?;
+    Ok(provider)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let tracer = init_telemetry(args.log_format)?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let lease_namespace = args
+        .lease_namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    info!(version = VERSION, %identity, namespace = ?args.namespace, %lease_namespace, "starting");
+
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let http = {
+        let mut rx = shutdown_rx.clone();
+        let app = metrics::router(metrics.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                error!(error = %e, "metrics server failed");
+            }
+        })
+    };
+
+    // Signals: SIGTERM (pod deletion) or Ctrl-C.
+    {
+        let tx = shutdown_tx.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("shutdown requested");
+            tx.send_replace(true);
+        });
+    }
+
+    let (leading_tx, mut leading_rx) = watch::channel(false);
+    let elector = tokio::spawn(leader::run(
+        Api::<Lease>::namespaced(client.clone(), &lease_namespace),
+        LeaderConfig {
+            name: args.lease_name.clone(),
+            namespace: lease_namespace.clone(),
+            identity: identity.clone(),
+            lease_duration: args.lease_duration,
+        },
+        leading_tx,
+        shutdown_rx.clone(),
+    ));
+
+    // Standing by is healthy: a follower is ready.
+    metrics.set_ready(true);
+    let mut shutdown_wait = shutdown_rx.clone();
+    let became_leader = tokio::select! {
+        r = leading_rx.wait_for(|l| *l) => r.is_ok(),
+        _ = shutdown_wait.wait_for(|s| *s) => false,
+    };
+
+    let mut lost_leadership = false;
+    if became_leader {
+        metrics.set_leader(true);
+        metrics.set_ready(false);
+        let cfg = ControllerConfig {
+            build: BuildConfig {
+                worker_image: args
+                    .worker_image
+                    .clone()
+                    .unwrap_or_else(|| format!("tandem-worker:{VERSION}")),
+                image_pull_policy: args.worker_image_pull_policy.clone(),
+                operator_version: VERSION.to_owned(),
+            },
+            namespace: args.namespace.clone(),
+            concurrency: args.concurrency,
+            page_size: args.page_size,
+            identity: identity.clone(),
+        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut shutdown_for_ctrl = shutdown_rx.clone();
+        let mut leading_for_ctrl = leading_rx.clone();
+        let stop = async move {
+            let mut stop_rx = stop_rx;
+            let _ = stop_rx.wait_for(|s| *s).await;
+        };
+        let watchdog = tokio::spawn(async move {
+            let lost = tokio::select! {
+                _ = shutdown_for_ctrl.wait_for(|s| *s) => false,
+                _ = leading_for_ctrl.wait_for(|l| !*l) => true,
+            };
+            stop_tx.send_replace(true);
+            lost
+        });
+        let m = metrics.clone();
+        controller::run(
+            client.clone(),
+            cfg,
+            metrics.clone(),
+            move || m.set_ready(true),
+            stop,
+        )
+        .await;
+        lost_leadership = watchdog.await.unwrap_or(false);
+        metrics.set_leader(false);
+    }
+
+    shutdown_tx.send_replace(true);
+    if let Err(e) = elector.await {
+        warn!(error = %e, "leader election task ended abnormally");
+    }
+    let _ = http.await;
+    if let Some(p) = tracer
+        && let Err(e) = p.shutdown()
+    {
+        warn!(error = %e, "flushing traces failed");
+    }
+    if lost_leadership {
+        // Another replica leads now; exit non-zero so the pod restarts as a clean follower.
+        anyhow::bail!("lost the leader lease");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tandem-operator".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
     }
 }

@@ -261,7 +261,7 @@ pub fn transitions(
         }
         let became_true = after.status == "True";
         // A first `Degraded=False` or `Ready=False` is the normal start, not news.
-        if before.is_none() && ((t == DEGRADED && !became_true) || (t == READY && !became_true)) {
+        if before.is_none() && !became_true {
             continue;
         }
         let warning = (t == DEGRADED) == became_true;

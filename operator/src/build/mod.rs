@@ -228,7 +228,9 @@ fn labels(
 }
 
 /// The owner reference every owned object carries, so the garbage collector removes it with
-/// the pipeline.
+/// the pipeline. `blockOwnerDeletion` stays unset: setting it requires `update` on
+/// `inferencepipelines/finalizers` (OwnerReferencesPermissionEnforcement), a permission the
+/// operator otherwise does not need; background deletion does not use it.
 pub fn owner_reference(v: &ValidatedPipeline) -> OwnerReference {
     OwnerReference {
         api_version: format!("{GROUP}/{VERSION}"),
@@ -236,7 +238,7 @@ pub fn owner_reference(v: &ValidatedPipeline) -> OwnerReference {
         name: v.meta.name.clone(),
         uid: v.meta.uid.clone(),
         controller: Some(true),
-        block_owner_deletion: Some(true),
+        block_owner_deletion: None,
     }
 }
 

@@ -1,0 +1,688 @@
+//! The reconcile loop's I/O edge: `fetch → validate → build → apply → status`.
+//!
+//! `validate`, `build` and `status` are pure; this module only fetches observations, applies
+//! the built objects with server-side apply under one field manager, deletes owned objects that
+//! are no longer desired, writes status and publishes Events. `error_policy` separates an
+//! invalid spec (wait for a change) from transient API errors (per-object exponential backoff).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{
+    Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, Preconditions,
+};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::build::{
+    self, BuildConfig, ColorPlan, Desired, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, Observed,
+    Stage,
+};
+use crate::crd::{Color, InferencePipeline, InferencePipelineStatus, ModelRef};
+use crate::metrics::{ErrorKind, Metrics, Outcome};
+use crate::status::{self, DeploymentObservation, Observation};
+use crate::validate::{ValidateError, ValidatedPipeline, validate};
+
+/// The one field manager for every object and status this operator writes.
+pub const FIELD_MANAGER: &str = "tandem-operator";
+
+/// Why a reconcile did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec cannot be served; the Degraded condition says why. Not retried until the
+    /// object changes.
+    #[error("invalid spec: {0}")]
+    InvalidSpec(#[source] ValidateError),
+    /// Objects could not be built.
+    #[error("building objects")]
+    Build(#[source] build::BuildError),
+    /// Server-side apply of an owned object failed.
+    #[error("applying {kind} {name}")]
+    Apply {
+        /// Object kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting an object that is no longer desired failed.
+    #[error("deleting retired {kind} {name}")]
+    Prune {
+        /// Object kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Listing pods to explain why they are not ready failed.
+    #[error("listing pods")]
+    ListPods(#[source] kube::Error),
+    /// Writing status failed.
+    #[error("writing status")]
+    Status(#[source] kube::Error),
+}
+
+impl Error {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::InvalidSpec(_) => ErrorKind::InvalidSpec,
+            Self::Build(_) => ErrorKind::Build,
+            Self::Apply { .. } => ErrorKind::Apply,
+            Self::Prune { .. } => ErrorKind::Prune,
+            Self::ListPods(_) => ErrorKind::Observe,
+            Self::Status(_) => ErrorKind::Status,
+        }
+    }
+}
+
+/// Settings for the controller.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Builder settings (worker image, version).
+    pub build: BuildConfig,
+    /// Namespace to watch; every namespace when `None`.
+    pub namespace: Option<String>,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// Page size of the initial lists (small pages keep peak memory low).
+    pub page_size: u32,
+    /// Identity reported on Events.
+    pub identity: String,
+}
+
+/// Shared state of all reconciles.
+pub struct Context {
+    client: Client,
+    cfg: ControllerConfig,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    deployments: Store<PartialObjectMeta<Deployment>>,
+    failures: Mutex<HashMap<ObjectRef<InferencePipeline>, u32>>,
+}
+
+/// Delay before retrying an object that failed `failures` times in a row: 1s doubling up to
+/// 5 minutes. Per object, so one broken pipeline does not slow the others.
+pub fn backoff(failures: u32) -> Duration {
+    let secs = 1u64
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u64::MAX);
+    Duration::from_secs(secs.min(300))
+}
+
+/// How soon to look again after a successful reconcile: soon while pods are coming up (their
+/// reasons change without touching the Deployment), rarely once everything is ready.
+fn requeue_after(ready: bool) -> Duration {
+    if ready {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_secs(15)
+    }
+}
+
+/// Runs the controller until `shutdown` resolves, then finishes in-flight reconciles.
+pub async fn run(
+    client: Client,
+    cfg: ControllerConfig,
+    metrics: Arc<Metrics>,
+    ready: impl Fn() + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api = |c: &Client| -> Api<InferencePipeline> {
+        match &cfg.namespace {
+            Some(ns) => Api::namespaced(c.clone(), ns),
+            None => Api::all(c.clone()),
+        }
+    };
+    let pipelines = api(&client);
+    let owned = watcher::Config::default()
+        .labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
+        .page_size(cfg.page_size)
+        .any_semantic();
+
+    // Owned Deployments: metadata only, managedFields stripped, kept in a store for pruning.
+    let (dep_store, dep_writer) = reflector::store::<PartialObjectMeta<Deployment>>();
+    let deployments = watcher(
+        scoped::<PartialObjectMeta<Deployment>>(&client, &cfg.namespace),
+        owned.clone(),
+    )
+    .modify(|d| d.metadata.managed_fields = None)
+    .default_backoff()
+    .reflect(dep_writer)
+    .touched_objects();
+
+    // The pipelines themselves: full objects (the spec is needed), managedFields stripped.
+    let (ipl_store, ipl_writer) = reflector::store::<InferencePipeline>();
+    let ipl_stream = watcher(
+        pipelines,
+        watcher::Config::default()
+            .page_size(cfg.page_size)
+            .any_semantic(),
+    )
+    .modify(|p| p.metadata.managed_fields = None)
+    .default_backoff()
+    .reflect(ipl_writer)
+    .applied_objects();
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: Some(cfg.identity.clone()),
+        },
+    );
+    let concurrency = cfg.concurrency;
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        cfg: cfg.clone(),
+        recorder,
+        metrics,
+        deployments: dep_store.clone(),
+        failures: Mutex::new(HashMap::new()),
+    });
+
+    let controller = Controller::for_stream(ipl_stream, ipl_store.clone())
+        .with_config(kube::runtime::Config::default().concurrency(concurrency))
+        .owns_stream(deployments)
+        .owns_stream(owned_meta::<Service>(&client, &cfg.namespace, &owned))
+        .owns_stream(owned_meta::<ConfigMap>(&client, &cfg.namespace, &owned))
+        .owns_stream(owned_meta::<ServiceAccount>(
+            &client,
+            &cfg.namespace,
+            &owned,
+        ))
+        .owns_stream(owned_meta::<PodDisruptionBudget>(
+            &client,
+            &cfg.namespace,
+            &owned,
+        ))
+        .graceful_shutdown_on(shutdown);
+
+    let stores = async move {
+        // Ready once both caches hold a full list: before that, pruning could miss objects.
+        let (a, b) = futures::join!(ipl_store.wait_until_ready(), dep_store.wait_until_ready());
+        if a.is_ok() && b.is_ok() {
+            info!("caches synced");
+            ready();
+        }
+    };
+    tokio::spawn(stores);
+
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => debug!(pipeline = %obj, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile loop error"),
+            }
+        })
+        .await;
+    info!("controller stopped");
+}
+
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn owned_meta<K>(
+    client: &Client,
+    namespace: &Option<String>,
+    cfg: &watcher::Config,
+) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(
+        scoped::<PartialObjectMeta<K>>(client, namespace),
+        cfg.clone(),
+    )
+    .default_backoff()
+    .touched_objects()
+}
+
+/// Reconciles one pipeline.
+pub async fn reconcile(p: Arc<InferencePipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = info_span!("reconcile", pipeline = %p.name_any(), namespace = p.namespace().unwrap_or_default());
+    async move {
+        let started = Instant::now();
+        let result = reconcile_inner(&p, &ctx).await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Success,
+            Err(Error::InvalidSpec(_)) => Outcome::InvalidSpec,
+            Err(_) => Outcome::Error,
+        };
+        ctx.metrics.observe_reconcile(outcome, started.elapsed());
+        debug!(
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            ?outcome,
+            "reconcile finished"
+        );
+        if result.is_ok()
+            && let Ok(mut f) = ctx.failures.lock()
+        {
+            f.remove(&ObjectRef::from_obj(p.as_ref()));
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Maps a failed reconcile to its retry: an invalid spec waits for the object to change;
+/// anything else (API errors) backs off exponentially per object.
+pub fn error_policy(p: Arc<InferencePipeline>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.count_error(err.kind());
+    if let Error::InvalidSpec(_) = err {
+        return Action::await_change();
+    }
+    let failures = match ctx.failures.lock() {
+        Ok(mut f) => {
+            let n = f.entry(ObjectRef::from_obj(p.as_ref())).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    let delay = backoff(failures);
+    warn!(pipeline = %p.name_any(), error = %err, source = ?std::error::Error::source(err).map(ToString::to_string), failures, retry_in_s = delay.as_secs(), "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Action, Error> {
+    let prev = p.status.as_ref();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+
+    // validate
+    let v = match validate(p) {
+        Ok(v) => v,
+        Err(e) => {
+            let next = status::invalid(prev, p.metadata.generation, &e, &now);
+            write_status(p, ctx, prev, &next).await?;
+            return Err(Error::InvalidSpec(e));
+        }
+    };
+
+    // build
+    let observed = plan(&v, prev);
+    let desired = build::build(&v, &observed, &ctx.cfg.build).map_err(Error::Build)?;
+
+    // apply
+    let applied = apply_all(ctx, &v, &desired).await?;
+    prune(ctx, &v, &desired).await?;
+
+    // status
+    let active = observed
+        .colors
+        .first()
+        .map(|c| c.color)
+        .unwrap_or(Color::Blue);
+    let pre_dep = applied.first();
+    let inf_dep = applied.get(1);
+    let preprocess = observe(ctx, &v, pre_dep, Stage::Preprocess, None).await?;
+    let inference = observe(ctx, &v, inf_dep, Stage::Inference, Some(active)).await?;
+    let obs = Observation {
+        generation: p.metadata.generation,
+        preprocess,
+        inference,
+        active_color: active,
+        active_model: observed
+            .colors
+            .first()
+            .map(|c| c.model.clone())
+            .unwrap_or_default(),
+        rollout: prev.and_then(|s| s.rollout.clone()),
+    };
+    let next = status::compute(prev, &obs, &now);
+    write_status(p, ctx, prev, &next).await?;
+    let ready = next.phase == Some(crate::crd::Phase::Ready);
+    Ok(Action::requeue(requeue_after(ready)))
+}
+
+/// Which inference colors to run. Until the rollout machine exists, the active color (from
+/// status, blue for a new pipeline) serves the spec's model, and a candidate recorded in status
+/// is kept running.
+fn plan(v: &ValidatedPipeline, prev: Option<&InferencePipelineStatus>) -> Observed {
+    let active = prev.and_then(|s| s.active_color).unwrap_or(Color::Blue);
+    let mut colors = vec![ColorPlan {
+        color: active,
+        model: ModelRef::from(&v.inference.model),
+        desired_replicas: prev
+            .and_then(|s| s.inference.as_ref())
+            .and_then(|s| s.desired_replicas),
+    }];
+    if let Some(r) = prev.and_then(|s| s.rollout.as_ref())
+        && let (Some(color), Some(model)) = (r.candidate_color, r.candidate_model.clone())
+        && color != active
+    {
+        colors.push(ColorPlan {
+            color,
+            model,
+            desired_replicas: None,
+        });
+    }
+    Observed {
+        colors,
+        preprocess_desired: prev
+            .and_then(|s| s.preprocess.as_ref())
+            .and_then(|s| s.desired_replicas),
+    }
+}
+
+async fn apply<K>(ctx: &Context, ns: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(|source| Error::Apply {
+        kind: short_kind::<K>(),
+        name,
+        source,
+    })
+}
+
+fn short_kind<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "Deployment" => "Deployment",
+        "Service" => "Service",
+        "ConfigMap" => "ConfigMap",
+        "ServiceAccount" => "ServiceAccount",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        _ => "object",
+    }
+}
+
+/// Applies every desired object; returns the Deployments as the server now has them (with
+/// status), in the order built. Independent objects go out concurrently.
+async fn apply_all(
+    ctx: &Context,
+    v: &ValidatedPipeline,
+    d: &Desired,
+) -> Result<Vec<Deployment>, Error> {
+    let ns = v.meta.namespace.as_str();
+    let (sa, cm, svc) = futures::join!(
+        apply(ctx, ns, &d.service_account),
+        apply(ctx, ns, &d.config_map),
+        apply(ctx, ns, &d.service),
+    );
+    sa?;
+    cm?;
+    svc?;
+    let deployments =
+        futures::future::join_all(d.deployments.iter().map(|dep| apply(ctx, ns, dep))).await;
+    let pdbs = futures::future::join_all(d.pdbs.iter().map(|pdb| apply(ctx, ns, pdb))).await;
+    let deployments = deployments.into_iter().collect::<Result<Vec<_>, _>>()?;
+    pdbs.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(deployments)
+}
+
+/// Deletes owned Deployments (and their PodDisruptionBudgets) that are no longer desired, such
+/// as a retired color. Candidates come from the metadata cache; deletion is guarded by UID so a
+/// newer object of the same name is never removed.
+async fn prune(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Result<(), Error> {
+    let keep: BTreeSet<&str> = d
+        .deployments
+        .iter()
+        .filter_map(|d| d.metadata.name.as_deref())
+        .collect();
+    let ns = v.meta.namespace.as_str();
+    let retired: Vec<(String, Option<String>)> = ctx
+        .deployments
+        .state()
+        .iter()
+        .filter(|m| m.metadata.namespace.as_deref() == Some(ns))
+        .filter(|m| {
+            m.labels().get(LABEL_INSTANCE).map(String::as_str) == Some(v.meta.name.as_str())
+        })
+        .filter(|m| m.owner_references().iter().any(|o| o.uid == v.meta.uid))
+        .filter(|m| !keep.contains(m.name_any().as_str()))
+        .map(|m| (m.name_any(), m.uid()))
+        .collect();
+    for (name, uid) in retired {
+        let params = DeleteParams {
+            preconditions: uid.map(|uid| Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::background()
+        };
+        let deps: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+        ignore_gone(deps.delete(&name, &params).await.map(|_| ())).map_err(|source| {
+            Error::Prune {
+                kind: "Deployment",
+                name: name.clone(),
+                source,
+            }
+        })?;
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), ns);
+        ignore_gone(
+            pdbs.delete(&name, &DeleteParams::background())
+                .await
+                .map(|_| ()),
+        )
+        .map_err(|source| Error::Prune {
+            kind: "PodDisruptionBudget",
+            name: name.clone(),
+            source,
+        })?;
+        info!(deployment = %name, "deleted retired Deployment");
+        publish(
+            ctx,
+            &v.meta,
+            EventType::Normal,
+            "RetiredDeployment",
+            format!("deleted {name}, no longer desired"),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+fn ignore_gone(r: Result<(), kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        other => other,
+    }
+}
+
+/// Reads a Deployment's counts from the apply response and, only when pods are missing,
+/// lists them to learn why.
+async fn observe(
+    ctx: &Context,
+    v: &ValidatedPipeline,
+    dep: Option<&Deployment>,
+    stage: Stage,
+    color: Option<Color>,
+) -> Result<DeploymentObservation, Error> {
+    let Some(dep) = dep else {
+        return Ok(DeploymentObservation::default());
+    };
+    let desired = dep.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let st = dep.status.clone().unwrap_or_default();
+    let mut obs = DeploymentObservation {
+        desired,
+        replicas: st.replicas.unwrap_or(0),
+        ready: st.ready_replicas.unwrap_or(0),
+        updated: st.updated_replicas.unwrap_or(0),
+        observed_current: st.observed_generation.is_some()
+            && st.observed_generation >= dep.metadata.generation,
+        problem: None,
+    };
+    if obs.ready < obs.desired {
+        let selector = build::selector_labels(&v.meta.name, stage, color)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &v.meta.namespace);
+        let list = pods
+            .list(&ListParams::default().labels(&selector).limit(20))
+            .await
+            .map_err(Error::ListPods)?;
+        obs.problem = status::pod_problem(&list.items);
+    }
+    Ok(obs)
+}
+
+async fn write_status(
+    p: &InferencePipeline,
+    ctx: &Context,
+    prev: Option<&InferencePipelineStatus>,
+    next: &InferencePipelineStatus,
+) -> Result<(), Error> {
+    if prev == Some(next) {
+        return Ok(());
+    }
+    let (Some(ns), name) = (p.namespace(), p.name_any()) else {
+        return Ok(());
+    };
+    let api: Api<InferencePipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    let body = serde_json::json!({
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "InferencePipeline",
+        "status": next,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(Error::Status)?;
+    if let Ok(meta) = validate_meta(p) {
+        for t in status::transitions(prev, next) {
+            let kind = if t.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            publish(ctx, &meta, kind, &t.reason, t.note).await;
+        }
+    }
+    Ok(())
+}
+
+fn validate_meta(p: &InferencePipeline) -> Result<crate::validate::PipelineMeta, ()> {
+    Ok(crate::validate::PipelineMeta {
+        name: p.name_any(),
+        namespace: p.namespace().ok_or(())?,
+        uid: p.uid().ok_or(())?,
+        generation: p.metadata.generation,
+    })
+}
+
+/// Publishes an Event on the pipeline. Failures are logged, never fatal: Events are advisory.
+async fn publish(
+    ctx: &Context,
+    meta: &crate::validate::PipelineMeta,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("tandem.dev/v1alpha1".to_owned()),
+        kind: Some("InferencePipeline".to_owned()),
+        name: Some(meta.name.clone()),
+        namespace: Some(meta.namespace.clone()),
+        uid: Some(meta.uid.clone()),
+        ..Default::default()
+    };
+    let ev = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+        warn!(error = %e, reason, "publishing event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::RolloutStatus;
+    use crate::test_fixtures::text_pipeline;
+
+    #[test]
+    fn backoff_doubles_from_one_second_and_caps_at_five_minutes() {
+        let d: Vec<u64> = (1..=10).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(d, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
+        assert_eq!(backoff(1000), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_new_pipeline_plans_blue_only_with_no_desired_counts() {
+        let v = validate(&text_pipeline()).unwrap();
+        let o = plan(&v, None);
+        assert_eq!(o.colors.len(), 1);
+        assert_eq!(o.colors[0].color, Color::Blue);
+        assert_eq!(o.colors[0].desired_replicas, None);
+        assert_eq!(o.preprocess_desired, None);
+    }
+
+    #[test]
+    fn a_candidate_in_status_keeps_its_color_running_with_its_model() {
+        let v = validate(&text_pipeline()).unwrap();
+        let mut candidate = ModelRef::from(&v.inference.model);
+        candidate.version = "3".into();
+        let prev = InferencePipelineStatus {
+            active_color: Some(Color::Green),
+            rollout: Some(RolloutStatus {
+                candidate_color: Some(Color::Blue),
+                candidate_model: Some(candidate.clone()),
+                ..RolloutStatus::default()
+            }),
+            ..InferencePipelineStatus::default()
+        };
+        let o = plan(&v, Some(&prev));
+        assert_eq!(
+            o.colors.iter().map(|c| c.color).collect::<Vec<_>>(),
+            [Color::Green, Color::Blue]
+        );
+        assert_eq!(o.colors[1].model, candidate);
+    }
+
+    #[test]
+    fn not_ready_pipelines_are_looked_at_again_sooner() {
+        assert!(requeue_after(false) < requeue_after(true));
+    }
+}
