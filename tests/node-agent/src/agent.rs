@@ -19,7 +19,7 @@ use crate::pod::{self, PodHandle, StopReason};
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Arc::new(AgentConfig::from_args(args)?);
     std::fs::create_dir_all(cfg.args.state_dir.join("pods")).context("creating state dir")?;
-    std::fs::create_dir_all(cfg.args.state_dir.join("logs")).context("creating log dir")?;
+    std::fs::create_dir_all(cfg.log_dir()).context("creating log dir")?;
     let client = match &cfg.args.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -64,6 +64,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         pods: BTreeMap::new(),
         init: BTreeMap::new(),
         synced: BTreeSet::new(),
+        done: BTreeSet::new(),
     };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -93,6 +94,8 @@ struct Manager {
     init: BTreeMap<String, BTreeSet<String>>,
     /// Nodes whose first list completed.
     synced: BTreeSet<String>,
+    /// UIDs whose task has ended (pod deleted by us): later events for them are ignored.
+    done: BTreeSet<String>,
 }
 
 fn uid_of(pod: &Pod) -> Option<String> {
@@ -105,6 +108,7 @@ impl Manager {
             watcher::Event::Apply(pod) => self.upsert(node, pod),
             watcher::Event::Delete(pod) => {
                 if let Some(uid) = uid_of(&pod) {
+                    self.done.remove(&uid);
                     if let Some((_, h)) = self.pods.remove(&uid) {
                         tracing::info!(pod = ?pod.metadata.name, "pod object gone; stopping it");
                         let _ = h.stop.send(Some(StopReason::Gone));
@@ -122,6 +126,8 @@ impl Manager {
             }
             watcher::Event::InitDone => {
                 let seen = self.init.remove(node).unwrap_or_default();
+                let pods = &self.pods;
+                self.done.retain(|uid| seen.contains(uid) || pods.contains_key(uid));
                 // Pods of this node that vanished while the watch was down.
                 let gone: Vec<String> = self
                     .pods
@@ -141,19 +147,36 @@ impl Manager {
                 }
             }
         }
-        // Forget handles of tasks that ended.
-        self.pods.retain(|_, (_, h)| !h.task.is_finished());
+        // Forget handles of tasks that ended, remembering their UIDs.
+        let finished: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, (_, h))| h.task.is_finished())
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in finished {
+            self.pods.remove(&uid);
+            self.done.insert(uid);
+        }
     }
 
     fn upsert(&mut self, node: &str, pod: Pod) {
         let Some(uid) = uid_of(&pod) else {
             return;
         };
+        if self.done.contains(&uid) {
+            return;
+        }
         match self.pods.get(&uid) {
             Some((_, h)) if !h.task.is_finished() => {
                 h.updates.send_replace(pod);
             }
-            _ => {
+            Some(_) => {
+                // Its task already deleted it; this is a late event.
+                self.pods.remove(&uid);
+                self.done.insert(uid);
+            }
+            None => {
                 tracing::info!(pod = ?pod.metadata.name, namespace = ?pod.metadata.namespace, %node, "starting pod");
                 let h = pod::spawn(self.ctx.clone(), pod);
                 self.pods.insert(uid, (node.to_owned(), h));
@@ -163,9 +186,12 @@ impl Manager {
 
     async fn shutdown(self) {
         let mut tasks = Vec::new();
+        // Keep the senders alive until the tasks end: a dropped update channel means "gone".
+        let mut keep = Vec::new();
         for (_, (_, h)) in self.pods {
             let _ = h.stop.send(Some(StopReason::Shutdown));
             tasks.push(h.task);
+            keep.push((h.updates, h.stop));
         }
         let all = futures::future::join_all(tasks);
         if tokio::time::timeout(
@@ -177,6 +203,7 @@ impl Manager {
         {
             tracing::warn!("some pods did not stop in time");
         }
+        drop(keep);
         crate::cleanup::kill_pods(&self.ctx.ip, &self.ctx.cfg.args.state_dir).await;
     }
 }

@@ -18,6 +18,9 @@ pub struct RunArgs {
     /// Directory for pod dirs, logs and the IP allocation table.
     #[arg(long, env = "TANDEM_NODE_AGENT_STATE_DIR")]
     pub state_dir: PathBuf,
+    /// Directory for container logs (`<namespace>_<pod>_<container>.log`); default `<state-dir>/logs`.
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
     /// Node names to register and serve (repeat for several).
     #[arg(long = "node", default_value = "tandem-node-1")]
     pub nodes: Vec<String>,
@@ -100,12 +103,17 @@ impl AgentConfig {
         self.args.state_dir.join("pods").join(uid)
     }
 
+    /// Directory of the container logs.
+    pub fn log_dir(&self) -> PathBuf {
+        self.args
+            .log_dir
+            .clone()
+            .unwrap_or_else(|| self.args.state_dir.join("logs"))
+    }
+
     /// Log file of a container.
     pub fn log_file(&self, namespace: &str, pod: &str, container: &str) -> PathBuf {
-        self.args
-            .state_dir
-            .join("logs")
-            .join(format!("{namespace}_{pod}_{container}.log"))
+        self.log_dir().join(format!("{namespace}_{pod}_{container}.log"))
     }
 }
 

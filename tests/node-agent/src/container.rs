@@ -112,6 +112,29 @@ impl ContainerCtx {
         self.ctx.cfg.log_file(ns, name, self.name())
     }
 
+    /// Recreates the pod's network namespace (same address) if someone deleted it.
+    async fn repair_sandbox(&self) -> Result<(), crate::net::NetError> {
+        let Some(netns) = &self.netns else {
+            return Ok(());
+        };
+        if std::path::Path::new("/run/netns").join(netns).exists() {
+            return Ok(());
+        }
+        let _guard = self.state.sandbox_repair.lock().await;
+        if std::path::Path::new("/run/netns").join(netns).exists() {
+            return Ok(());
+        }
+        let cfg = &self.ctx.cfg;
+        tracing::warn!(%netns, "pod network namespace vanished; recreating it");
+        let uid = self.pod.metadata.uid.clone().unwrap_or_default();
+        let ip: Ipv4Addr = self.facts.pod_ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        self.ctx.ip.ensure_bridge(&cfg.args.bridge, &cfg.args.bridge_address).await?;
+        self.ctx
+            .ip
+            .setup_pod(&crate::net::PodNetNames::for_uid(&uid), &cfg.args.bridge, ip, cfg.subnet.prefix, cfg.subnet.gateway)
+            .await
+    }
+
     /// Resolves image, env and argv for one run; `Err((reason, message, retry))`.
     async fn prepare(&self) -> Result<LaunchSpec, (&'static str, String, bool)> {
         let cfg = &self.ctx.cfg;
@@ -128,6 +151,9 @@ impl ContainerCtx {
                 true,
             ));
         }
+        self.repair_sandbox()
+            .await
+            .map_err(|e| ("CreateContainerError", format!("recreating the pod network namespace: {e}"), true))?;
         let ns = self.pod.metadata.namespace.as_deref().unwrap_or("default");
         let (cms, secrets) = referenced_sources(&self.container);
         let sources = self
@@ -267,10 +293,12 @@ impl ContainerCtx {
                     self.name()
                 ),
             );
+            // A probe kill restarts the container unless the policy is Never, whatever the code.
+            let probe_killed = reason_is_probe(&termination.message);
             let restart = !stopped
                 && match (self.init, self.restart_policy()) {
                     (_, "Never") => false,
-                    (true, _) | (false, "OnFailure") => code != 0,
+                    (true, _) | (false, "OnFailure") => code != 0 || probe_killed,
                     (false, _) => true,
                 };
             if !restart {
@@ -377,10 +405,17 @@ impl ContainerCtx {
         };
         let reason = if code == 0 { "Completed" } else { "Error" };
         let message =
-            probe_failure.map(|p| format!("container failed its {p} probe and was killed"));
+            probe_failure.map(|p| format!("{PROBE_KILL_PREFIX} {p} probe and was killed"));
         (code, signal, reason.to_owned(), message, stopping)
     }
 }
+
+fn reason_is_probe(message: &Option<String>) -> bool {
+    message.as_deref().is_some_and(|m| m.starts_with(PROBE_KILL_PREFIX))
+}
+
+/// Start of the termination message of a container killed by a failing probe.
+const PROBE_KILL_PREFIX: &str = "container failed its";
 
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {

@@ -203,6 +203,8 @@ pub struct PodState {
     rt: Mutex<PodRuntime>,
     /// Signalled after every change.
     pub changed: Notify,
+    /// Serialises repairs of the pod's network namespace between its containers.
+    pub sandbox_repair: tokio::sync::Mutex<()>,
 }
 
 impl PodState {
@@ -211,6 +213,7 @@ impl PodState {
         Self {
             rt: Mutex::new(rt),
             changed: Notify::new(),
+            sandbox_repair: tokio::sync::Mutex::new(()),
         }
     }
 

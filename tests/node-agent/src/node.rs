@@ -68,6 +68,10 @@ pub fn node_object(name: &str) -> serde_json::Value {
     })
 }
 
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
 /// The Node status at `now`: Ready, capacity, addresses.
 pub fn node_status(
     cfg: &AgentConfig,
@@ -126,12 +130,12 @@ pub fn node_status(
         daemon_endpoints: Some(NodeDaemonEndpoints::default()),
         node_info: Some(NodeSystemInfo {
             architecture: std::env::consts::ARCH.to_owned(),
-            boot_id: String::new(),
+            boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
             container_runtime_version: "tandem-node-agent://0.1.0".to_owned(),
-            kernel_version: String::new(),
+            kernel_version: read_trimmed("/proc/sys/kernel/osrelease"),
             kube_proxy_version: String::new(),
             kubelet_version: "v1.36.0-tandem".to_owned(),
-            machine_id: String::new(),
+            machine_id: read_trimmed("/etc/machine-id"),
             operating_system: "linux".to_owned(),
             os_image: "tandem-node-agent".to_owned(),
             system_uuid: String::new(),

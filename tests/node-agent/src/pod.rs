@@ -98,8 +98,11 @@ async fn wait_stop(
             return StopReason::Deleted;
         }
         tokio::select! {
-            r = updates.changed() => if r.is_err() { return StopReason::Gone },
+            biased;
             r = stop.changed() => if r.is_err() { return StopReason::Shutdown },
+            r = updates.changed() => if r.is_err() {
+                return stop.borrow().unwrap_or(StopReason::Gone);
+            },
         }
     }
 }
@@ -165,8 +168,9 @@ impl PodTask {
         let pod_dir = self.ctx.cfg.pod_dir(&uid);
         let names = PodNetNames::for_uid(&uid);
 
-        // A pod that already finished (e.g. before an agent restart) is not run again.
-        if phase == "Succeeded" || phase == "Failed" {
+        // A pod that already finished (e.g. before an agent restart) is not run again; one
+        // already being deleted is only cleaned up.
+        if phase == "Succeeded" || phase == "Failed" || pod.metadata.deletion_timestamp.is_some() {
             let reason = wait_stop(&mut self.updates, &mut self.stop).await;
             self.finish(reason, &uid, &pod_dir, None).await;
             return;
@@ -258,6 +262,9 @@ impl PodTask {
             let outcome = tokio::select! {
                 o = cc.supervise(stop_rx.clone()) => o,
                 reason = wait_stop(&mut self.updates, &mut self.stop) => {
+                    if reason == StopReason::Shutdown {
+                        writer.abort();
+                    }
                     self.stop_containers(&stop_tx, reason, None).await;
                     token_refresh.abort();
                     self.finish(reason, &uid, &pod_dir, Some(&names)).await;
@@ -289,6 +296,10 @@ impl PodTask {
                 reason = wait_stop(&mut self.updates, &mut self.stop) => Some(reason),
             };
             if let Some(reason) = stopped {
+                if reason == StopReason::Shutdown {
+                    // The pod keeps running as far as the API knows: it restarts with the agent.
+                    writer.abort();
+                }
                 self.stop_containers(&stop_tx, reason, Some(&mut set)).await;
                 token_refresh.abort();
                 self.finish(reason, &uid, &pod_dir, Some(&names)).await;
@@ -387,7 +398,7 @@ async fn setup(
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let io = |p: &Path, e| SetupError::Io(p.display().to_string(), e);
     std::fs::create_dir_all(pod_dir).map_err(|e| io(pod_dir, e))?;
-    std::fs::create_dir_all(cfg.args.state_dir.join("logs")).map_err(|e| io(pod_dir, e))?;
+    std::fs::create_dir_all(cfg.log_dir()).map_err(|e| io(pod_dir, e))?;
     let meta = PodMeta {
         namespace: ns.clone(),
         name: pod.metadata.name.clone().unwrap_or_default(),
