@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1.7
+# The tandem-operator image: a static-enough Rust binary on a distroless, non-root base.
+#
+#   docker build -f docker/operator.Dockerfile -t tandem-operator:0.1.0 .
+#
+# Build context: the repository root. Not built in this project's CI (no Docker engine there);
+# see docs/operations.md "Container images".
+
+ARG RUST_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${RUST_IMAGE} AS build
+WORKDIR /src
+# The whole workspace is needed to resolve it; BuildKit caches the registry and target dir.
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --locked --release -p tandem-operator \
+ && install -D -m 0755 target/release/tandem-operator /out/tandem-operator
+
+FROM ${RUNTIME_IMAGE}
+LABEL org.opencontainers.image.title="tandem-operator" \
+      org.opencontainers.image.description="Tandem Kubernetes operator for InferencePipelines" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /out/tandem-operator /usr/local/bin/tandem-operator
+# distroless "nonroot" is uid/gid 65532; the chart runs it with the same ids.
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/tandem-operator"]
+CMD ["run"]
