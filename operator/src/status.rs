@@ -320,7 +320,26 @@ pub fn pod_problem(pods: &[Pod]) -> Option<Problem> {
                         | "RunContainerError"
                 ) {
                     let mut msg = reason.to_owned();
-                    if let Some(m) = w.message.as_deref().filter(|m| !m.is_empty()) {
+                    let last_exit = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+                    if reason == "CrashLoopBackOff" {
+                        // The waiting message carries the back-off delay and pod name, which
+                        // change on every restart; the last exit says why and stays stable.
+                        if let Some(t) = last_exit {
+                            msg.push_str(&format!(
+                                ": container {} exited with code {}",
+                                cs.name, t.exit_code
+                            ));
+                            if let Some(m) = t
+                                .message
+                                .as_deref()
+                                .map(str::trim)
+                                .filter(|m| !m.is_empty())
+                            {
+                                msg.push_str(": ");
+                                msg.push_str(&truncate(m, 200));
+                            }
+                        }
+                    } else if let Some(m) = w.message.as_deref().filter(|m| !m.is_empty()) {
                         msg.push_str(": ");
                         msg.push_str(&truncate(m, 200));
                     }
@@ -443,7 +462,8 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition, PodStatus,
+        ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
+        PodCondition, PodStatus,
     };
     use k8s_openapi::jiff::Timestamp;
 
@@ -641,7 +661,17 @@ mod tests {
                     state: Some(ContainerState {
                         waiting: Some(ContainerStateWaiting {
                             reason: Some("CrashLoopBackOff".into()),
-                            message: Some("back-off 10s restarting failed container".into()),
+                            message: Some(
+                                "back-off 10s restarting failed container=inference pod=x".into(),
+                            ),
+                        }),
+                        ..ContainerState::default()
+                    }),
+                    last_state: Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            exit_code: 1,
+                            message: Some("model sha256 mismatch\n".into()),
+                            ..ContainerStateTerminated::default()
                         }),
                         ..ContainerState::default()
                     }),
@@ -656,7 +686,7 @@ mod tests {
             (p.reason, p.message.as_str()),
             (
                 "PodsFailing",
-                "CrashLoopBackOff: back-off 10s restarting failed container"
+                "CrashLoopBackOff: container inference exited with code 1: model sha256 mismatch"
             )
         );
     }
