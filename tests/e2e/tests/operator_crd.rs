@@ -1,0 +1,134 @@
+//! Tier 3: the InferencePipeline CRD on the real API server: every invalid example under
+//! `docs/examples/invalid/` is rejected with the message its `# expect:` line names, the valid
+//! examples are accepted (server-side dry run), and `kubectl explain` shows the field docs.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tandem_e2e::{Cluster, wait_until};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Applies the committed CRD (server-side, so it is idempotent beside other tests that install
+/// the same file through the chart) and waits until it is served.
+fn ensure_crd(cluster: &Cluster) {
+    let crd = repo_root().join("crds/inferencepipelines.tandem.dev.yaml");
+    let crd = crd.to_str().expect("utf-8 path");
+    cluster
+        .kubectl_ok(["apply", "--server-side", "--force-conflicts", "--field-manager=tandem-e2e", "-f", crd])
+        .expect("applying the CRD");
+    cluster
+        .kubectl_ok([
+            "wait",
+            "--for=condition=Established",
+            "crd/inferencepipelines.tandem.dev",
+            "--timeout=60s",
+        ])
+        .expect("CRD established");
+}
+
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn invalid_examples_are_rejected_by_the_api_server_with_their_cel_message() {
+    let cluster = Cluster::connect();
+    ensure_crd(&cluster);
+    let ns = cluster.namespace("op-cel").expect("namespace");
+    let files = yaml_files(&repo_root().join("docs/examples/invalid"));
+    assert!(files.len() >= 8, "expected the invalid examples, found {}", files.len());
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("read example");
+        let expect = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} has no '# expect:' line", file.display()));
+        let out = cluster
+            .kubectl_stdin(&["apply", "-n", ns.name()], &text)
+            .expect("running kubectl");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{} was accepted", file.display());
+        assert!(
+            stderr.contains(expect),
+            "{}: rejected, but without the expected message\n  expected: {expect}\n  got: {stderr}",
+            file.display()
+        );
+    }
+}
+
+#[test]
+fn valid_examples_are_accepted_and_defaults_are_filled_in_by_the_api_server() {
+    let cluster = Cluster::connect();
+    ensure_crd(&cluster);
+    let ns = cluster.namespace("op-valid").expect("namespace");
+    for file in yaml_files(&repo_root().join("docs/examples")) {
+        let text = std::fs::read_to_string(&file).expect("read example");
+        let out = cluster
+            .kubectl_stdin(&["apply", "--dry-run=server", "-o", "json", "-n", ns.name()], &text)
+            .expect("running kubectl");
+        assert!(
+            out.status.success(),
+            "{} rejected: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let obj: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        // Defaults the examples leave out come back from the server.
+        assert!(obj["spec"]["rollout"]["shadow"]["requests"].is_number(), "{}", file.display());
+        assert!(obj["spec"]["inference"]["maxQueueDepth"].is_number(), "{}", file.display());
+    }
+}
+
+#[test]
+fn a_minimal_pipeline_gets_every_default() {
+    let cluster = Cluster::connect();
+    ensure_crd(&cluster);
+    let ns = cluster.namespace("op-defaults").expect("namespace");
+    let minimal = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: InferencePipeline
+metadata: {name: minimal}
+spec:
+  preprocess:
+    text: {tokenizer: "file:///m/tokenizer.json"}
+  inference:
+    model: {name: m, version: "1", uri: "https://example.invalid/m.safetensors",
+            sha256: "0000000000000000000000000000000000000000000000000000000000000000"}
+"#;
+    let out = cluster
+        .kubectl_stdin(&["create", "--dry-run=server", "-o", "json", "-n", ns.name()], minimal)
+        .expect("kubectl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spec = serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["spec"].clone();
+    assert_eq!(spec["preprocess"]["replicas"], serde_json::json!({"min": 1, "max": 8}));
+    assert_eq!(spec["preprocess"]["text"]["maxLength"], 256);
+    assert_eq!(spec["inference"]["device"], "CUDA");
+    assert_eq!(spec["inference"]["batching"], serde_json::json!({"maxBatchSize": 32, "maxDelay": "2ms"}));
+    assert_eq!(spec["rollout"]["steps"], serde_json::json!([10, 50, 100]));
+    assert_eq!(spec["rollout"]["scaleDownDelay"], "5m");
+    assert_eq!(spec["rollout"]["autoRollback"], true);
+}
+
+#[test]
+fn kubectl_explain_shows_the_field_documentation() {
+    let cluster = Cluster::connect();
+    ensure_crd(&cluster);
+    // Discovery can lag a freshly established CRD by a moment.
+    let text = wait_until("kubectl explain to know the CRD", Duration::from_secs(30), || {
+        let out = cluster.kubectl(["explain", "ipl.spec.inference.model.sha256"])?;
+        Ok(out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+    })
+    .expect("explain");
+    assert!(text.contains("SHA-256 of the weights file"), "{text}");
+    let text = cluster.kubectl_ok(["explain", "ipl.spec.rollout.steps"]).expect("explain");
+    assert!(text.contains("strictly"), "{text}");
+}
