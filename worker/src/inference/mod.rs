@@ -1,10 +1,318 @@
-//! The inference role (placeholder until implemented).
+//! The inference role: load a model, then serve batched inference over OIP v2
+//! (gRPC and REST), `WorkerControl.GetStats` and Prometheus `/metrics`, and
+//! drain gracefully on SIGTERM.
+//!
+//! Start-up: the servers come up first (live, not ready) so probes see the
+//! process; the model is resolved (downloaded for http(s)), sha256-verified,
+//! loaded and warmed up; only then is the worker ready. A load failure is
+//! logged, written to the Kubernetes termination log, and exits non-zero.
+
+mod convert;
+mod grpc;
+mod metrics;
+mod model;
+mod rest;
+mod service;
+mod stats;
+mod trace;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tandem_engine::batcher::BatcherConfig;
+use tandem_engine::load::LoadOptions;
+use tandem_engine::runner::Runner;
+use tandem_engine::{DataType, Device};
+use tandem_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use tandem_proto::tandem::v1::worker_control_server::WorkerControlServer;
+use tokio::sync::watch;
+
+use service::Worker;
+
+/// Device choice on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// CPU threads.
+    Cpu,
+    /// NVIDIA GPU (CUDA).
+    Cuda,
+}
+
+/// Datatype advertised for image inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageInput {
+    /// FP32 NCHW, already normalized.
+    Fp32,
+    /// UINT8 NCHW; the engine normalizes with the model's mean/std.
+    Uint8,
+}
 
 /// Inference worker configuration.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Model location: file:///dir, file:///dir/model.safetensors or http(s)://.../model.safetensors
+    /// (config.json and 1_Pooling/config.json are read beside it).
+    #[arg(long, env = "TANDEM_MODEL_URI")]
+    pub model_uri: String,
+    /// Expected sha256 (hex) of model.safetensors; required to trust http(s) sources.
+    #[arg(long, env = "TANDEM_MODEL_SHA256")]
+    pub model_sha256: Option<String>,
+    /// Model name served over OIP v2.
+    #[arg(long, env = "TANDEM_MODEL_NAME")]
+    pub model_name: String,
+    /// Model version served over OIP v2.
+    #[arg(long, env = "TANDEM_MODEL_VERSION", default_value = "1")]
+    pub model_version: String,
+    /// Device to run on.
+    #[arg(long, env = "TANDEM_DEVICE", value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// With --device cuda: run on the CPU when no usable GPU exists instead of failing.
+    #[arg(long, env = "TANDEM_ALLOW_CPU_FALLBACK")]
+    pub allow_cpu_fallback: bool,
+    /// Most rows in one engine batch.
+    #[arg(long, env = "TANDEM_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: usize,
+    /// Longest wait (ms) for a batch to fill.
+    #[arg(long, env = "TANDEM_MAX_DELAY_MS", default_value_t = 2.0)]
+    pub max_delay_ms: f64,
+    /// Most requests waiting; beyond it requests get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TANDEM_MAX_QUEUE_DEPTH", default_value_t = 256)]
+    pub max_queue_depth: usize,
+    /// CPU engine threads (default: all cores).
+    #[arg(long, env = "TANDEM_CPU_THREADS")]
+    pub cpu_threads: Option<usize>,
+    /// Datatype advertised for image inputs (the other is accepted as well).
+    #[arg(long, env = "TANDEM_IMAGE_INPUT", value_enum, default_value = "fp32")]
+    pub image_input: ImageInput,
+    /// Where downloaded models and compiled GPU kernels are cached.
+    #[arg(long, env = "TANDEM_MODEL_CACHE_DIR", default_value = "/tmp/tandem-models")]
+    pub model_cache_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "TANDEM_LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    pub listen_address: IpAddr,
+    /// OIP v2 gRPC port.
+    #[arg(long, env = "TANDEM_GRPC_PORT", default_value_t = 8001)]
+    pub grpc_port: u16,
+    /// OIP v2 REST port.
+    #[arg(long, env = "TANDEM_HTTP_PORT", default_value_t = 8000)]
+    pub http_port: u16,
+    /// Prometheus /metrics port.
+    #[arg(long, env = "TANDEM_METRICS_PORT", default_value_t = 9090)]
+    pub metrics_port: u16,
+    /// WorkerControl gRPC port.
+    #[arg(long, env = "TANDEM_CONTROL_PORT", default_value_t = 9091)]
+    pub control_port: u16,
+    /// Longest time to finish in-flight work after SIGTERM.
+    #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_S", default_value_t = 30)]
+    pub drain_timeout_s: u64,
+    /// File that receives the fatal error message (Kubernetes terminationMessagePath).
+    #[arg(long, env = "TANDEM_TERMINATION_LOG", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+    /// Pod name reported in stats.
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+}
 
 /// Runs the inference worker until shutdown.
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("inference role not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tandem-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    let termination_log = args.termination_log.clone();
+    let result = rt.block_on(serve(termination_log, args));
+    if let Err(e) = &result {
+        tracing::error!(error = %format!("{e:#}"), "inference worker failed");
+    }
+    result
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Writes the fatal message where Kubernetes surfaces it in the pod status.
+fn write_termination_message(path: &std::path::Path, msg: &str) {
+    if let Err(e) = std::fs::write(path, msg) {
+        tracing::debug!(path = %path.display(), error = %e, "termination log not written");
+    }
+}
+
+async fn serve(termination_log: PathBuf, args: Args) -> anyhow::Result<()> {
+    let worker = Arc::new(Worker::new(args.model_name.clone(), args.model_version.clone(), args.pod_name.clone()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let servers = start_servers(&args, worker.clone(), stop_rx).await?;
+
+    // Load + warm up on a blocking thread while the servers answer probes.
+    let opts = LoadOptions {
+        device: match args.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+        },
+        allow_cpu_fallback: args.allow_cpu_fallback,
+        cpu_threads: args.cpu_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        image_input: match args.image_input {
+            ImageInput::Fp32 => DataType::Fp32,
+            ImageInput::Uint8 => DataType::Uint8,
+        },
+        sha256: args.model_sha256.clone(),
+        kernel_cache_dir: Some(args.model_cache_dir.join("kernels")),
+    };
+    let loaded = async {
+        let local = model::resolve(&args.model_uri, args.model_sha256.as_deref(), &args.model_cache_dir).await?;
+        tokio::task::spawn_blocking(move || model::load_and_warm_up(&local, &opts))
+            .await
+            .map_err(|e| anyhow::anyhow!("model loading thread failed: {e}"))?
+            .map_err(anyhow::Error::from)
+    };
+    let mut stop_signal = Box::pin(shutdown_signal());
+    let loaded = tokio::select! {
+        l = loaded => l,
+        () = &mut stop_signal => {
+            let _ = stop_tx.send(true);
+            return Ok(());
+        }
+    };
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            let msg = format!("model {} from {}: {e:#}", args.model_name, args.model_uri);
+            write_termination_message(&termination_log, &msg);
+            let _ = stop_tx.send(true);
+            return Err(anyhow::anyhow!(msg));
+        }
+    };
+    if let Some(reason) = &loaded.fallback_reason {
+        tracing::warn!(%reason, "CUDA unusable; running on the CPU (--allow-cpu-fallback)");
+    }
+    tracing::info!(architecture = loaded.architecture.name(), device = %loaded.engine.device(), "model loaded and warmed up");
+    let cfg = BatcherConfig {
+        max_batch_size: args.max_batch_size,
+        max_delay: Duration::from_secs_f64(args.max_delay_ms.max(0.0) / 1e3),
+        max_queue_depth: args.max_queue_depth,
+    };
+    let batch_hist = worker.metrics.batch_size.clone();
+    let observer: tandem_engine::runner::BatchObserver = Box::new(move |rows| batch_hist.observe(rows as f64));
+    let (runner, engine_thread) =
+        Runner::spawn_observed(loaded.engine, cfg, Some(observer)).context("cannot start the engine thread")?;
+    worker.set_ready(runner.clone());
+    tracing::info!(model = %args.model_name, "ready");
+
+    stop_signal.await;
+    tracing::info!("SIGTERM: draining");
+    worker.start_drain();
+    let _ = stop_tx.send(true);
+    let drain = async {
+        for s in servers {
+            let _ = s.await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(args.drain_timeout_s), drain).await.is_err() {
+        tracing::warn!("drain timeout reached with requests still in flight");
+    }
+    runner.close();
+    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn wait_stop(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+async fn start_servers(
+    args: &Args,
+    worker: Arc<Worker>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let addr = |port| SocketAddr::new(args.listen_address, port);
+    let mut tasks = Vec::new();
+
+    let oip = GrpcInferenceServiceServer::new(grpc::Oip(worker.clone()))
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let grpc_listener = tokio::net::TcpListener::bind(addr(args.grpc_port)).await.context("bind gRPC port")?;
+    let s = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(oip)
+            .serve_with_incoming_shutdown(incoming, wait_stop(s))
+            .await
+        {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+
+    let control = WorkerControlServer::new(grpc::Control(worker.clone()));
+    let control_listener = tokio::net::TcpListener::bind(addr(args.control_port)).await.context("bind control port")?;
+    let s = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(control_listener);
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(control)
+            .serve_with_incoming_shutdown(incoming, wait_stop(s))
+            .await
+        {
+            tracing::error!(error = %e, "control server failed");
+        }
+    }));
+
+    let http_listener = tokio::net::TcpListener::bind(addr(args.http_port)).await.context("bind HTTP port")?;
+    let app = rest::router(worker.clone()).layer(axum::extract::DefaultBodyLimit::max(256 << 20));
+    let s = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(http_listener, app).with_graceful_shutdown(wait_stop(s)).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+
+    let metrics_listener = tokio::net::TcpListener::bind(addr(args.metrics_port)).await.context("bind metrics port")?;
+    let w = worker.clone();
+    let metrics_app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let w = w.clone();
+            async move {
+                w.refresh_gauges();
+                ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], w.metrics.encode())
+            }
+        }),
+    );
+    let s = stop;
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(wait_stop(s)).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    }));
+    Ok(tasks)
 }

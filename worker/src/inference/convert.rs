@@ -1,0 +1,315 @@
+//! OIP v2 tensors ↔ engine tensors, checked against the model's spec. Pure.
+//!
+//! Inputs may arrive as `raw_input_contents` (little-endian bytes, the
+//! Tandem and tritonclient default) or as typed `contents`; outputs always
+//! leave as `raw_output_contents`.
+
+use bytes::Bytes;
+use tandem_engine::{DataType, ModelSpec, Tensor, TensorData};
+use tandem_proto::inference::model_infer_response::InferOutputTensor;
+use tandem_proto::inference::{InferTensorContents, ModelInferRequest};
+
+/// A request the model cannot take; the message is for the client.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConvertError {
+    /// A required input is absent.
+    #[error("missing input {0:?}")]
+    MissingInput(String),
+    /// An input the model does not have.
+    #[error("unknown input {0:?}")]
+    UnknownInput(String),
+    /// Wrong datatype.
+    #[error("input {name:?} has datatype {got}, expected {expected}")]
+    Datatype {
+        /// Input name.
+        name: String,
+        /// Datatype received.
+        got: String,
+        /// Datatype(s) accepted.
+        expected: String,
+    },
+    /// Wrong shape.
+    #[error("input {name:?} has shape {got:?}, expected {expected:?} (-1 = any)")]
+    Shape {
+        /// Input name.
+        name: String,
+        /// Shape received.
+        got: Vec<i64>,
+        /// Shape accepted.
+        expected: Vec<i64>,
+    },
+    /// Inputs disagree on the batch size or sequence length.
+    #[error("inputs disagree: {0}")]
+    Inconsistent(String),
+    /// Data size does not match shape × datatype.
+    #[error("input {name:?}: expected {expected} elements, got {got}")]
+    Size {
+        /// Input name.
+        name: String,
+        /// Elements the shape needs.
+        expected: usize,
+        /// Elements received.
+        got: usize,
+    },
+    /// Mixed raw and typed contents.
+    #[error("raw_input_contents must hold one entry per input ({expected}), got {got}")]
+    RawCount {
+        /// Inputs in the request.
+        expected: usize,
+        /// Raw buffers received.
+        got: usize,
+    },
+    /// An empty batch.
+    #[error("input {0:?} has no rows")]
+    Empty(String),
+}
+
+/// The typed data of one input before shape checks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawInput {
+    /// Tensor name.
+    pub name: String,
+    /// OIP datatype name.
+    pub datatype: String,
+    /// Shape as sent.
+    pub shape: Vec<i64>,
+    /// Elements, decoded.
+    pub data: TensorData,
+}
+
+fn decode_raw(name: &str, dtype: DataType, bytes: &[u8]) -> Result<TensorData, ConvertError> {
+    let size = dtype.size();
+    if bytes.len() % size != 0 {
+        return Err(ConvertError::Size { name: name.into(), expected: bytes.len() / size + 1, got: bytes.len() / size });
+    }
+    Ok(match dtype {
+        DataType::Fp32 => TensorData::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        DataType::Int64 => TensorData::I64(
+            bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect(),
+        ),
+        DataType::Uint8 => TensorData::U8(bytes.to_vec()),
+    })
+}
+
+fn decode_typed(name: &str, dtype: DataType, c: &InferTensorContents) -> Result<TensorData, ConvertError> {
+    let out = match dtype {
+        DataType::Fp32 => TensorData::F32(c.fp32_contents.clone()),
+        DataType::Int64 => TensorData::I64(c.int64_contents.clone()),
+        // OIP carries UINT8 (and other small unsigned types) in uint_contents.
+        DataType::Uint8 => TensorData::U8(
+            c.uint_contents
+                .iter()
+                .map(|v| u8::try_from(*v).map_err(|_| ConvertError::Inconsistent(format!("input {name:?}: UINT8 value {v} > 255"))))
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    Ok(out)
+}
+
+/// Decodes a request's inputs (raw or typed) without checking them against a model.
+pub fn decode_inputs(req: &ModelInferRequest) -> Result<Vec<RawInput>, ConvertError> {
+    let raw = &req.raw_input_contents;
+    if !raw.is_empty() && raw.len() != req.inputs.len() {
+        return Err(ConvertError::RawCount { expected: req.inputs.len(), got: raw.len() });
+    }
+    req.inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            let dtype = DataType::parse(&input.datatype).ok_or_else(|| ConvertError::Datatype {
+                name: input.name.clone(),
+                got: input.datatype.clone(),
+                expected: "FP32, INT64 or UINT8".into(),
+            })?;
+            let data = match raw.get(i) {
+                Some(bytes) => decode_raw(&input.name, dtype, bytes)?,
+                None => decode_typed(&input.name, dtype, &input.contents.clone().unwrap_or_default())?,
+            };
+            Ok(RawInput { name: input.name.clone(), datatype: input.datatype.clone(), shape: input.shape.clone(), data })
+        })
+        .collect()
+}
+
+/// Orders and checks decoded inputs against `spec`. A sequence model's
+/// `token_type_ids` may be left out (zeros are used, as BERT tokenizers produce
+/// for single sentences).
+pub fn to_engine_inputs(spec: &ModelSpec, mut inputs: Vec<RawInput>) -> Result<Vec<Tensor>, ConvertError> {
+    if let Some(extra) = inputs.iter().find(|i| spec.input(&i.name).is_none()) {
+        return Err(ConvertError::UnknownInput(extra.name.clone()));
+    }
+    let mut out = Vec::with_capacity(spec.inputs.len());
+    let mut first_shape: Option<Vec<usize>> = None;
+    for s in &spec.inputs {
+        let pos = inputs.iter().position(|i| i.name == s.name);
+        let input = match pos {
+            Some(p) => inputs.swap_remove(p),
+            None if s.name == "token_type_ids" => {
+                let Some(shape) = &first_shape else {
+                    return Err(ConvertError::MissingInput(s.name.clone()));
+                };
+                out.push(Tensor::i64(shape.clone(), vec![0; shape.iter().product()]));
+                continue;
+            }
+            None => return Err(ConvertError::MissingInput(s.name.clone())),
+        };
+        let dtype = input.data.dtype();
+        if !spec.accepts_dtype(&s.name, dtype) {
+            return Err(ConvertError::Datatype {
+                name: s.name.clone(),
+                got: input.datatype,
+                expected: s.datatype.as_str().into(),
+            });
+        }
+        if input.shape.iter().any(|d| *d < 0) || !s.accepts_shape(&input.shape.iter().map(|d| *d as usize).collect::<Vec<_>>()) {
+            return Err(ConvertError::Shape { name: s.name.clone(), got: input.shape, expected: s.dims.clone() });
+        }
+        let shape: Vec<usize> = input.shape.iter().map(|d| *d as usize).collect();
+        let numel: usize = shape.iter().product();
+        if numel != input.data.len() {
+            return Err(ConvertError::Size { name: s.name.clone(), expected: numel, got: input.data.len() });
+        }
+        if shape.first() == Some(&0) {
+            return Err(ConvertError::Empty(s.name.clone()));
+        }
+        match &first_shape {
+            Some(f) if *f != shape => {
+                return Err(ConvertError::Inconsistent(format!("{} has shape {shape:?}, {} has {f:?}", s.name, spec.inputs[0].name)));
+            }
+            Some(_) => {}
+            None => first_shape = Some(shape.clone()),
+        }
+        out.push(Tensor { shape, data: input.data });
+    }
+    Ok(out)
+}
+
+/// Little-endian bytes of an FP32 tensor.
+pub fn f32_bytes(t: &Tensor) -> Bytes {
+    match &t.data {
+        TensorData::F32(v) => {
+            let mut b = Vec::with_capacity(v.len() * 4);
+            for x in v {
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            Bytes::from(b)
+        }
+        TensorData::I64(v) => Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
+        TensorData::U8(v) => Bytes::from(v.clone()),
+    }
+}
+
+/// Output tensors (metadata + raw contents), in spec order, filtered to
+/// `requested` names when the client asked for specific outputs.
+pub fn to_outputs(spec: &ModelSpec, outputs: &[Tensor], requested: &[String]) -> (Vec<InferOutputTensor>, Vec<Bytes>) {
+    let mut meta = Vec::new();
+    let mut raw = Vec::new();
+    for (s, t) in spec.outputs.iter().zip(outputs) {
+        if !requested.is_empty() && !requested.contains(&s.name) {
+            continue;
+        }
+        meta.push(InferOutputTensor {
+            name: s.name.clone(),
+            datatype: t.dtype().as_str().into(),
+            shape: t.shape.iter().map(|d| *d as i64).collect(),
+            ..Default::default()
+        });
+        raw.push(f32_bytes(t));
+    }
+    (meta, raw)
+}
+
+/// Builds an input tensor message (tests).
+#[cfg(test)]
+pub fn input_message(name: &str, datatype: &str, shape: &[i64]) -> tandem_proto::inference::model_infer_request::InferInputTensor {
+    tandem_proto::inference::model_infer_request::InferInputTensor { name: name.into(), datatype: datatype.into(), shape: shape.to_vec(), ..Default::default() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_engine::spec::{InputKind, TensorSpec};
+
+    fn bert_spec() -> ModelSpec {
+        ModelSpec {
+            inputs: ["input_ids", "attention_mask", "token_type_ids"]
+                .iter()
+                .map(|n| TensorSpec::new(n, DataType::Int64, &[-1, -1]))
+                .collect(),
+            outputs: vec![TensorSpec::new("embedding", DataType::Fp32, &[-1, 384])],
+            kind: InputKind::Sequence,
+            also_accepts: vec![],
+        }
+    }
+
+    fn i64_raw(v: &[i64]) -> Bytes {
+        Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+
+    #[test]
+    fn raw_int64_inputs_decode_little_endian_and_missing_token_types_become_zeros() {
+        let req = ModelInferRequest {
+            inputs: vec![input_message("attention_mask", "INT64", &[1, 2]), input_message("input_ids", "INT64", &[1, 2])],
+            raw_input_contents: vec![i64_raw(&[1, 1]), i64_raw(&[101, 102])],
+            ..Default::default()
+        };
+        let t = to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap();
+        assert_eq!(t[0], Tensor::i64(vec![1, 2], vec![101, 102]));
+        assert_eq!(t[1], Tensor::i64(vec![1, 2], vec![1, 1]));
+        assert_eq!(t[2], Tensor::i64(vec![1, 2], vec![0, 0]));
+    }
+
+    #[test]
+    fn typed_contents_are_accepted_too() {
+        let mut ids = input_message("input_ids", "INT64", &[1, 1]);
+        ids.contents = Some(InferTensorContents { int64_contents: vec![7], ..Default::default() });
+        let mut mask = input_message("attention_mask", "INT64", &[1, 1]);
+        mask.contents = Some(InferTensorContents { int64_contents: vec![1], ..Default::default() });
+        let req = ModelInferRequest { inputs: vec![ids, mask], ..Default::default() };
+        let t = to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap();
+        assert_eq!(t[0], Tensor::i64(vec![1, 1], vec![7]));
+    }
+
+    #[test]
+    fn a_wrong_datatype_names_the_input_and_the_expected_type() {
+        let req = ModelInferRequest {
+            inputs: vec![input_message("input_ids", "FP32", &[1, 1])],
+            raw_input_contents: vec![Bytes::from(vec![0u8; 4])],
+            ..Default::default()
+        };
+        let err = to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap_err();
+        assert_eq!(err.to_string(), "input \"input_ids\" has datatype FP32, expected INT64");
+    }
+
+    #[test]
+    fn a_size_that_does_not_match_the_shape_is_refused() {
+        let req = ModelInferRequest {
+            inputs: vec![input_message("input_ids", "INT64", &[1, 3]), input_message("attention_mask", "INT64", &[1, 3])],
+            raw_input_contents: vec![i64_raw(&[1, 2]), i64_raw(&[1, 1, 1])],
+            ..Default::default()
+        };
+        assert!(matches!(to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()), Err(ConvertError::Size { .. })));
+    }
+
+    #[test]
+    fn inputs_with_different_shapes_are_inconsistent() {
+        let req = ModelInferRequest {
+            inputs: vec![input_message("input_ids", "INT64", &[1, 2]), input_message("attention_mask", "INT64", &[2, 1])],
+            raw_input_contents: vec![i64_raw(&[1, 2]), i64_raw(&[1, 1])],
+            ..Default::default()
+        };
+        assert!(matches!(to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()), Err(ConvertError::Inconsistent(_))));
+    }
+
+    #[test]
+    fn unknown_inputs_are_refused() {
+        let req = ModelInferRequest {
+            inputs: vec![input_message("pixels", "INT64", &[1, 1])],
+            raw_input_contents: vec![i64_raw(&[1])],
+            ..Default::default()
+        };
+        assert_eq!(
+            to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap_err(),
+            ConvertError::UnknownInput("pixels".into())
+        );
+    }
+}

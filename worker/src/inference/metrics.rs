@@ -1,0 +1,74 @@
+//! The inference role's Prometheus metrics: one registry, names as constants,
+//! low-cardinality labels only.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+const REQUESTS: &str = "tandem_inference_requests";
+const LATENCY: &str = "tandem_inference_request_duration_seconds";
+const BATCH_SIZE: &str = "tandem_inference_batch_size";
+const QUEUE_DEPTH: &str = "tandem_inference_queue_depth";
+const IN_FLIGHT: &str = "tandem_inference_in_flight";
+const READY: &str = "tandem_inference_model_ready";
+
+/// Outcome label of a request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `ok`, `invalid`, `rejected`, `error`.
+    pub outcome: &'static str,
+}
+
+/// All metrics of the inference role.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by outcome.
+    pub requests: Family<OutcomeLabel, Counter>,
+    /// End-to-end ModelInfer latency.
+    pub latency: Histogram,
+    /// Rows per request that reached the engine (batch composition is in GetStats).
+    pub batch_size: Histogram,
+    /// Requests waiting in the batcher.
+    pub queue_depth: Gauge,
+    /// Requests in the running batch.
+    pub in_flight: Gauge,
+    /// 1 once the model is loaded and warmed up.
+    pub ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<OutcomeLabel, Counter>::default();
+        let latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        let queue_depth = Gauge::default();
+        let in_flight = Gauge::default();
+        let ready = Gauge::default();
+        registry.register(REQUESTS, "Inference requests by outcome", requests.clone());
+        registry.register(LATENCY, "ModelInfer latency in seconds", latency.clone());
+        registry.register(BATCH_SIZE, "Rows of each batch run by the engine", batch_size.clone());
+        registry.register(QUEUE_DEPTH, "Requests waiting in the batcher", queue_depth.clone());
+        registry.register(IN_FLIGHT, "Requests in the batch being run", in_flight.clone());
+        registry.register(READY, "1 when the model is loaded and warmed up", ready.clone());
+        Self { registry, requests, latency, batch_size, queue_depth, in_flight, ready }
+    }
+
+    /// Text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
