@@ -127,7 +127,8 @@ impl Manager {
             watcher::Event::InitDone => {
                 let seen = self.init.remove(node).unwrap_or_default();
                 let pods = &self.pods;
-                self.done.retain(|uid| seen.contains(uid) || pods.contains_key(uid));
+                self.done
+                    .retain(|uid| seen.contains(uid) || pods.contains_key(uid));
                 // Pods of this node that vanished while the watch was down.
                 let gone: Vec<String> = self
                     .pods

@@ -30,7 +30,14 @@ pub async fn run(args: &CleanupArgs) -> anyhow::Result<()> {
     let mut dirs: Vec<PathBuf> = load_mountpoints(&args.state_dir).into_iter().collect();
     // Deepest first; only what is empty (it always is on the host: mounts live in pod namespaces).
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    let in_use = mount_points_in_use();
     for d in dirs {
+        let canonical = std::fs::canonicalize(&d).unwrap_or_else(|_| d.clone());
+        if in_use.iter().any(|m| m.starts_with(&canonical)) {
+            // Another agent's pod still mounts something here: removing it would detach that.
+            tracing::info!(path = %d.display(), "mount point still in use elsewhere; kept");
+            continue;
+        }
         let r = if d.is_dir() {
             std::fs::remove_dir(&d)
         } else {
@@ -47,6 +54,35 @@ pub async fn run(args: &CleanupArgs) -> anyhow::Result<()> {
     ip.delete_bridge(&args.bridge).await?;
     tracing::info!(bridge = %args.bridge, "cleanup done");
     Ok(())
+}
+
+/// Mount points of every mount namespace on the host (from `/proc/*/mountinfo`).
+fn mount_points_in_use() -> std::collections::BTreeSet<PathBuf> {
+    let mut seen_ns = std::collections::BTreeSet::new();
+    let mut out = std::collections::BTreeSet::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let pid = e.file_name();
+        if !pid.to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(ns) = std::fs::read_link(e.path().join("ns/mnt")) else {
+            continue;
+        };
+        if !seen_ns.insert(ns) {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(e.path().join("mountinfo")) {
+            out.extend(
+                text.lines()
+                    .filter_map(|l| l.split(' ').nth(4))
+                    .map(PathBuf::from),
+            );
+        }
+    }
+    out
 }
 
 fn pod_metas(state_dir: &Path) -> Vec<(PathBuf, PodMeta)> {

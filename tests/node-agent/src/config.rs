@@ -113,7 +113,8 @@ impl AgentConfig {
 
     /// Log file of a container.
     pub fn log_file(&self, namespace: &str, pod: &str, container: &str) -> PathBuf {
-        self.log_dir().join(format!("{namespace}_{pod}_{container}.log"))
+        self.log_dir()
+            .join(format!("{namespace}_{pod}_{container}.log"))
     }
 }
 

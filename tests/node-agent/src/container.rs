@@ -128,10 +128,19 @@ impl ContainerCtx {
         tracing::warn!(%netns, "pod network namespace vanished; recreating it");
         let uid = self.pod.metadata.uid.clone().unwrap_or_default();
         let ip: Ipv4Addr = self.facts.pod_ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
-        self.ctx.ip.ensure_bridge(&cfg.args.bridge, &cfg.args.bridge_address).await?;
         self.ctx
             .ip
-            .setup_pod(&crate::net::PodNetNames::for_uid(&uid), &cfg.args.bridge, ip, cfg.subnet.prefix, cfg.subnet.gateway)
+            .ensure_bridge(&cfg.args.bridge, &cfg.args.bridge_address)
+            .await?;
+        self.ctx
+            .ip
+            .setup_pod(
+                &crate::net::PodNetNames::for_uid(&uid),
+                &cfg.args.bridge,
+                ip,
+                cfg.subnet.prefix,
+                cfg.subnet.gateway,
+            )
             .await
     }
 
@@ -151,9 +160,13 @@ impl ContainerCtx {
                 true,
             ));
         }
-        self.repair_sandbox()
-            .await
-            .map_err(|e| ("CreateContainerError", format!("recreating the pod network namespace: {e}"), true))?;
+        self.repair_sandbox().await.map_err(|e| {
+            (
+                "CreateContainerError",
+                format!("recreating the pod network namespace: {e}"),
+                true,
+            )
+        })?;
         let ns = self.pod.metadata.namespace.as_deref().unwrap_or("default");
         let (cms, secrets) = referenced_sources(&self.container);
         let sources = self
@@ -411,7 +424,9 @@ impl ContainerCtx {
 }
 
 fn reason_is_probe(message: &Option<String>) -> bool {
-    message.as_deref().is_some_and(|m| m.starts_with(PROBE_KILL_PREFIX))
+    message
+        .as_deref()
+        .is_some_and(|m| m.starts_with(PROBE_KILL_PREFIX))
 }
 
 /// Start of the termination message of a container killed by a failing probe.

@@ -69,7 +69,9 @@ pub fn node_object(name: &str) -> serde_json::Value {
 }
 
 fn read_trimmed(path: &str) -> String {
-    std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// The Node status at `now`: Ready, capacity, addresses.

@@ -63,6 +63,10 @@ pub fn spawn(ctx: Arc<Ctx>, pod: Pod) -> PodHandle {
     }
 }
 
+/// Where every container sees the agent-written service account dir (token, ca.crt,
+/// namespace, kubeconfig); `KUBECONFIG` points into it.
+pub const SA_MOUNT: &str = "/var/run/secrets/tandem-node-agent";
+
 /// Marker file (in the pod dir) with the pod's identity, read by `cleanup` and at start.
 pub const META_FILE: &str = "meta.json";
 
@@ -126,6 +130,7 @@ struct Sandbox {
     netns: Option<String>,
     volumes: BTreeMap<String, PathBuf>,
     token_files: Vec<(PathBuf, Option<String>, i64)>,
+    /// The service account dir (token, ca.crt, namespace, kubeconfig), bound at [`SA_MOUNT`].
     kubeconfig: Option<PathBuf>,
 }
 
@@ -247,7 +252,6 @@ impl PodTask {
             state: state.clone(),
             pod: Arc::new(pod.clone()),
             sandbox: &sandbox,
-            pod_dir: &pod_dir,
         };
 
         // Init containers, one after the other.
@@ -487,15 +491,18 @@ async fn setup(
         std::fs::write(&nsf, ns.as_bytes()).map_err(|e| io(&nsf, e))?;
         let token_path = sa_dir.join("token");
         token_files.push((token_path.clone(), None, 3600));
-        let kc = pod_dir.join("kubeconfig");
+        // The process sees this dir at SA_MOUNT (a bind mount), so the kubeconfig names
+        // in-container paths: the pod dir itself may not be reachable for runAsUser.
+        let mounted = Path::new(SA_MOUNT);
+        let kc = sa_dir.join("kubeconfig");
         let text = token::kubeconfig(
             &cfg.args.api_server_for_pods,
-            &ca.to_string_lossy(),
-            &token_path.to_string_lossy(),
+            &mounted.join("ca.crt").to_string_lossy(),
+            &mounted.join("token").to_string_lossy(),
             &ns,
         );
         std::fs::write(&kc, text).map_err(|e| io(&kc, e))?;
-        kubeconfig = Some(kc);
+        kubeconfig = Some(sa_dir);
     }
     if !token_files.is_empty() {
         write_tokens(ctx, &pod_ref(pod), &token_files).await?;
@@ -534,7 +541,6 @@ struct ContainerBase<'a> {
     state: Arc<PodState>,
     pod: Arc<Pod>,
     sandbox: &'a Sandbox,
-    pod_dir: &'a Path,
 }
 
 impl ContainerBase<'_> {
@@ -566,15 +572,20 @@ impl ContainerBase<'_> {
             "KUBERNETES_SERVICE_PORT_HTTPS".to_owned(),
             cfg.api_port.to_string(),
         ));
-        if let Some(kc) = &self.sandbox.kubeconfig {
-            base_env.push(("KUBECONFIG".to_owned(), kc.to_string_lossy().into_owned()));
+        let mut binds = Vec::new();
+        if let Some(sa_dir) = &self.sandbox.kubeconfig {
+            base_env.push(("KUBECONFIG".to_owned(), format!("{SA_MOUNT}/kubeconfig")));
+            binds.push(Bind {
+                source: sa_dir.clone(),
+                target: PathBuf::from(SA_MOUNT),
+                read_only: true,
+            });
         }
         base_env.push((
             POD_UID_ENV.to_owned(),
             pod.metadata.uid.clone().unwrap_or_default(),
         ));
 
-        let mut binds = Vec::new();
         for m in container.volume_mounts.iter().flatten() {
             let Some(root) = self.sandbox.volumes.get(&m.name) else {
                 tracing::warn!(volume = %m.name, "volumeMount names an unknown volume; skipped");
@@ -591,18 +602,13 @@ impl ContainerBase<'_> {
             });
         }
         let user = container_user(pod, &container);
+        // Like an image without WORKDIR: `/` unless the container says otherwise.
         let workdir = container
             .working_dir
             .clone()
             .filter(|w| !w.is_empty())
             .map(PathBuf::from)
-            .unwrap_or_else(|| self.pod_dir.join("work"));
-        if let Err(e) = std::fs::create_dir_all(self.pod_dir.join("work")) {
-            tracing::warn!(error = %e, "creating work dir");
-        }
-        if let (Some(u), g) = user {
-            chown_tree(&self.pod_dir.join("work"), (u, g.unwrap_or(u)));
-        }
+            .unwrap_or_else(|| PathBuf::from("/"));
         ContainerCtx {
             ctx: self.ctx.clone(),
             state: self.state.clone(),
