@@ -574,9 +574,13 @@ async fn write_status(
         return Ok(());
     };
     let api: Api<InferencePipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    // The resourceVersion makes the write conditional: if anyone changed the object since it
+    // was read (a user clearing a field, the rollout machine), the apply fails with 409 and the
+    // next reconcile starts from fresh state instead of writing stale status back.
     let body = serde_json::json!({
         "apiVersion": "tandem.dev/v1alpha1",
         "kind": "InferencePipeline",
+        "metadata": { "resourceVersion": p.resource_version() },
         "status": next,
     });
     api.patch_status(

@@ -1,0 +1,797 @@
+//! Tier 3: the operator, run as a local process with the admin kubeconfig, against the real
+//! API server: examples become exactly the expected objects, a second reconcile changes
+//! nothing, spec edits flow through, a deleted Deployment comes back, a retired color is
+//! deleted, and deleting the pipeline lets the garbage collector remove everything it owned.
+//! Each test uses its own namespace and its own operator (watching only that namespace).
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tandem_e2e::{Cluster, http_get, wait_until};
+
+// ---- private helpers (this file's own; tests/e2e/src/lib.rs belongs to the lead) ----
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn ensure_crd(cluster: &Cluster) {
+    let crd = repo_root().join("crds/inferencepipelines.tandem.dev.yaml");
+    let crd = crd.to_str().expect("utf-8 path");
+    cluster
+        .kubectl_ok([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=tandem-e2e",
+            "-f",
+            crd,
+        ])
+        .expect("applying the CRD");
+    cluster
+        .kubectl_ok([
+            "wait",
+            "--for=condition=Established",
+            "crd/inferencepipelines.tandem.dev",
+            "--timeout=60s",
+        ])
+        .expect("CRD established");
+}
+
+/// Builds `tandem-operator` once per test binary and returns its path.
+fn operator_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "tandem-operator", "--bin", "tandem-operator"])
+            .current_dir(repo_root())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building tandem-operator failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target"));
+        let bin = target.join("debug/tandem-operator");
+        assert!(bin.exists(), "{} missing after cargo build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A `tandem-operator run` process watching one namespace; killed on drop.
+struct Operator {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn start(cluster: &Cluster, ns: &str, identity: &str) -> Operator {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let log = std::env::temp_dir().join(format!("tandem-operator-{ns}-{identity}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(operator_binary())
+            .args([
+                "run",
+                "--namespace",
+                ns,
+                "--lease-namespace",
+                ns,
+                "--lease-duration",
+                "4s",
+            ])
+            .args(["--identity", identity, "--log-format", "text"])
+            .arg(format!("--metrics-addr={addr}"))
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info,tandem_operator=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("starting tandem-operator");
+        let op = Operator { child, addr, log };
+        wait_until("the operator's /healthz", Duration::from_secs(30), || {
+            Ok(http_get(op.addr, "/healthz", Duration::from_secs(1))
+                .ok()
+                .filter(|(s, _)| *s == 200)
+                .map(|_| ()))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+        op
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.addr, "/metrics", Duration::from_secs(2))
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    fn is_leader(&self) -> bool {
+        self.metrics()
+            .lines()
+            .any(|l| l.trim() == "tandem_operator_leader 1")
+    }
+
+    fn successes(&self) -> u64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("tandem_operator_reconcile_total{outcome=\"Success\"} "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn terminate(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let code = wait_until("the operator to exit", Duration::from_secs(30), || {
+            Ok(self.child.try_wait()?)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.log_tail()));
+        assert!(
+            code.success(),
+            "operator exited with {code}\n{}",
+            self.log_tail()
+        );
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- operator log ({}) ---\n{}",
+            self.log.display(),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn example(name: &str) -> String {
+    std::fs::read_to_string(repo_root().join("docs/examples").join(name)).expect("example")
+}
+
+fn get(cluster: &Cluster, ns: &str, what: &str) -> Value {
+    cluster
+        .get_json(&[what, "-n", ns])
+        .unwrap_or_else(|e| panic!("get {what}: {e:#}"))
+}
+
+fn names(list: &Value) -> Vec<String> {
+    let mut n: Vec<String> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    n.sort();
+    n
+}
+
+/// Owned objects of one pipeline, by kind, name → resourceVersion.
+fn owned_versions(cluster: &Cluster, ns: &str, pipeline: &str) -> BTreeMap<String, String> {
+    let selector = format!(
+        "app.kubernetes.io/instance={pipeline},app.kubernetes.io/managed-by=tandem-operator"
+    );
+    let list = cluster
+        .get_json(&[
+            "deployments,services,configmaps,serviceaccounts,poddisruptionbudgets",
+            "-n",
+            ns,
+            "-l",
+            &selector,
+        ])
+        .expect("list owned");
+    list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            (
+                format!(
+                    "{}/{}",
+                    i["kind"].as_str().unwrap_or(""),
+                    i["metadata"]["name"].as_str().unwrap_or("")
+                ),
+                i["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn wait_for_status(
+    cluster: &Cluster,
+    ns: &str,
+    name: &str,
+    op: &Operator,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    wait_until(what, Duration::from_secs(60), || {
+        let p = cluster.get_json(&["ipl", name, "-n", ns])?;
+        Ok(pred(&p).then_some(p))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()))
+}
+
+fn condition<'a>(p: &'a Value, type_: &str) -> &'a Value {
+    p["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .unwrap_or(&Value::Null)
+}
+
+fn container<'a>(deployment: &'a Value) -> &'a Value {
+    &deployment["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn deployment(cluster: &Cluster, ns: &str, name: &str) -> Value {
+    cluster
+        .get_json(&["deployment", name, "-n", ns])
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// A pipeline no node can run (absurd CPU request, and a GPU): its pods stay Pending, so
+/// nothing but the operator changes its objects.
+const UNSCHEDULABLE: &str = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: InferencePipeline
+metadata: {name: parked}
+spec:
+  preprocess:
+    text: {tokenizer: "file:///var/lib/tandem/models/minilm/tokenizer.json"}
+    replicas: {min: 1, max: 4}
+    resources: {requests: {cpu: "1000", memory: 64Mi}}
+  inference:
+    model: {name: minilm, version: "1", uri: "file:///var/lib/tandem/models/minilm/model.safetensors",
+            sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"}
+    device: CUDA
+    replicas: {min: 1, max: 4}
+    resources: {requests: {cpu: "1000", memory: 64Mi}}
+"#;
+
+// ---- tests ----
+
+#[test]
+fn each_example_becomes_exactly_the_expected_objects_with_the_expected_fields() {
+    let cluster = Cluster::connect();
+    ensure_crd(&cluster);
+    let ns = cluster.namespace("op-objects").expect("namespace");
+    let ns = ns.name();
+    let op = Operator::start(&cluster, ns, "a");
+    for file in [
+        "minilm-text-embedding.yaml",
+        "efficientnet-image-classification.yaml",
+    ] {
+        let out = cluster
+            .kubectl_stdin(&["apply", "-n", ns], &example(file))
+            .expect("kubectl");
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let expected_deployments = [
+        "efficientnet-inference-blue",
+        "efficientnet-preprocess",
+        "minilm-inference-blue",
+        "minilm-preprocess",
+    ];
+    wait_until(
+        "both pipelines' Deployments",
+        Duration::from_secs(60),
+        || Ok((names(&get(&cluster, ns, "deployments")) == expected_deployments).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+
+    // Exactly the expected objects.
+    assert_eq!(
+        names(&get(&cluster, ns, "poddisruptionbudgets")),
+        expected_deployments
+    );
+    assert_eq!(
+        names(&get(&cluster, ns, "services")),
+        ["efficientnet", "minilm"]
+    );
+    let cms = names(&get(&cluster, ns, "configmaps"));
+    assert_eq!(
+        cms.iter()
+            .filter(|n| *n != "kube-root-ca.crt")
+            .collect::<Vec<_>>(),
+        ["efficientnet-config", "minilm-config"]
+    );
+    let sas = names(&get(&cluster, ns, "serviceaccounts"));
+    assert_eq!(sas, ["default", "efficientnet-worker", "minilm-worker"]);
+
+    // Labels and owner references on everything owned.
+    let uid =
+        cluster.get_json(&["ipl", "minilm", "-n", ns]).expect("ipl")["metadata"]["uid"].clone();
+    let owned = cluster
+        .get_json(&[
+            "deployments,services,configmaps,serviceaccounts,poddisruptionbudgets",
+            "-n",
+            ns,
+            "-l",
+            "app.kubernetes.io/instance=minilm",
+        ])
+        .expect("list");
+    let owned = owned["items"].as_array().expect("items");
+    assert_eq!(
+        owned.len(),
+        7,
+        "SA, ConfigMap, Service, 2 Deployments, 2 PDBs"
+    );
+    for o in owned {
+        let l = &o["metadata"]["labels"];
+        assert_eq!(l["app.kubernetes.io/name"], "tandem-worker");
+        assert_eq!(l["app.kubernetes.io/managed-by"], "tandem-operator");
+        let owners = o["metadata"]["ownerReferences"]
+            .as_array()
+            .expect("owner refs");
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0]["kind"], "InferencePipeline");
+        assert_eq!(owners[0]["uid"], uid);
+        assert_eq!(owners[0]["controller"], true);
+    }
+
+    // Fields that matter.
+    let sa = cluster
+        .get_json(&["serviceaccount", "minilm-worker", "-n", ns])
+        .expect("sa");
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    let svc = cluster
+        .get_json(&["service", "minilm", "-n", ns])
+        .expect("svc");
+    let ports: Vec<(String, i64)> = svc["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or("").to_owned(),
+                p["port"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [("grpc".to_owned(), 8001), ("http".to_owned(), 8000)]
+    );
+    assert_eq!(
+        svc["spec"]["selector"]["app.kubernetes.io/component"],
+        "preprocess"
+    );
+    let cm = cluster
+        .get_json(&["configmap", "minilm-config", "-n", ns])
+        .expect("cm");
+    let yaml = cm["data"]["pipeline.yaml"].as_str().expect("pipeline.yaml");
+    assert!(
+        yaml.starts_with("pipeline: minilm\n") && yaml.contains("kind: Embedding"),
+        "{yaml}"
+    );
+
+    let pre = deployment(&cluster, ns, "minilm-preprocess");
+    let c = container(&pre);
+    assert_eq!(
+        c["args"],
+        json!(["preprocess", "--config", "/etc/tandem/pipeline.yaml"])
+    );
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/v2/health/ready");
+    let pod = &pre["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(pod["serviceAccountName"], "minilm-worker");
+
+    let minilm_inf = deployment(&cluster, ns, "minilm-inference-blue");
+    assert_eq!(minilm_inf["metadata"]["labels"]["tandem.dev/color"], "blue");
+    let args = container(&minilm_inf)["args"]
+        .as_array()
+        .expect("args")
+        .clone();
+    assert!(
+        args.windows(2).any(|w| w[0] == "--device" && w[1] == "cpu"),
+        "{args:?}"
+    );
+    assert!(
+        container(&minilm_inf)["resources"]["limits"]
+            .get("nvidia.com/gpu")
+            .is_none()
+    );
+    let effnet_inf = deployment(&cluster, ns, "efficientnet-inference-blue");
+    assert_eq!(
+        container(&effnet_inf)["resources"]["limits"]["nvidia.com/gpu"],
+        "1"
+    );
+    assert_eq!(
+        container(&effnet_inf)["resources"]["requests"]["nvidia.com/gpu"],
+        "1"
+    );
+
+    // Status: observedGeneration, conditions, summary, printer columns.
+    let p = wait_for_status(&cluster, ns, "minilm", &op, "minilm status", |p| {
+        p["status"]["observedGeneration"] == p["metadata"]["generation"]
+            && p["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| c.len() == 3)
+    });
+    assert_eq!(p["status"]["activeColor"], "blue");
+    assert_eq!(p["status"]["summary"]["model"], "minilm:1");
+    for t in ["Ready", "Progressing", "Degraded"] {
+        let c = condition(&p, t);
+        assert!(
+            c["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{t}: {c}"
+        );
+        assert!(
+            c["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{t}: {c}"
+        );
+    }
+    let table = cluster
+        .kubectl_ok(["get", "ipl", "-n", ns])
+        .expect("kubectl get ipl");
+    let header = table.lines().next().unwrap_or_default();
+    for col in [
+        "NAME",
+        "MODEL",
+        "ACTIVE",
+        "TRAFFIC",
+        "PREPROCESS",
+        "INFERENCE",
+        "QUEUE",
+        "PHASE",
+        "AGE",
+    ] {
+        assert!(header.contains(col), "missing column {col}: {header}");
+    }
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("minilm "))
+        .unwrap_or_default();
+    assert!(
+        row.contains("minilm:1") && row.contains("blue 100%"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_second_reconcile_changes_nothing_and_spec_edits_flow_through() {
+    let cluster = Cluster::connect();
+    ensure_crd(&cluster);
+    let ns = cluster.namespace("op-idem").expect("namespace");
+    let ns = ns.name();
+    let op = Operator::start(&cluster, ns, "a");
+    cluster
+        .kubectl_stdin(&["apply", "-n", ns], UNSCHEDULABLE)
+        .expect("apply");
+
+    // The status says why nothing runs.
+    let p = wait_for_status(
+        &cluster,
+        ns,
+        "parked",
+        &op,
+        "a Degraded condition naming the scheduler's reason",
+        |p| {
+            condition(p, "Degraded")["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Insufficient"))
+        },
+    );
+    assert_eq!(condition(&p, "Degraded")["status"], "True");
+    assert_eq!(condition(&p, "Degraded")["reason"], "PodsUnschedulable");
+    assert_eq!(p["status"]["phase"], "Degraded");
+    let message = condition(&p, "Ready")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.starts_with("0/1 inference pods ready: ") && message.contains("Insufficient"),
+        "{message}"
+    );
+
+    // Let things settle, then restart the operator: it reconciles everything again.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = owned_versions(&cluster, ns, "parked");
+    let ipl_before =
+        cluster.get_json(&["ipl", "parked", "-n", ns]).expect("ipl")["metadata"]["resourceVersion"]
+            .clone();
+    assert_eq!(before.len(), 7, "{before:?}");
+    op.terminate();
+    let op = Operator::start(&cluster, ns, "b");
+    wait_until(
+        "the new operator to reconcile",
+        Duration::from_secs(60),
+        || Ok((op.successes() >= 1).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        owned_versions(&cluster, ns, "parked"),
+        before,
+        "a second reconcile changed owned objects\n{}",
+        op.log_tail()
+    );
+    let ipl_after =
+        cluster.get_json(&["ipl", "parked", "-n", ns]).expect("ipl")["metadata"]["resourceVersion"]
+            .clone();
+    assert_eq!(ipl_after, ipl_before, "a second reconcile rewrote status");
+
+    // Spec edits: replica bounds, resources and a worker-config field.
+    cluster
+        .kubectl_ok([
+            "patch", "ipl", "parked", "-n", ns, "--type=merge", "-p",
+            r#"{"spec":{"inference":{"replicas":{"min":2,"max":3}},
+                "preprocess":{"maxQueueDepth":77,"resources":{"requests":{"cpu":"999","memory":"96Mi"}}}}}"#,
+        ])
+        .expect("patch");
+    wait_until(
+        "the Deployments and ConfigMap to follow the spec",
+        Duration::from_secs(60),
+        || {
+            let inf = deployment(&cluster, ns, "parked-inference-blue");
+            let pre = deployment(&cluster, ns, "parked-preprocess");
+            let cm = cluster.get_json(&["configmap", "parked-config", "-n", ns])?;
+            Ok((inf["spec"]["replicas"] == 2
+                && container(&pre)["resources"]["requests"]["cpu"] == "999"
+                && container(&pre)["resources"]["requests"]["memory"] == "96Mi"
+                && cm["data"]["pipeline.yaml"]
+                    .as_str()
+                    .is_some_and(|y| y.contains("maxQueueDepth: 77")))
+            .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+    let p = wait_for_status(
+        &cluster,
+        ns,
+        "parked",
+        &op,
+        "status for the new generation",
+        |p| p["status"]["observedGeneration"] == p["metadata"]["generation"],
+    );
+    assert_eq!(p["status"]["inference"]["desiredReplicas"], 2);
+}
+
+#[test]
+fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up() {
+    let cluster = Cluster::connect();
+    ensure_crd(&cluster);
+    let ns = cluster.namespace("op-gc").expect("namespace");
+    let ns = ns.name();
+    let op = Operator::start(&cluster, ns, "a");
+    cluster
+        .kubectl_stdin(&["apply", "-n", ns], UNSCHEDULABLE)
+        .expect("apply");
+    let first = wait_until("the preprocess Deployment", Duration::from_secs(60), || {
+        let out = cluster.kubectl([
+            "get",
+            "deployment",
+            "parked-preprocess",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])?;
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+            .filter(|u| !u.is_empty()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+
+    // Deleted by hand → recreated.
+    cluster
+        .kubectl_ok([
+            "delete",
+            "deployment",
+            "parked-preprocess",
+            "-n",
+            ns,
+            "--wait=false",
+        ])
+        .expect("delete");
+    wait_until(
+        "the Deployment to be recreated",
+        Duration::from_secs(60),
+        || {
+            let out = cluster.kubectl([
+                "get",
+                "deployment",
+                "parked-preprocess",
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ])?;
+            let uid = String::from_utf8_lossy(&out.stdout).into_owned();
+            Ok((out.status.success() && !uid.is_empty() && uid != first).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+
+    // A candidate color recorded in status gets its Deployment; clearing it retires the color.
+    wait_for_status(&cluster, ns, "parked", &op, "first status", |p| {
+        p["status"]["activeColor"] == "blue"
+    });
+    let candidate = r#"{"status":{"rollout":{"candidateColor":"green","trafficPercent":0,
+        "candidateModel":{"name":"minilm","version":"2","uri":"file:///m/model.safetensors",
+        "sha256":"53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"}}}}"#;
+    cluster
+        .kubectl_ok([
+            "patch",
+            "ipl",
+            "parked",
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            candidate,
+        ])
+        .expect("patch status");
+    wait_until("the green Deployment", Duration::from_secs(60), || {
+        Ok(cluster
+            .kubectl(["get", "deployment", "parked-inference-green", "-n", ns])?
+            .status
+            .success()
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+    let green = deployment(&cluster, ns, "parked-inference-green");
+    let args = container(&green)["args"].as_array().expect("args").clone();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--model-version" && w[1] == "2"),
+        "{args:?}"
+    );
+    cluster
+        .kubectl_ok([
+            "patch",
+            "ipl",
+            "parked",
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"rollout":null}}"#,
+        ])
+        .expect("patch status");
+    wait_until(
+        "the retired green Deployment and PDB to go",
+        Duration::from_secs(60),
+        || {
+            let d = cluster.kubectl(["get", "deployment", "parked-inference-green", "-n", ns])?;
+            let p = cluster.kubectl(["get", "pdb", "parked-inference-green", "-n", ns])?;
+            Ok((!d.status.success() && !p.status.success()).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+    assert!(
+        cluster
+            .kubectl(["get", "deployment", "parked-inference-blue", "-n", ns])
+            .expect("kubectl")
+            .status
+            .success()
+    );
+
+    // Deleting the pipeline: the garbage collector removes everything it owned.
+    cluster
+        .kubectl_ok(["delete", "ipl", "parked", "-n", ns])
+        .expect("delete ipl");
+    wait_until(
+        "the garbage collector to remove every owned object",
+        Duration::from_secs(90),
+        || {
+            Ok(owned_versions(&cluster, ns, "parked")
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\nleft: {:?}", owned_versions(&cluster, ns, "parked")));
+}
+
+#[test]
+fn two_operators_elect_one_leader_and_the_other_takes_over_when_it_dies() {
+    let cluster = Cluster::connect();
+    ensure_crd(&cluster);
+    let ns = cluster.namespace("op-leader").expect("namespace");
+    let ns = ns.name();
+    let mut a = Operator::start(&cluster, ns, "a");
+    wait_until("a to lead", Duration::from_secs(30), || {
+        Ok(a.is_leader().then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", a.log_tail()));
+    let b = Operator::start(&cluster, ns, "b");
+    // b stands by: the Lease stays with a for several renewal periods.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            a.is_leader() && !b.is_leader(),
+            "exactly one leader expected\n{}\n{}",
+            a.log_tail(),
+            b.log_tail()
+        );
+    }
+    let holder = cluster
+        .kubectl_ok([
+            "get",
+            "lease",
+            "tandem-operator",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .expect("lease");
+    assert_eq!(holder, "a");
+
+    // Kill the leader hard (no lease release): b takes over once the Lease expires.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    wait_until("b to take over", Duration::from_secs(30), || {
+        Ok(b.is_leader().then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", b.log_tail()));
+    let holder = cluster
+        .kubectl_ok([
+            "get",
+            "lease",
+            "tandem-operator",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .expect("lease");
+    assert_eq!(holder, "b");
+
+    // ...and reconciles.
+    cluster
+        .kubectl_stdin(&["apply", "-n", ns], UNSCHEDULABLE)
+        .expect("apply");
+    wait_until(
+        "b to create the pipeline's Deployments",
+        Duration::from_secs(60),
+        || {
+            Ok((names(&get(&cluster, ns, "deployments"))
+                == ["parked-inference-blue", "parked-preprocess"])
+            .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", b.log_tail()));
+    let mut log = std::io::stderr();
+    let _ = writeln!(log, "leader failover ok");
+}
