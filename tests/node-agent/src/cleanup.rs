@@ -43,10 +43,10 @@ pub async fn run(args: &CleanupArgs) -> anyhow::Result<()> {
         } else {
             std::fs::remove_file(&d)
         };
-        if let Err(e) = r {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %d.display(), error = %e, "leaving mount point in place");
-            }
+        if let Err(e) = r
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %d.display(), error = %e, "leaving mount point in place");
         }
     }
     let _ = std::fs::remove_file(args.state_dir.join(MOUNTPOINTS_FILE));
@@ -91,7 +91,7 @@ fn pod_metas(state_dir: &Path) -> Vec<(PathBuf, PodMeta)> {
     };
     entries
         .flatten()
-        .filter_map(|e| {
+        .map(|e| {
             let dir = e.path();
             let meta = std::fs::read(dir.join(META_FILE))
                 .ok()
@@ -109,7 +109,7 @@ fn pod_metas(state_dir: &Path) -> Vec<(PathBuf, PodMeta)> {
                         uid,
                     }
                 });
-            Some((dir, meta))
+            (dir, meta)
         })
         .collect()
 }

@@ -73,10 +73,10 @@ impl Ctx {
     /// Frees the pod's address.
     pub fn release_ip(&self, uid: &str) {
         let mut a = self.ipam.lock().unwrap_or_else(|p| p.into_inner());
-        if a.release(uid).is_some() {
-            if let Err(e) = a.save(&self.ipam_path()) {
-                tracing::warn!(error = %e, "saving ip allocations");
-            }
+        if a.release(uid).is_some()
+            && let Err(e) = a.save(&self.ipam_path())
+        {
+            tracing::warn!(error = %e, "saving ip allocations");
         }
     }
 

@@ -232,12 +232,12 @@ pub async fn heartbeat_loop(client: kube::Client, cfg: std::sync::Arc<AgentConfi
                 }
                 if let Err(e) = update_status(&client, &cfg, &name, now, ready_since).await {
                     tracing::warn!(error = %e, "node status update failed");
-                    if let NodeError::Status(_, kube::Error::Api(ae)) = &e {
-                        if ae.code == 404 {
-                            // Someone deleted the Node: register it again.
-                            uid = None;
-                            continue;
-                        }
+                    if let NodeError::Status(_, kube::Error::Api(ae)) = &e
+                        && ae.code == 404
+                    {
+                        // Someone deleted the Node: register it again.
+                        uid = None;
+                        continue;
                     }
                 }
             }

@@ -353,10 +353,10 @@ impl PodTask {
         pod_dir: &Path,
         names: Option<&PodNetNames>,
     ) {
-        if let Some(names) = names {
-            if let Err(e) = self.ctx.ip.teardown_pod(names).await {
-                tracing::warn!(error = %e, "tearing down network namespace");
-            }
+        if let Some(names) = names
+            && let Err(e) = self.ctx.ip.teardown_pod(names).await
+        {
+            tracing::warn!(error = %e, "tearing down network namespace");
         }
         if reason == StopReason::Shutdown {
             // The pod still exists; it keeps its address for when the agent comes back.
@@ -701,10 +701,10 @@ fn chown_tree(root: &Path, (uid, gid): (u32, u32)) {
 }
 
 fn remove_dir(dir: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(error = %e, dir = %dir.display(), "removing pod dir");
-        }
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(error = %e, dir = %dir.display(), "removing pod dir");
     }
 }
 

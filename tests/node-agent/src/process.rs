@@ -173,10 +173,10 @@ pub fn exec_container(
         ]) {
             return e;
         }
-        if bind.read_only {
-            if let Err(e) = mount(&["-o", "remount,bind,ro", &bind.target.to_string_lossy()]) {
-                return e;
-            }
+        if bind.read_only
+            && let Err(e) = mount(&["-o", "remount,bind,ro", &bind.target.to_string_lossy()])
+        {
+            return e;
         }
     }
     let Some((program, args)) = argv.split_first() else {
