@@ -8,6 +8,7 @@ pub mod controller;
 pub mod crd;
 pub mod leader;
 pub mod metrics;
+pub mod reference;
 pub mod status;
 pub mod validate;
 

@@ -33,6 +33,8 @@ struct Cli {
 enum Command {
     /// Print the InferencePipeline CRD as YAML.
     Crd,
+    /// Print the CRD reference (Markdown) committed as `docs/crd-reference.md`.
+    CrdReference,
     /// Run the controller (with leader election).
     Run(RunArgs),
 }
@@ -91,6 +93,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Crd => {
             print!("{}", tandem_operator::crd::crd_yaml()?);
+            Ok(())
+        }
+        Command::CrdReference => {
+            print!("{}", tandem_operator::reference::crd_reference()?);
             Ok(())
         }
         Command::Run(args) => {

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use tandem_operator::crd::{InferencePipeline, crd_yaml};
+use tandem_operator::reference::crd_reference;
 use tandem_operator::validate::validate;
 
 fn repo_root() -> PathBuf {
@@ -37,6 +38,15 @@ fn the_charts_crd_equals_the_generated_one_when_the_chart_exists() {
         read(&copy) == crd_yaml().unwrap(),
         "{} is stale; copy crds/inferencepipelines.tandem.dev.yaml there",
         copy.display()
+    );
+}
+
+#[test]
+fn the_committed_crd_reference_equals_the_generated_one() {
+    let committed = read(&repo_root().join("docs/crd-reference.md"));
+    assert!(
+        committed == crd_reference().unwrap(),
+        "docs/crd-reference.md is stale; regenerate with: cargo run -p tandem-operator -- crd-reference > docs/crd-reference.md"
     );
 }
 
