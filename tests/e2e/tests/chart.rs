@@ -238,6 +238,17 @@ fn ensure_crd(cluster: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Values every install on the local cluster adds. The test node agent keeps pod directories
+/// (and the token kubeconfig it writes there) under its state dir, by default below `/root`
+/// (mode 0700), so a pod running as uid 65532 cannot enter its own working directory. Until the
+/// agent places pod directories where any uid can reach them, the operator pods run as the
+/// agent's user here: `runAsNonRoot` stays set (the agent does not enforce it), and the RBAC
+/// under test is the same, since authentication is by ServiceAccount token either way.
+const LOCAL_CLUSTER_SETS: [&str; 2] = [
+    "podSecurityContext.runAsUser=null",
+    "podSecurityContext.runAsGroup=null",
+];
+
 /// A Helm release in one namespace; uninstalled (best effort) on drop so a failed test does not
 /// leave its ClusterRole behind.
 struct Release {
@@ -259,7 +270,7 @@ impl Release {
             "--kubeconfig".into(),
             cluster.kubeconfig().into(),
         ];
-        for s in sets {
+        for s in LOCAL_CLUSTER_SETS.iter().chain(sets) {
             args.push("--set".into());
             args.push(s.into());
         }
@@ -282,7 +293,7 @@ impl Release {
             "--kubeconfig".into(),
             cluster.kubeconfig().into(),
         ];
-        for s in sets {
+        for s in LOCAL_CLUSTER_SETS.iter().chain(sets) {
             args.push("--set".into());
             args.push(s.into());
         }
@@ -331,11 +342,13 @@ fn wait_operator_rolled_out(
     ns: &str,
     replicas: i64,
 ) -> anyhow::Result<Vec<(String, IpAddr)>> {
-    wait_until(
+    let mut last = serde_json::Value::Null;
+    let waited = wait_until(
         "the operator Deployment to be rolled out and Ready",
         Duration::from_secs(180),
         || {
             let d = cluster.get_json(&["deployment", OPERATOR, "-n", ns])?;
+            last = d["status"].clone();
             let st = &d["status"];
             let done = st["observedGeneration"] == d["metadata"]["generation"]
                 && st["updatedReplicas"].as_i64() == Some(replicas)
@@ -367,7 +380,13 @@ fn wait_operator_rolled_out(
             }
             Ok((out.len() as i64 == replicas).then_some(out))
         },
-    )
+    );
+    waited.with_context(|| {
+        let pods = cluster
+            .kubectl_ok(["get", "pods", "-n", ns, "-o", "wide"])
+            .unwrap_or_default();
+        format!("operator Deployment status: {last}\n{pods}")
+    })
 }
 
 /// The pod holding the leader Lease, once it is one of `pods`.
