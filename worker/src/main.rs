@@ -2,8 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+// Re-exported so `crate::common` / `crate::config` resolve inside the binary's
+// own modules (the inference role) as well as in the library.
+use tandem_worker::preprocess;
+pub use tandem_worker::{common, config};
+
 mod inference;
-mod preprocess;
 
 /// Tandem worker: the CPU preprocess stage or the GPU/CPU inference stage.
 #[derive(Debug, Parser)]

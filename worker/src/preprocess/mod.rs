@@ -1,10 +1,197 @@
-//! The preprocess role (placeholder until implemented).
+//! The preprocess role: OIP v2 gRPC + REST for clients, decode/resize/
+//! normalize or tokenize on a bounded CPU pool, forward to inference pods from
+//! the operator's routing table, post-process, answer.
+//!
+//! Module map: [`service`] is the request path; [`grpc`], [`rest`] and
+//! [`control`] are thin protocol adapters; [`image`], [`text`] and
+//! [`postprocess`] are pure transforms; [`router`] forwards; [`pool`] runs CPU
+//! work; [`metrics`] names the Prometheus series.
 
-/// Preprocess worker configuration.
-#[derive(Debug, clap::Args)]
-pub struct Args {}
+pub mod control;
+pub mod error;
+pub mod grpc;
+pub mod image;
+pub mod metrics;
+pub mod pool;
+pub mod postprocess;
+pub mod rest;
+pub mod router;
+pub mod service;
+pub mod text;
 
-/// Runs the preprocess worker until shutdown.
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("preprocess role not implemented yet")
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+
+use crate::common::shutdown::Shutdown;
+use crate::common::{metrics as metrics_server, telemetry};
+use crate::config::PipelineConfig;
+
+/// Preprocess worker configuration (flags override the config file).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Pipeline config file (YAML or JSON), as rendered by the operator.
+    #[arg(long, env = "TANDEM_CONFIG")]
+    pub config: PathBuf,
+    /// Static inference endpoint(s) `host:port`; the worker is ready without a
+    /// routing table. Repeat or comma-separate for several.
+    #[arg(
+        long = "inference-endpoint",
+        env = "TANDEM_INFERENCE_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub inference_endpoints: Vec<String>,
+    /// Address to bind (all ports).
+    #[arg(long, env = "TANDEM_BIND", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub bind: IpAddr,
+    /// OIP v2 REST + health port (overrides `ports.http`).
+    #[arg(long, env = "TANDEM_HTTP_PORT")]
+    pub http_port: Option<u16>,
+    /// OIP v2 gRPC port (overrides `ports.grpc`).
+    #[arg(long, env = "TANDEM_GRPC_PORT")]
+    pub grpc_port: Option<u16>,
+    /// Prometheus port (overrides `ports.metrics`).
+    #[arg(long, env = "TANDEM_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// WorkerControl port (overrides `ports.control`).
+    #[arg(long, env = "TANDEM_CONTROL_PORT")]
+    pub control_port: Option<u16>,
+    /// Admission limit (overrides `limits.maxQueueDepth`).
+    #[arg(long, env = "TANDEM_MAX_QUEUE_DEPTH")]
+    pub max_queue_depth: Option<usize>,
+    /// CPU threads (overrides `limits.cpuThreads`; 0 = one per core).
+    #[arg(long, env = "TANDEM_CPU_THREADS")]
+    pub cpu_threads: Option<usize>,
+    /// Longest wait for in-flight requests on shutdown, in seconds.
+    #[arg(long, env = "TANDEM_DRAIN_SECONDS", default_value_t = 30)]
+    pub drain_seconds: u64,
+}
+
+/// Loads the config file and applies the flag overrides.
+pub fn effective_config(args: &Args) -> anyhow::Result<PipelineConfig> {
+    let mut cfg = PipelineConfig::load(&args.config)?;
+    if let Some(p) = args.http_port {
+        cfg.ports.http = p;
+    }
+    if let Some(p) = args.grpc_port {
+        cfg.ports.grpc = p;
+    }
+    if let Some(p) = args.metrics_port {
+        cfg.ports.metrics = p;
+    }
+    if let Some(p) = args.control_port {
+        cfg.ports.control = p;
+    }
+    if let Some(d) = args.max_queue_depth {
+        cfg.limits.max_queue_depth = d;
+    }
+    if let Some(t) = args.cpu_threads {
+        cfg.limits.cpu_threads = t;
+    }
+    if !args.inference_endpoints.is_empty() {
+        cfg.inference_endpoints = args.inference_endpoints.clone();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Runs the preprocess worker until SIGTERM/SIGINT, then drains and returns.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    telemetry::init();
+    let cfg = effective_config(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tandem-io")
+        .build()
+        .context("start tokio runtime")?;
+    runtime.block_on(serve(
+        cfg,
+        args.bind,
+        Duration::from_secs(args.drain_seconds),
+    ))
+}
+
+/// Builds the service and serves all four ports until shutdown.
+pub async fn serve(cfg: PipelineConfig, bind: IpAddr, drain: Duration) -> anyhow::Result<()> {
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+    let pipeline = service::build_pipeline(&cfg)?;
+    let labels = service::load_labels(&cfg)?;
+    let ports = cfg.ports;
+    let statics = cfg.inference_endpoints.clone();
+    let svc = service::Service::new(cfg, pipeline, labels, metrics);
+    if !statics.is_empty() {
+        svc.router().set_static(&statics)?;
+    }
+    svc.refresh_ready_metric();
+
+    let shutdown = Shutdown::new();
+    tokio::spawn(shutdown.clone().listen_for_signals());
+
+    let grpc_addr = SocketAddr::new(bind, ports.grpc);
+    let control_addr = SocketAddr::new(bind, ports.control);
+    let http_addr = SocketAddr::new(bind, ports.http);
+    let metrics_addr = SocketAddr::new(bind, ports.metrics);
+
+    let http_listener = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("bind HTTP {http_addr}"))?;
+    let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
+        .await
+        .with_context(|| format!("bind gRPC {grpc_addr}"))?;
+    let control_listener = tokio::net::TcpListener::bind(control_addr)
+        .await
+        .with_context(|| format!("bind control {control_addr}"))?;
+
+    let s = shutdown.clone();
+    let grpc = tonic::transport::Server::builder()
+        .add_service(grpc::server(Arc::clone(&svc)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            async move { s.wait().await },
+        );
+    let s = shutdown.clone();
+    let control = tonic::transport::Server::builder()
+        .add_service(control::server(Arc::clone(&svc)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(control_listener),
+            async move { s.wait().await },
+        );
+    let s = shutdown.clone();
+    let http = axum::serve(http_listener, rest::router(Arc::clone(&svc)))
+        .with_graceful_shutdown(async move { s.wait().await });
+    let metrics_task = tokio::spawn(metrics_server::serve(
+        metrics_addr,
+        Arc::new(registry),
+        shutdown.clone(),
+    ));
+
+    tracing::info!(%http_addr, %grpc_addr, %control_addr, %metrics_addr, ready = svc.is_ready(), "preprocess worker serving");
+    let svc2 = Arc::clone(&svc);
+    let s = shutdown.clone();
+    let on_shutdown = async move {
+        s.wait().await;
+        svc2.begin_shutdown();
+        tracing::info!(
+            in_flight = svc2.in_flight(),
+            "shutting down: not ready, draining in-flight requests"
+        );
+    };
+    let (g, c, h, ()) = tokio::join!(grpc, control, http, on_shutdown);
+    g.context("gRPC server")?;
+    c.context("control server")?;
+    h.context("HTTP server")?;
+    if !svc.drain(drain).await {
+        tracing::warn!(
+            in_flight = svc.in_flight(),
+            "drain time ran out with requests still in flight"
+        );
+    }
+    metrics_task.await.context("metrics task")??;
+    tracing::info!("preprocess worker stopped");
+    Ok(())
 }

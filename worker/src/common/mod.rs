@@ -1,0 +1,14 @@
+//! Plumbing shared by both worker roles (preprocess and inference).
+//!
+//! - [`tensor`]: Open Inference Protocol v2 tensor helpers (datatypes, shapes,
+//!   raw little-endian contents, the BYTES 4-byte-length-prefixed encoding).
+//! - [`metrics`]: the Prometheus `/metrics` HTTP server.
+//! - [`shutdown`]: SIGTERM/SIGINT handling as a cloneable shutdown signal.
+//! - [`telemetry`]: tracing subscriber setup and W3C `traceparent` helpers.
+//! - [`stats`]: latency windows that produce the `WorkerControl` stats shapes.
+
+pub mod metrics;
+pub mod shutdown;
+pub mod stats;
+pub mod telemetry;
+pub mod tensor;

@@ -1,0 +1,101 @@
+//! The preprocess role's request error, mapped once to gRPC and HTTP.
+
+use axum::http::StatusCode;
+
+/// Why a client request failed. Messages are meant for the client.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// The request names a model this worker does not serve.
+    #[error("model {0:?} is not served here")]
+    ModelNotFound(String),
+    /// The request is malformed or holds unusable data.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The admission queue is full.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// No inference endpoint could take the request, or the worker is stopping.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The inference call ran out of time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The inference stage answered with an error (code kept).
+    #[error("inference: {message}")]
+    Upstream {
+        /// gRPC code from the inference pod.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
+    /// A bug or a broken invariant.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RequestError {
+    /// Shorthand for [`RequestError::InvalidArgument`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::InvalidArgument(msg.into())
+    }
+
+    /// The gRPC code.
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            Self::ModelNotFound(_) => tonic::Code::NotFound,
+            Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Self::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            Self::Unavailable(_) => tonic::Code::Unavailable,
+            Self::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
+            Self::Upstream { code, .. } => *code,
+            Self::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
+    /// The HTTP status for the REST endpoint.
+    pub fn http_status(&self) -> StatusCode {
+        match self.grpc_code() {
+            tonic::Code::NotFound => StatusCode::NOT_FOUND,
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => StatusCode::BAD_REQUEST,
+            tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Metric label for the outcome.
+    pub fn code_label(&self) -> &'static str {
+        code_label(self.grpc_code())
+    }
+}
+
+/// Upper-snake name of a gRPC code, for metric labels.
+pub fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl From<RequestError> for tonic::Status {
+    fn from(e: RequestError) -> Self {
+        tonic::Status::new(e.grpc_code(), e.to_string())
+    }
+}

@@ -1,0 +1,161 @@
+//! A bounded pool of CPU threads for decode/resize/tokenize.
+//!
+//! Jobs travel over a bounded channel with a reply oneshot and the caller's
+//! tracing span, so async handlers never block the tokio runtime and CPU work
+//! never exceeds the configured number of threads. The admission semaphore in
+//! front of it (see `service`) is what bounds the queue in practice; the
+//! channel bound is a second line of defence.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Errors submitting work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PoolError {
+    /// The channel is full.
+    #[error("CPU queue is full")]
+    Full,
+    /// The pool has shut down or the job panicked.
+    #[error("CPU pool stopped")]
+    Stopped,
+}
+
+/// Fixed-size thread pool fed by a bounded channel.
+#[derive(Debug, Clone)]
+pub struct CpuPool {
+    tx: mpsc::SyncSender<Job>,
+    queued: Arc<AtomicUsize>,
+    threads: usize,
+}
+
+impl CpuPool {
+    /// Starts `threads` workers (0 = one per available core) with room for
+    /// `capacity` queued jobs.
+    pub fn new(threads: usize, capacity: usize) -> Self {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            threads
+        };
+        let (tx, rx) = mpsc::sync_channel::<Job>(capacity.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = Arc::clone(&rx);
+            let spawned = std::thread::Builder::new()
+                .name(format!("tandem-cpu-{i}"))
+                .spawn(move || {
+                    loop {
+                        // A poisoned lock means another worker panicked while
+                        // holding it, which `recv` cannot do; keep serving.
+                        let job = match rx.lock() {
+                            Ok(guard) => guard.recv(),
+                            Err(poisoned) => poisoned.into_inner().recv(),
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot spawn CPU worker thread");
+            }
+        }
+        Self {
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+            threads,
+        }
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Jobs submitted and not yet started.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` on the pool inside `span`; returns its result and how long it
+    /// waited in the queue.
+    pub async fn run<T, F>(&self, span: tracing::Span, f: F) -> Result<(T, Duration), PoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let queued = Arc::clone(&self.queued);
+        let submitted = Instant::now();
+        queued.fetch_add(1, Ordering::Relaxed);
+        let job: Job = Box::new(move || {
+            queued.fetch_sub(1, Ordering::Relaxed);
+            let waited = submitted.elapsed();
+            let out = span.in_scope(f);
+            let _ = reply.send((out, waited));
+        });
+        if let Err(e) = self.tx.try_send(job) {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(match e {
+                mpsc::TrySendError::Full(_) => PoolError::Full,
+                mpsc::TrySendError::Disconnected(_) => PoolError::Stopped,
+            });
+        }
+        rx.await.map_err(|_| PoolError::Stopped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn jobs_run_on_pool_threads_and_return_results() {
+        let pool = CpuPool::new(2, 8);
+        let (name, _) = pool
+            .run(tracing::Span::none(), || {
+                std::thread::current().name().map(str::to_owned)
+            })
+            .await
+            .unwrap();
+        assert!(name.unwrap().starts_with("tandem-cpu-"));
+        assert_eq!(pool.queued(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_is_refused_not_grown() {
+        let pool = CpuPool::new(1, 1);
+        let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let p = pool.clone();
+        let first = tokio::spawn(async move {
+            p.run(tracing::Span::none(), move || {
+                let _ = started_tx.send(());
+                let _ = block_rx.recv();
+            })
+            .await
+        });
+        started_rx.recv().unwrap();
+        let p = pool.clone();
+        let second = tokio::spawn(async move { p.run(tracing::Span::none(), || ()).await });
+        // Wait until the second job occupies the single queue slot.
+        while pool.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            pool.run(tracing::Span::none(), || ()).await.unwrap_err(),
+            PoolError::Full
+        );
+        block_tx.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+    }
+}
