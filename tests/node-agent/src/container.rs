@@ -95,8 +95,34 @@ impl ContainerCtx {
             .unwrap_or("Always")
     }
 
+    fn event(&self, type_: &str, reason: &str, message: &str) {
+        crate::events::emit(
+            &self.ctx.client,
+            &self.pod,
+            Some(self.name()),
+            type_,
+            reason,
+            message,
+        );
+    }
+
     fn waiting(&self, reason: &str, message: String) {
         tracing::info!(container = self.name(), reason, %message, "container waiting");
+        let same = self
+            .state
+            .snapshot()
+            .containers_of(self.init)
+            .get(self.index)
+            .is_some_and(
+                |c| matches!(&c.state, RunState::Waiting { reason: r, .. } if r == reason),
+            );
+        if !same {
+            self.event(
+                crate::events::WARNING,
+                "Failed",
+                &format!("{reason}: {message}"),
+            );
+        }
         self.set(|c| {
             c.state = RunState::Waiting {
                 reason: reason.to_owned(),
@@ -274,6 +300,11 @@ impl ContainerCtx {
                 Ok(child) => {
                     let has_startup = self.container.startup_probe.is_some();
                     let has_readiness = self.container.readiness_probe.is_some();
+                    self.event(
+                        crate::events::NORMAL,
+                        "Started",
+                        &format!("Started container {}", self.name()),
+                    );
                     self.set(|c| {
                         c.state = RunState::Running { started_at };
                         c.container_id = Some(container_id.clone());
@@ -333,6 +364,7 @@ impl ContainerCtx {
                 self.name(),
                 self.pod.metadata.name.as_deref().unwrap_or("")
             );
+            self.event(crate::events::WARNING, "BackOff", &msg);
             self.set(|c| {
                 c.restart_count = c.restart_count.saturating_add(1);
                 c.last_termination = Some(termination);
@@ -378,6 +410,12 @@ impl ContainerCtx {
                     ProbeEvent::Failed(which) => {
                         if kill_at.is_none() {
                             tracing::info!(container = self.name(), probe = which, "probe failed; killing container");
+                            self.event(crate::events::WARNING, "Unhealthy", &format!("{which} probe failed"));
+                            self.event(
+                                crate::events::NORMAL,
+                                "Killing",
+                                &format!("Container {} failed {which} probe, will be restarted", self.name()),
+                            );
                             probe_failure = Some(which);
                             self.set(|c| c.ready = false);
                             let grace = probe_grace(&self.container, which).unwrap_or(self.grace);

@@ -8,6 +8,7 @@ mod config;
 mod container;
 mod ctx;
 mod env;
+mod events;
 mod image;
 mod ipam;
 mod net;

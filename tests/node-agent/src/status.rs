@@ -114,6 +114,17 @@ pub struct PodRuntime {
     pub message: Option<String>,
 }
 
+impl PodRuntime {
+    /// The init containers or the containers.
+    pub fn containers_of(&self, init: bool) -> &[ContainerRuntime] {
+        if init {
+            &self.init_containers
+        } else {
+            &self.containers
+        }
+    }
+}
+
 fn time(t: Timestamp) -> Time {
     Time(t)
 }
