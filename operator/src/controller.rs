@@ -38,6 +38,9 @@ use crate::validate::{ValidateError, ValidatedPipeline, validate};
 /// The one field manager for every object and status this operator writes.
 pub const FIELD_MANAGER: &str = "tandem-operator";
 
+/// How long a triggered reconcile waits for more events on the same pipeline.
+const DEBOUNCE: Duration = Duration::from_millis(500);
+
 /// Why a reconcile did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -125,13 +128,14 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_secs(secs.min(300))
 }
 
-/// How soon to look again after a successful reconcile: soon while pods are coming up (their
-/// reasons change without touching the Deployment), rarely once everything is ready.
+/// How soon to look again after a successful reconcile: within a minute while pods are not
+/// ready (their reasons can change without touching the Deployment), rarely once everything
+/// is ready. Deployment changes trigger reconciles anyway; this only bounds staleness.
 fn requeue_after(ready: bool) -> Duration {
     if ready {
         Duration::from_secs(300)
     } else {
-        Duration::from_secs(15)
+        Duration::from_secs(60)
     }
 }
 
@@ -197,7 +201,13 @@ pub async fn run(
     });
 
     let controller = Controller::for_stream(ipl_stream, ipl_store.clone())
-        .with_config(kube::runtime::Config::default().concurrency(concurrency))
+        // Creating a pipeline's seven objects fires seven watch events; the debounce folds
+        // them (and Deployment status churn) into one follow-up reconcile.
+        .with_config(
+            kube::runtime::Config::default()
+                .concurrency(concurrency)
+                .debounce(DEBOUNCE),
+        )
         .owns_stream(deployments)
         .owns_stream(owned_meta::<Service>(&client, &cfg.namespace, &owned))
         .owns_stream(owned_meta::<ConfigMap>(&client, &cfg.namespace, &owned))
@@ -213,6 +223,7 @@ pub async fn run(
         ))
         .graceful_shutdown_on(shutdown);
 
+    let routing_store = ipl_store.clone();
     let stores = async move {
         // Ready once both caches hold a full list: before that, pruning could miss objects.
         let (a, b) = futures::join!(ipl_store.wait_until_ready(), dep_store.wait_until_ready());
@@ -223,6 +234,17 @@ pub async fn run(
     };
     tokio::spawn(stores);
 
+    // Routing tables follow the pods the pipelines own; leader-only like reconcile.
+    let router = tokio::spawn(crate::router::run(
+        client.clone(),
+        routing_store,
+        crate::router::RouterConfig {
+            namespace: cfg.namespace.clone(),
+            page_size: cfg.page_size,
+            ..crate::router::RouterConfig::default()
+        },
+    ));
+
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -232,6 +254,7 @@ pub async fn run(
             }
         })
         .await;
+    router.abort();
     info!("controller stopped");
 }
 

@@ -9,6 +9,8 @@ pub mod crd;
 pub mod leader;
 pub mod metrics;
 pub mod reference;
+pub mod router;
+pub mod routing;
 pub mod status;
 pub mod validate;
 

@@ -1,0 +1,222 @@
+//! Keeps every preprocess pod's routing table current. Watches the operator's worker
+//! pods, builds each pipeline's desired table ([`crate::routing`]), numbers it when its
+//! content changes and pushes it with `WorkerControl.SetRoutes` to every preprocess pod
+//! that has an address — including pods that are not Ready yet, since a preprocess pod
+//! only becomes Ready once it holds a table. Runs on the leader only.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
+use tandem_proto::tandem::v1::{RoutingTable, SetRoutesRequest};
+use tracing::{debug, info, warn};
+
+use crate::build::{APP_NAME, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY, Stage};
+use crate::crd::InferencePipeline;
+use crate::routing::{WorkerPod, desired_table, next_generation, same_routes};
+
+/// Router settings.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// Namespace to watch; every namespace when `None`.
+    pub namespace: Option<String>,
+    /// Page size of the initial pod list.
+    pub page_size: u32,
+    /// How often tables are recomputed and unacknowledged pods retried.
+    pub interval: Duration,
+    /// Limit for one `SetRoutes` call, connection included.
+    pub push_timeout: Duration,
+    /// Tables are pushed again to every pod this often, acknowledged or not.
+    pub refresh: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            page_size: 100,
+            interval: Duration::from_millis(250),
+            push_timeout: Duration::from_secs(1),
+            refresh: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The table a pipeline's pods should hold and which pods acknowledged it.
+#[derive(Default)]
+struct PipelineRoutes {
+    table: Option<RoutingTable>,
+    /// Pod name → (restart count, generation) it acknowledged.
+    acked: HashMap<String, (i32, u64)>,
+}
+
+/// Runs until the task is dropped or aborted.
+pub async fn run(client: Client, pipelines: Store<InferencePipeline>, cfg: RouterConfig) {
+    let pods: Api<Pod> = match &cfg.namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let selector = format!("{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_NAME}={APP_NAME}");
+    let (store, writer) = reflector::store::<Pod>();
+    let watch = watcher(
+        pods,
+        watcher::Config::default()
+            .labels(&selector)
+            .page_size(cfg.page_size)
+            .any_semantic(),
+    )
+    // Only labels, status and deletion matter here: keep the cache small.
+    .modify(|p| {
+        p.metadata.managed_fields = None;
+        p.metadata.annotations = None;
+        p.spec = None;
+    })
+    .default_backoff()
+    .reflect(writer)
+    .for_each(|_| futures::future::ready(()));
+    tokio::spawn(watch);
+
+    let mut state: HashMap<(String, String), PipelineRoutes> = HashMap::new();
+    let mut ticker = tokio::time::interval(cfg.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_refresh = Instant::now();
+    loop {
+        ticker.tick().await;
+        if last_refresh.elapsed() >= cfg.refresh {
+            for routes in state.values_mut() {
+                routes.acked.clear();
+            }
+            last_refresh = Instant::now();
+        }
+        sync_once(&pipelines, &store, &mut state, &cfg).await;
+    }
+}
+
+async fn sync_once(
+    pipelines: &Store<InferencePipeline>,
+    pods: &Store<Pod>,
+    state: &mut HashMap<(String, String), PipelineRoutes>,
+    cfg: &RouterConfig,
+) {
+    let all_pods = pods.state();
+    let mut seen = HashSet::new();
+    let mut pushes = Vec::new();
+    for pipeline in pipelines.state() {
+        let (Some(ns), name) = (pipeline.namespace(), pipeline.name_any()) else {
+            continue;
+        };
+        let workers: Vec<WorkerPod> = all_pods
+            .iter()
+            .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|p| p.labels().get(LABEL_INSTANCE) == Some(&name))
+            .filter_map(|p| WorkerPod::from_pod(p))
+            .collect();
+        let key = (ns.clone(), name.clone());
+        seen.insert(key.clone());
+        let routes = state.entry(key).or_default();
+        let mut desired = desired_table(&pipeline, &workers);
+        match &routes.table {
+            Some(held) if same_routes(held, &desired) => desired.generation = held.generation,
+            held => {
+                let previous = held.as_ref().map_or(0, |t| t.generation);
+                desired.generation = next_generation(previous, unix_millis());
+                info!(
+                    pipeline = %format!("{ns}/{name}"),
+                    generation = desired.generation,
+                    endpoints = desired.colors.iter().map(|c| c.endpoints.len()).sum::<usize>(),
+                    "routing table changed"
+                );
+                routes.table = Some(desired.clone());
+            }
+        }
+        routes
+            .acked
+            .retain(|pod, _| workers.iter().any(|w| &w.name == pod));
+        for w in workers
+            .iter()
+            .filter(|w| w.stage == Stage::Preprocess && !w.terminating)
+        {
+            let Some(address) = w.control_address() else {
+                continue;
+            };
+            if routes.acked.get(&w.name) == Some(&(w.restarts, desired.generation)) {
+                continue;
+            }
+            pushes.push((
+                (ns.clone(), name.clone()),
+                w.name.clone(),
+                w.restarts,
+                push(address, desired.clone(), cfg.push_timeout),
+            ));
+        }
+    }
+    state.retain(|key, _| seen.contains(key));
+
+    let keys: Vec<_> = pushes
+        .iter()
+        .map(|(k, pod, restarts, _)| (k.clone(), pod.clone(), *restarts))
+        .collect();
+    let results = join_all(pushes.into_iter().map(|(_, _, _, fut)| fut)).await;
+    for ((key, pod, restarts), result) in keys.into_iter().zip(results) {
+        let Some(routes) = state.get_mut(&key) else {
+            continue;
+        };
+        let wanted = routes.table.as_ref().map_or(0, |t| t.generation);
+        match result {
+            Ok(applied) if applied >= wanted => {
+                routes.acked.insert(pod, (restarts, wanted));
+            }
+            Ok(applied) => {
+                warn!(pod = %pod, applied, wanted, "preprocess pod kept an older routing table")
+            }
+            // Pods that are still starting refuse connections: retried next tick.
+            Err(e) => debug!(pod = %pod, error = %e, "SetRoutes failed"),
+        }
+    }
+}
+
+async fn push(address: String, table: RoutingTable, timeout: Duration) -> Result<u64, PushError> {
+    let call = async {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| PushError::Address(address.clone(), e.to_string()))?
+            .connect_timeout(timeout)
+            .timeout(timeout);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| PushError::Connect(e.to_string()))?;
+        let reply = WorkerControlClient::new(channel)
+            .set_routes(SetRoutesRequest { table: Some(table) })
+            .await
+            .map_err(|s| PushError::Rejected(s.code(), s.message().to_owned()))?;
+        Ok(reply.into_inner().applied_generation)
+    };
+    tokio::time::timeout(timeout * 2, call)
+        .await
+        .map_err(|_| PushError::Timeout)?
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Why one push failed.
+#[derive(Debug, thiserror::Error)]
+enum PushError {
+    #[error("invalid control address {0}: {1}")]
+    Address(String, String),
+    #[error("connecting: {0}")]
+    Connect(String),
+    #[error("SetRoutes answered {0:?}: {1}")]
+    Rejected(tonic::Code, String),
+    #[error("timed out")]
+    Timeout,
+}

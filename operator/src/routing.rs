@@ -1,0 +1,342 @@
+//! Routing tables for preprocess pods: which inference pods serve each color, each
+//! color's share of live traffic and which color is shadowed. Pure: built from the
+//! pipeline's spec and status and the inference pods the operator observes.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use tandem_proto::tandem::v1::{ColorRoute, Endpoint, ParityTolerance, RoutingTable, ShadowPolicy};
+
+use crate::build::{LABEL_COLOR, LABEL_COMPONENT, PORT_CONTROL, PORT_GRPC, Stage};
+use crate::crd::{Color, InferencePipeline, ModelRef};
+
+/// A worker pod as the router needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerPod {
+    /// Pod name.
+    pub name: String,
+    /// `preprocess` or `inference`.
+    pub stage: Stage,
+    /// Inference color; `None` for preprocess pods.
+    pub color: Option<Color>,
+    /// Pod IP, once assigned.
+    pub ip: Option<String>,
+    /// The pod's Ready condition is True.
+    pub ready: bool,
+    /// The pod is being deleted (it finishes in-flight work but takes no new requests).
+    pub terminating: bool,
+    /// Sum of container restarts: a restarted worker has lost its table.
+    pub restarts: i32,
+}
+
+impl WorkerPod {
+    /// Reads the router's view of a pod; `None` for pods that are not Tandem workers.
+    pub fn from_pod(pod: &Pod) -> Option<WorkerPod> {
+        let labels = pod.metadata.labels.as_ref()?;
+        let stage = match labels.get(LABEL_COMPONENT)?.as_str() {
+            "preprocess" => Stage::Preprocess,
+            "inference" => Stage::Inference,
+            _ => return None,
+        };
+        let color = match labels.get(LABEL_COLOR).map(String::as_str) {
+            Some("blue") => Some(Color::Blue),
+            Some("green") => Some(Color::Green),
+            _ => None,
+        };
+        let status = pod.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let restarts = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum());
+        Some(WorkerPod {
+            name: pod.metadata.name.clone()?,
+            stage,
+            color,
+            ip: status
+                .and_then(|s| s.pod_ip.clone())
+                .filter(|ip| !ip.is_empty()),
+            ready,
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            restarts,
+        })
+    }
+
+    /// Where this pod's `WorkerControl` service listens.
+    pub fn control_address(&self) -> Option<String> {
+        self.ip.as_ref().map(|ip| socket(ip, PORT_CONTROL))
+    }
+}
+
+fn socket(ip: &str, port: i32) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// The routing table a pipeline's preprocess pods should hold now, without its
+/// generation (the router numbers tables as their content changes).
+///
+/// - The active color (`status.activeColor`, blue before the first status) gets
+///   `100 - trafficPercent` of live traffic, the rollout's candidate the rest.
+/// - While a rollout is shadowing (a candidate but no traffic step yet), every
+///   request is mirrored to the candidate and compared with the spec's tolerance.
+/// - Endpoints are the Ready, non-terminating inference pods of each color.
+pub fn desired_table(pipeline: &InferencePipeline, pods: &[WorkerPod]) -> RoutingTable {
+    let status = pipeline.status.clone().unwrap_or_default();
+    let spec_model = ModelRef::from(&pipeline.spec.inference.model);
+    let active = status.active_color.unwrap_or(Color::Blue);
+    let active_model = status.active_model.clone().unwrap_or(spec_model);
+    let rollout = status.rollout.as_ref();
+    let candidate = rollout.and_then(|r| Some((r.candidate_color?, r.candidate_model.clone()?)));
+    let candidate_share = rollout.map_or(0, |r| r.traffic_percent.clamp(0, 100)) as u32;
+
+    let mut colors = vec![route(active, &active_model, 100 - candidate_share, pods)];
+    let mut shadow = None;
+    if let Some((color, model)) = &candidate {
+        colors.push(route(*color, model, candidate_share, pods));
+        let shadowing = rollout.is_some_and(|r| r.step.is_none());
+        if shadowing {
+            shadow = Some(ShadowPolicy {
+                color: color.as_str().to_owned(),
+                sample_rate: 1.0,
+                tolerance: Some(ParityTolerance {
+                    min_cosine: pipeline.spec.rollout.shadow.tolerance.cosine,
+                    max_abs: 0.0,
+                    require_top1: false,
+                }),
+            });
+        }
+    }
+    RoutingTable {
+        generation: 0,
+        colors,
+        shadow,
+    }
+}
+
+fn route(color: Color, model: &ModelRef, weight: u32, pods: &[WorkerPod]) -> ColorRoute {
+    // Sorted by name so equal pod sets give equal tables (no spurious generations).
+    let endpoints: BTreeMap<&str, Endpoint> = pods
+        .iter()
+        .filter(|p| p.stage == Stage::Inference && p.color == Some(color))
+        .filter(|p| p.ready && !p.terminating)
+        .filter_map(|p| {
+            let ip = p.ip.as_ref()?;
+            Some((
+                p.name.as_str(),
+                Endpoint {
+                    address: socket(ip, PORT_GRPC),
+                    pod_name: p.name.clone(),
+                },
+            ))
+        })
+        .collect();
+    ColorRoute {
+        color: color.as_str().to_owned(),
+        weight,
+        endpoints: endpoints.into_values().collect(),
+        model_name: model.name.clone(),
+        model_version: model.version.clone(),
+    }
+}
+
+/// Whether two tables route the same way (generations aside).
+pub fn same_routes(a: &RoutingTable, b: &RoutingTable) -> bool {
+    a.colors == b.colors && a.shadow == b.shadow
+}
+
+/// The generation for a table whose content changed: later than the previous one
+/// and than `now_ms`, so a restarted operator (which forgot its counter) still
+/// numbers its first table above what the pods hold.
+pub fn next_generation(previous: u64, now_ms: u64) -> u64 {
+    previous.saturating_add(1).max(now_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{InferencePipelineStatus, RolloutStatus};
+    use crate::test_fixtures;
+
+    fn pod(name: &str, stage: Stage, color: Option<Color>, ip: &str, ready: bool) -> WorkerPod {
+        WorkerPod {
+            name: name.to_owned(),
+            stage,
+            color,
+            ip: Some(ip.to_owned()),
+            ready,
+            terminating: false,
+            restarts: 0,
+        }
+    }
+
+    fn pipeline() -> InferencePipeline {
+        test_fixtures::text_pipeline()
+    }
+
+    #[test]
+    fn a_new_pipeline_sends_all_traffic_to_the_ready_blue_inference_pods() {
+        let pods = [
+            pod(
+                "inf-b",
+                Stage::Inference,
+                Some(Color::Blue),
+                "10.244.0.9",
+                true,
+            ),
+            pod(
+                "inf-a",
+                Stage::Inference,
+                Some(Color::Blue),
+                "10.244.0.8",
+                true,
+            ),
+            pod(
+                "inf-c",
+                Stage::Inference,
+                Some(Color::Blue),
+                "10.244.0.10",
+                false,
+            ),
+            pod("pre-a", Stage::Preprocess, None, "10.244.0.2", true),
+        ];
+        let table = desired_table(&pipeline(), &pods);
+        assert_eq!(table.colors.len(), 1);
+        let blue = &table.colors[0];
+        assert_eq!((blue.color.as_str(), blue.weight), ("blue", 100));
+        let addresses: Vec<_> = blue.endpoints.iter().map(|e| e.address.as_str()).collect();
+        assert_eq!(
+            addresses,
+            ["10.244.0.8:8001", "10.244.0.9:8001"],
+            "ready pods only, sorted"
+        );
+        assert!(table.shadow.is_none());
+    }
+
+    #[test]
+    fn terminating_inference_pods_get_no_new_requests() {
+        let mut leaving = pod(
+            "inf-a",
+            Stage::Inference,
+            Some(Color::Blue),
+            "10.244.0.8",
+            true,
+        );
+        leaving.terminating = true;
+        let table = desired_table(&pipeline(), &[leaving]);
+        assert!(table.colors[0].endpoints.is_empty());
+    }
+
+    #[test]
+    fn a_shadowing_rollout_mirrors_every_request_to_the_candidate_without_live_traffic() {
+        let mut p = pipeline();
+        let model = ModelRef::from(&p.spec.inference.model);
+        p.status = Some(InferencePipelineStatus {
+            active_color: Some(Color::Blue),
+            rollout: Some(RolloutStatus {
+                candidate_color: Some(Color::Green),
+                candidate_model: Some(ModelRef {
+                    version: "2".into(),
+                    ..model
+                }),
+                step: None,
+                traffic_percent: 0,
+                ..RolloutStatus::default()
+            }),
+            ..InferencePipelineStatus::default()
+        });
+        let pods = [
+            pod(
+                "blue-1",
+                Stage::Inference,
+                Some(Color::Blue),
+                "10.244.0.8",
+                true,
+            ),
+            pod(
+                "green-1",
+                Stage::Inference,
+                Some(Color::Green),
+                "10.244.0.9",
+                true,
+            ),
+        ];
+        let table = desired_table(&p, &pods);
+        let weights: Vec<_> = table
+            .colors
+            .iter()
+            .map(|c| (c.color.as_str(), c.weight))
+            .collect();
+        assert_eq!(weights, [("blue", 100), ("green", 0)]);
+        assert_eq!(table.colors[1].model_version, "2");
+        let shadow = table.shadow.expect("shadow policy while shadowing");
+        assert_eq!(shadow.color, "green");
+        assert_eq!(shadow.sample_rate, 1.0);
+        let tolerance = shadow.tolerance.expect("tolerance");
+        assert_eq!(tolerance.min_cosine, p.spec.rollout.shadow.tolerance.cosine);
+    }
+
+    #[test]
+    fn a_traffic_step_splits_live_traffic_and_stops_shadowing() {
+        let mut p = pipeline();
+        let model = ModelRef::from(&p.spec.inference.model);
+        p.status = Some(InferencePipelineStatus {
+            active_color: Some(Color::Green),
+            rollout: Some(RolloutStatus {
+                candidate_color: Some(Color::Blue),
+                candidate_model: Some(model),
+                step: Some(0),
+                traffic_percent: 10,
+                ..RolloutStatus::default()
+            }),
+            ..InferencePipelineStatus::default()
+        });
+        let table = desired_table(&p, &[]);
+        let weights: Vec<_> = table
+            .colors
+            .iter()
+            .map(|c| (c.color.as_str(), c.weight))
+            .collect();
+        assert_eq!(weights, [("green", 90), ("blue", 10)]);
+        assert!(table.shadow.is_none());
+    }
+
+    #[test]
+    fn tables_with_the_same_pods_in_another_order_are_the_same_routes() {
+        let a = pod(
+            "inf-a",
+            Stage::Inference,
+            Some(Color::Blue),
+            "10.244.0.8",
+            true,
+        );
+        let b = pod(
+            "inf-b",
+            Stage::Inference,
+            Some(Color::Blue),
+            "10.244.0.9",
+            true,
+        );
+        let one = desired_table(&pipeline(), &[a.clone(), b.clone()]);
+        let two = desired_table(&pipeline(), &[b, a]);
+        assert!(same_routes(&one, &two));
+    }
+
+    #[test]
+    fn generations_grow_past_both_the_previous_one_and_the_clock() {
+        assert_eq!(next_generation(0, 1_700_000_000_000), 1_700_000_000_000);
+        assert_eq!(
+            next_generation(1_700_000_000_005, 1_700_000_000_000),
+            1_700_000_000_006
+        );
+    }
+
+    #[test]
+    fn ipv6_pod_addresses_are_bracketed() {
+        assert_eq!(socket("fd00::5", 8001), "[fd00::5]:8001");
+    }
+}
