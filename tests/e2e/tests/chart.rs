@@ -869,3 +869,55 @@ pods                                            []                  []          
     assert_eq!(got, want);
     Ok(())
 }
+
+#[test]
+fn the_operator_pods_are_hardened_and_highly_available_by_default() -> anyhow::Result<()> {
+    let chart = chart_dir();
+    let rendered = helm_ok([
+        "template".as_ref(),
+        RELEASE.as_ref(),
+        chart.as_os_str(),
+        "--show-only".as_ref(),
+        "templates/deployment.yaml".as_ref(),
+    ])?;
+    for needle in [
+        "replicas: 2",
+        "runAsNonRoot: true",
+        "runAsUser: 65532",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "privileged: false",
+        "- ALL",
+        "type: RuntimeDefault",
+        "livenessProbe:",
+        "readinessProbe:",
+        "path: /readyz",
+        "memory: 256Mi",
+        "- --lease-name=tandem",
+        "- --worker-image=tandem-worker:0.1.0",
+        "image: \"tandem-operator:0.1.0\"",
+        "fieldPath: metadata.namespace",
+    ] {
+        assert!(
+            rendered.contains(needle),
+            "the operator Deployment lacks {needle:?}:\n{rendered}"
+        );
+    }
+    assert!(
+        !rendered.contains("--namespace="),
+        "Cluster scope watches every namespace"
+    );
+    let namespaced = helm_ok([
+        "template".as_ref(),
+        RELEASE.as_ref(),
+        chart.as_os_str(),
+        "-n".as_ref(),
+        "ml".as_ref(),
+        "--set".as_ref(),
+        "rbac.scope=Namespaced".as_ref(),
+        "--show-only".as_ref(),
+        "templates/deployment.yaml".as_ref(),
+    ])?;
+    assert!(namespaced.contains("- --namespace=ml"), "{namespaced}");
+    Ok(())
+}
