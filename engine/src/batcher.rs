@@ -71,7 +71,10 @@ impl<T> Batcher<T> {
             max_queue_depth: cfg.max_queue_depth.max(1),
             ..cfg
         };
-        Self { cfg, queue: VecDeque::new() }
+        Self {
+            cfg,
+            queue: VecDeque::new(),
+        }
     }
 
     /// The limits in force.
@@ -90,11 +93,22 @@ impl<T> Batcher<T> {
     }
 
     /// Queues a request of `rows` rows in `group`, arrived at `now`.
-    pub fn push(&mut self, item: T, rows: usize, group: u64, now: Instant) -> Result<(), QueueFull<T>> {
+    pub fn push(
+        &mut self,
+        item: T,
+        rows: usize,
+        group: u64,
+        now: Instant,
+    ) -> Result<(), QueueFull<T>> {
         if self.queue.len() >= self.cfg.max_queue_depth {
             return Err(QueueFull(item));
         }
-        self.queue.push_back(Pending { item, rows, group, arrived: now });
+        self.queue.push_back(Pending {
+            item,
+            rows,
+            group,
+            arrived: now,
+        });
         Ok(())
     }
 
@@ -113,7 +127,12 @@ impl<T> Batcher<T> {
             seen.push(p.group);
             let deadline = p.arrived + self.cfg.max_delay;
             earliest_deadline = earliest_deadline.min(deadline);
-            let queued: usize = self.queue.iter().filter(|q| q.group == p.group).map(|q| q.rows).sum();
+            let queued: usize = self
+                .queue
+                .iter()
+                .filter(|q| q.group == p.group)
+                .map(|q| q.rows)
+                .sum();
             if now >= deadline || queued >= self.cfg.max_batch_size {
                 return Poll::Batch(self.take_group(p.group));
             }
@@ -156,7 +175,11 @@ mod tests {
     use super::*;
 
     fn cfg(max_batch_size: usize, delay_ms: u64, depth: usize) -> BatcherConfig {
-        BatcherConfig { max_batch_size, max_delay: Duration::from_millis(delay_ms), max_queue_depth: depth }
+        BatcherConfig {
+            max_batch_size,
+            max_delay: Duration::from_millis(delay_ms),
+            max_queue_depth: depth,
+        }
     }
 
     fn ms(t0: Instant, ms: u64) -> Instant {

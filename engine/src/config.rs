@@ -176,13 +176,18 @@ pub fn parse(config_json: &str, pooling_json: Option<&str>) -> Result<Architectu
         }
         "tandem-resnet" => {
             let depths = raw.depths.clone().unwrap_or_else(|| vec![3, 4, 6, 3]);
-            let depths: [usize; 4] = depths
-                .try_into()
-                .map_err(|d| ConfigError::Value(format!("resnet depths {d:?} must have 4 stages")))?;
+            let depths: [usize; 4] = depths.try_into().map_err(|d| {
+                ConfigError::Value(format!("resnet depths {d:?} must have 4 stages"))
+            })?;
             if depths.contains(&0) {
-                return Err(ConfigError::Value(format!("resnet depths {depths:?} must be positive")));
+                return Err(ConfigError::Value(format!(
+                    "resnet depths {depths:?} must be positive"
+                )));
             }
-            Ok(Architecture::ResNet { vision: vision(&raw, 1e-5)?, depths })
+            Ok(Architecture::ResNet {
+                vision: vision(&raw, 1e-5)?,
+                depths,
+            })
         }
         _ => Err(ConfigError::Unsupported {
             model_type: raw.model_type.clone(),
@@ -194,17 +199,24 @@ pub fn parse(config_json: &str, pooling_json: Option<&str>) -> Result<Architectu
 fn vision(raw: &RawConfig, default_eps: f32) -> Result<VisionConfig, ConfigError> {
     let image_size = raw.image_size.unwrap_or(224);
     if image_size != 224 {
-        return Err(ConfigError::Value(format!("image_size {image_size} (only 224 is supported)")));
+        return Err(ConfigError::Value(format!(
+            "image_size {image_size} (only 224 is supported)"
+        )));
     }
     let std = raw.image_std.unwrap_or(IMAGENET_STD);
     if std.iter().any(|s| *s <= 0.0 || !s.is_finite()) {
-        return Err(ConfigError::Value(format!("image_std {std:?} must be positive")));
+        return Err(ConfigError::Value(format!(
+            "image_std {std:?} must be positive"
+        )));
     }
     Ok(VisionConfig {
         image_size,
         num_classes: raw.num_classes.unwrap_or(1000),
         bn_eps: raw.bn_eps.unwrap_or(default_eps),
-        norm: ImageNorm { mean: raw.image_mean.unwrap_or(IMAGENET_MEAN), std },
+        norm: ImageNorm {
+            mean: raw.image_mean.unwrap_or(IMAGENET_MEAN),
+            std,
+        },
     })
 }
 
@@ -212,12 +224,16 @@ fn parse_bert(raw: &RawConfig, pooling_json: Option<&str>) -> Result<BertConfig,
     if let Some(act) = &raw.hidden_act
         && act != "gelu"
     {
-        return Err(ConfigError::Value(format!("hidden_act {act:?} (only gelu is implemented)")));
+        return Err(ConfigError::Value(format!(
+            "hidden_act {act:?} (only gelu is implemented)"
+        )));
     }
     if let Some(p) = &raw.position_embedding_type
         && p != "absolute"
     {
-        return Err(ConfigError::Value(format!("position_embedding_type {p:?} (only absolute)")));
+        return Err(ConfigError::Value(format!(
+            "position_embedding_type {p:?} (only absolute)"
+        )));
     }
     let hidden_size = need(raw.hidden_size, "hidden_size")?;
     let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
@@ -269,16 +285,25 @@ mod tests {
     #[test]
     fn minilm_config_parses_as_bert_with_mean_pooling() {
         let arch = parse(MINILM, Some(r#"{"pooling_mode_mean_tokens": true}"#)).unwrap();
-        let Architecture::Bert(c) = arch else { panic!("not bert") };
+        let Architecture::Bert(c) = arch else {
+            panic!("not bert")
+        };
         assert_eq!((c.hidden_size, c.num_layers, c.num_heads), (384, 6, 12));
         assert_eq!(c.pooling, Pooling::Mean);
     }
 
     #[test]
     fn unknown_model_type_is_an_unsupported_architecture_naming_it() {
-        let err = parse(r#"{"model_type":"gpt2","architectures":["GPT2LMHeadModel"]}"#, None).unwrap_err();
+        let err = parse(
+            r#"{"model_type":"gpt2","architectures":["GPT2LMHeadModel"]}"#,
+            None,
+        )
+        .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("unsupported architecture") && msg.contains("gpt2"), "{msg}");
+        assert!(
+            msg.contains("unsupported architecture") && msg.contains("gpt2"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -290,11 +315,20 @@ mod tests {
     #[test]
     fn resnet_defaults_to_resnet50_depths() {
         let arch = parse(r#"{"model_type":"tandem-resnet"}"#, None).unwrap();
-        assert!(matches!(arch, Architecture::ResNet { depths: [3, 4, 6, 3], .. }));
+        assert!(matches!(
+            arch,
+            Architecture::ResNet {
+                depths: [3, 4, 6, 3],
+                ..
+            }
+        ));
     }
 
     #[test]
     fn non_json_config_is_a_parse_error() {
-        assert!(matches!(parse("not json", None), Err(ConfigError::Parse(_))));
+        assert!(matches!(
+            parse("not json", None),
+            Err(ConfigError::Parse(_))
+        ));
     }
 }

@@ -31,7 +31,9 @@ pub enum LoadError {
     #[error(transparent)]
     Cpu(#[from] CpuBuildError),
     /// `device: cuda` was asked for but no usable GPU exists (and CPU fallback is off).
-    #[error("device cuda requested but unusable: {0} (pass --allow-cpu-fallback to run on CPU instead)")]
+    #[error(
+        "device cuda requested but unusable: {0} (pass --allow-cpu-fallback to run on CPU instead)"
+    )]
     CudaUnavailable(String),
 }
 
@@ -83,17 +85,33 @@ pub fn spec_for(arch: &Architecture, image_input: DataType) -> ModelSpec {
                 .iter()
                 .map(|n| TensorSpec::new(n, DataType::Int64, &[-1, -1]))
                 .collect(),
-            outputs: vec![TensorSpec::new("embedding", DataType::Fp32, &[-1, c.hidden_size as i64])],
+            outputs: vec![TensorSpec::new(
+                "embedding",
+                DataType::Fp32,
+                &[-1, c.hidden_size as i64],
+            )],
             kind: InputKind::Sequence,
             also_accepts: vec![],
         },
         Architecture::EfficientNetLite0(v) | Architecture::ResNet { vision: v, .. } => {
             let s = v.image_size as i64;
-            let other = if image_input == DataType::Uint8 { DataType::Fp32 } else { DataType::Uint8 };
-            let advertised = if image_input == DataType::Uint8 { DataType::Uint8 } else { DataType::Fp32 };
+            let other = if image_input == DataType::Uint8 {
+                DataType::Fp32
+            } else {
+                DataType::Uint8
+            };
+            let advertised = if image_input == DataType::Uint8 {
+                DataType::Uint8
+            } else {
+                DataType::Fp32
+            };
             ModelSpec {
                 inputs: vec![TensorSpec::new("input", advertised, &[-1, 3, s, s])],
-                outputs: vec![TensorSpec::new("logits", DataType::Fp32, &[-1, v.num_classes as i64])],
+                outputs: vec![TensorSpec::new(
+                    "logits",
+                    DataType::Fp32,
+                    &[-1, v.num_classes as i64],
+                )],
                 kind: InputKind::Fixed,
                 also_accepts: vec![("input".to_owned(), other)],
             }
@@ -106,13 +124,22 @@ pub fn read_architecture(dir: &Path) -> Result<Architecture, LoadError> {
     let config_path = dir.join(CONFIG_FILE);
     let config_text = std::fs::read_to_string(&config_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => LoadError::MissingConfig(config_path.clone()),
-        _ => LoadError::Source(SourceError::Read { path: config_path.clone(), source: e }),
+        _ => LoadError::Source(SourceError::Read {
+            path: config_path.clone(),
+            source: e,
+        }),
     })?;
     let pooling_path = dir.join(POOLING_FILE);
     let pooling_text = match std::fs::read_to_string(&pooling_path) {
         Ok(t) => Some(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(SourceError::Read { path: pooling_path, source: e }.into()),
+        Err(e) => {
+            return Err(SourceError::Read {
+                path: pooling_path,
+                source: e,
+            }
+            .into());
+        }
     };
     Ok(config::parse(&config_text, pooling_text.as_deref())?)
 }
@@ -121,7 +148,10 @@ pub fn read_architecture(dir: &Path) -> Result<Architecture, LoadError> {
 pub fn load_engine(dir: &Path, weights: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     source::verify_sha256(weights, opts.sha256.as_deref())?;
     let architecture = read_architecture(dir)?;
-    let bytes = std::fs::read(weights).map_err(|e| SourceError::Read { path: weights.to_path_buf(), source: e })?;
+    let bytes = std::fs::read(weights).map_err(|e| SourceError::Read {
+        path: weights.to_path_buf(),
+        source: e,
+    })?;
     let w = Weights::from_bytes(&bytes)?;
     drop(bytes);
     let spec = spec_for(&architecture, opts.image_input);
@@ -129,24 +159,40 @@ pub fn load_engine(dir: &Path, weights: &Path, opts: &LoadOptions) -> Result<Loa
     if opts.device == Device::Cuda {
         match cuda_engine(&architecture, &spec, opts) {
             Ok(engine) => {
-                return Ok(Loaded { engine, architecture, fallback_reason });
+                return Ok(Loaded {
+                    engine,
+                    architecture,
+                    fallback_reason,
+                });
             }
             Err(reason) if opts.allow_cpu_fallback => fallback_reason = Some(reason),
             Err(reason) => return Err(LoadError::CudaUnavailable(reason)),
         }
     }
     let engine = CpuEngine::new(&architecture, spec, w, opts.cpu_threads)?;
-    Ok(Loaded { engine: Box::new(engine), architecture, fallback_reason })
+    Ok(Loaded {
+        engine: Box::new(engine),
+        architecture,
+        fallback_reason,
+    })
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_engine(arch: &Architecture, spec: &ModelSpec, opts: &LoadOptions) -> Result<Box<dyn Engine>, String> {
+fn cuda_engine(
+    arch: &Architecture,
+    spec: &ModelSpec,
+    opts: &LoadOptions,
+) -> Result<Box<dyn Engine>, String> {
     crate::cuda::CudaEngine::new(arch, spec.clone(), opts.kernel_cache_dir.clone())
         .map(|e| Box::new(e) as Box<dyn Engine>)
         .map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_engine(_arch: &Architecture, _spec: &ModelSpec, _opts: &LoadOptions) -> Result<Box<dyn Engine>, String> {
+fn cuda_engine(
+    _arch: &Architecture,
+    _spec: &ModelSpec,
+    _opts: &LoadOptions,
+) -> Result<Box<dyn Engine>, String> {
     Err("this build has no CUDA support (feature `cuda` of tandem-engine is off)".into())
 }

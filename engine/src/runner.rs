@@ -83,7 +83,11 @@ struct Shared {
     wake: Condvar,
     counters: Counters,
     spec: ModelSpec,
+    on_batch: Option<BatchObserver>,
 }
+
+/// Called with the row count of every batch the engine runs (for metrics).
+pub type BatchObserver = Box<dyn Fn(usize) + Send + Sync>;
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -100,15 +104,33 @@ pub struct Runner {
 
 impl Runner {
     /// Starts the engine thread.
-    pub fn spawn(engine: Box<dyn Engine>, cfg: BatcherConfig) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+    pub fn spawn(
+        engine: Box<dyn Engine>,
+        cfg: BatcherConfig,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        Self::spawn_observed(engine, cfg, None)
+    }
+
+    /// Starts the engine thread, reporting each batch's rows to `on_batch`.
+    pub fn spawn_observed(
+        engine: Box<dyn Engine>,
+        cfg: BatcherConfig,
+        on_batch: Option<BatchObserver>,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { batcher: Batcher::new(cfg), closing: false }),
+            state: Mutex::new(State {
+                batcher: Batcher::new(cfg),
+                closing: false,
+            }),
             wake: Condvar::new(),
             counters: Counters::default(),
             spec: engine.spec().clone(),
+            on_batch,
         });
         let s = shared.clone();
-        let handle = std::thread::Builder::new().name("tandem-engine".into()).spawn(move || run_loop(&s, engine))?;
+        let handle = std::thread::Builder::new()
+            .name("tandem-engine".into())
+            .spawn(move || run_loop(&s, engine))?;
         Ok((Self { shared }, handle))
     }
 
@@ -121,7 +143,12 @@ impl Runner {
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         let rows = job.inputs.first().map_or(0, Tensor::rows);
         let group = match self.shared.spec.kind {
-            InputKind::Sequence => length_bucket(job.inputs.first().and_then(|t| t.shape.get(1).copied()).unwrap_or(0)),
+            InputKind::Sequence => length_bucket(
+                job.inputs
+                    .first()
+                    .and_then(|t| t.shape.get(1).copied())
+                    .unwrap_or(0),
+            ),
             InputKind::Fixed => job.inputs.first().map_or(0, |t| t.dtype() as u64),
         };
         let mut st = self.shared.lock();
@@ -129,14 +156,25 @@ impl Runner {
             return Err(SubmitError::Closed(job));
         }
         let queue_wait = tracing::info_span!(parent: &job.span, "queue_wait");
-        match st.batcher.push(Queued { job, _queue_wait: queue_wait }, rows, group, Instant::now()) {
+        match st.batcher.push(
+            Queued {
+                job,
+                _queue_wait: queue_wait,
+            },
+            rows,
+            group,
+            Instant::now(),
+        ) {
             Ok(()) => {
                 drop(st);
                 self.shared.wake.notify_one();
                 Ok(())
             }
             Err(QueueFull(q)) => {
-                self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .rejected
+                    .fetch_add(1, Ordering::Relaxed);
                 Err(SubmitError::QueueFull(q.job))
             }
         }
@@ -152,7 +190,10 @@ impl Runner {
     pub fn stats(&self) -> RunnerStats {
         let (queue_depth, max_queue_depth) = {
             let st = self.shared.lock();
-            (st.batcher.len() as u64, st.batcher.config().max_queue_depth as u64)
+            (
+                st.batcher.len() as u64,
+                st.batcher.config().max_queue_depth as u64,
+            )
         };
         let c = &self.shared.counters;
         let batches = c.batches.load(Ordering::Relaxed);
@@ -161,7 +202,11 @@ impl Runner {
             queue_depth,
             in_flight: c.in_flight.load(Ordering::Relaxed),
             batches,
-            mean_batch_size: if batches == 0 { 0.0 } else { rows as f64 / batches as f64 },
+            mean_batch_size: if batches == 0 {
+                0.0
+            } else {
+                rows as f64 / batches as f64
+            },
             max_batch_size: c.max_batch.load(Ordering::Relaxed),
             rejected: c.rejected.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
@@ -175,10 +220,17 @@ fn run_loop(shared: &Shared, mut engine: Box<dyn Engine>) {
     loop {
         let now = Instant::now();
         // While closing, nothing waits for company any more.
-        let horizon = if st.closing { now + st.batcher.config().max_delay + Duration::from_secs(1) } else { now };
+        let horizon = if st.closing {
+            now + st.batcher.config().max_delay + Duration::from_secs(1)
+        } else {
+            now
+        };
         match st.batcher.poll(horizon) {
             Poll::Batch(jobs) => {
-                shared.counters.in_flight.store(jobs.len() as u64, Ordering::Relaxed);
+                shared
+                    .counters
+                    .in_flight
+                    .store(jobs.len() as u64, Ordering::Relaxed);
                 drop(st);
                 run_batch(shared, engine.as_mut(), jobs);
                 shared.counters.in_flight.store(0, Ordering::Relaxed);
@@ -186,7 +238,11 @@ fn run_loop(shared: &Shared, mut engine: Box<dyn Engine>) {
             }
             Poll::WaitUntil(t) => {
                 let timeout = t.saturating_duration_since(now);
-                st = shared.wake.wait_timeout(st, timeout).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+                st = shared
+                    .wake
+                    .wait_timeout(st, timeout)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
             Poll::Idle if st.closing => return,
             Poll::Idle => {
@@ -198,7 +254,10 @@ fn run_loop(shared: &Shared, mut engine: Box<dyn Engine>) {
 
 fn run_batch(shared: &Shared, engine: &mut dyn Engine, queued: Vec<Queued>) {
     let jobs: Vec<Job> = queued.into_iter().map(|q| q.job).collect();
-    let assembly: Vec<tracing::Span> = jobs.iter().map(|j| tracing::info_span!(parent: &j.span, "batch_assembly")).collect();
+    let assembly: Vec<tracing::Span> = jobs
+        .iter()
+        .map(|j| tracing::info_span!(parent: &j.span, "batch_assembly"))
+        .collect();
     let requests: Vec<&[Tensor]> = jobs.iter().map(|j| j.inputs.as_slice()).collect();
     let joined = batch::join(&shared.spec, &requests);
     drop(assembly);
@@ -208,6 +267,9 @@ fn run_batch(shared: &Shared, engine: &mut dyn Engine, queued: Vec<Queued>) {
         c.batches.fetch_add(1, Ordering::Relaxed);
         c.batched_rows.fetch_add(total as u64, Ordering::Relaxed);
         c.max_batch.fetch_max(total as u64, Ordering::Relaxed);
+        if let Some(observe) = &shared.on_batch {
+            observe(total);
+        }
         let forward: Vec<tracing::Span> = jobs
             .iter()
             .map(|j| tracing::info_span!(parent: &j.span, "engine_forward", batch_rows = total))
@@ -223,7 +285,10 @@ fn run_batch(shared: &Shared, engine: &mut dyn Engine, queued: Vec<Queued>) {
             }
         }
         Err(e) => {
-            shared.counters.errors.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            shared
+                .counters
+                .errors
+                .fetch_add(jobs.len() as u64, Ordering::Relaxed);
             for job in jobs {
                 (job.reply)(Err(e.clone()));
             }
@@ -249,9 +314,14 @@ mod tests {
             &self.spec
         }
         fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
-            let crate::tensor::TensorData::F32(v) = &inputs[0].data else { unreachable!() };
+            let crate::tensor::TensorData::F32(v) = &inputs[0].data else {
+                unreachable!()
+            };
             self.seen.lock().unwrap().push(inputs[0].rows());
-            Ok(vec![Tensor::f32(inputs[0].shape.clone(), v.iter().map(|x| x * 2.0).collect())])
+            Ok(vec![Tensor::f32(
+                inputs[0].shape.clone(),
+                v.iter().map(|x| x * 2.0).collect(),
+            )])
         }
     }
 
@@ -263,14 +333,24 @@ mod tests {
             kind: InputKind::Fixed,
             also_accepts: vec![],
         };
-        (Box::new(Doubler { spec, seen: seen.clone() }), seen)
+        (
+            Box::new(Doubler {
+                spec,
+                seen: seen.clone(),
+            }),
+            seen,
+        )
     }
 
     #[test]
     fn closing_runs_every_queued_request_before_the_thread_ends() {
         let (engine, seen) = doubler();
         // A long max_delay: only closing can make these run promptly.
-        let cfg = BatcherConfig { max_batch_size: 8, max_delay: Duration::from_secs(3600), max_queue_depth: 16 };
+        let cfg = BatcherConfig {
+            max_batch_size: 8,
+            max_delay: Duration::from_secs(3600),
+            max_queue_depth: 16,
+        };
         let (runner, handle) = Runner::spawn(engine, cfg).unwrap();
         let (tx, rx) = mpsc::channel();
         for i in 0..3 {
@@ -284,14 +364,21 @@ mod tests {
         }
         runner.close();
         handle.join().unwrap();
-        let mut got: Vec<f32> = rx.try_iter().map(|r| match &r.unwrap()[0].data {
-            crate::tensor::TensorData::F32(v) => v[0],
-            _ => unreachable!(),
-        }).collect();
+        let mut got: Vec<f32> = rx
+            .try_iter()
+            .map(|r| match &r.unwrap()[0].data {
+                crate::tensor::TensorData::F32(v) => v[0],
+                _ => unreachable!(),
+            })
+            .collect();
         got.sort_by(f32::total_cmp);
         assert_eq!(got, vec![0.0, 2.0, 4.0]);
         assert_eq!(seen.lock().unwrap().as_slice(), &[3]);
-        let late = Job { inputs: vec![], reply: Box::new(|_| {}), span: tracing::Span::none() };
+        let late = Job {
+            inputs: vec![],
+            reply: Box::new(|_| {}),
+            span: tracing::Span::none(),
+        };
         assert!(matches!(runner.submit(late), Err(SubmitError::Closed(_))));
     }
 }

@@ -84,7 +84,10 @@ impl ModelSource {
                 let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
                 return Ok(Self::Local { dir, weights: path });
             }
-            return Ok(Self::Local { weights: path.join(WEIGHTS_FILE), dir: path });
+            return Ok(Self::Local {
+                weights: path.join(WEIGHTS_FILE),
+                dir: path,
+            });
         }
         if uri.starts_with("http://") || uri.starts_with("https://") {
             let without_query = uri.split(['?', '#']).next().unwrap_or(uri);
@@ -114,9 +117,16 @@ pub fn normalize_digest(hex: &str) -> Result<String, SourceError> {
 
 /// Lower-case hex sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String, SourceError> {
-    let read_err = |source| SourceError::Read { path: path.to_path_buf(), source };
+    let read_err = |source| SourceError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut f = std::fs::File::open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound { SourceError::Missing(path.to_path_buf()) } else { read_err(e) }
+        if e.kind() == std::io::ErrorKind::NotFound {
+            SourceError::Missing(path.to_path_buf())
+        } else {
+            read_err(e)
+        }
     })?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -128,6 +138,11 @@ pub fn sha256_file(path: &Path) -> Result<String, SourceError> {
         hasher.update(&buf[..n]);
     }
     Ok(hex(&hasher.finalize()))
+}
+
+/// Lower-case hex sha256 of a byte string (cache keys).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 /// Lower-case hex encoding.
@@ -146,7 +161,11 @@ pub fn verify_sha256(path: &Path, expected: Option<&str>) -> Result<(), SourceEr
     let expected = normalize_digest(expected)?;
     let actual = sha256_file(path)?;
     if actual != expected {
-        return Err(SourceError::DigestMismatch { path: path.to_path_buf(), expected, actual });
+        return Err(SourceError::DigestMismatch {
+            path: path.to_path_buf(),
+            expected,
+            actual,
+        });
     }
     Ok(())
 }
@@ -158,18 +177,31 @@ mod tests {
     #[test]
     fn a_file_uri_to_a_directory_uses_model_safetensors_inside_it() {
         let s = ModelSource::parse("file:///models/minilm").unwrap();
-        assert_eq!(s, ModelSource::Local { dir: "/models/minilm".into(), weights: "/models/minilm/model.safetensors".into() });
+        assert_eq!(
+            s,
+            ModelSource::Local {
+                dir: "/models/minilm".into(),
+                weights: "/models/minilm/model.safetensors".into()
+            }
+        );
     }
 
     #[test]
     fn a_file_uri_to_the_weights_uses_its_directory_for_config() {
         let s = ModelSource::parse("file:///m/x/model.safetensors").unwrap();
-        assert_eq!(s, ModelSource::Local { dir: "/m/x".into(), weights: "/m/x/model.safetensors".into() });
+        assert_eq!(
+            s,
+            ModelSource::Local {
+                dir: "/m/x".into(),
+                weights: "/m/x/model.safetensors".into()
+            }
+        );
     }
 
     #[test]
     fn an_http_uri_maps_to_sibling_config_and_pooling_files() {
-        let s = ModelSource::parse("https://h.example/models/minilm/model.safetensors?sig=1").unwrap();
+        let s =
+            ModelSource::parse("https://h.example/models/minilm/model.safetensors?sig=1").unwrap();
         assert_eq!(
             s,
             ModelSource::Remote {
@@ -182,8 +214,14 @@ mod tests {
 
     #[test]
     fn unsupported_schemes_and_non_safetensors_urls_are_refused() {
-        assert!(matches!(ModelSource::parse("s3://bucket/m"), Err(SourceError::Scheme(_))));
-        assert!(matches!(ModelSource::parse("https://h/m/"), Err(SourceError::NotSafetensors(_))));
+        assert!(matches!(
+            ModelSource::parse("s3://bucket/m"),
+            Err(SourceError::Scheme(_))
+        ));
+        assert!(matches!(
+            ModelSource::parse("https://h/m/"),
+            Err(SourceError::NotSafetensors(_))
+        ));
     }
 
     #[test]
@@ -195,11 +233,17 @@ mod tests {
         verify_sha256(&p, Some(good)).unwrap();
         let bad = "00".repeat(32);
         let err = verify_sha256(&p, Some(&bad)).unwrap_err().to_string();
-        assert!(err.contains("sha256 mismatch") && err.contains(good) && err.contains(&bad), "{err}");
+        assert!(
+            err.contains("sha256 mismatch") && err.contains(good) && err.contains(&bad),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_malformed_digest_is_refused_before_hashing() {
-        assert!(matches!(normalize_digest("xyz"), Err(SourceError::BadDigest(_))));
+        assert!(matches!(
+            normalize_digest("xyz"),
+            Err(SourceError::BadDigest(_))
+        ));
     }
 }

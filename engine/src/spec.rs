@@ -17,13 +17,21 @@ pub struct TensorSpec {
 impl TensorSpec {
     /// A spec from its parts.
     pub fn new(name: &str, datatype: DataType, dims: &[i64]) -> Self {
-        Self { name: name.to_owned(), datatype, dims: dims.to_vec() }
+        Self {
+            name: name.to_owned(),
+            datatype,
+            dims: dims.to_vec(),
+        }
     }
 
     /// Whether a concrete shape fits these dims (same rank, fixed dims equal).
     pub fn accepts_shape(&self, shape: &[usize]) -> bool {
         shape.len() == self.dims.len()
-            && self.dims.iter().zip(shape).all(|(&d, &s)| d < 0 || d as usize == s)
+            && self
+                .dims
+                .iter()
+                .zip(shape)
+                .all(|(&d, &s)| d < 0 || d as usize == s)
     }
 }
 
@@ -59,7 +67,10 @@ impl ModelSpec {
     /// Whether `dtype` is acceptable for input `name`.
     pub fn accepts_dtype(&self, name: &str, dtype: DataType) -> bool {
         self.input(name).is_some_and(|s| s.datatype == dtype)
-            || self.also_accepts.iter().any(|(n, d)| n == name && *d == dtype)
+            || self
+                .also_accepts
+                .iter()
+                .any(|(n, d)| n == name && *d == dtype)
     }
 }
 

@@ -89,17 +89,26 @@ pub struct Tensor {
 impl Tensor {
     /// An FP32 tensor. The caller guarantees `data.len() == shape.iter().product()`.
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        Self { shape, data: TensorData::F32(data) }
+        Self {
+            shape,
+            data: TensorData::F32(data),
+        }
     }
 
     /// An INT64 tensor.
     pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Self {
-        Self { shape, data: TensorData::I64(data) }
+        Self {
+            shape,
+            data: TensorData::I64(data),
+        }
     }
 
     /// A UINT8 tensor.
     pub fn u8(shape: Vec<usize>, data: Vec<u8>) -> Self {
-        Self { shape, data: TensorData::U8(data) }
+        Self {
+            shape,
+            data: TensorData::U8(data),
+        }
     }
 
     /// The element type.

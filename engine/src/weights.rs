@@ -53,19 +53,34 @@ impl Weights {
         let mut entries = HashMap::new();
         for (name, view) in st.tensors() {
             let data = if view.dtype() == Dtype::F32 {
-                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+                view.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
             } else {
                 Vec::new()
             };
-            entries.insert(name, Entry { shape: view.shape().to_vec(), dtype: view.dtype(), data });
+            entries.insert(
+                name,
+                Entry {
+                    shape: view.shape().to_vec(),
+                    dtype: view.dtype(),
+                    data,
+                },
+            );
         }
-        Ok(Self { entries, prefix: String::new() })
+        Ok(Self {
+            entries,
+            prefix: String::new(),
+        })
     }
 
     /// Looks names up under `prefix` when present in the file (e.g. `bert.`
     /// for checkpoints saved from `BertForMaskedLM`).
     pub fn with_prefix_if_present(mut self, prefix: &str, probe: &str) -> Self {
-        if !self.entries.contains_key(probe) && self.entries.contains_key(&format!("{prefix}{probe}")) {
+        if !self.entries.contains_key(probe)
+            && self.entries.contains_key(&format!("{prefix}{probe}"))
+        {
             self.prefix = prefix.to_owned();
         }
         self
@@ -79,9 +94,15 @@ impl Weights {
     /// Removes and returns tensor `name`, checking it has exactly `shape`.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, WeightsError> {
         let key = format!("{}{name}", self.prefix);
-        let entry = self.entries.get(&key).ok_or_else(|| WeightsError::Missing(name.to_owned()))?;
+        let entry = self
+            .entries
+            .get(&key)
+            .ok_or_else(|| WeightsError::Missing(name.to_owned()))?;
         if entry.dtype != Dtype::F32 {
-            return Err(WeightsError::Dtype { name: name.to_owned(), dtype: format!("{:?}", entry.dtype) });
+            return Err(WeightsError::Dtype {
+                name: name.to_owned(),
+                dtype: format!("{:?}", entry.dtype),
+            });
         }
         if entry.shape != shape {
             return Err(WeightsError::Shape {
@@ -90,7 +111,11 @@ impl Weights {
                 found: entry.shape.clone(),
             });
         }
-        Ok(self.entries.remove(&key).map(|e| e.data).unwrap_or_default())
+        Ok(self
+            .entries
+            .remove(&key)
+            .map(|e| e.data)
+            .unwrap_or_default())
     }
 }
 
@@ -111,7 +136,7 @@ pub(crate) mod tests {
             offset += n;
         }
         let mut h = serde_json::to_vec(&header).unwrap();
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -128,25 +153,40 @@ pub(crate) mod tests {
     fn taking_a_present_tensor_with_the_right_shape_returns_its_values() {
         let bytes = safetensors_bytes(&[("a.weight", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])]);
         let mut w = Weights::from_bytes(&bytes).unwrap();
-        assert_eq!(w.take("a.weight", &[2, 2]).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(
+            w.take("a.weight", &[2, 2]).unwrap(),
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
     }
 
     #[test]
     fn a_missing_tensor_is_named_in_the_error() {
         let bytes = safetensors_bytes(&[("a.weight", vec![1], vec![1.0])]);
-        let err = Weights::from_bytes(&bytes).unwrap().take("b.weight", &[1]).unwrap_err();
-        assert_eq!(err.to_string(), "missing tensor `b.weight` in model.safetensors");
+        let err = Weights::from_bytes(&bytes)
+            .unwrap()
+            .take("b.weight", &[1])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "missing tensor `b.weight` in model.safetensors"
+        );
     }
 
     #[test]
     fn a_mis_shaped_tensor_reports_both_shapes() {
         let bytes = safetensors_bytes(&[("a.weight", vec![2, 2], vec![0.0; 4])]);
-        let err = Weights::from_bytes(&bytes).unwrap().take("a.weight", &[4]).unwrap_err();
+        let err = Weights::from_bytes(&bytes)
+            .unwrap()
+            .take("a.weight", &[4])
+            .unwrap_err();
         assert!(err.to_string().contains("[2, 2]") && err.to_string().contains("[4]"));
     }
 
     #[test]
     fn garbage_bytes_are_a_format_error() {
-        assert!(matches!(Weights::from_bytes(b"definitely not safetensors"), Err(WeightsError::Format(_))));
+        assert!(matches!(
+            Weights::from_bytes(b"definitely not safetensors"),
+            Err(WeightsError::Format(_))
+        ));
     }
 }

@@ -10,11 +10,15 @@ use tandem_engine::load::{LoadError, LoadOptions, load_engine};
 use tandem_engine::{DataType, Tensor, TensorData};
 
 fn opts() -> LoadOptions {
-    LoadOptions { cpu_threads: 2, ..LoadOptions::default() }
+    LoadOptions {
+        cpu_threads: 2,
+        ..LoadOptions::default()
+    }
 }
 
 fn load(dir: &Path) -> tandem_engine::load::Loaded {
-    load_engine(dir, &dir.join("model.safetensors"), &opts()).unwrap_or_else(|e| panic!("load {}: {e}", dir.display()))
+    load_engine(dir, &dir.join("model.safetensors"), &opts())
+        .unwrap_or_else(|e| panic!("load {}: {e}", dir.display()))
 }
 
 fn f32s(t: &Tensor) -> &[f32] {
@@ -26,8 +30,10 @@ fn f32s(t: &Tensor) -> &[f32] {
 
 #[test]
 fn minilm_embeddings_match_the_sentence_transformers_reference_to_cosine_0_9999() {
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("minilm_embeddings.json")).unwrap()).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("minilm_embeddings.json")).unwrap(),
+    )
+    .unwrap();
     let sentences = fixture["sentences"].as_array().unwrap();
     let mut loaded = load(&common::model("minilm"));
     let spec = loaded.engine.spec().clone();
@@ -37,15 +43,26 @@ fn minilm_embeddings_match_the_sentence_transformers_reference_to_cosine_0_9999(
     // One padded batch of all sentences: the mask must make padding irrelevant.
     let ids: Vec<Vec<i64>> = sentences
         .iter()
-        .map(|s| s["input_ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect())
+        .map(|s| {
+            s["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect()
+        })
         .collect();
     let n = ids.len();
     let l = ids.iter().map(Vec::len).max().unwrap();
     let mut flat = Vec::new();
     let mut mask = Vec::new();
     for row in &ids {
-        flat.extend(row.iter().copied().chain(std::iter::repeat(0).take(l - row.len())));
-        mask.extend(std::iter::repeat(1).take(row.len()).chain(std::iter::repeat(0).take(l - row.len())));
+        flat.extend(
+            row.iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, l - row.len())),
+        );
+        mask.extend(std::iter::repeat_n(1, row.len()).chain(std::iter::repeat_n(0, l - row.len())));
     }
     let inputs = [
         Tensor::i64(vec![n, l], flat),
@@ -56,45 +73,77 @@ fn minilm_embeddings_match_the_sentence_transformers_reference_to_cosine_0_9999(
     assert_eq!(out[0].shape, vec![n, 384]);
     let got = f32s(&out[0]);
     for (i, s) in sentences.iter().enumerate() {
-        let want: Vec<f32> = s["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let want: Vec<f32> = s["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         let row = &got[i * 384..(i + 1) * 384];
         let dot: f32 = row.iter().zip(&want).map(|(a, b)| a * b).sum();
         let na: f32 = row.iter().map(|a| a * a).sum::<f32>().sqrt();
         let nb: f32 = want.iter().map(|a| a * a).sum::<f32>().sqrt();
         let cos = dot / (na * nb);
         assert!(cos >= 0.9999, "sentence {i} {:?}: cosine {cos}", s["text"]);
-        assert!((na - 1.0).abs() < 1e-4, "embedding {i} not normalized: {na}");
+        assert!(
+            (na - 1.0).abs() < 1e-4,
+            "embedding {i} not normalized: {na}"
+        );
     }
 }
 
 #[test]
 fn efficientnet_lite0_classifies_chelsea_like_the_pytorch_reference() {
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("efficientnet_chelsea.json")).unwrap()).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("efficientnet_chelsea.json")).unwrap(),
+    )
+    .unwrap();
     let image = std::fs::read(common::fixture("chelsea_224_u8.nchw")).unwrap();
     assert_eq!(image.len(), 3 * 224 * 224);
     let mut loaded = load(&common::model("efficientnet-lite0"));
     assert!(loaded.engine.spec().accepts_dtype("input", DataType::Uint8));
     // Two rows: UINT8 (normalized by the engine) must equal the same image as FP32.
-    let out = loaded.engine.forward(&[Tensor::u8(vec![1, 3, 224, 224], image.clone())]).unwrap();
+    let out = loaded
+        .engine
+        .forward(&[Tensor::u8(vec![1, 3, 224, 224], image.clone())])
+        .unwrap();
     assert_eq!(out[0].shape, vec![1, 1000]);
     let logits = f32s(&out[0]);
 
-    let want_logits: Vec<f32> = fixture["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-    let max_diff = logits.iter().zip(&want_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let want_logits: Vec<f32> = fixture["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let max_diff = logits
+        .iter()
+        .zip(&want_logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
     assert!(max_diff < 2e-3, "max |logit - reference| = {max_diff}");
 
     let mut order: Vec<usize> = (0..1000).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    let want_top5: Vec<usize> = fixture["top5"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let want_top5: Vec<usize> = fixture["top5"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
     assert_eq!(&order[..5], want_top5.as_slice(), "top-5 classes differ");
 }
 
 #[test]
 fn resnet50_with_random_weights_produces_finite_logits_of_the_right_shape() {
     let mut loaded = load(&common::model("resnet50"));
-    let x: Vec<f32> = (0..2 * 3 * 224 * 224).map(|i| ((i % 251) as f32 / 251.0) - 0.5).collect();
-    let out = loaded.engine.forward(&[Tensor::f32(vec![2, 3, 224, 224], x)]).unwrap();
+    let x: Vec<f32> = (0..2 * 3 * 224 * 224)
+        .map(|i| ((i % 251) as f32 / 251.0) - 0.5)
+        .collect();
+    let out = loaded
+        .engine
+        .forward(&[Tensor::f32(vec![2, 3, 224, 224], x)])
+        .unwrap();
     assert_eq!(out[0].shape, vec![2, 1000]);
     assert!(f32s(&out[0]).iter().all(|v| v.is_finite()));
     assert_eq!(loaded.engine.spec().outputs[0].name, "logits");
@@ -113,8 +162,14 @@ fn tiny_bert_dir(dir: &Path, drop: Option<&str>, reshape: Option<&str>) {
         ("embeddings.LayerNorm.bias".into(), vec![h]),
     ];
     for part in ["query", "key", "value"] {
-        tensors.push((format!("encoder.layer.0.attention.self.{part}.weight"), vec![h, h]));
-        tensors.push((format!("encoder.layer.0.attention.self.{part}.bias"), vec![h]));
+        tensors.push((
+            format!("encoder.layer.0.attention.self.{part}.weight"),
+            vec![h, h],
+        ));
+        tensors.push((
+            format!("encoder.layer.0.attention.self.{part}.bias"),
+            vec![h],
+        ));
     }
     for (n, s) in [
         ("attention.output.dense.weight", vec![h, h]),
@@ -144,10 +199,10 @@ fn tiny_bert_dir(dir: &Path, drop: Option<&str>, reshape: Option<&str>) {
         let n: usize = shape.iter().product::<usize>() * 4;
         header.insert(name, serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}));
         offset += n;
-        body.extend(std::iter::repeat(0u8).take(n));
+        body.extend(std::iter::repeat_n(0u8, n));
     }
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
@@ -163,7 +218,10 @@ fn tiny_bert_dir(dir: &Path, drop: Option<&str>, reshape: Option<&str>) {
 }
 
 fn load_err(dir: &Path, sha: Option<&str>) -> String {
-    let o = LoadOptions { sha256: sha.map(str::to_owned), ..opts() };
+    let o = LoadOptions {
+        sha256: sha.map(str::to_owned),
+        ..opts()
+    };
     match load_engine(dir, &dir.join("model.safetensors"), &o) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
@@ -181,7 +239,10 @@ fn a_tiny_valid_bert_loads_so_the_failures_below_are_caused_by_their_defect() {
 fn a_missing_weights_file_is_named_in_the_error() {
     let d = tempfile::tempdir().unwrap();
     let msg = load_err(d.path(), None);
-    assert!(msg.contains("model file not found") && msg.contains("model.safetensors"), "{msg}");
+    assert!(
+        msg.contains("model file not found") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -198,15 +259,25 @@ fn a_wrong_digest_names_the_expected_and_actual_sha256() {
     let d = tempfile::tempdir().unwrap();
     tiny_bert_dir(d.path(), None, None);
     let msg = load_err(d.path(), Some(&"ab".repeat(32)));
-    assert!(msg.contains("sha256 mismatch") && msg.contains(&"ab".repeat(32)), "{msg}");
+    assert!(
+        msg.contains("sha256 mismatch") && msg.contains(&"ab".repeat(32)),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_missing_tensor_is_named_in_the_error() {
     let d = tempfile::tempdir().unwrap();
-    tiny_bert_dir(d.path(), Some("encoder.layer.0.intermediate.dense.bias"), None);
+    tiny_bert_dir(
+        d.path(),
+        Some("encoder.layer.0.intermediate.dense.bias"),
+        None,
+    );
     let msg = load_err(d.path(), None);
-    assert!(msg.contains("missing tensor `encoder.layer.0.intermediate.dense.bias`"), "{msg}");
+    assert!(
+        msg.contains("missing tensor `encoder.layer.0.intermediate.dense.bias`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -214,33 +285,50 @@ fn a_mis_shaped_tensor_reports_the_expected_and_found_shapes() {
     let d = tempfile::tempdir().unwrap();
     tiny_bert_dir(d.path(), None, Some("embeddings.word_embeddings.weight"));
     let msg = load_err(d.path(), None);
-    assert!(msg.contains("embeddings.word_embeddings.weight") && msg.contains("[11, 4, 1]") && msg.contains("[10, 4]"), "{msg}");
+    assert!(
+        msg.contains("embeddings.word_embeddings.weight")
+            && msg.contains("[11, 4, 1]")
+            && msg.contains("[10, 4]"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn an_unsupported_architecture_is_named_in_the_error() {
     let d = tempfile::tempdir().unwrap();
     tiny_bert_dir(d.path(), None, None);
-    std::fs::write(d.path().join("config.json"), r#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#).unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        r#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#,
+    )
+    .unwrap();
     let msg = load_err(d.path(), None);
-    assert!(msg.contains("unsupported architecture") && msg.contains("llama"), "{msg}");
+    assert!(
+        msg.contains("unsupported architecture") && msg.contains("llama"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn cuda_without_a_usable_gpu_is_a_clear_error_unless_cpu_fallback_is_allowed() {
     let d = tempfile::tempdir().unwrap();
     tiny_bert_dir(d.path(), None, None);
-    let cuda = LoadOptions { device: tandem_engine::Device::Cuda, ..opts() };
+    let cuda = LoadOptions {
+        device: tandem_engine::Device::Cuda,
+        ..opts()
+    };
     match load_engine(d.path(), &d.path().join("model.safetensors"), &cuda) {
         Err(LoadError::CudaUnavailable(reason)) => assert!(!reason.is_empty()),
         Err(e) => panic!("unexpected error {e}"),
         // A machine with a GPU and the CUDA engine may load it; that is fine too.
         Ok(l) => assert_eq!(l.engine.device(), tandem_engine::Device::Cuda),
     }
-    let fallback = LoadOptions { allow_cpu_fallback: true, ..cuda };
+    let fallback = LoadOptions {
+        allow_cpu_fallback: true,
+        ..cuda
+    };
     let l = load_engine(d.path(), &d.path().join("model.safetensors"), &fallback).unwrap();
     if l.engine.device() == tandem_engine::Device::Cpu {
         assert!(l.fallback_reason.is_some());
     }
 }
-

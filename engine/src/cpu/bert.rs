@@ -43,8 +43,14 @@ impl Bert {
         let mut w = w.with_prefix_if_present("bert.", "embeddings.word_embeddings.weight");
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let word = w.take("embeddings.word_embeddings.weight", &[cfg.vocab_size, h])?;
-        let pos = w.take("embeddings.position_embeddings.weight", &[cfg.max_position_embeddings, h])?;
-        let token_type = w.take("embeddings.token_type_embeddings.weight", &[cfg.type_vocab_size, h])?;
+        let pos = w.take(
+            "embeddings.position_embeddings.weight",
+            &[cfg.max_position_embeddings, h],
+        )?;
+        let token_type = w.take(
+            "embeddings.token_type_embeddings.weight",
+            &[cfg.type_vocab_size, h],
+        )?;
         let ln_g = w.take("embeddings.LayerNorm.weight", &[h])?;
         let ln_b = w.take("embeddings.LayerNorm.bias", &[h])?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -71,7 +77,15 @@ impl Bert {
                 ln2_b: w.take(&format!("{p}output.LayerNorm.bias"), &[h])?,
             });
         }
-        Ok(Self { cfg: cfg.clone(), word, pos, token_type, ln_g, ln_b, layers })
+        Ok(Self {
+            cfg: cfg.clone(),
+            word,
+            pos,
+            token_type,
+            ln_g,
+            ln_b,
+            layers,
+        })
     }
 
     /// Hidden width (the embedding size).
@@ -104,10 +118,16 @@ impl Bert {
         for (row, dst) in x.chunks_exact_mut(h).enumerate() {
             let (id, ty) = (ids[row], types[row]);
             if id < 0 || id as usize >= c.vocab_size {
-                return Err(EngineError::InvalidInput(format!("input_ids value {id} outside vocabulary 0..{}", c.vocab_size)));
+                return Err(EngineError::InvalidInput(format!(
+                    "input_ids value {id} outside vocabulary 0..{}",
+                    c.vocab_size
+                )));
             }
             if ty < 0 || ty as usize >= c.type_vocab_size {
-                return Err(EngineError::InvalidInput(format!("token_type_ids value {ty} outside 0..{}", c.type_vocab_size)));
+                return Err(EngineError::InvalidInput(format!(
+                    "token_type_ids value {ty} outside 0..{}",
+                    c.type_vocab_size
+                )));
             }
             let wv = &self.word[id as usize * h..][..h];
             let pv = &self.pos[(row % l) * h..][..h];
@@ -123,24 +143,64 @@ impl Bert {
         let mut tmp = vec![0.0f32; t * h];
         let mut inter = vec![0.0f32; t * c.intermediate_size];
         for layer in &self.layers {
-            matmul(&mut qkv, &x, &layer.qkv_w, t, h, 3 * h, RhsLayout::NkTransposed, false, threads);
+            matmul(
+                &mut qkv,
+                &x,
+                &layer.qkv_w,
+                t,
+                h,
+                3 * h,
+                RhsLayout::NkTransposed,
+                false,
+                threads,
+            );
             add_bias(&mut qkv, &layer.qkv_b);
             attention(&qkv, mask, &mut ctx, l, h, c.num_heads, threads);
-            matmul(&mut tmp, &ctx, &layer.o_w, t, h, h, RhsLayout::NkTransposed, false, threads);
+            matmul(
+                &mut tmp,
+                &ctx,
+                &layer.o_w,
+                t,
+                h,
+                h,
+                RhsLayout::NkTransposed,
+                false,
+                threads,
+            );
             add_bias(&mut tmp, &layer.o_b);
             for (a, b) in x.iter_mut().zip(&tmp) {
                 *a += b;
             }
             layer_norm(&mut x, h, &layer.ln1_g, &layer.ln1_b, c.layer_norm_eps);
             let is = c.intermediate_size;
-            matmul(&mut inter, &x, &layer.i_w, t, h, is, RhsLayout::NkTransposed, false, threads);
+            matmul(
+                &mut inter,
+                &x,
+                &layer.i_w,
+                t,
+                h,
+                is,
+                RhsLayout::NkTransposed,
+                false,
+                threads,
+            );
             add_bias(&mut inter, &layer.i_b);
             if threads > 1 {
                 inter.par_chunks_mut(4096).for_each(gelu);
             } else {
                 gelu(&mut inter);
             }
-            matmul(&mut tmp, &inter, &layer.out_w, t, is, h, RhsLayout::NkTransposed, false, threads);
+            matmul(
+                &mut tmp,
+                &inter,
+                &layer.out_w,
+                t,
+                is,
+                h,
+                RhsLayout::NkTransposed,
+                false,
+                threads,
+            );
             add_bias(&mut tmp, &layer.out_b);
             for (a, b) in x.iter_mut().zip(&tmp) {
                 *a += b;
@@ -171,7 +231,15 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Multi-head self-attention over `qkv` (`[n*l, 3h]`, Q|K|V), writing `[n*l, h]`.
 /// Keys with mask 0 get no weight; padded query rows produce zeros (they are
 /// never pooled).
-fn attention(qkv: &[f32], mask: &[i64], ctx: &mut [f32], l: usize, h: usize, heads: usize, threads: usize) {
+fn attention(
+    qkv: &[f32],
+    mask: &[i64],
+    ctx: &mut [f32],
+    l: usize,
+    h: usize,
+    heads: usize,
+    threads: usize,
+) {
     let d = h / heads;
     let scale = 1.0 / (d as f32).sqrt();
     let per_seq = |(b, out): (usize, &mut [f32])| {
@@ -209,7 +277,14 @@ fn attention(qkv: &[f32], mask: &[i64], ctx: &mut [f32], l: usize, h: usize, hea
 
 /// Pools token states into one vector per sequence and L2-normalizes it
 /// (`x / max(‖x‖, 1e-12)`, as `torch.nn.functional.normalize`).
-fn pool_and_normalize(x: &[f32], mask: &[i64], n: usize, l: usize, h: usize, pooling: Pooling) -> Vec<f32> {
+fn pool_and_normalize(
+    x: &[f32],
+    mask: &[i64],
+    n: usize,
+    l: usize,
+    h: usize,
+    pooling: Pooling,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; n * h];
     for (b, dst) in out.chunks_exact_mut(h).enumerate() {
         match pooling {

@@ -32,7 +32,10 @@ pub fn matmul(
     accumulate: bool,
     threads: usize,
 ) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul: slice shorter than m/k/n");
+    assert!(
+        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "matmul: slice shorter than m/k/n"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -46,7 +49,11 @@ pub fn matmul(
         RhsLayout::Kn => (n as isize, 1),
         RhsLayout::NkTransposed => (1, k as isize),
     };
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: the assert above guarantees every element addressed by
     // (m, n, k) and the row-major strides lies inside `c`, `a` and `b`;
     // `c` is exclusively borrowed and does not alias the inputs.
@@ -113,7 +120,17 @@ mod tests {
     #[test]
     fn accumulate_adds_to_the_existing_output() {
         let mut c = vec![1.0; 4];
-        matmul(&mut c, &[1.0, 0.0, 0.0, 1.0], &[2.0, 0.0, 0.0, 2.0], 2, 2, 2, RhsLayout::Kn, true, 1);
+        matmul(
+            &mut c,
+            &[1.0, 0.0, 0.0, 1.0],
+            &[2.0, 0.0, 0.0, 2.0],
+            2,
+            2,
+            2,
+            RhsLayout::Kn,
+            true,
+            1,
+        );
         assert_eq!(c, vec![3.0, 1.0, 1.0, 3.0]);
     }
 }

@@ -39,11 +39,20 @@ pub struct CpuEngine {
 
 impl CpuEngine {
     /// Builds the CPU model for `arch` from `weights`, using `threads` threads.
-    pub fn new(arch: &Architecture, spec: ModelSpec, weights: Weights, threads: usize) -> Result<Self, CpuBuildError> {
+    pub fn new(
+        arch: &Architecture,
+        spec: ModelSpec,
+        weights: Weights,
+        threads: usize,
+    ) -> Result<Self, CpuBuildError> {
         let model = match arch {
             Architecture::Bert(c) => Model::Bert(bert::Bert::load(c, weights)?),
-            Architecture::EfficientNetLite0(v) => Model::EfficientNet(vision::EfficientNetLite0::load(v, weights)?, v.clone()),
-            Architecture::ResNet { vision: v, depths } => Model::ResNet(vision::ResNet::load(v, *depths, weights)?, v.clone()),
+            Architecture::EfficientNetLite0(v) => {
+                Model::EfficientNet(vision::EfficientNetLite0::load(v, weights)?, v.clone())
+            }
+            Architecture::ResNet { vision: v, depths } => {
+                Model::ResNet(vision::ResNet::load(v, *depths, weights)?, v.clone())
+            }
         };
         let threads = threads.max(1);
         let pool = rayon::ThreadPoolBuilder::new()
@@ -51,7 +60,12 @@ impl CpuEngine {
             .thread_name(|i| format!("tandem-cpu-{i}"))
             .build()
             .map_err(|e| CpuBuildError::ThreadPool(e.to_string()))?;
-        Ok(Self { model, spec, threads, pool })
+        Ok(Self {
+            model,
+            spec,
+            threads,
+            pool,
+        })
     }
 }
 
@@ -72,16 +86,25 @@ impl Engine for CpuEngine {
         match &self.model {
             Model::Bert(m) => {
                 let [ids, mask, types] = inputs else {
-                    return Err(EngineError::InvalidInput("expected input_ids, attention_mask, token_type_ids".into()));
+                    return Err(EngineError::InvalidInput(
+                        "expected input_ids, attention_mask, token_type_ids".into(),
+                    ));
                 };
                 let (n, l) = match ids.shape[..] {
                     [n, l] => (n, l),
                     _ => return Err(EngineError::InvalidInput("input_ids must be [N, L]".into())),
                 };
                 if mask.shape != ids.shape || types.shape != ids.shape {
-                    return Err(EngineError::InvalidInput("input_ids, attention_mask and token_type_ids must have the same shape".into()));
+                    return Err(EngineError::InvalidInput(
+                        "input_ids, attention_mask and token_type_ids must have the same shape"
+                            .into(),
+                    ));
                 }
-                let (a, b, c) = (i64s(ids, "input_ids")?, i64s(mask, "attention_mask")?, i64s(types, "token_type_ids")?);
+                let (a, b, c) = (
+                    i64s(ids, "input_ids")?,
+                    i64s(mask, "attention_mask")?,
+                    i64s(types, "token_type_ids")?,
+                );
                 let out = self.pool.install(|| m.forward(a, b, c, n, l, threads))?;
                 Ok(vec![Tensor::f32(vec![n, m.hidden_size()], out)])
             }
@@ -92,7 +115,10 @@ impl Engine for CpuEngine {
                 let s = v.image_size;
                 let n = x.rows();
                 if x.shape != [n, vision::CHANNELS, s, s] || !x.is_consistent() {
-                    return Err(EngineError::InvalidInput(format!("input must be [N, 3, {s}, {s}], got {:?}", x.shape)));
+                    return Err(EngineError::InvalidInput(format!(
+                        "input must be [N, 3, {s}, {s}], got {:?}",
+                        x.shape
+                    )));
                 }
                 let xf = vision::to_f32(&x.data, &v.norm, s * s);
                 let out = self.pool.install(|| match &self.model {

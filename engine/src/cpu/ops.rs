@@ -1,6 +1,6 @@
-//! The CPU engine's own ops: normalization, activations, convolutions (im2col
-//! + GEMM, depthwise direct), pooling. Layouts are row-major; images are CHW
-//! per sample.
+//! The CPU engine's own ops: normalization, activations, convolutions
+//! (im2col then GEMM; depthwise direct), pooling. Layouts are row-major;
+//! images are CHW per sample.
 
 use rayon::prelude::*;
 
@@ -33,14 +33,17 @@ pub fn erf(x: f32) -> f32 {
     let x = f64::from(x);
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * (-z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-        .exp();
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
     (if x >= 0.0 { 1.0 - r } else { r - 1.0 }) as f32
 }
 
@@ -112,7 +115,15 @@ pub struct Conv {
 
 /// Folds inference BatchNorm (`gamma`, `beta`, running `mean`/`var`, `eps`)
 /// into a bias-less conv weight `[cout, ...]`; returns the new bias.
-pub fn fold_bn(weight: &mut [f32], cout: usize, gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32) -> Vec<f32> {
+pub fn fold_bn(
+    weight: &mut [f32],
+    cout: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+) -> Vec<f32> {
     let per = weight.len() / cout;
     let mut bias = Vec::with_capacity(cout);
     for o in 0..cout {
@@ -128,11 +139,20 @@ pub fn fold_bn(weight: &mut [f32], cout: usize, gamma: &[f32], beta: &[f32], mea
 impl Conv {
     /// Output spatial size for an input of `h × w`.
     pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
-        ((h + 2 * self.pad - self.k) / self.stride + 1, (w + 2 * self.pad - self.k) / self.stride + 1)
+        (
+            (h + 2 * self.pad - self.k) / self.stride + 1,
+            (w + 2 * self.pad - self.k) / self.stride + 1,
+        )
     }
 
     /// Runs the conv on one CHW image; `threads > 1` parallelizes inside.
-    pub fn forward(&self, x: &[f32], h: usize, w: usize, threads: usize) -> (Vec<f32>, usize, usize) {
+    pub fn forward(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        threads: usize,
+    ) -> (Vec<f32>, usize, usize) {
         let (ho, wo) = self.out_hw(h, w);
         let mut out = vec![0.0f32; self.cout * ho * wo];
         if self.depthwise {
@@ -147,7 +167,17 @@ impl Conv {
                 cols_buf = im2col(x, self.cin, h, w, self.k, self.stride, self.pad, ho, wo);
                 &cols_buf
             };
-            matmul(&mut out, &self.weight, cols, self.cout, kk, ho * wo, RhsLayout::Kn, false, threads);
+            matmul(
+                &mut out,
+                &self.weight,
+                cols,
+                self.cout,
+                kk,
+                ho * wo,
+                RhsLayout::Kn,
+                false,
+                threads,
+            );
             let hw = ho * wo;
             let finish = |(o, plane): (usize, &mut [f32])| {
                 let b = self.bias[o];
@@ -165,7 +195,16 @@ impl Conv {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn depthwise_into(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], ho: usize, wo: usize, threads: usize) {
+    fn depthwise_into(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        out: &mut [f32],
+        ho: usize,
+        wo: usize,
+        threads: usize,
+    ) {
         let (k, s, p) = (self.k, self.stride, self.pad);
         let channel = |(c, dst): (usize, &mut [f32])| {
             let src = &x[c * h * w..(c + 1) * h * w];
@@ -201,7 +240,17 @@ impl Conv {
 
 /// Unfolds a CHW image into `[cin*k*k, ho*wo]` columns (zero padding).
 #[allow(clippy::too_many_arguments)]
-pub fn im2col(x: &[f32], cin: usize, h: usize, w: usize, k: usize, s: usize, p: usize, ho: usize, wo: usize) -> Vec<f32> {
+pub fn im2col(
+    x: &[f32],
+    cin: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    ho: usize,
+    wo: usize,
+) -> Vec<f32> {
     let mut cols = vec![0.0f32; cin * k * k * ho * wo];
     for c in 0..cin {
         let src = &x[c * h * w..(c + 1) * h * w];
@@ -256,7 +305,9 @@ pub fn max_pool_3x3_s2(x: &[f32], c: usize, h: usize, w: usize) -> (Vec<f32>, us
 
 /// Global average pooling of a CHW image into `c` values.
 pub fn global_avg_pool(x: &[f32], c: usize, hw: usize) -> Vec<f32> {
-    (0..c).map(|ch| x[ch * hw..(ch + 1) * hw].iter().sum::<f32>() / hw as f32).collect()
+    (0..c)
+        .map(|ch| x[ch * hw..(ch + 1) * hw].iter().sum::<f32>() / hw as f32)
+        .collect()
 }
 
 #[cfg(test)]
@@ -265,8 +316,18 @@ mod tests {
 
     #[test]
     fn erf_matches_known_values() {
-        for (x, want) in [(0.0f32, 0.0f32), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (-2.0, -0.995_322_3), (3.0, 0.999_977_9)] {
-            assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {} want {want}", erf(x));
+        for (x, want) in [
+            (0.0f32, 0.0f32),
+            (0.5, 0.520_499_9),
+            (1.0, 0.842_700_8),
+            (-2.0, -0.995_322_3),
+            (3.0, 0.999_977_9),
+        ] {
+            assert!(
+                (erf(x) - want).abs() < 2e-7,
+                "erf({x}) = {} want {want}",
+                erf(x)
+            );
         }
     }
 
@@ -294,7 +355,11 @@ mod tests {
             for oy in 0..ho {
                 for ox in 0..wo {
                     let mut acc = conv.bias[o];
-                    let chans: Vec<usize> = if conv.depthwise { vec![o] } else { (0..cin).collect() };
+                    let chans: Vec<usize> = if conv.depthwise {
+                        vec![o]
+                    } else {
+                        (0..cin).collect()
+                    };
                     for (ci_idx, &ci) in chans.iter().enumerate() {
                         for ky in 0..conv.k {
                             for kx in 0..conv.k {
@@ -326,7 +391,9 @@ mod tests {
             stride,
             pad: k / 2,
             depthwise,
-            weight: (0..cout * per).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect(),
+            weight: (0..cout * per)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                .collect(),
             bias: (0..cout).map(|i| i as f32 * 0.01).collect(),
             act: Act::Relu6,
         }
@@ -336,7 +403,12 @@ mod tests {
     fn dense_and_depthwise_convs_match_a_naive_convolution() {
         let (cin, h, w) = (4, 9, 7);
         let x: Vec<f32> = (0..cin * h * w).map(|i| (i as f32 * 0.3).sin()).collect();
-        for c in [conv(cin, 5, 3, 2, false), conv(cin, 6, 1, 1, false), conv(cin, cin, 5, 2, true), conv(cin, cin, 3, 1, true)] {
+        for c in [
+            conv(cin, 5, 3, 2, false),
+            conv(cin, 6, 1, 1, false),
+            conv(cin, cin, 5, 2, true),
+            conv(cin, cin, 3, 1, true),
+        ] {
             let want = naive_conv(&x, cin, h, w, &c);
             for threads in [1, 2] {
                 let (got, _, _) = c.forward(&x, h, w, threads);
@@ -351,7 +423,15 @@ mod tests {
     #[test]
     fn folding_batch_norm_equals_applying_it_after_the_conv() {
         let mut wt = vec![1.0, 2.0, 3.0, 4.0];
-        let bias = fold_bn(&mut wt, 2, &[2.0, 0.5], &[1.0, -1.0], &[0.5, 1.0], &[4.0, 0.25], 0.0);
+        let bias = fold_bn(
+            &mut wt,
+            2,
+            &[2.0, 0.5],
+            &[1.0, -1.0],
+            &[0.5, 1.0],
+            &[4.0, 0.25],
+            0.0,
+        );
         // channel 0: scale 2/2 = 1; channel 1: scale 0.5/0.5 = 1
         assert_eq!(wt, vec![1.0, 2.0, 3.0, 4.0]);
         assert_eq!(bias, vec![0.5, -2.0]);

@@ -31,7 +31,17 @@ fn conv_bn(
     let mean = w.take(&format!("{bn}.running_mean"), &[cout])?;
     let var = w.take(&format!("{bn}.running_var"), &[cout])?;
     let bias = fold_bn(&mut weight, cout, &gamma, &beta, &mean, &var, eps);
-    Ok(Conv { cout, cin, k, stride, pad: k / 2, depthwise, weight, bias, act })
+    Ok(Conv {
+        cout,
+        cin,
+        k,
+        stride,
+        pad: k / 2,
+        depthwise,
+        weight,
+        bias,
+        act,
+    })
 }
 
 /// Converts an image batch to normalized FP32 NCHW.
@@ -53,7 +63,13 @@ pub fn to_f32(data: &TensorData, norm: &ImageNorm, hw: usize) -> Vec<f32> {
 /// Runs `features` (one CHW image → pooled features) over a batch: images in
 /// parallel when there are at least as many as threads, otherwise one after the
 /// other with parallel ops inside.
-fn batch_features<F>(x: &[f32], n: usize, image: usize, threads: usize, features: F) -> Vec<Vec<f32>>
+fn batch_features<F>(
+    x: &[f32],
+    n: usize,
+    image: usize,
+    threads: usize,
+    features: F,
+) -> Vec<Vec<f32>>
 where
     F: Fn(&[f32], usize) -> Vec<f32> + Sync,
 {
@@ -64,12 +80,28 @@ where
     }
 }
 
-fn classify(fc_w: &[f32], fc_b: &[f32], feats: &[Vec<f32>], classes: usize, threads: usize) -> Vec<f32> {
+fn classify(
+    fc_w: &[f32],
+    fc_b: &[f32],
+    feats: &[Vec<f32>],
+    classes: usize,
+    threads: usize,
+) -> Vec<f32> {
     let n = feats.len();
     let dim = feats.first().map_or(0, Vec::len);
     let flat: Vec<f32> = feats.iter().flatten().copied().collect();
     let mut out = vec![0.0f32; n * classes];
-    matmul(&mut out, &flat, fc_w, n, dim, classes, RhsLayout::NkTransposed, false, threads);
+    matmul(
+        &mut out,
+        &flat,
+        fc_w,
+        n,
+        dim,
+        classes,
+        RhsLayout::NkTransposed,
+        false,
+        threads,
+    );
     super::ops::add_bias(&mut out, fc_b);
     out
 }
@@ -106,7 +138,15 @@ impl EfficientNetLite0 {
     /// Takes the converted checkpoint's tensors (`_conv_stem`, `_blocks.N.*`, `_fc`).
     pub fn load(cfg: &VisionConfig, mut w: Weights) -> Result<Self, WeightsError> {
         let eps = cfg.bn_eps;
-        let stem = conv_bn(&mut w, "_conv_stem", "_bn0", (3, 32, 3, 2), false, Act::Relu6, eps)?;
+        let stem = conv_bn(
+            &mut w,
+            "_conv_stem",
+            "_bn0",
+            (3, 32, 3, 2),
+            false,
+            Act::Relu6,
+            eps,
+        )?;
         let mut blocks = Vec::new();
         for (reps, k, stride, expand, cin0, cout) in LITE0_STAGES {
             for r in 0..reps {
@@ -114,19 +154,63 @@ impl EfficientNetLite0 {
                 let p = format!("_blocks.{}", blocks.len());
                 let mid = cin * expand;
                 let expand_conv = if expand != 1 {
-                    Some(conv_bn(&mut w, &format!("{p}._expand_conv"), &format!("{p}._bn0"), (cin, mid, 1, 1), false, Act::Relu6, eps)?)
+                    Some(conv_bn(
+                        &mut w,
+                        &format!("{p}._expand_conv"),
+                        &format!("{p}._bn0"),
+                        (cin, mid, 1, 1),
+                        false,
+                        Act::Relu6,
+                        eps,
+                    )?)
                 } else {
                     None
                 };
-                let dw = conv_bn(&mut w, &format!("{p}._depthwise_conv"), &format!("{p}._bn1"), (mid, mid, k, s), true, Act::Relu6, eps)?;
-                let project = conv_bn(&mut w, &format!("{p}._project_conv"), &format!("{p}._bn2"), (mid, cout, 1, 1), false, Act::None, eps)?;
-                blocks.push(MbBlock { expand: expand_conv, depthwise: dw, project, skip: s == 1 && cin == cout });
+                let dw = conv_bn(
+                    &mut w,
+                    &format!("{p}._depthwise_conv"),
+                    &format!("{p}._bn1"),
+                    (mid, mid, k, s),
+                    true,
+                    Act::Relu6,
+                    eps,
+                )?;
+                let project = conv_bn(
+                    &mut w,
+                    &format!("{p}._project_conv"),
+                    &format!("{p}._bn2"),
+                    (mid, cout, 1, 1),
+                    false,
+                    Act::None,
+                    eps,
+                )?;
+                blocks.push(MbBlock {
+                    expand: expand_conv,
+                    depthwise: dw,
+                    project,
+                    skip: s == 1 && cin == cout,
+                });
             }
         }
-        let head = conv_bn(&mut w, "_conv_head", "_bn1", (320, 1280, 1, 1), false, Act::Relu6, eps)?;
+        let head = conv_bn(
+            &mut w,
+            "_conv_head",
+            "_bn1",
+            (320, 1280, 1, 1),
+            false,
+            Act::Relu6,
+            eps,
+        )?;
         let fc_w = w.take("_fc.weight", &[cfg.num_classes, 1280])?;
         let fc_b = w.take("_fc.bias", &[cfg.num_classes])?;
-        Ok(Self { cfg: cfg.clone(), stem, blocks, head, fc_w, fc_b })
+        Ok(Self {
+            cfg: cfg.clone(),
+            stem,
+            blocks,
+            head,
+            fc_w,
+            fc_b,
+        })
     }
 
     fn features(&self, img: &[f32], threads: usize) -> Vec<f32> {
@@ -155,7 +239,13 @@ impl EfficientNetLite0 {
     pub fn forward(&self, x: &[f32], n: usize, threads: usize) -> Vec<f32> {
         let image = CHANNELS * self.cfg.image_size * self.cfg.image_size;
         let feats = batch_features(x, n, image, threads, |img, t| self.features(img, t));
-        classify(&self.fc_w, &self.fc_b, &feats, self.cfg.num_classes, threads)
+        classify(
+            &self.fc_w,
+            &self.fc_b,
+            &feats,
+            self.cfg.num_classes,
+            threads,
+        )
     }
 }
 
@@ -177,7 +267,11 @@ pub struct ResNet {
 
 impl ResNet {
     /// Takes torchvision-named tensors (`conv1`, `layerN.M.*`, `fc`).
-    pub fn load(cfg: &VisionConfig, depths: [usize; 4], mut w: Weights) -> Result<Self, WeightsError> {
+    pub fn load(
+        cfg: &VisionConfig,
+        depths: [usize; 4],
+        mut w: Weights,
+    ) -> Result<Self, WeightsError> {
         let eps = cfg.bn_eps;
         let mut stem = conv_bn(&mut w, "conv1", "bn1", (3, 64, 7, 2), false, Act::Relu, eps)?;
         stem.pad = 3;
@@ -188,21 +282,64 @@ impl ResNet {
             for b in 0..depth {
                 let p = format!("layer{}.{b}", stage + 1);
                 let stride = if b == 0 && stage > 0 { 2 } else { 1 };
-                let conv1 = conv_bn(&mut w, &format!("{p}.conv1"), &format!("{p}.bn1"), (cin, width, 1, 1), false, Act::Relu, eps)?;
-                let conv2 = conv_bn(&mut w, &format!("{p}.conv2"), &format!("{p}.bn2"), (width, width, 3, stride), false, Act::Relu, eps)?;
-                let conv3 = conv_bn(&mut w, &format!("{p}.conv3"), &format!("{p}.bn3"), (width, width * 4, 1, 1), false, Act::None, eps)?;
+                let conv1 = conv_bn(
+                    &mut w,
+                    &format!("{p}.conv1"),
+                    &format!("{p}.bn1"),
+                    (cin, width, 1, 1),
+                    false,
+                    Act::Relu,
+                    eps,
+                )?;
+                let conv2 = conv_bn(
+                    &mut w,
+                    &format!("{p}.conv2"),
+                    &format!("{p}.bn2"),
+                    (width, width, 3, stride),
+                    false,
+                    Act::Relu,
+                    eps,
+                )?;
+                let conv3 = conv_bn(
+                    &mut w,
+                    &format!("{p}.conv3"),
+                    &format!("{p}.bn3"),
+                    (width, width * 4, 1, 1),
+                    false,
+                    Act::None,
+                    eps,
+                )?;
                 let downsample = if b == 0 {
-                    Some(conv_bn(&mut w, &format!("{p}.downsample.0"), &format!("{p}.downsample.1"), (cin, width * 4, 1, stride), false, Act::None, eps)?)
+                    Some(conv_bn(
+                        &mut w,
+                        &format!("{p}.downsample.0"),
+                        &format!("{p}.downsample.1"),
+                        (cin, width * 4, 1, stride),
+                        false,
+                        Act::None,
+                        eps,
+                    )?)
                 } else {
                     None
                 };
-                blocks.push(Bottleneck { conv1, conv2, conv3, downsample });
+                blocks.push(Bottleneck {
+                    conv1,
+                    conv2,
+                    conv3,
+                    downsample,
+                });
                 cin = width * 4;
             }
         }
         let fc_w = w.take("fc.weight", &[cfg.num_classes, cin])?;
         let fc_b = w.take("fc.bias", &[cfg.num_classes])?;
-        Ok(Self { cfg: cfg.clone(), stem, blocks, fc_w, fc_b })
+        Ok(Self {
+            cfg: cfg.clone(),
+            stem,
+            blocks,
+            fc_w,
+            fc_b,
+        })
     }
 
     fn features(&self, img: &[f32], threads: usize) -> Vec<f32> {
@@ -230,6 +367,12 @@ impl ResNet {
     pub fn forward(&self, x: &[f32], n: usize, threads: usize) -> Vec<f32> {
         let image = CHANNELS * self.cfg.image_size * self.cfg.image_size;
         let feats = batch_features(x, n, image, threads, |img, t| self.features(img, t));
-        classify(&self.fc_w, &self.fc_b, &feats, self.cfg.num_classes, threads)
+        classify(
+            &self.fc_w,
+            &self.fc_b,
+            &feats,
+            self.cfg.num_classes,
+            threads,
+        )
     }
 }

@@ -24,7 +24,9 @@ use crate::tensor::Tensor;
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
     /// A CUDA library could not be loaded.
-    #[error("{0} not found (is the NVIDIA driver / CUDA 13 runtime installed and on LD_LIBRARY_PATH?)")]
+    #[error(
+        "{0} not found (is the NVIDIA driver / CUDA 13 runtime installed and on LD_LIBRARY_PATH?)"
+    )]
     LibraryMissing(&'static str),
     /// The driver refused (no device, driver too old...).
     #[error("CUDA driver error: {0}")]
@@ -60,9 +62,14 @@ pub struct CudaEngine {
 
 impl CudaEngine {
     /// Probes the GPU and prepares `arch` on device 0.
-    pub fn new(arch: &Architecture, spec: ModelSpec, kernel_cache_dir: Option<PathBuf>) -> Result<Self, CudaError> {
+    pub fn new(
+        arch: &Architecture,
+        spec: ModelSpec,
+        kernel_cache_dir: Option<PathBuf>,
+    ) -> Result<Self, CudaError> {
         probe_libraries()?;
-        let ctx = cudarc::driver::CudaContext::new(0).map_err(|e| CudaError::Driver(e.to_string()))?;
+        let ctx =
+            cudarc::driver::CudaContext::new(0).map_err(|e| CudaError::Driver(e.to_string()))?;
         let _ = (&spec, kernel_cache_dir, &ctx);
         Err(CudaError::NotImplemented(arch.name()))
     }

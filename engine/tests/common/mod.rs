@@ -11,7 +11,9 @@ pub fn models_dir() -> PathBuf {
     }
     let cache = std::env::var("TANDEM_CACHE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/tandem"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/tandem")
+        });
     cache.join("models")
 }
 
@@ -28,5 +30,7 @@ pub fn model(name: &str) -> PathBuf {
 
 /// A committed fixture under tests/python/inference/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/inference/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/python/inference/fixtures")
+        .join(name)
 }

@@ -79,19 +79,35 @@ pub struct RawInput {
 
 fn decode_raw(name: &str, dtype: DataType, bytes: &[u8]) -> Result<TensorData, ConvertError> {
     let size = dtype.size();
-    if bytes.len() % size != 0 {
-        return Err(ConvertError::Size { name: name.into(), expected: bytes.len() / size + 1, got: bytes.len() / size });
+    if !bytes.len().is_multiple_of(size) {
+        return Err(ConvertError::Size {
+            name: name.into(),
+            expected: bytes.len() / size + 1,
+            got: bytes.len() / size,
+        });
     }
     Ok(match dtype {
-        DataType::Fp32 => TensorData::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        DataType::Fp32 => TensorData::F32(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
         DataType::Int64 => TensorData::I64(
-            bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect(),
+            bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
         ),
         DataType::Uint8 => TensorData::U8(bytes.to_vec()),
     })
 }
 
-fn decode_typed(name: &str, dtype: DataType, c: &InferTensorContents) -> Result<TensorData, ConvertError> {
+fn decode_typed(
+    name: &str,
+    dtype: DataType,
+    c: &InferTensorContents,
+) -> Result<TensorData, ConvertError> {
     let out = match dtype {
         DataType::Fp32 => TensorData::F32(c.fp32_contents.clone()),
         DataType::Int64 => TensorData::I64(c.int64_contents.clone()),
@@ -99,7 +115,11 @@ fn decode_typed(name: &str, dtype: DataType, c: &InferTensorContents) -> Result<
         DataType::Uint8 => TensorData::U8(
             c.uint_contents
                 .iter()
-                .map(|v| u8::try_from(*v).map_err(|_| ConvertError::Inconsistent(format!("input {name:?}: UINT8 value {v} > 255"))))
+                .map(|v| {
+                    u8::try_from(*v).map_err(|_| {
+                        ConvertError::Inconsistent(format!("input {name:?}: UINT8 value {v} > 255"))
+                    })
+                })
                 .collect::<Result<_, _>>()?,
         ),
     };
@@ -110,7 +130,10 @@ fn decode_typed(name: &str, dtype: DataType, c: &InferTensorContents) -> Result<
 pub fn decode_inputs(req: &ModelInferRequest) -> Result<Vec<RawInput>, ConvertError> {
     let raw = &req.raw_input_contents;
     if !raw.is_empty() && raw.len() != req.inputs.len() {
-        return Err(ConvertError::RawCount { expected: req.inputs.len(), got: raw.len() });
+        return Err(ConvertError::RawCount {
+            expected: req.inputs.len(),
+            got: raw.len(),
+        });
     }
     req.inputs
         .iter()
@@ -123,9 +146,18 @@ pub fn decode_inputs(req: &ModelInferRequest) -> Result<Vec<RawInput>, ConvertEr
             })?;
             let data = match raw.get(i) {
                 Some(bytes) => decode_raw(&input.name, dtype, bytes)?,
-                None => decode_typed(&input.name, dtype, &input.contents.clone().unwrap_or_default())?,
+                None => decode_typed(
+                    &input.name,
+                    dtype,
+                    &input.contents.clone().unwrap_or_default(),
+                )?,
             };
-            Ok(RawInput { name: input.name.clone(), datatype: input.datatype.clone(), shape: input.shape.clone(), data })
+            Ok(RawInput {
+                name: input.name.clone(),
+                datatype: input.datatype.clone(),
+                shape: input.shape.clone(),
+                data,
+            })
         })
         .collect()
 }
@@ -133,7 +165,10 @@ pub fn decode_inputs(req: &ModelInferRequest) -> Result<Vec<RawInput>, ConvertEr
 /// Orders and checks decoded inputs against `spec`. A sequence model's
 /// `token_type_ids` may be left out (zeros are used, as BERT tokenizers produce
 /// for single sentences).
-pub fn to_engine_inputs(spec: &ModelSpec, mut inputs: Vec<RawInput>) -> Result<Vec<Tensor>, ConvertError> {
+pub fn to_engine_inputs(
+    spec: &ModelSpec,
+    mut inputs: Vec<RawInput>,
+) -> Result<Vec<Tensor>, ConvertError> {
     if let Some(extra) = inputs.iter().find(|i| spec.input(&i.name).is_none()) {
         return Err(ConvertError::UnknownInput(extra.name.clone()));
     }
@@ -160,25 +195,41 @@ pub fn to_engine_inputs(spec: &ModelSpec, mut inputs: Vec<RawInput>) -> Result<V
                 expected: s.datatype.as_str().into(),
             });
         }
-        if input.shape.iter().any(|d| *d < 0) || !s.accepts_shape(&input.shape.iter().map(|d| *d as usize).collect::<Vec<_>>()) {
-            return Err(ConvertError::Shape { name: s.name.clone(), got: input.shape, expected: s.dims.clone() });
+        if input.shape.iter().any(|d| *d < 0)
+            || !s.accepts_shape(&input.shape.iter().map(|d| *d as usize).collect::<Vec<_>>())
+        {
+            return Err(ConvertError::Shape {
+                name: s.name.clone(),
+                got: input.shape,
+                expected: s.dims.clone(),
+            });
         }
         let shape: Vec<usize> = input.shape.iter().map(|d| *d as usize).collect();
         let numel: usize = shape.iter().product();
         if numel != input.data.len() {
-            return Err(ConvertError::Size { name: s.name.clone(), expected: numel, got: input.data.len() });
+            return Err(ConvertError::Size {
+                name: s.name.clone(),
+                expected: numel,
+                got: input.data.len(),
+            });
         }
         if shape.first() == Some(&0) {
             return Err(ConvertError::Empty(s.name.clone()));
         }
         match &first_shape {
             Some(f) if *f != shape => {
-                return Err(ConvertError::Inconsistent(format!("{} has shape {shape:?}, {} has {f:?}", s.name, spec.inputs[0].name)));
+                return Err(ConvertError::Inconsistent(format!(
+                    "{} has shape {shape:?}, {} has {f:?}",
+                    s.name, spec.inputs[0].name
+                )));
             }
             Some(_) => {}
             None => first_shape = Some(shape.clone()),
         }
-        out.push(Tensor { shape, data: input.data });
+        out.push(Tensor {
+            shape,
+            data: input.data,
+        });
     }
     Ok(out)
 }
@@ -193,14 +244,20 @@ pub fn f32_bytes(t: &Tensor) -> Bytes {
             }
             Bytes::from(b)
         }
-        TensorData::I64(v) => Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
+        TensorData::I64(v) => {
+            Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+        }
         TensorData::U8(v) => Bytes::from(v.clone()),
     }
 }
 
 /// Output tensors (metadata + raw contents), in spec order, filtered to
 /// `requested` names when the client asked for specific outputs.
-pub fn to_outputs(spec: &ModelSpec, outputs: &[Tensor], requested: &[String]) -> (Vec<InferOutputTensor>, Vec<Bytes>) {
+pub fn to_outputs(
+    spec: &ModelSpec,
+    outputs: &[Tensor],
+    requested: &[String],
+) -> (Vec<InferOutputTensor>, Vec<Bytes>) {
     let mut meta = Vec::new();
     let mut raw = Vec::new();
     for (s, t) in spec.outputs.iter().zip(outputs) {
@@ -220,8 +277,17 @@ pub fn to_outputs(spec: &ModelSpec, outputs: &[Tensor], requested: &[String]) ->
 
 /// Builds an input tensor message (tests).
 #[cfg(test)]
-pub fn input_message(name: &str, datatype: &str, shape: &[i64]) -> tandem_proto::inference::model_infer_request::InferInputTensor {
-    tandem_proto::inference::model_infer_request::InferInputTensor { name: name.into(), datatype: datatype.into(), shape: shape.to_vec(), ..Default::default() }
+pub fn input_message(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+) -> tandem_proto::inference::model_infer_request::InferInputTensor {
+    tandem_proto::inference::model_infer_request::InferInputTensor {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape: shape.to_vec(),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -248,7 +314,10 @@ mod tests {
     #[test]
     fn raw_int64_inputs_decode_little_endian_and_missing_token_types_become_zeros() {
         let req = ModelInferRequest {
-            inputs: vec![input_message("attention_mask", "INT64", &[1, 2]), input_message("input_ids", "INT64", &[1, 2])],
+            inputs: vec![
+                input_message("attention_mask", "INT64", &[1, 2]),
+                input_message("input_ids", "INT64", &[1, 2]),
+            ],
             raw_input_contents: vec![i64_raw(&[1, 1]), i64_raw(&[101, 102])],
             ..Default::default()
         };
@@ -261,10 +330,19 @@ mod tests {
     #[test]
     fn typed_contents_are_accepted_too() {
         let mut ids = input_message("input_ids", "INT64", &[1, 1]);
-        ids.contents = Some(InferTensorContents { int64_contents: vec![7], ..Default::default() });
+        ids.contents = Some(InferTensorContents {
+            int64_contents: vec![7],
+            ..Default::default()
+        });
         let mut mask = input_message("attention_mask", "INT64", &[1, 1]);
-        mask.contents = Some(InferTensorContents { int64_contents: vec![1], ..Default::default() });
-        let req = ModelInferRequest { inputs: vec![ids, mask], ..Default::default() };
+        mask.contents = Some(InferTensorContents {
+            int64_contents: vec![1],
+            ..Default::default()
+        });
+        let req = ModelInferRequest {
+            inputs: vec![ids, mask],
+            ..Default::default()
+        };
         let t = to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap();
         assert_eq!(t[0], Tensor::i64(vec![1, 1], vec![7]));
     }
@@ -277,27 +355,42 @@ mod tests {
             ..Default::default()
         };
         let err = to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap_err();
-        assert_eq!(err.to_string(), "input \"input_ids\" has datatype FP32, expected INT64");
+        assert_eq!(
+            err.to_string(),
+            "input \"input_ids\" has datatype FP32, expected INT64"
+        );
     }
 
     #[test]
     fn a_size_that_does_not_match_the_shape_is_refused() {
         let req = ModelInferRequest {
-            inputs: vec![input_message("input_ids", "INT64", &[1, 3]), input_message("attention_mask", "INT64", &[1, 3])],
+            inputs: vec![
+                input_message("input_ids", "INT64", &[1, 3]),
+                input_message("attention_mask", "INT64", &[1, 3]),
+            ],
             raw_input_contents: vec![i64_raw(&[1, 2]), i64_raw(&[1, 1, 1])],
             ..Default::default()
         };
-        assert!(matches!(to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()), Err(ConvertError::Size { .. })));
+        assert!(matches!(
+            to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()),
+            Err(ConvertError::Size { .. })
+        ));
     }
 
     #[test]
     fn inputs_with_different_shapes_are_inconsistent() {
         let req = ModelInferRequest {
-            inputs: vec![input_message("input_ids", "INT64", &[1, 2]), input_message("attention_mask", "INT64", &[2, 1])],
+            inputs: vec![
+                input_message("input_ids", "INT64", &[1, 2]),
+                input_message("attention_mask", "INT64", &[2, 1]),
+            ],
             raw_input_contents: vec![i64_raw(&[1, 2]), i64_raw(&[1, 1])],
             ..Default::default()
         };
-        assert!(matches!(to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()), Err(ConvertError::Inconsistent(_))));
+        assert!(matches!(
+            to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()),
+            Err(ConvertError::Inconsistent(_))
+        ));
     }
 
     #[test]

@@ -20,7 +20,11 @@ pub struct Oip(pub Arc<Worker>);
 fn tensor_meta(specs: &[tandem_engine::TensorSpec]) -> Vec<TensorMetadata> {
     specs
         .iter()
-        .map(|s| TensorMetadata { name: s.name.clone(), datatype: s.datatype.as_str().into(), shape: s.dims.clone() })
+        .map(|s| TensorMetadata {
+            name: s.name.clone(),
+            datatype: s.datatype.as_str().into(),
+            shape: s.dims.clone(),
+        })
         .collect()
 }
 
@@ -38,23 +42,42 @@ pub fn model_metadata(w: &Worker) -> Option<ModelMetadataResponse> {
 
 #[tonic::async_trait]
 impl GrpcInferenceService for Oip {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
 
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: self.0.is_ready() }))
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.0.is_ready(),
+        }))
     }
 
-    async fn model_ready(&self, req: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        req: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         let r = req.into_inner();
         if !self.0.serves(&r.name, &r.version) {
-            return Err(Status::not_found(format!("model {:?} is not served here", r.name)));
+            return Err(Status::not_found(format!(
+                "model {:?} is not served here",
+                r.name
+            )));
         }
-        Ok(Response::new(ModelReadyResponse { ready: self.0.is_ready() }))
+        Ok(Response::new(ModelReadyResponse {
+            ready: self.0.is_ready(),
+        }))
     }
 
-    async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
         Ok(Response::new(ServerMetadataResponse {
             name: "tandem-worker".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -62,16 +85,31 @@ impl GrpcInferenceService for Oip {
         }))
     }
 
-    async fn model_metadata(&self, req: Request<ModelMetadataRequest>) -> Result<Response<ModelMetadataResponse>, Status> {
+    async fn model_metadata(
+        &self,
+        req: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
         let r = req.into_inner();
         if !self.0.serves(&r.name, &r.version) {
-            return Err(Status::not_found(format!("model {:?} is not served here", r.name)));
+            return Err(Status::not_found(format!(
+                "model {:?} is not served here",
+                r.name
+            )));
         }
-        model_metadata(&self.0).map(Response::new).ok_or_else(|| Status::unavailable("model is not loaded yet"))
+        model_metadata(&self.0)
+            .map(Response::new)
+            .ok_or_else(|| Status::unavailable("model is not loaded yet"))
     }
 
-    async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let traceparent = req.metadata().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    async fn model_infer(
+        &self,
+        req: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let traceparent = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let inner = req.into_inner();
         let span = request_span(&inner.model_name, traceparent.as_deref());
         let w = self.0.clone();
@@ -85,11 +123,19 @@ pub struct Control(pub Arc<Worker>);
 
 #[tonic::async_trait]
 impl WorkerControl for Control {
-    async fn get_stats(&self, _: Request<GetStatsRequest>) -> Result<Response<WorkerStats>, Status> {
+    async fn get_stats(
+        &self,
+        _: Request<GetStatsRequest>,
+    ) -> Result<Response<WorkerStats>, Status> {
         Ok(Response::new(self.0.stats()))
     }
 
-    async fn set_routes(&self, _: Request<SetRoutesRequest>) -> Result<Response<SetRoutesResponse>, Status> {
-        Err(Status::unimplemented("inference workers hold no routing table"))
+    async fn set_routes(
+        &self,
+        _: Request<SetRoutesRequest>,
+    ) -> Result<Response<SetRoutesResponse>, Status> {
+        Err(Status::unimplemented(
+            "inference workers hold no routing table",
+        ))
     }
 }

@@ -57,11 +57,35 @@ impl Metrics {
         let ready = Gauge::default();
         registry.register(REQUESTS, "Inference requests by outcome", requests.clone());
         registry.register(LATENCY, "ModelInfer latency in seconds", latency.clone());
-        registry.register(BATCH_SIZE, "Rows of each batch run by the engine", batch_size.clone());
-        registry.register(QUEUE_DEPTH, "Requests waiting in the batcher", queue_depth.clone());
-        registry.register(IN_FLIGHT, "Requests in the batch being run", in_flight.clone());
-        registry.register(READY, "1 when the model is loaded and warmed up", ready.clone());
-        Self { registry, requests, latency, batch_size, queue_depth, in_flight, ready }
+        registry.register(
+            BATCH_SIZE,
+            "Rows of each batch run by the engine",
+            batch_size.clone(),
+        );
+        registry.register(
+            QUEUE_DEPTH,
+            "Requests waiting in the batcher",
+            queue_depth.clone(),
+        );
+        registry.register(
+            IN_FLIGHT,
+            "Requests in the batch being run",
+            in_flight.clone(),
+        );
+        registry.register(
+            READY,
+            "1 when the model is loaded and warmed up",
+            ready.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            batch_size,
+            queue_depth,
+            in_flight,
+            ready,
+        }
     }
 
     /// Text exposition format.

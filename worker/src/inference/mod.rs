@@ -88,7 +88,11 @@ pub struct Args {
     #[arg(long, env = "TANDEM_IMAGE_INPUT", value_enum, default_value = "fp32")]
     pub image_input: ImageInput,
     /// Where downloaded models and compiled GPU kernels are cached.
-    #[arg(long, env = "TANDEM_MODEL_CACHE_DIR", default_value = "/tmp/tandem-models")]
+    #[arg(
+        long,
+        env = "TANDEM_MODEL_CACHE_DIR",
+        default_value = "/tmp/tandem-models"
+    )]
     pub model_cache_dir: PathBuf,
     /// Address to listen on.
     #[arg(long, env = "TANDEM_LISTEN_ADDRESS", default_value = "0.0.0.0")]
@@ -109,7 +113,11 @@ pub struct Args {
     #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,
     /// File that receives the fatal error message (Kubernetes terminationMessagePath).
-    #[arg(long, env = "TANDEM_TERMINATION_LOG", default_value = "/dev/termination-log")]
+    #[arg(
+        long,
+        env = "TANDEM_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
     pub termination_log: PathBuf,
     /// Pod name reported in stats.
     #[arg(long, env = "POD_NAME", default_value = "")]
@@ -135,7 +143,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Writes the fatal message where Kubernetes surfaces it in the pod status.
@@ -146,7 +157,11 @@ fn write_termination_message(path: &std::path::Path, msg: &str) {
 }
 
 async fn serve(termination_log: PathBuf, args: Args) -> anyhow::Result<()> {
-    let worker = Arc::new(Worker::new(args.model_name.clone(), args.model_version.clone(), args.pod_name.clone()));
+    let worker = Arc::new(Worker::new(
+        args.model_name.clone(),
+        args.model_version.clone(),
+        args.pod_name.clone(),
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let servers = start_servers(&args, worker.clone(), stop_rx).await?;
 
@@ -157,7 +172,9 @@ async fn serve(termination_log: PathBuf, args: Args) -> anyhow::Result<()> {
             DeviceArg::Cuda => Device::Cuda,
         },
         allow_cpu_fallback: args.allow_cpu_fallback,
-        cpu_threads: args.cpu_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        cpu_threads: args
+            .cpu_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         image_input: match args.image_input {
             ImageInput::Fp32 => DataType::Fp32,
             ImageInput::Uint8 => DataType::Uint8,
@@ -166,7 +183,12 @@ async fn serve(termination_log: PathBuf, args: Args) -> anyhow::Result<()> {
         kernel_cache_dir: Some(args.model_cache_dir.join("kernels")),
     };
     let loaded = async {
-        let local = model::resolve(&args.model_uri, args.model_sha256.as_deref(), &args.model_cache_dir).await?;
+        let local = model::resolve(
+            &args.model_uri,
+            args.model_sha256.as_deref(),
+            &args.model_cache_dir,
+        )
+        .await?;
         tokio::task::spawn_blocking(move || model::load_and_warm_up(&local, &opts))
             .await
             .map_err(|e| anyhow::anyhow!("model loading thread failed: {e}"))?
@@ -199,9 +221,10 @@ async fn serve(termination_log: PathBuf, args: Args) -> anyhow::Result<()> {
         max_queue_depth: args.max_queue_depth,
     };
     let batch_hist = worker.metrics.batch_size.clone();
-    let observer: tandem_engine::runner::BatchObserver = Box::new(move |rows| batch_hist.observe(rows as f64));
-    let (runner, engine_thread) =
-        Runner::spawn_observed(loaded.engine, cfg, Some(observer)).context("cannot start the engine thread")?;
+    let observer: tandem_engine::runner::BatchObserver =
+        Box::new(move |rows| batch_hist.observe(rows as f64));
+    let (runner, engine_thread) = Runner::spawn_observed(loaded.engine, cfg, Some(observer))
+        .context("cannot start the engine thread")?;
     worker.set_ready(runner.clone());
     tracing::info!(model = %args.model_name, "ready");
 
@@ -214,7 +237,10 @@ async fn serve(termination_log: PathBuf, args: Args) -> anyhow::Result<()> {
             let _ = s.await;
         }
     };
-    if tokio::time::timeout(Duration::from_secs(args.drain_timeout_s), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(args.drain_timeout_s), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timeout reached with requests still in flight");
     }
     runner.close();
@@ -260,7 +286,9 @@ async fn start_servers(
     let oip = GrpcInferenceServiceServer::new(grpc::Oip(worker.clone()))
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
-    let grpc_listener = tokio::net::TcpListener::bind(addr(args.grpc_port)).await.context("bind gRPC port")?;
+    let grpc_listener = tokio::net::TcpListener::bind(addr(args.grpc_port))
+        .await
+        .context("bind gRPC port")?;
     let s = stop.clone();
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
@@ -274,7 +302,9 @@ async fn start_servers(
     }));
 
     let control = WorkerControlServer::new(grpc::Control(worker.clone()));
-    let control_listener = tokio::net::TcpListener::bind(addr(args.control_port)).await.context("bind control port")?;
+    let control_listener = tokio::net::TcpListener::bind(addr(args.control_port))
+        .await
+        .context("bind control port")?;
     let s = stop.clone();
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(control_listener);
@@ -287,16 +317,23 @@ async fn start_servers(
         }
     }));
 
-    let http_listener = tokio::net::TcpListener::bind(addr(args.http_port)).await.context("bind HTTP port")?;
+    let http_listener = tokio::net::TcpListener::bind(addr(args.http_port))
+        .await
+        .context("bind HTTP port")?;
     let app = rest::router(worker.clone()).layer(axum::extract::DefaultBodyLimit::max(256 << 20));
     let s = stop.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, app).with_graceful_shutdown(wait_stop(s)).await {
+        if let Err(e) = axum::serve(http_listener, app)
+            .with_graceful_shutdown(wait_stop(s))
+            .await
+        {
             tracing::error!(error = %e, "HTTP server failed");
         }
     }));
 
-    let metrics_listener = tokio::net::TcpListener::bind(addr(args.metrics_port)).await.context("bind metrics port")?;
+    let metrics_listener = tokio::net::TcpListener::bind(addr(args.metrics_port))
+        .await
+        .context("bind metrics port")?;
     let w = worker.clone();
     let metrics_app = axum::Router::new().route(
         "/metrics",
@@ -304,13 +341,22 @@ async fn start_servers(
             let w = w.clone();
             async move {
                 w.refresh_gauges();
-                ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], w.metrics.encode())
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    w.metrics.encode(),
+                )
             }
         }),
     );
     let s = stop;
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(metrics_listener, metrics_app).with_graceful_shutdown(wait_stop(s)).await {
+        if let Err(e) = axum::serve(metrics_listener, metrics_app)
+            .with_graceful_shutdown(wait_stop(s))
+            .await
+        {
             tracing::error!(error = %e, "metrics server failed");
         }
     }));

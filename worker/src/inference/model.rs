@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use tandem_engine::load::{LoadError, LoadOptions, Loaded, load_engine};
-use tandem_engine::source::{self, CONFIG_FILE, ModelSource, POOLING_FILE, SourceError, WEIGHTS_FILE};
+use tandem_engine::source::{
+    self, CONFIG_FILE, ModelSource, POOLING_FILE, SourceError, WEIGHTS_FILE,
+};
 use tandem_engine::spec::InputKind;
 use tandem_engine::{Engine, EngineError, Tensor};
 
@@ -50,17 +52,29 @@ pub struct LocalModel {
 }
 
 /// Resolves `uri` to local files, downloading http(s) models into `cache_dir`.
-pub async fn resolve(uri: &str, sha256: Option<&str>, cache_dir: &Path) -> Result<LocalModel, ModelError> {
+pub async fn resolve(
+    uri: &str,
+    sha256: Option<&str>,
+    cache_dir: &Path,
+) -> Result<LocalModel, ModelError> {
     if let Some(d) = sha256 {
         source::normalize_digest(d)?;
     }
     match ModelSource::parse(uri)? {
         ModelSource::Local { dir, weights } => Ok(LocalModel { dir, weights }),
-        ModelSource::Remote { weights_url, config_url, pooling_url } => {
-            let key = sha256.map(str::to_ascii_lowercase).unwrap_or_else(|| source::sha256_hex(weights_url.as_bytes()));
+        ModelSource::Remote {
+            weights_url,
+            config_url,
+            pooling_url,
+        } => {
+            let key = sha256
+                .map(str::to_ascii_lowercase)
+                .unwrap_or_else(|| source::sha256_hex(weights_url.as_bytes()));
             let dir = cache_dir.join(key);
             let weights = dir.join(WEIGHTS_FILE);
-            let cached = weights.is_file() && source::verify_sha256(&weights, sha256).is_ok() && sha256.is_some();
+            let cached = weights.is_file()
+                && source::verify_sha256(&weights, sha256).is_ok()
+                && sha256.is_some();
             let client = reqwest::Client::new();
             if !cached {
                 download(&client, &weights_url, &weights, true).await?;
@@ -73,9 +87,21 @@ pub async fn resolve(uri: &str, sha256: Option<&str>, cache_dir: &Path) -> Resul
 }
 
 /// Downloads `url` to `dest` (via a temporary file). A 404 on an optional file is fine.
-async fn download(client: &reqwest::Client, url: &str, dest: &Path, required: bool) -> Result<(), ModelError> {
-    let fail = |reason: String| ModelError::Download { url: url.to_owned(), reason };
-    let mut resp = client.get(url).send().await.map_err(|e| fail(e.to_string()))?;
+async fn download(
+    client: &reqwest::Client,
+    url: &str,
+    dest: &Path,
+    required: bool,
+) -> Result<(), ModelError> {
+    let fail = |reason: String| ModelError::Download {
+        url: url.to_owned(),
+        reason,
+    };
+    let mut resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
     if resp.status() == reqwest::StatusCode::NOT_FOUND && !required {
         return Ok(());
     }
@@ -83,7 +109,10 @@ async fn download(client: &reqwest::Client, url: &str, dest: &Path, required: bo
         return Err(fail(format!("HTTP {}", resp.status())));
     }
     let parent = dest.parent().unwrap_or(Path::new("."));
-    let cache_err = |source| ModelError::Cache { path: dest.to_path_buf(), source };
+    let cache_err = |source| ModelError::Cache {
+        path: dest.to_path_buf(),
+        source,
+    };
     tokio::fs::create_dir_all(parent).await.map_err(cache_err)?;
     let tmp = dest.with_extension("part");
     let mut file = tokio::fs::File::create(&tmp).await.map_err(cache_err)?;
@@ -111,13 +140,21 @@ pub fn warm_up(engine: &mut dyn Engine) -> Result<(), ModelError> {
         InputKind::Sequence => {
             // Token id 0 exists in every vocabulary.
             let ids = vec![0; 4];
-            vec![Tensor::i64(vec![1, 4], ids), Tensor::i64(vec![1, 4], vec![1; 4]), Tensor::i64(vec![1, 4], vec![0; 4])]
+            vec![
+                Tensor::i64(vec![1, 4], ids),
+                Tensor::i64(vec![1, 4], vec![1; 4]),
+                Tensor::i64(vec![1, 4], vec![0; 4]),
+            ]
         }
         InputKind::Fixed => spec
             .inputs
             .iter()
             .map(|s| {
-                let shape: Vec<usize> = s.dims.iter().map(|d| if *d < 0 { 1 } else { *d as usize }).collect();
+                let shape: Vec<usize> = s
+                    .dims
+                    .iter()
+                    .map(|d| if *d < 0 { 1 } else { *d as usize })
+                    .collect();
                 Tensor::f32(shape.clone(), vec![0.0; shape.iter().product()])
             })
             .collect(),

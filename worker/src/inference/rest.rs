@@ -28,7 +28,10 @@ pub fn router(w: Arc<Worker>) -> Router {
         .route("/v2/models/{name}", get(metadata))
         .route("/v2/models/{name}/versions/{version}", get(metadata_v))
         .route("/v2/models/{name}/ready", get(model_ready))
-        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready_v))
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(model_ready_v),
+        )
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
         .with_state(w)
@@ -39,7 +42,11 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 async fn ready(State(w): State<Arc<Worker>>) -> StatusCode {
-    if w.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if w.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 async fn server_metadata() -> Response {
@@ -49,13 +56,18 @@ async fn server_metadata() -> Response {
 
 fn metadata_for(w: &Worker, name: &str, version: &str) -> Response {
     if !w.serves(name, version) {
-        return error(StatusCode::NOT_FOUND, format!("model {name:?} is not served here"));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("model {name:?} is not served here"),
+        );
     }
     let Some(m) = model_metadata(w) else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "model is not loaded yet");
     };
     let t = |v: &[tandem_proto::inference::model_metadata_response::TensorMetadata]| -> Vec<Value> {
-        v.iter().map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape})).collect()
+        v.iter()
+            .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+            .collect()
     };
     axum::Json(json!({"name": m.name, "versions": m.versions, "platform": m.platform, "inputs": t(&m.inputs), "outputs": t(&m.outputs)}))
         .into_response()
@@ -65,7 +77,10 @@ async fn metadata(State(w): State<Arc<Worker>>, Path(name): Path<String>) -> Res
     metadata_for(&w, &name, "")
 }
 
-async fn metadata_v(State(w): State<Arc<Worker>>, Path((name, version)): Path<(String, String)>) -> Response {
+async fn metadata_v(
+    State(w): State<Arc<Worker>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
     metadata_for(&w, &name, &version)
 }
 
@@ -83,11 +98,19 @@ async fn model_ready(State(w): State<Arc<Worker>>, Path(name): Path<String>) -> 
     ready_for(&w, &name, "")
 }
 
-async fn model_ready_v(State(w): State<Arc<Worker>>, Path((name, version)): Path<(String, String)>) -> StatusCode {
+async fn model_ready_v(
+    State(w): State<Arc<Worker>>,
+    Path((name, version)): Path<(String, String)>,
+) -> StatusCode {
     ready_for(&w, &name, &version)
 }
 
-async fn infer(State(w): State<Arc<Worker>>, Path(name): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+async fn infer(
+    State(w): State<Arc<Worker>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     infer_common(w, name, String::new(), headers, body).await
 }
 
@@ -111,10 +134,19 @@ fn json_data_to_bytes(data: &Value, datatype: &str, out: &mut Vec<u8>) -> Result
         }
         Value::Number(n) => {
             match datatype {
-                "FP32" => out.extend_from_slice(&(n.as_f64().ok_or("not a number")? as f32).to_le_bytes()),
-                "INT64" => out.extend_from_slice(&n.as_i64().ok_or("INT64 data must be integers")?.to_le_bytes()),
+                "FP32" => {
+                    out.extend_from_slice(&(n.as_f64().ok_or("not a number")? as f32).to_le_bytes())
+                }
+                "INT64" => out.extend_from_slice(
+                    &n.as_i64()
+                        .ok_or("INT64 data must be integers")?
+                        .to_le_bytes(),
+                ),
                 "UINT8" => {
-                    let v = n.as_u64().and_then(|v| u8::try_from(v).ok()).ok_or("UINT8 data must be 0..=255")?;
+                    let v = n
+                        .as_u64()
+                        .and_then(|v| u8::try_from(v).ok())
+                        .ok_or("UINT8 data must be 0..=255")?;
                     out.push(v);
                 }
                 other => return Err(format!("unsupported datatype {other}")),
@@ -126,26 +158,49 @@ fn json_data_to_bytes(data: &Value, datatype: &str, out: &mut Vec<u8>) -> Result
 }
 
 /// Parses a REST infer body (JSON, optionally followed by binary tensors).
-fn parse_request(name: String, version: String, headers: &HeaderMap, body: &Bytes) -> Result<(ModelInferRequest, bool), String> {
+fn parse_request(
+    name: String,
+    version: String,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(ModelInferRequest, bool), String> {
     let json_len = match headers.get(HEADER_LEN) {
-        Some(v) => v.to_str().ok().and_then(|s| s.parse::<usize>().ok()).ok_or("bad Inference-Header-Content-Length")?,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .ok_or("bad Inference-Header-Content-Length")?,
         None => body.len(),
     };
     if json_len > body.len() {
         return Err("Inference-Header-Content-Length exceeds the body".into());
     }
-    let header: Value = serde_json::from_slice(&body[..json_len]).map_err(|e| format!("invalid JSON: {e}"))?;
+    let header: Value =
+        serde_json::from_slice(&body[..json_len]).map_err(|e| format!("invalid JSON: {e}"))?;
     let mut binary = body.slice(json_len..);
     let mut req = ModelInferRequest {
         model_name: name,
         model_version: version,
-        id: header.get("id").and_then(Value::as_str).unwrap_or_default().to_owned(),
+        id: header
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
         ..Default::default()
     };
-    let inputs = header.get("inputs").and_then(Value::as_array).ok_or("request has no \"inputs\" array")?;
+    let inputs = header
+        .get("inputs")
+        .and_then(Value::as_array)
+        .ok_or("request has no \"inputs\" array")?;
     for input in inputs {
-        let name = input.get("name").and_then(Value::as_str).ok_or("input without \"name\"")?;
-        let datatype = input.get("datatype").and_then(Value::as_str).ok_or("input without \"datatype\"")?;
+        let name = input
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or("input without \"name\"")?;
+        let datatype = input
+            .get("datatype")
+            .and_then(Value::as_str)
+            .ok_or("input without \"datatype\"")?;
         let shape: Vec<i64> = input
             .get("shape")
             .and_then(Value::as_array)
@@ -153,37 +208,71 @@ fn parse_request(name: String, version: String, headers: &HeaderMap, body: &Byte
             .iter()
             .map(|d| d.as_i64().ok_or("shape entries must be integers"))
             .collect::<Result<_, _>>()?;
-        let raw = match input.pointer("/parameters/binary_data_size").and_then(Value::as_u64) {
+        let raw = match input
+            .pointer("/parameters/binary_data_size")
+            .and_then(Value::as_u64)
+        {
             Some(n) => {
                 let n = usize::try_from(n).map_err(|_| "binary_data_size too large")?;
                 if n > binary.len() {
-                    return Err(format!("input {name:?}: binary_data_size {n} exceeds the binary payload"));
+                    return Err(format!(
+                        "input {name:?}: binary_data_size {n} exceeds the binary payload"
+                    ));
                 }
                 binary.split_to(n)
             }
             None => {
                 let mut out = Vec::new();
-                json_data_to_bytes(input.get("data").ok_or(format!("input {name:?} has no data"))?, datatype, &mut out)
-                    .map_err(|e| format!("input {name:?}: {e}"))?;
+                json_data_to_bytes(
+                    input
+                        .get("data")
+                        .ok_or(format!("input {name:?} has no data"))?,
+                    datatype,
+                    &mut out,
+                )
+                .map_err(|e| format!("input {name:?}: {e}"))?;
                 Bytes::from(out)
             }
         };
-        req.inputs.push(InferInputTensor { name: name.into(), datatype: datatype.into(), shape, ..Default::default() });
+        req.inputs.push(InferInputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape,
+            ..Default::default()
+        });
         req.raw_input_contents.push(raw);
     }
-    let all_binary = header.pointer("/parameters/binary_data_output").and_then(Value::as_bool).unwrap_or(false);
+    let all_binary = header
+        .pointer("/parameters/binary_data_output")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let mut binary_out = all_binary;
     if let Some(outputs) = header.get("outputs").and_then(Value::as_array) {
         for o in outputs {
-            let name = o.get("name").and_then(Value::as_str).ok_or("output without \"name\"")?;
-            binary_out |= o.pointer("/parameters/binary_data").and_then(Value::as_bool).unwrap_or(false);
-            req.outputs.push(InferRequestedOutputTensor { name: name.into(), ..Default::default() });
+            let name = o
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or("output without \"name\"")?;
+            binary_out |= o
+                .pointer("/parameters/binary_data")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            req.outputs.push(InferRequestedOutputTensor {
+                name: name.into(),
+                ..Default::default()
+            });
         }
     }
     Ok((req, binary_out))
 }
 
-async fn infer_common(w: Arc<Worker>, name: String, version: String, headers: HeaderMap, body: Bytes) -> Response {
+async fn infer_common(
+    w: Arc<Worker>,
+    name: String,
+    version: String,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let (req, binary_out) = match parse_request(name, version, &headers, &body) {
         Ok(r) => r,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
@@ -199,11 +288,16 @@ async fn infer_common(w: Arc<Worker>, name: String, version: String, headers: He
     let mut payload: Vec<u8> = Vec::new();
     for (meta, raw) in resp.outputs.iter().zip(&resp.raw_output_contents) {
         if binary_out {
-            outputs.push(json!({"name": meta.name, "datatype": meta.datatype, "shape": meta.shape,
-                                "parameters": {"binary_data_size": raw.len()}}));
+            outputs.push(
+                json!({"name": meta.name, "datatype": meta.datatype, "shape": meta.shape,
+                                "parameters": {"binary_data_size": raw.len()}}),
+            );
             payload.extend_from_slice(raw);
         } else {
-            let data: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let data: Vec<f32> = raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             outputs.push(json!({"name": meta.name, "datatype": meta.datatype, "shape": meta.shape, "data": data}));
         }
     }
@@ -216,7 +310,10 @@ async fn infer_common(w: Arc<Worker>, name: String, version: String, headers: He
     let mut body = header_bytes;
     body.extend_from_slice(&payload);
     (
-        [(header::CONTENT_TYPE, "application/octet-stream".to_owned()), (header::HeaderName::from_static(HEADER_LEN), header_len)],
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::HeaderName::from_static(HEADER_LEN), header_len),
+        ],
         body,
     )
         .into_response()
@@ -228,8 +325,11 @@ mod tests {
 
     #[test]
     fn json_inputs_become_raw_little_endian_contents() {
-        let body = Bytes::from(r#"{"inputs":[{"name":"input_ids","datatype":"INT64","shape":[1,2],"data":[[101,102]]}]}"#);
-        let (req, binary) = parse_request("m".into(), String::new(), &HeaderMap::new(), &body).unwrap();
+        let body = Bytes::from(
+            r#"{"inputs":[{"name":"input_ids","datatype":"INT64","shape":[1,2],"data":[[101,102]]}]}"#,
+        );
+        let (req, binary) =
+            parse_request("m".into(), String::new(), &HeaderMap::new(), &body).unwrap();
         assert!(!binary);
         assert_eq!(req.raw_input_contents[0].len(), 16);
         assert_eq!(&req.raw_input_contents[0][..8], &101i64.to_le_bytes());

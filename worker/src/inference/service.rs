@@ -46,9 +46,13 @@ impl From<InferError> for tonic::Status {
         let msg = e.to_string();
         match e {
             InferError::UnknownModel(_) => tonic::Status::not_found(msg),
-            InferError::NotReady | InferError::Draining | InferError::Lost => tonic::Status::unavailable(msg),
+            InferError::NotReady | InferError::Draining | InferError::Lost => {
+                tonic::Status::unavailable(msg)
+            }
             InferError::QueueFull(_) => tonic::Status::resource_exhausted(msg),
-            InferError::Invalid(_) | InferError::Engine(EngineError::InvalidInput(_)) => tonic::Status::invalid_argument(msg),
+            InferError::Invalid(_) | InferError::Engine(EngineError::InvalidInput(_)) => {
+                tonic::Status::invalid_argument(msg)
+            }
             InferError::Engine(EngineError::Device(_)) => tonic::Status::internal(msg),
         }
     }
@@ -61,7 +65,9 @@ impl InferError {
             Self::UnknownModel(_) => http::StatusCode::NOT_FOUND,
             Self::NotReady | Self::Draining | Self::Lost => http::StatusCode::SERVICE_UNAVAILABLE,
             Self::QueueFull(_) => http::StatusCode::TOO_MANY_REQUESTS,
-            Self::Invalid(_) | Self::Engine(EngineError::InvalidInput(_)) => http::StatusCode::BAD_REQUEST,
+            Self::Invalid(_) | Self::Engine(EngineError::InvalidInput(_)) => {
+                http::StatusCode::BAD_REQUEST
+            }
             Self::Engine(EngineError::Device(_)) => http::StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -69,7 +75,9 @@ impl InferError {
     fn outcome(&self) -> &'static str {
         match self {
             Self::QueueFull(_) => "rejected",
-            Self::Invalid(_) | Self::Engine(EngineError::InvalidInput(_)) | Self::UnknownModel(_) => "invalid",
+            Self::Invalid(_)
+            | Self::Engine(EngineError::InvalidInput(_))
+            | Self::UnknownModel(_) => "invalid",
             _ => "error",
         }
     }
@@ -140,7 +148,11 @@ impl Worker {
     }
 
     /// Runs one OIP v2 inference request through the batcher.
-    pub async fn infer(&self, req: ModelInferRequest, span: tracing::Span) -> Result<ModelInferResponse, InferError> {
+    pub async fn infer(
+        &self,
+        req: ModelInferRequest,
+        span: tracing::Span,
+    ) -> Result<ModelInferResponse, InferError> {
         let started = Instant::now();
         let result = self.infer_inner(req, span).await;
         let elapsed = started.elapsed();
@@ -148,7 +160,10 @@ impl Worker {
         let outcome = match &result {
             Ok(_) => {
                 self.metrics.latency.observe(elapsed.as_secs_f64());
-                self.latency.lock().unwrap_or_else(|p| p.into_inner()).record(Instant::now(), elapsed);
+                self.latency
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(Instant::now(), elapsed);
                 "ok"
             }
             Err(e) => {
@@ -156,11 +171,18 @@ impl Worker {
                 e.outcome()
             }
         };
-        self.metrics.requests.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.metrics
+            .requests
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
         result
     }
 
-    async fn infer_inner(&self, req: ModelInferRequest, span: tracing::Span) -> Result<ModelInferResponse, InferError> {
+    async fn infer_inner(
+        &self,
+        req: ModelInferRequest,
+        span: tracing::Span,
+    ) -> Result<ModelInferResponse, InferError> {
         if !self.serves(&req.model_name, &req.model_version) {
             return Err(InferError::UnknownModel(req.model_name));
         }
@@ -174,14 +196,23 @@ impl Worker {
         let spec = runner.spec();
         let inputs = convert::to_engine_inputs(spec, convert::decode_inputs(&req)?)?;
         let requested: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
-        if let Some(unknown) = requested.iter().find(|n| !spec.outputs.iter().any(|s| &s.name == *n)) {
+        if let Some(unknown) = requested
+            .iter()
+            .find(|n| !spec.outputs.iter().any(|s| &s.name == *n))
+        {
             return Err(ConvertError::UnknownInput(format!("output {unknown}")).into());
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let job = Job { inputs, reply: Box::new(move |r| drop(tx.send(r))), span };
+        let job = Job {
+            inputs,
+            reply: Box::new(move |r| drop(tx.send(r))),
+            span,
+        };
         match runner.submit(job) {
             Ok(()) => {}
-            Err(SubmitError::QueueFull(_)) => return Err(InferError::QueueFull(runner.stats().queue_depth)),
+            Err(SubmitError::QueueFull(_)) => {
+                return Err(InferError::QueueFull(runner.stats().queue_depth));
+            }
             Err(SubmitError::Closed(_)) => return Err(InferError::Draining),
         }
         let outputs = rx.await.map_err(|_| InferError::Lost)??;
@@ -207,7 +238,11 @@ impl Worker {
 
     /// The `WorkerControl.GetStats` answer.
     pub fn stats(&self) -> WorkerStats {
-        let summary = self.latency.lock().unwrap_or_else(|p| p.into_inner()).summary(Instant::now());
+        let summary = self
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .summary(Instant::now());
         let runner = self.runner.get().map(Runner::stats);
         WorkerStats {
             role: "inference".into(),

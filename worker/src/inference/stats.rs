@@ -30,7 +30,11 @@ pub struct Summary {
 impl LatencyWindow {
     /// A window of `window` holding at most `capacity` samples.
     pub fn new(window: Duration, capacity: usize) -> Self {
-        Self { window, capacity: capacity.max(1), samples: VecDeque::new() }
+        Self {
+            window,
+            capacity: capacity.max(1),
+            samples: VecDeque::new(),
+        }
     }
 
     /// Records one completed request.
@@ -43,7 +47,11 @@ impl LatencyWindow {
 
     /// Summarizes the samples younger than the window at `now`.
     pub fn summary(&mut self, now: Instant) -> Summary {
-        while self.samples.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > self.window) {
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > self.window)
+        {
             self.samples.pop_front();
         }
         if self.samples.is_empty() {
@@ -52,7 +60,11 @@ impl LatencyWindow {
         let mut v: Vec<f64> = self.samples.iter().map(|(_, ms)| *ms).collect();
         v.sort_by(f64::total_cmp);
         let pct = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
-        let span = self.samples.front().map_or(self.window, |(t, _)| now.saturating_duration_since(*t)).max(Duration::from_secs(1));
+        let span = self
+            .samples
+            .front()
+            .map_or(self.window, |(t, _)| now.saturating_duration_since(*t))
+            .max(Duration::from_secs(1));
         Summary {
             count: v.len() as u64,
             p50_ms: pct(0.5),

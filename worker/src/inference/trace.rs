@@ -8,7 +8,8 @@
 /// Parses `00-<32 hex>-<16 hex>-<2 hex>` into (trace id, parent span id).
 pub fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
     let mut parts = v.trim().split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     let ok = hex(version, 2)
         && version != "ff"
@@ -24,7 +25,9 @@ pub fn parse_traceparent(v: &str) -> Option<(&str, &str)> {
 /// forward spans are created as its children by the engine thread.
 pub fn request_span(model: &str, traceparent: Option<&str>) -> tracing::Span {
     match traceparent.and_then(parse_traceparent) {
-        Some((trace_id, parent)) => tracing::info_span!("infer", model, trace_id, parent_span_id = parent),
+        Some((trace_id, parent)) => {
+            tracing::info_span!("infer", model, trace_id, parent_span_id = parent)
+        }
         None => tracing::info_span!("infer", model),
     }
 }
@@ -36,13 +39,22 @@ mod tests {
     #[test]
     fn a_valid_traceparent_yields_its_trace_and_parent_ids() {
         let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        assert_eq!(parse_traceparent(v), Some(("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")));
+        assert_eq!(
+            parse_traceparent(v),
+            Some(("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"))
+        );
     }
 
     #[test]
     fn malformed_or_all_zero_traceparents_are_ignored() {
         assert_eq!(parse_traceparent("garbage"), None);
-        assert_eq!(parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
-        assert_eq!(parse_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), None);
+        assert_eq!(
+            parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(
+            parse_traceparent("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            None
+        );
     }
 }
