@@ -100,10 +100,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            // Two worker threads: reconciles are I/O-bound, and fewer threads (and their
-            // allocator arenas) keep the resident set small.
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            // One thread: reconciles are I/O-bound, and a single thread (one allocator arena,
+            // no worker stacks) keeps the resident set small.
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?;
