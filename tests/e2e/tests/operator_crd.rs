@@ -17,7 +17,14 @@ fn ensure_crd(cluster: &Cluster) {
     let crd = repo_root().join("crds/inferencepipelines.tandem.dev.yaml");
     let crd = crd.to_str().expect("utf-8 path");
     cluster
-        .kubectl_ok(["apply", "--server-side", "--force-conflicts", "--field-manager=tandem-e2e", "-f", crd])
+        .kubectl_ok([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=tandem-e2e",
+            "-f",
+            crd,
+        ])
         .expect("applying the CRD");
     cluster
         .kubectl_ok([
@@ -45,7 +52,11 @@ fn invalid_examples_are_rejected_by_the_api_server_with_their_cel_message() {
     ensure_crd(&cluster);
     let ns = cluster.namespace("op-cel").expect("namespace");
     let files = yaml_files(&repo_root().join("docs/examples/invalid"));
-    assert!(files.len() >= 8, "expected the invalid examples, found {}", files.len());
+    assert!(
+        files.len() >= 8,
+        "expected the invalid examples, found {}",
+        files.len()
+    );
     for file in files {
         let text = std::fs::read_to_string(&file).expect("read example");
         let expect = text
@@ -73,7 +84,10 @@ fn valid_examples_are_accepted_and_defaults_are_filled_in_by_the_api_server() {
     for file in yaml_files(&repo_root().join("docs/examples")) {
         let text = std::fs::read_to_string(&file).expect("read example");
         let out = cluster
-            .kubectl_stdin(&["apply", "--dry-run=server", "-o", "json", "-n", ns.name()], &text)
+            .kubectl_stdin(
+                &["apply", "--dry-run=server", "-o", "json", "-n", ns.name()],
+                &text,
+            )
             .expect("running kubectl");
         assert!(
             out.status.success(),
@@ -83,8 +97,16 @@ fn valid_examples_are_accepted_and_defaults_are_filled_in_by_the_api_server() {
         );
         let obj: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
         // Defaults the examples leave out come back from the server.
-        assert!(obj["spec"]["rollout"]["shadow"]["requests"].is_number(), "{}", file.display());
-        assert!(obj["spec"]["inference"]["maxQueueDepth"].is_number(), "{}", file.display());
+        assert!(
+            obj["spec"]["rollout"]["shadow"]["requests"].is_number(),
+            "{}",
+            file.display()
+        );
+        assert!(
+            obj["spec"]["inference"]["maxQueueDepth"].is_number(),
+            "{}",
+            file.display()
+        );
     }
 }
 
@@ -105,14 +127,28 @@ spec:
             sha256: "0000000000000000000000000000000000000000000000000000000000000000"}
 "#;
     let out = cluster
-        .kubectl_stdin(&["create", "--dry-run=server", "-o", "json", "-n", ns.name()], minimal)
+        .kubectl_stdin(
+            &["create", "--dry-run=server", "-o", "json", "-n", ns.name()],
+            minimal,
+        )
         .expect("kubectl");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let spec = serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["spec"].clone();
-    assert_eq!(spec["preprocess"]["replicas"], serde_json::json!({"min": 1, "max": 8}));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec =
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")["spec"].clone();
+    assert_eq!(
+        spec["preprocess"]["replicas"],
+        serde_json::json!({"min": 1, "max": 8})
+    );
     assert_eq!(spec["preprocess"]["text"]["maxLength"], 256);
     assert_eq!(spec["inference"]["device"], "CUDA");
-    assert_eq!(spec["inference"]["batching"], serde_json::json!({"maxBatchSize": 32, "maxDelay": "2ms"}));
+    assert_eq!(
+        spec["inference"]["batching"],
+        serde_json::json!({"maxBatchSize": 32, "maxDelay": "2ms"})
+    );
     assert_eq!(spec["rollout"]["steps"], serde_json::json!([10, 50, 100]));
     assert_eq!(spec["rollout"]["scaleDownDelay"], "5m");
     assert_eq!(spec["rollout"]["autoRollback"], true);
@@ -123,12 +159,21 @@ fn kubectl_explain_shows_the_field_documentation() {
     let cluster = Cluster::connect();
     ensure_crd(&cluster);
     // Discovery can lag a freshly established CRD by a moment.
-    let text = wait_until("kubectl explain to know the CRD", Duration::from_secs(30), || {
-        let out = cluster.kubectl(["explain", "ipl.spec.inference.model.sha256"])?;
-        Ok(out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
-    })
+    let text = wait_until(
+        "kubectl explain to know the CRD",
+        Duration::from_secs(30),
+        || {
+            let out = cluster.kubectl(["explain", "ipl.spec.inference.model.sha256"])?;
+            Ok(out
+                .status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+        },
+    )
     .expect("explain");
     assert!(text.contains("SHA-256 of the weights file"), "{text}");
-    let text = cluster.kubectl_ok(["explain", "ipl.spec.rollout.steps"]).expect("explain");
+    let text = cluster
+        .kubectl_ok(["explain", "ipl.spec.rollout.steps"])
+        .expect("explain");
     assert!(text.contains("strictly"), "{text}");
 }
