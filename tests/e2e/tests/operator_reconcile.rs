@@ -5,7 +5,6 @@
 //! Each test uses its own namespace and its own operator (watching only that namespace).
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -245,7 +244,7 @@ fn condition<'a>(p: &'a Value, type_: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
-fn container<'a>(deployment: &'a Value) -> &'a Value {
+fn container(deployment: &Value) -> &Value {
     &deployment["spec"]["template"]["spec"]["containers"][0]
 }
 
@@ -792,6 +791,4 @@ fn two_operators_elect_one_leader_and_the_other_takes_over_when_it_dies() {
         },
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", b.log_tail()));
-    let mut log = std::io::stderr();
-    let _ = writeln!(log, "leader failover ok");
 }
