@@ -242,11 +242,18 @@ pub fn decode_rgb8(encoded: &[u8], max_pixels: u64) -> Result<Rgb8, ImageError> 
                 max_pixels,
             )?
         }
-        ImageFormat::Png => decode_checked(
-            image::codecs::png::PngDecoder::new(cursor).map_err(header)?,
-            name,
-            max_pixels,
-        )?,
+        ImageFormat::Png => {
+            // The png crate reads up to the first IDAT before it reports the
+            // size; check the IHDR ourselves so a bomb is named as such.
+            if let Some((width, height)) = png_ihdr_size(encoded) {
+                check_size(width, height, max_pixels)?;
+            }
+            decode_checked(
+                image::codecs::png::PngDecoder::new(cursor).map_err(header)?,
+                name,
+                max_pixels,
+            )?
+        }
         ImageFormat::WebP => decode_checked(
             image::codecs::webp::WebPDecoder::new(cursor).map_err(header)?,
             name,
@@ -271,12 +278,18 @@ fn jpeg_has_end_marker(data: &[u8]) -> bool {
     tail.windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
-fn decode_checked(
-    mut decoder: impl ImageDecoder,
-    name: &'static str,
-    max_pixels: u64,
-) -> Result<DynamicImage, ImageError> {
-    let (width, height) = decoder.dimensions();
+/// Width and height from a PNG's IHDR chunk (always the first chunk).
+fn png_ihdr_size(data: &[u8]) -> Option<(u32, u32)> {
+    let ihdr = data.get(12..24)?;
+    if &ihdr[..4] != b"IHDR" {
+        return None;
+    }
+    let w = u32::from_be_bytes([ihdr[4], ihdr[5], ihdr[6], ihdr[7]]);
+    let h = u32::from_be_bytes([ihdr[8], ihdr[9], ihdr[10], ihdr[11]]);
+    Some((w, h))
+}
+
+fn check_size(width: u32, height: u32, max_pixels: u64) -> Result<(), ImageError> {
     let pixels = u64::from(width) * u64::from(height);
     if width == 0 || height == 0 {
         return Err(ImageError::ZeroSize { width, height });
@@ -289,6 +302,16 @@ fn decode_checked(
             max: max_pixels,
         });
     }
+    Ok(())
+}
+
+fn decode_checked(
+    mut decoder: impl ImageDecoder,
+    name: &'static str,
+    max_pixels: u64,
+) -> Result<DynamicImage, ImageError> {
+    let (width, height) = decoder.dimensions();
+    check_size(width, height, max_pixels)?;
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
