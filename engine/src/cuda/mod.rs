@@ -1,12 +1,15 @@
 //! The CUDA engine (cudarc 0.19; libcuda, cuBLAS and NVRTC loaded at run time,
 //! so the binary builds and runs without CUDA installed).
 //!
-//! Status: device probing, kernel sources, the on-disk PTX cache, launch
-//! configurations and the activation memory plan are implemented and their
-//! host-side logic unit-tested (this project's CI has no GPU). The device
-//! forward passes are not implemented yet: [`CudaEngine::new`] returns
-//! [`CudaError::NotImplemented`] after a successful probe, so `--device cuda`
-//! fails with a clear message (or falls back to the CPU when allowed).
+//! Status: library probing (no panic when CUDA is absent), context creation,
+//! NVRTC kernel sources ([`kernels`]) compiled once per source/options/arch
+//! and cached on disk ([`ptx_cache`]), launch configurations ([`launch`]) and
+//! the activation memory plan ([`plan`]) exist; their host-side logic is
+//! unit-tested (this project's CI has no GPU; none of it has run on a GPU).
+//! Missing: weight upload, cuBLAS GEMM calls and the forward passes. So
+//! [`CudaEngine::new`] returns [`CudaError::NotImplemented`] after probing,
+//! creating the context and loading the kernels: `--device cuda` fails with a
+//! clear message, or runs on the CPU with `--allow-cpu-fallback`.
 
 pub mod kernels;
 pub mod launch;
@@ -31,6 +34,9 @@ pub enum CudaError {
     /// The driver refused (no device, driver too old...).
     #[error("CUDA driver error: {0}")]
     Driver(String),
+    /// NVRTC could not compile the kernels.
+    #[error("NVRTC compilation failed: {0}")]
+    Compile(String),
     /// The architecture has no CUDA forward pass yet.
     #[error("the CUDA forward pass for {0} is not implemented yet")]
     NotImplemented(&'static str),
@@ -52,6 +58,48 @@ pub fn probe_libraries() -> Result<(), CudaError> {
         }
     }
     Ok(())
+}
+
+/// NVRTC options for every compilation (part of the PTX cache key).
+fn nvrtc_options(arch: (i32, i32)) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture=compute_{}{}", arch.0, arch.1),
+        "--std=c++17".into(),
+    ]
+}
+
+/// Loads the kernel module, compiling with NVRTC only when the PTX cache has
+/// no entry for this source, these options and this device architecture.
+pub fn load_kernels(
+    ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+    cache_dir: Option<&std::path::Path>,
+) -> Result<std::sync::Arc<cudarc::driver::CudaModule>, CudaError> {
+    let arch = ctx
+        .compute_capability()
+        .map_err(|e| CudaError::Driver(e.to_string()))?;
+    let options = nvrtc_options(arch);
+    let option_refs: Vec<&str> = options.iter().map(String::as_str).collect();
+    let key = ptx_cache::key(kernels::SOURCE, arch, &option_refs);
+    let cached = cache_dir.and_then(|d| ptx_cache::load(d, kernels::MODULE_NAME, &key));
+    let ptx = match cached {
+        Some(text) => cudarc::nvrtc::Ptx::from_src(text),
+        None => {
+            let opts = cudarc::nvrtc::CompileOptions {
+                options,
+                ..Default::default()
+            };
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(kernels::SOURCE, opts)
+                .map_err(|e| CudaError::Compile(e.to_string()))?;
+            if let Some(d) = cache_dir
+                && let Err(e) = ptx_cache::store(d, kernels::MODULE_NAME, &key, &ptx.to_src())
+            {
+                tracing::warn!(error = %e, "PTX cache not written");
+            }
+            ptx
+        }
+    };
+    ctx.load_module(ptx)
+        .map_err(|e| CudaError::Driver(e.to_string()))
 }
 
 /// A model on an NVIDIA GPU.
