@@ -96,7 +96,12 @@ fn every_fixture_case_matches_pillow_and_numpy_within_its_tolerance() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         let mean = g.iter().zip(&e).map(|(a, b)| (a - b).abs()).sum::<f32>() / g.len() as f32;
-        let within_one = g.iter().zip(&e).filter(|(a, b)| (*a - *b).abs() <= 1.01).count() as f32 / g.len() as f32;
+        let within_one = g
+            .iter()
+            .zip(&e)
+            .filter(|(a, b)| (*a - *b).abs() <= 1.01)
+            .count() as f32
+            / g.len() as f32;
         println!(
             "{} {:?} {:?} {:?} {:?} {}x{}: max |diff| {max:.3} levels, mean {mean:.4}, within one level {:.2}%",
             case.input,

@@ -8,13 +8,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_proto::inference::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use tandem_proto::inference::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
 use tandem_proto::inference::model_infer_request::InferInputTensor;
 use tandem_proto::inference::model_infer_response::InferOutputTensor;
 use tandem_proto::inference::*;
 use tandem_proto::tandem::v1::worker_control_server::WorkerControl;
-use tandem_proto::tandem::v1::{ColorRoute, Endpoint, GetStatsRequest, ParityTolerance, RoutingTable, SetRoutesRequest, ShadowPolicy};
-use tandem_worker::common::tensor::{decode_bytes_elements, encode_bytes_elements, le_bytes_to_f32};
+use tandem_proto::tandem::v1::{
+    ColorRoute, Endpoint, GetStatsRequest, ParityTolerance, RoutingTable, SetRoutesRequest,
+    ShadowPolicy,
+};
+use tandem_worker::common::tensor::{
+    decode_bytes_elements, encode_bytes_elements, le_bytes_to_f32,
+};
 use tandem_worker::config::PipelineConfig;
 use tandem_worker::preprocess::control::Control;
 use tandem_worker::preprocess::grpc::OipGrpc;
@@ -31,39 +38,69 @@ enum Behaviour {
     Unavailable,
 }
 
+/// (name, datatype, shape, raw byte length) of one forwarded input.
+type SeenInput = (String, String, Vec<i64>, usize);
+
 #[derive(Clone)]
 struct Fake {
     behaviour: Behaviour,
     hits: Arc<AtomicU64>,
     traces: Arc<Mutex<Vec<String>>>,
-    shapes: Arc<Mutex<Vec<(String, String, Vec<i64>, usize)>>>,
+    shapes: Arc<Mutex<Vec<SeenInput>>>,
 }
 
 #[tonic::async_trait]
 impl GrpcInferenceService for Fake {
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
         Ok(Response::new(ServerReadyResponse { ready: true }))
     }
-    async fn model_ready(&self, _: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+    async fn model_ready(
+        &self,
+        _: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
         Ok(Response::new(ModelReadyResponse { ready: true }))
     }
-    async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
         Ok(Response::new(ServerMetadataResponse::default()))
     }
-    async fn model_metadata(&self, _: Request<ModelMetadataRequest>) -> Result<Response<ModelMetadataResponse>, Status> {
+    async fn model_metadata(
+        &self,
+        _: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
         Ok(Response::new(ModelMetadataResponse::default()))
     }
-    async fn model_infer(&self, req: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+    async fn model_infer(
+        &self,
+        req: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
         self.hits.fetch_add(1, Ordering::SeqCst);
-        if let Some(t) = req.metadata().get("traceparent").and_then(|v| v.to_str().ok()) {
+        if let Some(t) = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+        {
             self.traces.lock().unwrap().push(t.to_owned());
         }
         let req = req.into_inner();
         for (i, input) in req.inputs.iter().enumerate() {
-            self.shapes.lock().unwrap().push((input.name.clone(), input.datatype.clone(), input.shape.clone(), req.raw_input_contents[i].len()));
+            self.shapes.lock().unwrap().push((
+                input.name.clone(),
+                input.datatype.clone(),
+                input.shape.clone(),
+                req.raw_input_contents[i].len(),
+            ));
         }
         let slope = match self.behaviour {
             Behaviour::Unavailable => return Err(Status::unavailable("fake pod is down")),
@@ -71,8 +108,14 @@ impl GrpcInferenceService for Fake {
         };
         let n = req.inputs[0].shape[0] as usize;
         let classes = 5;
-        let logits: Vec<f32> = (0..n).flat_map(|_| (0..classes).map(move |j| j as f32 * slope)).collect();
-        let name = if req.inputs[0].name == "input" { "logits" } else { "embedding" };
+        let logits: Vec<f32> = (0..n)
+            .flat_map(|_| (0..classes).map(move |j| j as f32 * slope))
+            .collect();
+        let name = if req.inputs[0].name == "input" {
+            "logits"
+        } else {
+            "embedding"
+        };
         Ok(Response::new(ModelInferResponse {
             model_name: req.model_name,
             outputs: vec![InferOutputTensor {
@@ -107,7 +150,11 @@ async fn start_fake(behaviour: Behaviour) -> (String, Fake) {
 }
 
 fn image_service(extra: &str) -> Arc<Service> {
-    let extra = if extra.is_empty() { "  holdTimeoutMs: 3000\n" } else { extra };
+    let extra = if extra.is_empty() {
+        "  holdTimeoutMs: 3000\n"
+    } else {
+        extra
+    };
     let yaml = format!(
         "pipeline: p\nmodel: {{name: effnet, version: \"1\"}}\npreprocess:\n  image:\n    resize: {{width: 16, height: 16}}\npostprocess: {{kind: Classification, topK: 2, labels: imagenet}}\nlimits:\n  maxRequestBytes: 200000\n  maxImagePixels: 1000000\n{extra}"
     );
@@ -122,18 +169,34 @@ fn image_service(extra: &str) -> Arc<Service> {
 fn text_service() -> Arc<Service> {
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::pre_tokenizers::whitespace::Whitespace;
-    let vocab = [("[UNK]", 0u32), ("hello", 1), ("world", 2)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
-    let model = WordLevel::builder().vocab(vocab).unk_token("[UNK]".into()).build().unwrap();
+    let vocab = [("[UNK]", 0u32), ("hello", 1), ("world", 2)]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+    let model = WordLevel::builder()
+        .vocab(vocab)
+        .unk_token("[UNK]".into())
+        .build()
+        .unwrap();
     let mut tok = tokenizers::Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(Whitespace {}));
     let text = tandem_worker::preprocess::text::TextPipeline::from_tokenizer(tok, 8).unwrap();
     let cfg = PipelineConfig::parse("pipeline: t\nmodel: {name: minilm}\npreprocess: {text: {tokenizer: unused, maxLength: 8}}\npostprocess: {kind: Embedding}\n").unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
-    Service::new(cfg, Pipeline::Text(Arc::new(text)), vec![], Metrics::register(&mut registry))
+    Service::new(
+        cfg,
+        Pipeline::Text(Arc::new(text)),
+        vec![],
+        Metrics::register(&mut registry),
+    )
 }
 
 fn jpeg() -> Vec<u8> {
-    std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/images/rgb.jpg")).unwrap()
+    std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/images/rgb.jpg"
+    ))
+    .unwrap()
 }
 
 fn request(model: &str, items: &[&[u8]]) -> ModelInferRequest {
@@ -151,7 +214,11 @@ fn request(model: &str, items: &[&[u8]]) -> ModelInferRequest {
     }
 }
 
-fn table(generation: u64, colors: &[(&str, u32, &[&str])], shadow: Option<ShadowPolicy>) -> RoutingTable {
+fn table(
+    generation: u64,
+    colors: &[(&str, u32, &[&str])],
+    shadow: Option<ShadowPolicy>,
+) -> RoutingTable {
     RoutingTable {
         generation,
         colors: colors
@@ -159,7 +226,13 @@ fn table(generation: u64, colors: &[(&str, u32, &[&str])], shadow: Option<Shadow
             .map(|(c, w, eps)| ColorRoute {
                 color: c.to_string(),
                 weight: *w,
-                endpoints: eps.iter().map(|a| Endpoint { address: a.to_string(), pod_name: String::new() }).collect(),
+                endpoints: eps
+                    .iter()
+                    .map(|a| Endpoint {
+                        address: a.to_string(),
+                        pod_name: String::new(),
+                    })
+                    .collect(),
                 model_name: "effnet-backend".into(),
                 model_version: String::new(),
             })
@@ -178,7 +251,10 @@ async fn set_routes(svc: &Arc<Service>, t: RoutingTable) -> u64 {
 }
 
 async fn infer(svc: &Arc<Service>, req: ModelInferRequest) -> Result<ModelInferResponse, Status> {
-    OipGrpc(Arc::clone(svc)).model_infer(Request::new(req)).await.map(Response::into_inner)
+    OipGrpc(Arc::clone(svc))
+        .model_infer(Request::new(req))
+        .await
+        .map(Response::into_inner)
 }
 
 fn png_header_claiming(width: u32, height: u32) -> Vec<u8> {
@@ -187,7 +263,11 @@ fn png_header_claiming(width: u32, height: u32) -> Vec<u8> {
         for &b in data {
             c ^= u32::from(b);
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
         }
         !c
@@ -217,11 +297,23 @@ async fn a_classified_image_batch_comes_back_with_top_k_labels_and_the_tensor_se
     assert_eq!(names, ["probabilities", "labels", "logits"]);
     assert_eq!(resp.outputs[0].shape, vec![2, 2]);
     let labels = decode_bytes_elements(&resp.raw_output_contents[1]).unwrap();
-    assert_eq!(labels[0], Bytes::from_static(b"hammerhead"), "class 4 of ImageNet");
+    assert_eq!(
+        labels[0],
+        Bytes::from_static(b"hammerhead"),
+        "class 4 of ImageNet"
+    );
     let probs = le_bytes_to_f32(&resp.raw_output_contents[0]).unwrap();
     assert!(probs[0] > probs[1]);
     let shapes = fake.shapes.lock().unwrap().clone();
-    assert_eq!(shapes[0], ("input".into(), "FP32".into(), vec![2, 3, 16, 16], 2 * 3 * 16 * 16 * 4));
+    assert_eq!(
+        shapes[0],
+        (
+            "input".into(),
+            "FP32".into(),
+            vec![2, 3, 16, 16],
+            2 * 3 * 16 * 16 * 4
+        )
+    );
 }
 
 #[tokio::test]
@@ -243,7 +335,10 @@ async fn hostile_inputs_get_invalid_argument_naming_the_problem_and_the_next_req
         (request("effnet", &[&truncated]), "truncated"),
         (request("effnet", &[b""]), "empty"),
         (request("effnet", &[&bomb]), "100000x100000"),
-        (request("effnet", &[b"not an image at all"]), "unrecognized image format"),
+        (
+            request("effnet", &[b"not an image at all"]),
+            "unrecognized image format",
+        ),
         (request("effnet", &[&big]), "over the limit"),
         (wrong_type, "expected BYTES"),
         (wrong_shape, "shape"),
@@ -251,9 +346,20 @@ async fn hostile_inputs_get_invalid_argument_naming_the_problem_and_the_next_req
     ];
     for (req, needle) in cases {
         let err = infer(&svc, req).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{needle}: {}", err.message());
-        assert!(err.message().contains(needle), "expected {needle:?} in {:?}", err.message());
-        infer(&svc, request("effnet", &[&img])).await.expect("a valid request after a hostile one");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{needle}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(needle),
+            "expected {needle:?} in {:?}",
+            err.message()
+        );
+        infer(&svc, request("effnet", &[&img]))
+            .await
+            .expect("a valid request after a hostile one");
     }
     let err = infer(&svc, request("nope", &[&img])).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -264,17 +370,29 @@ async fn text_is_tokenized_forwarded_as_int64_and_invalid_utf8_is_refused() {
     let (addr, fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
     let svc = text_service();
     set_routes(&svc, table(1, &[("blue", 100, &[&addr])], None)).await;
-    let resp = infer(&svc, request("minilm", &[b"hello world", b"hello"])).await.unwrap();
+    let resp = infer(&svc, request("minilm", &[b"hello world", b"hello"]))
+        .await
+        .unwrap();
     assert_eq!(resp.outputs.len(), 1);
     assert_eq!(resp.outputs[0].name, "embedding");
     assert_eq!(resp.outputs[0].shape, vec![2, 5]);
     let shapes = fake.shapes.lock().unwrap().clone();
     let names: Vec<&str> = shapes.iter().map(|s| s.0.as_str()).collect();
     assert_eq!(names, ["input_ids", "attention_mask", "token_type_ids"]);
-    assert!(shapes.iter().all(|s| s.1 == "INT64" && s.2 == vec![2, 2] && s.3 == 2 * 2 * 8));
-    let err = infer(&svc, request("minilm", &[b"ok", b"\xc3\x28"])).await.unwrap_err();
+    assert!(
+        shapes
+            .iter()
+            .all(|s| s.1 == "INT64" && s.2 == vec![2, 2] && s.3 == 2 * 2 * 8)
+    );
+    let err = infer(&svc, request("minilm", &[b"ok", b"\xc3\x28"]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("text item 1") && err.message().contains("UTF-8"), "{}", err.message());
+    assert!(
+        err.message().contains("text item 1") && err.message().contains("UTF-8"),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test]
@@ -288,12 +406,21 @@ async fn not_ready_until_routes_arrive_and_a_held_request_completes_once_they_do
     while svc.router().held_now() == 0 {
         tokio::task::yield_now().await;
     }
-    let stats = Control(Arc::clone(&svc)).get_stats(Request::new(GetStatsRequest {})).await.unwrap().into_inner();
+    let stats = Control(Arc::clone(&svc))
+        .get_stats(Request::new(GetStatsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(stats.held_requests, 1);
     assert!(!stats.ready);
-    assert_eq!(set_routes(&svc, table(3, &[("blue", 100, &[&addr])], None)).await, 3);
+    assert_eq!(
+        set_routes(&svc, table(3, &[("blue", 100, &[&addr])], None)).await,
+        3
+    );
     assert!(svc.is_ready());
-    held.await.unwrap().expect("held request served after routes arrived");
+    held.await
+        .unwrap()
+        .expect("held request served after routes arrived");
     // An older generation is ignored.
     assert_eq!(set_routes(&svc, table(2, &[], None)).await, 3);
     assert!(svc.is_ready());
@@ -313,8 +440,16 @@ async fn a_full_queue_answers_resource_exhausted_and_holding_times_out_as_unavai
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     let err = first.await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(err.message().contains("no inference endpoint"), "{}", err.message());
-    let stats = Control(Arc::clone(&svc)).get_stats(Request::new(GetStatsRequest {})).await.unwrap().into_inner();
+    assert!(
+        err.message().contains("no inference endpoint"),
+        "{}",
+        err.message()
+    );
+    let stats = Control(Arc::clone(&svc))
+        .get_stats(Request::new(GetStatsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(stats.rejected_total, 1);
 }
 
@@ -327,15 +462,31 @@ async fn an_unavailable_endpoint_is_retried_once_on_another_and_traceparent_is_p
     let img = jpeg();
     for _ in 0..4 {
         let mut req = Request::new(request("effnet", &[&img]));
-        req.metadata_mut()
-            .insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
-        OipGrpc(Arc::clone(&svc)).model_infer(req).await.expect("retry succeeds");
+        req.metadata_mut().insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        OipGrpc(Arc::clone(&svc))
+            .model_infer(req)
+            .await
+            .expect("retry succeeds");
     }
     assert_eq!(up_fake.hits.load(Ordering::SeqCst), 4);
     assert!(down_fake.hits.load(Ordering::SeqCst) >= 1);
     let traces = up_fake.traces.lock().unwrap().clone();
-    assert!(traces.iter().all(|t| t.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && !t.contains("00f067aa0ba902b7")));
-    let stats = Control(Arc::clone(&svc)).get_stats(Request::new(GetStatsRequest {})).await.unwrap().into_inner();
+    assert!(
+        traces
+            .iter()
+            .all(|t| t.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+                && !t.contains("00f067aa0ba902b7"))
+    );
+    let stats = Control(Arc::clone(&svc))
+        .get_stats(Request::new(GetStatsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     let blue = stats.colors.iter().find(|c| c.color == "blue").unwrap();
     assert!(blue.errors >= 1);
     assert_eq!(stats.routes_generation, 1);
@@ -346,7 +497,11 @@ async fn traffic_splits_by_weight_and_shadow_mismatches_are_counted() {
     let (blue, blue_fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
     let (green, green_fake) = start_fake(Behaviour::Logits { slope: -1.0 }).await;
     let svc = image_service("");
-    set_routes(&svc, table(1, &[("blue", 75, &[&blue]), ("green", 25, &[&green])], None)).await;
+    set_routes(
+        &svc,
+        table(1, &[("blue", 75, &[&blue]), ("green", 25, &[&green])], None),
+    )
+    .await;
     let img = jpeg();
     for _ in 0..8 {
         infer(&svc, request("effnet", &[&img])).await.unwrap();
@@ -357,16 +512,34 @@ async fn traffic_splits_by_weight_and_shadow_mismatches_are_counted() {
     let shadow = ShadowPolicy {
         color: "green".into(),
         sample_rate: 1.0,
-        tolerance: Some(ParityTolerance { min_cosine: 0.99, max_abs: 0.0, require_top1: true }),
+        tolerance: Some(ParityTolerance {
+            min_cosine: 0.99,
+            max_abs: 0.0,
+            require_top1: true,
+        }),
     };
-    set_routes(&svc, table(2, &[("blue", 100, &[&blue]), ("green", 0, &[&green])], Some(shadow))).await;
+    set_routes(
+        &svc,
+        table(
+            2,
+            &[("blue", 100, &[&blue]), ("green", 0, &[&green])],
+            Some(shadow),
+        ),
+    )
+    .await;
     for _ in 0..4 {
         infer(&svc, request("effnet", &[&img])).await.unwrap();
     }
     let control = Control(Arc::clone(&svc));
     let mut shadow_stats = None;
     for _ in 0..200 {
-        let s = control.get_stats(Request::new(GetStatsRequest {})).await.unwrap().into_inner().shadow.unwrap();
+        let s = control
+            .get_stats(Request::new(GetStatsRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .shadow
+            .unwrap();
         if s.compared + s.errors >= 4 {
             shadow_stats = Some(s);
             break;
@@ -391,32 +564,81 @@ async fn rest_health_infer_and_errors_follow_the_oip_v2_http_form() {
     let svc = text_service();
     let app = tandem_worker::preprocess::rest::router(Arc::clone(&svc));
     let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
-    assert_eq!(app.clone().oneshot(get("/v2/health/live")).await.unwrap().status(), 200);
-    assert_eq!(app.clone().oneshot(get("/v2/health/ready")).await.unwrap().status(), 503);
+    assert_eq!(
+        app.clone()
+            .oneshot(get("/v2/health/live"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.clone()
+            .oneshot(get("/v2/health/ready"))
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
     set_routes(&svc, table(1, &[("blue", 100, &[&addr])], None)).await;
-    assert_eq!(app.clone().oneshot(get("/v2/health/ready")).await.unwrap().status(), 200);
-    assert_eq!(app.clone().oneshot(get("/v2/models/minilm")).await.unwrap().status(), 200);
-    assert_eq!(app.clone().oneshot(get("/v2/models/other")).await.unwrap().status(), 404);
+    assert_eq!(
+        app.clone()
+            .oneshot(get("/v2/health/ready"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.clone()
+            .oneshot(get("/v2/models/minilm"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.clone()
+            .oneshot(get("/v2/models/other"))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
 
-    let post = |body: String| axum::http::Request::post("/v2/models/minilm/infer").header("content-type", "application/json").body(Body::from(body)).unwrap();
+    let post = |body: String| {
+        axum::http::Request::post("/v2/models/minilm/infer")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
     let ok = app
         .clone()
         .oneshot(post(r#"{"id":"a","inputs":[{"name":"TEXT","shape":[2],"datatype":"BYTES","data":["hello","world hello"]}]}"#.into()))
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
-    let body: serde_json::Value = serde_json::from_slice(&axum::body::to_bytes(ok.into_body(), 1 << 20).await.unwrap()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&axum::body::to_bytes(ok.into_body(), 1 << 20).await.unwrap())
+            .unwrap();
     assert_eq!(body["outputs"][0]["name"], "embedding");
     assert_eq!(body["outputs"][0]["shape"], serde_json::json!([2, 5]));
     assert_eq!(body["id"], "a");
 
     let bad = app
         .clone()
-        .oneshot(post(r#"{"inputs":[{"name":"TEXT","shape":[1],"datatype":"FP32","data":[1.0]}]}"#.into()))
+        .oneshot(post(
+            r#"{"inputs":[{"name":"TEXT","shape":[1],"datatype":"FP32","data":[1.0]}]}"#.into(),
+        ))
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
-    let body: serde_json::Value = serde_json::from_slice(&axum::body::to_bytes(bad.into_body(), 1 << 20).await.unwrap()).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(
+        &axum::body::to_bytes(bad.into_body(), 1 << 20)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     assert!(body["error"].as_str().unwrap().contains("expected BYTES"));
     let garbage = app.clone().oneshot(post("{not json".into())).await.unwrap();
     assert_eq!(garbage.status(), 400);
@@ -435,8 +657,14 @@ async fn rest_health_infer_and_errors_follow_the_oip_v2_http_form() {
         .unwrap();
     let resp = app.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    let json_len: usize = resp.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    let json_len: usize = resp.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
     let head: serde_json::Value = serde_json::from_slice(&bytes[..json_len]).unwrap();
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 20);
     assert_eq!(bytes.len() - json_len, 20);

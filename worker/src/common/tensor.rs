@@ -189,7 +189,7 @@ pub fn i64_to_le_bytes(values: &[i64]) -> Bytes {
 
 /// Reads little-endian `f32`s; `None` when the length is not a multiple of 4.
 pub fn le_bytes_to_f32(raw: &[u8]) -> Option<Vec<f32>> {
-    if raw.len() % 4 != 0 {
+    if !raw.len().is_multiple_of(4) {
         return None;
     }
     Some(
@@ -201,7 +201,7 @@ pub fn le_bytes_to_f32(raw: &[u8]) -> Option<Vec<f32>> {
 
 /// Reads little-endian `i64`s; `None` when the length is not a multiple of 8.
 pub fn le_bytes_to_i64(raw: &[u8]) -> Option<Vec<i64>> {
-    if raw.len() % 8 != 0 {
+    if !raw.len().is_multiple_of(8) {
         return None;
     }
     Some(

@@ -72,7 +72,7 @@ pub struct Comparison {
 
 /// Compares two `[rows, width]` outputs; `None` when their sizes differ.
 pub fn compare(live: &[f32], shadow: &[f32], width: usize) -> Option<Comparison> {
-    if live.len() != shadow.len() || width == 0 || live.len() % width != 0 {
+    if live.len() != shadow.len() || width == 0 || !live.len().is_multiple_of(width) {
         return None;
     }
     let mut c = Comparison {
