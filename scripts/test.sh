@@ -32,6 +32,12 @@ t=$(date +%s); cargo clippy --workspace --all-targets -q -- -D warnings; echo "c
 say "build (workspace, tests included)"
 t=$(date +%s); cargo build --workspace --all-targets -q; echo "build: $(since "$t")" >&2
 
+say "tritonclient (grpc + http) against the real inference worker, unmodified"
+t=$(date +%s)
+"$TANDEM_PYTHON" tests/python/inference/tritonclient_check.py \
+  --worker target/debug/tandem-worker --models "$TANDEM_MODELS_DIR"
+echo "tritonclient check: $(since "$t")" >&2
+
 say "local cluster up"
 cleanup() {
   local rc=$?
