@@ -17,6 +17,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
 N=${N:-1000}
+MAX_WAIT=${MAX_WAIT:-1800}   # seconds; past it the numbers so far are reported as incomplete
 eval "$(tests/kube/cluster env)"
 bin=${OPERATOR_BIN:-$root/target/release/tandem-operator}
 [ -x "$bin" ] || cargo build --release -p tandem-operator --bin tandem-operator
@@ -73,6 +74,10 @@ while :; do
   deps=$(kubectl get deployments -n "$ns" --no-headers 2>/dev/null | wc -l)
   done_status=$(kubectl get ipl -n "$ns" -o jsonpath='{range .items[*]}{.status.observedGeneration}{"\n"}{end}' 2>/dev/null | grep -c . || true)
   if [ "$deps" -ge $((2 * N)) ] && [ "$done_status" -ge "$N" ]; then break; fi
+  if [ "$(echo "$(date +%s.%N) - $t0 > $MAX_WAIT" | bc)" = 1 ]; then
+    echo "[bench] INCOMPLETE after ${MAX_WAIT}s: $done_status/$N statuses, $deps/$((2 * N)) Deployments" >&2
+    break
+  fi
   if ! kill -0 "$op_pid" 2>/dev/null; then echo "[bench] operator exited" >&2; tail -20 "$work/operator.log" >&2; exit 1; fi
   sleep 1
 done
@@ -82,9 +87,9 @@ hwm=$(awk '/VmHWM/ {print $2}' "/proc/$op_pid/status")
 rss_end=$(awk '/VmRSS/ {print $2}' "/proc/$op_pid/status")
 kill -TERM "$op_pid"; wait "$op_pid" 2>/dev/null || true; op_pid=
 
-python3 - "$work/operator.log" "$N" "$c0" "$c1" "$t0" "$t1" "$hwm" "$rss_end" <<'PY'
+python3 - "$work/operator.log" "$N" "$c0" "$c1" "$t0" "$t1" "$hwm" "$rss_end" "$done_status" <<'PY'
 import json, sys
-log, n, c0, c1, t0, t1, hwm, rss_end = sys.argv[1:]
+log, n, c0, c1, t0, t1, hwm, rss_end, done = sys.argv[1:]
 d = []
 for line in open(log):
     try:
@@ -97,6 +102,7 @@ d.sort()
 pct = lambda p: d[min(len(d) - 1, int(round(p / 100 * (len(d) - 1))))] if d else float("nan")
 print(f"pipelines:                 {n}")
 print(f"create (kubectl apply):    {float(c1) - float(c0):.1f} s")
+print(f"pipelines with status:     {done}/{n}")
 print(f"all reconciled after:      {float(t1) - float(t0):.1f} s (operator start -> every pipeline has 2 Deployments and status)")
 print(f"operator peak RSS (VmHWM): {int(hwm) / 1024:.1f} MiB")
 print(f"operator RSS at end:       {int(rss_end) / 1024:.1f} MiB")
