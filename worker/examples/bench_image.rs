@@ -5,13 +5,20 @@
 
 use std::time::Instant;
 
-use tandem_worker::config::{ImageConfig, ImageDtype, Layout, Normalize, Resize, ResizeFilter, ResizeMode};
+use tandem_worker::config::{
+    ImageConfig, ImageDtype, Layout, Normalize, Resize, ResizeFilter, ResizeMode,
+};
 use tandem_worker::preprocess::image::ImagePipeline;
 
 fn pipeline(dtype: ImageDtype, layout: Layout) -> ImagePipeline {
     ImagePipeline::new(
         ImageConfig {
-            resize: Resize { width: 224, height: 224, mode: ResizeMode::CenterCrop, filter: ResizeFilter::Bilinear },
+            resize: Resize {
+                width: 224,
+                height: 224,
+                mode: ResizeMode::CenterCrop,
+                filter: ResizeFilter::Bilinear,
+            },
             normalize: Normalize::default(),
             layout,
             dtype,
@@ -29,15 +36,18 @@ fn main() -> anyhow::Result<()> {
     let iters: usize = iters.parse()?;
     let fp32 = pipeline(ImageDtype::Fp32, Layout::Nchw);
     let mut buf = vec![0u8; fp32.item_bytes()];
-    fp32.process_into(&data, &mut buf).map_err(|e| anyhow::anyhow!("{e}"))?;
+    fp32.process_into(&data, &mut buf)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = Instant::now();
     for _ in 0..iters {
-        fp32.process_into(&data, &mut buf).map_err(|e| anyhow::anyhow!("{e}"))?;
+        fp32.process_into(&data, &mut buf)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
     let u8p = pipeline(ImageDtype::Uint8, Layout::Nhwc);
     let mut u8buf = vec![0u8; u8p.item_bytes()];
-    u8p.process_into(&data, &mut u8buf).map_err(|e| anyhow::anyhow!("{e}"))?;
+    u8p.process_into(&data, &mut u8buf)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::write(out, &u8buf)?;
     println!("{ms:.3}");
     Ok(())
