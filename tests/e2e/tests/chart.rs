@@ -253,6 +253,8 @@ const LOCAL_CLUSTER_SETS: [&str; 2] = [
 /// leave its ClusterRole behind.
 struct Release {
     namespace: String,
+    /// `--set` values of the install, repeated on upgrade.
+    base: Vec<String>,
     uninstalled: bool,
 }
 
@@ -277,6 +279,7 @@ impl Release {
         helm_ok(&args)?;
         Ok(Release {
             namespace: namespace.to_owned(),
+            base: sets.iter().map(|s| s.to_string()).collect(),
             uninstalled: false,
         })
     }
@@ -293,7 +296,12 @@ impl Release {
             "--kubeconfig".into(),
             cluster.kubeconfig().into(),
         ];
-        for s in LOCAL_CLUSTER_SETS.iter().chain(sets) {
+        for s in LOCAL_CLUSTER_SETS
+            .iter()
+            .copied()
+            .chain(self.base.iter().map(String::as_str))
+            .chain(sets.iter().copied())
+        {
             args.push("--set".into());
             args.push(s.into());
         }
@@ -433,6 +441,38 @@ fn assert_pod_uses_a_service_account_token(pod: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the pod's process wrote to stdout and stderr: the file its stdout points to (the node
+/// agent's per-container log), found through /proc so the agent's log layout does not matter.
+fn pod_log(pod: &str) -> anyhow::Result<String> {
+    let pid = *processes_of_pod(pod)
+        .first()
+        .with_context(|| format!("no process runs pod {pod}"))?;
+    let path = std::fs::read_link(format!("/proc/{pid}/fd/1"))
+        .with_context(|| format!("stdout of pod {pod}'s process {pid}"))?;
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Fails when an operator pod logged an authorization failure (reconcile, Lease or Event).
+fn assert_no_forbidden_in_logs(pods: &[(String, IpAddr)]) -> anyhow::Result<()> {
+    for (pod, _) in pods {
+        let log = pod_log(pod)?;
+        let denied: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                l.contains("forbidden") || l.contains("unauthorized")
+            })
+            .take(5)
+            .collect();
+        assert!(
+            denied.is_empty(),
+            "operator pod {pod} was denied by the API server: {denied:#?}"
+        );
+    }
+    Ok(())
+}
+
 /// `tandem_operator_reconcile_errors_total` samples above zero, other than invalid specs.
 fn reconcile_errors(metrics: &str) -> Vec<String> {
     metrics
@@ -555,7 +595,7 @@ fn workload_permissions() -> BTreeSet<Permission> {
         ("services", "", &["list", "watch", "create", "patch"]),
         ("configmaps", "", &["list", "watch", "create", "patch"]),
         ("serviceaccounts", "", &["list", "watch", "create", "patch"]),
-        ("pods", "", &["list"]),
+        ("pods", "", &["list", "watch"]),
         ("events.events.k8s.io", "", &["create", "patch"]),
     ])
 }
@@ -718,7 +758,10 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
     let cluster = Cluster::connect();
     let guard = cluster.namespace("chart")?;
     let ns = guard.name();
-    let mut release = Release::install(&cluster, ns, &[])?;
+    // Cluster scope (ClusterRole), but the operator watches only this test's namespace: the
+    // local cluster is shared with other tests whose pipelines it must not reconcile.
+    let only_here = format!("extraArgs[0]=--namespace={ns}");
+    let mut release = Release::install(&cluster, ns, &[&only_here])?;
 
     // Two replicas Ready; one holds the Lease; it authenticates with its ServiceAccount token.
     let pods = wait_operator_rolled_out(&cluster, ns, 2)?;
@@ -755,6 +798,7 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
         errors.is_empty(),
         "the leader counted reconcile errors (RBAC?): {errors:?}"
     );
+    assert_no_forbidden_in_logs(&pods)?;
 
     // helm upgrade with a changed value rolls the operator; the new leader keeps reconciling.
     release.upgrade(&cluster, &["concurrency=4", "logging.format=text"])?;
@@ -785,6 +829,7 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
         r#"{"spec":{"preprocess":{"replicas":{"min":2,"max":4}}}}"#,
     ])?;
     wait_reconciled(&cluster, ns)?;
+    assert_no_forbidden_in_logs(&pods)?;
 
     // Uninstall: pipelines first (their objects are theirs, not the chart's), then the chart.
     cluster.kubectl_ok([
