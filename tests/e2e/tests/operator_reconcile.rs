@@ -500,11 +500,18 @@ fn a_second_reconcile_changes_nothing_and_spec_edits_flow_through() {
         ns,
         "parked",
         &op,
-        "a Degraded condition naming the scheduler's reason",
+        "Ready and Degraded conditions naming the scheduler's reason for inference",
         |p| {
-            condition(p, "Degraded")["message"]
+            // Both stages are unschedulable; the inference pod may appear a moment after the
+            // preprocess one, so wait until the inference stage's reason is known too.
+            let ready = condition(p, "Ready")["message"]
                 .as_str()
-                .is_some_and(|m| m.contains("Insufficient"))
+                .unwrap_or_default();
+            ready.starts_with("0/1 inference pods ready: ")
+                && ready.contains("Insufficient")
+                && condition(p, "Degraded")["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("Insufficient"))
         },
     );
     assert_eq!(condition(&p, "Degraded")["status"], "True");
