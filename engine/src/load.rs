@@ -153,11 +153,10 @@ pub fn load_engine(dir: &Path, weights: &Path, opts: &LoadOptions) -> Result<Loa
         source: e,
     })?;
     let w = Weights::from_bytes(&bytes)?;
-    drop(bytes);
     let spec = spec_for(&architecture, opts.image_input);
     let mut fallback_reason = None;
     if opts.device == Device::Cuda {
-        match cuda_engine(&architecture, &spec, opts) {
+        match cuda_engine(&architecture, &spec, &bytes, opts) {
             Ok(engine) => {
                 return Ok(Loaded {
                     engine,
@@ -169,6 +168,7 @@ pub fn load_engine(dir: &Path, weights: &Path, opts: &LoadOptions) -> Result<Loa
             Err(reason) => return Err(LoadError::CudaUnavailable(reason)),
         }
     }
+    drop(bytes);
     let engine = CpuEngine::new(&architecture, spec, w, opts.cpu_threads)?;
     Ok(Loaded {
         engine: Box::new(engine),
@@ -181,9 +181,10 @@ pub fn load_engine(dir: &Path, weights: &Path, opts: &LoadOptions) -> Result<Loa
 fn cuda_engine(
     arch: &Architecture,
     spec: &ModelSpec,
+    weights: &[u8],
     opts: &LoadOptions,
 ) -> Result<Box<dyn Engine>, String> {
-    crate::cuda::CudaEngine::new(arch, spec.clone(), opts.kernel_cache_dir.clone())
+    crate::cuda::CudaEngine::new(arch, spec.clone(), weights, opts.kernel_cache_dir.clone())
         .map(|e| Box::new(e) as Box<dyn Engine>)
         .map_err(|e| e.to_string())
 }
@@ -192,6 +193,7 @@ fn cuda_engine(
 fn cuda_engine(
     _arch: &Architecture,
     _spec: &ModelSpec,
+    _weights: &[u8],
     _opts: &LoadOptions,
 ) -> Result<Box<dyn Engine>, String> {
     Err("this build has no CUDA support (feature `cuda` of tandem-engine is off)".into())

@@ -46,6 +46,16 @@ pub fn per_row(rows: u32, width: usize) -> Launch {
     }
 }
 
+/// embedding_gather: one block per token row, threads striding over `width`
+/// (no reduction, so at most 256 threads and no shared memory).
+pub fn row_gather(rows: u32, width: usize) -> Launch {
+    Launch {
+        grid: (rows, 1, 1),
+        block: (reduction_threads(width).min(256), 1, 1),
+        shared_bytes: 0,
+    }
+}
+
 /// masked_softmax: one single-thread block per (sequence·head, query row).
 pub fn softmax(batch_heads: u32, seq_len: u32) -> Launch {
     Launch {
@@ -75,6 +85,13 @@ mod tests {
         assert_eq!(reduction_threads(1280), 1024);
         let l = per_row(7, 384);
         assert_eq!((l.grid.0, l.block.0, l.shared_bytes), (7, 512, 2048));
+    }
+
+    #[test]
+    fn gathers_run_one_block_per_row_with_at_most_256_threads() {
+        let l = row_gather(4096, 384);
+        assert_eq!((l.grid.0, l.block.0, l.shared_bytes), (4096, 256, 0));
+        assert_eq!(row_gather(2, 8).block.0, 32);
     }
 
     #[test]

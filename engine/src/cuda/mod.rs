@@ -11,6 +11,8 @@
 //! creating the context and loading the kernels: `--device cuda` fails with a
 //! clear message, or runs on the CPU with `--allow-cpu-fallback`.
 
+pub mod bert;
+pub mod gemm;
 pub mod kernels;
 pub mod launch;
 pub mod plan;
@@ -21,7 +23,8 @@ use std::path::PathBuf;
 use crate::config::Architecture;
 use crate::engine::{Device, Engine, EngineError};
 use crate::spec::ModelSpec;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, TensorData};
+use crate::weights::Weights;
 
 /// Why the CUDA engine is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,9 @@ pub enum CudaError {
     /// NVRTC could not compile the kernels.
     #[error("NVRTC compilation failed: {0}")]
     Compile(String),
+    /// The weights do not fit the architecture.
+    #[error("weights: {0}")]
+    Weights(String),
     /// The architecture has no CUDA forward pass yet.
     #[error("the CUDA forward pass for {0} is not implemented yet")]
     NotImplemented(&'static str),
@@ -102,24 +108,53 @@ pub fn load_kernels(
         .map_err(|e| CudaError::Driver(e.to_string()))
 }
 
+/// The model a [`CudaEngine`] runs.
+enum Model {
+    Bert(bert::CudaBert),
+}
+
 /// A model on an NVIDIA GPU.
 pub struct CudaEngine {
     spec: ModelSpec,
+    model: Model,
+    _module: std::sync::Arc<cudarc::driver::CudaModule>,
     _ctx: std::sync::Arc<cudarc::driver::CudaContext>,
 }
 
 impl CudaEngine {
-    /// Probes the GPU and prepares `arch` on device 0.
+    /// Probes the GPU, compiles (or loads cached) kernels and uploads the
+    /// weights of `arch` (safetensors bytes) to device 0.
     pub fn new(
         arch: &Architecture,
         spec: ModelSpec,
+        weights: &[u8],
         kernel_cache_dir: Option<PathBuf>,
     ) -> Result<Self, CudaError> {
+        let Architecture::Bert(cfg) = arch else {
+            return Err(CudaError::NotImplemented(arch.name()));
+        };
         probe_libraries()?;
         let ctx =
             cudarc::driver::CudaContext::new(0).map_err(|e| CudaError::Driver(e.to_string()))?;
-        let _ = (&spec, kernel_cache_dir, &ctx);
-        Err(CudaError::NotImplemented(arch.name()))
+        let module = load_kernels(&ctx, kernel_cache_dir.as_deref())?;
+        let w = Weights::from_bytes(weights).map_err(|e| CudaError::Weights(e.to_string()))?;
+        let model = bert::CudaBert::load(cfg, w, &ctx, &module).map_err(|e| match e {
+            bert::BertLoadError::Cuda(c) => c,
+            bert::BertLoadError::Weights(w) => CudaError::Weights(w.to_string()),
+        })?;
+        Ok(Self {
+            spec,
+            model: Model::Bert(model),
+            _module: module,
+            _ctx: ctx,
+        })
+    }
+}
+
+fn i64s<'a>(t: &'a Tensor, name: &str) -> Result<&'a [i64], EngineError> {
+    match &t.data {
+        TensorData::I64(v) => Ok(v),
+        _ => Err(EngineError::InvalidInput(format!("{name} must be INT64"))),
     }
 }
 
@@ -128,8 +163,34 @@ impl Engine for CudaEngine {
         &self.spec
     }
 
-    fn forward(&mut self, _inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
-        Err(EngineError::Device("CUDA forward not implemented".into()))
+    fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
+        match &mut self.model {
+            Model::Bert(m) => {
+                let [ids, mask, types] = inputs else {
+                    return Err(EngineError::InvalidInput(
+                        "expected input_ids, attention_mask, token_type_ids".into(),
+                    ));
+                };
+                let (n, l) = match ids.shape[..] {
+                    [n, l] => (n, l),
+                    _ => return Err(EngineError::InvalidInput("input_ids must be [N, L]".into())),
+                };
+                if mask.shape != ids.shape || types.shape != ids.shape {
+                    return Err(EngineError::InvalidInput(
+                        "input_ids, attention_mask and token_type_ids must have the same shape"
+                            .into(),
+                    ));
+                }
+                let out = m.forward(
+                    i64s(ids, "input_ids")?,
+                    i64s(mask, "attention_mask")?,
+                    i64s(types, "token_type_ids")?,
+                    n,
+                    l,
+                )?;
+                Ok(vec![Tensor::f32(vec![n, m.hidden_size()], out)])
+            }
+        }
     }
 
     fn device(&self) -> Device {
