@@ -17,7 +17,7 @@ use cudarc::driver::{
 };
 
 use super::CudaError;
-use super::gemm::{ColMajorGemm, Op, RowMajor};
+use super::gemm::{self, Batched, ColMajorGemm, Op, RowMajor};
 use super::launch::{self, Launch};
 use super::plan::BertPlan;
 use crate::config::{BertConfig, Pooling};
@@ -166,6 +166,16 @@ fn gemm_cfg(g: ColMajorGemm) -> GemmConfig<f32> {
         ldb: g.ldb,
         beta: 0.0,
         ldc: g.ldc,
+    }
+}
+
+fn batched_cfg(b: Batched) -> StridedBatchedConfig<f32> {
+    StridedBatchedConfig {
+        gemm: gemm_cfg(b.gemm),
+        batch_size: b.batch,
+        stride_a: b.stride_a,
+        stride_b: b.stride_b,
+        stride_c: b.stride_c,
     }
 }
 
@@ -386,51 +396,18 @@ impl CudaBert {
                 .map_err(shape)?,
         );
         // Per head, batched over sequences: scores[b, head] = Q·Kᵀ and context = P·V.
-        let score_g = StridedBatchedConfig {
-            gemm: gemm_cfg(
-                RowMajor {
-                    m: l,
-                    n: l,
-                    k: d,
-                    lda: 3 * h,
-                    ldb: 3 * h,
-                    ldc: l,
-                }
-                .times_transposed()
-                .map_err(shape)?,
-            ),
-            batch_size: i32_of(n, "batch")?,
-            stride_a: (l * 3 * h) as i64,
-            stride_b: (l * 3 * h) as i64,
-            stride_c: (heads * l * l) as i64,
-        };
-        let ctx_g = StridedBatchedConfig {
-            gemm: gemm_cfg(
-                RowMajor {
-                    m: l,
-                    n: d,
-                    k: l,
-                    lda: l,
-                    ldb: 3 * h,
-                    ldc: h,
-                }
-                .times()
-                .map_err(shape)?,
-            ),
-            batch_size: i32_of(n, "batch")?,
-            stride_a: (l * 3 * h) as i64,
-            stride_b: (heads * l * l) as i64,
-            stride_c: (l * h) as i64,
-        };
+        let (score_b, ctx_b) = gemm::attention(n, l, h, heads).map_err(shape)?;
+        let (score_g, ctx_g) = (batched_cfg(score_b), batched_cfg(ctx_b));
         let scale = 1.0 / (d as f32).sqrt();
 
         for layer in &self.layers {
             self.linear(qkv_g, &layer.qkv_w, &a.hidden, &mut a.qkv)?;
             self.bias_act(&mut a.qkv, &layer.qkv_b, t * 3 * h, 3 * h)?;
             for head in 0..heads {
-                let q = a.qkv.slice(head * d..);
-                let k = a.qkv.slice(h + head * d..);
-                let mut sc = a.scores.slice_mut(head * l * l..);
+                let o = gemm::head_offsets(head, l, h, heads);
+                let q = a.qkv.slice(o.q..);
+                let k = a.qkv.slice(o.k..);
+                let mut sc = a.scores.slice_mut(o.scores..);
                 // cuBLAS A slot = keys (our B), B slot = queries (our A).
                 // SAFETY: `score_g` comes from `RowMajor` (strides checked); the views
                 // start inside qkv [n·l, 3h] and scores [n·heads, l, l], and the last
@@ -449,9 +426,10 @@ impl CudaBert {
             }
             .map_err(dev)?;
             for head in 0..heads {
-                let v = a.qkv.slice(2 * h + head * d..);
-                let p = a.scores.slice(head * l * l..);
-                let mut out = a.context.slice_mut(head * d..);
+                let o = gemm::head_offsets(head, l, h, heads);
+                let v = a.qkv.slice(o.v..);
+                let p = a.scores.slice(o.scores..);
+                let mut out = a.context.slice_mut(o.context..);
                 // cuBLAS A slot = values (our B), B slot = probabilities (our A).
                 // SAFETY: as for the scores: `ctx_g` strides were checked and every
                 // batch entry lies inside qkv, scores and context [n·l, h].

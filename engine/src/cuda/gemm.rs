@@ -120,6 +120,102 @@ impl RowMajor {
     }
 }
 
+/// One strided-batched GEMM: the per-entry GEMM and the element strides
+/// between consecutive batch entries of cuBLAS's `A`, `B` and `C` slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batched {
+    /// The GEMM of one batch entry.
+    pub gemm: ColMajorGemm,
+    /// Number of entries.
+    pub batch: i32,
+    /// Stride of cuBLAS's `A` slot.
+    pub stride_a: i64,
+    /// Stride of cuBLAS's `B` slot.
+    pub stride_b: i64,
+    /// Stride of cuBLAS's `C` slot.
+    pub stride_c: i64,
+}
+
+/// Where one head's operands start (element offsets) in the attention buffers:
+/// `qkv` `[n·l, 3h]` (Q | K | V), `scores` `[n·heads, l, l]`, `context` `[n·l, h]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadOffsets {
+    /// Queries in `qkv`.
+    pub q: usize,
+    /// Keys in `qkv`.
+    pub k: usize,
+    /// Values in `qkv`.
+    pub v: usize,
+    /// This head's score matrix of sequence 0 in `scores`.
+    pub scores: usize,
+    /// This head's columns in `context`.
+    pub context: usize,
+}
+
+/// Element offsets of `head` (head width `h / heads`).
+pub fn head_offsets(head: usize, l: usize, h: usize, heads: usize) -> HeadOffsets {
+    let d = h / heads;
+    HeadOffsets {
+        q: head * d,
+        k: h + head * d,
+        v: 2 * h + head * d,
+        scores: head * l * l,
+        context: head * d,
+    }
+}
+
+/// The two attention GEMMs of one head, each batched over the `n` sequences:
+/// `scores = Q·Kᵀ` (cuBLAS `A` = keys, `B` = queries, `C` = scores) and
+/// `context = P·V` (`A` = values, `B` = probabilities, `C` = context), with
+/// the operand starts of [`head_offsets`].
+pub fn attention(
+    n: usize,
+    l: usize,
+    h: usize,
+    heads: usize,
+) -> Result<(Batched, Batched), GemmShapeError> {
+    if heads == 0 || !h.is_multiple_of(heads) {
+        return Err(GemmShapeError(format!(
+            "hidden {h} not divisible by {heads} heads"
+        )));
+    }
+    let d = h / heads;
+    let batch = int(n, "batch")?;
+    let long = |v: usize| i64::try_from(v).map_err(|_| GemmShapeError(format!("stride {v}")));
+    let seq_qkv = long(l * 3 * h)?;
+    let scores = Batched {
+        gemm: RowMajor {
+            m: l,
+            n: l,
+            k: d,
+            lda: 3 * h,
+            ldb: 3 * h,
+            ldc: l,
+        }
+        .times_transposed()?,
+        batch,
+        stride_a: seq_qkv,
+        stride_b: seq_qkv,
+        stride_c: long(heads * l * l)?,
+    };
+    let context = Batched {
+        gemm: RowMajor {
+            m: l,
+            n: d,
+            k: l,
+            lda: l,
+            ldb: 3 * h,
+            ldc: h,
+        }
+        .times()?,
+        batch,
+        stride_a: seq_qkv,
+        stride_b: long(heads * l * l)?,
+        stride_c: long(l * h)?,
+    };
+    Ok((scores, context))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +312,87 @@ mod tests {
                 assert!((c[i * ldc + j] - want).abs() < 1e-5);
             }
         }
+    }
+
+    /// cuBLAS strided-batched semantics on host slices.
+    fn batched_reference(b: &Batched, a: &[f32], bb: &[f32], c: &mut [f32]) {
+        for e in 0..b.batch as usize {
+            let (sa, sb, sc) = (
+                e * b.stride_a as usize,
+                e * b.stride_b as usize,
+                e * b.stride_c as usize,
+            );
+            cublas_reference(&b.gemm, &a[sa..], &bb[sb..], &mut c[sc..]);
+        }
+    }
+
+    #[test]
+    fn batched_attention_gemms_with_a_host_softmax_match_naive_masked_attention() {
+        let (n, l, h, heads) = (2, 3, 4, 2);
+        let d = h / heads;
+        let qkv = values(n * l * 3 * h, 0.5);
+        let mask = [1i64, 1, 0, 1, 1, 1];
+        let (sg, cg) = attention(n, l, h, heads).unwrap();
+        let mut scores = vec![0.0; n * heads * l * l];
+        let mut ctx = vec![0.0; n * l * h];
+        let scale = 1.0 / (d as f32).sqrt();
+        for head in 0..heads {
+            let o = head_offsets(head, l, h, heads);
+            batched_reference(&sg, &qkv[o.k..], &qkv[o.q..], &mut scores[o.scores..]);
+        }
+        // The masked_softmax kernel's math, per (sequence·head, query row).
+        for (r, row) in scores.chunks_mut(l).enumerate() {
+            let b = r / (heads * l);
+            let m = &mask[b * l..][..l];
+            let mx = (0..l)
+                .filter(|&k| m[k] != 0)
+                .map(|k| row[k] * scale)
+                .fold(f32::MIN, f32::max);
+            let e: Vec<f32> = (0..l)
+                .map(|k| {
+                    if m[k] != 0 {
+                        (row[k] * scale - mx).exp()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let sum: f32 = e.iter().sum();
+            row.iter_mut().zip(&e).for_each(|(x, v)| *x = v / sum);
+        }
+        for head in 0..heads {
+            let o = head_offsets(head, l, h, heads);
+            batched_reference(&cg, &qkv[o.v..], &scores[o.scores..], &mut ctx[o.context..]);
+        }
+        for b in 0..n {
+            for head in 0..heads {
+                for i in 0..l {
+                    let at = |row: usize, part: usize, p: usize| {
+                        qkv[(b * l + row) * 3 * h + part * h + head * d + p]
+                    };
+                    let s: Vec<f32> = (0..l)
+                        .map(|j| (0..d).map(|p| at(i, 0, p) * at(j, 1, p)).sum::<f32>() * scale)
+                        .collect();
+                    let keys: Vec<usize> = (0..l).filter(|&j| mask[b * l + j] != 0).collect();
+                    let mx = keys.iter().map(|&j| s[j]).fold(f32::MIN, f32::max);
+                    let z: f32 = keys.iter().map(|&j| (s[j] - mx).exp()).sum();
+                    for p in 0..d {
+                        let want: f32 = keys
+                            .iter()
+                            .map(|&j| (s[j] - mx).exp() / z * at(j, 2, p))
+                            .sum();
+                        let got = ctx[(b * l + i) * h + head * d + p];
+                        assert!((got - want).abs() < 1e-5, "b{b} h{head} i{i} p{p}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_rejects_a_hidden_size_not_divisible_by_the_heads() {
+        assert!(attention(1, 4, 10, 3).is_err());
+        assert!(attention(1, 4, 10, 0).is_err());
     }
 
     #[test]
