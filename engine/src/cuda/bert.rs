@@ -139,7 +139,7 @@ pub fn pack_inputs(ids: &[i64], mask: &[i64], types: &[i64]) -> Vec<i64> {
     packed
 }
 
-fn to_cfg(l: Launch) -> LaunchConfig {
+pub(super) fn to_cfg(l: Launch) -> LaunchConfig {
     LaunchConfig {
         grid_dim: l.grid,
         block_dim: l.block,
@@ -154,7 +154,7 @@ fn op(o: Op) -> cublasOperation_t {
     }
 }
 
-fn gemm_cfg(g: ColMajorGemm) -> GemmConfig<f32> {
+pub(super) fn gemm_cfg(g: ColMajorGemm) -> GemmConfig<f32> {
     GemmConfig {
         transa: op(g.transa),
         transb: op(g.transb),
@@ -169,7 +169,7 @@ fn gemm_cfg(g: ColMajorGemm) -> GemmConfig<f32> {
     }
 }
 
-fn batched_cfg(b: Batched) -> StridedBatchedConfig<f32> {
+pub(super) fn batched_cfg(b: Batched) -> StridedBatchedConfig<f32> {
     StridedBatchedConfig {
         gemm: gemm_cfg(b.gemm),
         batch_size: b.batch,

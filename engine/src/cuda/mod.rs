@@ -38,6 +38,7 @@ pub mod kernels;
 pub mod launch;
 pub mod plan;
 pub mod ptx_cache;
+pub mod vision;
 
 use std::path::PathBuf;
 
@@ -131,7 +132,8 @@ pub fn load_kernels(
 
 /// The model a [`CudaEngine`] runs.
 enum Model {
-    Bert(bert::CudaBert),
+    Bert(Box<bert::CudaBert>),
+    EfficientNet(Box<(vision::CudaEfficientNet, crate::config::VisionConfig)>),
 }
 
 /// A model on an NVIDIA GPU.
@@ -151,21 +153,41 @@ impl CudaEngine {
         weights: &[u8],
         kernel_cache_dir: Option<PathBuf>,
     ) -> Result<Self, CudaError> {
-        let Architecture::Bert(cfg) = arch else {
+        if !matches!(
+            arch,
+            Architecture::Bert(_) | Architecture::EfficientNetLite0(_)
+        ) {
             return Err(CudaError::NotImplemented(arch.name()));
-        };
+        }
+        if let Architecture::Bert(cfg) = arch
+            && cfg.pooling != crate::config::Pooling::Mean
+        {
+            return Err(CudaError::NotImplemented("bert with CLS pooling"));
+        }
         probe_libraries()?;
         let ctx =
             cudarc::driver::CudaContext::new(0).map_err(|e| CudaError::Driver(e.to_string()))?;
         let module = load_kernels(&ctx, kernel_cache_dir.as_deref())?;
         let w = Weights::from_bytes(weights).map_err(|e| CudaError::Weights(e.to_string()))?;
-        let model = bert::CudaBert::load(cfg, w, &ctx, &module).map_err(|e| match e {
-            bert::BertLoadError::Cuda(c) => c,
-            bert::BertLoadError::Weights(w) => CudaError::Weights(w.to_string()),
-        })?;
+        let model = match arch {
+            Architecture::Bert(cfg) => Model::Bert(Box::new(
+                bert::CudaBert::load(cfg, w, &ctx, &module).map_err(|e| match e {
+                    bert::BertLoadError::Cuda(c) => c,
+                    bert::BertLoadError::Weights(w) => CudaError::Weights(w.to_string()),
+                })?,
+            )),
+            Architecture::EfficientNetLite0(v) => Model::EfficientNet(Box::new((
+                vision::CudaEfficientNet::load(v, w, &ctx, &module).map_err(|e| match e {
+                    vision::VisionLoadError::Cuda(c) => c,
+                    vision::VisionLoadError::Weights(w) => CudaError::Weights(w.to_string()),
+                })?,
+                v.clone(),
+            ))),
+            Architecture::ResNet { .. } => return Err(CudaError::NotImplemented(arch.name())),
+        };
         Ok(Self {
             spec,
-            model: Model::Bert(model),
+            model,
             _module: module,
             _ctx: ctx,
         })
@@ -210,6 +232,24 @@ impl Engine for CudaEngine {
                     l,
                 )?;
                 Ok(vec![Tensor::f32(vec![n, m.hidden_size()], out)])
+            }
+            Model::EfficientNet(boxed) => {
+                let (m, v) = &**boxed;
+                let [x] = inputs else {
+                    return Err(EngineError::InvalidInput("expected one image input".into()));
+                };
+                let s = v.image_size;
+                let channels = crate::cpu::vision::CHANNELS;
+                let n = x.rows();
+                if x.shape != [n, channels, s, s] || !x.is_consistent() {
+                    return Err(EngineError::InvalidInput(format!(
+                        "input must be [N, 3, {s}, {s}], got {:?}",
+                        x.shape
+                    )));
+                }
+                let xf = crate::cpu::vision::to_f32(&x.data, &v.norm, s * s);
+                let out = m.forward(&xf, n)?;
+                Ok(vec![Tensor::f32(vec![n, m.num_classes()], out)])
             }
         }
     }
