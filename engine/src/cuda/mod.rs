@@ -6,7 +6,12 @@
 //! mapping of [`gemm`], the NVRTC kernels of [`kernels`] (compiled once per
 //! source/options/arch and cached on disk by [`ptx_cache`]), launch
 //! configurations from [`launch`] and activation buffers sized by [`plan`].
-//! EfficientNet-Lite0, ResNet and CLS pooling return
+//! EfficientNet-Lite0 has one too ([`vision`]): BN folded on the host at
+//! load, 1×1 convs as strided-batched GEMMs with a shared (stride-0) weight,
+//! the stem as im2col + GEMM per image, depthwise conv, bias + ReLU6,
+//! residual add and global average pooling kernels, the classifier as one
+//! GEMM; UINT8 input is normalized on the host before the one upload (the
+//! `u8_normalize` kernel is unused). ResNet and CLS pooling return
 //! [`CudaError::NotImplemented`] at load (`--device cuda` fails clearly, or
 //! runs on the CPU with `--allow-cpu-fallback`).
 //!
@@ -17,20 +22,25 @@
 //! logic: launch configurations, the row-major→column-major GEMM parameter
 //! mapping (against a host emulation of cuBLAS semantics, including the
 //! strided per-head views into the fused QKV buffer), the memory plan, input
-//! validation and packing, PTX cache keys, and that every kernel name is
-//! defined in the source. Unverified, in particular:
+//! validation and packing, conv output sizes and the 1×1-conv GEMM
+//! parameters, PTX cache keys, and that every kernel name is defined in the
+//! source. Unverified, in particular:
 //! - that NVRTC compiles [`kernels::SOURCE`] (never compiled) and that
 //!   `load_module`/`load_function` find every entry point;
 //! - every kernel's numerics and indexing (embedding gather, LayerNorm,
-//!   bias/GELU, masked softmax, residual add, mean pool + L2 normalize);
+//!   bias/GELU, masked softmax, residual add, mean pool + L2 normalize,
+//!   im2col, depthwise conv, bias + ReLU6, global average pool);
 //! - the cuBLAS calls themselves (`sgemm`, `sgemm_strided_batched` with
 //!   offset views and batch strides), stream ordering and synchronization;
 //! - agreement of [`bert::CudaBert`] embeddings with the CPU engine and the
-//!   sentence-transformers fixtures (expected cosine ≥ 0.9999, not measured);
+//!   sentence-transformers fixtures (expected cosine ≥ 0.9999, not measured),
+//!   and of [`vision::CudaEfficientNet`] logits with the CPU engine / PyTorch
+//!   fixture (max |Δ| < 2e-3 expected, not measured);
 //! - behaviour on out-of-memory, multi-threaded callers, and performance.
 //!
-//! The first GPU check to run: load all-MiniLM-L6-v2 with `--device cuda` and
-//! compare against `tests/python/inference` fixtures as the CPU tests do.
+//! The first GPU check to run: load all-MiniLM-L6-v2 and EfficientNet-Lite0
+//! with `--device cuda` and compare against the `tests/python/inference`
+//! fixtures as the CPU tests do.
 
 pub mod bert;
 pub mod gemm;
