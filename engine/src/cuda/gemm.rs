@@ -216,12 +216,13 @@ pub fn attention(
     Ok((scores, context))
 }
 
+/// Host emulation of cuBLAS's column-major semantics, for tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod emulate {
+    use super::{Batched, ColMajorGemm, Op};
 
     /// What cuBLAS computes for `g` (column-major, alpha 1, beta 0), on host slices.
-    fn cublas_reference(g: &ColMajorGemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    pub(crate) fn cublas_reference(g: &ColMajorGemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
         let (lda, ldb, ldc) = (g.lda as usize, g.ldb as usize, g.ldc as usize);
         let at = |i: usize, p: usize| match g.transa {
@@ -238,6 +239,24 @@ mod tests {
             }
         }
     }
+
+    /// cuBLAS strided-batched semantics on host slices.
+    pub(crate) fn batched_reference(b: &Batched, a: &[f32], bb: &[f32], c: &mut [f32]) {
+        for e in 0..b.batch as usize {
+            let (sa, sb, sc) = (
+                e * b.stride_a as usize,
+                e * b.stride_b as usize,
+                e * b.stride_c as usize,
+            );
+            cublas_reference(&b.gemm, &a[sa..], &bb[sb..], &mut c[sc..]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::emulate::{batched_reference, cublas_reference};
+    use super::*;
 
     fn values(len: usize, seed: f32) -> Vec<f32> {
         (0..len).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
@@ -311,18 +330,6 @@ mod tests {
                 let want: f32 = (0..k).map(|p| a[i * k + p] * b[p * ldb + j]).sum();
                 assert!((c[i * ldc + j] - want).abs() < 1e-5);
             }
-        }
-    }
-
-    /// cuBLAS strided-batched semantics on host slices.
-    fn batched_reference(b: &Batched, a: &[f32], bb: &[f32], c: &mut [f32]) {
-        for e in 0..b.batch as usize {
-            let (sa, sb, sc) = (
-                e * b.stride_a as usize,
-                e * b.stride_b as usize,
-                e * b.stride_c as usize,
-            );
-            cublas_reference(&b.gemm, &a[sa..], &bb[sb..], &mut c[sc..]);
         }
     }
 

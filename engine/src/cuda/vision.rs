@@ -495,6 +495,26 @@ mod tests {
     }
 
     #[test]
+    fn the_pointwise_batched_gemm_equals_a_naive_1x1_conv_on_every_image() {
+        use super::super::gemm::emulate::batched_reference;
+        let (n, cin, cout, hw) = (3, 4, 5, 6);
+        let x: Vec<f32> = (0..n * cin * hw).map(|i| (i as f32 * 0.31).sin()).collect();
+        let w: Vec<f32> = (0..cout * cin).map(|i| (i as f32 * 0.77).cos()).collect();
+        let mut y = vec![0.0; n * cout * hw];
+        batched_reference(&pointwise(n, cin, cout, hw).unwrap(), &x, &w, &mut y);
+        for b in 0..n {
+            for o in 0..cout {
+                for p in 0..hw {
+                    let want: f32 = (0..cin)
+                        .map(|c| w[o * cin + c] * x[(b * cin + c) * hw + p])
+                        .sum();
+                    assert!((y[(b * cout + o) * hw + p] - want).abs() < 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_pointwise_conv_shares_the_weight_across_images_and_strides_over_planes() {
         let b = pointwise(4, 16, 24, 49).unwrap();
         assert_eq!(
