@@ -159,6 +159,12 @@ pub async fn run(
         .page_size(cfg.page_size)
         .any_semantic();
 
+    // Cache readiness comes from the watch streams' own InitDone events. (Awaiting
+    // `Store::wait_until_ready` here as well as inside the Controller left one of the two
+    // waiters asleep forever, so the leader never reported ready.)
+    let (dep_synced_tx, mut dep_synced) = tokio::sync::watch::channel(false);
+    let (ipl_synced_tx, mut ipl_synced) = tokio::sync::watch::channel(false);
+
     // Owned Deployments: metadata only, managedFields stripped, kept in a store for pruning.
     let (dep_store, dep_writer) = reflector::store::<PartialObjectMeta<Deployment>>();
     let deployments = watcher(
@@ -168,6 +174,11 @@ pub async fn run(
     .modify(|d| d.metadata.managed_fields = None)
     .default_backoff()
     .reflect(dep_writer)
+    .inspect(move |ev| {
+        if matches!(ev, Ok(watcher::Event::InitDone)) {
+            dep_synced_tx.send_replace(true);
+        }
+    })
     .touched_objects();
 
     // The pipelines themselves: full objects (the spec is needed), managedFields stripped.
@@ -181,6 +192,11 @@ pub async fn run(
     .modify(|p| p.metadata.managed_fields = None)
     .default_backoff()
     .reflect(ipl_writer)
+    .inspect(move |ev| {
+        if matches!(ev, Ok(watcher::Event::InitDone)) {
+            ipl_synced_tx.send_replace(true);
+        }
+    })
     .applied_objects();
 
     let recorder = Recorder::new(
@@ -226,8 +242,11 @@ pub async fn run(
     let routing_store = ipl_store.clone();
     let stores = async move {
         // Ready once both caches hold a full list: before that, pruning could miss objects.
-        let (a, b) = futures::join!(ipl_store.wait_until_ready(), dep_store.wait_until_ready());
-        if a.is_ok() && b.is_ok() {
+        // `.is_ok()` drops each watch guard before the other branch awaits.
+        let pipelines = async move { ipl_synced.wait_for(|synced| *synced).await.is_ok() };
+        let deployments = async move { dep_synced.wait_for(|synced| *synced).await.is_ok() };
+        let (a, b) = futures::join!(pipelines, deployments);
+        if a && b {
             info!("caches synced");
             ready();
         }

@@ -79,7 +79,13 @@ pub async fn run(client: Client, pipelines: Store<InferencePipeline>, cfg: Route
     })
     .default_backoff()
     .reflect(writer)
-    .for_each(|_| futures::future::ready(()));
+    .for_each(|event| {
+        if let Err(e) = event {
+            // e.g. a missing `watch pods` permission: say so, the backoff retries.
+            warn!(error = %e, "watching worker pods failed");
+        }
+        futures::future::ready(())
+    });
     tokio::spawn(watch);
 
     let mut state: HashMap<(String, String), PipelineRoutes> = HashMap::new();

@@ -418,18 +418,45 @@ fn wait_leader(
 /// authenticates with a ServiceAccount token, not the admin's client certificate.
 fn assert_pod_uses_a_service_account_token(pod: &str) -> anyhow::Result<()> {
     let pids = processes_of_pod(pod);
-    let pid = pids
-        .first()
-        .with_context(|| format!("no process runs pod {pod}"))?;
-    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
-    let kubeconfig = environ
-        .split(|b| *b == 0)
-        .filter_map(|kv| std::str::from_utf8(kv).ok())
-        .find_map(|kv| kv.strip_prefix("KUBECONFIG="))
-        .with_context(|| format!("pod {pod}'s process has no KUBECONFIG"))?
-        .to_owned();
-    let text =
-        std::fs::read_to_string(&kubeconfig).with_context(|| format!("reading {kubeconfig}"))?;
+    anyhow::ensure!(!pids.is_empty(), "no process runs pod {pod}");
+    // The path in KUBECONFIG is the one the pod sees: read it inside each process's own
+    // mount namespace (nsenter) (the node agent bind-mounts the token directory there); launcher
+    // processes of the agent may carry the variable without that mount.
+    let mut tried = Vec::new();
+    let mut found = None;
+    for pid in &pids {
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let Some(kubeconfig) = environ
+            .split(|b| *b == 0)
+            .filter_map(|kv| std::str::from_utf8(kv).ok())
+            .find_map(|kv| kv.strip_prefix("KUBECONFIG="))
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        let out = std::process::Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m", "cat", &kubeconfig])
+            .output()?;
+        if out.status.success() {
+            found = Some((
+                kubeconfig,
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ));
+            break;
+        }
+        tried.push(format!(
+            "pid {pid}: {kubeconfig}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let (kubeconfig, text) = found.with_context(|| {
+        format!(
+            "pod {pod}: no process has a readable KUBECONFIG ({})",
+            tried.join("; ")
+        )
+    })?;
     assert!(
         text.contains("token"),
         "{pod}'s kubeconfig {kubeconfig} carries no token"
