@@ -125,7 +125,7 @@ impl From<Preprocess> for PreprocessRepr {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TextConfig {
-    /// `tokenizer.json` location: a file path or a `file://` URL.
+    /// `tokenizer.json` location: a file path, a `file://` URL or an `http(s)://` URL.
     pub tokenizer: String,
     /// Sequences longer than this (in tokens, special tokens included) are truncated.
     pub max_length: usize,

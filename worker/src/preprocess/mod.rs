@@ -119,7 +119,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 pub async fn serve(cfg: PipelineConfig, bind: IpAddr, drain: Duration) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
-    let pipeline = service::build_pipeline(&cfg)?;
+    let pipeline = service::build_pipeline_async(&cfg).await?;
     let labels = service::load_labels(&cfg)?;
     let ports = cfg.ports;
     let statics = cfg.inference_endpoints.clone();

@@ -633,6 +633,16 @@ pub fn build_pipeline(cfg: &PipelineConfig) -> anyhow::Result<Pipeline> {
     })
 }
 
+/// Builds the pipeline, downloading an `http(s)://` tokenizer first.
+pub async fn build_pipeline_async(cfg: &PipelineConfig) -> anyhow::Result<Pipeline> {
+    match &cfg.preprocess {
+        Preprocess::Text(t) => Ok(Pipeline::Text(Arc::new(
+            TextPipeline::load_any(&t.tokenizer, t.max_length).await?,
+        ))),
+        Preprocess::Image(_) => build_pipeline(cfg),
+    }
+}
+
 /// Loads the labels for classification post-processing.
 pub fn load_labels(cfg: &PipelineConfig) -> anyhow::Result<Vec<String>> {
     Ok(match &cfg.postprocess {

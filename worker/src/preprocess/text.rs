@@ -23,8 +23,18 @@ pub enum TokenizerLoadError {
         reason: String,
     },
     /// The location is a scheme this worker cannot fetch.
-    #[error("tokenizer location {0:?}: only file paths and file:// URLs are supported")]
+    #[error(
+        "tokenizer location {0:?}: only file paths and file://, http:// and https:// URLs are supported"
+    )]
     UnsupportedScheme(String),
+    /// Downloading the tokenizer over http(s) failed.
+    #[error("download tokenizer {url}: {reason}")]
+    Fetch {
+        /// URL tried.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// Why one text item could not be tokenized; shown to clients.
@@ -84,6 +94,21 @@ impl TextPipeline {
             path: location.to_owned(),
             reason,
         })
+    }
+
+    /// Loads `tokenizer.json` from wherever `location` points: a path, a
+    /// `file://` URL, or an `http(s)://` URL that is downloaded first.
+    pub async fn load_any(location: &str, max_length: usize) -> Result<Self, TokenizerLoadError> {
+        if !is_http(location) {
+            return Self::load(location, max_length);
+        }
+        let json = fetch(location).await?;
+        let load_error = |reason: String| TokenizerLoadError::Load {
+            path: location.to_owned(),
+            reason,
+        };
+        let tokenizer = Tokenizer::from_bytes(&json).map_err(|e| load_error(e.to_string()))?;
+        Self::from_tokenizer(tokenizer, max_length).map_err(load_error)
     }
 
     /// Wraps an already built tokenizer.
@@ -162,5 +187,99 @@ impl TextPipeline {
             attention_mask: mask,
             token_type_ids: types,
         })
+    }
+}
+
+/// Largest tokenizer.json accepted over http(s) (MiniLM's is 0.7 MB).
+const MAX_TOKENIZER_BYTES: usize = 64 << 20;
+/// Limit for the whole download.
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn is_http(location: &str) -> bool {
+    location.starts_with("http://") || location.starts_with("https://")
+}
+
+/// Downloads a tokenizer file, refusing non-2xx answers and oversized bodies.
+async fn fetch(url: &str) -> Result<Vec<u8>, TokenizerLoadError> {
+    let fail = |reason: String| TokenizerLoadError::Fetch {
+        url: url.to_owned(),
+        reason,
+    };
+    let client = reqwest::Client::builder()
+        .timeout(FETCH_TIMEOUT)
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    let mut response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(fail(format!("server answered {status}")));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| fail(e.to_string()))? {
+        if body.len() + chunk.len() > MAX_TOKENIZER_BYTES {
+            return Err(fail(format!("larger than {MAX_TOKENIZER_BYTES} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny but complete tokenizer.json (word-level, whitespace split).
+    const TINY_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+        "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
+        "model":{"type":"WordLevel","vocab":{"[UNK]":0,"hello":1,"world":2},"unk_token":"[UNK]"}}"#;
+
+    async fn serve(status: axum::http::StatusCode, body: &'static str) -> std::net::SocketAddr {
+        let app = axum::Router::new().route(
+            "/tokenizer.json",
+            axum::routing::get(move || async move { (status, body) }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_tokenizer_served_over_http_is_downloaded_and_tokenizes() {
+        let addr = serve(axum::http::StatusCode::OK, TINY_TOKENIZER).await;
+        let url = format!("http://{addr}/tokenizer.json");
+        let pipeline = TextPipeline::load_any(&url, 8)
+            .await
+            .expect("load over http");
+        let enc = pipeline
+            .tokenizer
+            .encode("hello world", false)
+            .expect("encode");
+        assert_eq!(enc.get_ids(), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_missing_tokenizer_url_is_a_clear_error_naming_the_url_and_status() {
+        let addr = serve(axum::http::StatusCode::NOT_FOUND, "no").await;
+        let url = format!("http://{addr}/tokenizer.json");
+        let err = TextPipeline::load_any(&url, 8)
+            .await
+            .expect_err("404 must fail");
+        let text = err.to_string();
+        assert!(text.contains(&url) && text.contains("404"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn other_schemes_are_refused_with_the_supported_list() {
+        let err = TextPipeline::load_any("s3://bucket/tokenizer.json", 8)
+            .await
+            .expect_err("s3");
+        assert!(err.to_string().contains("http://"), "{err}");
     }
 }
