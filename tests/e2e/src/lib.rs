@@ -174,6 +174,35 @@ impl Cluster {
     }
 }
 
+/// The repository root (for committed manifests such as `crds/` and `docs/examples/`).
+pub fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+impl Cluster {
+    /// Applies the committed InferencePipeline CRD server-side (idempotent beside tests that
+    /// install the same file through the chart) and waits until it is served.
+    pub fn ensure_crd(&self) -> anyhow::Result<()> {
+        let crd = repo_root().join("crds/inferencepipelines.tandem.dev.yaml");
+        let crd = crd.to_str().context("repository path is not UTF-8")?;
+        self.kubectl_ok([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=tandem-e2e",
+            "-f",
+            crd,
+        ])?;
+        self.kubectl_ok([
+            "wait",
+            "--for=condition=Established",
+            "crd/inferencepipelines.tandem.dev",
+            "--timeout=60s",
+        ])?;
+        Ok(())
+    }
+}
+
 /// A namespace owned by one test; deleted (without waiting) on drop.
 #[derive(Debug)]
 pub struct TestNamespace {

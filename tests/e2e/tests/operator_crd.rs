@@ -5,36 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tandem_e2e::{Cluster, wait_until};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Applies the committed CRD (server-side, so it is idempotent beside other tests that install
-/// the same file through the chart) and waits until it is served.
-fn ensure_crd(cluster: &Cluster) {
-    let crd = repo_root().join("crds/inferencepipelines.tandem.dev.yaml");
-    let crd = crd.to_str().expect("utf-8 path");
-    cluster
-        .kubectl_ok([
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=tandem-e2e",
-            "-f",
-            crd,
-        ])
-        .expect("applying the CRD");
-    cluster
-        .kubectl_ok([
-            "wait",
-            "--for=condition=Established",
-            "crd/inferencepipelines.tandem.dev",
-            "--timeout=60s",
-        ])
-        .expect("CRD established");
-}
+use tandem_e2e::{Cluster, repo_root, wait_until};
 
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -49,7 +20,7 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn invalid_examples_are_rejected_by_the_api_server_with_their_cel_message() {
     let cluster = Cluster::connect();
-    ensure_crd(&cluster);
+    cluster.ensure_crd().expect("the CRD is served");
     let ns = cluster.namespace("op-cel").expect("namespace");
     let files = yaml_files(&repo_root().join("docs/examples/invalid"));
     assert!(
@@ -79,7 +50,7 @@ fn invalid_examples_are_rejected_by_the_api_server_with_their_cel_message() {
 #[test]
 fn valid_examples_are_accepted_and_defaults_are_filled_in_by_the_api_server() {
     let cluster = Cluster::connect();
-    ensure_crd(&cluster);
+    cluster.ensure_crd().expect("the CRD is served");
     let ns = cluster.namespace("op-valid").expect("namespace");
     for file in yaml_files(&repo_root().join("docs/examples")) {
         let text = std::fs::read_to_string(&file).expect("read example");
@@ -113,7 +84,7 @@ fn valid_examples_are_accepted_and_defaults_are_filled_in_by_the_api_server() {
 #[test]
 fn a_minimal_pipeline_gets_every_default() {
     let cluster = Cluster::connect();
-    ensure_crd(&cluster);
+    cluster.ensure_crd().expect("the CRD is served");
     let ns = cluster.namespace("op-defaults").expect("namespace");
     let minimal = r#"
 apiVersion: tandem.dev/v1alpha1
@@ -157,7 +128,7 @@ spec:
 #[test]
 fn kubectl_explain_shows_the_field_documentation() {
     let cluster = Cluster::connect();
-    ensure_crd(&cluster);
+    cluster.ensure_crd().expect("the CRD is served");
     // Discovery can lag a freshly established CRD by a moment.
     let text = wait_until(
         "kubectl explain to know the CRD",

@@ -6,42 +6,15 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tandem_e2e::{Cluster, http_get, wait_until};
+use tandem_e2e::{Cluster, http_get, repo_root, wait_until};
 
-// ---- private helpers (this file's own; tests/e2e/src/lib.rs belongs to the lead) ----
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ensure_crd(cluster: &Cluster) {
-    let crd = repo_root().join("crds/inferencepipelines.tandem.dev.yaml");
-    let crd = crd.to_str().expect("utf-8 path");
-    cluster
-        .kubectl_ok([
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=tandem-e2e",
-            "-f",
-            crd,
-        ])
-        .expect("applying the CRD");
-    cluster
-        .kubectl_ok([
-            "wait",
-            "--for=condition=Established",
-            "crd/inferencepipelines.tandem.dev",
-            "--timeout=60s",
-        ])
-        .expect("CRD established");
-}
+// ---- helpers of this file (shared ones live in tests/e2e/src/lib.rs) ----
 
 /// Builds `tandem-operator` once per test binary and returns its path.
 fn operator_binary() -> PathBuf {
@@ -278,7 +251,7 @@ spec:
 #[test]
 fn each_example_becomes_exactly_the_expected_objects_with_the_expected_fields() {
     let cluster = Cluster::connect();
-    ensure_crd(&cluster);
+    cluster.ensure_crd().expect("the CRD is served");
     let ns = cluster.namespace("op-objects").expect("namespace");
     let ns = ns.name();
     let op = Operator::start(&cluster, ns, "a");
@@ -486,7 +459,7 @@ fn each_example_becomes_exactly_the_expected_objects_with_the_expected_fields() 
 #[test]
 fn a_second_reconcile_changes_nothing_and_spec_edits_flow_through() {
     let cluster = Cluster::connect();
-    ensure_crd(&cluster);
+    cluster.ensure_crd().expect("the CRD is served");
     let ns = cluster.namespace("op-idem").expect("namespace");
     let ns = ns.name();
     let op = Operator::start(&cluster, ns, "a");
@@ -592,7 +565,7 @@ fn a_second_reconcile_changes_nothing_and_spec_edits_flow_through() {
 #[test]
 fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up() {
     let cluster = Cluster::connect();
-    ensure_crd(&cluster);
+    cluster.ensure_crd().expect("the CRD is served");
     let ns = cluster.namespace("op-gc").expect("namespace");
     let ns = ns.name();
     let op = Operator::start(&cluster, ns, "a");
@@ -732,7 +705,7 @@ fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up
 #[test]
 fn two_operators_elect_one_leader_and_the_other_takes_over_when_it_dies() {
     let cluster = Cluster::connect();
-    ensure_crd(&cluster);
+    cluster.ensure_crd().expect("the CRD is served");
     let ns = cluster.namespace("op-leader").expect("namespace");
     let ns = ns.name();
     let mut a = Operator::start(&cluster, ns, "a");
