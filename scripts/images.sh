@@ -1,0 +1,356 @@
+#!/usr/bin/env bash
+# Builds the tandem-operator and tandem-worker container images WITHOUT a Docker
+# engine and without pulling from any image registry: the runtime base is built from the
+# Debian packages the binaries need (ldd decides which), the binary is its own
+# layer, and crane (go-containerregistry, built from tests/kube/crane) writes
+# the image config, a `docker load`-able tarball and an OCI image layout.
+#
+#   scripts/images.sh              build release binaries, then both images
+#   scripts/images.sh --no-build   reuse target/release/tandem-{operator,worker} as they are
+#                                  (build the worker with --features tandem-engine/cuda)
+#   scripts/images.sh --no-run     skip running the binaries inside the unpacked rootfs
+#   scripts/images.sh --no-build --bin-dir target/debug
+#                                  package other binaries (a quick check of the packaging
+#                                  itself, ~15 s warm; the sizes are then not the release ones)
+#
+# Output under target/images/, for tandem-operator:<version> and tandem-worker:<version>-cpu
+# (the worker without CUDA libraries, like the Dockerfile's `cpu` target):
+#   <image>-<tag>.tar            docker load / podman load / crane push
+#   <image>-<tag>.oci/           OCI image layout (crane push, skopeo copy oci:...)
+#   <image>-<tag>.contents.txt   every file of every layer, with owner and mode
+#   <image>-<tag>.config.json    the image config
+#   sizes.tsv                    compressed/uncompressed sizes, one line per image per run
+#
+# The images match docker/*.Dockerfile: uid/gid 65532 ("nonroot"), entrypoint
+# /usr/local/bin/tandem-<name>, the operator's default argument `run`, the same
+# exposed ports and labels. Debug info is stripped from the copied binary
+# (symbols stay, so backtraces keep function names), as the Dockerfiles do.
+# The only network access is `apt-get download` (Debian archive) and, on the
+# first run, the Go module proxy for crane. A loopback-only registry (`crane
+# registry serve`, blobs in a temporary directory) lives for the duration of the
+# script, because `crane mutate` edits images through the registry API.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib.sh
+. "$root/scripts/lib.sh"
+
+build=1 run=1 bin_dir=target/release
+while [ $# -gt 0 ]; do
+  arg=$1
+  shift
+  case "$arg" in
+    --no-build) build=0 ;;
+    --no-run) run=0 ;;
+    --bin-dir) [ $# -gt 0 ] || { echo "images.sh: --bin-dir needs a directory" >&2; exit 2; }
+      bin_dir=$1; shift ;;
+    -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "images.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [ "$build" = 1 ] && [ "$bin_dir" != target/release ]; then
+  echo "images.sh: --bin-dir needs --no-build" >&2
+  exit 2
+fi
+
+# Size targets of issue #8, in bytes (compressed = what a node pulls).
+declare -A target_bytes=([operator]=$((30 * 1000 * 1000)) [worker]=$((50 * 1000 * 1000)))
+uid=65532
+paths_env="PATH=/usr/local/bin:/usr/bin:/bin"
+certs_env="SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"
+
+need=()
+command -v jq >/dev/null || need+=(jq)
+command -v strip >/dev/null || need+=(binutils)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing Debian packages: ${need[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+cd "$root"
+version=$(cargo metadata --no-deps --format-version 1 |
+  jq -r '.packages[] | select(.name == "tandem-operator") | .version')
+revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+# Fixed layer timestamps make the layers reproducible: the same binary gives the same digest.
+epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
+out="$root/target/images"
+cache_root=${TANDEM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tandem}
+debs="$cache_root/oci/debs"
+mkdir -p "$out" "$debs"
+work=$(mktemp -d "$out/.work.XXXXXX")
+registry_pid=""
+cleanup() {
+  if [ -n "$registry_pid" ]; then kill "$registry_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+start=$(date +%s)
+if [ "$build" = 1 ]; then
+  say "cargo build --release (cold: tens of minutes on 2 cores)"
+  # The worker is built with the CUDA engine compiled in (cudarc loads libcuda, cuBLAS
+  # and NVRTC with dlopen at run time, so nothing CUDA is linked or shipped): the same
+  # image runs `--device cpu` anywhere and `--device cuda` where the libraries are provided.
+  cargo build --release -p tandem-worker --features tandem-engine/cuda
+  cargo build --release -p tandem-operator
+fi
+bin_dir=$(cd "$bin_dir" && pwd)
+for name in operator worker; do
+  [ -x "$bin_dir/tandem-$name" ] ||
+    { echo "images.sh: $bin_dir/tandem-$name is missing; run without --no-build" >&2; exit 1; }
+done
+
+say "crane (tests/kube/crane)"
+crane="$("$root/tests/kube/crane/build.sh")/crane"
+"$crane" version >&2
+
+# --- runtime base from Debian packages --------------------------------------
+
+# The shared libraries (and the dynamic loader) a binary needs, one absolute path a line.
+needed_libs() {
+  local ldd_out
+  ldd_out=$(ldd "$1") || { echo "images.sh: ldd $1 failed" >&2; return 1; }
+  if grep -q 'not found' <<<"$ldd_out"; then
+    echo "images.sh: $1 has unresolved libraries:" >&2
+    echo "$ldd_out" >&2
+    return 1
+  fi
+  awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' <<<"$ldd_out" | sort -u
+}
+
+# The Debian package that owns a path (usrmerge-aware: tries /usr/lib and /lib spellings).
+owner_of() {
+  local p=$1 real cand
+  real=$(readlink -f "$p")
+  for cand in "$p" "$real" "${p#/usr}" "/usr$p" "${real#/usr}" "/usr$real"; do
+    if dpkg -S "$cand" >/dev/null 2>&1; then
+      dpkg -S "$cand" | head -n1 | cut -d: -f1
+      return 0
+    fi
+  done
+  echo "images.sh: no Debian package owns $p" >&2
+  return 1
+}
+
+# Downloads (once, into the cache) and extracts a Debian package; prints the extraction dir.
+deb_dir() {
+  local pkg=$1 deb
+  deb=$(find "$debs" -maxdepth 1 -name "${pkg}_*.deb" | sort | tail -n1)
+  if [ -z "$deb" ]; then
+    echo "[images] apt-get download $pkg" >&2
+    (cd "$debs" && { apt-get download -o APT::Sandbox::User=root "$pkg" >/dev/null 2>&1 ||
+      { apt-get update -qq && apt-get download -o APT::Sandbox::User=root "$pkg" >/dev/null; }; })
+    deb=$(find "$debs" -maxdepth 1 -name "${pkg}_*.deb" | sort | tail -n1)
+  fi
+  if [ ! -d "$work/debs/$pkg" ]; then
+    mkdir -p "$work/debs/$pkg"
+    dpkg-deb -x "$deb" "$work/debs/$pkg"
+    dpkg-deb -f "$deb" >"$work/debs/$pkg.control"
+  fi
+  echo "$work/debs/$pkg"
+}
+
+# Finds path $2 inside the extracted package $1 (a package may ship /lib/... or /usr/lib/...).
+file_in_deb() {
+  local dir=$1 p=$2 cand
+  for cand in "$p" "${p#/usr}" "/usr$p"; do
+    if [ -e "$dir$cand" ]; then echo "$dir$cand"; return 0; fi
+  done
+  echo "images.sh: $p is not in the package extracted at $dir" >&2
+  return 1
+}
+
+# Writes the runtime base root filesystem for a binary into $2.
+make_base() {
+  local bin=$1 fs=$2 lib pkg dir src doc
+  local -A pkgs=()
+  mkdir -p "$fs"/{etc/ssl/certs,tmp,home/nonroot,var/lib/dpkg/status.d,usr/share/doc}
+  while read -r lib; do
+    pkg=$(owner_of "$lib")
+    pkgs[$pkg]=1
+    dir=$(deb_dir "$pkg")
+    src=$(file_in_deb "$dir" "$lib")
+    # At the exact path the loader looks (ldd's answer, PT_INTERP for the loader),
+    # as a regular file: no /lib -> /usr/lib symlinks are needed in the image.
+    install -D -m 0755 "$(readlink -f "$src")" "$fs$lib"
+  done < <(needed_libs "$bin")
+
+  # CA bundle, as update-ca-certificates would generate it (rustls roots, SSL_CERT_FILE).
+  pkgs[ca-certificates]=1
+  dir=$(deb_dir ca-certificates)
+  find "$dir/usr/share/ca-certificates" -name '*.crt' | LC_ALL=C sort | xargs cat \
+    >"$fs/etc/ssl/certs/ca-certificates.crt"
+  chmod 0644 "$fs/etc/ssl/certs/ca-certificates.crt"
+
+  # Licences and package records (scanners such as trivy read status.d, as in distroless).
+  for pkg in $(printf '%s\n' "${!pkgs[@]}" | LC_ALL=C sort); do
+    dir=$(deb_dir "$pkg")
+    doc="$dir/usr/share/doc/$pkg"
+    # Some packages link their doc dir to the source package's (libgcc-s1 -> gcc-12-base).
+    if [ -L "$doc" ]; then doc="$(deb_dir "$(basename "$(readlink "$doc")")")/usr/share/doc/$(basename "$(readlink "$doc")")"; fi
+    install -D -m 0644 "$doc/copyright" "$fs/usr/share/doc/$pkg/copyright"
+    install -m 0644 "$work/debs/$pkg.control" "$fs/var/lib/dpkg/status.d/$pkg"
+    echo "$pkg $(sed -n 's/^Version: //p' "$work/debs/$pkg.control")"
+  done >"$fs.packages"
+
+  printf '%s\n' "root:x:0:0:root:/root:/sbin/nologin" \
+    "nonroot:x:$uid:$uid:nonroot:/home/nonroot:/sbin/nologin" >"$fs/etc/passwd"
+  printf '%s\n' "root:x:0:" "nonroot:x:$uid:" >"$fs/etc/group"
+  # glibc >= 2.34 has the files and dns NSS modules built in; no libnss_* needed.
+  printf '%s\n' "passwd: files" "group: files" "hosts: files dns" >"$fs/etc/nsswitch.conf"
+  chmod 0644 "$fs/etc/passwd" "$fs/etc/group" "$fs/etc/nsswitch.conf"
+  chmod 1777 "$fs/tmp"
+  chown "$uid:$uid" "$fs/home/nonroot"
+  chmod 0700 "$fs/home/nonroot"
+}
+
+# A reproducible layer tarball of directory $1 (sorted, fixed mtime, numeric owners).
+layer_tar() {
+  local dir=$1 tarball=$2 entries
+  mapfile -t entries < <(cd "$dir" && ls -A)
+  tar -C "$dir" --sort=name --format=gnu --numeric-owner --mtime="@$epoch" \
+    -cf "$tarball" "${entries[@]}"
+}
+
+# --- loopback registry for crane mutate ---------------------------------------
+
+say "loopback registry (crane registry serve)"
+mkdir -p "$work/registry"
+: >"$work/registry.log"
+"$crane" registry serve --address 127.0.0.1:0 --disk "$work/registry" 2>"$work/registry.log" &
+registry_pid=$!
+port=""
+for _ in $(seq 1 100); do
+  port=$(sed -n 's/.*serving on port \([0-9]*\).*/\1/p' "$work/registry.log" | head -n1)
+  [ -n "$port" ] && break
+  kill -0 "$registry_pid" 2>/dev/null || { cat "$work/registry.log" >&2; exit 1; }
+  sleep 0.1
+done
+[ -n "$port" ] || { echo "images.sh: the registry did not start" >&2; cat "$work/registry.log" >&2; exit 1; }
+reg="127.0.0.1:$port"
+
+# --- images ------------------------------------------------------------------
+
+summary=()
+for name in operator worker; do
+  image="tandem-$name"
+  # The worker image without CUDA libraries is the Dockerfile's `cpu` target: tag suffix -cpu.
+  tag=$version
+  if [ "$name" = worker ]; then tag=$version-cpu; fi
+  stem="$out/$image-$tag"
+  say "$image:$tag"
+
+  make_base "$bin_dir/$image" "$work/$name-base"
+  mkdir -p "$work/$name-bin/usr/local/bin"
+  strip --strip-debug -o "$work/$name-bin/usr/local/bin/$image" "$bin_dir/$image"
+  chmod 0755 "$work/$name-bin/usr/local/bin/$image"
+  layer_tar "$work/$name-base" "$work/$name-base.tar"
+  layer_tar "$work/$name-bin" "$work/$name-bin.tar"
+  echo "[images] base: $(tr '\n' ' ' <"$work/$name-base.packages")" >&2
+
+  mutate_args=(--set-platform linux/amd64 --user "$uid:$uid" --workdir /
+    --entrypoint "/usr/local/bin/$image" -e "$paths_env" -e "$certs_env"
+    -l "org.opencontainers.image.title=$image"
+    -l "org.opencontainers.image.version=$version"
+    -l "org.opencontainers.image.revision=$revision"
+    -l "org.opencontainers.image.licenses=Apache-2.0"
+    -l "dev.tandem.image.base-packages=$(tr ' ' '=' <"$work/$name-base.packages" | paste -sd' ')")
+  case "$name" in
+    operator)
+      mutate_args+=(--cmd run --exposed-ports 8080/tcp
+        -l "org.opencontainers.image.description=Tandem Kubernetes operator for InferencePipelines") ;;
+    worker)
+      mutate_args+=(--exposed-ports 8000/tcp,8001/tcp,9090/tcp,9091/tcp
+        -l "org.opencontainers.image.description=Tandem worker (preprocess and inference; CUDA libraries not included)") ;;
+  esac
+
+  "$crane" append --oci-empty-base -f "$work/$name-base.tar" -f "$work/$name-bin.tar" \
+    -t "$reg/$image:layers" >/dev/null 2>"$work/append.log" || { cat "$work/append.log" >&2; exit 1; }
+  # The OCI image (OCI media types) goes to the loopback registry and from there into an
+  # OCI layout; the docker-archive tarball is written from the same config and layers
+  # (docker archives carry Docker media types, so its manifest digest differs; its
+  # config and layer blobs are the same bytes).
+  digest=$("$crane" mutate "$reg/$image:layers" "${mutate_args[@]}" -t "$reg/$image:$tag" 2>/dev/null)
+  digest=${digest##*@}
+  rm -rf "$stem.oci" "$stem.tar"
+  "$crane" pull --format oci "$reg/$image:$tag" "$stem.oci"
+  "$crane" mutate "$reg/$image:layers" "${mutate_args[@]}" -t "$image:$tag" -o "$stem.tar" 2>/dev/null
+
+  # Structural checks: both outputs valid, the layout pushes back to the same digest,
+  # the config is as intended.
+  "$crane" validate --tarball "$stem.tar" >&2
+  "$crane" validate --remote "$reg/$image:$tag" >&2
+  "$crane" push "$stem.oci" "$reg/$image:from-layout" >/dev/null 2>&1
+  layout_digest=$("$crane" digest "$reg/$image:from-layout")
+  [ "$digest" = "$layout_digest" ] ||
+    { echo "images.sh: OCI layout digest $layout_digest != built digest $digest" >&2; exit 1; }
+  "$crane" config "$reg/$image:$tag" | jq . >"$stem.config.json"
+  jq -e --arg u "$uid:$uid" --arg e "/usr/local/bin/$image" \
+    '.config.User == $u and .config.Entrypoint == [$e] and .os == "linux" and .architecture == "amd64"' \
+    "$stem.config.json" >/dev/null ||
+    { echo "images.sh: unexpected image config:" >&2; cat "$stem.config.json" >&2; exit 1; }
+  manifest=$("$crane" manifest "$reg/$image:$tag")
+  jq -e '.mediaType == "application/vnd.oci.image.manifest.v1+json" and (.layers | length) == 2' \
+    <<<"$manifest" >/dev/null ||
+    { echo "images.sh: unexpected manifest: $manifest" >&2; exit 1; }
+
+  # Layer contents, as a node will unpack them.
+  {
+    echo "# $image:$tag $digest"
+    echo "## layer 1: runtime base ($(tr '\n' ' ' <"$work/$name-base.packages"))"
+    tar -tvf "$work/$name-base.tar" --numeric-owner
+    echo "## layer 2: binary"
+    tar -tvf "$work/$name-bin.tar" --numeric-owner
+  } >"$stem.contents.txt"
+
+  compressed=$(jq '[.config.size] + [.layers[].size] | add' <<<"$manifest")
+  uncompressed=$(($(stat -c %s "$work/$name-base.tar") + $(stat -c %s "$work/$name-bin.tar")))
+  binary=$(stat -c %s "$work/$name-bin/usr/local/bin/$image")
+  verdict=ok
+  [ "$compressed" -le "${target_bytes[$name]}" ] || verdict=OVER
+  if [ ! -s "$out/sizes.tsv" ]; then
+    printf 'date\timage\trevision\tdigest\tcompressed_bytes\tuncompressed_bytes\tbinary_bytes\ttarget_bytes\tverdict\tbinaries\n' \
+      >"$out/sizes.tsv"
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$image:$tag" \
+    "$revision" "$digest" "$compressed" "$uncompressed" "$binary" "${target_bytes[$name]}" "$verdict" \
+    "${bin_dir#"$root"/}" >>"$out/sizes.tsv"
+  summary+=("$(awk -v i="$image:$tag" -v c="$compressed" -v u="$uncompressed" -v b="$binary" \
+    -v t="${target_bytes[$name]}" -v v="$verdict" 'BEGIN {
+      printf "%-22s compressed %6.1f MB  uncompressed %6.1f MB  binary %6.1f MB  target <= %d MB compressed: %s",
+        i, c / 1e6, u / 1e6, b / 1e6, t / 1e6, v }')")
+
+  # Self-sufficiency: run the binary from the unpacked image as uid 65532, with
+  # nothing of the host visible (chroot), an empty environment but the image's
+  # PATH, and no network (unshare --net where allowed). The command is looked up
+  # through PATH, as the operator's worker pods do (`command: [tandem-worker]`).
+  if [ "$run" = 1 ]; then
+    rootfs="$work/$name-rootfs"
+    mkdir -p "$rootfs"
+    "$crane" export "$reg/$image:$tag" - | tar -C "$rootfs" -xf -
+    case "$name" in
+      operator) check=("$image" crd) ;;
+      worker) check=("$image" --help) ;;
+    esac
+    isolate=()
+    if unshare --net true 2>/dev/null; then isolate=("$(command -v unshare)" --net); fi
+    if ! env -i "$paths_env" "${isolate[@]}" "$(command -v chroot)" --userspec="$uid:$uid" "$rootfs" "${check[@]}" \
+      >"$work/run.out" 2>&1; then
+      echo "images.sh: '${check[*]}' failed inside the $image rootfs:" >&2
+      cat "$work/run.out" >&2
+      exit 1
+    fi
+    case "$name" in
+      operator) grep -q '^kind: CustomResourceDefinition' "$work/run.out" ||
+        { echo "images.sh: 'tandem-operator crd' printed no CRD" >&2; cat "$work/run.out" >&2; exit 1; } ;;
+      worker) grep -qi 'usage' "$work/run.out" ||
+        { echo "images.sh: 'tandem-worker --help' printed no usage" >&2; cat "$work/run.out" >&2; exit 1; } ;;
+    esac
+    echo "[images] ran '${check[*]}' in the unpacked $image rootfs as uid $uid ${isolate[*]:+(no network)}: ok" >&2
+  fi
+done
+
+say "images in $out ($(since "$start"))"
+printf '%s\n' "${summary[@]}"
+echo "sizes appended to $out/sizes.tsv (binaries from ${bin_dir#"$root"/})"
+echo "load with: docker load -i $out/tandem-operator-$version.tar  (or: crane push $out/tandem-operator-$version.oci <registry>/tandem-operator:$version)"
