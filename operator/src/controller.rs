@@ -30,7 +30,7 @@ use crate::build::{
     self, BuildConfig, ColorPlan, Desired, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, Observed,
     Stage,
 };
-use crate::crd::{Color, InferencePipeline, InferencePipelineStatus, ModelRef};
+use crate::crd::{Color, InferencePipeline, InferencePipelineStatus, ModelRef, RolloutPhase};
 use crate::metrics::{ErrorKind, Metrics, Outcome};
 use crate::status::{self, DeploymentObservation, Observation};
 use crate::validate::{ValidateError, ValidatedPipeline, validate};
@@ -253,15 +253,27 @@ pub async fn run(
     };
     tokio::spawn(stores);
 
-    // Routing tables follow the pods the pipelines own; leader-only like reconcile.
+    // Routing tables follow the pods the pipelines own; the rollout driver moves traffic by
+    // writing status and waits for the tables to reach every preprocess pod. Leader-only like
+    // reconcile.
+    let (pod_store, pod_watch) =
+        crate::router::watch_pods(client.clone(), cfg.namespace.as_deref(), cfg.page_size);
+    let pod_watch = tokio::spawn(pod_watch);
+    let published = crate::router::Published::default();
     let router = tokio::spawn(crate::router::run(
+        routing_store.clone(),
+        pod_store.clone(),
+        published.clone(),
+        crate::router::RouterConfig::default(),
+    ));
+    let rollouts = tokio::spawn(crate::rollout::driver::run(
         client.clone(),
         routing_store,
-        crate::router::RouterConfig {
-            namespace: cfg.namespace.clone(),
-            page_size: cfg.page_size,
-            ..crate::router::RouterConfig::default()
-        },
+        pod_store,
+        published,
+        ctx.recorder.clone(),
+        ctx.metrics.clone(),
+        crate::rollout::driver::DriverConfig::default(),
     ));
 
     controller
@@ -274,6 +286,8 @@ pub async fn run(
         })
         .await;
     router.abort();
+    rollouts.abort();
+    pod_watch.abort();
     info!("controller stopped");
 }
 
@@ -407,30 +421,59 @@ async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Action,
     Ok(Action::requeue(requeue_after(ready)))
 }
 
-/// Which inference colors to run. Until the rollout machine exists, the active color (from
-/// status, blue for a new pipeline) serves the spec's model, and a candidate recorded in status
-/// is kept running.
+/// Which inference colors to run, from status: the active color with its model (the spec's
+/// model for a new pipeline), a rollout's candidate while it is provisioned, shadowed or takes
+/// traffic, and the previous color after a promotion until `scaleDownDelay` has passed. The
+/// stage's desired pods (the autoscaler's `status.inference.desiredReplicas`) are split between
+/// them by [`crate::rollout::color_replicas`].
 fn plan(v: &ValidatedPipeline, prev: Option<&InferencePipelineStatus>) -> Observed {
     let active = prev.and_then(|s| s.active_color).unwrap_or(Color::Blue);
-    let mut colors = vec![ColorPlan {
-        color: active,
-        model: ModelRef::from(&v.inference.model),
-        desired_replicas: prev
-            .and_then(|s| s.inference.as_ref())
-            .and_then(|s| s.desired_replicas),
-    }];
-    if let Some(r) = prev.and_then(|s| s.rollout.as_ref())
-        && let (Some(color), Some(model)) = (r.candidate_color, r.candidate_model.clone())
-        && color != active
-    {
-        colors.push(ColorPlan {
-            color,
-            model,
-            desired_replicas: None,
-        });
-    }
+    let active_model = prev
+        .and_then(|s| s.active_model.clone())
+        .unwrap_or_else(|| ModelRef::from(&v.inference.model));
+    let total_desired = prev
+        .and_then(|s| s.inference.as_ref())
+        .and_then(|s| s.desired_replicas);
+    let rollout = prev.and_then(|s| s.rollout.as_ref());
+    let other = rollout.and_then(|r| match r.phase {
+        Some(p) if p.in_progress() => Some((r.candidate_color?, r.candidate_model.clone()?)),
+        Some(RolloutPhase::Promoted) => Some((r.previous_color?, r.previous_model.clone()?)),
+        _ => None,
+    });
+    let Some((other_color, other_model)) = other.filter(|(c, _)| *c != active) else {
+        return Observed {
+            colors: vec![ColorPlan {
+                color: active,
+                model: active_model,
+                desired_replicas: total_desired,
+            }],
+            preprocess_desired: prev
+                .and_then(|s| s.preprocess.as_ref())
+                .and_then(|s| s.desired_replicas),
+        };
+    };
+    let total = v
+        .inference
+        .replicas
+        .clamp(total_desired)
+        .max(1)
+        .unsigned_abs();
+    let (active_n, other_n) =
+        crate::rollout::color_replicas(total, rollout, v.rollout.max_surge);
+    let count = |n: u32| Some(i32::try_from(n).unwrap_or(i32::MAX));
     Observed {
-        colors,
+        colors: vec![
+            ColorPlan {
+                color: active,
+                model: active_model,
+                desired_replicas: count(active_n),
+            },
+            ColorPlan {
+                color: other_color,
+                model: other_model,
+                desired_replicas: count(other_n),
+            },
+        ],
         preprocess_desired: prev
             .and_then(|s| s.preprocess.as_ref())
             .and_then(|s| s.desired_replicas),
@@ -685,7 +728,7 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::RolloutStatus;
+    use crate::crd::{RolloutPhase, RolloutStatus};
     use crate::test_fixtures::text_pipeline;
 
     #[test]
@@ -713,6 +756,7 @@ mod tests {
         let prev = InferencePipelineStatus {
             active_color: Some(Color::Green),
             rollout: Some(RolloutStatus {
+                phase: Some(RolloutPhase::Shadowing),
                 candidate_color: Some(Color::Blue),
                 candidate_model: Some(candidate.clone()),
                 ..RolloutStatus::default()
@@ -725,6 +769,49 @@ mod tests {
             [Color::Green, Color::Blue]
         );
         assert_eq!(o.colors[1].model, candidate);
+        assert_eq!(o.colors[1].desired_replicas, Some(1), "maxSurge pods");
+    }
+
+    #[test]
+    fn the_active_color_serves_the_model_in_status_not_the_spec() {
+        let v = validate(&text_pipeline()).unwrap();
+        let mut serving = ModelRef::from(&v.inference.model);
+        serving.version = "0".into();
+        let prev = InferencePipelineStatus {
+            active_color: Some(Color::Blue),
+            active_model: Some(serving.clone()),
+            ..InferencePipelineStatus::default()
+        };
+        let o = plan(&v, Some(&prev));
+        assert_eq!(o.colors.len(), 1);
+        assert_eq!(o.colors[0].model, serving);
+    }
+
+    #[test]
+    fn after_promotion_the_previous_color_runs_until_it_is_retired() {
+        let v = validate(&text_pipeline()).unwrap();
+        let old = ModelRef::from(&v.inference.model);
+        let mut status = InferencePipelineStatus {
+            active_color: Some(Color::Green),
+            rollout: Some(RolloutStatus {
+                phase: Some(RolloutPhase::Promoted),
+                previous_color: Some(Color::Blue),
+                previous_model: Some(old.clone()),
+                ..RolloutStatus::default()
+            }),
+            ..InferencePipelineStatus::default()
+        };
+        let o = plan(&v, Some(&status));
+        assert_eq!(
+            o.colors.iter().map(|c| c.color).collect::<Vec<_>>(),
+            [Color::Green, Color::Blue]
+        );
+        assert_eq!(o.colors[1].model, old);
+        if let Some(r) = status.rollout.as_mut() {
+            r.phase = Some(RolloutPhase::Complete);
+        }
+        let o = plan(&v, Some(&status));
+        assert_eq!(o.colors.len(), 1, "the retired color is pruned");
     }
 
     #[test]

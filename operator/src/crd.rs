@@ -365,6 +365,31 @@ pub struct RolloutSpec {
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(validation = Rule::new(DURATION_RULE).message("rollout.scaleDownDelay must be a duration such as 30s, 5m or 1h"))]
     pub scale_down_delay: String,
+    /// Hold the rollout where it is: no shadow verdict, no next step, no promotion. Traffic
+    /// stays as it is until this is false again.
+    #[serde(default)]
+    pub paused: bool,
+    /// Candidate pods started before any traffic moves (the candidate grows with its traffic
+    /// share afterwards), so a swap needs `maxSurge` extra pods, not a second full copy.
+    #[serde(default = "default_max_surge")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("rollout.maxSurge must be between 1 and 100"))]
+    pub max_surge: i32,
+    /// During traffic steps, the highest tolerated candidate error rate above the serving
+    /// color's (0.01 = one percentage point).
+    #[serde(default = "default_max_error_rate")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("rollout.maxErrorRate must be between 0 and 1"))]
+    pub max_error_rate: f64,
+    /// During traffic steps, the highest tolerated ratio of the candidate's p99 latency to the
+    /// serving color's; 0 turns the latency check off.
+    #[serde(default = "default_max_latency_ratio")]
+    #[x_kube(validation = Rule::new("self == 0.0 || (self >= 1.0 && self <= 100.0)").message("rollout.maxLatencyRatio must be 0 (off) or between 1 and 100"))]
+    pub max_latency_ratio: f64,
+    /// How long candidate pods may take to load the model and become ready before the rollout
+    /// fails (for example a wrong URI or checksum).
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new(DURATION_RULE).message("rollout.progressDeadline must be a duration such as 30s, 5m or 1h"))]
+    pub progress_deadline: String,
 }
 
 impl Default for RolloutSpec {
@@ -375,6 +400,11 @@ impl Default for RolloutSpec {
             shadow: ShadowSpec::default(),
             auto_rollback: true,
             scale_down_delay: default_scale_down_delay(),
+            paused: false,
+            max_surge: default_max_surge(),
+            max_error_rate: default_max_error_rate(),
+            max_latency_ratio: default_max_latency_ratio(),
+            progress_deadline: default_progress_deadline(),
         }
     }
 }
@@ -414,12 +444,22 @@ pub struct Tolerance {
     #[serde(default = "default_cosine")]
     #[x_kube(validation = Rule::new("self >= -1.0 && self <= 1.0").message("rollout.shadow.tolerance.cosine must be between -1 and 1"))]
     pub cosine: f64,
+    /// Largest absolute difference of any output element that still counts as a match
+    /// (useful for logits); 0 turns this check off.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0.0").message("rollout.shadow.tolerance.maxAbsDiff must not be negative"))]
+    pub max_abs_diff: f64,
+    /// Classification: a compared request matches only when the top-1 class agrees.
+    #[serde(default)]
+    pub top1: bool,
 }
 
 impl Default for Tolerance {
     fn default() -> Self {
         Self {
             cosine: default_cosine(),
+            max_abs_diff: 0.0,
+            top1: false,
         }
     }
 }
@@ -530,32 +570,98 @@ impl From<&ModelSpec> for ModelRef {
     }
 }
 
-/// State of a blue-green rollout.
+/// State of a blue-green rollout. The operator resumes from here after a restart.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStatus {
-    /// The color being brought up with the new model.
+    /// Where the rollout stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<RolloutPhase>,
+    /// The color being brought up with the new model; absent once the rollout has ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate_color: Option<Color>,
-    /// The model the candidate serves.
+    /// The model being rolled out (kept after the rollout ends, to say which one it was).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate_model: Option<ModelRef>,
-    /// Index into `spec.rollout.steps` of the current traffic step; absent while shadowing.
+    /// Index into `spec.rollout.steps` of the current traffic step; absent before the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<i32>,
     /// Percentage of live traffic on the candidate.
     #[serde(default)]
     pub traffic_percent: i32,
-    /// When the current step (or the shadow phase) began.
+    /// When the rollout began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the current phase (or traffic step) began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_started_at: Option<Time>,
     /// Shadow comparison counters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowStatus>,
+    /// After promotion: the color that served before, kept running until
+    /// `spec.rollout.scaleDownDelay` has passed so an undo is instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_color: Option<Color>,
+    /// After promotion: the model served before. Setting `spec.inference.model` back to it
+    /// undoes the rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_model: Option<ModelRef>,
+    /// The routing generation every ready preprocess pod has applied for this state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_generation: Option<i64>,
+    /// Set when the rollout failed with `autoRollback: false`: it holds its traffic and waits
+    /// for an abort, a promotion or a spec change.
+    #[serde(default)]
+    pub halted: bool,
+    /// What is happening or what went wrong, with the numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
-/// Shadow comparison counters.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+/// Phase of a rollout.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutPhase {
+    /// Candidate pods are starting and loading the model.
+    Provisioning,
+    /// Live requests are mirrored to the candidate and outputs compared; no live traffic moved.
+    Shadowing,
+    /// A share of live traffic (`trafficPercent`) runs on the candidate.
+    ShiftingTraffic,
+    /// The candidate is now the active color; the previous color runs until `scaleDownDelay`.
+    Promoted,
+    /// Done: the previous color is gone.
+    Complete,
+    /// The candidate failed and all traffic went back to the active color; see `message`.
+    RolledBack,
+    /// Stopped by a person (`tandem.dev/abort` annotation); all traffic is on the active color.
+    Aborted,
+}
+
+impl RolloutPhase {
+    /// Whether a candidate color is running in this phase.
+    pub fn in_progress(self) -> bool {
+        matches!(
+            self,
+            Self::Provisioning | Self::Shadowing | Self::ShiftingTraffic
+        )
+    }
+
+    /// Name as written in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Provisioning => "Provisioning",
+            Self::Shadowing => "Shadowing",
+            Self::ShiftingTraffic => "ShiftingTraffic",
+            Self::Promoted => "Promoted",
+            Self::Complete => "Complete",
+            Self::RolledBack => "RolledBack",
+            Self::Aborted => "Aborted",
+        }
+    }
+}
+
+/// Shadow comparison counters, summed over the preprocess pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ShadowStatus {
     /// Requests compared so far.
@@ -564,6 +670,15 @@ pub struct ShadowStatus {
     /// Compared requests whose outputs differed beyond the tolerance.
     #[serde(default)]
     pub mismatches: i64,
+    /// Mirrored requests the candidate failed outright.
+    #[serde(default)]
+    pub errors: i64,
+    /// Lowest cosine similarity seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_cosine: Option<f64>,
+    /// Largest absolute element difference seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_abs_diff: Option<f64>,
 }
 
 /// Pod counts of one stage.
@@ -583,6 +698,15 @@ pub struct StageStatus {
     /// Requests queued in the stage at the last poll.
     #[serde(default)]
     pub queue_depth: i64,
+    /// When the autoscaler last changed `desiredReplicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// Why it did, as one word: `ScaledUp`, `ScaledDown`, `ScaledToZero` or `ScaledFromZero`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
+    /// The numbers behind the last change, e.g. `queue 48 > 16 per pod: 1 → 3 pods`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_message: Option<String>,
 }
 
 /// Strings for `kubectl get` columns.
@@ -655,4 +779,16 @@ fn default_max_mismatch_rate() -> f64 {
 }
 fn default_cosine() -> f64 {
     0.999
+}
+fn default_max_surge() -> i32 {
+    1
+}
+fn default_max_error_rate() -> f64 {
+    0.01
+}
+fn default_max_latency_ratio() -> f64 {
+    3.0
+}
+fn default_progress_deadline() -> String {
+    "10m".to_owned()
 }

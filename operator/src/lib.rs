@@ -9,6 +9,7 @@ pub mod crd;
 pub mod leader;
 pub mod metrics;
 pub mod reference;
+pub mod rollout;
 pub mod router;
 pub mod routing;
 pub mod status;

@@ -1,7 +1,8 @@
 //! The operator's Prometheus metrics and its HTTP endpoints (`/metrics`, `/healthz`, `/readyz`).
 //!
 //! One registry; names are constants; labels are low-cardinality enums (outcome, error kind),
-//! never object names or error strings.
+//! never error strings. The rollout gauges are the one per-pipeline family (one series per
+//! pipeline and color, removed with the pipeline), like kube-state-metrics' object gauges.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -27,6 +28,38 @@ pub const RECONCILE_DURATION: &str = "tandem_operator_reconcile_duration_seconds
 pub const RECONCILE_ERRORS: &str = "tandem_operator_reconcile_errors";
 /// `tandem_operator_leader` (1 while this replica leads).
 pub const LEADER: &str = "tandem_operator_leader";
+/// `tandem_operator_autoscale_decisions_total{stage,change}`.
+pub const AUTOSCALE_DECISIONS: &str = "tandem_operator_autoscale_decisions";
+/// `tandem_operator_autoscale_poll_failures_total{stage}`.
+pub const AUTOSCALE_POLL_FAILURES: &str = "tandem_operator_autoscale_poll_failures";
+/// `tandem_operator_autoscale_round_duration_seconds`.
+pub const AUTOSCALE_ROUND_DURATION: &str = "tandem_operator_autoscale_round_duration_seconds";
+
+/// `tandem_operator_rollout_phase{namespace,pipeline,phase}` (1 for the current phase).
+pub const ROLLOUT_PHASE: &str = "tandem_operator_rollout_phase";
+/// `tandem_operator_traffic_percent{namespace,pipeline,color}`.
+pub const TRAFFIC_PERCENT: &str = "tandem_operator_traffic_percent";
+/// `tandem_operator_rollout_transitions_total{reason}`.
+pub const ROLLOUT_TRANSITIONS: &str = "tandem_operator_rollout_transitions";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    namespace: String,
+    pipeline: String,
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TrafficLabels {
+    namespace: String,
+    pipeline: String,
+    color: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
 
 /// Result of one reconcile.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -56,6 +89,41 @@ pub enum ErrorKind {
     Status,
 }
 
+/// Pipeline stage, as an autoscaler label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum AutoscaleStage {
+    /// The CPU front stage.
+    Preprocess,
+    /// The model stage.
+    Inference,
+}
+
+/// Direction of one autoscaler decision.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ScaleChange {
+    /// Desired replicas unchanged.
+    Steady,
+    /// More pods.
+    Up,
+    /// Fewer pods, at least one.
+    Down,
+    /// To zero pods.
+    ToZero,
+    /// From zero pods.
+    FromZero,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    stage: AutoscaleStage,
+    change: ScaleChange,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: AutoscaleStage,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: Outcome,
@@ -73,6 +141,16 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     duration: Histogram,
     leader: Gauge<i64, AtomicI64>,
+    decisions: Family<DecisionLabels, Counter>,
+    poll_failures: Family<StageLabels, Counter>,
+    round: Histogram,
+    rollout_phase: Family<PhaseLabels, Gauge>,
+    traffic: Family<TrafficLabels, Gauge>,
+    transitions: Family<ReasonLabels, Counter>,
+    /// Series currently exported per pipeline, so they can be removed with it.
+    rollout_series: std::sync::Mutex<
+        std::collections::HashMap<(String, String), (Option<PhaseLabels>, Vec<TrafficLabels>)>,
+    >,
     ready: AtomicBool,
 }
 
@@ -108,12 +186,55 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let poll_failures = Family::<StageLabels, Counter>::default();
+        let round = Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+        registry.register(
+            AUTOSCALE_DECISIONS,
+            "Autoscaler decisions by stage and direction (steady included)",
+            decisions.clone(),
+        );
+        registry.register(
+            AUTOSCALE_POLL_FAILURES,
+            "GetStats polls of ready worker pods that failed or timed out",
+            poll_failures.clone(),
+        );
+        registry.register(
+            AUTOSCALE_ROUND_DURATION,
+            "Time for one autoscaler round (poll, decide, write)",
+            round.clone(),
+        );
+        let rollout_phase = Family::<PhaseLabels, Gauge>::default();
+        let traffic = Family::<TrafficLabels, Gauge>::default();
+        let transitions = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            ROLLOUT_PHASE,
+            "1 for the phase each pipeline's latest rollout is in",
+            rollout_phase.clone(),
+        );
+        registry.register(
+            TRAFFIC_PERCENT,
+            "Share of live traffic per pipeline and inference color",
+            traffic.clone(),
+        );
+        registry.register(
+            ROLLOUT_TRANSITIONS,
+            "Rollout transitions by reason (the Event reason)",
+            transitions.clone(),
+        );
         Self {
             registry,
             reconciles,
             errors,
             duration,
             leader,
+            decisions,
+            poll_failures,
+            round,
+            rollout_phase,
+            traffic,
+            transitions,
+            rollout_series: std::sync::Mutex::new(std::collections::HashMap::new()),
             ready: AtomicBool::new(false),
         }
     }
@@ -129,6 +250,92 @@ impl Metrics {
     /// Counts a failed reconcile by the step that failed.
     pub fn count_error(&self, kind: ErrorKind) {
         self.errors.get_or_create(&ErrorLabels { kind }).inc();
+    }
+
+    /// Counts one autoscaler decision for a stage.
+    pub fn count_autoscale_decision(&self, stage: AutoscaleStage, change: ScaleChange) {
+        self.decisions
+            .get_or_create(&DecisionLabels { stage, change })
+            .inc();
+    }
+
+    /// Counts a failed `GetStats` poll.
+    pub fn count_autoscale_poll_failure(&self, stage: AutoscaleStage) {
+        self.poll_failures.get_or_create(&StageLabels { stage }).inc();
+    }
+
+    /// Records how long one autoscaler round took.
+    pub fn observe_autoscale_round(&self, took: Duration) {
+        self.round.observe(took.as_secs_f64());
+    }
+
+    /// Exports a pipeline's rollout phase (`None`: no rollout recorded) and traffic weights.
+    pub fn set_rollout(
+        &self,
+        namespace: &str,
+        pipeline: &str,
+        phase: Option<&str>,
+        weights: &[(&str, i64)],
+    ) {
+        let key = (namespace.to_owned(), pipeline.to_owned());
+        let Ok(mut series) = self.rollout_series.lock() else {
+            return;
+        };
+        let entry = series.entry(key).or_default();
+        let phase_labels = phase.map(|phase| PhaseLabels {
+            namespace: namespace.to_owned(),
+            pipeline: pipeline.to_owned(),
+            phase: phase.to_owned(),
+        });
+        if entry.0 != phase_labels {
+            if let Some(old) = entry.0.take() {
+                self.rollout_phase.remove(&old);
+            }
+            if let Some(l) = &phase_labels {
+                self.rollout_phase.get_or_create(l).set(1);
+            }
+            entry.0 = phase_labels;
+        }
+        for old in entry.1.drain(..) {
+            self.traffic.remove(&old);
+        }
+        for (color, pct) in weights {
+            let l = TrafficLabels {
+                namespace: namespace.to_owned(),
+                pipeline: pipeline.to_owned(),
+                color: (*color).to_owned(),
+            };
+            self.traffic.get_or_create(&l).set(*pct);
+            entry.1.push(l);
+        }
+    }
+
+    /// Drops the rollout series of pipelines that no longer exist.
+    pub fn retain_rollouts(&self, pipelines: &[(String, String)]) {
+        let Ok(mut series) = self.rollout_series.lock() else {
+            return;
+        };
+        series.retain(|key, (phase, traffic)| {
+            let keep = pipelines.contains(key);
+            if !keep {
+                if let Some(p) = phase.take() {
+                    self.rollout_phase.remove(&p);
+                }
+                for t in traffic.drain(..) {
+                    self.traffic.remove(&t);
+                }
+            }
+            keep
+        });
+    }
+
+    /// Counts one rollout transition.
+    pub fn count_rollout_transition(&self, reason: &str) {
+        self.transitions
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Records whether this replica leads.
@@ -211,5 +418,57 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tandem_operator_leader 1"), "{text}");
+    }
+
+    #[test]
+    fn rollout_phase_and_traffic_follow_the_pipeline_and_leave_with_it() {
+        let m = Metrics::new();
+        m.set_rollout("ml", "text", Some("Shadowing"), &[("blue", 100), ("green", 0)]);
+        m.set_rollout("ml", "text", Some("ShiftingTraffic"), &[("blue", 90), ("green", 10)]);
+        m.count_rollout_transition("ShadowPassed");
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains(
+                "tandem_operator_rollout_phase{namespace=\"ml\",pipeline=\"text\",phase=\"ShiftingTraffic\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("phase=\"Shadowing\""), "{text}");
+        assert!(
+            text.contains(
+                "tandem_operator_traffic_percent{namespace=\"ml\",pipeline=\"text\",color=\"green\"} 10"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tandem_operator_rollout_transitions_total{reason=\"ShadowPassed\"} 1"),
+            "{text}"
+        );
+        m.retain_rollouts(&[]);
+        let text = m.encode().unwrap();
+        assert!(!text.contains("pipeline=\"text\""), "{text}");
+    }
+
+    #[test]
+    fn autoscaler_decisions_are_counted_by_stage_and_direction() {
+        let m = Metrics::new();
+        m.count_autoscale_decision(AutoscaleStage::Inference, ScaleChange::FromZero);
+        m.count_autoscale_poll_failure(AutoscaleStage::Preprocess);
+        m.observe_autoscale_round(Duration::from_millis(4));
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains(
+                "tandem_operator_autoscale_decisions_total{stage=\"Inference\",change=\"FromZero\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tandem_operator_autoscale_poll_failures_total{stage=\"Preprocess\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tandem_operator_autoscale_round_duration_seconds_count 1"),
+            "{text}"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! only becomes Ready once it holds a table. Runs on the leader only.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -24,10 +25,6 @@ use crate::routing::{WorkerPod, desired_table, next_generation, same_routes};
 /// Router settings.
 #[derive(Clone, Debug)]
 pub struct RouterConfig {
-    /// Namespace to watch; every namespace when `None`.
-    pub namespace: Option<String>,
-    /// Page size of the initial pod list.
-    pub page_size: u32,
     /// How often tables are recomputed and unacknowledged pods retried.
     pub interval: Duration,
     /// Limit for one `SetRoutes` call, connection included.
@@ -39,8 +36,6 @@ pub struct RouterConfig {
 impl Default for RouterConfig {
     fn default() -> Self {
         Self {
-            namespace: None,
-            page_size: 100,
             interval: Duration::from_millis(250),
             push_timeout: Duration::from_secs(1),
             refresh: Duration::from_secs(30),
@@ -56,9 +51,18 @@ struct PipelineRoutes {
     acked: HashMap<String, (i32, u64)>,
 }
 
-/// Runs until the task is dropped or aborted.
-pub async fn run(client: Client, pipelines: Store<InferencePipeline>, cfg: RouterConfig) {
-    let pods: Api<Pod> = match &cfg.namespace {
+/// Routing tables as last numbered, per pipeline `(namespace, name)`. The rollout driver reads
+/// them to know which generation the preprocess pods must report before a step counts.
+pub type Published = Arc<Mutex<HashMap<(String, String), RoutingTable>>>;
+
+/// A cache of the operator's worker pods (labels, status and deletion only) and the watch that
+/// fills it; spawn the future. Shared by the router, the rollout driver and the autoscaler.
+pub fn watch_pods(
+    client: Client,
+    namespace: Option<&str>,
+    page_size: u32,
+) -> (Store<Pod>, impl std::future::Future<Output = ()> + Send + 'static) {
+    let pods: Api<Pod> = match namespace {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
@@ -68,7 +72,7 @@ pub async fn run(client: Client, pipelines: Store<InferencePipeline>, cfg: Route
         pods,
         watcher::Config::default()
             .labels(&selector)
-            .page_size(cfg.page_size)
+            .page_size(page_size)
             .any_semantic(),
     )
     // Only labels, status and deletion matter here: keep the cache small.
@@ -86,8 +90,16 @@ pub async fn run(client: Client, pipelines: Store<InferencePipeline>, cfg: Route
         }
         futures::future::ready(())
     });
-    tokio::spawn(watch);
+    (store, watch)
+}
 
+/// Runs until the task is dropped or aborted.
+pub async fn run(
+    pipelines: Store<InferencePipeline>,
+    store: Store<Pod>,
+    published: Published,
+    cfg: RouterConfig,
+) {
     let mut state: HashMap<(String, String), PipelineRoutes> = HashMap::new();
     let mut ticker = tokio::time::interval(cfg.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -101,6 +113,14 @@ pub async fn run(client: Client, pipelines: Store<InferencePipeline>, cfg: Route
             last_refresh = Instant::now();
         }
         sync_once(&pipelines, &store, &mut state, &cfg).await;
+        if let Ok(mut p) = published.lock() {
+            p.clear();
+            p.extend(
+                state
+                    .iter()
+                    .filter_map(|(k, r)| Some((k.clone(), r.table.clone()?))),
+            );
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tandem_proto::tandem::v1::{ColorRoute, Endpoint, ParityTolerance, RoutingTable, ShadowPolicy};
 
 use crate::build::{LABEL_COLOR, LABEL_COMPONENT, PORT_CONTROL, PORT_GRPC, Stage};
-use crate::crd::{Color, InferencePipeline, ModelRef};
+use crate::crd::{Color, InferencePipeline, ModelRef, RolloutPhase};
 
 /// A worker pod as the router needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,33 +81,50 @@ fn socket(ip: &str, port: i32) -> String {
 /// generation (the router numbers tables as their content changes).
 ///
 /// - The active color (`status.activeColor`, blue before the first status) gets
-///   `100 - trafficPercent` of live traffic, the rollout's candidate the rest.
-/// - While a rollout is shadowing (a candidate but no traffic step yet), every
-///   request is mirrored to the candidate and compared with the spec's tolerance.
+///   `100 - trafficPercent` of live traffic; a rollout's candidate gets the rest. The
+///   candidate is listed (with weight 0) from the moment it is provisioned, so the table the
+///   rollout waits for already names its pods.
+/// - While the rollout is in its shadow phase, every request is mirrored to the candidate and
+///   compared with the spec's tolerance. The shadow `epoch` names the rollout, so preprocess
+///   pods restart their counters for each new candidate.
 /// - Endpoints are the Ready, non-terminating inference pods of each color.
 pub fn desired_table(pipeline: &InferencePipeline, pods: &[WorkerPod]) -> RoutingTable {
     let status = pipeline.status.clone().unwrap_or_default();
     let spec_model = ModelRef::from(&pipeline.spec.inference.model);
     let active = status.active_color.unwrap_or(Color::Blue);
     let active_model = status.active_model.clone().unwrap_or(spec_model);
-    let rollout = status.rollout.as_ref();
+    let rollout = status
+        .rollout
+        .as_ref()
+        .filter(|r| r.phase.is_some_and(RolloutPhase::in_progress));
     let candidate = rollout.and_then(|r| Some((r.candidate_color?, r.candidate_model.clone()?)));
-    let candidate_share = rollout.map_or(0, |r| r.traffic_percent.clamp(0, 100)) as u32;
+    let candidate_share = match rollout {
+        Some(r) if r.phase == Some(RolloutPhase::ShiftingTraffic) => {
+            u32::try_from(r.traffic_percent.clamp(0, 100)).unwrap_or(0)
+        }
+        _ => 0,
+    };
 
     let mut colors = vec![route(active, &active_model, 100 - candidate_share, pods)];
     let mut shadow = None;
-    if let Some((color, model)) = &candidate {
+    if let (Some((color, model)), Some(r)) = (&candidate, rollout) {
         colors.push(route(*color, model, candidate_share, pods));
-        let shadowing = rollout.is_some_and(|r| r.step.is_none());
-        if shadowing {
+        if r.phase == Some(RolloutPhase::Shadowing) {
+            let tolerance = &pipeline.spec.rollout.shadow.tolerance;
             shadow = Some(ShadowPolicy {
                 color: color.as_str().to_owned(),
                 sample_rate: 1.0,
                 tolerance: Some(ParityTolerance {
-                    min_cosine: pipeline.spec.rollout.shadow.tolerance.cosine,
-                    max_abs: 0.0,
-                    require_top1: false,
+                    min_cosine: tolerance.cosine,
+                    max_abs: tolerance.max_abs_diff,
+                    require_top1: tolerance.top1,
                 }),
+                epoch: format!(
+                    "{}/{}/{}",
+                    color.as_str(),
+                    model.version,
+                    r.started_at.as_ref().map(|t| t.0.as_second()).unwrap_or(0)
+                ),
             });
         }
     }
@@ -239,6 +256,7 @@ mod tests {
             active_color: Some(Color::Blue),
             rollout: Some(RolloutStatus {
                 candidate_color: Some(Color::Green),
+                phase: Some(RolloutPhase::Shadowing),
                 candidate_model: Some(ModelRef {
                     version: "2".into(),
                     ..model
@@ -278,6 +296,36 @@ mod tests {
         assert_eq!(shadow.sample_rate, 1.0);
         let tolerance = shadow.tolerance.expect("tolerance");
         assert_eq!(tolerance.min_cosine, p.spec.rollout.shadow.tolerance.cosine);
+        assert!(shadow.epoch.starts_with("green/2/"), "{}", shadow.epoch);
+    }
+
+    #[test]
+    fn a_provisioning_candidate_is_listed_without_traffic_or_shadow_and_an_ended_one_not_at_all() {
+        let mut p = pipeline();
+        let model = ModelRef::from(&p.spec.inference.model);
+        let with_phase = |phase| InferencePipelineStatus {
+            active_color: Some(Color::Blue),
+            rollout: Some(RolloutStatus {
+                phase: Some(phase),
+                candidate_color: Some(Color::Green),
+                candidate_model: Some(model.clone()),
+                traffic_percent: 30,
+                ..RolloutStatus::default()
+            }),
+            ..InferencePipelineStatus::default()
+        };
+        p.status = Some(with_phase(RolloutPhase::Provisioning));
+        let table = desired_table(&p, &[]);
+        let weights: Vec<_> = table.colors.iter().map(|c| (c.color.as_str(), c.weight)).collect();
+        assert_eq!(weights, [("blue", 100), ("green", 0)]);
+        assert!(table.shadow.is_none());
+
+        for ended in [RolloutPhase::Promoted, RolloutPhase::RolledBack, RolloutPhase::Aborted] {
+            p.status = Some(with_phase(ended));
+            let table = desired_table(&p, &[]);
+            let weights: Vec<_> = table.colors.iter().map(|c| (c.color.as_str(), c.weight)).collect();
+            assert_eq!(weights, [("blue", 100)], "{ended:?}");
+        }
     }
 
     #[test]
@@ -287,6 +335,7 @@ mod tests {
         p.status = Some(InferencePipelineStatus {
             active_color: Some(Color::Green),
             rollout: Some(RolloutStatus {
+                phase: Some(RolloutPhase::ShiftingTraffic),
                 candidate_color: Some(Color::Blue),
                 candidate_model: Some(model),
                 step: Some(0),

@@ -6,7 +6,8 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{
-    Color, InferencePipelineStatus, ModelRef, Phase, RolloutStatus, StageStatus, StatusSummary,
+    Color, InferencePipelineStatus, ModelRef, Phase, RolloutPhase, RolloutStatus, StageStatus,
+    StatusSummary,
 };
 use crate::validate::ValidateError;
 
@@ -87,7 +88,13 @@ pub fn compute(
     let pre = &obs.preprocess;
     let inf = &obs.inference;
     let ready = pre.is_ready() && inf.is_ready();
-    let problem = stage_problem("inference", inf).or_else(|| stage_problem("preprocess", pre));
+    let rollout = obs.rollout.as_ref();
+    let rolling = rollout
+        .filter(|r| !r.halted && r.phase.is_some_and(RolloutPhase::in_progress))
+        .map(|r| r.message.clone().unwrap_or_default());
+    let problem = stage_problem("inference", inf)
+        .or_else(|| stage_problem("preprocess", pre))
+        .or_else(|| rollout.and_then(rollout_problem));
 
     let mut conditions = Vec::with_capacity(3);
     let (ready_reason, ready_message) = if ready {
@@ -113,8 +120,10 @@ pub fn compute(
         now,
     ));
 
-    let progressing = !ready && problem.is_none();
-    let (p_reason, p_message) = if progressing {
+    let progressing = (!ready || rolling.is_some()) && problem.is_none();
+    let (p_reason, p_message) = if let Some(message) = rolling.filter(|_| progressing) {
+        ("RollingOut", message)
+    } else if progressing {
         let stage = if inf.is_ready() {
             ("preprocess", pre)
         } else {
@@ -153,8 +162,12 @@ pub fn compute(
         now,
     ));
 
-    let phase = if ready {
+    let phase = if problem.is_some() {
+        Phase::Degraded
+    } else if ready && !progressing {
         Phase::Ready
+    } else if ready {
+        Phase::Progressing
     } else if problem.is_some() {
         Phase::Degraded
     } else if pre.ready == 0 && inf.ready == 0 {
@@ -163,18 +176,21 @@ pub fn compute(
         Phase::Progressing
     };
 
-    let prev_stage = |s: Option<&StageStatus>| s.map(|s| s.queue_depth).unwrap_or(0);
+    // Queue depth and the last scale decision belong to the autoscaler: carried over as they are.
+    let autoscaled = |s: Option<&StageStatus>| s.cloned().unwrap_or_default();
+    let prev_pre = autoscaled(prev.and_then(|s| s.preprocess.as_ref()));
+    let prev_inf = autoscaled(prev.and_then(|s| s.inference.as_ref()));
     let preprocess = StageStatus {
         replicas: pre.replicas,
         ready_replicas: pre.ready,
         desired_replicas: Some(pre.desired),
-        queue_depth: prev_stage(prev.and_then(|s| s.preprocess.as_ref())),
+        ..prev_pre
     };
     let inference = StageStatus {
         replicas: inf.replicas,
         ready_replicas: inf.ready,
         desired_replicas: Some(inf.desired),
-        queue_depth: prev_stage(prev.and_then(|s| s.inference.as_ref())),
+        ..prev_inf
     };
     let summary = StatusSummary {
         model: format!("{}:{}", obs.active_model.name, obs.active_model.version),
@@ -407,18 +423,31 @@ fn not_ready_message(stage: &str, d: &DeploymentObservation) -> String {
     }
 }
 
+/// A rollout that ended without serving the spec's model, or is stuck: the Degraded reason.
+fn rollout_problem(r: &RolloutStatus) -> Option<(&'static str, String)> {
+    let message = || r.message.clone().unwrap_or_default();
+    match r.phase {
+        Some(RolloutPhase::RolledBack) => Some(("RolledBack", message())),
+        Some(RolloutPhase::Aborted) => Some(("RolloutAborted", message())),
+        Some(p) if p.in_progress() && r.halted => Some(("RolloutHalted", message())),
+        _ => None,
+    }
+}
+
 fn traffic(active: Color, rollout: Option<&RolloutStatus>) -> String {
-    match rollout.and_then(|r| r.candidate_color.map(|c| (c, r.traffic_percent))) {
-        Some((candidate, pct)) if pct > 0 => {
-            format!(
-                "{} {}% {} {}%",
-                active.as_str(),
-                100 - pct,
-                candidate.as_str(),
-                pct
-            )
+    let a = active.as_str();
+    let Some((r, candidate)) = rollout.and_then(|r| Some((r, r.candidate_color?))) else {
+        return format!("{a} 100%");
+    };
+    let c = candidate.as_str();
+    match r.phase {
+        Some(RolloutPhase::ShiftingTraffic) => {
+            let pct = r.traffic_percent.clamp(0, 100);
+            format!("{a} {}% {c} {pct}%", 100 - pct)
         }
-        _ => format!("{} 100%", active.as_str()),
+        Some(RolloutPhase::Shadowing) => format!("{a} 100% (shadow {c})"),
+        Some(RolloutPhase::Provisioning) => format!("{a} 100% ({c} starting)"),
+        _ => format!("{a} 100%"),
     }
 }
 
@@ -576,6 +605,17 @@ mod tests {
     }
 
     #[test]
+    fn the_last_scale_decision_written_by_the_autoscaler_is_preserved() {
+        let mut prev = compute(None, &obs(dep(1, 1), dep(1, 1)), &t(100));
+        let inf = prev.inference.as_mut().unwrap();
+        inf.last_scale_time = Some(t(150));
+        inf.last_scale_reason = Some("ScaledUp".into());
+        inf.last_scale_message = Some("queue 48 > 16 per pod: 1 → 3 pods".into());
+        let s = compute(Some(&prev), &obs(dep(1, 1), dep(1, 1)), &t(200));
+        assert_eq!(s.inference, prev.inference, "nothing else changed");
+    }
+
+    #[test]
     fn an_invalid_spec_is_degraded_with_the_validation_message() {
         let ready = compute(None, &obs(dep(1, 1), dep(1, 1)), &t(100));
         let s = invalid(
@@ -695,11 +735,40 @@ mod tests {
     fn a_rollout_shows_the_split_in_the_traffic_column() {
         let mut o = obs(dep(1, 1), dep(1, 1));
         o.rollout = Some(RolloutStatus {
+            phase: Some(RolloutPhase::ShiftingTraffic),
             candidate_color: Some(Color::Green),
             traffic_percent: 10,
+            message: Some("10% of traffic on green (step 1/3)".into()),
             ..RolloutStatus::default()
         });
         let s = compute(None, &o, &t(1));
-        assert_eq!(s.summary.unwrap().traffic, "blue 90% green 10%");
+        assert_eq!(s.summary.as_ref().unwrap().traffic, "blue 90% green 10%");
+        assert_eq!(s.phase, Some(Phase::Progressing));
+        let p = cond(&s, PROGRESSING);
+        assert_eq!((p.status.as_str(), p.reason.as_str()), ("True", "RollingOut"));
+        assert_eq!(p.message, "10% of traffic on green (step 1/3)");
+
+        if let Some(r) = o.rollout.as_mut() {
+            r.phase = Some(RolloutPhase::Shadowing);
+        }
+        let s = compute(None, &o, &t(1));
+        assert_eq!(s.summary.unwrap().traffic, "blue 100% (shadow green)");
+    }
+
+    #[test]
+    fn a_rolled_back_rollout_is_degraded_with_its_numbers_while_the_old_model_serves() {
+        let mut o = obs(dep(1, 1), dep(1, 1));
+        o.rollout = Some(RolloutStatus {
+            phase: Some(RolloutPhase::RolledBack),
+            message: Some("shadow parity failed: 87 of 100 compared requests (87.0%) differed".into()),
+            ..RolloutStatus::default()
+        });
+        let s = compute(None, &o, &t(1));
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        let d = cond(&s, DEGRADED);
+        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "RolledBack"));
+        assert!(d.message.contains("87 of 100"));
+        assert_eq!(cond(&s, READY).status, "True", "the active color still serves");
+        assert_eq!(s.summary.unwrap().traffic, "blue 100%");
     }
 }

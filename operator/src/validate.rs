@@ -180,6 +180,20 @@ pub struct ValidRollout {
     pub auto_rollback: bool,
     /// How long the old color lingers after promotion.
     pub scale_down_delay: Duration,
+    /// Largest tolerated absolute element difference; 0 = unused.
+    pub max_abs_diff: f64,
+    /// Require top-1 agreement.
+    pub top1: bool,
+    /// Hold the rollout where it is.
+    pub paused: bool,
+    /// Candidate pods started before traffic moves (at least 1).
+    pub max_surge: u32,
+    /// Tolerated candidate error rate above the active color's.
+    pub max_error_rate: f64,
+    /// Tolerated candidate/active p99 ratio; 0 = unused.
+    pub max_latency_ratio: f64,
+    /// How long candidate pods may take to become ready.
+    pub progress_deadline: Duration,
 }
 
 /// Identity of the pipeline object, for names, labels and owner references.
@@ -297,6 +311,13 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
         cosine_tolerance: r.shadow.tolerance.cosine.clamp(-1.0, 1.0),
         auto_rollback: r.auto_rollback,
         scale_down_delay: duration("rollout.scaleDownDelay", &r.scale_down_delay)?,
+        max_abs_diff: r.shadow.tolerance.max_abs_diff.max(0.0),
+        top1: r.shadow.tolerance.top1,
+        paused: r.paused,
+        max_surge: u32::try_from(r.max_surge.max(1)).unwrap_or(1),
+        max_error_rate: r.max_error_rate.clamp(0.0, 1.0),
+        max_latency_ratio: r.max_latency_ratio.max(0.0),
+        progress_deadline: duration("rollout.progressDeadline", &r.progress_deadline)?,
     };
 
     Ok(ValidatedPipeline {

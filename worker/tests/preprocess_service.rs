@@ -517,6 +517,7 @@ async fn traffic_splits_by_weight_and_shadow_mismatches_are_counted() {
             max_abs: 0.0,
             require_top1: true,
         }),
+        epoch: "green/2/1".into(),
     };
     set_routes(
         &svc,
@@ -554,6 +555,31 @@ async fn traffic_splits_by_weight_and_shadow_mismatches_are_counted() {
     assert!(s.min_cosine < 0.0);
     assert_eq!(blue_fake.hits.load(Ordering::SeqCst), 10);
     assert_eq!(green_fake.hits.load(Ordering::SeqCst), 6);
+
+    // The same color with a new rollout epoch starts its comparison from zero.
+    let next_rollout = ShadowPolicy {
+        color: "green".into(),
+        sample_rate: 1.0,
+        tolerance: None,
+        epoch: "green/3/2".into(),
+    };
+    set_routes(
+        &svc,
+        table(
+            3,
+            &[("blue", 100, &[&blue]), ("green", 0, &[&green])],
+            Some(next_rollout),
+        ),
+    )
+    .await;
+    let s = control
+        .get_stats(Request::new(GetStatsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .shadow
+        .unwrap();
+    assert_eq!((s.compared, s.mismatches, s.errors), (0, 0, 0));
 }
 
 #[tokio::test]

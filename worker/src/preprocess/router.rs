@@ -129,6 +129,7 @@ struct ColorRoute {
 #[derive(Debug, Default)]
 struct ShadowState {
     color: String,
+    epoch: String,
     sample_rate: f64,
     tolerance: Tolerance,
     counter: u64,
@@ -273,9 +274,11 @@ impl Router {
             });
         }
         let shadow = table.shadow.unwrap_or_default();
-        if shadow.color != st.shadow.color {
+        // A new shadow color or a new rollout (epoch) starts its comparison from zero.
+        if shadow.color != st.shadow.color || shadow.epoch != st.shadow.epoch {
             st.shadow = ShadowState {
                 color: shadow.color.clone(),
+                epoch: shadow.epoch.clone(),
                 stats: ShadowStats {
                     color: shadow.color.clone(),
                     min_cosine: 1.0,

@@ -1,0 +1,507 @@
+//! The rollout machine's I/O edge (leader only). Every tick, for each pipeline whose spec names
+//! a model other than the one serving, or whose rollout is under way, it asks the candidate's
+//! inference pods and the preprocess pods for `GetStats`, turns the answers into
+//! [`Observations`], runs [`super::next`] and writes the result to status (server-side apply,
+//! conditional on the resourceVersion read, so a stale view never overwrites a newer one).
+//! Pipelines with nothing to roll out cost no RPCs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
+use tandem_proto::tandem::v1::{GetStatsRequest, WorkerStats};
+use tracing::{debug, info, warn};
+
+use super::{
+    ANNOTATION_ABORT, ANNOTATION_PROMOTE, ColorWindow, Inputs, Observations, ShadowCounts,
+    UserAction, color_replicas, next,
+};
+use crate::build::{LABEL_INSTANCE, Stage};
+use crate::controller::FIELD_MANAGER;
+use crate::crd::{Color, InferencePipeline, ModelRef, RolloutPhase, RolloutStatus};
+use crate::metrics::Metrics;
+use crate::router::Published;
+use crate::routing::{WorkerPod, desired_table, same_routes};
+use crate::validate::validate;
+
+/// Driver settings.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Time between ticks.
+    pub interval: Duration,
+    /// Limit for one `GetStats` call, connection included.
+    pub stats_timeout: Duration,
+    /// Status writes that only refresh counters and messages happen at most this often.
+    pub counters_every: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            stats_timeout: Duration::from_millis(800),
+            counters_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Per-pipeline memory between ticks. Only conveniences live here; a new leader rebuilds it.
+#[derive(Default)]
+struct Memory {
+    /// Which step the baselines belong to.
+    window: Option<(String, Option<i32>, Option<i64>)>,
+    /// `(pod, color)` → `(requests, errors)` when the step began (or the pod was first seen).
+    baselines: HashMap<(String, String), (u64, u64)>,
+    last_write: Option<Instant>,
+}
+
+/// Runs until aborted.
+pub async fn run(
+    client: Client,
+    pipelines: Store<InferencePipeline>,
+    pods: Store<Pod>,
+    published: Published,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    cfg: DriverConfig,
+) {
+    // A pipeline with no ready pods takes a new model in place; an empty cache must not look
+    // like that.
+    if pods.wait_until_ready().await.is_err() {
+        warn!("worker pod cache never became ready; rollouts are not driven");
+        return;
+    }
+    let mut memory: HashMap<(String, String), Memory> = HashMap::new();
+    let mut ticker = tokio::time::interval(cfg.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let all_pods = pods.state();
+        let mut seen = Vec::new();
+        for p in pipelines.state() {
+            let (Some(ns), name) = (p.namespace(), p.name_any()) else {
+                continue;
+            };
+            let key = (ns, name);
+            seen.push(key.clone());
+            let mem = memory.entry(key.clone()).or_default();
+            let workers: Vec<WorkerPod> = all_pods
+                .iter()
+                .filter(|w| w.namespace().as_deref() == Some(key.0.as_str()))
+                .filter(|w| w.labels().get(LABEL_INSTANCE) == Some(&key.1))
+                .filter_map(|w| WorkerPod::from_pod(w))
+                .collect();
+            let table = published.lock().ok().and_then(|t| t.get(&key).cloned());
+            drive(&client, &p, &workers, table, mem, &recorder, &metrics, &cfg).await;
+        }
+        memory.retain(|k, _| seen.contains(k));
+        metrics.retain_rollouts(&seen);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    client: &Client,
+    p: &InferencePipeline,
+    workers: &[WorkerPod],
+    table: Option<tandem_proto::tandem::v1::RoutingTable>,
+    mem: &mut Memory,
+    recorder: &Recorder,
+    metrics: &Metrics,
+    cfg: &DriverConfig,
+) {
+    let Ok(v) = validate(p) else {
+        return;
+    };
+    // The controller writes the first status (the active model); nothing to roll out before.
+    let Some(status) = p.status.as_ref() else {
+        return;
+    };
+    let Some(active_model) = status.active_model.clone() else {
+        return;
+    };
+    let active_color = status.active_color.unwrap_or(Color::Blue);
+    let spec_model = ModelRef::from(&v.inference.model);
+    let rollout = status.rollout.as_ref();
+    let phase = rollout.and_then(|r| r.phase);
+    metrics.set_rollout(
+        &v.meta.namespace,
+        &v.meta.name,
+        phase.map(RolloutPhase::as_str),
+        &weights(active_color, rollout),
+    );
+    // A failed rollout stays as it is until the spec names another model; with nothing to
+    // roll out, a pipeline costs no RPCs.
+    let failed_model_still_wanted = matches!(
+        phase,
+        Some(RolloutPhase::RolledBack | RolloutPhase::Aborted)
+    ) && rollout.and_then(|r| r.candidate_model.as_ref()) == Some(&spec_model);
+    let busy = phase.is_some_and(RolloutPhase::in_progress)
+        || phase == Some(RolloutPhase::Promoted)
+        || matches!(phase, Some(RolloutPhase::RolledBack | RolloutPhase::Aborted))
+        || spec_model != active_model;
+    if !busy || failed_model_still_wanted {
+        return;
+    }
+
+    let candidate = rollout
+        .filter(|r| r.phase.is_some_and(RolloutPhase::in_progress))
+        .and_then(|r| Some((r.candidate_color?, r.candidate_model.clone()?)));
+    let total = v
+        .inference
+        .replicas
+        .clamp(status.inference.as_ref().and_then(|s| s.desired_replicas))
+        .max(1)
+        .unsigned_abs();
+    let wanted = color_replicas(total, rollout, v.rollout.max_surge).1;
+    let mut obs = Observations {
+        active_ready: count_ready(workers, Stage::Inference, Some(active_color)),
+        preprocess_ready: count_ready(workers, Stage::Preprocess, None),
+        candidate_wanted: u32::try_from(
+            v.inference
+                .replicas
+                .clamp(Some(i32::try_from(wanted).unwrap_or(i32::MAX))),
+        )
+        .unwrap_or(1),
+        ..Observations::default()
+    };
+
+    if let Some((color, model)) = &candidate {
+        let stats = poll(workers, Stage::Inference, Some(*color), cfg.stats_timeout).await;
+        obs.candidate_ready = stats
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .filter(|s| s.model_loaded && s.model_version == model.version)
+            .count()
+            .try_into()
+            .unwrap_or(u32::MAX);
+    }
+
+    let pre = poll(workers, Stage::Preprocess, None, cfg.stats_timeout).await;
+    let answered: Vec<(&str, &WorkerStats)> = pre
+        .iter()
+        .filter_map(|(name, s)| Some((name.as_str(), s.as_ref()?)))
+        .collect();
+    obs.routes_acked = acknowledged(p, workers, table.as_ref(), &pre);
+    if let Some((color, _)) = &candidate {
+        obs.shadow = shadow_counts(&answered, color.as_str());
+        let r = rollout.cloned().unwrap_or_default();
+        let window = (
+            r.candidate_model.as_ref().map(|m| m.version.clone()).unwrap_or_default(),
+            r.step,
+            r.step_started_at.as_ref().map(|t| t.0.as_millisecond()),
+        );
+        if mem.window.as_ref() != Some(&window) {
+            mem.window = Some(window);
+            mem.baselines.clear();
+        }
+        obs.active_window = color_window(&answered, active_color.as_str(), &mut mem.baselines);
+        obs.candidate_window = color_window(&answered, color.as_str(), &mut mem.baselines);
+    }
+
+    let action = candidate.as_ref().and_then(|(_, model)| {
+        let names = |key: &str| p.annotations().get(key) == Some(&model.version);
+        if names(ANNOTATION_ABORT) {
+            Some(UserAction::Abort)
+        } else if names(ANNOTATION_PROMOTE) {
+            Some(UserAction::Promote)
+        } else {
+            None
+        }
+    });
+
+    let d = next(&Inputs {
+        spec_model: &spec_model,
+        policy: &v.rollout,
+        active_color,
+        active_model: &active_model,
+        rollout,
+        obs: &obs,
+        action,
+        now: Timestamp::now(),
+    });
+    if d.rollout.as_ref() == rollout
+        && d.active_color == active_color
+        && d.active_model == active_model
+    {
+        return;
+    }
+    let shape_changed = !d.events.is_empty()
+        || d.active_color != active_color
+        || d.active_model != active_model
+        || shape(d.rollout.as_ref()) != shape(rollout);
+    if !shape_changed
+        && mem
+            .last_write
+            .is_some_and(|t| t.elapsed() < cfg.counters_every)
+    {
+        return;
+    }
+
+    let mut next_status = status.clone();
+    next_status.active_color = Some(d.active_color);
+    next_status.active_model = Some(d.active_model.clone());
+    next_status.rollout = d.rollout.clone();
+    let body = serde_json::json!({
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "InferencePipeline",
+        "metadata": { "resourceVersion": p.resource_version() },
+        "status": next_status,
+    });
+    let api: Api<InferencePipeline> = Api::namespaced(client.clone(), &v.meta.namespace);
+    match api
+        .patch_status(
+            &v.meta.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+    {
+        Ok(_) => {
+            mem.last_write = Some(Instant::now());
+            for e in &d.events {
+                info!(pipeline = %format!("{}/{}", v.meta.namespace, v.meta.name), reason = %e.reason, "{}", e.note);
+                metrics.count_rollout_transition(&e.reason);
+                publish(recorder, p, e.warning, &e.reason, e.note.clone()).await;
+            }
+        }
+        // Someone wrote since the cache was read: the next tick decides again on fresh state.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            debug!(pipeline = %v.meta.name, "rollout status write conflicted; retrying next tick")
+        }
+        Err(e) => warn!(pipeline = %v.meta.name, error = %e, "writing rollout status failed"),
+    }
+}
+
+/// The parts of a rollout whose change is a transition (not just fresher counters).
+fn shape(
+    r: Option<&RolloutStatus>,
+) -> Option<(Option<RolloutPhase>, Option<Color>, Option<i32>, i32, bool)> {
+    r.map(|r| {
+        (
+            r.phase,
+            r.candidate_color,
+            r.step,
+            r.traffic_percent,
+            r.halted,
+        )
+    })
+}
+
+fn weights(active: Color, rollout: Option<&RolloutStatus>) -> Vec<(&'static str, i64)> {
+    match rollout.filter(|r| r.phase == Some(RolloutPhase::ShiftingTraffic)) {
+        Some(r) => {
+            let pct = i64::from(r.traffic_percent.clamp(0, 100));
+            let mut w = vec![(active.as_str(), 100 - pct)];
+            if let Some(c) = r.candidate_color {
+                w.push((c.as_str(), pct));
+            }
+            w
+        }
+        None => vec![(active.as_str(), 100), (active.other().as_str(), 0)],
+    }
+}
+
+fn count_ready(workers: &[WorkerPod], stage: Stage, color: Option<Color>) -> u32 {
+    workers
+        .iter()
+        .filter(|w| w.stage == stage && w.color == color && w.ready && !w.terminating)
+        .count()
+        .try_into()
+        .unwrap_or(u32::MAX)
+}
+
+/// `GetStats` of every ready, non-terminating pod of a stage (and color), concurrently;
+/// `None` for pods that did not answer in time.
+async fn poll(
+    workers: &[WorkerPod],
+    stage: Stage,
+    color: Option<Color>,
+    timeout: Duration,
+) -> Vec<(String, Option<WorkerStats>)> {
+    let calls = workers
+        .iter()
+        .filter(|w| w.stage == stage && w.color == color && w.ready && !w.terminating)
+        .filter_map(|w| Some((w.name.clone(), w.control_address()?)))
+        .map(|(name, address)| async move {
+            let stats = get_stats(&address, timeout).await;
+            if let Err(e) = &stats {
+                debug!(pod = %name, error = %e, "GetStats failed");
+            }
+            (name, stats.ok())
+        });
+    join_all(calls).await
+}
+
+async fn get_stats(address: &str, timeout: Duration) -> Result<WorkerStats, String> {
+    let call = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        WorkerControlClient::new(channel)
+            .get_stats(GetStatsRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| s.message().to_owned())
+    };
+    tokio::time::timeout(timeout * 2, call)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+/// The generation of the table that reflects the pipeline's current status, once every ready
+/// preprocess pod answered and holds it (or a later one).
+fn acknowledged(
+    p: &InferencePipeline,
+    workers: &[WorkerPod],
+    table: Option<&tandem_proto::tandem::v1::RoutingTable>,
+    pre: &[(String, Option<WorkerStats>)],
+) -> Option<u64> {
+    let table = table?;
+    if !same_routes(table, &desired_table(p, workers)) || pre.is_empty() {
+        return None;
+    }
+    pre.iter()
+        .all(|(_, s)| s.as_ref().is_some_and(|s| s.routes_generation >= table.generation))
+        .then_some(table.generation)
+}
+
+fn shadow_counts(pre: &[(&str, &WorkerStats)], color: &str) -> ShadowCounts {
+    let mut c = ShadowCounts::default();
+    for s in pre
+        .iter()
+        .filter_map(|(_, s)| s.shadow.as_ref())
+        .filter(|s| s.color == color)
+    {
+        c.compared += s.compared;
+        c.mismatches += s.mismatches;
+        c.errors += s.errors;
+        if s.compared > 0 {
+            c.worst_cosine = Some(c.worst_cosine.map_or(s.min_cosine, |w| w.min(s.min_cosine)));
+            c.max_abs_diff = Some(
+                c.max_abs_diff
+                    .map_or(s.max_abs_diff, |w| w.max(s.max_abs_diff)),
+            );
+        }
+    }
+    c
+}
+
+/// Requests of one color since the step began, over every answering preprocess pod. A pod seen
+/// for the first time mid-step counts from then; a pod whose counters went backwards
+/// restarted and counts from zero.
+fn color_window(
+    pre: &[(&str, &WorkerStats)],
+    color: &str,
+    baselines: &mut HashMap<(String, String), (u64, u64)>,
+) -> ColorWindow {
+    let mut w = ColorWindow::default();
+    for (pod, s) in pre {
+        let Some(c) = s.colors.iter().find(|c| c.color == color) else {
+            continue;
+        };
+        let base = baselines
+            .entry(((*pod).to_owned(), color.to_owned()))
+            .or_insert((c.requests, c.errors));
+        if c.requests < base.0 || c.errors < base.1 {
+            *base = (0, 0);
+        }
+        w.requests += c.requests - base.0;
+        w.errors += c.errors - base.1;
+        if let Some(l) = c.latency.as_ref().filter(|l| l.count > 0) {
+            w.p99_ms = w.p99_ms.max(l.p99_ms);
+        }
+    }
+    w
+}
+
+async fn publish(recorder: &Recorder, p: &InferencePipeline, warning: bool, reason: &str, note: String) {
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Rollout".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &p.object_ref(&())).await {
+        warn!(error = %e, reason, "publishing event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_proto::tandem::v1::{ColorStats, LatencySummary, ShadowStats};
+
+    fn stats(colors: &[(&str, u64, u64)]) -> WorkerStats {
+        WorkerStats {
+            colors: colors
+                .iter()
+                .map(|(c, r, e)| ColorStats {
+                    color: (*c).to_owned(),
+                    requests: *r,
+                    errors: *e,
+                    in_flight: 0,
+                    latency: Some(LatencySummary {
+                        count: *r,
+                        p50_ms: 5.0,
+                        p99_ms: 9.0,
+                        mean_ms: 6.0,
+                    }),
+                })
+                .collect(),
+            ..WorkerStats::default()
+        }
+    }
+
+    #[test]
+    fn step_windows_count_from_the_first_sight_and_survive_a_pod_restart() {
+        let mut base = HashMap::new();
+        let a = stats(&[("green", 100, 2)]);
+        let w = color_window(&[("pre-a", &a)], "green", &mut base);
+        assert_eq!((w.requests, w.errors), (0, 0), "earlier requests are not this step's");
+        let a = stats(&[("green", 130, 3)]);
+        let w = color_window(&[("pre-a", &a)], "green", &mut base);
+        assert_eq!((w.requests, w.errors, w.p99_ms), (30, 1, 9.0));
+        let restarted = stats(&[("green", 7, 0)]);
+        let w = color_window(&[("pre-a", &restarted)], "green", &mut base);
+        assert_eq!((w.requests, w.errors), (7, 0));
+    }
+
+    #[test]
+    fn shadow_counts_add_up_over_pods_of_the_candidate_color_only() {
+        let pod = |color: &str, compared, mismatches, cosine| WorkerStats {
+            shadow: Some(ShadowStats {
+                color: color.to_owned(),
+                compared,
+                mismatches,
+                errors: 1,
+                min_cosine: cosine,
+                max_abs_diff: 0.5,
+                top1_disagreements: 0,
+            }),
+            ..WorkerStats::default()
+        };
+        let (a, b, other) = (pod("green", 10, 1, 0.9), pod("green", 5, 0, 0.99), pod("blue", 50, 50, -1.0));
+        let c = shadow_counts(&[("a", &a), ("b", &b), ("c", &other)], "green");
+        assert_eq!((c.compared, c.mismatches, c.errors), (15, 1, 2));
+        assert_eq!(c.worst_cosine, Some(0.9));
+        assert_eq!(c.max_abs_diff, Some(0.5));
+    }
+}

@@ -1,0 +1,518 @@
+use std::time::Duration;
+
+use super::*;
+
+fn model(v: &str) -> ModelRef {
+    ModelRef {
+        name: "minilm".into(),
+        version: v.into(),
+        uri: format!("http://models/{v}/model.safetensors"),
+        sha256: "a".repeat(64),
+    }
+}
+
+fn policy() -> ValidRollout {
+    ValidRollout {
+        steps: vec![10, 50, 100],
+        step_duration: Duration::from_secs(30),
+        shadow_requests: 100,
+        max_mismatch_rate: 0.01,
+        cosine_tolerance: 0.999,
+        auto_rollback: true,
+        scale_down_delay: Duration::from_secs(60),
+        max_abs_diff: 0.0,
+        top1: false,
+        paused: false,
+        max_surge: 1,
+        max_error_rate: 0.01,
+        max_latency_ratio: 3.0,
+        progress_deadline: Duration::from_secs(600),
+    }
+}
+
+fn at(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + secs).unwrap()
+}
+
+/// A pipeline serving v1 on blue, with a spec that may ask for another model.
+struct World {
+    spec: ModelRef,
+    policy: ValidRollout,
+    active_color: Color,
+    active_model: ModelRef,
+    rollout: Option<RolloutStatus>,
+    obs: Observations,
+}
+
+impl World {
+    fn serving_v1() -> Self {
+        Self {
+            spec: model("v1"),
+            policy: policy(),
+            active_color: Color::Blue,
+            active_model: model("v1"),
+            rollout: None,
+            obs: Observations {
+                active_ready: 2,
+                candidate_wanted: 1,
+                preprocess_ready: 2,
+                routes_acked: Some(7),
+                ..Observations::default()
+            },
+        }
+    }
+
+    /// Runs one tick at `secs` and adopts the decision as the new status.
+    fn tick(&mut self, secs: i64, action: Option<UserAction>) -> Vec<Transition> {
+        let d = next(&Inputs {
+            spec_model: &self.spec,
+            policy: &self.policy,
+            active_color: self.active_color,
+            active_model: &self.active_model,
+            rollout: self.rollout.as_ref(),
+            obs: &self.obs,
+            action,
+            now: at(secs),
+        });
+        self.active_color = d.active_color;
+        self.active_model = d.active_model;
+        self.rollout = d.rollout;
+        d.events
+    }
+
+    fn phase(&self) -> Option<RolloutPhase> {
+        self.rollout.as_ref().and_then(|r| r.phase)
+    }
+
+    fn r(&self) -> &RolloutStatus {
+        self.rollout.as_ref().expect("a rollout in status")
+    }
+
+    /// Drives a v1 → v2 rollout to the shadow phase.
+    fn shadowing_v2(&mut self) {
+        self.spec = model("v2");
+        self.tick(0, None);
+        self.obs.candidate_ready = 1;
+        self.tick(5, None);
+        assert_eq!(self.phase(), Some(RolloutPhase::Shadowing));
+    }
+
+    fn passes_shadow(&mut self, secs: i64) {
+        self.obs.shadow = ShadowCounts {
+            compared: 100,
+            mismatches: 0,
+            errors: 0,
+            worst_cosine: Some(0.999_99),
+            max_abs_diff: Some(0.0001),
+        };
+        assert_eq!(reasons(&self.tick(secs, None)), ["ShadowPassed"]);
+    }
+}
+
+fn reasons(events: &[Transition]) -> Vec<&str> {
+    events.iter().map(|e| e.reason.as_str()).collect()
+}
+
+#[test]
+fn nothing_happens_while_the_spec_names_the_active_model() {
+    let mut w = World::serving_v1();
+    assert!(w.tick(0, None).is_empty());
+    assert_eq!(w.rollout, None);
+    assert_eq!(w.active_model, model("v1"));
+}
+
+#[test]
+fn a_new_model_in_the_spec_starts_provisioning_the_other_color_with_no_traffic() {
+    let mut w = World::serving_v1();
+    w.spec = model("v2");
+    let ev = w.tick(0, None);
+    assert_eq!(reasons(&ev), ["RolloutStarted"]);
+    let r = w.r();
+    assert_eq!(r.phase, Some(RolloutPhase::Provisioning));
+    assert_eq!(r.candidate_color, Some(Color::Green));
+    assert_eq!(r.candidate_model, Some(model("v2")));
+    assert_eq!(r.traffic_percent, 0);
+    assert_eq!(r.previous_model, Some(model("v1")));
+    assert_eq!(w.active_model, model("v1"), "v1 keeps serving");
+}
+
+#[test]
+fn a_pipeline_with_no_ready_pods_takes_the_new_model_in_place() {
+    let mut w = World::serving_v1();
+    w.obs.active_ready = 0;
+    w.spec = model("v2");
+    let ev = w.tick(0, None);
+    assert_eq!(reasons(&ev), ["ModelReplaced"]);
+    assert_eq!(w.active_model, model("v2"));
+    assert_eq!(w.active_color, Color::Blue);
+    assert_eq!(w.rollout, None);
+}
+
+#[test]
+fn provisioning_waits_for_loaded_candidate_pods_and_an_acknowledged_table() {
+    let mut w = World::serving_v1();
+    w.spec = model("v2");
+    w.tick(0, None);
+    w.tick(5, None);
+    assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+    assert!(w.r().message.as_deref().unwrap().contains("0/1 ready"));
+
+    w.obs.candidate_ready = 1;
+    w.obs.routes_acked = None;
+    w.tick(6, None);
+    assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+
+    w.obs.routes_acked = Some(8);
+    let ev = w.tick(7, None);
+    assert_eq!(reasons(&ev), ["ShadowStarted"]);
+    assert_eq!(w.phase(), Some(RolloutPhase::Shadowing));
+    assert_eq!(w.r().traffic_percent, 0, "shadowing moves no live traffic");
+    assert_eq!(w.r().routes_generation, Some(8));
+}
+
+#[test]
+fn candidate_pods_that_never_become_ready_roll_back_at_the_progress_deadline() {
+    let mut w = World::serving_v1();
+    w.spec = model("v2");
+    w.tick(0, None);
+    w.tick(599, None);
+    assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+    let ev = w.tick(600, None);
+    assert_eq!(reasons(&ev), ["ProgressDeadlineExceeded"]);
+    assert!(ev[0].warning);
+    assert_eq!(w.phase(), Some(RolloutPhase::RolledBack));
+    assert_eq!(w.r().candidate_color, None, "the candidate is removed");
+    let msg = w.r().message.clone().unwrap();
+    assert!(msg.contains("0/1 pods ready"), "{msg}");
+    assert!(msg.contains("after 600s"), "{msg}");
+}
+
+#[test]
+fn shadow_counts_accumulate_and_a_clean_shadow_moves_the_first_step_of_traffic() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.obs.shadow = ShadowCounts {
+        compared: 40,
+        ..ShadowCounts::default()
+    };
+    w.tick(10, None);
+    assert_eq!(w.r().shadow.as_ref().unwrap().compared, 40);
+    assert!(w.r().message.as_deref().unwrap().contains("40/100 compared"));
+
+    // A preprocess pod restarted and took its counts with it: what was seen is kept.
+    w.obs.shadow.compared = 30;
+    w.tick(11, None);
+    assert_eq!(w.r().shadow.as_ref().unwrap().compared, 40);
+
+    w.passes_shadow(12);
+    assert_eq!(w.phase(), Some(RolloutPhase::ShiftingTraffic));
+    assert_eq!(w.r().step, Some(0));
+    assert_eq!(w.r().traffic_percent, 10);
+}
+
+#[test]
+fn mismatches_beyond_the_budget_roll_back_with_the_measured_rate_in_the_message() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.obs.shadow = ShadowCounts {
+        compared: 20,
+        mismatches: 2,
+        errors: 0,
+        worst_cosine: Some(0.95),
+        max_abs_diff: Some(0.2),
+    };
+    let ev = w.tick(10, None);
+    assert_eq!(reasons(&ev), ["ShadowParityFailed"]);
+    assert_eq!(w.phase(), Some(RolloutPhase::RolledBack));
+    assert_eq!(w.active_color, Color::Blue);
+    assert_eq!(w.active_model, model("v1"));
+    let msg = w.r().message.clone().unwrap();
+    assert!(msg.contains("2 of 20 compared requests (10.0%)"), "{msg}");
+    assert!(msg.contains("maxMismatchRate 1.0%"), "{msg}");
+    assert!(msg.contains("worst cosine 0.950000"), "{msg}");
+    assert!(msg.contains("all traffic is on blue"), "{msg}");
+}
+
+#[test]
+fn a_rolled_back_model_is_not_retried_until_the_spec_names_another() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.obs.shadow.mismatches = 50;
+    w.obs.shadow.compared = 60;
+    w.tick(10, None);
+    assert_eq!(w.phase(), Some(RolloutPhase::RolledBack));
+    assert!(w.tick(100, None).is_empty());
+    assert_eq!(w.phase(), Some(RolloutPhase::RolledBack));
+
+    w.spec = model("v4");
+    assert_eq!(reasons(&w.tick(101, None)), ["RolloutStarted"]);
+    assert_eq!(w.r().candidate_model, Some(model("v4")));
+}
+
+#[test]
+fn going_back_to_the_active_model_after_a_rollback_clears_the_rollout() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.obs.shadow.mismatches = 50;
+    w.obs.shadow.compared = 60;
+    w.tick(10, None);
+    w.spec = model("v1");
+    w.tick(11, None);
+    assert_eq!(w.rollout, None);
+}
+
+#[test]
+fn traffic_steps_advance_only_when_held_and_acknowledged_then_the_candidate_is_promoted() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    assert_eq!(w.r().traffic_percent, 10);
+
+    w.tick(39, None);
+    assert_eq!(w.r().traffic_percent, 10, "held for stepDuration");
+    w.obs.routes_acked = None;
+    w.tick(41, None);
+    assert_eq!(w.r().traffic_percent, 10, "not every preprocess pod applied it");
+    w.obs.routes_acked = Some(9);
+    assert_eq!(reasons(&w.tick(42, None)), ["TrafficShifted"]);
+    assert_eq!((w.r().step, w.r().traffic_percent), (Some(1), 50));
+
+    w.tick(72, None);
+    assert_eq!((w.r().step, w.r().traffic_percent), (Some(2), 100));
+    assert_eq!(w.active_color, Color::Blue, "100% is held before promotion");
+
+    assert_eq!(reasons(&w.tick(102, None)), ["Promoted"]);
+    assert_eq!(w.active_color, Color::Green);
+    assert_eq!(w.active_model, model("v2"));
+    let r = w.r();
+    assert_eq!(r.phase, Some(RolloutPhase::Promoted));
+    assert_eq!(r.previous_color, Some(Color::Blue));
+    assert_eq!(r.previous_model, Some(model("v1")));
+    assert_eq!(r.candidate_color, None);
+    assert_eq!(r.traffic_percent, 0);
+}
+
+#[test]
+fn the_previous_color_is_retired_after_the_scale_down_delay() {
+    let mut w = World::serving_v1();
+    w.policy.steps = vec![100];
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    w.tick(40, None);
+    assert_eq!(w.phase(), Some(RolloutPhase::Promoted));
+    w.tick(99, None);
+    assert_eq!(w.r().previous_color, Some(Color::Blue));
+    assert_eq!(reasons(&w.tick(100, None)), ["PreviousColorRetired"]);
+    assert_eq!(w.phase(), Some(RolloutPhase::Complete));
+    assert_eq!(w.r().previous_color, None);
+    assert_eq!(w.r().previous_model, Some(model("v1")), "kept for an undo");
+}
+
+#[test]
+fn a_candidate_error_rate_above_the_active_one_rolls_back_during_a_step() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    w.obs.active_window = ColorWindow {
+        requests: 900,
+        errors: 0,
+        p99_ms: 20.0,
+    };
+    w.obs.candidate_window = ColorWindow {
+        requests: 100,
+        errors: 5,
+        p99_ms: 20.0,
+    };
+    let ev = w.tick(15, None);
+    assert_eq!(reasons(&ev), ["CandidateErrors"]);
+    assert_eq!(w.phase(), Some(RolloutPhase::RolledBack));
+    assert_eq!(w.r().traffic_percent, 0);
+    assert!(w.r().message.as_deref().unwrap().contains("5.0% (5 of 100)"));
+}
+
+#[test]
+fn a_few_candidate_requests_are_not_enough_to_judge_errors() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    w.obs.candidate_window = ColorWindow {
+        requests: 5,
+        errors: 1,
+        p99_ms: 20.0,
+    };
+    w.tick(15, None);
+    assert_eq!(w.phase(), Some(RolloutPhase::ShiftingTraffic));
+}
+
+#[test]
+fn a_much_slower_candidate_rolls_back_on_latency() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    w.obs.active_window = ColorWindow {
+        requests: 900,
+        errors: 0,
+        p99_ms: 20.0,
+    };
+    w.obs.candidate_window = ColorWindow {
+        requests: 100,
+        errors: 0,
+        p99_ms: 70.0,
+    };
+    assert_eq!(reasons(&w.tick(15, None)), ["CandidateLatency"]);
+    let msg = w.r().message.clone().unwrap();
+    assert!(msg.contains("p99 70.0 ms is more than 3.0x"), "{msg}");
+}
+
+#[test]
+fn paused_rollouts_hold_their_step() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    w.policy.paused = true;
+    w.tick(500, None);
+    assert_eq!(w.r().traffic_percent, 10);
+    assert!(w.r().message.as_deref().unwrap().contains("(paused)"));
+    w.policy.paused = false;
+    w.tick(501, None);
+    assert_eq!(w.r().traffic_percent, 50);
+}
+
+#[test]
+fn a_new_spec_mid_rollout_supersedes_the_candidate_on_the_same_color() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    w.spec = model("v3");
+    let ev = w.tick(12, None);
+    assert_eq!(reasons(&ev), ["RolloutSuperseded"]);
+    let r = w.r();
+    assert_eq!(r.phase, Some(RolloutPhase::Provisioning));
+    assert_eq!(r.candidate_color, Some(Color::Green));
+    assert_eq!(r.candidate_model, Some(model("v3")));
+    assert_eq!(r.traffic_percent, 0, "traffic returns to the active color");
+    assert_eq!(r.shadow, None, "old comparisons do not count for the new model");
+    assert_eq!(w.active_model, model("v1"));
+}
+
+#[test]
+fn setting_the_spec_back_to_the_active_model_cancels_the_rollout() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.spec = model("v1");
+    assert_eq!(reasons(&w.tick(12, None)), ["RolloutCancelled"]);
+    assert_eq!(w.rollout, None);
+    assert_eq!(w.active_color, Color::Blue);
+}
+
+#[test]
+fn abort_sends_traffic_back_and_keeps_the_aborted_model_unserved() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    let ev = w.tick(12, Some(UserAction::Abort));
+    assert_eq!(reasons(&ev), ["RolloutAborted"]);
+    assert_eq!(w.phase(), Some(RolloutPhase::Aborted));
+    assert_eq!(w.r().traffic_percent, 0);
+    assert_eq!(w.r().candidate_color, None);
+    w.tick(100, None);
+    assert_eq!(w.phase(), Some(RolloutPhase::Aborted));
+}
+
+#[test]
+fn promote_skips_the_remaining_steps() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    assert_eq!(reasons(&w.tick(6, Some(UserAction::Promote))), ["Promoted"]);
+    assert_eq!(w.active_color, Color::Green);
+    assert_eq!(w.active_model, model("v2"));
+}
+
+#[test]
+fn without_auto_rollback_a_failure_halts_and_holds_traffic() {
+    let mut w = World::serving_v1();
+    w.policy.auto_rollback = false;
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    w.obs.candidate_window = ColorWindow {
+        requests: 100,
+        errors: 50,
+        p99_ms: 20.0,
+    };
+    assert_eq!(reasons(&w.tick(15, None)), ["RolloutHalted"]);
+    assert!(w.r().halted);
+    assert_eq!(w.r().traffic_percent, 10);
+    assert_eq!(w.r().candidate_color, Some(Color::Green));
+    w.obs.candidate_window = ColorWindow::default();
+    w.tick(500, None);
+    assert_eq!(w.r().traffic_percent, 10, "a halted rollout does not advance");
+    w.tick(501, Some(UserAction::Abort));
+    assert_eq!(w.phase(), Some(RolloutPhase::Aborted));
+}
+
+#[test]
+fn a_restarted_operator_resumes_at_the_recorded_step() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    w.tick(40, None);
+    assert_eq!(w.r().traffic_percent, 50);
+    // A new leader starts with nothing but status; its window counters are empty.
+    let recorded = w.rollout.clone();
+    w.obs.candidate_window = ColorWindow::default();
+    w.obs.active_window = ColorWindow::default();
+    w.tick(45, None);
+    assert_eq!(w.r().traffic_percent, 50);
+    assert_eq!(w.r().step_started_at, recorded.unwrap().step_started_at);
+    w.tick(70, None);
+    assert_eq!(w.r().traffic_percent, 100);
+}
+
+#[test]
+fn an_undo_during_the_scale_down_delay_rolls_back_onto_the_still_running_color() {
+    let mut w = World::serving_v1();
+    w.policy.steps = vec![100];
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    w.tick(40, None);
+    assert_eq!(w.active_color, Color::Green);
+    w.spec = model("v1");
+    assert_eq!(reasons(&w.tick(41, None)), ["RolloutStarted"]);
+    assert_eq!(w.r().candidate_color, Some(Color::Blue));
+    assert_eq!(w.r().candidate_model, Some(model("v1")));
+    assert_eq!(w.r().previous_model, Some(model("v2")));
+}
+
+#[test]
+fn pods_are_split_by_traffic_share_with_max_surge_extra() {
+    let r = |phase, pct| RolloutStatus {
+        phase: Some(phase),
+        traffic_percent: pct,
+        ..RolloutStatus::default()
+    };
+    assert_eq!(color_replicas(4, None, 1), (4, 0));
+    assert_eq!(
+        color_replicas(4, Some(&r(RolloutPhase::Provisioning, 0)), 1),
+        (4, 1)
+    );
+    assert_eq!(
+        color_replicas(4, Some(&r(RolloutPhase::ShiftingTraffic, 10)), 1),
+        (4, 1)
+    );
+    assert_eq!(
+        color_replicas(4, Some(&r(RolloutPhase::ShiftingTraffic, 50)), 1),
+        (2, 2)
+    );
+    assert_eq!(
+        color_replicas(4, Some(&r(RolloutPhase::ShiftingTraffic, 100)), 1),
+        (1, 4)
+    );
+    assert_eq!(
+        color_replicas(4, Some(&r(RolloutPhase::Promoted, 0)), 2),
+        (4, 2)
+    );
+    assert_eq!(
+        color_replicas(4, Some(&r(RolloutPhase::RolledBack, 0)), 1),
+        (4, 0)
+    );
+}
