@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
+use tandem_operator::autoscale::{self, AutoscaleConfig};
 use tandem_operator::build::BuildConfig;
 use tandem_operator::controller::{self, ControllerConfig};
 use tandem_operator::leader::{self, LeaderConfig};
@@ -74,6 +75,39 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "TANDEM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    #[command(flatten)]
+    autoscale: AutoscaleArgs,
+}
+
+/// Autoscaler knobs (see docs/autoscaling.md); they apply to every pipeline.
+#[derive(clap::Args, Debug)]
+struct AutoscaleArgs {
+    /// Run the queue-depth autoscaler on the leader (`--autoscale=false` leaves desired
+    /// replicas at each stage's minimum unless something else writes them).
+    #[arg(long, env = "TANDEM_AUTOSCALE", default_value_t = true, action = clap::ArgAction::Set)]
+    autoscale: bool,
+    /// Time between autoscaler rounds (poll every ready worker, decide, write status).
+    #[arg(long, env = "TANDEM_AUTOSCALE_INTERVAL", default_value = "1s", value_parser = duration_arg)]
+    autoscale_interval: Duration,
+    /// Limit for one `GetStats` poll of a worker pod.
+    #[arg(long, env = "TANDEM_AUTOSCALE_POLL_TIMEOUT", default_value = "500ms", value_parser = duration_arg)]
+    autoscale_poll_timeout: Duration,
+    /// Fewer pods only once every recommendation during this window agrees.
+    #[arg(long, env = "TANDEM_SCALE_DOWN_WINDOW", default_value = "30s", value_parser = duration_arg)]
+    scale_down_window: Duration,
+    /// Idle time before an inference stage with `replicas.min: 0` goes to zero pods.
+    #[arg(long, env = "TANDEM_SCALE_TO_ZERO_AFTER", default_value = "60s", value_parser = duration_arg)]
+    scale_to_zero_after: Duration,
+    /// Relative band around the current pod count inside which load changes nothing.
+    #[arg(long, env = "TANDEM_AUTOSCALE_TOLERANCE", default_value_t = 0.1)]
+    autoscale_tolerance: f64,
+    /// How long a ready pod that stops answering counts with its last answer; after that its
+    /// load is unknown and blocks scale-down.
+    #[arg(long, env = "TANDEM_AUTOSCALE_UNREACHABLE_GRACE", default_value = "10s", value_parser = duration_arg)]
+    autoscale_unreachable_grace: Duration,
+    /// Queue depths alone (no change of desired replicas) are written to status at most this often.
+    #[arg(long, env = "TANDEM_AUTOSCALE_STATUS_INTERVAL", default_value = "5s", value_parser = duration_arg)]
+    autoscale_status_interval: Duration,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -247,6 +281,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             stop_tx.send_replace(true);
             lost
         });
+        let autoscaler = args.autoscale.autoscale.then(|| {
+            let a = &args.autoscale;
+            tokio::spawn(autoscale::run(
+                client.clone(),
+                AutoscaleConfig {
+                    namespace: args.namespace.clone(),
+                    page_size: args.page_size,
+                    interval: a.autoscale_interval,
+                    poll_timeout: a.autoscale_poll_timeout,
+                    unreachable_grace: a.autoscale_unreachable_grace,
+                    tolerance: a.autoscale_tolerance.clamp(0.0, 1.0),
+                    scale_down_window: a.scale_down_window,
+                    scale_to_zero_after: a.scale_to_zero_after,
+                    status_interval: a.autoscale_status_interval,
+                    identity: identity.clone(),
+                },
+                metrics.clone(),
+            ))
+        });
         let m = metrics.clone();
         controller::run(
             client.clone(),
@@ -256,6 +309,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             stop,
         )
         .await;
+        if let Some(a) = autoscaler {
+            a.abort();
+        }
         lost_leadership = watchdog.await.unwrap_or(false);
         metrics.set_leader(false);
     }

@@ -261,7 +261,9 @@ impl Metrics {
 
     /// Counts a failed `GetStats` poll.
     pub fn count_autoscale_poll_failure(&self, stage: AutoscaleStage) {
-        self.poll_failures.get_or_create(&StageLabels { stage }).inc();
+        self.poll_failures
+            .get_or_create(&StageLabels { stage })
+            .inc();
     }
 
     /// Records how long one autoscaler round took.

@@ -1,0 +1,367 @@
+//! Pure: one round of `GetStats` answers from a pipeline's ready pods → each stage's
+//! [`Demand`]. Remembers every pod's last good answer, so a pod that misses a poll stands in
+//! with that answer for a bounded grace and is then counted as *unknown* — never as idle.
+//!
+//! Feed-forward: the inference stage's demand adds what the preprocess stage holds in its own
+//! hands (queued or being preprocessed) and the requests it holds for want of an inference
+//! endpoint, so inference grows before its own queue does. Its throughput term sizes inference
+//! from the preprocess arrival rate over the per-pod rate inference pods reached while they had
+//! a queue.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::build::Stage;
+
+use super::decision::{Demand, StageMemory};
+
+/// The load figures the autoscaler reads from one `WorkerStats` answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PodLoad {
+    /// Requests waiting for a worker thread (preprocess) or the batcher (inference).
+    pub queue_depth: u64,
+    /// Preprocess: admitted and not answered (queued, preprocessing, forwarded or held).
+    /// Inference: requests in the batch being executed.
+    pub in_flight: u64,
+    /// Preprocess: requests held because no inference endpoint exists.
+    pub held: u64,
+    /// Preprocess: requests forwarded to inference pods and not answered yet.
+    pub forwarded: u64,
+    /// Requests received since the worker started.
+    pub requests_total: u64,
+    /// Requests completed per second over the worker's summary window.
+    pub throughput_rps: f64,
+}
+
+impl PodLoad {
+    /// Requests in this pod's own hands: for preprocess, admitted minus what waits on the
+    /// inference stage (forwarded or held); for inference, queued plus executing.
+    pub fn own(&self, stage: Stage) -> u64 {
+        match stage {
+            Stage::Preprocess => self
+                .in_flight
+                .saturating_sub(self.forwarded.saturating_add(self.held))
+                .max(self.queue_depth),
+            Stage::Inference => self.queue_depth.saturating_add(self.in_flight),
+        }
+    }
+}
+
+/// One pod's answer in a polling round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodPoll {
+    /// Pod name.
+    pub name: String,
+    /// Stage of the pod.
+    pub stage: Stage,
+    /// The answer, or `None` when the pod did not answer in time.
+    pub load: Option<PodLoad>,
+}
+
+/// What a pipeline remembers between rounds.
+#[derive(Clone, Debug, Default)]
+pub struct PipelineMemory {
+    /// Last good answer per pod, with its time.
+    last_good: HashMap<String, (Instant, PodLoad)>,
+    /// Requests per second one inference pod completed the last time it had a queue.
+    capacity_rps: Option<f64>,
+    /// Preprocess stage decision memory.
+    pub preprocess: StageMemory,
+    /// Inference stage decision memory.
+    pub inference: StageMemory,
+}
+
+/// Both stages' demand from one round, plus the queue depths status reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Observed {
+    /// Demand on the preprocess stage.
+    pub preprocess: Demand,
+    /// Demand on the inference stage (feed-forward included).
+    pub inference: Demand,
+    /// Requests in the preprocess stage's own hands (status `queueDepth`).
+    pub preprocess_queue: u64,
+    /// Requests queued or executing in the inference stage, both colors (status `queueDepth`).
+    pub inference_queue: u64,
+    /// Preprocess arrivals per second (0 before two rounds).
+    pub arrival_rps: f64,
+}
+
+/// Folds one round of polls into demand. Pods missing from `polls` are forgotten; a pod that
+/// failed to answer uses its last good answer if it is younger than `grace`, and is counted
+/// as unknown otherwise.
+pub fn observe(
+    polls: &[PodPoll],
+    memory: &mut PipelineMemory,
+    now: Instant,
+    grace: Duration,
+) -> Observed {
+    memory
+        .last_good
+        .retain(|name, _| polls.iter().any(|p| &p.name == name));
+
+    let mut out = Observed::default();
+    let (mut pre_own, mut held, mut inf_own) = (0u64, 0u64, 0u64);
+    let (mut pre_unknown, mut inf_unknown) = (0u32, 0u32);
+    let mut arrivals = 0.0;
+    let mut saturated: Vec<f64> = Vec::new();
+    for poll in polls {
+        let previous = memory.last_good.get(&poll.name).copied();
+        let load = match (poll.load, previous) {
+            (Some(load), _) => {
+                if poll.stage == Stage::Preprocess
+                    && let Some((t, prev)) = previous
+                {
+                    let dt = now.saturating_duration_since(t).as_secs_f64();
+                    if dt > 0.0 {
+                        // A restarted pod's counter goes back: count nothing for it this round.
+                        let delta = load.requests_total.saturating_sub(prev.requests_total);
+                        arrivals += delta as f64 / dt;
+                    }
+                }
+                if poll.stage == Stage::Inference
+                    && load.queue_depth > 0
+                    && load.throughput_rps > 0.0
+                {
+                    saturated.push(load.throughput_rps);
+                }
+                memory.last_good.insert(poll.name.clone(), (now, load));
+                Some(load)
+            }
+            (None, Some((t, last))) if now.saturating_duration_since(t) <= grace => Some(last),
+            (None, _) => None,
+        };
+        match (poll.stage, load) {
+            (Stage::Preprocess, Some(l)) => {
+                pre_own = pre_own.saturating_add(l.own(Stage::Preprocess));
+                held = held.saturating_add(l.held);
+            }
+            (Stage::Inference, Some(l)) => {
+                inf_own = inf_own.saturating_add(l.own(Stage::Inference))
+            }
+            (Stage::Preprocess, None) => pre_unknown += 1,
+            (Stage::Inference, None) => inf_unknown += 1,
+        }
+    }
+    if !saturated.is_empty() {
+        memory.capacity_rps = Some(saturated.iter().sum::<f64>() / saturated.len() as f64);
+    }
+    let rate_floor = match memory.capacity_rps {
+        Some(c) if c > 0.0 && arrivals > 0.0 => {
+            let pods = (arrivals / c).ceil();
+            if pods >= f64::from(i32::MAX) {
+                i32::MAX
+            } else {
+                pods as i32
+            }
+        }
+        _ => 0,
+    };
+
+    let fed = pre_own.saturating_add(held);
+    out.preprocess = Demand {
+        queued: pre_own as f64,
+        fed_forward: 0.0,
+        rate_floor: 0,
+        held: 0,
+        unknown_pods: pre_unknown,
+    };
+    out.inference = Demand {
+        queued: inf_own.saturating_add(fed) as f64,
+        fed_forward: fed as f64,
+        rate_floor,
+        held,
+        // Unknown preprocess pods hide feed-forward work: unknown for inference too.
+        unknown_pods: inf_unknown.saturating_add(pre_unknown),
+    };
+    out.preprocess_queue = pre_own;
+    out.inference_queue = inf_own;
+    out.arrival_rps = arrivals;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pre(name: &str, load: Option<PodLoad>) -> PodPoll {
+        PodPoll {
+            name: name.into(),
+            stage: Stage::Preprocess,
+            load,
+        }
+    }
+
+    fn inf(name: &str, load: Option<PodLoad>) -> PodPoll {
+        PodPoll {
+            name: name.into(),
+            stage: Stage::Inference,
+            load,
+        }
+    }
+
+    #[test]
+    fn preprocess_work_excludes_what_waits_on_inference() {
+        let l = PodLoad {
+            queue_depth: 3,
+            in_flight: 20,
+            forwarded: 12,
+            held: 2,
+            ..PodLoad::default()
+        };
+        assert_eq!(l.own(Stage::Preprocess), 6);
+        let odd = PodLoad {
+            queue_depth: 5,
+            in_flight: 1,
+            ..PodLoad::default()
+        };
+        assert_eq!(
+            odd.own(Stage::Preprocess),
+            5,
+            "a racy snapshot never reads below its queue"
+        );
+    }
+
+    #[test]
+    fn inference_demand_adds_the_preprocess_backlog_and_held_requests() {
+        let polls = [
+            pre(
+                "p1",
+                Some(PodLoad {
+                    queue_depth: 10,
+                    in_flight: 30,
+                    forwarded: 18,
+                    held: 2,
+                    ..PodLoad::default()
+                }),
+            ),
+            inf(
+                "i1",
+                Some(PodLoad {
+                    queue_depth: 7,
+                    in_flight: 4,
+                    ..PodLoad::default()
+                }),
+            ),
+        ];
+        let o = observe(
+            &polls,
+            &mut PipelineMemory::default(),
+            Instant::now(),
+            Duration::from_secs(5),
+        );
+        assert_eq!(o.preprocess.queued, 10.0);
+        assert_eq!(o.preprocess_queue, 10);
+        assert_eq!(o.inference_queue, 11);
+        assert_eq!(o.inference.queued, 11.0 + 10.0 + 2.0);
+        assert_eq!(o.inference.fed_forward, 12.0);
+        assert_eq!(o.inference.held, 2);
+    }
+
+    #[test]
+    fn a_silent_pod_stands_in_with_its_last_answer_then_counts_as_unknown() {
+        let mut m = PipelineMemory::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(5);
+        let busy = Some(PodLoad {
+            queue_depth: 40,
+            ..PodLoad::default()
+        });
+        observe(&[inf("i1", busy)], &mut m, t0, grace);
+        let o = observe(
+            &[inf("i1", None)],
+            &mut m,
+            t0 + Duration::from_secs(3),
+            grace,
+        );
+        assert_eq!(
+            (o.inference.queued, o.inference.unknown_pods),
+            (40.0, 0),
+            "within grace"
+        );
+        let o = observe(
+            &[inf("i1", None)],
+            &mut m,
+            t0 + Duration::from_secs(6),
+            grace,
+        );
+        assert_eq!(
+            (o.inference.queued, o.inference.unknown_pods),
+            (0.0, 1),
+            "past grace: unknown, not idle"
+        );
+    }
+
+    #[test]
+    fn a_pod_never_heard_from_is_unknown_at_once() {
+        let o = observe(
+            &[pre("p1", None)],
+            &mut PipelineMemory::default(),
+            Instant::now(),
+            Duration::from_secs(5),
+        );
+        assert_eq!(o.preprocess.unknown_pods, 1);
+        assert_eq!(
+            o.inference.unknown_pods, 1,
+            "its feed-forward work is unknown too"
+        );
+    }
+
+    #[test]
+    fn arrival_rate_over_saturated_capacity_gives_a_pod_floor() {
+        let mut m = PipelineMemory::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(5);
+        let p = |total| {
+            Some(PodLoad {
+                requests_total: total,
+                ..PodLoad::default()
+            })
+        };
+        let saturated = Some(PodLoad {
+            queue_depth: 5,
+            throughput_rps: 40.0,
+            ..PodLoad::default()
+        });
+        observe(&[pre("p1", p(0)), inf("i1", saturated)], &mut m, t0, grace);
+        // 100 requests in 1 s against 40 rps per pod: 3 pods.
+        let o = observe(
+            &[pre("p1", p(100)), inf("i1", saturated)],
+            &mut m,
+            t0 + Duration::from_secs(1),
+            grace,
+        );
+        assert_eq!(o.arrival_rps, 100.0);
+        assert_eq!(o.inference.rate_floor, 3);
+    }
+
+    #[test]
+    fn a_restarted_pods_counter_does_not_make_negative_arrivals() {
+        let mut m = PipelineMemory::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(5);
+        let p = |total| {
+            Some(PodLoad {
+                requests_total: total,
+                ..PodLoad::default()
+            })
+        };
+        observe(&[pre("p1", p(500))], &mut m, t0, grace);
+        let o = observe(
+            &[pre("p1", p(3))],
+            &mut m,
+            t0 + Duration::from_secs(1),
+            grace,
+        );
+        assert_eq!(o.arrival_rps, 0.0);
+    }
+
+    #[test]
+    fn pods_that_left_are_forgotten() {
+        let mut m = PipelineMemory::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(5);
+        observe(&[inf("gone", Some(PodLoad::default()))], &mut m, t0, grace);
+        observe(&[], &mut m, t0 + Duration::from_secs(1), grace);
+        assert!(m.last_good.is_empty());
+    }
+}

@@ -1,0 +1,706 @@
+//! The autoscaler: every `interval` (about a second) it polls `WorkerControl.GetStats` of every
+//! ready worker pod concurrently, folds the answers into per-stage demand ([`load`]), decides
+//! each stage's desired replicas ([`decision`]) and writes them to the pipeline's status —
+//! only its own fields, with a JSON merge patch — from where the reconciler sizes the
+//! Deployments. The reconciler stays the one writer of `replicas`; a status change re-queues
+//! the pipeline through the controller's watch. Every change is also an Event and a metric.
+//!
+//! Runs on the leader only, with its own pipeline and pod watches so it shares no state with
+//! the reconciler. The inference stage is sized on the load of *all* its pods (both colors
+//! during a rollout); the rollout logic splits that total between the colors.
+
+pub mod decision;
+pub mod load;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::{Map, Value, json};
+use tandem_proto::tandem::v1::GetStatsRequest;
+use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::build::{APP_NAME, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY, Stage};
+use crate::crd::{InferencePipeline, StageStatus};
+use crate::metrics::{AutoscaleStage, Metrics, ScaleChange};
+use crate::routing::WorkerPod;
+use crate::validate::{Replicas, validate};
+
+use decision::{Change, Decision, Policy, decide};
+use load::{PipelineMemory, PodLoad, PodPoll, observe};
+
+/// Field manager of the autoscaler's status writes (the reconciler uses `tandem-operator`).
+pub const FIELD_MANAGER: &str = "tandem-autoscaler";
+
+/// Autoscaler settings; the policy knobs apply to every pipeline.
+#[derive(Clone, Debug)]
+pub struct AutoscaleConfig {
+    /// Namespace to watch; every namespace when `None`.
+    pub namespace: Option<String>,
+    /// Page size of the initial lists.
+    pub page_size: u32,
+    /// Time between polling rounds.
+    pub interval: Duration,
+    /// Limit for one `GetStats` call, connection included.
+    pub poll_timeout: Duration,
+    /// How long a pod that stops answering stands in with its last answer before its load
+    /// counts as unknown (which blocks scale-down).
+    pub unreachable_grace: Duration,
+    /// Relative band around the current count inside which nothing changes.
+    pub tolerance: f64,
+    /// A lower count is applied only once every recommendation in this window agrees.
+    pub scale_down_window: Duration,
+    /// Idle time before an inference stage with `replicas.min: 0` goes to zero.
+    pub scale_to_zero_after: Duration,
+    /// Queue depths alone (no change of desired replicas) are written at most this often.
+    pub status_interval: Duration,
+    /// Reported on Events as the reporting instance.
+    pub identity: String,
+}
+
+impl Default for AutoscaleConfig {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            page_size: 100,
+            interval: Duration::from_secs(1),
+            poll_timeout: Duration::from_millis(500),
+            unreachable_grace: Duration::from_secs(10),
+            tolerance: 0.1,
+            scale_down_window: Duration::from_secs(30),
+            scale_to_zero_after: Duration::from_secs(60),
+            status_interval: Duration::from_secs(5),
+            identity: "tandem-operator".to_owned(),
+        }
+    }
+}
+
+/// Why one write of the autoscaler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The status merge patch was refused.
+    #[error("patching status of {namespace}/{name}")]
+    PatchStatus {
+        /// Pipeline namespace.
+        namespace: String,
+        /// Pipeline name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// An Event could not be created.
+    #[error("creating Event {reason} for {namespace}/{name}")]
+    Event {
+        /// Pipeline namespace.
+        namespace: String,
+        /// Pipeline name.
+        name: String,
+        /// Event reason.
+        reason: &'static str,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// A stage's last write, so a status that has not caught up yet is not mistaken for the
+/// current count, and queue depths are not written every round.
+#[derive(Clone, Copy, Debug, Default)]
+struct Written {
+    desired: Option<i32>,
+    desired_at: Option<Instant>,
+    queue_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct PipelineState {
+    memory: PipelineMemory,
+    preprocess: Written,
+    inference: Written,
+}
+
+/// Runs until the task is aborted.
+pub async fn run(client: Client, cfg: AutoscaleConfig, metrics: Arc<Metrics>) {
+    let pipelines: Api<InferencePipeline> = scoped(&client, &cfg.namespace);
+    let (ipl_store, ipl_writer) = reflector::store::<InferencePipeline>();
+    let ipl_watch = watcher(
+        pipelines,
+        watcher::Config::default()
+            .page_size(cfg.page_size)
+            .any_semantic(),
+    )
+    .modify(|p| p.metadata.managed_fields = None)
+    .default_backoff()
+    .reflect(ipl_writer)
+    .for_each(|ev| {
+        if let Err(e) = ev {
+            warn!(error = %e, "autoscaler: watching pipelines failed");
+        }
+        futures::future::ready(())
+    });
+    let pods: Api<Pod> = scoped(&client, &cfg.namespace);
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let pod_watch = watcher(
+        pods,
+        watcher::Config::default()
+            .labels(&format!(
+                "{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_NAME}={APP_NAME}"
+            ))
+            .page_size(cfg.page_size)
+            .any_semantic(),
+    )
+    // Only labels, status and deletion matter here.
+    .modify(|p| {
+        p.metadata.managed_fields = None;
+        p.metadata.annotations = None;
+        p.spec = None;
+    })
+    .default_backoff()
+    .reflect(pod_writer)
+    .for_each(|ev| {
+        if let Err(e) = ev {
+            warn!(error = %e, "autoscaler: watching worker pods failed");
+        }
+        futures::future::ready(())
+    });
+    let watches = tokio::spawn(async move {
+        futures::join!(ipl_watch, pod_watch);
+    });
+    // Abort the watches when this task is aborted.
+    let _guard = AbortOnDrop(watches);
+
+    info!(
+        interval_ms = cfg.interval.as_millis() as u64,
+        "autoscaler started"
+    );
+    let mut state: HashMap<(String, String), PipelineState> = HashMap::new();
+    let mut channels: HashMap<String, WorkerControlClient<Channel>> = HashMap::new();
+    let mut ticker = tokio::time::interval(cfg.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let started = Instant::now();
+        tick(
+            &client,
+            &cfg,
+            &metrics,
+            &ipl_store,
+            &pod_store,
+            &mut state,
+            &mut channels,
+        )
+        .await;
+        metrics.observe_autoscale_round(started.elapsed());
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// One polling round over every pipeline.
+async fn tick(
+    client: &Client,
+    cfg: &AutoscaleConfig,
+    metrics: &Metrics,
+    pipelines: &Store<InferencePipeline>,
+    pods: &Store<Pod>,
+    state: &mut HashMap<(String, String), PipelineState>,
+    channels: &mut HashMap<String, WorkerControlClient<Channel>>,
+) {
+    let all_pods: Vec<WorkerPod> = pods
+        .state()
+        .iter()
+        .filter_map(|p| {
+            let w = WorkerPod::from_pod(p)?;
+            Some((p.namespace()?, p.labels().get(LABEL_INSTANCE)?.clone(), w))
+        })
+        .filter(|(_, _, w)| w.ready && !w.terminating && w.ip.is_some())
+        .map(|(ns, instance, w)| WorkerPod {
+            // Pod names are unique per namespace: qualify them for the shared maps below.
+            name: format!("{ns}/{instance}/{}", w.name),
+            ..w
+        })
+        .collect();
+
+    // Every pod of every pipeline is polled at once.
+    let mut targets: Vec<((String, String), WorkerPod)> = Vec::new();
+    let pipelines = pipelines.state();
+    for p in &pipelines {
+        let (Some(ns), name) = (p.namespace(), p.name_any()) else {
+            continue;
+        };
+        let prefix = format!("{ns}/{name}/");
+        for w in all_pods.iter().filter(|w| w.name.starts_with(&prefix)) {
+            targets.push(((ns.clone(), name.clone()), w.clone()));
+        }
+    }
+    let live: HashSet<String> = targets
+        .iter()
+        .filter_map(|(_, w)| w.control_address())
+        .collect();
+    channels.retain(|addr, _| live.contains(addr));
+    let calls = targets.iter().map(|(_, w)| {
+        let client = w
+            .control_address()
+            .and_then(|a| channel(channels, &a, cfg.poll_timeout));
+        poll(client, cfg.poll_timeout)
+    });
+    let answers = join_all(calls).await;
+    let mut polls: HashMap<(String, String), Vec<PodPoll>> = HashMap::new();
+    for ((key, w), load) in targets.into_iter().zip(answers) {
+        if load.is_none() {
+            metrics.count_autoscale_poll_failure(metric_stage(w.stage));
+            debug!(pod = %w.name, "GetStats failed");
+        }
+        polls.entry(key).or_default().push(PodPoll {
+            name: w.name,
+            stage: w.stage,
+            load,
+        });
+    }
+
+    let now = Instant::now();
+    let mut seen = HashSet::new();
+    for p in &pipelines {
+        let (Some(ns), name) = (p.namespace(), p.name_any()) else {
+            continue;
+        };
+        // Invalid specs are the reconciler's to report; nothing to scale.
+        let Ok(v) = validate(p) else { continue };
+        let key = (ns.clone(), name.clone());
+        seen.insert(key.clone());
+        let st = state.entry(key.clone()).or_default();
+        let round = polls.remove(&key).unwrap_or_default();
+        let observed = observe(&round, &mut st.memory, now, cfg.unreachable_grace);
+        let status = p.status.as_ref();
+
+        let policy = |r: Replicas, target: u32| Policy {
+            min: r.min,
+            max: r.max,
+            target_queue_depth: target,
+            tolerance: cfg.tolerance,
+            scale_down_window: cfg.scale_down_window,
+            scale_to_zero_after: cfg.scale_to_zero_after,
+        };
+        let pre_policy = policy(v.preprocess.replicas, v.preprocess.target_queue_depth);
+        let inf_policy = policy(v.inference.replicas, v.inference.target_queue_depth);
+        let pre_current = current(
+            status.and_then(|s| s.preprocess.as_ref()),
+            v.preprocess.replicas,
+            &st.preprocess,
+            now,
+            cfg,
+        );
+        let inf_current = current(
+            status.and_then(|s| s.inference.as_ref()),
+            v.inference.replicas,
+            &st.inference,
+            now,
+            cfg,
+        );
+        let pre = decide(
+            &observed.preprocess,
+            pre_current,
+            &pre_policy,
+            &mut st.memory.preprocess,
+            now,
+        );
+        let inf = decide(
+            &observed.inference,
+            inf_current,
+            &inf_policy,
+            &mut st.memory.inference,
+            now,
+        );
+        metrics.count_autoscale_decision(AutoscaleStage::Preprocess, metric_change(pre.change));
+        metrics.count_autoscale_decision(AutoscaleStage::Inference, metric_change(inf.change));
+        debug!(
+            pipeline = %format!("{ns}/{name}"),
+            preprocess_queue = observed.preprocess_queue,
+            inference_queue = observed.inference_queue,
+            inference_demand = observed.inference.queued,
+            arrival_rps = observed.arrival_rps,
+            preprocess = pre.desired,
+            inference = inf.desired,
+            "autoscaler round"
+        );
+
+        let stamp = Timestamp::now();
+        let mut patch = Map::new();
+        for (stage, decision, queue, written, demand) in [
+            (
+                Stage::Preprocess,
+                &pre,
+                observed.preprocess_queue,
+                &mut st.preprocess,
+                &observed.preprocess,
+            ),
+            (
+                Stage::Inference,
+                &inf,
+                observed.inference_queue,
+                &mut st.inference,
+                &observed.inference,
+            ),
+        ] {
+            let stage_status = status.and_then(|s| match stage {
+                Stage::Preprocess => s.preprocess.as_ref(),
+                Stage::Inference => s.inference.as_ref(),
+            });
+            if let Some(fields) =
+                stage_patch(stage_status, decision, queue, written, now, cfg, &stamp)
+            {
+                patch.insert(stage.as_str().to_owned(), Value::Object(fields));
+            }
+            if decision.change != Change::Steady {
+                info!(
+                    pipeline = %format!("{ns}/{name}"),
+                    stage = stage.as_str(),
+                    desired = decision.desired,
+                    queue,
+                    held = demand.held,
+                    reason = decision.change.reason().unwrap_or_default(),
+                    message = %decision.message,
+                    "scaling"
+                );
+            }
+        }
+        if patch.is_empty() {
+            continue;
+        }
+        let body = json!({ "status": Value::Object(patch) });
+        if let Err(e) = patch_status(client, &ns, &name, &body).await {
+            warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "autoscaler status write failed; retried next round");
+            // Forget what was written so the next round tries again.
+            st.preprocess = Written::default();
+            st.inference = Written::default();
+            continue;
+        }
+        for (stage, decision) in [(Stage::Preprocess, &pre), (Stage::Inference, &inf)] {
+            if let Some(reason) = decision.change.reason()
+                && let Err(e) = publish(client, cfg, p, stage, reason, decision, &stamp).await
+            {
+                warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "publishing scale event failed");
+            }
+        }
+    }
+    state.retain(|k, _| seen.contains(k));
+}
+
+/// The count desired so far: status's, unless this autoscaler wrote another value moments ago
+/// and the watch has not delivered it yet.
+fn current(
+    status: Option<&StageStatus>,
+    replicas: Replicas,
+    written: &Written,
+    now: Instant,
+    cfg: &AutoscaleConfig,
+) -> i32 {
+    let from_status = replicas.clamp(status.and_then(|s| s.desired_replicas));
+    match (written.desired, written.desired_at) {
+        (Some(d), Some(at))
+            if d != from_status && now.saturating_duration_since(at) < cfg.interval * 5 =>
+        {
+            d
+        }
+        _ => from_status,
+    }
+}
+
+/// The status fields to write for one stage, if any: always when the desired count changes,
+/// otherwise the queue depth at most every `status_interval` when it changed.
+fn stage_patch(
+    status: Option<&StageStatus>,
+    decision: &Decision,
+    queue: u64,
+    written: &mut Written,
+    now: Instant,
+    cfg: &AutoscaleConfig,
+    stamp: &Timestamp,
+) -> Option<Map<String, Value>> {
+    let queue_i64 = i64::try_from(queue).unwrap_or(i64::MAX);
+    let status_desired = status.and_then(|s| s.desired_replicas);
+    let status_queue = status.map(|s| s.queue_depth);
+    let mut fields = Map::new();
+    if decision.change != Change::Steady || status_desired.is_none() {
+        fields.insert("desiredReplicas".into(), json!(decision.desired));
+        written.desired = Some(decision.desired);
+        written.desired_at = Some(now);
+    }
+    if let Some(reason) = decision.change.reason() {
+        fields.insert("lastScaleTime".into(), json!(Time(*stamp)));
+        fields.insert("lastScaleReason".into(), json!(reason));
+        fields.insert("lastScaleMessage".into(), json!(decision.message));
+    }
+    let queue_due = written
+        .queue_at
+        .is_none_or(|at| now.saturating_duration_since(at) >= cfg.status_interval);
+    if status_queue != Some(queue_i64) && (!fields.is_empty() || queue_due) {
+        fields.insert("queueDepth".into(), json!(queue_i64));
+        written.queue_at = Some(now);
+    }
+    (!fields.is_empty()).then_some(fields)
+}
+
+async fn patch_status(client: &Client, ns: &str, name: &str, body: &Value) -> Result<(), Error> {
+    let api: Api<InferencePipeline> = Api::namespaced(client.clone(), ns);
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    };
+    api.patch_status(name, &params, &Patch::Merge(body))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::PatchStatus {
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            source,
+        })
+}
+
+/// Creates one Event per scale decision. Created directly rather than through kube's
+/// `Recorder`, which folds Events with the same reason into a series and keeps the first note:
+/// every decision here has its own numbers and time.
+async fn publish(
+    client: &Client,
+    cfg: &AutoscaleConfig,
+    p: &InferencePipeline,
+    stage: Stage,
+    reason: &'static str,
+    decision: &Decision,
+    stamp: &Timestamp,
+) -> Result<(), Error> {
+    let ns = p.namespace().unwrap_or_default();
+    let name = p.name_any();
+    let event = Event {
+        metadata: ObjectMeta {
+            name: Some(format!(
+                "{name}.{}.{:x}",
+                stage.as_str(),
+                stamp.as_nanosecond()
+            )),
+            namespace: Some(ns.clone()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(MicroTime(*stamp)),
+        action: Some("Scale".to_owned()),
+        reason: Some(reason.to_owned()),
+        note: Some(format!("{}: {}", stage.as_str(), decision.message)),
+        type_: Some("Normal".to_owned()),
+        regarding: Some(ObjectReference {
+            api_version: Some("tandem.dev/v1alpha1".to_owned()),
+            kind: Some("InferencePipeline".to_owned()),
+            name: Some(name.clone()),
+            namespace: Some(ns.clone()),
+            uid: p.uid(),
+            ..ObjectReference::default()
+        }),
+        reporting_controller: Some(crate::controller::FIELD_MANAGER.to_owned()),
+        reporting_instance: Some(cfg.identity.clone()),
+        ..Event::default()
+    };
+    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &event)
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Event {
+            namespace: ns,
+            name,
+            reason,
+            source,
+        })
+}
+
+fn channel(
+    channels: &mut HashMap<String, WorkerControlClient<Channel>>,
+    address: &str,
+    timeout: Duration,
+) -> Option<WorkerControlClient<Channel>> {
+    if let Some(c) = channels.get(address) {
+        return Some(c.clone());
+    }
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let client = WorkerControlClient::new(endpoint.connect_lazy());
+    channels.insert(address.to_owned(), client.clone());
+    Some(client)
+}
+
+async fn poll(client: Option<WorkerControlClient<Channel>>, timeout: Duration) -> Option<PodLoad> {
+    let mut client = client?;
+    let reply = tokio::time::timeout(timeout, client.get_stats(GetStatsRequest {}))
+        .await
+        .ok()?
+        .ok()?
+        .into_inner();
+    Some(PodLoad {
+        queue_depth: reply.queue_depth,
+        in_flight: reply.in_flight,
+        held: reply.held_requests,
+        forwarded: reply.colors.iter().map(|c| c.in_flight).sum(),
+        requests_total: reply.requests_total,
+        throughput_rps: reply.throughput_rps,
+    })
+}
+
+fn metric_stage(stage: Stage) -> AutoscaleStage {
+    match stage {
+        Stage::Preprocess => AutoscaleStage::Preprocess,
+        Stage::Inference => AutoscaleStage::Inference,
+    }
+}
+
+fn metric_change(change: Change) -> ScaleChange {
+    match change {
+        Change::Steady => ScaleChange::Steady,
+        Change::Up => ScaleChange::Up,
+        Change::Down => ScaleChange::Down,
+        Change::ToZero => ScaleChange::ToZero,
+        Change::FromZero => ScaleChange::FromZero,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(desired: i32, change: Change) -> Decision {
+        Decision {
+            desired,
+            change,
+            message: "m".into(),
+        }
+    }
+
+    fn cfg() -> AutoscaleConfig {
+        AutoscaleConfig::default()
+    }
+
+    #[test]
+    fn a_scale_decision_writes_desired_reason_time_and_queue() {
+        let mut w = Written::default();
+        let st = StageStatus {
+            desired_replicas: Some(1),
+            ..StageStatus::default()
+        };
+        let f = stage_patch(
+            Some(&st),
+            &decision(3, Change::Up),
+            48,
+            &mut w,
+            Instant::now(),
+            &cfg(),
+            &Timestamp::now(),
+        )
+        .unwrap_or_default();
+        assert_eq!(f["desiredReplicas"], json!(3));
+        assert_eq!(f["lastScaleReason"], json!("ScaledUp"));
+        assert_eq!(f["queueDepth"], json!(48));
+        assert!(f.contains_key("lastScaleTime"));
+        assert_eq!(w.desired, Some(3));
+    }
+
+    #[test]
+    fn a_steady_stage_writes_queue_depth_only_every_status_interval() {
+        let mut w = Written::default();
+        let st = StageStatus {
+            desired_replicas: Some(2),
+            queue_depth: 5,
+            ..StageStatus::default()
+        };
+        let t0 = Instant::now();
+        let stamp = Timestamp::now();
+        let steady = decision(2, Change::Steady);
+        let first = stage_patch(Some(&st), &steady, 7, &mut w, t0, &cfg(), &stamp);
+        assert_eq!(first.map(|f| f["queueDepth"].clone()), Some(json!(7)));
+        let soon = stage_patch(
+            Some(&st),
+            &steady,
+            9,
+            &mut w,
+            t0 + Duration::from_secs(1),
+            &cfg(),
+            &stamp,
+        );
+        assert!(soon.is_none(), "{soon:?}");
+        let later = stage_patch(
+            Some(&st),
+            &steady,
+            9,
+            &mut w,
+            t0 + Duration::from_secs(5),
+            &cfg(),
+            &stamp,
+        );
+        assert_eq!(later.map(|f| f["queueDepth"].clone()), Some(json!(9)));
+        let unchanged = StageStatus {
+            queue_depth: 9,
+            ..st
+        };
+        let same = stage_patch(
+            Some(&unchanged),
+            &steady,
+            9,
+            &mut w,
+            t0 + Duration::from_secs(20),
+            &cfg(),
+            &stamp,
+        );
+        assert!(same.is_none(), "nothing changed: {same:?}");
+    }
+
+    #[test]
+    fn a_recent_write_not_yet_in_status_is_the_current_count() {
+        let r = Replicas { min: 1, max: 8 };
+        let t0 = Instant::now();
+        let st = StageStatus {
+            desired_replicas: Some(1),
+            ..StageStatus::default()
+        };
+        let w = Written {
+            desired: Some(4),
+            desired_at: Some(t0),
+            queue_at: None,
+        };
+        assert_eq!(
+            current(Some(&st), r, &w, t0 + Duration::from_secs(1), &cfg()),
+            4
+        );
+        assert_eq!(
+            current(Some(&st), r, &w, t0 + Duration::from_secs(60), &cfg()),
+            1,
+            "status wins once the write is old"
+        );
+        assert_eq!(current(None, r, &Written::default(), t0, &cfg()), 1);
+    }
+}
