@@ -71,6 +71,10 @@ cd "$root"
 version=$(cargo metadata --no-deps --format-version 1 |
   jq -r '.packages[] | select(.name == "tandem-operator") | .version')
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+# Binaries built from uncommitted sources are marked, so a label never claims a clean commit.
+if ! git diff --quiet HEAD -- Cargo.toml Cargo.lock proto engine operator worker 2>/dev/null; then
+  revision="$revision-dirty"
+fi
 # Fixed layer timestamps make the layers reproducible: the same binary gives the same digest.
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 out="$root/target/images"
@@ -182,6 +186,14 @@ make_base() {
     >"$fs/etc/ssl/certs/ca-certificates.crt"
   chmod 0644 "$fs/etc/ssl/certs/ca-certificates.crt"
 
+  # Distribution identity (os-release, debian_version) as in distroless: image scanners
+  # use it to match the package records below against Debian's security tracker.
+  pkgs[base-files]=1
+  dir=$(deb_dir base-files)
+  install -D -m 0644 "$dir/usr/lib/os-release" "$fs/usr/lib/os-release"
+  ln -s ../usr/lib/os-release "$fs/etc/os-release"
+  install -m 0644 "$dir/etc/debian_version" "$fs/etc/debian_version"
+
   # Licences and package records (scanners such as trivy read status.d, as in distroless).
   for pkg in $(printf '%s\n' "${!pkgs[@]}" | LC_ALL=C sort); do
     dir=$(deb_dir "$pkg")
@@ -246,7 +258,7 @@ for name in operator worker; do
   chmod 0755 "$work/$name-bin/usr/local/bin/$image"
   layer_tar "$work/$name-base" "$work/$name-base.tar"
   layer_tar "$work/$name-bin" "$work/$name-bin.tar"
-  echo "[images] base: $(tr '\n' ' ' <"$work/$name-base.packages")" >&2
+  echo "[images] base packages: $(awk '{ printf "%s%s=%s", (NR > 1 ? " " : ""), $1, $2 }' "$work/$name-base.packages")" >&2
 
   mutate_args=(--set-platform linux/amd64 --user "$uid:$uid" --workdir /
     --entrypoint "/usr/local/bin/$image" -e "$paths_env" -e "$certs_env"
@@ -260,7 +272,12 @@ for name in operator worker; do
       mutate_args+=(--cmd run --exposed-ports 8080/tcp
         -l "org.opencontainers.image.description=Tandem Kubernetes operator for InferencePipelines") ;;
     worker)
-      mutate_args+=(--exposed-ports 8000/tcp,8001/tcp,9090/tcp,9091/tcp
+      # cudarc is only compiled in with tandem-engine's `cuda` feature.
+      cuda_engine=false
+      if grep -qa 'cudarc' "$bin_dir/$image"; then cuda_engine=true; fi
+      [ "$cuda_engine" = true ] || echo "[images] warning: $bin_dir/$image has no CUDA engine" \
+        "(build it with --features tandem-engine/cuda); --device cuda will fail" >&2
+      mutate_args+=(-l "dev.tandem.worker.cuda-engine=$cuda_engine" --exposed-ports 8000/tcp,8001/tcp,9090/tcp,9091/tcp
         -l "org.opencontainers.image.description=Tandem worker (preprocess and inference; CUDA libraries not included)") ;;
   esac
 
@@ -297,7 +314,7 @@ for name in operator worker; do
   # Layer contents, as a node will unpack them.
   {
     echo "# $image:$tag $digest"
-    echo "## layer 1: runtime base ($(tr '\n' ' ' <"$work/$name-base.packages"))"
+    echo "## layer 1: runtime base ($(awk '{ printf "%s%s=%s", (NR > 1 ? " " : ""), $1, $2 }' "$work/$name-base.packages"))"
     tar -tvf "$work/$name-base.tar" --numeric-owner
     echo "## layer 2: binary"
     tar -tvf "$work/$name-bin.tar" --numeric-owner
