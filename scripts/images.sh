@@ -31,7 +31,7 @@
 # script, because `crane mutate` edits images through the registry API.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# shellcheck source=lib.sh
+# shellcheck source=scripts/lib.sh
 . "$root/scripts/lib.sh"
 
 build=1 run=1 bin_dir=target/release
@@ -277,7 +277,8 @@ for name in operator worker; do
       if grep -qa 'cudarc' "$bin_dir/$image"; then cuda_engine=true; fi
       [ "$cuda_engine" = true ] || echo "[images] warning: $bin_dir/$image has no CUDA engine" \
         "(build it with --features tandem-engine/cuda); --device cuda will fail" >&2
-      mutate_args+=(-l "dev.tandem.worker.cuda-engine=$cuda_engine" --exposed-ports 8000/tcp,8001/tcp,9090/tcp,9091/tcp
+      mutate_args+=(-l "dev.tandem.worker.cuda-engine=$cuda_engine"
+        --exposed-ports 8000/tcp --exposed-ports 8001/tcp --exposed-ports 9090/tcp --exposed-ports 9091/tcp
         -l "org.opencontainers.image.description=Tandem worker (preprocess and inference; CUDA libraries not included)") ;;
   esac
 
