@@ -9,6 +9,9 @@
 #   scripts/images.sh --no-build   reuse target/release/tandem-{operator,worker} as they are
 #                                  (build the worker with --features tandem-engine/cuda)
 #   scripts/images.sh --no-run     skip running the binaries inside the unpacked rootfs
+#   scripts/images.sh --check-dockerfiles
+#                                  only check that docker/*.Dockerfile, the chart and the
+#                                  operator's worker ports agree with this script (< 1 s)
 #   scripts/images.sh --no-build --bin-dir target/debug
 #                                  package other binaries (a quick check of the packaging
 #                                  itself, ~15 s warm; the sizes are then not the release ones)
@@ -34,11 +37,12 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/lib.sh
 . "$root/scripts/lib.sh"
 
-build=1 run=1 bin_dir=target/release
+build=1 run=1 bin_dir=target/release check_only=0
 while [ $# -gt 0 ]; do
   arg=$1
   shift
   case "$arg" in
+    --check-dockerfiles) check_only=1 ;;
     --no-build) build=0 ;;
     --no-run) run=0 ;;
     --bin-dir) [ $# -gt 0 ] || { echo "images.sh: --bin-dir needs a directory" >&2; exit 2; }
@@ -52,11 +56,58 @@ if [ "$build" = 1 ] && [ "$bin_dir" != target/release ]; then
   exit 2
 fi
 
+# The image contract, shared with docker/*.Dockerfile (checked by --check-dockerfiles).
 # Size targets of issue #8, in bytes (compressed = what a node pulls).
 declare -A target_bytes=([operator]=$((30 * 1000 * 1000)) [worker]=$((50 * 1000 * 1000)))
+# Operator: the chart's metrics.port. Worker: PORT_HTTP, PORT_GRPC, PORT_METRICS, PORT_CONTROL
+# of operator/src/build/mod.rs, the ports of the worker pods the operator builds.
+declare -A ports=([operator]="8080" [worker]="8000 8001 9090 9091")
+worker_features=tandem-engine/cuda
 uid=65532
 paths_env="PATH=/usr/local/bin:/usr/bin:/bin"
 certs_env="SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"
+
+# Fails when the Dockerfiles, the chart or the operator's pod ports drift from the contract
+# above. Reads files only: no build, no network (scripts/test.sh runs it).
+check_dockerfiles() {
+  local bad=0 n
+  expect() { # file, fixed string, expected count
+    n=$(grep -cF -- "$2" "$root/$1" || true)
+    if [ "$n" != "$3" ]; then
+      echo "images.sh: $1: expected $3 line(s) with '$2', found $n" >&2
+      bad=1
+    fi
+  }
+  expect docker/operator.Dockerfile "USER $uid:$uid" 1
+  expect docker/operator.Dockerfile "EXPOSE ${ports[operator]}" 1
+  expect docker/operator.Dockerfile 'ENTRYPOINT ["/usr/local/bin/tandem-operator"]' 1
+  expect docker/operator.Dockerfile 'CMD ["run"]' 1
+  expect docker/operator.Dockerfile "strip --strip-debug" 1
+  # Two runtime stages (cpu, cuda), one build stage.
+  expect docker/worker.Dockerfile "USER $uid:$uid" 2
+  expect docker/worker.Dockerfile "EXPOSE ${ports[worker]}" 2
+  expect docker/worker.Dockerfile 'ENTRYPOINT ["/usr/local/bin/tandem-worker"]' 2
+  expect docker/worker.Dockerfile "cargo build --locked --release -p tandem-worker --features $worker_features" 1
+  expect docker/worker.Dockerfile "strip --strip-debug" 1
+  expect helm/tandem/values.yaml "runAsUser: $uid" 1
+  expect helm/tandem/values.yaml "runAsGroup: $uid" 1
+  expect helm/tandem/values.yaml "port: ${ports[operator]}" 2
+  local p
+  for p in PORT_HTTP PORT_GRPC PORT_METRICS PORT_CONTROL; do
+    n=$(sed -n "s/^pub const $p: i32 = \([0-9]*\);.*/\1/p" "$root/operator/src/build/mod.rs")
+    if [ -z "$n" ] || [[ " ${ports[worker]} " != *" $n "* ]]; then
+      echo "images.sh: operator/src/build/mod.rs $p='$n' is not among the worker image ports (${ports[worker]})" >&2
+      bad=1
+    fi
+  done
+  return "$bad"
+}
+if [ "$check_only" = 1 ]; then
+  check_dockerfiles
+  echo "images.sh: Dockerfiles, chart and operator ports agree with the image contract" >&2
+  exit 0
+fi
+check_dockerfiles
 
 need=()
 command -v jq >/dev/null || need+=(jq)
@@ -88,6 +139,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 start=$(date +%s)
 if [ "$build" = 1 ]; then
@@ -95,7 +147,7 @@ if [ "$build" = 1 ]; then
   # The worker is built with the CUDA engine compiled in (cudarc loads libcuda, cuBLAS
   # and NVRTC with dlopen at run time, so nothing CUDA is linked or shipped): the same
   # image runs `--device cpu` anywhere and `--device cuda` where the libraries are provided.
-  cargo build --release -p tandem-worker --features tandem-engine/cuda
+  cargo build --release -p tandem-worker --features "$worker_features"
   cargo build --release -p tandem-operator
 fi
 bin_dir=$(cd "$bin_dir" && pwd)
@@ -267,9 +319,10 @@ for name in operator worker; do
     -l "org.opencontainers.image.revision=$revision"
     -l "org.opencontainers.image.licenses=Apache-2.0"
     -l "dev.tandem.image.base-packages=$(tr ' ' '=' <"$work/$name-base.packages" | paste -sd' ')")
+  for p in ${ports[$name]}; do mutate_args+=(--exposed-ports "$p/tcp"); done
   case "$name" in
     operator)
-      mutate_args+=(--cmd run --exposed-ports 8080/tcp
+      mutate_args+=(--cmd run
         -l "org.opencontainers.image.description=Tandem Kubernetes operator for InferencePipelines") ;;
     worker)
       # cudarc is only compiled in with tandem-engine's `cuda` feature.
@@ -278,7 +331,6 @@ for name in operator worker; do
       [ "$cuda_engine" = true ] || echo "[images] warning: $bin_dir/$image has no CUDA engine" \
         "(build it with --features tandem-engine/cuda); --device cuda will fail" >&2
       mutate_args+=(-l "dev.tandem.worker.cuda-engine=$cuda_engine"
-        --exposed-ports 8000/tcp --exposed-ports 8001/tcp --exposed-ports 9090/tcp --exposed-ports 9091/tcp
         -l "org.opencontainers.image.description=Tandem worker (preprocess and inference; CUDA libraries not included)") ;;
   esac
 
