@@ -28,6 +28,9 @@ fi
 say "format and lints"
 cargo fmt --all -- --check
 t=$(date +%s); cargo clippy --workspace --all-targets -q -- -D warnings; echo "clippy: $(since "$t")" >&2
+# Container images are not built here (scripts/images.sh); this only checks that the
+# Dockerfiles, the chart and the operator's pod ports agree (reads files, < 1 s).
+scripts/images.sh --check-dockerfiles
 
 say "build (workspace, tests included)"
 t=$(date +%s); cargo build --workspace --all-targets -q; echo "build: $(since "$t")" >&2
