@@ -248,8 +248,10 @@ pub fn decide(
         current
     };
     if demand.unknown_pods > 0 {
-        desired = desired.max(current.min(max));
+        desired = desired.max(current);
     }
+    // A lowered `max` applies at once.
+    desired = desired.min(max);
     let change = match (current, desired) {
         (c, d) if d == c => Change::Steady,
         (0, _) => Change::FromZero,

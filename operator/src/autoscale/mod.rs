@@ -316,15 +316,11 @@ async fn tick(
             status.and_then(|s| s.preprocess.as_ref()),
             v.preprocess.replicas,
             &st.preprocess,
-            now,
-            cfg,
         );
         let inf_current = current(
             status.and_then(|s| s.inference.as_ref()),
             v.inference.replicas,
             &st.inference,
-            now,
-            cfg,
         );
         let pre = decide(
             &observed.preprocess,
@@ -415,28 +411,18 @@ async fn tick(
     state.retain(|k, _| seen.contains(k));
 }
 
-/// The count desired so far: status's, unless this autoscaler wrote another value moments ago
-/// and the watch has not delivered it yet.
-fn current(
-    status: Option<&StageStatus>,
-    replicas: Replicas,
-    written: &Written,
-    now: Instant,
-    cfg: &AutoscaleConfig,
-) -> i32 {
-    let from_status = replicas.clamp(status.and_then(|s| s.desired_replicas));
-    match (written.desired, written.desired_at) {
-        (Some(d), Some(at))
-            if d != from_status && now.saturating_duration_since(at) < cfg.interval * 5 =>
-        {
-            d
-        }
-        _ => from_status,
-    }
+/// The count desired so far: this autoscaler's own last decision once it has one (the watch
+/// may not have delivered its write yet, and status can be rewritten by others), status's on
+/// first sight (a new pipeline, or a new leader).
+fn current(status: Option<&StageStatus>, replicas: Replicas, written: &Written) -> i32 {
+    written
+        .desired
+        .unwrap_or_else(|| replicas.clamp(status.and_then(|s| s.desired_replicas)))
 }
 
-/// The status fields to write for one stage, if any: always when the desired count changes,
-/// otherwise the queue depth at most every `status_interval` when it changed.
+/// The status fields to write for one stage, if any: the desired count whenever it changes or
+/// status no longer shows it (re-asserted at most every other round), the queue depth at most
+/// every `status_interval` when it changed.
 fn stage_patch(
     status: Option<&StageStatus>,
     decision: &Decision,
@@ -450,11 +436,15 @@ fn stage_patch(
     let status_desired = status.and_then(|s| s.desired_replicas);
     let status_queue = status.map(|s| s.queue_depth);
     let mut fields = Map::new();
-    if decision.change != Change::Steady || status_desired.is_none() {
+    let stale = status_desired != Some(decision.desired)
+        && written
+            .desired_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= cfg.interval * 2);
+    if decision.change != Change::Steady || stale {
         fields.insert("desiredReplicas".into(), json!(decision.desired));
-        written.desired = Some(decision.desired);
         written.desired_at = Some(now);
     }
+    written.desired = Some(decision.desired);
     if let Some(reason) = decision.change.reason() {
         fields.insert("lastScaleTime".into(), json!(Time(*stamp)));
         fields.insert("lastScaleReason".into(), json!(reason));
@@ -680,27 +670,47 @@ mod tests {
     }
 
     #[test]
-    fn a_recent_write_not_yet_in_status_is_the_current_count() {
+    fn the_autoscalers_own_last_decision_is_the_current_count_once_it_has_one() {
         let r = Replicas { min: 1, max: 8 };
-        let t0 = Instant::now();
         let st = StageStatus {
-            desired_replicas: Some(1),
+            desired_replicas: Some(2),
             ..StageStatus::default()
         };
         let w = Written {
             desired: Some(4),
-            desired_at: Some(t0),
-            queue_at: None,
+            ..Written::default()
         };
-        assert_eq!(
-            current(Some(&st), r, &w, t0 + Duration::from_secs(1), &cfg()),
-            4
+        assert_eq!(current(Some(&st), r, &w), 4);
+        assert_eq!(current(Some(&st), r, &Written::default()), 2, "first sight");
+        assert_eq!(current(None, r, &Written::default()), 1, "nothing yet: min");
+    }
+
+    #[test]
+    fn a_desired_count_that_status_lost_is_written_again_without_a_new_reason() {
+        let t0 = Instant::now();
+        let stamp = Timestamp::now();
+        let mut w = Written::default();
+        let rewritten = StageStatus {
+            desired_replicas: Some(2),
+            ..StageStatus::default()
+        };
+        let steady = decision(4, Change::Steady);
+        let f = stage_patch(Some(&rewritten), &steady, 0, &mut w, t0, &cfg(), &stamp)
+            .unwrap_or_default();
+        assert_eq!(f.get("desiredReplicas"), Some(&json!(4)));
+        assert!(!f.contains_key("lastScaleReason"));
+        let again = stage_patch(
+            Some(&rewritten),
+            &steady,
+            0,
+            &mut w,
+            t0 + Duration::from_secs(1),
+            &cfg(),
+            &stamp,
         );
-        assert_eq!(
-            current(Some(&st), r, &w, t0 + Duration::from_secs(60), &cfg()),
-            1,
-            "status wins once the write is old"
+        assert!(
+            again.is_none_or(|f| !f.contains_key("desiredReplicas")),
+            "not every round: the watch may simply be late"
         );
-        assert_eq!(current(None, r, &Written::default(), t0, &cfg()), 1);
     }
 }
