@@ -295,6 +295,20 @@ reg="127.0.0.1:$port"
 
 # --- images ------------------------------------------------------------------
 
+# The checks' expected output: the operator's `crd` prints the CRD, the worker's `--help` its usage.
+expect_output() { # name, how it ran, output file
+  local want
+  case "$1" in
+    operator) want='^kind: CustomResourceDefinition' ;;
+    worker) want='^Usage: tandem-worker' ;;
+  esac
+  if ! grep -q "$want" "$3"; then
+    echo "images.sh: tandem-$1 printed no '$want' when run with $2 from its image:" >&2
+    cat "$3" >&2
+    exit 1
+  fi
+}
+
 summary=()
 for name in operator worker; do
   image="tandem-$name"
@@ -344,6 +358,10 @@ for name in operator worker; do
   digest=${digest##*@}
   rm -rf "$stem.oci" "$stem.tar"
   "$crane" pull --format oci "$reg/$image:$tag" "$stem.oci"
+  # Name the image by its tag inside the layout (umoci and skopeo address it as <dir>:<tag>).
+  jq --arg t "$tag" '.manifests[0].annotations = {"org.opencontainers.image.ref.name": $t}' \
+    "$stem.oci/index.json" >"$work/index.json"
+  install -m 0644 "$work/index.json" "$stem.oci/index.json"
   "$crane" mutate "$reg/$image:layers" "${mutate_args[@]}" -t "$image:$tag" -o "$stem.tar" 2>/dev/null
 
   # Structural checks: both outputs valid, the layout pushes back to the same digest,
@@ -404,19 +422,32 @@ for name in operator worker; do
     esac
     isolate=()
     if unshare --net true 2>/dev/null; then isolate=("$(command -v unshare)" --net); fi
-    if ! env -i "$paths_env" "${isolate[@]}" "$(command -v chroot)" --userspec="$uid:$uid" "$rootfs" "${check[@]}" \
-      >"$work/run.out" 2>&1; then
-      echo "images.sh: '${check[*]}' failed inside the $image rootfs:" >&2
-      cat "$work/run.out" >&2
-      exit 1
-    fi
-    case "$name" in
-      operator) grep -q '^kind: CustomResourceDefinition' "$work/run.out" ||
-        { echo "images.sh: 'tandem-operator crd' printed no CRD" >&2; cat "$work/run.out" >&2; exit 1; } ;;
-      worker) grep -qi 'usage' "$work/run.out" ||
-        { echo "images.sh: 'tandem-worker --help' printed no usage" >&2; cat "$work/run.out" >&2; exit 1; } ;;
-    esac
+    env -i "$paths_env" "${isolate[@]}" "$(command -v chroot)" --userspec="$uid:$uid" "$rootfs" "${check[@]}" \
+      >"$work/run.out" 2>&1 || true
+    expect_output "$name" "chroot" "$work/run.out"
     echo "[images] ran '${check[*]}' in the unpacked $image rootfs as uid $uid ${isolate[*]:+(no network)}: ok" >&2
+
+    # Where runc and umoci are installed (Debian packages), also run it as a container from
+    # the OCI layout: umoci turns the image config into the runtime spec (user, PATH, cwd,
+    # HOME from /etc/passwd); runc runs it with a read-only root filesystem, no capabilities,
+    # no new privileges and its own network namespace, as a restricted pod would.
+    if command -v runc >/dev/null && command -v umoci >/dev/null; then
+      bundle="$work/$name-bundle"
+      umoci unpack --image "$stem.oci:$tag" "$bundle" >/dev/null 2>"$work/umoci.log" ||
+        { cat "$work/umoci.log" >&2; exit 1; }
+      jq --argjson args "$(printf '%s\n' "${check[@]}" | jq -R . | jq -sc .)" \
+        '.process.terminal = false | .process.args = $args | .root.readonly = true
+         | .process.noNewPrivileges = true
+         | .process.capabilities = {bounding: [], effective: [], permitted: [], inheritable: [], ambient: []}' \
+        "$bundle/config.json" >"$work/config.json"
+      install -m 0644 "$work/config.json" "$bundle/config.json"
+      id="tandem-images-$name-$$"
+      runc run --bundle "$bundle" "$id" >"$work/run.out" 2>&1 </dev/null || true
+      runc delete --force "$id" >/dev/null 2>&1 || true
+      expect_output "$name" "runc" "$work/run.out"
+      echo "[images] ran '${check[*]}' as a runc container from $(basename "$stem.oci"):$tag" \
+        "(uid $uid, read-only root, no capabilities): ok" >&2
+    fi
   fi
 done
 
