@@ -108,6 +108,11 @@ if [ "$check_only" = 1 ]; then
   exit 0
 fi
 check_dockerfiles
+if [ "$(id -u)" != 0 ]; then
+  echo "images.sh: run as root: the layers carry files owned by uid $uid, and the checks run" \
+    "the binaries with chroot (and runc)" >&2
+  exit 1
+fi
 
 need=()
 command -v jq >/dev/null || need+=(jq)
