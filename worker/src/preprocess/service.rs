@@ -4,7 +4,7 @@
 //! gRPC and REST both turn their request into a `ModelInferRequest` and call
 //! [`Service::infer`]; this keeps one set of checks and one error mapping.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -140,6 +140,11 @@ pub struct Service {
     stopping: AtomicBool,
     counters: Counters,
     pod_name: String,
+    /// Width `D` of the model's `[N, D]` output (embedding size or class
+    /// count), learned from the first good inference answer; -1 until then.
+    /// The config does not carry it and the inference stage may be a
+    /// different model version after a rollout, so the answers are the truth.
+    output_width: AtomicI64,
 }
 
 impl Service {
@@ -183,6 +188,7 @@ impl Service {
             pod_name: std::env::var("POD_NAME")
                 .or_else(|_| std::env::var("HOSTNAME"))
                 .unwrap_or_default(),
+            output_width: AtomicI64::new(-1),
             cfg,
             pipeline,
         })
@@ -235,14 +241,23 @@ impl Service {
             datatype: datatype.to_owned(),
             shape,
         };
+        let width = self.output_width.load(Ordering::Relaxed);
         let outputs = match &self.cfg.postprocess {
             Postprocess::None => vec![],
-            Postprocess::Embedding => vec![t(names::EMBEDDING, "FP32", vec![-1, -1])],
-            Postprocess::Classification { top_k, .. } => vec![
-                t(names::PROBABILITIES, "FP32", vec![-1, *top_k as i64]),
-                t(names::LABELS, "BYTES", vec![-1, *top_k as i64]),
-                t(names::LOGITS, "FP32", vec![-1, -1]),
-            ],
+            Postprocess::Embedding => vec![t(names::EMBEDDING, "FP32", vec![-1, width])],
+            Postprocess::Classification { top_k, .. } => {
+                // k is min(topK, classes) once the class count is known.
+                let k = if width > 0 {
+                    (*top_k as i64).min(width)
+                } else {
+                    *top_k as i64
+                };
+                vec![
+                    t(names::PROBABILITIES, "FP32", vec![-1, k]),
+                    t(names::LABELS, "BYTES", vec![-1, k]),
+                    t(names::LOGITS, "FP32", vec![-1, width]),
+                ]
+            }
         };
         ModelMetadataResponse {
             name: self.cfg.model.name.clone(),
@@ -448,6 +463,7 @@ impl Service {
             Postprocess::None => Ok(resp),
             Postprocess::Embedding => {
                 let (out, raw) = take_fp32(&resp, names::EMBEDDING, n)?;
+                self.learn_output_width(&out);
                 Ok(ModelInferResponse {
                     outputs: vec![InferOutputTensor {
                         name: names::EMBEDDING.into(),
@@ -461,6 +477,7 @@ impl Service {
             }
             Postprocess::Classification { top_k, .. } => {
                 let (out, raw) = take_fp32(&resp, names::LOGITS, n)?;
+                self.learn_output_width(&out);
                 let classes = out.shape.get(1).copied().unwrap_or(0).max(0) as usize;
                 let logits = tensor::le_bytes_to_f32(&raw).ok_or_else(|| {
                     RequestError::Internal("inference logits are not FP32".into())
@@ -492,6 +509,16 @@ impl Service {
                     ..resp
                 })
             }
+        }
+    }
+
+    /// Remembers `D` of a checked FP32 `[N, D]` inference output for
+    /// [`Self::metadata`].
+    fn learn_output_width(&self, out: &InferOutputTensor) {
+        if let Some(&d) = out.shape.get(1)
+            && d > 0
+        {
+            self.output_width.store(d, Ordering::Relaxed);
         }
     }
 
@@ -662,4 +689,53 @@ pub fn load_labels(cfg: &PipelineConfig) -> anyhow::Result<Vec<String>> {
 /// Helper for tests and the servers: the trace context of an incoming request.
 pub fn trace_from_header(value: Option<&str>) -> Option<TraceContext> {
     value.and_then(TraceContext::parse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn embedding_service() -> Arc<Service> {
+        let cfg = PipelineConfig::parse(
+            "pipeline: p\nmodel: {name: minilm}\npreprocess:\n  image:\n    resize: {width: 8, height: 8}\npostprocess: {kind: Embedding}\n",
+        )
+        .unwrap();
+        let pipeline = build_pipeline(&cfg).unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        Service::new(cfg, pipeline, vec![], Metrics::register(&mut registry))
+    }
+
+    fn embedding_answer(n: usize, d: usize) -> ModelInferResponse {
+        ModelInferResponse {
+            outputs: vec![InferOutputTensor {
+                name: names::EMBEDDING.into(),
+                datatype: "FP32".into(),
+                shape: vec![n as i64, d as i64],
+                ..Default::default()
+            }],
+            raw_output_contents: vec![tensor::f32_to_le_bytes(&vec![0.5; n * d])],
+            ..Default::default()
+        }
+    }
+
+    fn embedding_shape(svc: &Service) -> Vec<i64> {
+        svc.metadata().outputs[0].shape.clone()
+    }
+
+    #[test]
+    fn embedding_metadata_reports_the_width_of_the_models_answers_once_one_arrived() {
+        let svc = embedding_service();
+        assert_eq!(embedding_shape(&svc), vec![-1, -1]);
+        svc.postprocess(embedding_answer(2, 384), 2).unwrap();
+        assert_eq!(embedding_shape(&svc), vec![-1, 384]);
+    }
+
+    #[test]
+    fn a_malformed_answer_does_not_change_the_reported_width() {
+        let svc = embedding_service();
+        svc.postprocess(embedding_answer(1, 384), 1).unwrap();
+        // Batch-size mismatch: refused before anything is learned.
+        assert!(svc.postprocess(embedding_answer(3, 16), 2).is_err());
+        assert_eq!(embedding_shape(&svc), vec![-1, 384]);
+    }
 }
