@@ -12,7 +12,7 @@ Quality: PSNR of each method's 224x224 RGB8 output against a high-quality
 reference (Pillow full decode, float Lanczos on the same crop box).
 
     $(scripts/python-env.sh)/bin/python bench/preprocess/bench_image.py \
-        --tandem target/debug/examples/bench_image
+        --tandem target/release/examples/bench_image
 """
 
 import argparse
@@ -108,17 +108,20 @@ def main():
         ms = timeit(fn, data, a.iters)
         rows.append((name, ms, psnr(fn(data)[1], ref)))
     if a.tandem:
+        labels = {"off": "Tandem, full decode", "quality": "Tandem, DCT 1/2 (Quality)", "fast": "Tandem, DCT draft (Fast, default)"}
         with tempfile.TemporaryDirectory() as d:
-            jpg, out = os.path.join(d, "in.jpg"), os.path.join(d, "out.u8")
+            jpg, out = os.path.join(d, "in.jpg"), os.path.join(d, "out")
             open(jpg, "wb").write(data)
             cpu = str(sorted(os.sched_getaffinity(0))[0])
-            ms = float(subprocess.check_output(["taskset", "-c", cpu, a.tandem, jpg, str(a.iters), out]).decode())
-            rgb = np.fromfile(out, np.uint8).reshape(H, W, 3)
-            rows.append(("Tandem (Rust)", ms, psnr(rgb, ref)))
+            lines = subprocess.check_output(["taskset", "-c", cpu, a.tandem, jpg, str(a.iters), out]).decode().split("\n")
+            for line in filter(None, lines):
+                policy, ms = line.split()
+                rgb = np.fromfile(f"{out}.{policy}.u8", np.uint8).reshape(H, W, 3)
+                rows.append((labels.get(policy, policy), float(ms), psnr(rgb, ref)))
     fastest_py = min(r[1] for r in rows if not r[0].startswith("Tandem"))
-    print(f"{'method':28} {'ms/image':>9} {'vs fastest Python':>18} {'PSNR dB':>8}")
+    print(f"{'method':32} {'ms/image':>9} {'vs fastest Python':>18} {'PSNR dB':>8}")
     for name, ms, q in rows:
-        print(f"{name:28} {ms:9.2f} {fastest_py / ms:17.2f}x {q:8.2f}")
+        print(f"{name:32} {ms:9.2f} {fastest_py / ms:17.2f}x {q:8.2f}")
 
 
 if __name__ == "__main__":

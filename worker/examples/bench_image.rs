@@ -1,16 +1,18 @@
 //! Benchmark helper (not a test): times the image pipeline on one thread.
-//! `bench_image <jpeg> <iterations> <out-u8-nhwc>` prints ms/image for
-//! 3×224×224 FP32 NCHW CenterCrop Bilinear and writes one UINT8 NHWC result
-//! for the quality comparison in `bench/preprocess/bench_image.py`.
+//! `bench_image <jpeg> <iterations> <out-prefix>` prints one line per JPEG
+//! decode policy (`off`, `quality`, `fast`: see `JpegDraft`) with ms/image for
+//! 3×224×224 FP32 NCHW CenterCrop Bilinear, and writes each policy's UINT8
+//! NHWC result to `<out-prefix>.<policy>.u8` for the quality comparison in
+//! `bench/preprocess/bench_image.py`.
 
 use std::time::Instant;
 
 use tandem_worker::config::{
     ImageConfig, ImageDtype, Layout, Normalize, Resize, ResizeFilter, ResizeMode,
 };
-use tandem_worker::preprocess::image::ImagePipeline;
+use tandem_worker::preprocess::image::{ImagePipeline, JpegDraft};
 
-fn pipeline(dtype: ImageDtype, layout: Layout) -> ImagePipeline {
+fn pipeline(dtype: ImageDtype, layout: Layout, draft: JpegDraft) -> ImagePipeline {
     ImagePipeline::new(
         ImageConfig {
             resize: Resize {
@@ -25,30 +27,37 @@ fn pipeline(dtype: ImageDtype, layout: Layout) -> ImagePipeline {
         },
         100_000_000,
     )
+    .with_jpeg_draft(draft)
 }
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let [_, path, iters, out] = args.as_slice() else {
-        anyhow::bail!("usage: bench_image <jpeg> <iterations> <out-u8-nhwc>");
+        anyhow::bail!("usage: bench_image <jpeg> <iterations> <out-prefix>");
     };
     let data = std::fs::read(path)?;
     let iters: usize = iters.parse()?;
-    let fp32 = pipeline(ImageDtype::Fp32, Layout::Nchw);
-    let mut buf = vec![0u8; fp32.item_bytes()];
-    fp32.process_into(&data, &mut buf)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let t = Instant::now();
-    for _ in 0..iters {
+    for (name, draft) in [
+        ("off", JpegDraft::Off),
+        ("quality", JpegDraft::Quality),
+        ("fast", JpegDraft::Fast),
+    ] {
+        let fp32 = pipeline(ImageDtype::Fp32, Layout::Nchw, draft);
+        let mut buf = vec![0u8; fp32.item_bytes()];
         fp32.process_into(&data, &mut buf)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let t = Instant::now();
+        for _ in 0..iters {
+            fp32.process_into(&data, &mut buf)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+        let u8p = pipeline(ImageDtype::Uint8, Layout::Nhwc, draft);
+        let mut u8buf = vec![0u8; u8p.item_bytes()];
+        u8p.process_into(&data, &mut u8buf)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        std::fs::write(format!("{out}.{name}.u8"), &u8buf)?;
+        println!("{name} {ms:.3}");
     }
-    let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
-    let u8p = pipeline(ImageDtype::Uint8, Layout::Nhwc);
-    let mut u8buf = vec![0u8; u8p.item_bytes()];
-    u8p.process_into(&data, &mut u8buf)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    std::fs::write(out, &u8buf)?;
-    println!("{ms:.3}");
     Ok(())
 }

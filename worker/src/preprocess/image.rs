@@ -2,8 +2,9 @@
 //! tensor (`[3, H, W]` or `[H, W, 3]`, FP32 normalized or UINT8).
 //!
 //! Steps: sniff the format, read the header and refuse oversized images before
-//! any pixel buffer is allocated (decompression bombs), decode once, apply the
-//! EXIF orientation, convert grayscale/CMYK/alpha/16-bit to RGB8, resize with an
+//! any pixel buffer is allocated (decompression bombs), decode once (a JPEG
+//! much larger than the output is decoded at 1/2, 1/4 or 1/8 scale in the DCT
+//! domain, like Pillow's `draft`, see [`JpegDraft`]), apply the EXIF orientation, convert grayscale/CMYK/alpha/16-bit to RGB8, resize with an
 //! antialiasing convolution (Pillow-compatible filters via `fast_image_resize`)
 //! into a small RGB8 scratch, then normalize through a per-channel lookup table
 //! straight into the caller's slice of the batch tensor. Pure and synchronous:
@@ -66,11 +67,46 @@ pub enum ImageError {
     Resize(String),
 }
 
+/// How far a JPEG may be downscaled while it is decoded (scaled inverse DCT:
+/// the decoder reconstructs each 8×8 block at 4×4, 2×2 or 1×1, skipping the
+/// colour conversion and resize work for pixels that would be thrown away).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JpegDraft {
+    /// Always decode at full size.
+    Off,
+    /// Scale down while the decoded crop keeps at least twice the output's
+    /// pixels in each direction, so the antialiased resize after it still
+    /// averages over ≥ 2 source pixels: quality matches a full decode. Not
+    /// the default: `jpeg-decoder`'s entropy decoding is about 2.8× slower
+    /// than zune-jpeg's, so a 1/2-scale decode costs more than a full one
+    /// (docs/benchmarks.md).
+    Quality,
+    /// Pillow's `draft` rule: scale down while the decoded crop is at least
+    /// as large as the output. For a 1080p frame to 224×224 this decodes at
+    /// 1/4 scale: ~13 % less CPU than a full zune-jpeg decode, at the quality
+    /// of Pillow's draft mode (PSNR 39.2 vs 41.3 dB against a Lanczos
+    /// reference; docs/benchmarks.md).
+    #[default]
+    Fast,
+}
+
+impl JpegDraft {
+    /// Minimum decoded-crop size per output pixel, per direction.
+    fn min_oversample(self) -> Option<f64> {
+        match self {
+            JpegDraft::Off => None,
+            JpegDraft::Quality => Some(2.0),
+            JpegDraft::Fast => Some(1.0),
+        }
+    }
+}
+
 /// A configured image pipeline; cheap to share between threads.
 #[derive(Debug, Clone)]
 pub struct ImagePipeline {
     cfg: ImageConfig,
     max_pixels: u64,
+    draft: JpegDraft,
     /// `lut[c][v] = (v/255 - mean[c]) / std[c]`.
     lut: Box<[[f32; 256]; 3]>,
 }
@@ -87,8 +123,15 @@ impl ImagePipeline {
         Self {
             cfg,
             max_pixels,
+            draft: JpegDraft::default(),
             lut,
         }
+    }
+
+    /// The same pipeline with another JPEG decode-time downscaling policy.
+    pub fn with_jpeg_draft(mut self, draft: JpegDraft) -> Self {
+        self.draft = draft;
+        self
     }
 
     /// The configuration.
@@ -143,8 +186,14 @@ impl ImagePipeline {
     /// Decodes, resizes and normalizes one image into `out`
     /// (exactly [`Self::item_bytes`] long).
     pub fn process_into(&self, encoded: &[u8], out: &mut [u8]) -> Result<(), ImageError> {
-        let rgb = decode_rgb8(encoded, self.max_pixels)?;
         let (w, h) = (self.cfg.resize.width, self.cfg.resize.height);
+        let target = Target {
+            width: w,
+            height: h,
+            mode: self.cfg.resize.mode,
+            draft: self.draft,
+        };
+        let rgb = decode_rgb8_for(encoded, self.max_pixels, Some(target))?;
         let mut scratch = vec![0u8; w as usize * h as usize * 3];
         resize_rgb8(
             &rgb,
@@ -215,9 +264,55 @@ fn format_name(f: ImageFormat) -> &'static str {
     }
 }
 
-/// Decodes JPEG/PNG/WebP to RGB8 with the EXIF orientation applied, refusing
-/// images whose header declares more than `max_pixels` before decoding.
+/// What the decoded image will be resized to; lets a JPEG decode at a
+/// reduced scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    /// Output width.
+    pub width: u32,
+    /// Output height.
+    pub height: u32,
+    /// How the source is placed in the output.
+    pub mode: ResizeMode,
+    /// Downscaling policy.
+    pub draft: JpegDraft,
+}
+
+/// Decodes JPEG/PNG/WebP to RGB8 at full size with the EXIF orientation
+/// applied, refusing images whose header declares more than `max_pixels`
+/// before decoding.
 pub fn decode_rgb8(encoded: &[u8], max_pixels: u64) -> Result<Rgb8, ImageError> {
+    decode_rgb8_for(encoded, max_pixels, None)
+}
+
+/// The JPEG DCT downscale factor (1, 2, 4 or 8) for an image of `sw×sh`
+/// (as displayed, i.e. after EXIF orientation) resized to `target`: the
+/// largest factor after which the source region that [`placement`] maps onto
+/// the output still has `min_oversample` decoded pixels per output pixel in
+/// both directions.
+pub fn jpeg_draft_factor(sw: u32, sh: u32, target: Target) -> u32 {
+    let Some(over) = target.draft.min_oversample() else {
+        return 1;
+    };
+    let p = placement(sw, sh, target.width, target.height, target.mode);
+    let (_, _, cw, ch) = p.src;
+    let (_, _, rw, rh) = p.dst;
+    [8u32, 4, 2]
+        .into_iter()
+        .find(|&k| {
+            let k = f64::from(k);
+            cw / k >= over * f64::from(rw) && ch / k >= over * f64::from(rh)
+        })
+        .unwrap_or(1)
+}
+
+/// Decodes like [`decode_rgb8`], but a JPEG may come out smaller (DCT-domain
+/// downscaling, see [`jpeg_draft_factor`]) when `target` allows it.
+pub fn decode_rgb8_for(
+    encoded: &[u8],
+    max_pixels: u64,
+    target: Option<Target>,
+) -> Result<Rgb8, ImageError> {
     if encoded.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -235,6 +330,11 @@ pub fn decode_rgb8(encoded: &[u8], max_pixels: u64) -> Result<Rgb8, ImageError> 
                     format: name,
                     reason: "missing end-of-image marker".into(),
                 });
+            }
+            if let Some(target) = target
+                && let Some(rgb) = decode_jpeg_scaled(encoded, max_pixels, target)?
+            {
+                return Ok(rgb);
             }
             decode_checked(
                 image::codecs::jpeg::JpegDecoder::new(cursor).map_err(header)?,
@@ -268,6 +368,81 @@ pub fn decode_rgb8(encoded: &[u8], max_pixels: u64) -> Result<Rgb8, ImageError> 
         height,
         pixels: rgb.into_raw(),
     })
+}
+
+/// Decodes a JPEG at 1/2, 1/4 or 1/8 scale with `jpeg-decoder`'s scaled
+/// IDCT. `Ok(None)` when no reduction applies, the colour format is not
+/// plain YCbCr/RGB/grayscale (CMYK, 16-bit), or this decoder rejects the
+/// stream: the caller then decodes at full size with the regular decoder,
+/// whose verdict (and error message) stands. Without its `rayon` feature
+/// `jpeg-decoder` runs the IDCT of large images on short-lived helper threads.
+fn decode_jpeg_scaled(
+    encoded: &[u8],
+    max_pixels: u64,
+    target: Target,
+) -> Result<Option<Rgb8>, ImageError> {
+    use image::metadata::Orientation;
+    use jpeg_decoder::PixelFormat;
+
+    let mut decoder = jpeg_decoder::Decoder::new(encoded);
+    if decoder.read_info().is_err() {
+        return Ok(None);
+    }
+    let Some(info) = decoder.info() else {
+        return Ok(None);
+    };
+    let (width, height) = (u32::from(info.width), u32::from(info.height));
+    check_size(width, height, max_pixels)?;
+    if !matches!(info.pixel_format, PixelFormat::RGB24 | PixelFormat::L8) {
+        return Ok(None);
+    }
+    // The EXIF segment (APP1) precedes the frame header, so it is known here.
+    let orientation = decoder
+        .exif_data()
+        .and_then(Orientation::from_exif_chunk)
+        .unwrap_or(Orientation::NoTransforms);
+    let swaps = matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    );
+    let (shown_w, shown_h) = if swaps {
+        (height, width)
+    } else {
+        (width, height)
+    };
+    let k = jpeg_draft_factor(shown_w, shown_h, target);
+    if k == 1 {
+        return Ok(None);
+    }
+    // Ask for exactly the 8/k IDCT size: the decoder picks the smallest
+    // scale at which either side reaches the request.
+    let scaled = |len: u16| len.div_ceil(k as u16);
+    let Ok((w, h)) = decoder.scale(scaled(info.width), scaled(info.height)) else {
+        return Ok(None);
+    };
+    let Ok(pixels) = decoder.decode() else {
+        return Ok(None);
+    };
+    let (w, h) = (u32::from(w), u32::from(h));
+    let img = match info.pixel_format {
+        PixelFormat::RGB24 => image::RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8),
+        PixelFormat::L8 => image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8),
+        _ => None,
+    };
+    let Some(mut img) = img else {
+        return Ok(None);
+    };
+    img.apply_orientation(orientation);
+    let rgb = img.into_rgb8();
+    let (width, height) = rgb.dimensions();
+    Ok(Some(Rgb8 {
+        width,
+        height,
+        pixels: rgb.into_raw(),
+    }))
 }
 
 /// libjpeg refuses a stream without EOI only with a warning, but a stream cut
@@ -417,6 +592,108 @@ mod tests {
     fn fit_pad_centers_the_scaled_image() {
         let p = placement(400, 200, 100, 100, ResizeMode::FitPad);
         assert_eq!(p.dst, (0, 25, 100, 50));
+    }
+
+    fn target(draft: JpegDraft) -> Target {
+        Target {
+            width: 224,
+            height: 224,
+            mode: ResizeMode::CenterCrop,
+            draft,
+        }
+    }
+
+    #[test]
+    fn a_1080p_frame_cropped_to_224_decodes_at_half_scale_for_quality_and_quarter_for_speed() {
+        assert_eq!(jpeg_draft_factor(1920, 1080, target(JpegDraft::Quality)), 2);
+        assert_eq!(jpeg_draft_factor(1920, 1080, target(JpegDraft::Fast)), 4);
+        assert_eq!(jpeg_draft_factor(1920, 1080, target(JpegDraft::Off)), 1);
+    }
+
+    #[test]
+    fn an_image_close_to_the_output_size_is_never_draft_decoded() {
+        assert_eq!(jpeg_draft_factor(300, 300, target(JpegDraft::Quality)), 1);
+        assert_eq!(jpeg_draft_factor(300, 300, target(JpegDraft::Fast)), 1);
+    }
+
+    #[test]
+    fn the_draft_factor_follows_the_side_that_limits_the_crop() {
+        // 8000x500 stretched to 224x224: the short side allows no reduction.
+        let t = Target {
+            mode: ResizeMode::Stretch,
+            ..target(JpegDraft::Fast)
+        };
+        assert_eq!(jpeg_draft_factor(8000, 500, t), 2);
+        assert_eq!(jpeg_draft_factor(500, 8000, t), 2);
+    }
+
+    /// A smooth synthetic photo-like frame, JPEG-encoded.
+    fn gradient_jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+            image::Rgb([
+                (255.0 * fx) as u8,
+                (255.0 * fy) as u8,
+                (128.0 + 100.0 * (fx * 12.0).sin() * (fy * 7.0).cos()) as u8,
+            ])
+        });
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn a_draft_decoded_jpeg_comes_out_smaller_and_matches_the_full_decode_after_resize() {
+        let jpeg = gradient_jpeg(960, 540);
+        let to_112 = |draft| Target {
+            width: 112,
+            height: 112,
+            ..target(draft)
+        };
+        let half = decode_rgb8_for(&jpeg, 1 << 30, Some(to_112(JpegDraft::Quality))).unwrap();
+        assert_eq!((half.width, half.height), (480, 270));
+        let quarter = decode_rgb8_for(&jpeg, 1 << 30, Some(to_112(JpegDraft::Fast))).unwrap();
+        assert_eq!((quarter.width, quarter.height), (240, 135));
+        let full = decode_rgb8_for(&jpeg, 1 << 30, Some(to_112(JpegDraft::Off))).unwrap();
+        assert_eq!((full.width, full.height), (960, 540));
+
+        let cfg = ImageConfig {
+            resize: crate::config::Resize {
+                width: 112,
+                height: 112,
+                mode: ResizeMode::CenterCrop,
+                filter: ResizeFilter::Bilinear,
+            },
+            normalize: crate::config::Normalize::default(),
+            layout: Layout::Nhwc,
+            dtype: ImageDtype::Uint8,
+        };
+        let run = |draft| {
+            ImagePipeline::new(cfg.clone(), 1 << 30)
+                .with_jpeg_draft(draft)
+                .process_batch(&[&jpeg])
+                .unwrap()
+        };
+        let full = run(JpegDraft::Off);
+        for draft in [JpegDraft::Quality, JpegDraft::Fast] {
+            let got = run(draft);
+            let mean = got
+                .iter()
+                .zip(&full)
+                .map(|(a, b)| f64::from(a.abs_diff(*b)))
+                .sum::<f64>()
+                / full.len() as f64;
+            assert!(mean < 1.5, "{draft:?}: mean |diff| {mean} levels");
+        }
+    }
+
+    #[test]
+    fn a_draft_decode_still_refuses_oversized_jpegs_before_decoding() {
+        let jpeg = gradient_jpeg(960, 540);
+        let err = decode_rgb8_for(&jpeg, 1000, Some(target(JpegDraft::Quality))).unwrap_err();
+        assert!(matches!(err, ImageError::TooLarge { .. }), "{err:?}");
     }
 
     #[test]
