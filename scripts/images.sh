@@ -193,15 +193,25 @@ owner_of() {
   return 1
 }
 
+# The .deb of apt's candidate version of a package in the cache (empty when not there), so
+# a newer version (a security update, after `apt-get update`) is fetched, never a stale one.
+cached_deb() {
+  local pkg=$1 ver
+  ver=$(apt-cache policy "$pkg" | awk '$1 == "Candidate:" { print $2 }')
+  [ -n "$ver" ] && [ "$ver" != "(none)" ] || return 0
+  find "$debs" -maxdepth 1 -name "${pkg}_${ver//:/%3a}_*.deb" | head -n1
+}
+
 # Downloads (once, into the cache) and extracts a Debian package; prints the extraction dir.
 deb_dir() {
   local pkg=$1 deb
-  deb=$(find "$debs" -maxdepth 1 -name "${pkg}_*.deb" | sort | tail -n1)
+  deb=$(cached_deb "$pkg")
   if [ -z "$deb" ]; then
     echo "[images] apt-get download $pkg" >&2
     (cd "$debs" && { apt-get download -o APT::Sandbox::User=root "$pkg" >/dev/null 2>&1 ||
       { apt-get update -qq && apt-get download -o APT::Sandbox::User=root "$pkg" >/dev/null; }; })
-    deb=$(find "$debs" -maxdepth 1 -name "${pkg}_*.deb" | sort | tail -n1)
+    deb=$(cached_deb "$pkg")
+    [ -n "$deb" ] || { echo "images.sh: apt-get download $pkg gave no .deb in $debs" >&2; return 1; }
   fi
   if [ ! -d "$work/debs/$pkg" ]; then
     mkdir -p "$work/debs/$pkg"
@@ -223,9 +233,10 @@ file_in_deb() {
 
 # Writes the runtime base root filesystem for a binary into $2.
 make_base() {
-  local bin=$1 fs=$2 lib pkg dir src doc
+  local bin=$1 fs=$2 lib pkg dir src doc libs
   local -A pkgs=()
   mkdir -p "$fs"/{etc/ssl/certs,tmp,home/nonroot,var/lib/dpkg/status.d,usr/share/doc}
+  libs=$(needed_libs "$bin")
   while read -r lib; do
     pkg=$(owner_of "$lib")
     pkgs[$pkg]=1
@@ -234,7 +245,7 @@ make_base() {
     # At the exact path the loader looks (ldd's answer, PT_INTERP for the loader),
     # as a regular file: no /lib -> /usr/lib symlinks are needed in the image.
     install -D -m 0755 "$(readlink -f "$src")" "$fs$lib"
-  done < <(needed_libs "$bin")
+  done <<<"$libs"
 
   # CA bundle, as update-ca-certificates would generate it (rustls roots, SSL_CERT_FILE).
   pkgs[ca-certificates]=1
