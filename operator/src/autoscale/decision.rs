@@ -55,13 +55,16 @@ pub struct Demand {
     pub rate_floor: i32,
     /// Requests held by preprocess pods for want of an inference endpoint.
     pub held: u64,
+    /// Requests arrived at the pipeline since the last round (work may have come and gone
+    /// between two polls without ever showing in a queue).
+    pub arrived: bool,
     /// Ready pods whose load is unknown (unreachable for longer than their grace).
     pub unknown_pods: u32,
 }
 
 impl Demand {
     fn busy(&self) -> bool {
-        self.queued > 0.0 || self.held > 0 || self.unknown_pods > 0
+        self.queued > 0.0 || self.held > 0 || self.unknown_pods > 0 || self.arrived
     }
 }
 
@@ -415,6 +418,18 @@ mod tests {
         assert_eq!(decisions[60].change.reason(), Some("ScaledToZero"));
         assert!(decisions[60].message.contains("no requests for 60s"));
         assert_eq!(counts[61], 0);
+    }
+
+    #[test]
+    fn requests_arriving_between_polls_keep_the_stage_from_going_to_zero() {
+        let mut p = policy();
+        p.min = 0;
+        let trickle = Demand {
+            arrived: true,
+            ..Demand::default()
+        };
+        let (counts, _) = run(&p, 1, std::iter::repeat_n(trickle, 120));
+        assert!(counts.iter().all(|&c| c == 1), "{counts:?}");
     }
 
     #[test]

@@ -15,6 +15,9 @@ use crate::build::Stage;
 
 use super::decision::{Demand, StageMemory};
 
+/// Smoothed arrival rates below this, in a round without arrivals, count as none.
+const MIN_ARRIVAL_RPS: f64 = 0.1;
+
 /// The load figures the autoscaler reads from one `WorkerStats` answer.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PodLoad {
@@ -65,6 +68,8 @@ pub struct PipelineMemory {
     last_good: HashMap<String, (Instant, PodLoad)>,
     /// Requests per second one inference pod completed the last time it had a queue.
     capacity_rps: Option<f64>,
+    /// Preprocess arrivals per second, smoothed over rounds (one round sees few arrivals).
+    arrival_rps: Option<f64>,
     /// Preprocess stage decision memory.
     pub preprocess: StageMemory,
     /// Inference stage decision memory.
@@ -103,6 +108,7 @@ pub fn observe(
     let (mut pre_own, mut held, mut inf_own) = (0u64, 0u64, 0u64);
     let (mut pre_unknown, mut inf_unknown) = (0u32, 0u32);
     let mut arrivals = 0.0;
+    let mut measured = false;
     let mut saturated: Vec<f64> = Vec::new();
     for poll in polls {
         let previous = memory.last_good.get(&poll.name).copied();
@@ -113,6 +119,7 @@ pub fn observe(
                 {
                     let dt = now.saturating_duration_since(t).as_secs_f64();
                     if dt > 0.0 {
+                        measured = true;
                         // A restarted pod's counter goes back: count nothing for it this round.
                         let delta = load.requests_total.saturating_sub(prev.requests_total);
                         arrivals += delta as f64 / dt;
@@ -142,6 +149,20 @@ pub fn observe(
             (Stage::Inference, None) => inf_unknown += 1,
         }
     }
+    let arrived = arrivals > 0.0;
+    if measured {
+        // Exponential smoothing, half weight to the newest round; a trickle that has stopped
+        // snaps to zero rather than halving forever (it would hold one pod up for good).
+        let smoothed = memory
+            .arrival_rps
+            .map_or(arrivals, |prev| 0.5 * prev + 0.5 * arrivals);
+        memory.arrival_rps = Some(if !arrived && smoothed < MIN_ARRIVAL_RPS {
+            0.0
+        } else {
+            smoothed
+        });
+    }
+    let arrivals = memory.arrival_rps.unwrap_or(0.0);
     if !saturated.is_empty() {
         memory.capacity_rps = Some(saturated.iter().sum::<f64>() / saturated.len() as f64);
     }
@@ -163,6 +184,7 @@ pub fn observe(
         fed_forward: 0.0,
         rate_floor: 0,
         held: 0,
+        arrived,
         unknown_pods: pre_unknown,
     };
     out.inference = Demand {
@@ -170,6 +192,7 @@ pub fn observe(
         fed_forward: fed as f64,
         rate_floor,
         held,
+        arrived,
         // Unknown preprocess pods hide feed-forward work: unknown for inference too.
         unknown_pods: inf_unknown.saturating_add(pre_unknown),
     };
@@ -332,6 +355,48 @@ mod tests {
         );
         assert_eq!(o.arrival_rps, 100.0);
         assert_eq!(o.inference.rate_floor, 3);
+        // A round without arrivals halves the smoothed rate rather than zeroing it.
+        let o = observe(
+            &[pre("p1", p(100)), inf("i1", saturated)],
+            &mut m,
+            t0 + Duration::from_secs(2),
+            grace,
+        );
+        assert_eq!(o.arrival_rps, 50.0);
+        assert_eq!(o.inference.rate_floor, 2);
+        assert!(!o.inference.arrived);
+    }
+
+    #[test]
+    fn a_stopped_trickle_of_arrivals_decays_to_exactly_zero() {
+        let mut m = PipelineMemory::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(5);
+        let p = |total| {
+            Some(PodLoad {
+                requests_total: total,
+                ..PodLoad::default()
+            })
+        };
+        observe(&[pre("p1", p(0))], &mut m, t0, grace);
+        let o = observe(
+            &[pre("p1", p(4))],
+            &mut m,
+            t0 + Duration::from_secs(1),
+            grace,
+        );
+        assert!(o.inference.arrived && o.preprocess.arrived);
+        let last = (2..12)
+            .map(|i| {
+                observe(
+                    &[pre("p1", p(4))],
+                    &mut m,
+                    t0 + Duration::from_secs(i),
+                    grace,
+                )
+            })
+            .last();
+        assert_eq!(last.map(|o| o.arrival_rps), Some(0.0));
     }
 
     #[test]
