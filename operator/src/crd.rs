@@ -695,7 +695,8 @@ pub struct StageStatus {
     /// sizes the Deployment from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_replicas: Option<i32>,
-    /// Requests queued in the stage at the last poll.
+    /// Requests queued or being worked on in the stage at the autoscaler's last poll (for
+    /// inference: across both colors).
     #[serde(default)]
     pub queue_depth: i64,
     /// When the autoscaler last changed `desiredReplicas`.
