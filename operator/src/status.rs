@@ -186,10 +186,22 @@ pub fn compute(
         desired_replicas: Some(pre.desired),
         ..prev_pre
     };
+    // While two colors run, `desiredReplicas` is the stage total that `plan()` splits between
+    // them, not the active color's share: writing the share back would shrink the total on
+    // every reconcile and fight the autoscaler.
+    let two_colors = obs
+        .rollout
+        .as_ref()
+        .and_then(|r| r.phase)
+        .is_some_and(|p| p.in_progress() || p == RolloutPhase::Promoted);
+    let inference_desired = match prev_inf.desired_replicas {
+        Some(total) if two_colors => total,
+        _ => inf.desired,
+    };
     let inference = StageStatus {
         replicas: inf.replicas,
         ready_replicas: inf.ready,
-        desired_replicas: Some(inf.desired),
+        desired_replicas: Some(inference_desired),
         ..prev_inf
     };
     let summary = StatusSummary {
@@ -605,6 +617,29 @@ mod tests {
     }
 
     #[test]
+    fn while_two_colors_run_inference_desired_replicas_stays_the_stage_total() {
+        let mut prev = compute(None, &obs(dep(1, 1), dep(4, 4)), &t(100));
+        prev.inference.as_mut().unwrap().desired_replicas = Some(4);
+        let mut o = obs(dep(1, 1), dep(2, 2));
+        o.rollout = Some(RolloutStatus {
+            phase: Some(RolloutPhase::ShiftingTraffic),
+            traffic_percent: 50,
+            ..RolloutStatus::default()
+        });
+        let s = compute(Some(&prev), &o, &t(200));
+        let inf = s.inference.unwrap();
+        assert_eq!(
+            inf.desired_replicas,
+            Some(4),
+            "the total, not the active share"
+        );
+        assert_eq!(inf.ready_replicas, 2);
+        o.rollout = None;
+        let after = compute(Some(&prev), &o, &t(300));
+        assert_eq!(after.inference.unwrap().desired_replicas, Some(2));
+    }
+
+    #[test]
     fn the_last_scale_decision_written_by_the_autoscaler_is_preserved() {
         let mut prev = compute(None, &obs(dep(1, 1), dep(1, 1)), &t(100));
         let inf = prev.inference.as_mut().unwrap();
@@ -745,7 +780,10 @@ mod tests {
         assert_eq!(s.summary.as_ref().unwrap().traffic, "blue 90% green 10%");
         assert_eq!(s.phase, Some(Phase::Progressing));
         let p = cond(&s, PROGRESSING);
-        assert_eq!((p.status.as_str(), p.reason.as_str()), ("True", "RollingOut"));
+        assert_eq!(
+            (p.status.as_str(), p.reason.as_str()),
+            ("True", "RollingOut")
+        );
         assert_eq!(p.message, "10% of traffic on green (step 1/3)");
 
         if let Some(r) = o.rollout.as_mut() {
@@ -760,15 +798,24 @@ mod tests {
         let mut o = obs(dep(1, 1), dep(1, 1));
         o.rollout = Some(RolloutStatus {
             phase: Some(RolloutPhase::RolledBack),
-            message: Some("shadow parity failed: 87 of 100 compared requests (87.0%) differed".into()),
+            message: Some(
+                "shadow parity failed: 87 of 100 compared requests (87.0%) differed".into(),
+            ),
             ..RolloutStatus::default()
         });
         let s = compute(None, &o, &t(1));
         assert_eq!(s.phase, Some(Phase::Degraded));
         let d = cond(&s, DEGRADED);
-        assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "RolledBack"));
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "RolledBack")
+        );
         assert!(d.message.contains("87 of 100"));
-        assert_eq!(cond(&s, READY).status, "True", "the active color still serves");
+        assert_eq!(
+            cond(&s, READY).status,
+            "True",
+            "the active color still serves"
+        );
         assert_eq!(s.summary.unwrap().traffic, "blue 100%");
     }
 }
