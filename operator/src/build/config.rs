@@ -39,7 +39,8 @@ pub struct WorkerConfig {
 pub struct WorkerModel {
     /// OIP model name.
     pub name: String,
-    /// OIP model version.
+    /// OIP model version; empty (omitted) when the routing table names it per color.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub version: String,
 }
 
@@ -167,9 +168,12 @@ impl WorkerConfig {
         };
         Self {
             pipeline: v.meta.name.clone(),
+            // No version: each routing-table color names the version it serves. Rendering it
+            // here would change the config hash, and so roll every preprocess pod (dropping
+            // their connections) on each model swap.
             model: WorkerModel {
                 name: v.inference.model.name.clone(),
-                version: v.inference.model.version.clone(),
+                version: String::new(),
             },
             preprocess,
             postprocess,
@@ -208,7 +212,6 @@ mod tests {
             "pipeline: minilm
 model:
   name: minilm
-  version: '2'
 preprocess:
   text:
     tokenizer: file:///models/minilm/tokenizer.json
@@ -224,6 +227,16 @@ limits:
   maxQueueDepth: 1024
 "
         );
+    }
+
+    #[test]
+    fn a_new_model_version_leaves_the_preprocess_config_unchanged() {
+        let mut p = text_pipeline();
+        let before = render_worker_config(&validate(&p).unwrap()).unwrap();
+        p.spec.inference.model.version = "3".into();
+        p.spec.inference.model.uri = "https://models.example/minilm/3/model.safetensors".into();
+        let after = render_worker_config(&validate(&p).unwrap()).unwrap();
+        assert_eq!(before, after, "a model swap must not roll preprocess pods");
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! loudly (never skips) when the cluster is not reachable.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -282,4 +283,140 @@ pub fn processes_of_pod(pod: &str) -> Vec<u32> {
                 .unwrap_or(false)
         })
         .collect()
+}
+
+/// Builds `tandem-operator` once per test binary and returns its path.
+pub fn operator_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "tandem-operator", "--bin", "tandem-operator"])
+            .current_dir(repo_root())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building tandem-operator failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target"));
+        let bin = target.join("debug/tandem-operator");
+        assert!(bin.exists(), "{} missing after cargo build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A `tandem-operator run` process watching one namespace; killed on drop.
+pub struct Operator {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Operator {
+    /// Starts one and waits for its `/healthz`.
+    pub fn start(cluster: &Cluster, ns: &str, identity: &str) -> Operator {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let log = std::env::temp_dir().join(format!("tandem-operator-{ns}-{identity}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(operator_binary())
+            .args([
+                "run",
+                "--namespace",
+                ns,
+                "--lease-namespace",
+                ns,
+                "--lease-duration",
+                "4s",
+            ])
+            .args(["--identity", identity, "--log-format", "text"])
+            .arg(format!("--metrics-addr={addr}"))
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info,tandem_operator=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("starting tandem-operator");
+        let op = Operator { child, addr, log };
+        wait_until("the operator's /healthz", Duration::from_secs(30), || {
+            Ok(http_get(op.addr, "/healthz", Duration::from_secs(1))
+                .ok()
+                .filter(|(s, _)| *s == 200)
+                .map(|_| ()))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+        op
+    }
+
+    /// Its `/metrics` text (empty when unreachable).
+    pub fn metrics(&self) -> String {
+        http_get(self.addr, "/metrics", Duration::from_secs(2))
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// Whether it reports holding the lease.
+    pub fn is_leader(&self) -> bool {
+        self.metrics()
+            .lines()
+            .any(|l| l.trim() == "tandem_operator_leader 1")
+    }
+
+    /// Successful reconciles so far.
+    pub fn successes(&self) -> u64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("tandem_operator_reconcile_total{outcome=\"Success\"} "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// SIGKILL: the process dies without releasing its lease or finishing anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let code = wait_until("the operator to exit", Duration::from_secs(30), || {
+            Ok(self.child.try_wait()?)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.log_tail()));
+        assert!(
+            code.success(),
+            "operator exited with {code}\n{}",
+            self.log_tail()
+        );
+    }
+
+    /// The last 30 lines of its log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- operator log ({}) ---\n{}",
+            self.log.display(),
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        )
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -5,140 +5,12 @@
 //! Each test uses its own namespace and its own operator (watching only that namespace).
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tandem_e2e::{Cluster, http_get, repo_root, wait_until};
+use tandem_e2e::{Cluster, Operator, repo_root, wait_until};
 
 // ---- helpers of this file (shared ones live in tests/e2e/src/lib.rs) ----
-
-/// Builds `tandem-operator` once per test binary and returns its path.
-fn operator_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "tandem-operator", "--bin", "tandem-operator"])
-            .current_dir(repo_root())
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building tandem-operator failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target"));
-        let bin = target.join("debug/tandem-operator");
-        assert!(bin.exists(), "{} missing after cargo build", bin.display());
-        bin
-    })
-    .clone()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// A `tandem-operator run` process watching one namespace; killed on drop.
-struct Operator {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Operator {
-    fn start(cluster: &Cluster, ns: &str, identity: &str) -> Operator {
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let log = std::env::temp_dir().join(format!("tandem-operator-{ns}-{identity}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(operator_binary())
-            .args([
-                "run",
-                "--namespace",
-                ns,
-                "--lease-namespace",
-                ns,
-                "--lease-duration",
-                "4s",
-            ])
-            .args(["--identity", identity, "--log-format", "text"])
-            .arg(format!("--metrics-addr={addr}"))
-            .env("KUBECONFIG", cluster.kubeconfig())
-            .env("RUST_LOG", "info,tandem_operator=debug")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("starting tandem-operator");
-        let op = Operator { child, addr, log };
-        wait_until("the operator's /healthz", Duration::from_secs(30), || {
-            Ok(http_get(op.addr, "/healthz", Duration::from_secs(1))
-                .ok()
-                .filter(|(s, _)| *s == 200)
-                .map(|_| ()))
-        })
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
-        op
-    }
-
-    fn metrics(&self) -> String {
-        http_get(self.addr, "/metrics", Duration::from_secs(2))
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-    }
-
-    fn is_leader(&self) -> bool {
-        self.metrics()
-            .lines()
-            .any(|l| l.trim() == "tandem_operator_leader 1")
-    }
-
-    fn successes(&self) -> u64 {
-        self.metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix("tandem_operator_reconcile_total{outcome=\"Success\"} "))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    fn terminate(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let code = wait_until("the operator to exit", Duration::from_secs(30), || {
-            Ok(self.child.try_wait()?)
-        })
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.log_tail()));
-        assert!(
-            code.success(),
-            "operator exited with {code}\n{}",
-            self.log_tail()
-        );
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "--- operator log ({}) ---\n{}",
-            self.log.display(),
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        )
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn example(name: &str) -> String {
     std::fs::read_to_string(repo_root().join("docs/examples").join(name)).expect("example")
@@ -708,7 +580,7 @@ fn two_operators_elect_one_leader_and_the_other_takes_over_when_it_dies() {
     cluster.ensure_crd().expect("the CRD is served");
     let ns = cluster.namespace("op-leader").expect("namespace");
     let ns = ns.name();
-    let mut a = Operator::start(&cluster, ns, "a");
+    let a = Operator::start(&cluster, ns, "a");
     wait_until("a to lead", Duration::from_secs(30), || {
         Ok(a.is_leader().then_some(()))
     })
@@ -738,8 +610,7 @@ fn two_operators_elect_one_leader_and_the_other_takes_over_when_it_dies() {
     assert_eq!(holder, "a");
 
     // Kill the leader hard (no lease release): b takes over once the Lease expires.
-    let _ = a.child.kill();
-    let _ = a.child.wait();
+    a.kill();
     wait_until("b to take over", Duration::from_secs(30), || {
         Ok(b.is_leader().then_some(()))
     })

@@ -1,0 +1,552 @@
+//! Tier 3: blue-green model swaps on the local cluster with real workers and the real
+//! all-MiniLM-L6-v2 weights, under continuous OIP v2 gRPC load that must never see a failed
+//! request. One pipeline goes through, in order:
+//!
+//! 1. v1 → v2 (same weights, new version and URI): shadow parity passes, traffic walks
+//!    10 → 50 → 100, v2 becomes active on green and blue's pods are gone after
+//!    `scaleDownDelay`.
+//! 2. v2 → v3 (the weights with noise added): shadow parity fails, the rollout rolls back on
+//!    its own, the Degraded condition states the measured mismatch rate, v2 keeps serving.
+//! 3. → v4, superseded by v5 while v4 is still a candidate: v5 replaces it on the same color.
+//! 4. The operator is killed (SIGKILL) while v5 holds its 50 % step: a new operator resumes at
+//!    that step (traffic never goes back) and promotes v5.
+//!
+//! Latency percentiles of the load during each swap are printed.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tandem_e2e::{Cluster, Operator, free_port, repo_root, wait_until};
+use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use tandem_proto::inference::model_infer_request::InferInputTensor;
+use tandem_proto::inference::{InferTensorContents, ModelInferRequest};
+
+const PIPELINE: &str = "swap";
+const BRIDGE_IP: &str = "10.244.0.1";
+
+/// Model files for every version, served over HTTP on the cluster bridge.
+struct ModelServer {
+    child: Child,
+    base: String,
+    dir: PathBuf,
+}
+
+impl Drop for ModelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn models_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TANDEM_MODELS_DIR") {
+        return PathBuf::from(dir);
+    }
+    let out = Command::new(repo_root().join("scripts/fetch-models.sh"))
+        .output()
+        .expect("running scripts/fetch-models.sh");
+    assert!(
+        out.status.success(),
+        "scripts/fetch-models.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// `<dir>/<version>/` holds a MiniLM copy per version: v1, v2, v4, v5 the real weights, v3
+/// every floating-point weight multiplied by `1 + 0.05·u`, `u` uniform in [-1, 1]
+/// (deterministic).
+fn prepare_models(ns: &str) -> anyhow::Result<(PathBuf, BTreeMap<String, String>)> {
+    let src = models_dir().join("minilm");
+    let dir = std::env::temp_dir().join(format!("tandem-rollout-models-{ns}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut sums = BTreeMap::new();
+    for v in ["v1", "v2", "v3", "v4", "v5"] {
+        let to = dir.join(v);
+        std::fs::create_dir_all(to.join("1_Pooling"))?;
+        for f in ["config.json", "tokenizer.json", "1_Pooling/config.json"] {
+            std::fs::copy(src.join(f), to.join(f)).with_context(|| format!("copying {f}"))?;
+        }
+        let weights = std::fs::read(src.join("model.safetensors"))?;
+        let weights = if v == "v3" {
+            perturbed(&weights)?
+        } else {
+            weights
+        };
+        std::fs::write(to.join("model.safetensors"), &weights)?;
+        sums.insert(v.to_owned(), hex(&Sha256::digest(&weights)));
+    }
+    Ok((dir, sums))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn perturbed(weights: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+    let st = SafeTensors::deserialize(weights)?;
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut noisy: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        if view.dtype() == Dtype::F32 {
+            for chunk in data.chunks_exact_mut(4) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let u = (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+                let w = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                chunk.copy_from_slice(&((f64::from(w) * (1.0 + 0.05 * u)) as f32).to_le_bytes());
+            }
+        }
+        noisy.push((name, view.dtype(), view.shape().to_vec(), data));
+    }
+    let views = noisy
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}
+
+fn serve(dir: &Path) -> ModelServer {
+    let port = free_port();
+    let python = std::env::var("TANDEM_PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let child = Command::new(python)
+        .args(["-m", "http.server", &port.to_string(), "--bind", BRIDGE_IP])
+        .arg("--directory")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the model file server");
+    let server = ModelServer {
+        child,
+        base: format!("http://{BRIDGE_IP}:{port}"),
+        dir: dir.to_owned(),
+    };
+    let addr = format!("{BRIDGE_IP}:{port}").parse().expect("address");
+    wait_until("the model file server", Duration::from_secs(20), || {
+        Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+            .ok()
+            .map(|_| ()))
+    })
+    .expect("model file server up");
+    server
+}
+
+fn model_json(base: &str, sums: &BTreeMap<String, String>, v: &str) -> Value {
+    serde_json::json!({
+        "name": "minilm",
+        "version": v,
+        "uri": format!("{base}/{v}/model.safetensors"),
+        "sha256": sums[v],
+    })
+}
+
+fn manifest(ns: &str, base: &str, sums: &BTreeMap<String, String>) -> String {
+    serde_json::json!({
+        "apiVersion": "tandem.dev/v1alpha1",
+        "kind": "InferencePipeline",
+        "metadata": {"name": PIPELINE, "namespace": ns},
+        "spec": {
+            "preprocess": {
+                "text": {"tokenizer": format!("{base}/v1/tokenizer.json"), "maxLength": 64},
+                "replicas": {"min": 1, "max": 1},
+            },
+            "inference": {
+                "model": model_json(base, sums, "v1"),
+                "device": "CPU",
+                "batching": {"maxBatchSize": 16, "maxDelay": "2ms"},
+                "replicas": {"min": 1, "max": 1},
+            },
+            "rollout": {
+                "steps": [10, 50, 100],
+                "stepDuration": "6s",
+                "shadow": {"requests": 40, "maxMismatchRate": 0.05, "tolerance": {"cosine": 0.999}},
+                "autoRollback": true,
+                "scaleDownDelay": "5s",
+                // Latency on a shared 2-core machine is too noisy to gate on here; the
+                // latency check is covered by the state machine's unit tests.
+                "maxLatencyRatio": 0.0,
+                "progressDeadline": "3m",
+            },
+        },
+    })
+    .to_string()
+}
+
+/// Open-loop load: one request every `interval` whatever the answers do, each on its own
+/// task, recording latency or the error.
+struct Load {
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<Vec<(Instant, Result<Duration, String>)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(address: String, interval: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let (s, r) = (stop.clone(), results.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                    .expect("endpoint")
+                    .connect_lazy();
+                let client = GrpcInferenceServiceClient::new(channel);
+                let mut ticker = tokio::time::interval(interval);
+                let mut tasks = Vec::new();
+                let mut n = 0u64;
+                while !s.load(Ordering::Relaxed) {
+                    ticker.tick().await;
+                    n += 1;
+                    let mut c = client.clone();
+                    let r = r.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let sent = Instant::now();
+                        let text = format!("request {n}: a cat sits on the warm windowsill");
+                        let req = ModelInferRequest {
+                            model_name: "minilm".into(),
+                            inputs: vec![InferInputTensor {
+                                name: "TEXT".into(),
+                                datatype: "BYTES".into(),
+                                shape: vec![1],
+                                contents: Some(InferTensorContents {
+                                    bytes_contents: vec![bytes::Bytes::from(text)],
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        };
+                        let res = tokio::time::timeout(Duration::from_secs(10), c.model_infer(req))
+                            .await
+                            .map_err(|_| "timed out after 10 s".to_owned())
+                            .and_then(|r| r.map_err(|s| format!("{:?}: {}", s.code(), s.message())))
+                            .and_then(|r| {
+                                r.into_inner()
+                                    .outputs
+                                    .iter()
+                                    .any(|o| o.name == "embedding")
+                                    .then_some(sent.elapsed())
+                                    .ok_or_else(|| "no embedding output".to_owned())
+                            });
+                        if let Ok(mut all) = r.lock() {
+                            all.push((sent, res));
+                        }
+                    }));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        });
+        Load {
+            stop,
+            results,
+            thread: Some(thread),
+        }
+    }
+
+    /// Requests sent since `from`: (count, failures as text, p50 ms, p99 ms).
+    fn summary(&self, from: Instant) -> (usize, Vec<String>, f64, f64) {
+        let all = self.results.lock().map(|r| r.clone()).unwrap_or_default();
+        let window: Vec<_> = all.into_iter().filter(|(t, _)| *t >= from).collect();
+        let failures: Vec<String> = window
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().err().cloned())
+            .collect();
+        let mut ms: Vec<f64> = window
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().map(|d| d.as_secs_f64() * 1e3))
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            ms.get(((ms.len() as f64 * p).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        (window.len(), failures, pct(0.50), pct(0.99))
+    }
+
+    fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pipeline(cluster: &Cluster, ns: &str) -> Value {
+    cluster
+        .get_json(&["ipl", PIPELINE, "-n", ns])
+        .unwrap_or(Value::Null)
+}
+
+fn rollout_phase(p: &Value) -> String {
+    p["status"]["rollout"]["phase"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn set_model(cluster: &Cluster, ns: &str, model: &Value) {
+    let patch = serde_json::json!({"spec": {"inference": {"model": model}}}).to_string();
+    cluster
+        .kubectl_ok([
+            "patch", "ipl", PIPELINE, "-n", ns, "--type", "merge", "-p", &patch,
+        ])
+        .expect("patching the model");
+}
+
+/// Polls status until `done` holds, recording every distinct (phase, traffic, active color).
+fn watch(
+    cluster: &Cluster,
+    ns: &str,
+    what: &str,
+    timeout: Duration,
+    seen: &mut Vec<(String, i64, String)>,
+    mut done: impl FnMut(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let p = pipeline(cluster, ns);
+        let state = (
+            rollout_phase(&p),
+            p["status"]["rollout"]["trafficPercent"].as_i64().unwrap_or(0),
+            p["status"]["activeColor"].as_str().unwrap_or("").to_owned(),
+        );
+        if seen.last() != Some(&state) {
+            println!("  {what}: {state:?}");
+            seen.push(state);
+        }
+        if done(&p) {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last status: {}",
+            serde_json::to_string_pretty(&p["status"]).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn deployments(cluster: &Cluster, ns: &str) -> Vec<String> {
+    cluster
+        .kubectl_ok([
+            "get",
+            "deployments",
+            "-n",
+            ns,
+            "-l",
+            &format!("app.kubernetes.io/instance={PIPELINE}"),
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn events(cluster: &Cluster, ns: &str) -> String {
+    cluster
+        .kubectl_ok([
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            &format!("involvedObject.name={PIPELINE}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reason}: {.message}{\"\\n\"}{end}",
+        ])
+        .unwrap_or_default()
+}
+
+fn report(load: &Load, from: Instant, name: &str) {
+    let (n, failures, p50, p99) = load.summary(from);
+    println!("{name}: {n} requests, {} failed, p50 {p50:.1} ms, p99 {p99:.1} ms", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{name}: {} of {n} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+#[test]
+fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under_load() {
+    let cluster = Cluster::connect();
+    cluster.ensure_crd().expect("the CRD is served");
+    let ns_guard = cluster.namespace("rollout").expect("namespace");
+    let ns = ns_guard.name();
+    let (dir, sums) = prepare_models(ns).expect("model copies");
+    let server = serve(&dir);
+    let base = server.base.clone();
+
+    let mut operator = Some(Operator::start(&cluster, ns, "a"));
+    cluster
+        .apply(&manifest(ns, &base, &sums))
+        .expect("applying the pipeline");
+    let p = watch(
+        &cluster,
+        ns,
+        "v1 Ready",
+        Duration::from_secs(240),
+        &mut Vec::new(),
+        |p| {
+            p["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+        },
+    );
+    assert_eq!(p["status"]["activeColor"], "blue");
+    let pre_ip = cluster
+        .kubectl_ok([
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            &format!("app.kubernetes.io/instance={PIPELINE},app.kubernetes.io/component=preprocess"),
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ])
+        .expect("preprocess pod IP");
+    let load = Load::start(format!("{}:8001", pre_ip.trim()), Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(2));
+
+    // 1. v1 → v2: same weights under a new version and URI.
+    let t = Instant::now();
+    set_model(&cluster, ns, &model_json(&base, &sums, "v2"));
+    let mut seen = Vec::new();
+    let p = watch(&cluster, ns, "v1 → v2", Duration::from_secs(240), &mut seen, |p| {
+        rollout_phase(p) == "Complete"
+    });
+    let op = operator.as_ref().expect("operator");
+    let traffic: Vec<i64> = seen
+        .iter()
+        .filter(|s| s.0 == "ShiftingTraffic")
+        .map(|s| s.1)
+        .collect();
+    assert_eq!(traffic, [10, 50, 100], "traffic steps seen: {seen:?}\n{}", op.log_tail());
+    assert!(seen.iter().any(|s| s.0 == "Shadowing"), "{seen:?}");
+    assert_eq!(p["status"]["activeColor"], "green");
+    assert_eq!(p["status"]["activeModel"]["version"], "v2");
+    let shadow = &p["status"]["rollout"]["shadow"];
+    assert!(shadow["compared"].as_i64().unwrap_or(0) >= 40, "{shadow}");
+    assert_eq!(shadow["mismatches"], 0, "{shadow}");
+    wait_until("blue's pods to be gone", Duration::from_secs(60), || {
+        Ok((deployments(&cluster, ns)
+            == [format!("{PIPELINE}-inference-green"), format!("{PIPELINE}-preprocess")])
+        .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}", deployments(&cluster, ns)));
+    report(&load, t, "v1 → v2 (promoted)");
+
+    // 2. v2 → v3: perturbed weights fail shadow parity and roll back.
+    let t = Instant::now();
+    set_model(&cluster, ns, &model_json(&base, &sums, "v3"));
+    let mut seen = Vec::new();
+    let p = watch(&cluster, ns, "v2 → v3", Duration::from_secs(240), &mut seen, |p| {
+        rollout_phase(p) == "RolledBack"
+    });
+    assert!(
+        seen.iter().all(|s| s.1 == 0),
+        "no live traffic moved to v3: {seen:?}"
+    );
+    assert_eq!(p["status"]["activeColor"], "green");
+    assert_eq!(p["status"]["activeModel"]["version"], "v2");
+    // The reconcile that follows the rollout's status write recomputes the conditions.
+    let p = watch(&cluster, ns, "Degraded", Duration::from_secs(30), &mut seen, |p| {
+        p["status"]["phase"] == "Degraded"
+    });
+    let degraded = p["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(degraded["status"], "True", "{degraded}");
+    assert_eq!(degraded["reason"], "RolledBack", "{degraded}");
+    let message = degraded["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("shadow parity failed") && message.contains("compared requests ("),
+        "the message states the measured mismatch rate: {message}"
+    );
+    println!("Degraded: {message}");
+    wait_until("the v3 candidate to be removed", Duration::from_secs(60), || {
+        Ok((!deployments(&cluster, ns).contains(&format!("{PIPELINE}-inference-blue"))).then_some(()))
+    })
+    .expect("candidate removed");
+    report(&load, t, "v2 → v3 (rolled back)");
+
+    // 3. → v4, superseded by v5 while v4 is still the candidate.
+    let t = Instant::now();
+    set_model(&cluster, ns, &model_json(&base, &sums, "v4"));
+    let mut seen = Vec::new();
+    watch(&cluster, ns, "v4 started", Duration::from_secs(60), &mut seen, |p| {
+        p["status"]["rollout"]["candidateModel"]["version"] == "v4"
+    });
+    set_model(&cluster, ns, &model_json(&base, &sums, "v5"));
+    watch(&cluster, ns, "v5 supersedes v4", Duration::from_secs(60), &mut seen, |p| {
+        p["status"]["rollout"]["candidateModel"]["version"] == "v5"
+    });
+    assert!(
+        events(&cluster, ns).contains("RolloutSuperseded"),
+        "{}",
+        events(&cluster, ns)
+    );
+
+    // 4. Kill the operator while v5 holds 50 %; a new one resumes at that step.
+    let p = watch(&cluster, ns, "v5 at 50%", Duration::from_secs(240), &mut seen, |p| {
+        rollout_phase(p) == "ShiftingTraffic" && p["status"]["rollout"]["trafficPercent"] == 50
+    });
+    let step_started = p["status"]["rollout"]["stepStartedAt"].clone();
+    if let Some(op) = operator.take() {
+        op.kill();
+    }
+    let killed_at = seen.len();
+    operator = Some(Operator::start(&cluster, ns, "b"));
+    let p = watch(&cluster, ns, "v5 promoted", Duration::from_secs(240), &mut seen, |p| {
+        matches!(rollout_phase(p).as_str(), "Promoted" | "Complete")
+    });
+    let after: Vec<i64> = seen[killed_at..]
+        .iter()
+        .filter(|s| s.0 == "ShiftingTraffic")
+        .map(|s| s.1)
+        .collect();
+    assert!(
+        after.iter().all(|pct| *pct >= 50),
+        "the new operator resumed at 50% (stepStartedAt {step_started}), saw {after:?}"
+    );
+    assert_eq!(p["status"]["activeModel"]["version"], "v5");
+    assert_eq!(p["status"]["activeColor"], "blue");
+    report(&load, t, "v4 → v5 (superseded, operator killed at 50%)");
+
+    load.finish();
+    let all = events(&cluster, ns);
+    println!("--- events ---\n{all}");
+    for reason in ["RolloutStarted", "ShadowStarted", "ShadowPassed", "TrafficShifted", "Promoted", "ShadowParityFailed"] {
+        assert!(all.contains(reason), "Event {reason} missing:\n{all}");
+    }
+    let _ = std::io::stdout().flush();
+    drop(operator);
+    drop(server);
+}
