@@ -27,8 +27,8 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Map, Value, json};
-use tandem_proto::tandem::v1::GetStatsRequest;
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
+use tandem_proto::tandem::v1::{GetStatsRequest, WorkerStats};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
@@ -546,6 +546,8 @@ fn channel(
     Some(client)
 }
 
+/// One `GetStats` call; `None` when the pod does not answer within `timeout` (connection
+/// included) or answers with an error.
 async fn poll(client: Option<WorkerControlClient<Channel>>, timeout: Duration) -> Option<PodLoad> {
     let mut client = client?;
     let reply = tokio::time::timeout(timeout, client.get_stats(GetStatsRequest {}))
@@ -553,14 +555,22 @@ async fn poll(client: Option<WorkerControlClient<Channel>>, timeout: Duration) -
         .ok()?
         .ok()?
         .into_inner();
-    Some(PodLoad {
-        queue_depth: reply.queue_depth,
-        in_flight: reply.in_flight,
-        held: reply.held_requests,
-        forwarded: reply.colors.iter().map(|c| c.in_flight).sum(),
-        requests_total: reply.requests_total,
-        throughput_rps: reply.throughput_rps,
-    })
+    Some(pod_load(&reply))
+}
+
+/// The figures the autoscaler reads from a stats answer.
+fn pod_load(stats: &WorkerStats) -> PodLoad {
+    PodLoad {
+        queue_depth: stats.queue_depth,
+        in_flight: stats.in_flight,
+        held: stats.held_requests,
+        forwarded: stats
+            .colors
+            .iter()
+            .fold(0u64, |sum, c| sum.saturating_add(c.in_flight)),
+        requests_total: stats.requests_total,
+        throughput_rps: stats.throughput_rps,
+    }
 }
 
 fn metric_stage(stage: Stage) -> AutoscaleStage {
@@ -594,6 +604,51 @@ mod tests {
 
     fn cfg() -> AutoscaleConfig {
         AutoscaleConfig::default()
+    }
+
+    #[test]
+    fn forwarded_requests_are_the_sum_over_colors_in_flight() {
+        use tandem_proto::tandem::v1::ColorStats;
+        let stats = WorkerStats {
+            queue_depth: 3,
+            in_flight: 20,
+            held_requests: 1,
+            requests_total: 99,
+            throughput_rps: 4.5,
+            colors: vec![
+                ColorStats {
+                    color: "blue".into(),
+                    in_flight: 9,
+                    ..ColorStats::default()
+                },
+                ColorStats {
+                    color: "green".into(),
+                    in_flight: 2,
+                    ..ColorStats::default()
+                },
+            ],
+            ..WorkerStats::default()
+        };
+        let l = pod_load(&stats);
+        assert_eq!((l.queue_depth, l.in_flight, l.held), (3, 20, 1));
+        assert_eq!(l.forwarded, 11);
+        assert_eq!((l.requests_total, l.throughput_rps), (99, 4.5));
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_refuses_connections_reads_as_no_answer_within_the_timeout() {
+        // Bind then drop a listener: the port is (almost certainly) closed afterwards.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "127.0.0.1:9".to_owned());
+        let mut channels = HashMap::new();
+        let timeout = Duration::from_millis(300);
+        let client = channel(&mut channels, &addr, timeout);
+        let started = Instant::now();
+        assert_eq!(poll(client, timeout).await, None);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(poll(None, timeout).await, None, "no address, no answer");
     }
 
     #[test]
