@@ -458,8 +458,7 @@ fn plan(v: &ValidatedPipeline, prev: Option<&InferencePipelineStatus>) -> Observ
         .clamp(total_desired)
         .max(1)
         .unsigned_abs();
-    let (active_n, other_n) =
-        crate::rollout::color_replicas(total, rollout, v.rollout.max_surge);
+    let (active_n, other_n) = crate::rollout::color_replicas(total, rollout, v.rollout.max_surge);
     let count = |n: u32| Some(i32::try_from(n).unwrap_or(i32::MAX));
     Observed {
         colors: vec![

@@ -37,7 +37,7 @@ enum Command {
     /// Print the CRD reference (Markdown) committed as `docs/crd-reference.md`.
     CrdReference,
     /// Run the controller (with leader election).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,7 +140,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?;
-            rt.block_on(run(args))
+            rt.block_on(run(*args))
         }
     }
 }

@@ -56,6 +56,9 @@ struct TrafficLabels {
     color: String,
 }
 
+/// The phase series and traffic series one pipeline exports.
+type RolloutSeries = (Option<PhaseLabels>, Vec<TrafficLabels>);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
@@ -148,9 +151,7 @@ pub struct Metrics {
     traffic: Family<TrafficLabels, Gauge>,
     transitions: Family<ReasonLabels, Counter>,
     /// Series currently exported per pipeline, so they can be removed with it.
-    rollout_series: std::sync::Mutex<
-        std::collections::HashMap<(String, String), (Option<PhaseLabels>, Vec<TrafficLabels>)>,
-    >,
+    rollout_series: std::sync::Mutex<std::collections::HashMap<(String, String), RolloutSeries>>,
     ready: AtomicBool,
 }
 
@@ -425,8 +426,18 @@ mod tests {
     #[test]
     fn rollout_phase_and_traffic_follow_the_pipeline_and_leave_with_it() {
         let m = Metrics::new();
-        m.set_rollout("ml", "text", Some("Shadowing"), &[("blue", 100), ("green", 0)]);
-        m.set_rollout("ml", "text", Some("ShiftingTraffic"), &[("blue", 90), ("green", 10)]);
+        m.set_rollout(
+            "ml",
+            "text",
+            Some("Shadowing"),
+            &[("blue", 100), ("green", 0)],
+        );
+        m.set_rollout(
+            "ml",
+            "text",
+            Some("ShiftingTraffic"),
+            &[("blue", 90), ("green", 10)],
+        );
         m.count_rollout_transition("ShadowPassed");
         let text = m.encode().unwrap();
         assert!(

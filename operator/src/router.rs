@@ -61,7 +61,10 @@ pub fn watch_pods(
     client: Client,
     namespace: Option<&str>,
     page_size: u32,
-) -> (Store<Pod>, impl std::future::Future<Output = ()> + Send + 'static) {
+) -> (
+    Store<Pod>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let pods: Api<Pod> = match namespace {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),

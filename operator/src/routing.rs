@@ -316,14 +316,26 @@ mod tests {
         };
         p.status = Some(with_phase(RolloutPhase::Provisioning));
         let table = desired_table(&p, &[]);
-        let weights: Vec<_> = table.colors.iter().map(|c| (c.color.as_str(), c.weight)).collect();
+        let weights: Vec<_> = table
+            .colors
+            .iter()
+            .map(|c| (c.color.as_str(), c.weight))
+            .collect();
         assert_eq!(weights, [("blue", 100), ("green", 0)]);
         assert!(table.shadow.is_none());
 
-        for ended in [RolloutPhase::Promoted, RolloutPhase::RolledBack, RolloutPhase::Aborted] {
+        for ended in [
+            RolloutPhase::Promoted,
+            RolloutPhase::RolledBack,
+            RolloutPhase::Aborted,
+        ] {
             p.status = Some(with_phase(ended));
             let table = desired_table(&p, &[]);
-            let weights: Vec<_> = table.colors.iter().map(|c| (c.color.as_str(), c.weight)).collect();
+            let weights: Vec<_> = table
+                .colors
+                .iter()
+                .map(|c| (c.color.as_str(), c.weight))
+                .collect();
             assert_eq!(weights, [("blue", 100)], "{ended:?}");
         }
     }

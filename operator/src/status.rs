@@ -168,8 +168,6 @@ pub fn compute(
         Phase::Ready
     } else if ready {
         Phase::Progressing
-    } else if problem.is_some() {
-        Phase::Degraded
     } else if pre.ready == 0 && inf.ready == 0 {
         Phase::Pending
     } else {

@@ -143,10 +143,14 @@ async fn drive(
     let failed_model_still_wanted = matches!(
         phase,
         Some(RolloutPhase::RolledBack | RolloutPhase::Aborted)
-    ) && rollout.and_then(|r| r.candidate_model.as_ref()) == Some(&spec_model);
+    ) && rollout.and_then(|r| r.candidate_model.as_ref())
+        == Some(&spec_model);
     let busy = phase.is_some_and(RolloutPhase::in_progress)
         || phase == Some(RolloutPhase::Promoted)
-        || matches!(phase, Some(RolloutPhase::RolledBack | RolloutPhase::Aborted))
+        || matches!(
+            phase,
+            Some(RolloutPhase::RolledBack | RolloutPhase::Aborted)
+        )
         || spec_model != active_model;
     if !busy || failed_model_still_wanted {
         return;
@@ -195,7 +199,10 @@ async fn drive(
         obs.shadow = shadow_counts(&answered, color.as_str());
         let r = rollout.cloned().unwrap_or_default();
         let window = (
-            r.candidate_model.as_ref().map(|m| m.version.clone()).unwrap_or_default(),
+            r.candidate_model
+                .as_ref()
+                .map(|m| m.version.clone())
+                .unwrap_or_default(),
             r.step,
             r.step_started_at.as_ref().map(|t| t.0.as_millisecond()),
         );
@@ -282,17 +289,22 @@ async fn drive(
 }
 
 /// The parts of a rollout whose change is a transition (not just fresher counters).
-fn shape(
-    r: Option<&RolloutStatus>,
-) -> Option<(Option<RolloutPhase>, Option<Color>, Option<i32>, i32, bool)> {
-    r.map(|r| {
-        (
-            r.phase,
-            r.candidate_color,
-            r.step,
-            r.traffic_percent,
-            r.halted,
-        )
+#[derive(PartialEq)]
+struct Shape {
+    phase: Option<RolloutPhase>,
+    candidate: Option<Color>,
+    step: Option<i32>,
+    traffic: i32,
+    halted: bool,
+}
+
+fn shape(r: Option<&RolloutStatus>) -> Option<Shape> {
+    r.map(|r| Shape {
+        phase: r.phase,
+        candidate: r.candidate_color,
+        step: r.step,
+        traffic: r.traffic_percent,
+        halted: r.halted,
     })
 }
 
@@ -374,7 +386,10 @@ fn acknowledged(
         return None;
     }
     pre.iter()
-        .all(|(_, s)| s.as_ref().is_some_and(|s| s.routes_generation >= table.generation))
+        .all(|(_, s)| {
+            s.as_ref()
+                .is_some_and(|s| s.routes_generation >= table.generation)
+        })
         .then_some(table.generation)
 }
 
@@ -427,7 +442,13 @@ fn color_window(
     w
 }
 
-async fn publish(recorder: &Recorder, p: &InferencePipeline, warning: bool, reason: &str, note: String) {
+async fn publish(
+    recorder: &Recorder,
+    p: &InferencePipeline,
+    warning: bool,
+    reason: &str,
+    note: String,
+) {
     let ev = Event {
         type_: if warning {
             EventType::Warning
@@ -475,7 +496,11 @@ mod tests {
         let mut base = HashMap::new();
         let a = stats(&[("green", 100, 2)]);
         let w = color_window(&[("pre-a", &a)], "green", &mut base);
-        assert_eq!((w.requests, w.errors), (0, 0), "earlier requests are not this step's");
+        assert_eq!(
+            (w.requests, w.errors),
+            (0, 0),
+            "earlier requests are not this step's"
+        );
         let a = stats(&[("green", 130, 3)]);
         let w = color_window(&[("pre-a", &a)], "green", &mut base);
         assert_eq!((w.requests, w.errors, w.p99_ms), (30, 1, 9.0));
@@ -498,7 +523,11 @@ mod tests {
             }),
             ..WorkerStats::default()
         };
-        let (a, b, other) = (pod("green", 10, 1, 0.9), pod("green", 5, 0, 0.99), pod("blue", 50, 50, -1.0));
+        let (a, b, other) = (
+            pod("green", 10, 1, 0.9),
+            pod("green", 5, 0, 0.99),
+            pod("blue", 50, 50, -1.0),
+        );
         let c = shadow_counts(&[("a", &a), ("b", &b), ("c", &other)], "green");
         assert_eq!((c.compared, c.mismatches, c.errors), (15, 1, 2));
         assert_eq!(c.worst_cosine, Some(0.9));

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod driver;
+pub mod view;
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -168,26 +169,27 @@ pub fn next(inp: &Inputs<'_>) -> Decision {
                 progress(inp, r, p, &mut d);
             }
         }
-        (Some(RolloutPhase::Promoted), Some(r)) if spec == inp.active_model => {
-            if elapsed_ms(r.step_started_at.as_ref(), inp.now)
-                >= millis(inp.policy.scale_down_delay)
-            {
-                let mut done = r.clone();
-                let old = r.previous_color.map_or("the previous color", Color::as_str);
-                done.phase = Some(RolloutPhase::Complete);
-                done.previous_color = None;
-                done.step_started_at = Some(time(inp.now));
-                done.message = Some(format!(
-                    "{} serves all traffic on {}; {old} scaled away after scaleDownDelay",
-                    version(inp.active_model),
-                    inp.active_color.as_str()
-                ));
-                d.events.push(normal(
-                    "PreviousColorRetired",
-                    format!("{old} scaled away after scaleDownDelay"),
-                ));
-                d.rollout = Some(done);
-            }
+        // After promotion the previous color runs until scaleDownDelay has passed.
+        (Some(RolloutPhase::Promoted), Some(r))
+            if spec == inp.active_model
+                && elapsed_ms(r.step_started_at.as_ref(), inp.now)
+                    >= millis(inp.policy.scale_down_delay) =>
+        {
+            let mut done = r.clone();
+            let old = r.previous_color.map_or("the previous color", Color::as_str);
+            done.phase = Some(RolloutPhase::Complete);
+            done.previous_color = None;
+            done.step_started_at = Some(time(inp.now));
+            done.message = Some(format!(
+                "{} serves all traffic on {}; {old} scaled away after scaleDownDelay",
+                version(inp.active_model),
+                inp.active_color.as_str()
+            ));
+            d.events.push(normal(
+                "PreviousColorRetired",
+                format!("{old} scaled away after scaleDownDelay"),
+            ));
+            d.rollout = Some(done);
         }
         (Some(RolloutPhase::RolledBack | RolloutPhase::Aborted), Some(r))
             if r.candidate_model.as_ref() == Some(spec) =>
@@ -279,8 +281,10 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
                     version(inp.spec_model)
                 ),
             );
-            d.events
-                .push(warning("RolloutAborted", next.message.clone().unwrap_or_default()));
+            d.events.push(warning(
+                "RolloutAborted",
+                next.message.clone().unwrap_or_default(),
+            ));
             d.rollout = Some(next);
             return;
         }
@@ -365,7 +369,9 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
             let errors = u64::try_from(s.errors).unwrap_or(0);
             // Fail as soon as the budget is spent: waiting for the rest cannot pass.
             let budget = (policy.max_mismatch_rate * target as f64).floor() as u64;
-            if mismatches > budget || (compared >= target && rate(mismatches, compared) > policy.max_mismatch_rate) {
+            if mismatches > budget
+                || (compared >= target && rate(mismatches, compared) > policy.max_mismatch_rate)
+            {
                 let msg = format!(
                     "shadow parity failed: {mismatches} of {compared} compared requests ({:.1}%) differed beyond the tolerance ({}), above maxMismatchRate {:.1}%{}",
                     100.0 * rate(mismatches, compared),
@@ -501,7 +507,10 @@ fn enter_step(inp: &Inputs<'_>, next: &mut RolloutStatus, step: usize) {
 
 fn promote(inp: &Inputs<'_>, r: &RolloutStatus, d: &mut Decision, why: &str) {
     let candidate = r.candidate_color.unwrap_or(inp.active_color.other());
-    let model = r.candidate_model.clone().unwrap_or_else(|| inp.spec_model.clone());
+    let model = r
+        .candidate_model
+        .clone()
+        .unwrap_or_else(|| inp.spec_model.clone());
     let mut next = r.clone();
     next.phase = Some(RolloutPhase::Promoted);
     next.previous_color = Some(inp.active_color);

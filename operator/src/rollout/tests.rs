@@ -197,7 +197,13 @@ fn shadow_counts_accumulate_and_a_clean_shadow_moves_the_first_step_of_traffic()
     };
     w.tick(10, None);
     assert_eq!(w.r().shadow.as_ref().unwrap().compared, 40);
-    assert!(w.r().message.as_deref().unwrap().contains("40/100 compared"));
+    assert!(
+        w.r()
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("40/100 compared")
+    );
 
     // A preprocess pod restarted and took its counts with it: what was seen is kept.
     w.obs.shadow.compared = 30;
@@ -272,7 +278,11 @@ fn traffic_steps_advance_only_when_held_and_acknowledged_then_the_candidate_is_p
     assert_eq!(w.r().traffic_percent, 10, "held for stepDuration");
     w.obs.routes_acked = None;
     w.tick(41, None);
-    assert_eq!(w.r().traffic_percent, 10, "not every preprocess pod applied it");
+    assert_eq!(
+        w.r().traffic_percent,
+        10,
+        "not every preprocess pod applied it"
+    );
     w.obs.routes_acked = Some(9);
     assert_eq!(reasons(&w.tick(42, None)), ["TrafficShifted"]);
     assert_eq!((w.r().step, w.r().traffic_percent), (Some(1), 50));
@@ -327,7 +337,13 @@ fn a_candidate_error_rate_above_the_active_one_rolls_back_during_a_step() {
     assert_eq!(reasons(&ev), ["CandidateErrors"]);
     assert_eq!(w.phase(), Some(RolloutPhase::RolledBack));
     assert_eq!(w.r().traffic_percent, 0);
-    assert!(w.r().message.as_deref().unwrap().contains("5.0% (5 of 100)"));
+    assert!(
+        w.r()
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("5.0% (5 of 100)")
+    );
 }
 
 #[test]
@@ -391,7 +407,10 @@ fn a_new_spec_mid_rollout_supersedes_the_candidate_on_the_same_color() {
     assert_eq!(r.candidate_color, Some(Color::Green));
     assert_eq!(r.candidate_model, Some(model("v3")));
     assert_eq!(r.traffic_percent, 0, "traffic returns to the active color");
-    assert_eq!(r.shadow, None, "old comparisons do not count for the new model");
+    assert_eq!(
+        r.shadow, None,
+        "old comparisons do not count for the new model"
+    );
     assert_eq!(w.active_model, model("v1"));
 }
 
@@ -445,7 +464,11 @@ fn without_auto_rollback_a_failure_halts_and_holds_traffic() {
     assert_eq!(w.r().candidate_color, Some(Color::Green));
     w.obs.candidate_window = ColorWindow::default();
     w.tick(500, None);
-    assert_eq!(w.r().traffic_percent, 10, "a halted rollout does not advance");
+    assert_eq!(
+        w.r().traffic_percent,
+        10,
+        "a halted rollout does not advance"
+    );
     w.tick(501, Some(UserAction::Abort));
     assert_eq!(w.phase(), Some(RolloutPhase::Aborted));
 }

@@ -10,6 +10,9 @@
 //! 3. → v4, superseded by v5 while v4 is still a candidate: v5 replaces it on the same color.
 //! 4. The operator is killed (SIGKILL) while v5 holds its 50 % step: a new operator resumes at
 //!    that step (traffic never goes back) and promotes v5.
+//! 5. The `kubectl tandem` plugin, found by kubectl on `PATH`: `status` shows the v6
+//!    candidate, `abort` stops it (Degraded, reason RolloutAborted), `undo` sets the spec back
+//!    to v5 and the pipeline is Ready again with no rollout.
 //!
 //! Latency percentiles of the load during each swap are printed.
 
@@ -62,7 +65,7 @@ fn models_dir() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// `<dir>/<version>/` holds a MiniLM copy per version: v1, v2, v4, v5 the real weights, v3
+/// `<dir>/<version>/` holds a MiniLM copy per version: v1, v2, v4, v5, v6 the real weights, v3
 /// every floating-point weight multiplied by `1 + 0.05·u`, `u` uniform in [-1, 1]
 /// (deterministic).
 fn prepare_models(ns: &str) -> anyhow::Result<(PathBuf, BTreeMap<String, String>)> {
@@ -70,7 +73,7 @@ fn prepare_models(ns: &str) -> anyhow::Result<(PathBuf, BTreeMap<String, String>
     let dir = std::env::temp_dir().join(format!("tandem-rollout-models-{ns}"));
     let _ = std::fs::remove_dir_all(&dir);
     let mut sums = BTreeMap::new();
-    for v in ["v1", "v2", "v3", "v4", "v5"] {
+    for v in ["v1", "v2", "v3", "v4", "v5", "v6"] {
         let to = dir.join(v);
         std::fs::create_dir_all(to.join("1_Pooling"))?;
         for f in ["config.json", "tokenizer.json", "1_Pooling/config.json"] {
@@ -136,9 +139,11 @@ fn serve(dir: &Path) -> ModelServer {
     };
     let addr = format!("{BRIDGE_IP}:{port}").parse().expect("address");
     wait_until("the model file server", Duration::from_secs(20), || {
-        Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-            .ok()
-            .map(|_| ()))
+        Ok(
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .ok()
+                .map(|_| ()),
+        )
     })
     .expect("model file server up");
     server
@@ -185,11 +190,14 @@ fn manifest(ns: &str, base: &str, sums: &BTreeMap<String, String>) -> String {
     .to_string()
 }
 
+/// When a request was sent and its latency, or why it failed.
+type Outcome = (Instant, Result<Duration, String>);
+
 /// Open-loop load: one request every `interval` whatever the answers do, each on its own
 /// task, recording latency or the error.
 struct Load {
     stop: Arc<AtomicBool>,
-    results: Arc<Mutex<Vec<(Instant, Result<Duration, String>)>>>,
+    results: Arc<Mutex<Vec<Outcome>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -328,11 +336,17 @@ fn watch(
         let p = pipeline(cluster, ns);
         let state = (
             rollout_phase(&p),
-            p["status"]["rollout"]["trafficPercent"].as_i64().unwrap_or(0),
+            p["status"]["rollout"]["trafficPercent"]
+                .as_i64()
+                .unwrap_or(0),
             p["status"]["activeColor"].as_str().unwrap_or("").to_owned(),
         );
         if seen.last() != Some(&state) {
-            println!("  {what}: {state:?}");
+            // The printer columns a person watching `kubectl get ipl -w` sees at this moment.
+            let row = cluster
+                .kubectl_ok(["get", "ipl", PIPELINE, "-n", ns, "--no-headers"])
+                .unwrap_or_default();
+            println!("  {what}: {state:?}\n    {}", row.trim());
             seen.push(state);
         }
         if done(&p) {
@@ -380,9 +394,54 @@ fn events(cluster: &Cluster, ns: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Runs `kubectl tandem <args> -n <ns>` with the plugin binary first on `PATH`, the way a user
+/// installs it; fails the test with its stderr when it fails.
+fn plugin(cluster: &Cluster, ns: &str, args: &[&str]) -> String {
+    let path = format!(
+        "{}:{}",
+        plugin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("kubectl")
+        .arg("tandem")
+        .args(args)
+        .args(["-n", ns])
+        .env("PATH", path)
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .output()
+        .expect("running kubectl tandem");
+    assert!(
+        out.status.success(),
+        "kubectl tandem {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds `kubectl-tandem` once and returns the directory holding it.
+fn plugin_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let ok = Command::new(cargo)
+            .args(["build", "-p", "tandem-operator", "--bin", "kubectl-tandem"])
+            .current_dir(repo_root())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "building kubectl-tandem failed");
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target"))
+            .join("debug")
+    })
+}
+
 fn report(load: &Load, from: Instant, name: &str) {
     let (n, failures, p50, p99) = load.summary(from);
-    println!("{name}: {n} requests, {} failed, p50 {p50:.1} ms, p99 {p99:.1} ms", failures.len());
+    println!(
+        "{name}: {n} requests, {} failed, p50 {p50:.1} ms, p99 {p99:.1} ms",
+        failures.len()
+    );
     assert!(
         failures.is_empty(),
         "{name}: {} of {n} requests failed: {:?}",
@@ -401,6 +460,7 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
     let server = serve(&dir);
     let base = server.base.clone();
 
+    plugin_dir(); // built now, not in the middle of a timed scenario
     let mut operator = Some(Operator::start(&cluster, ns, "a"));
     cluster
         .apply(&manifest(ns, &base, &sums))
@@ -412,9 +472,10 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
         Duration::from_secs(240),
         &mut Vec::new(),
         |p| {
-            p["status"]["conditions"]
-                .as_array()
-                .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            p["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
         },
     );
     assert_eq!(p["status"]["activeColor"], "blue");
@@ -425,28 +486,43 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
             "-n",
             ns,
             "-l",
-            &format!("app.kubernetes.io/instance={PIPELINE},app.kubernetes.io/component=preprocess"),
+            &format!(
+                "app.kubernetes.io/instance={PIPELINE},app.kubernetes.io/component=preprocess"
+            ),
             "-o",
             "jsonpath={.items[0].status.podIP}",
         ])
         .expect("preprocess pod IP");
-    let load = Load::start(format!("{}:8001", pre_ip.trim()), Duration::from_millis(100));
+    let load = Load::start(
+        format!("{}:8001", pre_ip.trim()),
+        Duration::from_millis(100),
+    );
     std::thread::sleep(Duration::from_secs(2));
 
     // 1. v1 → v2: same weights under a new version and URI.
     let t = Instant::now();
     set_model(&cluster, ns, &model_json(&base, &sums, "v2"));
     let mut seen = Vec::new();
-    let p = watch(&cluster, ns, "v1 → v2", Duration::from_secs(240), &mut seen, |p| {
-        rollout_phase(p) == "Complete"
-    });
+    let p = watch(
+        &cluster,
+        ns,
+        "v1 → v2",
+        Duration::from_secs(240),
+        &mut seen,
+        |p| rollout_phase(p) == "Complete",
+    );
     let op = operator.as_ref().expect("operator");
     let traffic: Vec<i64> = seen
         .iter()
         .filter(|s| s.0 == "ShiftingTraffic")
         .map(|s| s.1)
         .collect();
-    assert_eq!(traffic, [10, 50, 100], "traffic steps seen: {seen:?}\n{}", op.log_tail());
+    assert_eq!(
+        traffic,
+        [10, 50, 100],
+        "traffic steps seen: {seen:?}\n{}",
+        op.log_tail()
+    );
     assert!(seen.iter().any(|s| s.0 == "Shadowing"), "{seen:?}");
     assert_eq!(p["status"]["activeColor"], "green");
     assert_eq!(p["status"]["activeModel"]["version"], "v2");
@@ -455,7 +531,10 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
     assert_eq!(shadow["mismatches"], 0, "{shadow}");
     wait_until("blue's pods to be gone", Duration::from_secs(60), || {
         Ok((deployments(&cluster, ns)
-            == [format!("{PIPELINE}-inference-green"), format!("{PIPELINE}-preprocess")])
+            == [
+                format!("{PIPELINE}-inference-green"),
+                format!("{PIPELINE}-preprocess"),
+            ])
         .then_some(()))
     })
     .unwrap_or_else(|e| panic!("{e:#}: {:?}", deployments(&cluster, ns)));
@@ -465,9 +544,14 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
     let t = Instant::now();
     set_model(&cluster, ns, &model_json(&base, &sums, "v3"));
     let mut seen = Vec::new();
-    let p = watch(&cluster, ns, "v2 → v3", Duration::from_secs(240), &mut seen, |p| {
-        rollout_phase(p) == "RolledBack"
-    });
+    let p = watch(
+        &cluster,
+        ns,
+        "v2 → v3",
+        Duration::from_secs(240),
+        &mut seen,
+        |p| rollout_phase(p) == "RolledBack",
+    );
     assert!(
         seen.iter().all(|s| s.1 == 0),
         "no live traffic moved to v3: {seen:?}"
@@ -475,9 +559,14 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
     assert_eq!(p["status"]["activeColor"], "green");
     assert_eq!(p["status"]["activeModel"]["version"], "v2");
     // The reconcile that follows the rollout's status write recomputes the conditions.
-    let p = watch(&cluster, ns, "Degraded", Duration::from_secs(30), &mut seen, |p| {
-        p["status"]["phase"] == "Degraded"
-    });
+    let p = watch(
+        &cluster,
+        ns,
+        "Degraded",
+        Duration::from_secs(30),
+        &mut seen,
+        |p| p["status"]["phase"] == "Degraded",
+    );
     let degraded = p["status"]["conditions"]
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
@@ -491,9 +580,16 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
         "the message states the measured mismatch rate: {message}"
     );
     println!("Degraded: {message}");
-    wait_until("the v3 candidate to be removed", Duration::from_secs(60), || {
-        Ok((!deployments(&cluster, ns).contains(&format!("{PIPELINE}-inference-blue"))).then_some(()))
-    })
+    wait_until(
+        "the v3 candidate to be removed",
+        Duration::from_secs(60),
+        || {
+            Ok(
+                (!deployments(&cluster, ns).contains(&format!("{PIPELINE}-inference-blue")))
+                    .then_some(()),
+            )
+        },
+    )
     .expect("candidate removed");
     report(&load, t, "v2 → v3 (rolled back)");
 
@@ -501,13 +597,23 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
     let t = Instant::now();
     set_model(&cluster, ns, &model_json(&base, &sums, "v4"));
     let mut seen = Vec::new();
-    watch(&cluster, ns, "v4 started", Duration::from_secs(60), &mut seen, |p| {
-        p["status"]["rollout"]["candidateModel"]["version"] == "v4"
-    });
+    watch(
+        &cluster,
+        ns,
+        "v4 started",
+        Duration::from_secs(60),
+        &mut seen,
+        |p| p["status"]["rollout"]["candidateModel"]["version"] == "v4",
+    );
     set_model(&cluster, ns, &model_json(&base, &sums, "v5"));
-    watch(&cluster, ns, "v5 supersedes v4", Duration::from_secs(60), &mut seen, |p| {
-        p["status"]["rollout"]["candidateModel"]["version"] == "v5"
-    });
+    watch(
+        &cluster,
+        ns,
+        "v5 supersedes v4",
+        Duration::from_secs(60),
+        &mut seen,
+        |p| p["status"]["rollout"]["candidateModel"]["version"] == "v5",
+    );
     assert!(
         events(&cluster, ns).contains("RolloutSuperseded"),
         "{}",
@@ -515,18 +621,28 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
     );
 
     // 4. Kill the operator while v5 holds 50 %; a new one resumes at that step.
-    let p = watch(&cluster, ns, "v5 at 50%", Duration::from_secs(240), &mut seen, |p| {
-        rollout_phase(p) == "ShiftingTraffic" && p["status"]["rollout"]["trafficPercent"] == 50
-    });
+    let p = watch(
+        &cluster,
+        ns,
+        "v5 at 50%",
+        Duration::from_secs(240),
+        &mut seen,
+        |p| rollout_phase(p) == "ShiftingTraffic" && p["status"]["rollout"]["trafficPercent"] == 50,
+    );
     let step_started = p["status"]["rollout"]["stepStartedAt"].clone();
     if let Some(op) = operator.take() {
         op.kill();
     }
     let killed_at = seen.len();
     operator = Some(Operator::start(&cluster, ns, "b"));
-    let p = watch(&cluster, ns, "v5 promoted", Duration::from_secs(240), &mut seen, |p| {
-        matches!(rollout_phase(p).as_str(), "Promoted" | "Complete")
-    });
+    let p = watch(
+        &cluster,
+        ns,
+        "v5 promoted",
+        Duration::from_secs(240),
+        &mut seen,
+        |p| matches!(rollout_phase(p).as_str(), "Promoted" | "Complete"),
+    );
     let after: Vec<i64> = seen[killed_at..]
         .iter()
         .filter(|s| s.0 == "ShiftingTraffic")
@@ -540,10 +656,88 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
     assert_eq!(p["status"]["activeColor"], "blue");
     report(&load, t, "v4 → v5 (superseded, operator killed at 50%)");
 
+    // 5. The kubectl plugin: pause, status, abort, undo, resume.
+    let t = Instant::now();
+    plugin(&cluster, ns, &["pause", PIPELINE]);
+    set_model(&cluster, ns, &model_json(&base, &sums, "v6"));
+    let mut seen = Vec::new();
+    // Paused, the rollout compares all it needs and still holds its shadow phase.
+    watch(
+        &cluster,
+        ns,
+        "v6 shadowing, paused",
+        Duration::from_secs(240),
+        &mut seen,
+        |p| {
+            let r = &p["status"]["rollout"];
+            r["candidateModel"]["version"] == "v6"
+                && rollout_phase(p) == "Shadowing"
+                && r["shadow"]["compared"].as_i64().unwrap_or(0) >= 40
+                && r["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("(paused)"))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        rollout_phase(&pipeline(&cluster, ns)),
+        "Shadowing",
+        "paused"
+    );
+    let status = plugin(&cluster, ns, &["status", PIPELINE]);
+    println!("--- kubectl tandem status ---\n{status}");
+    assert!(status.contains("candidate: minilm:v6 on green"), "{status}");
+    assert!(status.contains("serving:   minilm:v5 on blue"), "{status}");
+    assert!(status.contains("(paused)"), "{status}");
+    plugin(&cluster, ns, &["abort", PIPELINE]);
+    let p = watch(
+        &cluster,
+        ns,
+        "v6 aborted",
+        Duration::from_secs(60),
+        &mut seen,
+        |p| rollout_phase(p) == "Aborted" && p["status"]["phase"] == "Degraded",
+    );
+    let degraded = p["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(degraded["reason"], "RolloutAborted", "{degraded}");
+    assert_eq!(p["status"]["activeModel"]["version"], "v5");
+    plugin(&cluster, ns, &["undo", PIPELINE]);
+    let p = watch(
+        &cluster,
+        ns,
+        "undo to v5",
+        Duration::from_secs(60),
+        &mut seen,
+        |p| {
+            p["spec"]["inference"]["model"]["version"] == "v5"
+                && p["status"]["rollout"].is_null()
+                && p["status"]["phase"] == "Ready"
+        },
+    );
+    assert_eq!(p["status"]["activeColor"], "blue");
+    plugin(&cluster, ns, &["resume", PIPELINE]);
+    assert_eq!(pipeline(&cluster, ns)["spec"]["rollout"]["paused"], false);
+    report(
+        &load,
+        t,
+        "v6 paused, aborted and undone with kubectl tandem",
+    );
+
     load.finish();
     let all = events(&cluster, ns);
     println!("--- events ---\n{all}");
-    for reason in ["RolloutStarted", "ShadowStarted", "ShadowPassed", "TrafficShifted", "Promoted", "ShadowParityFailed"] {
+    for reason in [
+        "RolloutStarted",
+        "ShadowStarted",
+        "ShadowPassed",
+        "TrafficShifted",
+        "Promoted",
+        "ShadowParityFailed",
+    ] {
         assert!(all.contains(reason), "Event {reason} missing:\n{all}");
     }
     let _ = std::io::stdout().flush();
