@@ -32,7 +32,7 @@ use tandem_proto::tandem::v1::{GetStatsRequest, WorkerStats};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::build::{APP_NAME, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY, Stage};
+use crate::build::{LABEL_INSTANCE, Stage};
 use crate::crd::{InferencePipeline, StageStatus};
 use crate::metrics::{AutoscaleStage, Metrics, ScaleChange};
 use crate::routing::WorkerPod;
@@ -151,31 +151,10 @@ pub async fn run(client: Client, cfg: AutoscaleConfig, metrics: Arc<Metrics>) {
         }
         futures::future::ready(())
     });
-    let pods: Api<Pod> = scoped(&client, &cfg.namespace);
-    let (pod_store, pod_writer) = reflector::store::<Pod>();
-    let pod_watch = watcher(
-        pods,
-        watcher::Config::default()
-            .labels(&format!(
-                "{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_NAME}={APP_NAME}"
-            ))
-            .page_size(cfg.page_size)
-            .any_semantic(),
-    )
-    // Only labels, status and deletion matter here.
-    .modify(|p| {
-        p.metadata.managed_fields = None;
-        p.metadata.annotations = None;
-        p.spec = None;
-    })
-    .default_backoff()
-    .reflect(pod_writer)
-    .for_each(|ev| {
-        if let Err(e) = ev {
-            warn!(error = %e, "autoscaler: watching worker pods failed");
-        }
-        futures::future::ready(())
-    });
+    // The same worker-pod cache as the router's (labels, status and deletion only), its own
+    // instance so the autoscaler stays independent of the reconciler's lifecycle.
+    let (pod_store, pod_watch) =
+        crate::router::watch_pods(client.clone(), cfg.namespace.as_deref(), cfg.page_size);
     let watches = tokio::spawn(async move {
         futures::join!(ipl_watch, pod_watch);
     });

@@ -324,6 +324,11 @@ pub struct Operator {
 impl Operator {
     /// Starts one and waits for its `/healthz`.
     pub fn start(cluster: &Cluster, ns: &str, identity: &str) -> Operator {
+        Self::start_with(cluster, ns, identity, &[])
+    }
+
+    /// Starts one with extra `run` flags (e.g. autoscaler knobs) and waits for its `/healthz`.
+    pub fn start_with(cluster: &Cluster, ns: &str, identity: &str, extra: &[String]) -> Operator {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let log = std::env::temp_dir().join(format!("tandem-operator-{ns}-{identity}.log"));
         let file = std::fs::File::create(&log).expect("log file");
@@ -339,6 +344,7 @@ impl Operator {
             ])
             .args(["--identity", identity, "--log-format", "text"])
             .arg(format!("--metrics-addr={addr}"))
+            .args(extra)
             .env("KUBECONFIG", cluster.kubeconfig())
             .env("RUST_LOG", "info,tandem_operator=debug")
             .stdin(Stdio::null())
@@ -402,14 +408,14 @@ impl Operator {
         );
     }
 
-    /// The last 30 lines of its log, for failure messages.
+    /// The last 40 lines of its log, for failure messages.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         format!(
             "--- operator log ({}) ---\n{}",
             self.log.display(),
-            lines[lines.len().saturating_sub(30)..].join("\n")
+            lines[lines.len().saturating_sub(40)..].join("\n")
         )
     }
 }

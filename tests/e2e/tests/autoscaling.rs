@@ -12,14 +12,13 @@
 //!
 //! and no request fails anywhere.
 
-use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use tandem_e2e::{Cluster, http_get, repo_root, wait_until};
+use tandem_e2e::{Cluster, Operator, repo_root, wait_until};
 
 /// Scale-down window and idle window given to the operator: short, so the test is quick.
 const SCALE_DOWN_WINDOW_S: u64 = 6;
@@ -29,87 +28,18 @@ const REACTION_LIMIT_S: f64 = 3.0;
 
 // ---- helpers of this file ----
 
-fn operator_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(cargo)
-        .args(["build", "-p", "tandem-operator", "--bin", "tandem-operator"])
-        .current_dir(repo_root())
-        .status()
-        .expect("running cargo build");
-    assert!(status.success(), "building tandem-operator failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    target.join("debug/tandem-operator")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-/// A `tandem-operator run` watching one namespace, with the autoscaler's short windows;
-/// killed on drop.
-struct Operator {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Operator {
-    fn start(cluster: &Cluster, ns: &str) -> Operator {
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let log = std::env::temp_dir().join(format!("tandem-operator-{ns}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(operator_binary())
-            .args(["run", "--namespace", ns, "--lease-namespace", ns])
-            .args(["--identity", "autoscaling-e2e", "--log-format", "text"])
-            .arg(format!("--metrics-addr={addr}"))
-            .args(["--autoscale-interval", "1s"])
-            .arg(format!("--scale-down-window={SCALE_DOWN_WINDOW_S}s"))
-            .arg(format!("--scale-to-zero-after={SCALE_TO_ZERO_AFTER_S}s"))
-            .env("KUBECONFIG", cluster.kubeconfig())
-            .env("RUST_LOG", "info,tandem_operator=debug")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("starting tandem-operator");
-        let op = Operator { child, addr, log };
-        wait_until("the operator's /healthz", Duration::from_secs(30), || {
-            Ok(http_get(op.addr, "/healthz", Duration::from_secs(1))
-                .ok()
-                .filter(|(s, _)| *s == 200)
-                .map(|_| ()))
-        })
-        .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
-        op
-    }
-
-    fn metrics(&self) -> String {
-        http_get(self.addr, "/metrics", Duration::from_secs(2))
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        format!(
-            "--- operator log ({}) ---\n{}",
-            self.log.display(),
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        )
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The operator for this test: the shared e2e one, with short autoscaler windows.
+fn start_operator(cluster: &Cluster, ns: &str) -> Operator {
+    Operator::start_with(
+        cluster,
+        ns,
+        "autoscaling-e2e",
+        &[
+            "--autoscale-interval=1s".to_owned(),
+            format!("--scale-down-window={SCALE_DOWN_WINDOW_S}s"),
+            format!("--scale-to-zero-after={SCALE_TO_ZERO_AFTER_S}s"),
+        ],
+    )
 }
 
 fn script_output(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -356,7 +286,7 @@ fn inference_scales_from_zero_both_stages_follow_a_load_step_and_idle_goes_back_
         .find_map(|l| l.strip_suffix("  minilm/model.safetensors"))
         .context("minilm in SHA256SUMS")?;
 
-    let op = Operator::start(&cluster, &ns);
+    let op = start_operator(&cluster, &ns);
     let manifest = format!(
         r#"
 apiVersion: tandem.dev/v1alpha1
