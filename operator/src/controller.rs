@@ -271,9 +271,11 @@ pub async fn run(
         routing_store,
         pod_store,
         published,
-        ctx.recorder.clone(),
         ctx.metrics.clone(),
-        crate::rollout::driver::DriverConfig::default(),
+        crate::rollout::driver::DriverConfig {
+            identity: cfg.identity.clone(),
+            ..crate::rollout::driver::DriverConfig::default()
+        },
     ));
 
     controller

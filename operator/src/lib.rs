@@ -7,6 +7,7 @@ pub mod autoscale;
 pub mod build;
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod leader;
 pub mod metrics;
 pub mod reference;

@@ -18,11 +18,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::join_all;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
-use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -455,9 +454,7 @@ async fn patch_status(client: &Client, ns: &str, name: &str, body: &Value) -> Re
         })
 }
 
-/// Creates one Event per scale decision. Created directly rather than through kube's
-/// `Recorder`, which folds Events with the same reason into a series and keeps the first note:
-/// every decision here has its own numbers and time.
+/// Creates one Event per scale decision (see [`crate::events`] for why not the `Recorder`).
 async fn publish(
     client: &Client,
     cfg: &AutoscaleConfig,
@@ -467,42 +464,18 @@ async fn publish(
     decision: &Decision,
     stamp: &Timestamp,
 ) -> Result<(), Error> {
-    let ns = p.namespace().unwrap_or_default();
-    let name = p.name_any();
-    let event = Event {
-        metadata: ObjectMeta {
-            name: Some(format!(
-                "{name}.{}.{:x}",
-                stage.as_str(),
-                stamp.as_nanosecond()
-            )),
-            namespace: Some(ns.clone()),
-            ..ObjectMeta::default()
-        },
-        event_time: Some(MicroTime(*stamp)),
-        action: Some("Scale".to_owned()),
-        reason: Some(reason.to_owned()),
-        note: Some(format!("{}: {}", stage.as_str(), decision.message)),
-        type_: Some("Normal".to_owned()),
-        regarding: Some(ObjectReference {
-            api_version: Some("tandem.dev/v1alpha1".to_owned()),
-            kind: Some("InferencePipeline".to_owned()),
-            name: Some(name.clone()),
-            namespace: Some(ns.clone()),
-            uid: p.uid(),
-            ..ObjectReference::default()
-        }),
-        reporting_controller: Some(crate::controller::FIELD_MANAGER.to_owned()),
-        reporting_instance: Some(cfg.identity.clone()),
-        ..Event::default()
+    let note = crate::events::Note {
+        action: "Scale",
+        reason,
+        note: format!("{}: {}", stage.as_str(), decision.message),
+        warning: false,
+        discriminator: stage.as_str(),
     };
-    let api: Api<Event> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &event)
+    crate::events::create(client, &cfg.identity, p, note, *stamp)
         .await
-        .map(|_| ())
         .map_err(|source| Error::Event {
-            namespace: ns,
-            name,
+            namespace: p.namespace().unwrap_or_default(),
+            name: p.name_any(),
             reason,
             source,
         })

@@ -13,9 +13,8 @@ use futures::future::join_all;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
 use tandem_proto::tandem::v1::{GetStatsRequest, WorkerStats};
 use tracing::{debug, info, warn};
@@ -41,6 +40,8 @@ pub struct DriverConfig {
     pub stats_timeout: Duration,
     /// Status writes that only refresh counters and messages happen at most this often.
     pub counters_every: Duration,
+    /// This operator replica, as the Events' reporting instance.
+    pub identity: String,
 }
 
 impl Default for DriverConfig {
@@ -49,6 +50,7 @@ impl Default for DriverConfig {
             interval: Duration::from_secs(1),
             stats_timeout: Duration::from_millis(800),
             counters_every: Duration::from_secs(2),
+            identity: "tandem-operator".to_owned(),
         }
     }
 }
@@ -69,7 +71,6 @@ pub async fn run(
     pipelines: Store<InferencePipeline>,
     pods: Store<Pod>,
     published: Published,
-    recorder: Recorder,
     metrics: Arc<Metrics>,
     cfg: DriverConfig,
 ) {
@@ -100,7 +101,7 @@ pub async fn run(
                 .filter_map(|w| WorkerPod::from_pod(w))
                 .collect();
             let table = published.lock().ok().and_then(|t| t.get(&key).cloned());
-            drive(&client, &p, &workers, table, mem, &recorder, &metrics, &cfg).await;
+            drive(&client, &p, &workers, table, mem, &metrics, &cfg).await;
         }
         memory.retain(|k, _| seen.contains(k));
         metrics.retain_rollouts(&seen);
@@ -114,7 +115,6 @@ async fn drive(
     workers: &[WorkerPod],
     table: Option<tandem_proto::tandem::v1::RoutingTable>,
     mem: &mut Memory,
-    recorder: &Recorder,
     metrics: &Metrics,
     cfg: &DriverConfig,
 ) {
@@ -277,7 +277,18 @@ async fn drive(
             for e in &d.events {
                 info!(pipeline = %format!("{}/{}", v.meta.namespace, v.meta.name), reason = %e.reason, "{}", e.note);
                 metrics.count_rollout_transition(&e.reason);
-                publish(recorder, p, e.warning, &e.reason, e.note.clone()).await;
+                let note = crate::events::Note {
+                    action: "Rollout",
+                    reason: &e.reason,
+                    note: e.note.clone(),
+                    warning: e.warning,
+                    discriminator: "rollout",
+                };
+                if let Err(err) =
+                    crate::events::create(client, &cfg.identity, p, note, Timestamp::now()).await
+                {
+                    warn!(error = %err, reason = %e.reason, "creating rollout Event failed");
+                }
             }
         }
         // Someone wrote since the cache was read: the next tick decides again on fresh state.
@@ -440,29 +451,6 @@ fn color_window(
         }
     }
     w
-}
-
-async fn publish(
-    recorder: &Recorder,
-    p: &InferencePipeline,
-    warning: bool,
-    reason: &str,
-    note: String,
-) {
-    let ev = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: "Rollout".to_owned(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&ev, &p.object_ref(&())).await {
-        warn!(error = %e, reason, "publishing event failed");
-    }
 }
 
 #[cfg(test)]
