@@ -727,6 +727,20 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
         "v6 paused, aborted and undone with kubectl tandem",
     );
 
+    // The operator exports the rollout's phase and the live split.
+    let metrics = operator.as_ref().map(Operator::metrics).unwrap_or_default();
+    for series in [
+        format!(
+            "tandem_operator_traffic_percent{{namespace=\"{ns}\",pipeline=\"{PIPELINE}\",color=\"blue\"}} 100"
+        ),
+        "tandem_operator_rollout_transitions_total{reason=\"RolloutAborted\"}".to_owned(),
+    ] {
+        assert!(
+            metrics.contains(&series),
+            "{series} missing from /metrics:\n{metrics}"
+        );
+    }
+
     load.finish();
     let all = events(&cluster, ns);
     println!("--- events ---\n{all}");

@@ -1,26 +1,97 @@
 //! Logging/tracing setup and W3C trace-context helpers.
 //!
 //! [`init`] installs a `tracing` subscriber (`RUST_LOG` filter, JSON lines when
-//! `TANDEM_LOG_FORMAT=json`). Spans per phase use `tracing`; the trace context
-//! travels between stages as a W3C `traceparent` header in gRPC metadata:
-//! [`TraceContext`] parses an incoming one and derives the child to send on.
-//! (Export over OTLP is not wired yet; see docs/worker-config.md.)
+//! `TANDEM_LOG_FORMAT=json`) and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, an
+//! OpenTelemetry layer exporting spans over OTLP/gRPC. The trace context travels
+//! between stages as a W3C `traceparent` header in gRPC metadata:
+//! [`TraceContext`] parses an incoming one and derives the child to send on, and
+//! [`set_remote_parent`] makes a request's span a child of the caller's span, so
+//! exported traces join the client's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Installs the global tracing subscriber; safe to call more than once.
-pub fn init() {
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// The installed telemetry; [`Telemetry::shutdown`] flushes spans not yet exported.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is buffered and stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown()
+        {
+            tracing::warn!(error = %e, "flushing traces failed");
+        }
+    }
+}
+
+/// Installs the global tracing subscriber for `service` (the OTLP service name); call it
+/// inside the tokio runtime (the OTLP exporter uses it). A second call leaves the first
+/// subscriber in place.
+pub fn init(service: &'static str) -> Telemetry {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = std::env::var("TANDEM_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
+    let mut exporter_error = None;
+    let provider = if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+        {
+            Ok(exporter) => Some(
+                opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(
+                        opentelemetry_sdk::Resource::builder()
+                            .with_service_name(service)
+                            .build(),
+                    )
+                    .build(),
+            ),
+            Err(e) => {
+                exporter_error = Some(e.to_string());
+                None
+            }
+        }
     } else {
-        builder.try_init()
+        None
     };
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let _ = if json {
+        registry.with(fmt.json()).try_init()
+    } else {
+        registry.with(fmt).try_init()
+    };
+    if let Some(e) = exporter_error {
+        tracing::warn!(error = %e, "OTLP exporter not started; spans are only logged");
+    }
+    Telemetry { provider }
+}
+
+/// Makes `span` a child of the caller's span named by `ctx`, so exported spans carry the
+/// caller's trace id and parent span id. Without an OpenTelemetry layer this does nothing.
+pub fn set_remote_parent(span: &tracing::Span, ctx: &TraceContext) {
+    let remote = SpanContext::new(
+        TraceId::from(ctx.trace_id),
+        SpanId::from(ctx.span_id),
+        TraceFlags::new(ctx.flags),
+        true,
+        TraceState::default(),
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
 }
 
 /// A W3C trace context (`traceparent` version 00).
@@ -104,6 +175,36 @@ fn next_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+
+    #[test]
+    fn a_request_span_is_exported_as_a_child_of_the_callers_remote_span() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let caller =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("infer");
+            set_remote_parent(&span, &caller);
+            span.in_scope(|| tracing::info!("work"));
+        });
+        let _ = provider.force_flush();
+        let spans = exporter.get_finished_spans().unwrap();
+        let infer = spans
+            .iter()
+            .find(|s| s.name == "infer")
+            .expect("exported span");
+        assert_eq!(
+            infer.span_context.trace_id(),
+            TraceId::from(0x4bf92f3577b34da6a3ce929d0e0e4736_u128)
+        );
+        assert_eq!(infer.parent_span_id, SpanId::from(0x00f067aa0ba902b7_u64));
+        assert!(infer.parent_span_is_remote);
+    }
 
     #[test]
     fn traceparent_round_trips_and_child_keeps_the_trace_id() {

@@ -126,27 +126,25 @@ pub struct Args {
 
 /// Runs the inference worker until shutdown.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    init_tracing();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tandem-io")
         .build()
         .context("cannot start the async runtime")?;
+    let telemetry = {
+        let _rt = rt.enter();
+        tandem_worker::common::telemetry::init("tandem-inference")
+    };
     let termination_log = args.termination_log.clone();
     let result = rt.block_on(serve(termination_log, args));
     if let Err(e) = &result {
         tracing::error!(error = %format!("{e:#}"), "inference worker failed");
     }
+    {
+        let _rt = rt.enter();
+        telemetry.shutdown();
+    }
     result
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// Writes the fatal message where Kubernetes surfaces it in the pod status.

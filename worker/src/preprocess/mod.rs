@@ -101,18 +101,26 @@ pub fn effective_config(args: &Args) -> anyhow::Result<PipelineConfig> {
 
 /// Runs the preprocess worker until SIGTERM/SIGINT, then drains and returns.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    telemetry::init();
-    let cfg = effective_config(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tandem-io")
         .build()
         .context("start tokio runtime")?;
-    runtime.block_on(serve(
+    let telemetry = {
+        let _rt = runtime.enter();
+        telemetry::init("tandem-preprocess")
+    };
+    let cfg = effective_config(&args)?;
+    let result = runtime.block_on(serve(
         cfg,
         args.bind,
         Duration::from_secs(args.drain_seconds),
-    ))
+    ));
+    {
+        let _rt = runtime.enter();
+        telemetry.shutdown();
+    }
+    result
 }
 
 /// Builds the service and serves all four ports until shutdown.

@@ -289,6 +289,9 @@ impl Service {
     ) -> Result<ModelInferResponse, RequestError> {
         let started = Instant::now();
         let span = tracing::info_span!("infer", protocol, model = %req.model_name, id = %req.id);
+        if let Some(ctx) = &trace {
+            crate::common::telemetry::set_remote_parent(&span, ctx);
+        }
         let result = tracing::Instrument::instrument(self.infer_inner(req, trace), span).await;
         let elapsed = started.elapsed();
         self.metrics.observe("total", elapsed);
