@@ -285,13 +285,28 @@ pub fn processes_of_pod(pod: &str) -> Vec<u32> {
         .collect()
 }
 
+/// `cargo` arguments that build the operator, its kubectl plugin, the worker and the node agent
+/// exactly as `tests/kube/cluster up` does, so a test never triggers a differently featured
+/// rebuild of shared dependencies.
+pub const BUILD_ARGS: &[&str] = &[
+    "build",
+    "-p",
+    "tandem-node-agent",
+    "-p",
+    "tandem-worker",
+    "-p",
+    "tandem-operator",
+];
+
 /// Builds `tandem-operator` once per test binary and returns its path.
 pub fn operator_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let status = Command::new(cargo)
-            .args(["build", "-p", "tandem-operator", "--bin", "tandem-operator"])
+            // The same package set as `tests/kube/cluster up` builds: another selection would
+            // unify features differently and rebuild half the dependency tree.
+            .args(BUILD_ARGS)
             .current_dir(repo_root())
             .status()
             .expect("running cargo build");

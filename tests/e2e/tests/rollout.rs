@@ -424,7 +424,7 @@ fn plugin_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let ok = Command::new(cargo)
-            .args(["build", "-p", "tandem-operator", "--bin", "kubectl-tandem"])
+            .args(tandem_e2e::BUILD_ARGS)
             .current_dir(repo_root())
             .status()
             .is_ok_and(|s| s.success());

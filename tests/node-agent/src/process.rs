@@ -152,6 +152,18 @@ pub fn spawn(spec: &LaunchSpec) -> Result<tokio::process::Child, ProcessError> {
     cmd.spawn().map_err(ProcessError::Spawn)
 }
 
+/// Orders binds so that no mount hides the source of a later one: a bind whose target
+/// contains another bind's source (an emptyDir at `/tmp` while the agent's state dir is under
+/// `/tmp`, say) is mounted after it. Otherwise the pod's order is kept.
+pub fn mount_order(binds: Vec<Bind>) -> Vec<Bind> {
+    let (shadowing, rest): (Vec<Bind>, Vec<Bind>) = binds.iter().cloned().partition(|b| {
+        binds
+            .iter()
+            .any(|other| !std::ptr::eq(b, other) && other.source.starts_with(&b.target))
+    });
+    rest.into_iter().chain(shadowing).collect()
+}
+
 /// The `exec-container` half that runs inside the namespaces: mounts, identity, exec. Returns
 /// only on failure.
 pub fn exec_container(
@@ -161,11 +173,15 @@ pub fn exec_container(
     workdir: &Path,
     argv: &[String],
 ) -> ProcessError {
-    for arg in binds {
-        let bind = match Bind::parse(arg) {
-            Ok(b) => b,
-            Err(e) => return e,
-        };
+    let parsed = match binds
+        .iter()
+        .map(|a| Bind::parse(a))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(b) => mount_order(b),
+        Err(e) => return e,
+    };
+    for bind in parsed {
         if let Err(e) = mount(&[
             "--bind",
             &bind.source.to_string_lossy(),
@@ -263,5 +279,24 @@ mod tests {
     fn exit_info_reports_signals_as_128_plus_signal() {
         assert_eq!(exit_info(ExitStatus::from_raw(3 << 8)), (3, None));
         assert_eq!(exit_info(ExitStatus::from_raw(9)), (137, Some(9)));
+    }
+
+    #[test]
+    fn a_bind_over_the_state_dir_is_mounted_after_the_binds_from_it() {
+        let b = |src: &str, dst: &str| Bind {
+            source: src.into(),
+            target: dst.into(),
+            read_only: false,
+        };
+        let order = mount_order(vec![
+            b("/tmp/state/pods/u/volumes/tmp", "/tmp"),
+            b("/tmp/state/pods/u/volumes/config", "/etc/tandem"),
+            b("/root/state/token", "/var/run/secrets/token"),
+        ]);
+        let targets: Vec<_> = order
+            .iter()
+            .map(|b| b.target.display().to_string())
+            .collect();
+        assert_eq!(targets, ["/etc/tandem", "/var/run/secrets/token", "/tmp"]);
     }
 }
