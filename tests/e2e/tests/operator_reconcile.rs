@@ -492,13 +492,27 @@ fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
 
-    // A candidate color recorded in status gets its Deployment; clearing it retires the color.
+    // A second color recorded in status gets its Deployment; clearing it retires the color.
+    // (Here: a promotion's previous color, kept for scaleDownDelay, 5 min by default, from
+    // now. The rollout machine itself is exercised by tests/rollout.rs.)
     wait_for_status(&cluster, ns, "parked", &op, "first status", |p| {
         p["status"]["activeColor"] == "blue"
     });
-    let candidate = r#"{"status":{"rollout":{"candidateColor":"green","trafficPercent":0,
-        "candidateModel":{"name":"minilm","version":"2","uri":"file:///m/model.safetensors",
-        "sha256":"53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"}}}}"#;
+    let now = String::from_utf8_lossy(
+        &std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+            .output()
+            .expect("date")
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    let candidate = format!(
+        r#"{{"status":{{"rollout":{{"phase":"Promoted","previousColor":"green","stepStartedAt":"{now}",
+        "previousModel":{{"name":"minilm","version":"2","uri":"file:///m/model.safetensors",
+        "sha256":"53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"}}}}}}}}"#
+    );
+    let candidate = candidate.as_str();
     cluster
         .kubectl_ok([
             "patch",
