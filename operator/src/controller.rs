@@ -669,13 +669,23 @@ async fn write_status(
         "metadata": { "resourceVersion": p.resource_version() },
         "status": next,
     });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(Error::Status)?;
+    match api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+    {
+        Ok(_) => {}
+        // The autoscaler or the rollout driver wrote first: this status was computed from a
+        // stale object. Not a failure — the watch delivers the newer object and reconciles it.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            debug!(pipeline = %name, "status changed since it was read; reconciling the newer object");
+            return Ok(());
+        }
+        Err(e) => return Err(Error::Status(e)),
+    }
     if let Ok(meta) = validate_meta(p) {
         for t in status::transitions(prev, next) {
             let kind = if t.warning {
