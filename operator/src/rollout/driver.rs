@@ -138,21 +138,16 @@ async fn drive(
         phase.map(RolloutPhase::as_str),
         &weights(active_color, rollout),
     );
-    // A failed rollout stays as it is until the spec names another model; with nothing to
-    // roll out, a pipeline costs no RPCs.
-    let failed_model_still_wanted = matches!(
-        phase,
-        Some(RolloutPhase::RolledBack | RolloutPhase::Aborted)
-    ) && rollout.and_then(|r| r.candidate_model.as_ref())
-        == Some(&spec_model);
-    let busy = phase.is_some_and(RolloutPhase::in_progress)
-        || phase == Some(RolloutPhase::Promoted)
-        || matches!(
-            phase,
-            Some(RolloutPhase::RolledBack | RolloutPhase::Aborted)
-        )
-        || spec_model != active_model;
-    if !busy || failed_model_still_wanted {
+    // Nothing to drive, and so no RPCs: a failed rollout whose model the spec still names
+    // (it stays failed until the spec changes), or no rollout with the spec's model serving.
+    let settled = match phase {
+        Some(RolloutPhase::RolledBack | RolloutPhase::Aborted) => {
+            rollout.and_then(|r| r.candidate_model.as_ref()) == Some(&spec_model)
+        }
+        Some(p) if p.in_progress() || p == RolloutPhase::Promoted => false,
+        _ => spec_model == active_model,
+    };
+    if settled {
         return;
     }
 
@@ -168,7 +163,6 @@ async fn drive(
     let wanted = color_replicas(total, rollout, v.rollout.max_surge).1;
     let mut obs = Observations {
         active_ready: count_ready(workers, Stage::Inference, Some(active_color)),
-        preprocess_ready: count_ready(workers, Stage::Preprocess, None),
         candidate_wanted: u32::try_from(
             v.inference
                 .replicas

@@ -87,8 +87,6 @@ pub struct Observations {
     /// The routing generation for the current status, once every ready preprocess pod holds
     /// it; `None` while any pod lags (or no table has been published yet).
     pub routes_acked: Option<u64>,
-    /// Ready preprocess pods (0 means no one can route or compare yet).
-    pub preprocess_ready: u32,
     /// Shadow counters for the candidate.
     pub shadow: ShadowCounts,
     /// The active color's requests in the current step.

@@ -55,7 +55,6 @@ impl World {
             obs: Observations {
                 active_ready: 2,
                 candidate_wanted: 1,
-                preprocess_ready: 2,
                 routes_acked: Some(7),
                 ..Observations::default()
             },
