@@ -20,3 +20,11 @@ ensure_system_packages() {
 
 # Seconds since the given epoch, for the timing lines.
 since() { echo $(( $(date +%s) - $1 ))s; }
+
+# Free space on the filesystems a run writes to (the clone's target/ and the cache
+# directory), for the log: a cold run needs about 15 GiB (docs/development.md).
+report_disk() {
+  local cache=${TANDEM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tandem}
+  mkdir -p "$cache"
+  df -h --output=avail,target "$root" "$cache" | sed 's/^/[disk] /' >&2
+}

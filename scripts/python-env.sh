@@ -12,8 +12,15 @@ if [ ! -f "$venv/.complete" ]; then
   echo "[python-env] creating $venv" >&2
   rm -rf "$venv"
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" >&2
+  pip_flags=(-q --disable-pip-version-check)
+  # On CI the wheel cache would only hold a second copy of torch and friends (GBs).
+  [ "${CI:-}" = true ] && pip_flags+=(--no-cache-dir)
+  "$venv/bin/python" -m pip install "${pip_flags[@]}" --upgrade pip >&2
+  "$venv/bin/python" -m pip install "${pip_flags[@]}" -r "$req" >&2
   touch "$venv/.complete"
+  # Environments for older requirements files are ~6 GB each and never used again.
+  for old in "$cache_root"/venv-*; do
+    [ "$old" = "$venv" ] || { echo "[python-env] removing stale $old" >&2; rm -rf "$old"; }
+  done
 fi
 echo "$venv"

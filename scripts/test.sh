@@ -10,6 +10,10 @@ cd "$root"
 t0=$(date +%s)
 
 ensure_system_packages
+# CI builds once from scratch: incremental compilation only adds gigabytes of
+# target/debug/incremental that no later build reads.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}; fi
+report_disk
 
 say "control plane binaries (cached by version; a cold build takes ~10-20 min)"
 t=$(date +%s); kube_bin=$(tests/kube/build.sh); echo "kube binaries: $kube_bin ($(since "$t"))" >&2
@@ -56,3 +60,4 @@ say "tests"
 t=$(date +%s)
 cargo test --workspace --no-fail-fast
 echo "tests: $(since "$t"); total: $(since "$t0")" >&2
+report_disk

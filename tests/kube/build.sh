@@ -19,6 +19,14 @@ if complete; then echo "$bin"; exit 0; fi
 
 log() { echo "[build] $*" >&2; }
 mkdir -p "$bin.partial"
+# A private Go build and module cache (~5 GB), deleted once the binaries are in
+# place: they are cached by version above, so nothing reads these caches again.
+# A failed build keeps them, so a retry resumes. GOCACHE/GOMODCACHE set by the
+# caller are used as they are and kept.
+scratch="$cache_root/kube/go-scratch"
+own_cache=()
+if [ -z "${GOCACHE:-}" ]; then export GOCACHE="$scratch/build"; own_cache+=("$GOCACHE"); fi
+if [ -z "${GOMODCACHE:-}" ]; then export GOMODCACHE="$scratch/mod"; own_cache+=("$GOMODCACHE"); fi
 start=$(date +%s)
 
 # Version stamps: without them the servers report v0.0.0 and helm/semver
@@ -56,5 +64,10 @@ log "helm $HELM_VERSION"
 
 rm -rf "$bin"
 mv "$bin.partial" "$bin"
+for c in "${own_cache[@]}"; do
+  # The module cache is read-only on purpose; make it deletable first.
+  chmod -R u+w "$c" 2>/dev/null || true
+  rm -rf "$c"
+done
 log "built in $(( $(date +%s) - start ))s into $bin"
 echo "$bin"

@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -298,27 +298,55 @@ pub const BUILD_ARGS: &[&str] = &[
     "tandem-operator",
 ];
 
-/// Builds `tandem-operator` once per test binary and returns its path.
-pub fn operator_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
+/// Whether `name` is one of the variables `cargo test` sets for the test process itself (its
+/// package's name, version and manifest directory, `OUT_DIR`, …). A `cargo` spawned from a test
+/// must not inherit them: build scripts such as ring's declare `rerun-if-env-changed` on exactly
+/// these names, so inheriting them re-runs those scripts and recompiles everything above them
+/// (ring → rustls → kube → the operator), once per test binary, in a second copy on disk.
+fn is_test_process_cargo_var(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_MANIFEST_")
+        || name.starts_with("CARGO_BIN_")
+        || matches!(
+            name,
+            "CARGO_CRATE_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
+}
+
+/// Builds the binaries the tests start (see [`BUILD_ARGS`]) once per test binary and returns
+/// the directory that holds them.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            // The same package set as `tests/kube/cluster up` builds: another selection would
-            // unify features differently and rebuild half the dependency tree.
+        let mut build = Command::new(cargo);
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(is_test_process_cargo_var) {
+                build.env_remove(name);
+            }
+        }
+        let status = build
             .args(BUILD_ARGS)
             .current_dir(repo_root())
             .status()
             .expect("running cargo build");
-        assert!(status.success(), "building tandem-operator failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
+        assert!(status.success(), "cargo {BUILD_ARGS:?} failed");
+        std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target"));
-        let bin = target.join("debug/tandem-operator");
-        assert!(bin.exists(), "{} missing after cargo build", bin.display());
-        bin
+            .unwrap_or_else(|| repo_root().join("target"))
+            .join("debug")
     })
-    .clone()
+}
+
+/// Builds `tandem-operator` (once per test binary) and returns its path.
+pub fn operator_binary() -> PathBuf {
+    let bin = bin_dir().join("tandem-operator");
+    assert!(bin.exists(), "{} missing after cargo build", bin.display());
+    bin
 }
 
 /// A loopback port nobody listens on right now.

@@ -81,14 +81,27 @@ fn prepare_models(ns: &str) -> anyhow::Result<(PathBuf, BTreeMap<String, String>
         }
         let weights = std::fs::read(src.join("model.safetensors"))?;
         let weights = if v == "v3" {
-            perturbed(&weights)?
+            let noisy = perturbed(&weights)?;
+            std::fs::write(to.join("model.safetensors"), &noisy)?;
+            noisy
         } else {
+            // The real weights, linked rather than copied: five copies of 87 MB add up.
+            link_or_copy(
+                &src.join("model.safetensors"),
+                &to.join("model.safetensors"),
+            )?;
             weights
         };
-        std::fs::write(to.join("model.safetensors"), &weights)?;
         sums.insert(v.to_owned(), hex(&Sha256::digest(&weights)));
     }
     Ok((dir, sums))
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
+    }
+    Ok(())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -399,7 +412,7 @@ fn events(cluster: &Cluster, ns: &str) -> String {
 fn plugin(cluster: &Cluster, ns: &str, args: &[&str]) -> String {
     let path = format!(
         "{}:{}",
-        plugin_dir().display(),
+        tandem_e2e::bin_dir().display(),
         std::env::var("PATH").unwrap_or_default()
     );
     let out = Command::new("kubectl")
@@ -416,24 +429,6 @@ fn plugin(cluster: &Cluster, ns: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Builds `kubectl-tandem` once and returns the directory holding it.
-fn plugin_dir() -> &'static Path {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let ok = Command::new(cargo)
-            .args(tandem_e2e::BUILD_ARGS)
-            .current_dir(repo_root())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "building kubectl-tandem failed");
-        std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("target"))
-            .join("debug")
-    })
 }
 
 fn report(load: &Load, from: Instant, name: &str) {
@@ -460,7 +455,7 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
     let server = serve(&dir);
     let base = server.base.clone();
 
-    plugin_dir(); // built now, not in the middle of a timed scenario
+    tandem_e2e::bin_dir(); // built now, not in the middle of a timed scenario
     let mut operator = Some(Operator::start(&cluster, ns, "a"));
     cluster
         .apply(&manifest(ns, &base, &sums))
