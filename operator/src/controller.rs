@@ -107,6 +107,8 @@ pub struct ControllerConfig {
     pub page_size: u32,
     /// Identity reported on Events.
     pub identity: String,
+    /// The queue-depth autoscaler's settings; no autoscaler when `None`.
+    pub autoscale: Option<crate::autoscale::AutoscaleConfig>,
 }
 
 /// Shared state of all reconciles.
@@ -266,6 +268,15 @@ pub async fn run(
         published.clone(),
         crate::router::RouterConfig::default(),
     ));
+    let autoscaler = cfg.autoscale.clone().map(|a| {
+        tokio::spawn(crate::autoscale::run(
+            client.clone(),
+            a,
+            ctx.metrics.clone(),
+            routing_store.clone(),
+            pod_store.clone(),
+        ))
+    });
     let rollouts = tokio::spawn(crate::rollout::driver::run(
         client.clone(),
         routing_store,
@@ -289,6 +300,9 @@ pub async fn run(
         .await;
     router.abort();
     rollouts.abort();
+    if let Some(a) = autoscaler {
+        a.abort();
+    }
     pod_watch.abort();
     info!("controller stopped");
 }

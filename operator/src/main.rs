@@ -2,13 +2,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
-use tandem_operator::autoscale::{self, AutoscaleConfig};
+use tandem_operator::autoscale::AutoscaleConfig;
 use tandem_operator::build::BuildConfig;
 use tandem_operator::controller::{self, ControllerConfig};
 use tandem_operator::leader::{self, LeaderConfig};
@@ -48,9 +49,15 @@ struct RunArgs {
     /// `imagePullPolicy` for worker containers (cluster default when unset).
     #[arg(long, env = "TANDEM_WORKER_IMAGE_PULL_POLICY")]
     worker_image_pull_policy: Option<String>,
-    /// Namespace to watch; every namespace when unset.
-    #[arg(long, env = "TANDEM_WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Namespaces to watch (repeat the flag or separate with commas); every namespace when
+    /// unset. Each watched namespace gets its own caches and reconcile loop.
+    #[arg(
+        long = "namespace",
+        env = "TANDEM_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NAMESPACE"
+    )]
+    namespaces: Vec<String>,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, env = "TANDEM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -195,7 +202,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .lease_namespace
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_owned());
-    info!(version = VERSION, %identity, namespace = ?args.namespace, %lease_namespace, "starting");
+    let scopes = watch_scopes(&args.namespaces);
+    info!(version = VERSION, %identity, namespaces = ?args.namespaces, %lease_namespace, "starting");
 
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
@@ -252,27 +260,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if became_leader {
         metrics.set_leader(true);
         metrics.set_ready(false);
-        let cfg = ControllerConfig {
-            build: BuildConfig {
-                worker_image: args
-                    .worker_image
-                    .clone()
-                    .unwrap_or_else(|| format!("tandem-worker:{VERSION}")),
-                image_pull_policy: args.worker_image_pull_policy.clone(),
-                operator_version: VERSION.to_owned(),
-            },
-            namespace: args.namespace.clone(),
-            concurrency: args.concurrency,
-            page_size: args.page_size,
-            identity: identity.clone(),
-        };
+        let autoscale = args.autoscale.autoscale.then(|| {
+            let a = &args.autoscale;
+            AutoscaleConfig {
+                interval: a.autoscale_interval,
+                poll_timeout: a.autoscale_poll_timeout,
+                unreachable_grace: a.autoscale_unreachable_grace,
+                tolerance: a.autoscale_tolerance.clamp(0.0, 1.0),
+                scale_down_window: a.scale_down_window,
+                scale_to_zero_after: a.scale_to_zero_after,
+                status_interval: a.autoscale_status_interval,
+                identity: identity.clone(),
+            }
+        });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut shutdown_for_ctrl = shutdown_rx.clone();
         let mut leading_for_ctrl = leading_rx.clone();
-        let stop = async move {
-            let mut stop_rx = stop_rx;
-            let _ = stop_rx.wait_for(|s| *s).await;
-        };
         let watchdog = tokio::spawn(async move {
             let lost = tokio::select! {
                 _ = shutdown_for_ctrl.wait_for(|s| *s) => false,
@@ -281,37 +284,38 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             stop_tx.send_replace(true);
             lost
         });
-        let autoscaler = args.autoscale.autoscale.then(|| {
-            let a = &args.autoscale;
-            tokio::spawn(autoscale::run(
-                client.clone(),
-                AutoscaleConfig {
-                    namespace: args.namespace.clone(),
-                    page_size: args.page_size,
-                    interval: a.autoscale_interval,
-                    poll_timeout: a.autoscale_poll_timeout,
-                    unreachable_grace: a.autoscale_unreachable_grace,
-                    tolerance: a.autoscale_tolerance.clamp(0.0, 1.0),
-                    scale_down_window: a.scale_down_window,
-                    scale_to_zero_after: a.scale_to_zero_after,
-                    status_interval: a.autoscale_status_interval,
-                    identity: identity.clone(),
+        // One controller per watched namespace (or one for the whole cluster); the leader is
+        // ready once every one of them has synced its caches.
+        let synced = Arc::new(AtomicUsize::new(0));
+        let controllers = scopes.iter().map(|scope| {
+            let cfg = ControllerConfig {
+                build: BuildConfig {
+                    worker_image: args
+                        .worker_image
+                        .clone()
+                        .unwrap_or_else(|| format!("tandem-worker:{VERSION}")),
+                    image_pull_policy: args.worker_image_pull_policy.clone(),
+                    operator_version: VERSION.to_owned(),
                 },
-                metrics.clone(),
-            ))
+                namespace: scope.clone(),
+                concurrency: args.concurrency,
+                page_size: args.page_size,
+                identity: identity.clone(),
+                autoscale: autoscale.clone(),
+            };
+            let mut stop_rx = stop_rx.clone();
+            let stop = async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            };
+            let (m, synced, all) = (metrics.clone(), synced.clone(), scopes.len());
+            let ready = move || {
+                if synced.fetch_add(1, Ordering::SeqCst) + 1 == all {
+                    m.set_ready(true);
+                }
+            };
+            controller::run(client.clone(), cfg, metrics.clone(), ready, stop)
         });
-        let m = metrics.clone();
-        controller::run(
-            client.clone(),
-            cfg,
-            metrics.clone(),
-            move || m.set_ready(true),
-            stop,
-        )
-        .await;
-        if let Some(a) = autoscaler {
-            a.abort();
-        }
+        futures::future::join_all(controllers).await;
         lost_leadership = watchdog.await.unwrap_or(false);
         metrics.set_leader(false);
     }
@@ -332,6 +336,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// What the controllers watch: each named namespace once, in the order given, or the whole
+/// cluster (`None`) when no namespace is named.
+fn watch_scopes(namespaces: &[String]) -> Vec<Option<String>> {
+    let mut scopes: Vec<Option<String>> = Vec::new();
+    for ns in namespaces
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+    {
+        if !scopes.iter().any(|s| s.as_deref() == Some(ns)) {
+            scopes.push(Some(ns.to_owned()));
+        }
+    }
+    if scopes.is_empty() {
+        scopes.push(None);
+    }
+    scopes
 }
 
 fn default_identity() -> String {
@@ -366,5 +389,53 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from(["tandem-operator", "run"].iter().chain(argv))
+            .expect("valid command line");
+        match cli.command {
+            Command::Run(args) => *args,
+            other => panic!("parsed {other:?}, not run"),
+        }
+    }
+
+    #[test]
+    fn no_namespace_flag_watches_the_whole_cluster() {
+        assert_eq!(watch_scopes(&run_args(&[]).namespaces), vec![None]);
+    }
+
+    #[test]
+    fn namespaces_can_be_repeated_or_comma_separated_and_are_watched_once_each() {
+        let args = run_args(&[
+            "--namespace",
+            "ml,search",
+            "--namespace",
+            "ml",
+            "--namespace",
+            "ads",
+        ]);
+        assert_eq!(
+            watch_scopes(&args.namespaces),
+            vec![
+                Some("ml".to_owned()),
+                Some("search".to_owned()),
+                Some("ads".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn blank_namespace_entries_are_ignored_rather_than_watching_namespace_empty() {
+        assert_eq!(watch_scopes(&["".to_owned(), " ".to_owned()]), vec![None]);
+        assert_eq!(
+            watch_scopes(&[" ml ".to_owned(), String::new()]),
+            vec![Some("ml".to_owned())]
+        );
     }
 }

@@ -57,9 +57,18 @@ app.kubernetes.io/component: operator
 {{- default (include "tandem.fullname" .) .Values.leaderElection.leaseName }}
 {{- end }}
 
-{{/* The namespace watched in Namespaced scope. */}}
-{{- define "tandem.watchNamespace" -}}
-{{- default .Release.Namespace .Values.rbac.watchNamespace }}
+{{/* The namespaces watched in Namespaced scope, as a JSON list (fromJsonArray to range). */}}
+{{- define "tandem.watchNamespaces" -}}
+{{- default (list .Release.Namespace) .Values.rbac.watchNamespaces | uniq | toJson }}
+{{- end }}
+
+{{/* Where NOTES.txt suggests creating a pipeline: the first watched namespace, or the release's. */}}
+{{- define "tandem.exampleNamespace" -}}
+{{- if eq .Values.rbac.scope "Namespaced" }}
+{{- include "tandem.watchNamespaces" . | fromJsonArray | first }}
+{{- else }}
+{{- .Release.Namespace }}
+{{- end }}
 {{- end }}
 
 {{/* "repository:tag" or "repository@digest"; the tag defaults to the chart's appVersion. */}}

@@ -5,8 +5,8 @@
 //! Deployments. The reconciler stays the one writer of `replicas`; a status change re-queues
 //! the pipeline through the controller's watch. Every change is also an Event and a metric.
 //!
-//! Runs on the leader only, with its own pipeline and pod watches so it shares no state with
-//! the reconciler. The inference stage is sized on the load of *all* its pods (both colors
+//! Runs on the leader only, beside the reconciler, reading the controller's pipeline and pod
+//! caches (one copy per watched namespace keeps the operator's memory flat). The inference stage is sized on the load of *all* its pods (both colors
 //! during a rollout); the rollout logic splits that total between the colors.
 
 pub mod decision;
@@ -16,14 +16,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use serde_json::{Map, Value, json};
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
@@ -46,10 +44,6 @@ pub const FIELD_MANAGER: &str = "tandem-autoscaler";
 /// Autoscaler settings; the policy knobs apply to every pipeline.
 #[derive(Clone, Debug)]
 pub struct AutoscaleConfig {
-    /// Namespace to watch; every namespace when `None`.
-    pub namespace: Option<String>,
-    /// Page size of the initial lists.
-    pub page_size: u32,
     /// Time between polling rounds.
     pub interval: Duration,
     /// Limit for one `GetStats` call, connection included.
@@ -72,8 +66,6 @@ pub struct AutoscaleConfig {
 impl Default for AutoscaleConfig {
     fn default() -> Self {
         Self {
-            namespace: None,
-            page_size: 100,
             interval: Duration::from_secs(1),
             poll_timeout: Duration::from_millis(500),
             unreachable_grace: Duration::from_secs(10),
@@ -131,35 +123,16 @@ struct PipelineState {
     inference: Written,
 }
 
-/// Runs until the task is aborted.
-pub async fn run(client: Client, cfg: AutoscaleConfig, metrics: Arc<Metrics>) {
-    let pipelines: Api<InferencePipeline> = scoped(&client, &cfg.namespace);
-    let (ipl_store, ipl_writer) = reflector::store::<InferencePipeline>();
-    let ipl_watch = watcher(
-        pipelines,
-        watcher::Config::default()
-            .page_size(cfg.page_size)
-            .any_semantic(),
-    )
-    .modify(|p| p.metadata.managed_fields = None)
-    .default_backoff()
-    .reflect(ipl_writer)
-    .for_each(|ev| {
-        if let Err(e) = ev {
-            warn!(error = %e, "autoscaler: watching pipelines failed");
-        }
-        futures::future::ready(())
-    });
-    // The same worker-pod cache as the router's (labels, status and deletion only), its own
-    // instance so the autoscaler stays independent of the reconciler's lifecycle.
-    let (pod_store, pod_watch) =
-        crate::router::watch_pods(client.clone(), cfg.namespace.as_deref(), cfg.page_size);
-    let watches = tokio::spawn(async move {
-        futures::join!(ipl_watch, pod_watch);
-    });
-    // Abort the watches when this task is aborted.
-    let _guard = AbortOnDrop(watches);
-
+/// Runs until the task is aborted, reading the pipelines and worker pods from the
+/// controller's caches (one copy of each per watched namespace, shared with the router and the
+/// rollout driver).
+pub async fn run(
+    client: Client,
+    cfg: AutoscaleConfig,
+    metrics: Arc<Metrics>,
+    ipl_store: Store<InferencePipeline>,
+    pod_store: Store<Pod>,
+) {
     info!(
         interval_ms = cfg.interval.as_millis() as u64,
         "autoscaler started"
@@ -182,24 +155,6 @@ pub async fn run(client: Client, cfg: AutoscaleConfig, metrics: Arc<Metrics>) {
         )
         .await;
         metrics.observe_autoscale_round(started.elapsed());
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
     }
 }
 

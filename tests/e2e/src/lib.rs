@@ -420,6 +420,11 @@ impl Operator {
             .any(|l| l.trim() == "tandem_operator_leader 1")
     }
 
+    /// Whether `/readyz` answers 200 (a leader only once its caches are synced).
+    pub fn is_ready(&self) -> bool {
+        http_get(self.addr, "/readyz", Duration::from_secs(2)).is_ok_and(|(code, _)| code == 200)
+    }
+
     /// Successful reconciles so far.
     pub fn successes(&self) -> u64 {
         self.metrics()

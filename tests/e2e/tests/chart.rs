@@ -873,31 +873,35 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
 }
 
 #[test]
-fn namespaced_scope_grants_the_watched_namespace_only_and_uninstall_leaves_nothing()
+fn namespaced_scope_grants_the_watched_namespaces_only_and_uninstall_leaves_nothing()
 -> anyhow::Result<()> {
     let cluster = Cluster::connect();
     let home = cluster.namespace("chart-home")?;
     let watched = cluster.namespace("chart-watched")?;
-    let (ns, wns) = (home.name(), watched.name());
+    let watched2 = cluster.namespace("chart-watched2")?;
+    let (ns, wns, wns2) = (home.name(), watched.name(), watched2.name());
     let mut release = Release::install(
         &cluster,
         ns,
         &[
             "rbac.scope=Namespaced",
-            &format!("rbac.watchNamespace={wns}"),
+            &format!("rbac.watchNamespaces={{{wns},{wns2}}}"),
         ],
     )?;
 
-    // The leader is Ready only once its caches hold a full list: namespaced list/watch suffice.
+    // The leader is Ready only once the caches of *both* watched namespaces hold a full list:
+    // namespaced list/watch in each suffice.
     let pods = wait_operator_rolled_out(&cluster, ns, 2)?;
     wait_leader(&cluster, ns, &pods)?;
 
     let sa = OPERATOR;
-    assert_permissions(
-        "watched namespace",
-        &extra_permissions(&cluster, ns, sa, wns)?,
-        &workload_permissions(),
-    );
+    for w in [wns, wns2] {
+        assert_permissions(
+            &format!("watched namespace {w}"),
+            &extra_permissions(&cluster, ns, sa, w)?,
+            &workload_permissions(),
+        );
+    }
     assert_permissions(
         "release namespace",
         &extra_permissions(&cluster, ns, sa, ns)?,
@@ -915,12 +919,14 @@ fn namespaced_scope_grants_the_watched_namespace_only_and_uninstall_leaves_nothi
 
     release.uninstall(&cluster)?;
     wait_nothing_left(&cluster, ns)?;
-    let role = cluster.kubectl(["get", "role,rolebinding", OPERATOR, "-n", wns])?;
-    let left = String::from_utf8_lossy(&role.stdout);
-    assert!(
-        left.trim().is_empty(),
-        "left in the watched namespace: {left}"
-    );
+    for w in [wns, wns2] {
+        let role = cluster.kubectl(["get", "role,rolebinding", OPERATOR, "-n", w])?;
+        let left = String::from_utf8_lossy(&role.stdout);
+        assert!(
+            left.trim().is_empty(),
+            "left in watched namespace {w}: {left}"
+        );
+    }
     Ok(())
 }
 

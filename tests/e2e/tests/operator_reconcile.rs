@@ -657,3 +657,58 @@ fn two_operators_elect_one_leader_and_the_other_takes_over_when_it_dies() {
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", b.log_tail()));
 }
+
+#[test]
+fn one_operator_watching_two_namespaces_reconciles_both_and_leaves_a_third_alone() {
+    let cluster = Cluster::connect();
+    cluster.ensure_crd().expect("the CRD is served");
+    let first = cluster.namespace("op-multi-a").expect("namespace");
+    let second = cluster.namespace("op-multi-b").expect("namespace");
+    let unwatched = cluster.namespace("op-multi-c").expect("namespace");
+    let (a, b, c) = (first.name(), second.name(), unwatched.name());
+    let op = Operator::start_with(&cluster, a, "multi", &["--namespace".into(), b.into()]);
+    wait_until(
+        "the operator to lead with both namespaces' caches synced (/readyz)",
+        Duration::from_secs(30),
+        || Ok((op.is_leader() && op.is_ready()).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+
+    // The unwatched namespace first: by the time both watched pipelines are reconciled, a
+    // watched third one would have been too.
+    for ns in [c, a, b] {
+        cluster
+            .kubectl_stdin(&["apply", "-n", ns], UNSCHEDULABLE)
+            .expect("apply");
+    }
+    for ns in [a, b] {
+        let p = wait_for_status(
+            &cluster,
+            ns,
+            "parked",
+            &op,
+            &format!("the pipeline in {ns} to get a status"),
+            |p| p["status"]["observedGeneration"].as_i64() == Some(1),
+        );
+        assert_eq!(
+            names(&get(&cluster, ns, "deployments")),
+            ["parked-inference-blue", "parked-preprocess"],
+            "objects in watched namespace {ns}; status: {}",
+            p["status"]
+        );
+    }
+    // One more debounce period and reconcile for good measure.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        names(&get(&cluster, c, "deployments")).is_empty(),
+        "the operator created objects in unwatched namespace {c}"
+    );
+    let parked = cluster
+        .get_json(&["ipl", "parked", "-n", c])
+        .expect("the unwatched pipeline");
+    assert!(
+        parked["status"].is_null(),
+        "the operator wrote status in unwatched namespace {c}: {}",
+        parked["status"]
+    );
+}
