@@ -71,7 +71,7 @@ peak_sampled=0
 while :; do
   rss=$(awk '/VmRSS/ {print $2}' "/proc/$op_pid/status" 2>/dev/null || echo 0)
   [ "$rss" -gt "$peak_sampled" ] && peak_sampled=$rss
-  deps=$(kubectl get deployments -n "$ns" --no-headers 2>/dev/null | wc -l)
+  deps=$(kubectl get deployments -n "$ns" -o name 2>/dev/null | wc -l)
   done_status=$(kubectl get ipl -n "$ns" -o jsonpath='{range .items[*]}{.status.observedGeneration}{"\n"}{end}' 2>/dev/null | grep -c . || true)
   if [ "$deps" -ge $((2 * N)) ] && [ "$done_status" -ge "$N" ]; then break; fi
   if [ "$(echo "$(date +%s.%N) - $t0 > $MAX_WAIT" | bc)" = 1 ]; then
@@ -79,7 +79,9 @@ while :; do
     break
   fi
   if ! kill -0 "$op_pid" 2>/dev/null; then echo "[bench] operator exited" >&2; tail -20 "$work/operator.log" >&2; exit 1; fi
-  sleep 1
+  # Each poll lists N pipelines and 2N Deployments: poll every 2 s so the harness itself does
+  # not compete with the operator for the API server.
+  sleep 2
 done
 t1=$(date +%s.%N)
 sleep 5   # let follow-up reconciles (owned-object events) finish before reading memory

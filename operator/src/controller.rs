@@ -14,9 +14,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{
-    Api, DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, Preconditions,
-};
+use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -73,9 +71,6 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    /// Listing pods to explain why they are not ready failed.
-    #[error("listing pods")]
-    ListPods(#[source] kube::Error),
     /// Writing status failed.
     #[error("writing status")]
     Status(#[source] kube::Error),
@@ -88,7 +83,6 @@ impl Error {
             Self::Build(_) => ErrorKind::Build,
             Self::Apply { .. } => ErrorKind::Apply,
             Self::Prune { .. } => ErrorKind::Prune,
-            Self::ListPods(_) => ErrorKind::Observe,
             Self::Status(_) => ErrorKind::Status,
         }
     }
@@ -118,6 +112,8 @@ pub struct Context {
     recorder: Recorder,
     metrics: Arc<Metrics>,
     deployments: Store<PartialObjectMeta<Deployment>>,
+    /// Worker pods (labels and status), shared with the router, rollout driver and autoscaler.
+    pods: Store<Pod>,
     failures: Mutex<HashMap<ObjectRef<InferencePipeline>, u32>>,
 }
 
@@ -208,6 +204,11 @@ pub async fn run(
             instance: Some(cfg.identity.clone()),
         },
     );
+    // Worker pods: the router's routing tables, the rollout driver, the autoscaler and the
+    // reconciler's "why not ready" all read this one cache.
+    let (pod_store, pod_watch) =
+        crate::router::watch_pods(client.clone(), cfg.namespace.as_deref(), cfg.page_size);
+    let pod_watch = tokio::spawn(pod_watch);
     let concurrency = cfg.concurrency;
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -215,6 +216,7 @@ pub async fn run(
         recorder,
         metrics,
         deployments: dep_store.clone(),
+        pods: pod_store.clone(),
         failures: Mutex::new(HashMap::new()),
     });
 
@@ -258,9 +260,6 @@ pub async fn run(
     // Routing tables follow the pods the pipelines own; the rollout driver moves traffic by
     // writing status and waits for the tables to reach every preprocess pod. Leader-only like
     // reconcile.
-    let (pod_store, pod_watch) =
-        crate::router::watch_pods(client.clone(), cfg.namespace.as_deref(), cfg.page_size);
-    let pod_watch = tokio::spawn(pod_watch);
     let published = crate::router::Published::default();
     let router = tokio::spawn(crate::router::run(
         routing_store.clone(),
@@ -646,17 +645,23 @@ async fn observe(
         problem: None,
     };
     if obs.ready < obs.desired {
-        let selector = build::selector_labels(&v.meta.name, stage, color)
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &v.meta.namespace);
-        let list = pods
-            .list(&ListParams::default().labels(&selector).limit(20))
-            .await
-            .map_err(Error::ListPods)?;
-        obs.problem = status::pod_problem(&list.items);
+        // Why pods are missing, from the worker-pod cache the router keeps anyway (status is
+        // all `pod_problem` reads): no list call per not-ready reconcile.
+        let selector = build::selector_labels(&v.meta.name, stage, color);
+        let pods: Vec<Pod> = ctx
+            .pods
+            .state()
+            .iter()
+            .filter(|p| p.metadata.namespace.as_deref() == Some(v.meta.namespace.as_str()))
+            .filter(|p| {
+                let labels = p.labels();
+                selector
+                    .iter()
+                    .all(|(k, want)| labels.get(k.as_str()).is_some_and(|l| l == want))
+            })
+            .map(|p| p.as_ref().clone())
+            .collect();
+        obs.problem = status::pod_problem(&pods);
     }
     Ok(obs)
 }

@@ -86,8 +86,6 @@ pub enum ErrorKind {
     Apply,
     /// Deleting retired objects.
     Prune,
-    /// Reading pods.
-    Observe,
     /// Writing status.
     Status,
 }
