@@ -98,12 +98,7 @@ pub fn desired_table(pipeline: &InferencePipeline, pods: &[WorkerPod]) -> Routin
         .as_ref()
         .filter(|r| r.phase.is_some_and(RolloutPhase::in_progress));
     let candidate = rollout.and_then(|r| Some((r.candidate_color?, r.candidate_model.clone()?)));
-    let candidate_share = match rollout {
-        Some(r) if r.phase == Some(RolloutPhase::ShiftingTraffic) => {
-            u32::try_from(r.traffic_percent.clamp(0, 100)).unwrap_or(0)
-        }
-        _ => 0,
-    };
+    let candidate_share = crate::rollout::candidate_share(rollout);
 
     let mut colors = vec![route(active, &active_model, 100 - candidate_share, pods)];
     let mut shadow = None;

@@ -452,7 +452,7 @@ fn traffic(active: Color, rollout: Option<&RolloutStatus>) -> String {
     let c = candidate.as_str();
     match r.phase {
         Some(RolloutPhase::ShiftingTraffic) => {
-            let pct = r.traffic_percent.clamp(0, 100);
+            let pct = crate::rollout::candidate_share(Some(r));
             format!("{a} {}% {c} {pct}%", 100 - pct)
         }
         Some(RolloutPhase::Shadowing) => format!("{a} 100% (shadow {c})"),

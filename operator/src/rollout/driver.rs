@@ -316,7 +316,7 @@ fn shape(r: Option<&RolloutStatus>) -> Option<Shape> {
 fn weights(active: Color, rollout: Option<&RolloutStatus>) -> Vec<(&'static str, i64)> {
     match rollout.filter(|r| r.phase == Some(RolloutPhase::ShiftingTraffic)) {
         Some(r) => {
-            let pct = i64::from(r.traffic_percent.clamp(0, 100));
+            let pct = i64::from(super::candidate_share(Some(r)));
             let mut w = vec![(active.as_str(), 100 - pct)];
             if let Some(c) = r.candidate_color {
                 w.push((c.as_str(), pct));

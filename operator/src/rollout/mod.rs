@@ -598,6 +598,17 @@ fn merge_shadow(prev: Option<&ShadowStatus>, seen: &ShadowCounts) -> ShadowStatu
     }
 }
 
+/// The percentage of live traffic the candidate color takes: the current step while traffic
+/// shifts, 0 in every other phase (shadowing mirrors traffic, it takes none). The router's
+/// tables, the printed TRAFFIC column and the driver's metrics all derive from this.
+pub fn candidate_share(rollout: Option<&RolloutStatus>) -> u32 {
+    rollout
+        .filter(|r| r.phase == Some(RolloutPhase::ShiftingTraffic))
+        .map_or(0, |r| {
+            u32::try_from(r.traffic_percent.clamp(0, 100)).unwrap_or(0)
+        })
+}
+
 /// Splits the inference stage's desired pods between the colors status names: `(active,
 /// other)`. While a candidate shadows or takes a share of traffic, it runs
 /// `max(maxSurge, ⌈total·share⌉)` pods and the active color keeps what its own share needs, so

@@ -538,3 +538,32 @@ fn pods_are_split_by_traffic_share_with_max_surge_extra() {
         (4, 0)
     );
 }
+
+#[test]
+fn the_candidate_takes_live_traffic_only_while_traffic_shifts_and_never_more_than_all() {
+    let with = |phase, pct| RolloutStatus {
+        phase: Some(phase),
+        traffic_percent: pct,
+        ..RolloutStatus::default()
+    };
+    assert_eq!(candidate_share(None), 0);
+    assert_eq!(candidate_share(Some(&with(RolloutPhase::Shadowing, 0))), 0);
+    assert_eq!(
+        candidate_share(Some(&with(RolloutPhase::ShiftingTraffic, 30))),
+        30
+    );
+    assert_eq!(
+        candidate_share(Some(&with(RolloutPhase::ShiftingTraffic, 250))),
+        100
+    );
+    assert_eq!(
+        candidate_share(Some(&with(RolloutPhase::ShiftingTraffic, -5))),
+        0
+    );
+    // A promoted or rolled-back rollout keeps its last step in status; it routes nothing.
+    assert_eq!(candidate_share(Some(&with(RolloutPhase::Promoted, 100))), 0);
+    assert_eq!(
+        candidate_share(Some(&with(RolloutPhase::RolledBack, 50))),
+        0
+    );
+}
