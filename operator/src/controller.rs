@@ -13,7 +13,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -24,6 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::applied::{Applied, Json, fingerprint};
 use crate::build::{
     self, BuildConfig, ColorPlan, Desired, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, Observed,
     Stage,
@@ -114,6 +115,8 @@ pub struct Context {
     deployments: Store<PartialObjectMeta<Deployment>>,
     /// Worker pods (labels and status), shared with the router, rollout driver and autoscaler.
     pods: Store<Pod>,
+    /// What was last applied of each pipeline's supporting objects (see [`crate::applied`]).
+    applied: Arc<Mutex<Applied>>,
     failures: Mutex<HashMap<ObjectRef<InferencePipeline>, u32>>,
 }
 
@@ -209,6 +212,7 @@ pub async fn run(
     let (pod_store, pod_watch) =
         crate::router::watch_pods(client.clone(), cfg.namespace.as_deref(), cfg.page_size);
     let pod_watch = tokio::spawn(pod_watch);
+    let applied = Arc::new(Mutex::new(Applied::default()));
     let concurrency = cfg.concurrency;
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -217,6 +221,7 @@ pub async fn run(
         metrics,
         deployments: dep_store.clone(),
         pods: pod_store.clone(),
+        applied: applied.clone(),
         failures: Mutex::new(HashMap::new()),
     });
 
@@ -229,17 +234,29 @@ pub async fn run(
                 .debounce(DEBOUNCE),
         )
         .owns_stream(deployments)
-        .owns_stream(owned_meta::<Service>(&client, &cfg.namespace, &owned))
-        .owns_stream(owned_meta::<ConfigMap>(&client, &cfg.namespace, &owned))
+        .owns_stream(owned_meta::<Service>(
+            &client,
+            &cfg.namespace,
+            &owned,
+            &applied,
+        ))
+        .owns_stream(owned_meta::<ConfigMap>(
+            &client,
+            &cfg.namespace,
+            &owned,
+            &applied,
+        ))
         .owns_stream(owned_meta::<ServiceAccount>(
             &client,
             &cfg.namespace,
             &owned,
+            &applied,
         ))
         .owns_stream(owned_meta::<PodDisruptionBudget>(
             &client,
             &cfg.namespace,
             &owned,
+            &applied,
         ))
         .graceful_shutdown_on(shutdown);
 
@@ -316,10 +333,14 @@ where
     }
 }
 
+/// Trigger stream of one owned kind (metadata only, nothing cached). Every change is also shown
+/// to `applied`, which drops a pipeline's record when someone other than the reconciler
+/// changed or deleted an object it covers.
 fn owned_meta<K>(
     client: &Client,
     namespace: &Option<String>,
     cfg: &watcher::Config,
+    applied: &Arc<Mutex<Applied>>,
 ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -330,11 +351,32 @@ where
         + Sync
         + 'static,
 {
+    let applied = applied.clone();
     watcher(
         scoped::<PartialObjectMeta<K>>(client, namespace),
         cfg.clone(),
     )
     .default_backoff()
+    .inspect(move |ev| {
+        let (obj, deleted) = match ev {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (o, false),
+            Ok(watcher::Event::Delete(o)) => (o, true),
+            _ => return,
+        };
+        let (Some(ns), Some(pipeline)) = (obj.namespace(), obj.labels().get(LABEL_INSTANCE)) else {
+            return;
+        };
+        if let Ok(mut a) = applied.lock() {
+            a.observe(
+                &ns,
+                pipeline,
+                short_kind::<K>(),
+                &obj.name_any(),
+                change_marker(short_kind::<K>(), &obj.metadata).as_deref(),
+                deleted,
+            );
+        }
+    })
     .touched_objects()
 }
 
@@ -528,28 +570,87 @@ fn short_kind<K: Resource<DynamicType = ()>>() -> &'static str {
     }
 }
 
-/// Applies every desired object; returns the Deployments as the server now has them (with
-/// status), in the order built. Independent objects go out concurrently.
+/// Applies the desired objects; returns the Deployments as the server now has them (with
+/// status), in the order built. Independent objects go out concurrently. The supporting
+/// objects (ServiceAccount, ConfigMap, Service, PodDisruptionBudgets) are skipped when they are
+/// exactly what was last applied and nobody touched them since ([`crate::applied`]); the
+/// Deployments always go out.
 async fn apply_all(
     ctx: &Context,
     v: &ValidatedPipeline,
     d: &Desired,
 ) -> Result<Vec<Deployment>, Error> {
     let ns = v.meta.namespace.as_str();
+    let pipeline = v.meta.name.as_str();
+    let supporting = fingerprint(
+        [&d.service_account as &dyn Json, &d.config_map, &d.service]
+            .into_iter()
+            .chain(d.pdbs.iter().map(|p| p as &dyn Json)),
+    );
+    let now = std::time::Instant::now();
+    let current = supporting.is_some_and(|fp| {
+        ctx.applied
+            .lock()
+            .is_ok_and(|a| a.is_current(ns, pipeline, fp, now))
+    });
+    if current {
+        debug!("supporting objects unchanged since the last apply; applying Deployments only");
+        let deployments =
+            futures::future::join_all(d.deployments.iter().map(|dep| apply(ctx, ns, dep))).await;
+        return deployments.into_iter().collect();
+    }
+
+    let result = apply_everything(ctx, ns, d).await;
+    if let Ok(mut a) = ctx.applied.lock() {
+        match (&result, supporting) {
+            (Ok((_, versions)), Some(fp)) => a.record(ns, pipeline, fp, versions.clone(), now),
+            _ => a.forget(ns, pipeline),
+        }
+    }
+    result.map(|(deployments, _)| deployments)
+}
+
+/// `(kind, name, resourceVersion)` of applied supporting objects.
+type Versions = Vec<(&'static str, String, String)>;
+
+async fn apply_everything(
+    ctx: &Context,
+    ns: &str,
+    d: &Desired,
+) -> Result<(Vec<Deployment>, Versions), Error> {
     let (sa, cm, svc) = futures::join!(
         apply(ctx, ns, &d.service_account),
         apply(ctx, ns, &d.config_map),
         apply(ctx, ns, &d.service),
     );
-    sa?;
-    cm?;
-    svc?;
+    let mut versions = vec![version(&sa?), version(&cm?), version(&svc?)];
     let deployments =
         futures::future::join_all(d.deployments.iter().map(|dep| apply(ctx, ns, dep))).await;
     let pdbs = futures::future::join_all(d.pdbs.iter().map(|pdb| apply(ctx, ns, pdb))).await;
     let deployments = deployments.into_iter().collect::<Result<Vec<_>, _>>()?;
-    pdbs.into_iter().collect::<Result<Vec<_>, _>>()?;
-    Ok(deployments)
+    for pdb in pdbs {
+        versions.push(version(&pdb?));
+    }
+    Ok((deployments, versions))
+}
+
+fn version<K: Resource<DynamicType = ()>>(obj: &K) -> (&'static str, String, String) {
+    let kind = short_kind::<K>();
+    (
+        kind,
+        obj.meta().name.clone().unwrap_or_default(),
+        change_marker(kind, obj.meta()).unwrap_or_default(),
+    )
+}
+
+/// What changes when someone changes an object's desired state: the `generation` of a
+/// PodDisruptionBudget (its status, rewritten by the disruption controller whenever a pod's
+/// readiness changes, bumps only the `resourceVersion`), the `resourceVersion` of the others.
+fn change_marker(kind: &str, meta: &ObjectMeta) -> Option<String> {
+    match kind {
+        "PodDisruptionBudget" => meta.generation.map(|g| format!("g{g}")),
+        _ => meta.resource_version.clone(),
+    }
 }
 
 /// Deletes owned Deployments (and their PodDisruptionBudgets) that are no longer desired, such
@@ -766,6 +867,29 @@ mod tests {
         let d: Vec<u64> = (1..=10).map(|n| backoff(n).as_secs()).collect();
         assert_eq!(d, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
         assert_eq!(backoff(1000), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_pdb_changes_with_its_generation_other_kinds_with_their_resource_version() {
+        let meta = ObjectMeta {
+            generation: Some(3),
+            resource_version: Some("812".into()),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(
+            change_marker("PodDisruptionBudget", &meta).as_deref(),
+            Some("g3")
+        );
+        assert_eq!(change_marker("ConfigMap", &meta).as_deref(), Some("812"));
+        // A status-only write (new resourceVersion, same generation) is not a change to a PDB.
+        let status_write = ObjectMeta {
+            resource_version: Some("900".into()),
+            ..meta.clone()
+        };
+        assert_eq!(
+            change_marker("PodDisruptionBudget", &status_write),
+            change_marker("PodDisruptionBudget", &meta)
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Pure layers (`crd`, `validate`, `build`, `status`) are free of I/O; `controller`, `leader`
 //! and `metrics` are the edges that talk to the API server and the network.
 
+pub mod applied;
 pub mod autoscale;
 pub mod build;
 pub mod controller;

@@ -492,6 +492,57 @@ fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up
     )
     .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
 
+    // The supporting objects are not re-applied while unchanged, yet someone else's edit or
+    // deletion of one is still undone: the watch drops the reconciler's record of it.
+    let original = cluster
+        .kubectl_ok([
+            "get",
+            "configmap",
+            "parked-config",
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.data.pipeline\\.yaml}",
+        ])
+        .expect("configmap");
+    assert!(
+        original.contains("preprocess"),
+        "unexpected config: {original}"
+    );
+    cluster
+        .kubectl_ok([
+            "patch",
+            "configmap",
+            "parked-config",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            r#"{"data":{"pipeline.yaml":"tampered"}}"#,
+        ])
+        .expect("patch configmap");
+    cluster
+        .kubectl_ok(["delete", "service", "parked", "-n", ns, "--wait=false"])
+        .expect("delete service");
+    wait_until(
+        "the ConfigMap to be restored and the Service recreated",
+        Duration::from_secs(60),
+        || {
+            let data = cluster.kubectl_ok([
+                "get",
+                "configmap",
+                "parked-config",
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.data.pipeline\\.yaml}",
+            ])?;
+            let svc = cluster.kubectl(["get", "service", "parked", "-n", ns])?;
+            Ok((data == original && svc.status.success()).then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+
     // A second color recorded in status gets its Deployment; clearing it retires the color.
     // (Here: a promotion's previous color, kept for scaleDownDelay, 5 min by default, from
     // now. The rollout machine itself is exercised by tests/rollout.rs.)
