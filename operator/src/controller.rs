@@ -190,7 +190,7 @@ pub async fn run(
             .page_size(cfg.page_size)
             .any_semantic(),
     )
-    .modify(|p| p.metadata.managed_fields = None)
+    .modify(slim_pipeline)
     .default_backoff()
     .reflect(ipl_writer)
     .inspect(move |ev| {
@@ -322,6 +322,19 @@ pub async fn run(
     pod_watch.abort();
     info!("controller stopped");
 }
+
+/// What the pipeline cache does not need: `managedFields`, and the copy of the whole object
+/// that a client-side `kubectl apply` keeps in an annotation (about as large as the spec).
+/// Other annotations stay: `tandem.dev/promote` and `tandem.dev/abort` steer rollouts.
+fn slim_pipeline(p: &mut InferencePipeline) {
+    p.metadata.managed_fields = None;
+    if let Some(a) = p.metadata.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+/// The annotation in which `kubectl apply` (client-side) records what it applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
 where
@@ -890,6 +903,23 @@ mod tests {
             change_marker("PodDisruptionBudget", &status_write),
             change_marker("PodDisruptionBudget", &meta)
         );
+    }
+
+    #[test]
+    fn the_cached_pipeline_drops_managed_fields_and_kubectls_copy_but_keeps_rollout_annotations() {
+        let mut p = text_pipeline();
+        p.metadata.managed_fields = Some(vec![Default::default()]);
+        p.metadata.annotations = Some(
+            [
+                (LAST_APPLIED.to_owned(), "{\"spec\":{}}".to_owned()),
+                ("tandem.dev/promote".to_owned(), "v2".to_owned()),
+            ]
+            .into(),
+        );
+        slim_pipeline(&mut p);
+        assert_eq!(p.metadata.managed_fields, None);
+        let kept: Vec<&str> = p.annotations().keys().map(String::as_str).collect();
+        assert_eq!(kept, ["tandem.dev/promote"]);
     }
 
     #[test]
