@@ -25,6 +25,11 @@ ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 ARG CPU_RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 FROM ${RUST_IMAGE} AS build
+# libjpeg-turbo (turbojpeg-sys) is built from source with cmake; nasm assembles its x86-64 SIMD
+# code, and the build fails without it (`require-simd`) rather than produce a slow decoder.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake nasm \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # Debug info is stripped (symbols stay, so backtraces keep function names).

@@ -12,6 +12,8 @@ ensure_system_packages() {
   command -v setsid >/dev/null || missing+=(util-linux)
   command -v pgrep >/dev/null || missing+=(procps)
   command -v curl >/dev/null || missing+=(curl)
+  command -v cmake >/dev/null || missing+=(cmake) # turbojpeg-sys builds libjpeg-turbo from source
+  command -v nasm >/dev/null || missing+=(nasm)   # libjpeg-turbo's x86-64 SIMD (required, see Cargo.toml)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,6 +1,7 @@
 //! Benchmark helper (not a test): times the image pipeline on one thread.
-//! `bench_image <jpeg> <iterations> <out-prefix>` prints one line per JPEG
-//! decode policy (`off`, `quality`, `fast`: see `JpegDraft`) with ms/image for
+//! `bench_image <jpeg> <iterations> <out-prefix> [policies]` prints one line per JPEG
+//! decode policy (`off`, `quality`, `fast`: see `JpegDraft`; all three unless a
+//! comma-separated subset is given, e.g. `fast` for a profile) with ms/image for
 //! 3×224×224 FP32 NCHW CenterCrop Bilinear, and writes each policy's UINT8
 //! NHWC result to `<out-prefix>.<policy>.u8` for the quality comparison in
 //! `bench/preprocess/bench_image.py`.
@@ -32,8 +33,10 @@ fn pipeline(dtype: ImageDtype, layout: Layout, draft: JpegDraft) -> ImagePipelin
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, path, iters, out] = args.as_slice() else {
-        anyhow::bail!("usage: bench_image <jpeg> <iterations> <out-prefix>");
+    let (path, iters, out, only) = match args.as_slice() {
+        [_, path, iters, out] => (path, iters, out, None),
+        [_, path, iters, out, only] => (path, iters, out, Some(only)),
+        _ => anyhow::bail!("usage: bench_image <jpeg> <iterations> <out-prefix> [policies]"),
     };
     let data = std::fs::read(path)?;
     let iters: usize = iters.parse()?;
@@ -42,6 +45,9 @@ fn main() -> anyhow::Result<()> {
         ("quality", JpegDraft::Quality),
         ("fast", JpegDraft::Fast),
     ] {
+        if only.is_some_and(|only| !only.split(',').any(|p| p == name)) {
+            continue;
+        }
         let fp32 = pipeline(ImageDtype::Fp32, Layout::Nchw, draft);
         let mut buf = vec![0u8; fp32.item_bytes()];
         fp32.process_into(&data, &mut buf)

@@ -2,10 +2,12 @@
 //! tensor (`[3, H, W]` or `[H, W, 3]`, FP32 normalized or UINT8).
 //!
 //! Steps: sniff the format, read the header and refuse oversized images before
-//! any pixel buffer is allocated (decompression bombs), decode once (a JPEG
-//! much larger than the output is decoded at 1/2, 1/4 or 1/8 scale in the DCT
-//! domain, like Pillow's `draft`, see [`JpegDraft`]), apply the EXIF orientation, convert grayscale/CMYK/alpha/16-bit to RGB8, resize with an
-//! antialiasing convolution (Pillow-compatible filters via `fast_image_resize`)
+//! any pixel buffer is allocated (decompression bombs), decode once (JPEG with
+//! libjpeg-turbo straight to RGB8; a JPEG much larger than the output is
+//! decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, like Pillow's `draft`,
+//! see [`JpegDraft`]; CMYK JPEG, PNG and WebP with the `image` crate), apply
+//! the EXIF orientation, convert grayscale/CMYK/alpha/16-bit to RGB8, resize
+//! with an antialiasing convolution (Pillow-compatible filters via `fast_image_resize`)
 //! into a small RGB8 scratch, then normalize through a per-channel lookup table
 //! straight into the caller's slice of the batch tensor. Pure and synchronous:
 //! it runs on the CPU pool.
@@ -76,16 +78,16 @@ pub enum JpegDraft {
     Off,
     /// Scale down while the decoded crop keeps at least twice the output's
     /// pixels in each direction, so the antialiased resize after it still
-    /// averages over ≥ 2 source pixels: quality matches a full decode. Not
-    /// the default: `jpeg-decoder`'s entropy decoding is about 2.8× slower
-    /// than zune-jpeg's, so a 1/2-scale decode costs more than a full one
-    /// (docs/benchmarks.md).
+    /// averages over ≥ 2 source pixels: quality close to a full decode. For
+    /// a 1080p frame to 224×224 this decodes at 1/2 scale: ~35 % less CPU
+    /// than a full decode (PSNR 40.9 vs 41.3 dB against a Lanczos reference;
+    /// docs/benchmarks.md).
     Quality,
     /// Pillow's `draft` rule: scale down while the decoded crop is at least
     /// as large as the output. For a 1080p frame to 224×224 this decodes at
-    /// 1/4 scale: ~13 % less CPU than a full zune-jpeg decode, at the quality
-    /// of Pillow's draft mode (PSNR 39.2 vs 41.3 dB against a Lanczos
-    /// reference; docs/benchmarks.md).
+    /// 1/4 scale: ~45 % less CPU than a full decode, at the quality of
+    /// Pillow's draft mode (PSNR 39.0 dB, the same as Pillow's; a full decode
+    /// gives 41.3 dB; docs/benchmarks.md).
     #[default]
     Fast,
 }
@@ -340,9 +342,7 @@ pub fn decode_rgb8_for(
                     reason: "missing end-of-image marker".into(),
                 });
             }
-            if let Some(target) = target
-                && let Some(rgb) = decode_jpeg_scaled(encoded, max_pixels, target)?
-            {
+            if let Some(rgb) = decode_jpeg_turbo(encoded, max_pixels, target)? {
                 return Ok(rgb);
             }
             decode_checked(
@@ -379,35 +379,49 @@ pub fn decode_rgb8_for(
     })
 }
 
-/// Decodes a JPEG at 1/2, 1/4 or 1/8 scale with `jpeg-decoder`'s scaled
-/// IDCT. `Ok(None)` when no reduction applies, the colour format is not
-/// plain YCbCr/RGB/grayscale (CMYK, 16-bit), or this decoder rejects the
-/// stream: the caller then decodes at full size with the regular decoder,
-/// whose verdict (and error message) stands. Without its `rayon` feature
-/// `jpeg-decoder` runs the IDCT of large images on short-lived helper threads.
-fn decode_jpeg_scaled(
+/// Decodes a JPEG with libjpeg-turbo (SIMD entropy decoding, IDCT and colour
+/// conversion, straight into RGB8), at 1/2, 1/4 or 1/8 scale in the DCT
+/// domain when `target` allows it ([`jpeg_draft_factor`]); the IDCT and
+/// upsampling are the accurate ones (`ISLOW`, fancy upsampling), not the
+/// fast ones Pillow's `draft` switches to.
+///
+/// `Ok(None)` hands the image to the regular decoder (zune-jpeg via `image`),
+/// whose verdict and error message then stand, where libjpeg-turbo cannot
+/// or should not be trusted to have the last word:
+/// - CMYK/YCCK: libjpeg-turbo has no CMYK→RGB conversion;
+/// - a header libjpeg-turbo rejects (e.g. 12-bit precision);
+/// - a decode that fails or warns for a reason other than truncation. The
+///   TurboJPEG API reports libjpeg's warnings as failures, and some of them
+///   are common on files that decode fine ("Corrupt JPEG data: 1 extraneous
+///   bytes before marker 0xd9", written by many cameras; Pillow ignores it),
+///   which the previous decoder accepted.
+///
+/// Truncation ("Premature end of JPEG file", "premature end of data
+/// segment") is an error here and does not fall back: zune-jpeg would pad
+/// the missing data with grey and succeed.
+fn decode_jpeg_turbo(
     encoded: &[u8],
     max_pixels: u64,
-    target: Target,
+    target: Option<Target>,
 ) -> Result<Option<Rgb8>, ImageError> {
     use image::metadata::Orientation;
-    use jpeg_decoder::PixelFormat;
+    use turbojpeg::{Colorspace, Decompressor, PixelFormat, ScalingFactor};
 
-    let mut decoder = jpeg_decoder::Decoder::new(encoded);
-    if decoder.read_info().is_err() {
-        return Ok(None);
-    }
-    let Some(info) = decoder.info() else {
+    let Ok(mut decoder) = Decompressor::new() else {
         return Ok(None);
     };
-    let (width, height) = (u32::from(info.width), u32::from(info.height));
+    let Ok(header) = decoder.read_header(encoded) else {
+        return Ok(None);
+    };
+    // JPEG dimensions are 16-bit, so these conversions cannot saturate.
+    let width = u32::try_from(header.width).unwrap_or(u32::MAX);
+    let height = u32::try_from(header.height).unwrap_or(u32::MAX);
     check_size(width, height, max_pixels)?;
-    if !matches!(info.pixel_format, PixelFormat::RGB24 | PixelFormat::L8) {
+    if matches!(header.colorspace, Colorspace::CMYK | Colorspace::YCCK) {
         return Ok(None);
     }
-    // The EXIF segment (APP1) precedes the frame header, so it is known here.
-    let orientation = decoder
-        .exif_data()
+    // The EXIF segment (APP1) precedes the scan, so it is known before decoding.
+    let orientation = jpeg_exif(encoded)
         .and_then(Orientation::from_exif_chunk)
         .unwrap_or(Orientation::NoTransforms);
     let swaps = matches!(
@@ -422,28 +436,50 @@ fn decode_jpeg_scaled(
     } else {
         (width, height)
     };
-    let k = jpeg_draft_factor(shown_w, shown_h, target);
-    if k == 1 {
+    // Lossless JPEG (SOF3) has no DCT to scale in.
+    let k = match target {
+        Some(target) if !header.is_lossless => jpeg_draft_factor(shown_w, shown_h, target),
+        _ => 1,
+    };
+    let scale = ScalingFactor::new(1, k as usize);
+    if decoder.set_scaling_factor(scale).is_err() {
         return Ok(None);
     }
-    // Ask for exactly the 8/k IDCT size: the decoder picks the smallest
-    // scale at which either side reaches the request.
-    let scaled = |len: u16| len.div_ceil(k as u16);
-    let Ok((w, h)) = decoder.scale(scaled(info.width), scaled(info.height)) else {
+    let scaled = header.scaled(scale);
+    let pitch = scaled.width * 3;
+    let mut pixels = vec![0u8; pitch * scaled.height];
+    let out = turbojpeg::Image {
+        pixels: &mut pixels[..],
+        width: scaled.width,
+        pitch,
+        height: scaled.height,
+        format: PixelFormat::RGB,
+    };
+    if let Err(e) = decoder.decompress(encoded, out) {
+        let reason = e.to_string();
+        if reason.to_ascii_lowercase().contains("premature end") {
+            return Err(ImageError::Decode {
+                format: "JPEG",
+                reason,
+            });
+        }
+        return Ok(None);
+    }
+    let (w, h) = (
+        u32::try_from(scaled.width).unwrap_or(u32::MAX),
+        u32::try_from(scaled.height).unwrap_or(u32::MAX),
+    );
+    if orientation == Orientation::NoTransforms {
+        return Ok(Some(Rgb8 {
+            width: w,
+            height: h,
+            pixels,
+        }));
+    }
+    let Some(img) = image::RgbImage::from_raw(w, h, pixels) else {
         return Ok(None);
     };
-    let Ok(pixels) = decoder.decode() else {
-        return Ok(None);
-    };
-    let (w, h) = (u32::from(w), u32::from(h));
-    let img = match info.pixel_format {
-        PixelFormat::RGB24 => image::RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8),
-        PixelFormat::L8 => image::GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8),
-        _ => None,
-    };
-    let Some(mut img) = img else {
-        return Ok(None);
-    };
+    let mut img = DynamicImage::ImageRgb8(img);
     img.apply_orientation(orientation);
     let rgb = img.into_rgb8();
     let (width, height) = rgb.dimensions();
@@ -452,6 +488,45 @@ fn decode_jpeg_scaled(
         height,
         pixels: rgb.into_raw(),
     }))
+}
+
+/// The EXIF payload (from the TIFF header on) of a JPEG's first `Exif` APP1
+/// segment, found by walking the marker segments up to the first scan.
+fn jpeg_exif(data: &[u8]) -> Option<&[u8]> {
+    if data.get(..2)? != [0xFF, 0xD8] {
+        return None;
+    }
+    let mut pos = 2;
+    loop {
+        if *data.get(pos)? != 0xFF {
+            return None;
+        }
+        // Any number of 0xFF fill bytes may precede a marker code.
+        while *data.get(pos + 1)? == 0xFF {
+            pos += 1;
+        }
+        let marker = *data.get(pos + 1)?;
+        pos += 2;
+        match marker {
+            // Standalone markers (TEM, RSTn) carry no length.
+            0x01 | 0xD0..=0xD7 => continue,
+            // Start of scan or end of image: the header segments are over.
+            0xD9 | 0xDA => return None,
+            _ => {}
+        }
+        // The length counts itself (2 bytes); less is malformed.
+        let len = usize::from(u16::from_be_bytes([*data.get(pos)?, *data.get(pos + 1)?]));
+        if len < 2 {
+            return None;
+        }
+        let body = data.get(pos + 2..pos + len)?;
+        if marker == 0xE1
+            && let Some(tiff) = body.strip_prefix(b"Exif\0\0")
+        {
+            return Some(tiff);
+        }
+        pos += len;
+    }
 }
 
 /// libjpeg refuses a stream without EOI only with a warning, but a stream cut
@@ -715,6 +790,243 @@ mod tests {
         let jpeg = gradient_jpeg(960, 540);
         let err = decode_rgb8_for(&jpeg, 1000, Some(target(JpegDraft::Quality))).unwrap_err();
         assert!(matches!(err, ImageError::TooLarge { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_large_jpeg_is_decoded_by_libjpeg_turbo_at_one_eighth_scale_with_odd_sides_rounded_up() {
+        let jpeg = gradient_jpeg(1001, 601);
+        let to_24 = Target {
+            width: 24,
+            height: 24,
+            ..target(JpegDraft::Fast)
+        };
+        assert_eq!(jpeg_draft_factor(1001, 601, to_24), 8);
+        let rgb = decode_rgb8_for(&jpeg, 1 << 30, Some(to_24)).unwrap();
+        assert_eq!((rgb.width, rgb.height), (126, 76));
+        assert_eq!(rgb.pixels.len(), 126 * 76 * 3);
+        // The gradient survives: red grows left to right, green top to bottom.
+        let px = |x: usize, y: usize| &rgb.pixels[(y * 126 + x) * 3..][..3];
+        assert!(
+            px(120, 38)[0] > px(5, 38)[0] + 200,
+            "{:?} {:?}",
+            px(5, 38),
+            px(120, 38)
+        );
+        assert!(
+            px(63, 70)[1] > px(63, 5)[1] + 200,
+            "{:?} {:?}",
+            px(63, 5),
+            px(63, 70)
+        );
+    }
+
+    #[test]
+    fn a_large_grayscale_jpeg_is_draft_decoded_to_equal_rgb_channels() {
+        let gray = image::GrayImage::from_fn(800, 600, |x, y| image::Luma([((x + y) / 6) as u8]));
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .encode_image(&gray)
+            .unwrap();
+        let rgb = decode_rgb8_for(&jpeg, 1 << 30, Some(target(JpegDraft::Quality))).unwrap();
+        // 600/2 = 300 >= 2 × 224 fails, so Quality keeps full size; Fast halves.
+        assert_eq!((rgb.width, rgb.height), (800, 600));
+        let rgb = decode_rgb8_for(&jpeg, 1 << 30, Some(target(JpegDraft::Fast))).unwrap();
+        assert_eq!((rgb.width, rgb.height), (400, 300));
+        assert!(
+            rgb.pixels
+                .chunks_exact(3)
+                .all(|p| p[0] == p[1] && p[1] == p[2])
+        );
+        assert!(rgb.pixels[(150 * 400 + 399) * 3] > rgb.pixels[150 * 400 * 3] + 50);
+    }
+
+    /// `jpeg` with an EXIF APP1 segment (little-endian TIFF, one IFD entry:
+    /// Orientation = `orientation`) inserted after SOI.
+    fn with_exif_orientation(jpeg: &[u8], orientation: u8) -> Vec<u8> {
+        let tiff: [u8; 26] = [
+            b'I',
+            b'I',
+            42,
+            0,
+            8,
+            0,
+            0,
+            0, // header, IFD at 8
+            1,
+            0, // one entry
+            0x12,
+            0x01,
+            3,
+            0,
+            1,
+            0,
+            0,
+            0,
+            orientation,
+            0,
+            0,
+            0, // Orientation, SHORT, 1
+            0,
+            0,
+            0,
+            0, // no next IFD
+        ];
+        let len = (2 + 6 + tiff.len()) as u16;
+        let mut out = vec![0xFF, 0xD8, 0xFF, 0xE1];
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(b"Exif\0\0");
+        out.extend_from_slice(&tiff);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn an_exif_rotated_jpeg_is_draft_decoded_by_its_displayed_size_and_then_rotated() {
+        let jpeg = with_exif_orientation(&gradient_jpeg(960, 540), 6);
+        assert!(jpeg_exif(&jpeg).is_some());
+        let to_112 = Target {
+            width: 112,
+            height: 112,
+            ..target(JpegDraft::Fast)
+        };
+        // Displayed 540×960: the 540-pixel side limits the crop to 1/4.
+        assert_eq!(jpeg_draft_factor(540, 960, to_112), 4);
+        let rgb = decode_rgb8_for(&jpeg, 1 << 30, Some(to_112)).unwrap();
+        assert_eq!((rgb.width, rgb.height), (135, 240));
+        let full = decode_rgb8(&jpeg, 1 << 30).unwrap();
+        assert_eq!((full.width, full.height), (540, 960));
+        // Rotated 90° clockwise: the source's top row (green = 0) is now the
+        // right column, its left column (red = 0) the top row.
+        let px = |x: usize, y: usize| &rgb.pixels[(y * 135 + x) * 3..][..3];
+        assert!(
+            px(134, 120)[1] < 20 && px(0, 120)[1] > 200,
+            "{:?} {:?}",
+            px(134, 120),
+            px(0, 120)
+        );
+        assert!(
+            px(67, 0)[0] < 20 && px(67, 239)[0] > 200,
+            "{:?} {:?}",
+            px(67, 0),
+            px(67, 239)
+        );
+    }
+
+    #[test]
+    fn malformed_jpeg_segments_yield_no_exif_instead_of_a_panic() {
+        assert_eq!(jpeg_exif(b"\xFF\xD8\xFF\xE1\x00\x01Exif"), None);
+        assert_eq!(jpeg_exif(b"\xFF\xD8\xFF\xE1\xFF\xFFExif\0\0II"), None);
+        assert_eq!(jpeg_exif(b"\xFF\xD8\xFF\xFF\xFF"), None);
+        assert_eq!(jpeg_exif(b"\xFF\xD8\x00"), None);
+        assert_eq!(jpeg_exif(b"\xFF\xD8\xFF\xDA\x00\x08"), None);
+    }
+
+    #[test]
+    fn a_jpeg_cut_short_is_refused_as_truncated() {
+        let jpeg = gradient_jpeg(960, 540);
+        let cut = &jpeg[..jpeg.len() / 2];
+        let err = decode_rgb8_for(cut, 1 << 30, Some(target(JpegDraft::Fast))).unwrap_err();
+        assert!(err.to_string().contains("truncated or corrupt"), "{err}");
+    }
+
+    #[test]
+    fn a_jpeg_whose_scan_is_cut_but_still_ends_with_an_end_marker_is_refused_as_truncated() {
+        let jpeg = gradient_jpeg(960, 540);
+        let mut cut = jpeg[..jpeg.len() / 2].to_vec();
+        cut.extend_from_slice(&[0xFF, 0xD9]);
+        for draft in [JpegDraft::Off, JpegDraft::Fast] {
+            let err = decode_rgb8_for(&cut, 1 << 30, Some(target(draft))).unwrap_err();
+            assert!(
+                matches!(&err, ImageError::Decode { reason, .. } if reason.to_ascii_lowercase().contains("premature end")),
+                "{draft:?}: {err}"
+            );
+        }
+    }
+
+    /// The gradient frame encoded by libjpeg-turbo with the given settings.
+    fn turbo_jpeg(
+        w: u32,
+        h: u32,
+        format: turbojpeg::PixelFormat,
+        configure: impl FnOnce(&mut turbojpeg::Compressor),
+    ) -> Vec<u8> {
+        let rgb = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(255 * x / w) as u8, (255 * y / h) as u8, 128])
+        }));
+        let pixels = match format {
+            turbojpeg::PixelFormat::RGB => rgb.into_rgb8().into_raw(),
+            // Inverted CMYK as Photoshop writes it: 255 = no ink.
+            turbojpeg::PixelFormat::CMYK => rgb
+                .into_rgb8()
+                .pixels()
+                .flat_map(|p| [p[0], p[1], p[2], 255])
+                .collect(),
+            other => panic!("unsupported test format {other:?}"),
+        };
+        let mut compressor = turbojpeg::Compressor::new().unwrap();
+        compressor.set_quality(90).unwrap();
+        configure(&mut compressor);
+        let image = turbojpeg::Image {
+            pixels: &pixels[..],
+            width: w as usize,
+            pitch: w as usize * format.size(),
+            height: h as usize,
+            format,
+        };
+        compressor.compress_to_vec(image).unwrap()
+    }
+
+    #[test]
+    fn progressive_arithmetic_and_unsubsampled_jpegs_are_draft_decoded_like_baseline_ones() {
+        use turbojpeg::{PixelFormat, Subsamp};
+        let baseline = turbo_jpeg(960, 540, PixelFormat::RGB, |_| {});
+        let base = decode_rgb8_for(&baseline, 1 << 30, Some(target(JpegDraft::Fast))).unwrap();
+        assert_eq!((base.width, base.height), (480, 270));
+        type Configure = fn(&mut turbojpeg::Compressor);
+        let variants: [(&str, Configure); 4] = [
+            ("progressive", |c| c.set_progressive(true).unwrap()),
+            ("arithmetic", |c| c.set_arithmetic(true).unwrap()),
+            ("4:4:4", |c| c.set_subsamp(Subsamp::None).unwrap()),
+            ("4:2:2", |c| c.set_subsamp(Subsamp::Sub2x1).unwrap()),
+        ];
+        for (name, configure) in variants {
+            let jpeg = turbo_jpeg(960, 540, PixelFormat::RGB, configure);
+            let got = decode_rgb8_for(&jpeg, 1 << 30, Some(target(JpegDraft::Fast))).unwrap();
+            assert_eq!((got.width, got.height), (480, 270), "{name}");
+            let mean = got
+                .pixels
+                .iter()
+                .zip(&base.pixels)
+                .map(|(a, b)| f64::from(a.abs_diff(*b)))
+                .sum::<f64>()
+                / base.pixels.len() as f64;
+            assert!(mean < 1.0, "{name}: mean |diff| {mean} levels");
+        }
+    }
+
+    #[test]
+    fn a_lossless_jpeg_has_no_dct_to_scale_and_is_decoded_at_full_size() {
+        let jpeg = turbo_jpeg(960, 540, turbojpeg::PixelFormat::RGB, |c| {
+            c.set_lossless(true).unwrap()
+        });
+        let rgb = decode_rgb8_for(&jpeg, 1 << 30, Some(target(JpegDraft::Fast))).unwrap();
+        assert_eq!((rgb.width, rgb.height), (960, 540));
+        // Lossless: the gradient comes back exactly.
+        assert_eq!(&rgb.pixels[..3], &[0, 0, 128]);
+        assert_eq!(&rgb.pixels[(539 * 960 + 959) * 3..], &[254, 254, 128]);
+    }
+
+    #[test]
+    fn a_large_cmyk_jpeg_falls_back_to_the_full_size_decoder_and_comes_out_rgb() {
+        let jpeg = turbo_jpeg(960, 540, turbojpeg::PixelFormat::CMYK, |_| {});
+        let header = turbojpeg::read_header(&jpeg).unwrap();
+        assert!(matches!(
+            header.colorspace,
+            turbojpeg::Colorspace::YCCK | turbojpeg::Colorspace::CMYK
+        ));
+        let rgb = decode_rgb8_for(&jpeg, 1 << 30, Some(target(JpegDraft::Fast))).unwrap();
+        assert_eq!((rgb.width, rgb.height), (960, 540));
+        assert_eq!(rgb.pixels.len(), 960 * 540 * 3);
     }
 
     #[test]
