@@ -79,13 +79,13 @@ pub enum JpegDraft {
     /// Scale down while the decoded crop keeps at least twice the output's
     /// pixels in each direction, so the antialiased resize after it still
     /// averages over ≥ 2 source pixels: quality close to a full decode. For
-    /// a 1080p frame to 224×224 this decodes at 1/2 scale: ~35 % less CPU
+    /// a 1080p frame to 224×224 this decodes at 1/2 scale: 25–40 % less CPU
     /// than a full decode (PSNR 40.9 vs 41.3 dB against a Lanczos reference;
     /// docs/benchmarks.md).
     Quality,
     /// Pillow's `draft` rule: scale down while the decoded crop is at least
     /// as large as the output. For a 1080p frame to 224×224 this decodes at
-    /// 1/4 scale: ~45 % less CPU than a full decode, at the quality of
+    /// 1/4 scale: about half the CPU of a full decode, at the quality of
     /// Pillow's draft mode (PSNR 39.0 dB, the same as Pillow's; a full decode
     /// gives 41.3 dB; docs/benchmarks.md).
     #[default]
