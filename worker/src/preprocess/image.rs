@@ -379,8 +379,8 @@ pub fn decode_rgb8_for(
     })
 }
 
-/// Decodes a JPEG with libjpeg-turbo (SIMD entropy decoding, IDCT and colour
-/// conversion, straight into RGB8), at 1/2, 1/4 or 1/8 scale in the DCT
+/// Decodes a JPEG with libjpeg-turbo (tuned Huffman decoder, SIMD IDCT,
+/// upsampling and colour conversion, straight into RGB8), at 1/2, 1/4 or 1/8 scale in the DCT
 /// domain when `target` allows it ([`jpeg_draft_factor`]); the IDCT and
 /// upsampling are the accurate ones (`ISLOW`, fancy upsampling), not the
 /// fast ones Pillow's `draft` switches to.
@@ -389,8 +389,9 @@ pub fn decode_rgb8_for(
 /// whose verdict and error message then stand, where libjpeg-turbo cannot
 /// or should not be trusted to have the last word:
 /// - CMYK/YCCK: libjpeg-turbo has no CMYK→RGB conversion;
-/// - a header libjpeg-turbo rejects (e.g. 12-bit precision);
-/// - a decode that fails or warns for a reason other than truncation. The
+/// - a header libjpeg-turbo rejects;
+/// - a decode that fails or warns for a reason other than truncation
+///   (e.g. 12-bit samples, which the 8-bit API refuses). The
 ///   TurboJPEG API reports libjpeg's warnings as failures, and some of them
 ///   are common on files that decode fine ("Corrupt JPEG data: 1 extraneous
 ///   bytes before marker 0xd9", written by many cameras; Pillow ignores it),
