@@ -57,7 +57,8 @@ fn main() -> anyhow::Result<()> {
             fp32.process_into(&data, &mut buf)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        let ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+        // 0 iterations (bench_image.py --cpu-time's baseline run) prints 0.
+        let ms = t.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
         let u8p = pipeline(ImageDtype::Uint8, Layout::Nhwc, draft);
         let mut u8buf = vec![0u8; u8p.item_bytes()];
         u8p.process_into(&data, &mut u8buf)
