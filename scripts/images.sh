@@ -118,6 +118,9 @@ need=()
 command -v jq >/dev/null || need+=(jq)
 command -v strip >/dev/null || need+=(binutils)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+# The worker's release build compiles libjpeg-turbo (turbojpeg-sys: cmake, NASM for its SIMD).
+command -v cmake >/dev/null || need+=(cmake)
+command -v nasm >/dev/null || need+=(nasm)
 if [ ${#need[@]} -gt 0 ]; then
   say "installing Debian packages: ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
