@@ -12,7 +12,7 @@
 # clock runs. Each pipeline's preprocess pod requests an absurd CPU amount so it stays Pending
 # (no worker processes on this machine) and inference has min 0 (scaled to zero): the benchmark
 # measures the operator and the API server, not the workers.
-# Uses target/release/tandem-operator (built if missing; OPERATOR_BIN overrides).
+# Uses target/release/tandem-operator (rebuilt when stale; OPERATOR_BIN overrides).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
@@ -20,7 +20,8 @@ N=${N:-1000}
 MAX_WAIT=${MAX_WAIT:-1800}   # seconds; past it the numbers so far are reported as incomplete
 eval "$(tests/kube/cluster env)"
 bin=${OPERATOR_BIN:-$root/target/release/tandem-operator}
-[ -x "$bin" ] || cargo build --release -p tandem-operator --bin tandem-operator
+# Always ask cargo (a no-op when fresh): a stale release binary would measure old code.
+[ -n "${OPERATOR_BIN:-}" ] || cargo build --release -p tandem-operator --bin tandem-operator
 ns=bench-operator-$$
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
