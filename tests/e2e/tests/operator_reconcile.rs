@@ -494,8 +494,8 @@ fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up
 
     // The supporting objects are not re-applied while unchanged, yet someone else's edit or
     // deletion of one is still undone: the watch drops the reconciler's record of it.
-    let original = cluster
-        .kubectl_ok([
+    let config = || {
+        cluster.kubectl_ok([
             "get",
             "configmap",
             "parked-config",
@@ -504,7 +504,8 @@ fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up
             "-o",
             "jsonpath={.data.pipeline\\.yaml}",
         ])
-        .expect("configmap");
+    };
+    let original = config().expect("configmap");
     assert!(
         original.contains("preprocess"),
         "unexpected config: {original}"
@@ -528,15 +529,7 @@ fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up
         "the ConfigMap to be restored and the Service recreated",
         Duration::from_secs(60),
         || {
-            let data = cluster.kubectl_ok([
-                "get",
-                "configmap",
-                "parked-config",
-                "-n",
-                ns,
-                "-o",
-                "jsonpath={.data.pipeline\\.yaml}",
-            ])?;
+            let data = config()?;
             let svc = cluster.kubectl(["get", "service", "parked", "-n", ns])?;
             Ok((data == original && svc.status.success()).then_some(()))
         },
