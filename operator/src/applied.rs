@@ -6,7 +6,7 @@
 //! An entry is trusted only while nothing else touched the objects it covers: the owned-object
 //! watches report every change, and a change whose `resourceVersion` is not the one our own
 //! apply returned (someone edited or deleted the object) drops the entry, so the next reconcile
-//! applies everything again. Entries also expire after [`Applied::max_age`], which bounds how
+//! applies everything again. Entries also expire (`max_age`, 10 minutes by default), which bounds how
 //! long any drift the watches could not attribute may last.
 
 use std::collections::HashMap;
@@ -47,11 +47,6 @@ impl Applied {
             entries: HashMap::new(),
             max_age,
         }
-    }
-
-    /// How long an entry is trusted at most.
-    pub fn max_age(&self) -> Duration {
-        self.max_age
     }
 
     /// Whether the objects with this `fingerprint` were applied for the pipeline, untouched
@@ -115,16 +110,6 @@ impl Applied {
     /// Drops the pipeline's entry (e.g. after a failed apply).
     pub fn forget(&mut self, ns: &str, pipeline: &str) {
         self.entries.remove(&(ns.to_owned(), pipeline.to_owned()));
-    }
-
-    /// Number of pipelines with an entry.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether no pipeline has an entry.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 
@@ -208,7 +193,6 @@ mod tests {
         let mut a = recorded(t);
         a.observe("ml", "text", "ConfigMap", "text-config", Some("100"), true);
         assert!(!a.is_current("ml", "text", 7, t));
-        assert!(a.is_empty());
     }
 
     #[test]
@@ -226,7 +210,6 @@ mod tests {
         a.observe("ml", "image", "Service", "text", Some("999"), false);
         a.observe("ml", "text", "ConfigMap", "another", Some("3"), false);
         assert!(a.is_current("ml", "text", 7, t));
-        assert_eq!(a.len(), 1);
     }
 
     #[test]

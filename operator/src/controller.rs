@@ -225,6 +225,12 @@ pub async fn run(
         failures: Mutex::new(HashMap::new()),
     });
 
+    let owned_watch = OwnedWatch {
+        client: &client,
+        namespace: &cfg.namespace,
+        config: &owned,
+        applied: &applied,
+    };
     let controller = Controller::for_stream(ipl_stream, ipl_store.clone())
         // Creating a pipeline's seven objects fires seven watch events; the debounce folds
         // them (and Deployment status churn) into one follow-up reconcile.
@@ -234,30 +240,10 @@ pub async fn run(
                 .debounce(DEBOUNCE),
         )
         .owns_stream(deployments)
-        .owns_stream(owned_meta::<Service>(
-            &client,
-            &cfg.namespace,
-            &owned,
-            &applied,
-        ))
-        .owns_stream(owned_meta::<ConfigMap>(
-            &client,
-            &cfg.namespace,
-            &owned,
-            &applied,
-        ))
-        .owns_stream(owned_meta::<ServiceAccount>(
-            &client,
-            &cfg.namespace,
-            &owned,
-            &applied,
-        ))
-        .owns_stream(owned_meta::<PodDisruptionBudget>(
-            &client,
-            &cfg.namespace,
-            &owned,
-            &applied,
-        ))
+        .owns_stream(owned_watch.stream::<Service>())
+        .owns_stream(owned_watch.stream::<ConfigMap>())
+        .owns_stream(owned_watch.stream::<ServiceAccount>())
+        .owns_stream(owned_watch.stream::<PodDisruptionBudget>())
         .graceful_shutdown_on(shutdown);
 
     let routing_store = ipl_store.clone();
@@ -346,51 +332,61 @@ where
     }
 }
 
-/// Trigger stream of one owned kind (metadata only, nothing cached). Every change is also shown
-/// to `applied`, which drops a pipeline's record when someone other than the reconciler
-/// changed or deleted an object it covers.
-fn owned_meta<K>(
-    client: &Client,
-    namespace: &Option<String>,
-    cfg: &watcher::Config,
-    applied: &Arc<Mutex<Applied>>,
-) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let applied = applied.clone();
-    watcher(
-        scoped::<PartialObjectMeta<K>>(client, namespace),
-        cfg.clone(),
-    )
-    .default_backoff()
-    .inspect(move |ev| {
-        let (obj, deleted) = match ev {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (o, false),
-            Ok(watcher::Event::Delete(o)) => (o, true),
-            _ => return,
-        };
-        let (Some(ns), Some(pipeline)) = (obj.namespace(), obj.labels().get(LABEL_INSTANCE)) else {
-            return;
-        };
-        if let Ok(mut a) = applied.lock() {
-            a.observe(
-                &ns,
-                pipeline,
-                short_kind::<K>(),
-                &obj.name_any(),
-                change_marker(short_kind::<K>(), &obj.metadata).as_deref(),
-                deleted,
-            );
-        }
-    })
-    .touched_objects()
+/// What every owned kind's watch shares: where to watch, which objects, and the apply record.
+struct OwnedWatch<'a> {
+    client: &'a Client,
+    namespace: &'a Option<String>,
+    config: &'a watcher::Config,
+    applied: &'a Arc<Mutex<Applied>>,
+}
+
+impl OwnedWatch<'_> {
+    /// Trigger stream of one owned kind (metadata only, nothing cached). Every change is also
+    /// shown to `applied`, which drops a pipeline's record when someone other than the
+    /// reconciler changed or deleted an object it covers.
+    fn stream<K>(
+        &self,
+    ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let applied = self.applied.clone();
+        watcher(
+            scoped::<PartialObjectMeta<K>>(self.client, self.namespace),
+            self.config.clone(),
+        )
+        .default_backoff()
+        .inspect(move |ev| {
+            let (obj, deleted) = match ev {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (o, false),
+                Ok(watcher::Event::Delete(o)) => (o, true),
+                _ => return,
+            };
+            let (Some(ns), Some(pipeline)) = (obj.namespace(), obj.labels().get(LABEL_INSTANCE))
+            else {
+                return;
+            };
+            if let Ok(mut a) = applied.lock() {
+                let kind = short_kind::<K>();
+                let marker = change_marker(kind, &obj.metadata);
+                a.observe(
+                    &ns,
+                    pipeline,
+                    kind,
+                    &obj.name_any(),
+                    marker.as_deref(),
+                    deleted,
+                );
+            }
+        })
+        .touched_objects()
+    }
 }
 
 /// Reconciles one pipeline.
@@ -762,9 +758,8 @@ async fn observe(
         // Why pods are missing, from the worker-pod cache the router keeps anyway (status is
         // all `pod_problem` reads): no list call per not-ready reconcile.
         let selector = build::selector_labels(&v.meta.name, stage, color);
-        let pods: Vec<Pod> = ctx
-            .pods
-            .state()
+        let pods = ctx.pods.state();
+        let matching = pods
             .iter()
             .filter(|p| p.metadata.namespace.as_deref() == Some(v.meta.namespace.as_str()))
             .filter(|p| {
@@ -773,9 +768,8 @@ async fn observe(
                     .iter()
                     .all(|(k, want)| labels.get(k.as_str()).is_some_and(|l| l == want))
             })
-            .map(|p| p.as_ref().clone())
-            .collect();
-        obs.problem = status::pod_problem(&pods);
+            .map(|p| p.as_ref());
+        obs.problem = status::pod_problem(matching);
     }
     Ok(obs)
 }

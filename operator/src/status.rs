@@ -302,7 +302,7 @@ pub fn transitions(
 
 /// The first human-readable reason the given pods are not running, such as
 /// `Insufficient nvidia.com/gpu` or `CrashLoopBackOff: back-off restarting failed container`.
-pub fn pod_problem(pods: &[Pod]) -> Option<Problem> {
+pub fn pod_problem<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<Problem> {
     for pod in pods {
         let Some(status) = &pod.status else { continue };
         for c in status.conditions.iter().flatten() {
