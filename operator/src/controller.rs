@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::applied::{Applied, Json, fingerprint};
+use crate::applied::{Applied, fingerprint};
 use crate::build::{
     self, BuildConfig, ColorPlan, Desired, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, Observed,
     Stage,
@@ -96,7 +96,8 @@ pub struct ControllerConfig {
     pub build: BuildConfig,
     /// Namespace to watch; every namespace when `None`.
     pub namespace: Option<String>,
-    /// Reconciles running at once.
+    /// Reconciles running at once (0: no limit). Enforced by a first-come-first-served
+    /// semaphore inside [`reconcile`], not by the kube-rs runner: see [`Context::slots`].
     pub concurrency: u16,
     /// Page size of the initial lists (small pages keep peak memory low).
     pub page_size: u32,
@@ -112,12 +113,22 @@ pub struct Context {
     cfg: ControllerConfig,
     recorder: Recorder,
     metrics: Arc<Metrics>,
-    deployments: Store<PartialObjectMeta<Deployment>>,
+    /// The pipelines, as the controller's watch has them.
+    pipelines: Store<InferencePipeline>,
+    /// Owned Deployments, slimmed ([`slim_deployment`]): pruning and status read them.
+    deployments: Store<Deployment>,
     /// Worker pods (labels and status), shared with the router, rollout driver and autoscaler.
     pods: Store<Pod>,
-    /// What was last applied of each pipeline's supporting objects (see [`crate::applied`]).
+    /// What was last applied of each owned object (see [`crate::applied`]).
     applied: Arc<Mutex<Applied>>,
     failures: Mutex<HashMap<ObjectRef<InferencePipeline>, u32>>,
+    /// Reconcile slots, handed out in arrival order. The kube-rs runner's own concurrency
+    /// limit parks the requests that find every slot busy in a hash set and takes them out in
+    /// hash order, so under sustained load (follow-up reconciles arriving as fast as slots
+    /// free up) some pipelines were never reconciled: at 1,000 pipelines with a slowed-down
+    /// operator, 83 waited more than 8 minutes while others were reconciled five times. A FIFO
+    /// semaphore cannot starve anyone.
+    slots: tokio::sync::Semaphore,
 }
 
 /// Delay before retrying an object that failed `failures` times in a row: 1s doubling up to
@@ -166,21 +177,29 @@ pub async fn run(
     let (dep_synced_tx, mut dep_synced) = tokio::sync::watch::channel(false);
     let (ipl_synced_tx, mut ipl_synced) = tokio::sync::watch::channel(false);
 
-    // Owned Deployments: metadata only, managedFields stripped, kept in a store for pruning.
-    let (dep_store, dep_writer) = reflector::store::<PartialObjectMeta<Deployment>>();
-    let deployments = watcher(
-        scoped::<PartialObjectMeta<Deployment>>(&client, &cfg.namespace),
-        owned.clone(),
-    )
-    .modify(|d| d.metadata.managed_fields = None)
-    .default_backoff()
-    .reflect(dep_writer)
-    .inspect(move |ev| {
-        if matches!(ev, Ok(watcher::Event::InitDone)) {
-            dep_synced_tx.send_replace(true);
-        }
-    })
-    .touched_objects();
+    let applied = Arc::new(Mutex::new(Applied::default()));
+    let owned_watch = OwnedWatch {
+        client: &client,
+        namespace: &cfg.namespace,
+        config: &owned,
+        applied: &applied,
+    };
+
+    // Owned Deployments: kept in a store, slimmed to what pruning and status read, so that a
+    // reconcile with nothing to apply takes their status from here instead of an apply.
+    let (dep_store, dep_writer) = reflector::store::<Deployment>();
+    let dep_applied = applied.clone();
+    let deployments = watcher(scoped::<Deployment>(&client, &cfg.namespace), owned.clone())
+        .modify(slim_deployment)
+        .default_backoff()
+        .reflect(dep_writer)
+        .inspect(move |ev| {
+            if matches!(ev, Ok(watcher::Event::InitDone)) {
+                dep_synced_tx.send_replace(true);
+            }
+            note_owned_event(&dep_applied, ev);
+        })
+        .touched_objects();
 
     // The pipelines themselves: full objects (the spec is needed), managedFields stripped.
     let (ipl_store, ipl_writer) = reflector::store::<InferencePipeline>();
@@ -212,32 +231,29 @@ pub async fn run(
     let (pod_store, pod_watch) =
         crate::router::watch_pods(client.clone(), cfg.namespace.as_deref(), cfg.page_size);
     let pod_watch = tokio::spawn(pod_watch);
-    let applied = Arc::new(Mutex::new(Applied::default()));
-    let concurrency = cfg.concurrency;
+    let slots = match cfg.concurrency {
+        0 => tokio::sync::Semaphore::MAX_PERMITS,
+        n => usize::from(n),
+    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         cfg: cfg.clone(),
         recorder,
         metrics,
+        pipelines: ipl_store.clone(),
         deployments: dep_store.clone(),
         pods: pod_store.clone(),
         applied: applied.clone(),
         failures: Mutex::new(HashMap::new()),
+        slots: tokio::sync::Semaphore::new(slots),
     });
 
-    let owned_watch = OwnedWatch {
-        client: &client,
-        namespace: &cfg.namespace,
-        config: &owned,
-        applied: &applied,
-    };
     let controller = Controller::for_stream(ipl_stream, ipl_store.clone())
         // Creating a pipeline's seven objects fires seven watch events; the debounce folds
         // them (and Deployment status churn) into one follow-up reconcile.
         .with_config(
-            kube::runtime::Config::default()
-                .concurrency(concurrency)
-                .debounce(DEBOUNCE),
+            // No runner limit: `Context::slots` bounds the reconciles that do work.
+            kube::runtime::Config::default().debounce(DEBOUNCE),
         )
         .owns_stream(deployments)
         .owns_stream(owned_watch.stream::<Service>())
@@ -319,6 +335,20 @@ fn slim_pipeline(p: &mut InferencePipeline) {
     }
 }
 
+/// What the Deployment cache does not need: `managedFields`, the pod template (the bulk of the
+/// object; the reconciler builds its own) and the status conditions' prose. Kept: metadata
+/// (labels and owner references for pruning, `generation`), `spec.replicas` and the status
+/// counters the pipeline's status reports.
+fn slim_deployment(d: &mut Deployment) {
+    d.metadata.managed_fields = None;
+    if let Some(spec) = d.spec.as_mut() {
+        spec.template = Default::default();
+    }
+    if let Some(status) = d.status.as_mut() {
+        status.conditions = None;
+    }
+}
+
 /// The annotation in which `kubectl apply` (client-side) records what it applied.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
@@ -342,8 +372,8 @@ struct OwnedWatch<'a> {
 
 impl OwnedWatch<'_> {
     /// Trigger stream of one owned kind (metadata only, nothing cached). Every change is also
-    /// shown to `applied`, which drops a pipeline's record when someone other than the
-    /// reconciler changed or deleted an object it covers.
+    /// shown to `applied`, which drops an object's record when someone other than the
+    /// reconciler changed or deleted it.
     fn stream<K>(
         &self,
     ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
@@ -362,39 +392,50 @@ impl OwnedWatch<'_> {
             self.config.clone(),
         )
         .default_backoff()
-        .inspect(move |ev| {
-            let (obj, deleted) = match ev {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (o, false),
-                Ok(watcher::Event::Delete(o)) => (o, true),
-                _ => return,
-            };
-            let (Some(ns), Some(pipeline)) = (obj.namespace(), obj.labels().get(LABEL_INSTANCE))
-            else {
-                return;
-            };
-            if let Ok(mut a) = applied.lock() {
-                let kind = short_kind::<K>();
-                let marker = change_marker(kind, &obj.metadata);
-                a.observe(
-                    &ns,
-                    pipeline,
-                    kind,
-                    &obj.name_any(),
-                    marker.as_deref(),
-                    deleted,
-                );
-            }
-        })
+        .inspect(move |ev| note_owned_event(&applied, ev))
         .touched_objects()
     }
 }
 
-/// Reconciles one pipeline.
+/// Shows one owned-object watch event to the apply record, which drops an object's record when
+/// someone other than the reconciler changed or deleted it.
+fn note_owned_event<O>(applied: &Mutex<Applied>, ev: &Result<watcher::Event<O>, watcher::Error>)
+where
+    O: Resource + ResourceExt,
+    O::DynamicType: Default,
+{
+    let (obj, deleted) = match ev {
+        Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => (o, false),
+        Ok(watcher::Event::Delete(o)) => (o, true),
+        _ => return,
+    };
+    let (Some(ns), Some(kind)) = (obj.namespace(), owned_kind(&O::kind(&Default::default())))
+    else {
+        return;
+    };
+    if let Ok(mut a) = applied.lock() {
+        let marker = change_marker(kind, obj.meta());
+        a.observe(&ns, kind, &obj.name_any(), marker.as_deref(), deleted);
+    }
+}
+
+/// Reconciles one pipeline, once a slot is free (see [`Context::slots`]).
 pub async fn reconcile(p: Arc<InferencePipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let queued = Instant::now();
+    // Never fails: the semaphore is not closed.
+    let _slot = ctx.slots.acquire().await;
+    // The pipeline may have changed while this request waited: work on the newest copy.
+    let Some(p) = ctx.pipelines.get(&ObjectRef::from_obj(p.as_ref())) else {
+        debug!(pipeline = %p.name_any(), "pipeline gone while queued");
+        return Ok(Action::await_change());
+    };
+    // The span starts with the work, so that waiting requests hold no span.
     let span = info_span!("reconcile", pipeline = %p.name_any(), namespace = p.namespace().unwrap_or_default());
-    async move {
+    async {
         let started = Instant::now();
-        let result = reconcile_inner(&p, &ctx).await;
+        let queued_ms = started.duration_since(queued).as_secs_f64() * 1e3;
+        // Boxed so that the requests waiting for a slot stay small.
+        let result = Box::pin(reconcile_inner(&p, &ctx)).await;
         let outcome = match &result {
             Ok(_) => Outcome::Success,
             Err(Error::InvalidSpec(_)) => Outcome::InvalidSpec,
@@ -403,6 +444,7 @@ pub async fn reconcile(p: Arc<InferencePipeline>, ctx: Arc<Context>) -> Result<A
         ctx.metrics.observe_reconcile(outcome, started.elapsed());
         debug!(
             duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            queued_ms,
             ?outcome,
             "reconcile finished"
         );
@@ -569,95 +611,148 @@ where
 }
 
 fn short_kind<K: Resource<DynamicType = ()>>() -> &'static str {
-    match K::kind(&()).as_ref() {
+    owned_kind(&K::kind(&())).unwrap_or("object")
+}
+
+/// The kinds this operator owns, as `'static` names.
+fn owned_kind(kind: &str) -> Option<&'static str> {
+    Some(match kind {
         "Deployment" => "Deployment",
         "Service" => "Service",
         "ConfigMap" => "ConfigMap",
         "ServiceAccount" => "ServiceAccount",
         "PodDisruptionBudget" => "PodDisruptionBudget",
-        _ => "object",
-    }
+        _ => return None,
+    })
 }
 
-/// Applies the desired objects; returns the Deployments as the server now has them (with
-/// status), in the order built. Independent objects go out concurrently. The supporting
-/// objects (ServiceAccount, ConfigMap, Service, PodDisruptionBudgets) are skipped when they are
-/// exactly what was last applied and nobody touched them since ([`crate::applied`]); the
-/// Deployments always go out.
+/// Applies the desired objects that changed; returns the Deployments as the server now has
+/// them (with status), in the order built. The ServiceAccount, ConfigMap and Service go first
+/// (the Deployments' pods need them), then the Deployments and PodDisruptionBudgets;
+/// independent objects go out concurrently. An object exactly as this process last applied
+/// it, untouched since ([`crate::applied`]), is skipped; an unchanged Deployment is read from
+/// the watch cache.
 async fn apply_all(
     ctx: &Context,
     v: &ValidatedPipeline,
     d: &Desired,
 ) -> Result<Vec<Deployment>, Error> {
     let ns = v.meta.namespace.as_str();
-    let pipeline = v.meta.name.as_str();
-    let supporting = fingerprint(
-        [&d.service_account as &dyn Json, &d.config_map, &d.service]
-            .into_iter()
-            .chain(d.pdbs.iter().map(|p| p as &dyn Json)),
+    let now = Instant::now();
+    let (sa, cm, svc) = futures::join!(
+        apply_changed(ctx, ns, &d.service_account, now),
+        apply_changed(ctx, ns, &d.config_map, now),
+        apply_changed(ctx, ns, &d.service, now),
     );
-    let now = std::time::Instant::now();
-    let current = supporting.is_some_and(|fp| {
-        ctx.applied
-            .lock()
-            .is_ok_and(|a| a.is_current(ns, pipeline, fp, now))
-    });
-    if current {
-        debug!("supporting objects unchanged since the last apply; applying Deployments only");
-        let deployments =
-            futures::future::join_all(d.deployments.iter().map(|dep| apply(ctx, ns, dep))).await;
-        return deployments.into_iter().collect();
+    sa?;
+    cm?;
+    svc?;
+    let (deployments, pdbs) = futures::join!(
+        futures::future::join_all(
+            d.deployments
+                .iter()
+                .map(|dep| deployment(ctx, ns, dep, now))
+        ),
+        futures::future::join_all(d.pdbs.iter().map(|pdb| apply_changed(ctx, ns, pdb, now))),
+    );
+    for pdb in pdbs {
+        pdb?;
     }
-
-    let result = apply_everything(ctx, ns, d).await;
-    if let Ok(mut a) = ctx.applied.lock() {
-        match (&result, supporting) {
-            (Ok((_, versions)), Some(fp)) => a.record(ns, pipeline, fp, versions.clone(), now),
-            _ => a.forget(ns, pipeline),
-        }
-    }
-    result.map(|(deployments, _)| deployments)
+    deployments.into_iter().collect()
 }
 
-/// `(kind, name, resourceVersion)` of applied supporting objects.
-type Versions = Vec<(&'static str, String, String)>;
-
-async fn apply_everything(
+/// Applies `obj` unless the apply record says exactly this was applied and nobody touched it
+/// since; returns the server's copy when it applied.
+async fn apply_changed<K>(
     ctx: &Context,
     ns: &str,
-    d: &Desired,
-) -> Result<(Vec<Deployment>, Versions), Error> {
-    let (sa, cm, svc) = futures::join!(
-        apply(ctx, ns, &d.service_account),
-        apply(ctx, ns, &d.config_map),
-        apply(ctx, ns, &d.service),
-    );
-    let mut versions = vec![version(&sa?), version(&cm?), version(&svc?)];
-    let deployments =
-        futures::future::join_all(d.deployments.iter().map(|dep| apply(ctx, ns, dep))).await;
-    let pdbs = futures::future::join_all(d.pdbs.iter().map(|pdb| apply(ctx, ns, pdb))).await;
-    let deployments = deployments.into_iter().collect::<Result<Vec<_>, _>>()?;
-    for pdb in pdbs {
-        versions.push(version(&pdb?));
+    obj: &K,
+    now: Instant,
+) -> Result<Option<K>, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let name = obj.meta().name.as_deref().unwrap_or_default();
+    let fp = fingerprint(obj);
+    if let Some(fp) = fp
+        && ctx
+            .applied
+            .lock()
+            .is_ok_and(|a| a.current(ns, short_kind::<K>(), name, fp, now).is_some())
+    {
+        return Ok(None);
     }
-    Ok((deployments, versions))
+    apply_recorded(ctx, ns, obj, fp, now).await.map(Some)
 }
 
-fn version<K: Resource<DynamicType = ()>>(obj: &K) -> (&'static str, String, String) {
+/// A desired Deployment as the server has it: from the watch cache when the apply record says
+/// it is unchanged and the cache already shows the generation that apply produced (an older
+/// copy would report stale status), else by applying it.
+async fn deployment(
+    ctx: &Context,
+    ns: &str,
+    dep: &Deployment,
+    now: Instant,
+) -> Result<Deployment, Error> {
+    let name = dep.metadata.name.as_deref().unwrap_or_default();
+    let fp = fingerprint(dep);
+    let recorded = fp.and_then(|fp| {
+        ctx.applied
+            .lock()
+            .ok()
+            .and_then(|a| a.current(ns, "Deployment", name, fp, now))
+    });
+    if let Some(recorded) = recorded
+        && let Some(cached) = ctx.deployments.get(&ObjectRef::new(name).within(ns))
+        && change_marker("Deployment", &cached.metadata)
+            .is_some_and(|m| Applied::is_marker(recorded, &m))
+    {
+        return Ok(cached.as_ref().clone());
+    }
+    apply_recorded(ctx, ns, dep, fp, now).await
+}
+
+/// Applies `obj` and records the result: the fingerprint sent and the marker the server
+/// returned, or no record at all when the apply failed.
+async fn apply_recorded<K>(
+    ctx: &Context,
+    ns: &str,
+    obj: &K,
+    fp: Option<u64>,
+    now: Instant,
+) -> Result<K, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
     let kind = short_kind::<K>();
-    (
-        kind,
-        obj.meta().name.clone().unwrap_or_default(),
-        change_marker(kind, obj.meta()).unwrap_or_default(),
-    )
+    let name = obj.meta().name.as_deref().unwrap_or_default();
+    let result = apply(ctx, ns, obj).await;
+    if let Ok(mut a) = ctx.applied.lock() {
+        match (&result, fp) {
+            (Ok(applied), Some(fp)) => match change_marker(kind, applied.meta()) {
+                Some(marker) => a.record(ns, kind, name, fp, &marker, now),
+                None => a.forget(ns, kind, name),
+            },
+            _ => a.forget(ns, kind, name),
+        }
+    }
+    result
 }
 
 /// What changes when someone changes an object's desired state: the `generation` of a
-/// PodDisruptionBudget (its status, rewritten by the disruption controller whenever a pod's
-/// readiness changes, bumps only the `resourceVersion`), the `resourceVersion` of the others.
+/// Deployment or PodDisruptionBudget (their status, rewritten by other controllers as pods come
+/// and go, bumps only the `resourceVersion`), the `resourceVersion` of the others.
 fn change_marker(kind: &str, meta: &ObjectMeta) -> Option<String> {
     match kind {
-        "PodDisruptionBudget" => meta.generation.map(|g| format!("g{g}")),
+        "Deployment" | "PodDisruptionBudget" => meta.generation.map(|g| format!("g{g}")),
         _ => meta.resource_version.clone(),
     }
 }

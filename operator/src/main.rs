@@ -73,8 +73,9 @@ struct RunArgs {
     /// This replica's identity in the Lease and on Events; `<hostname>-<pid>` when unset.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// Reconciles running at once.
-    #[arg(long, env = "TANDEM_CONCURRENCY", default_value_t = 8)]
+    /// Reconciles running at once. Reconciles that change nothing make no API call; the ones
+    /// that do wait on the API server, so a higher value mostly queues requests there.
+    #[arg(long, env = "TANDEM_CONCURRENCY", default_value_t = 4)]
     concurrency: u16,
     /// Page size of initial list calls; small pages keep peak memory low.
     #[arg(long, env = "TANDEM_PAGE_SIZE", default_value_t = 100)]
