@@ -17,9 +17,9 @@ COPY . .
 # Debug info is stripped (symbols stay, so backtraces keep function names).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --locked --release -p tandem-operator \
+    cargo build --locked --profile release-small -p tandem-operator \
  && install -d /out \
- && strip --strip-debug -o /out/tandem-operator target/release/tandem-operator
+ && strip --strip-debug -o /out/tandem-operator target/release-small/tandem-operator
 
 FROM ${RUNTIME_IMAGE}
 LABEL org.opencontainers.image.title="tandem-operator" \

@@ -6,14 +6,15 @@
 # the image config, a `docker load`-able tarball and an OCI image layout.
 #
 #   scripts/images.sh              build release binaries, then both images
-#   scripts/images.sh --no-build   reuse target/release/tandem-{operator,worker} as they are
-#                                  (build the worker with --features tandem-engine/cuda)
+#   scripts/images.sh --no-build   reuse target/release-small/tandem-operator and
+#                                  target/release/tandem-worker as they are (build the worker
+#                                  with --features tandem-engine/cuda)
 #   scripts/images.sh --no-run     skip running the binaries inside the unpacked rootfs
 #   scripts/images.sh --check-dockerfiles
 #                                  only check that docker/*.Dockerfile, the chart and the
 #                                  operator's worker ports agree with this script (< 1 s)
 #   scripts/images.sh --no-build --bin-dir target/debug
-#                                  package other binaries (a quick check of the packaging
+#                                  package other binaries, both from one directory (a quick check of the packaging
 #                                  itself, ~15 s warm; the sizes are then not the release ones)
 #
 # Output under target/images/, for tandem-operator:<version> and tandem-worker:<version>-cpu
@@ -37,7 +38,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/lib.sh
 . "$root/scripts/lib.sh"
 
-build=1 run=1 bin_dir=target/release check_only=0
+# The operator ships from the size-optimised `release-small` profile (Cargo.toml says why).
+build=1 run=1 bin_dir=target/release op_dir=target/release-small check_only=0
 while [ $# -gt 0 ]; do
   arg=$1
   shift
@@ -46,7 +48,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --no-run) run=0 ;;
     --bin-dir) [ $# -gt 0 ] || { echo "images.sh: --bin-dir needs a directory" >&2; exit 2; }
-      bin_dir=$1; shift ;;
+      bin_dir=$1; op_dir=$1; shift ;;
     -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "images.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
@@ -83,6 +85,7 @@ check_dockerfiles() {
   expect docker/operator.Dockerfile 'ENTRYPOINT ["/usr/local/bin/tandem-operator"]' 1
   expect docker/operator.Dockerfile 'CMD ["run"]' 1
   expect docker/operator.Dockerfile "strip --strip-debug" 1
+  expect docker/operator.Dockerfile "cargo build --locked --profile release-small -p tandem-operator" 1
   # Two runtime stages (cpu, cuda), one build stage.
   expect docker/worker.Dockerfile "USER $uid:$uid" 2
   expect docker/worker.Dockerfile "EXPOSE ${ports[worker]}" 2
@@ -156,12 +159,15 @@ if [ "$build" = 1 ]; then
   # and NVRTC with dlopen at run time, so nothing CUDA is linked or shipped): the same
   # image runs `--device cpu` anywhere and `--device cuda` where the libraries are provided.
   cargo build --release -p tandem-worker --features "$worker_features"
-  cargo build --release -p tandem-operator
+  cargo build --profile release-small -p tandem-operator
 fi
 bin_dir=$(cd "$bin_dir" && pwd)
+op_dir=$(cd "$op_dir" && pwd)
+# Where each image's binary comes from.
+declare -A dirs=([operator]=$op_dir [worker]=$bin_dir)
 for name in operator worker; do
-  [ -x "$bin_dir/tandem-$name" ] ||
-    { echo "images.sh: $bin_dir/tandem-$name is missing; run without --no-build" >&2; exit 1; }
+  [ -x "${dirs[$name]}/tandem-$name" ] ||
+    { echo "images.sh: ${dirs[$name]}/tandem-$name is missing; run without --no-build" >&2; exit 1; }
 done
 
 say "crane (tests/kube/crane)"
@@ -337,9 +343,9 @@ for name in operator worker; do
   stem="$out/$image-$tag"
   say "$image:$tag"
 
-  make_base "$bin_dir/$image" "$work/$name-base"
+  make_base "${dirs[$name]}/$image" "$work/$name-base"
   mkdir -p "$work/$name-bin/usr/local/bin"
-  strip --strip-debug -o "$work/$name-bin/usr/local/bin/$image" "$bin_dir/$image"
+  strip --strip-debug -o "$work/$name-bin/usr/local/bin/$image" "${dirs[$name]}/$image"
   chmod 0755 "$work/$name-bin/usr/local/bin/$image"
   layer_tar "$work/$name-base" "$work/$name-base.tar"
   layer_tar "$work/$name-bin" "$work/$name-bin.tar"
@@ -421,7 +427,7 @@ for name in operator worker; do
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$image:$tag" \
     "$revision" "$digest" "$compressed" "$uncompressed" "$binary" "${target_bytes[$name]}" "$verdict" \
-    "${bin_dir#"$root"/}" >>"$out/sizes.tsv"
+    "${dirs[$name]#"$root"/}" >>"$out/sizes.tsv"
   summary+=("$(awk -v i="$image:$tag" -v c="$compressed" -v u="$uncompressed" -v b="$binary" \
     -v t="${target_bytes[$name]}" -v v="$verdict" 'BEGIN {
       printf "%-22s compressed %6.1f MB  uncompressed %6.1f MB  binary %6.1f MB  target <= %d MB compressed: %s",
@@ -472,5 +478,5 @@ done
 
 say "images in $out ($(since "$start"))"
 printf '%s\n' "${summary[@]}"
-echo "sizes appended to $out/sizes.tsv (binaries from ${bin_dir#"$root"/})"
+echo "sizes appended to $out/sizes.tsv (binaries from ${op_dir#"$root"/} and ${bin_dir#"$root"/})"
 echo "load with: docker load -i $out/tandem-operator-$version.tar  (or: crane push $out/tandem-operator-$version.oci <registry>/tandem-operator:$version)"
