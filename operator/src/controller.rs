@@ -32,6 +32,7 @@ use crate::build::{
 use crate::crd::{Color, InferencePipeline, InferencePipelineStatus, ModelRef, RolloutPhase};
 use crate::metrics::{ErrorKind, Metrics, Outcome};
 use crate::status::{self, DeploymentObservation, Observation};
+use crate::summary::DeploymentSummary;
 use crate::validate::{ValidateError, ValidatedPipeline, validate};
 
 /// The one field manager for every object and status this operator writes.
@@ -115,8 +116,8 @@ pub struct Context {
     metrics: Arc<Metrics>,
     /// The pipelines, as the controller's watch has them.
     pipelines: Store<InferencePipeline>,
-    /// Owned Deployments, slimmed ([`slim_deployment`]): pruning and status read them.
-    deployments: Store<Deployment>,
+    /// Owned Deployments, in the compact form pruning and status read.
+    deployments: Store<DeploymentSummary>,
     /// Worker pods (labels and status), shared with the router, rollout driver and autoscaler.
     pods: Store<Pod>,
     /// What was last applied of each owned object (see [`crate::applied`]).
@@ -185,21 +186,24 @@ pub async fn run(
         applied: &applied,
     };
 
-    // Owned Deployments: kept in a store, slimmed to what pruning and status read, so that a
-    // reconcile with nothing to apply takes their status from here instead of an apply.
-    let (dep_store, dep_writer) = reflector::store::<Deployment>();
+    // Owned Deployments, decoded straight into the compact form pruning and status read, so
+    // that a reconcile with nothing to apply takes their status from here instead of an apply.
+    let (dep_store, dep_writer) = reflector::store::<DeploymentSummary>();
     let dep_applied = applied.clone();
-    let deployments = watcher(scoped::<Deployment>(&client, &cfg.namespace), owned.clone())
-        .modify(slim_deployment)
-        .default_backoff()
-        .reflect(dep_writer)
-        .inspect(move |ev| {
-            if matches!(ev, Ok(watcher::Event::InitDone)) {
-                dep_synced_tx.send_replace(true);
-            }
-            note_owned_event(&dep_applied, ev);
-        })
-        .touched_objects();
+    let deployments = watcher(
+        scoped::<DeploymentSummary>(&client, &cfg.namespace),
+        owned.clone(),
+    )
+    .modify(|d| d.metadata.managed_fields = None)
+    .default_backoff()
+    .reflect(dep_writer)
+    .inspect(move |ev| {
+        if matches!(ev, Ok(watcher::Event::InitDone)) {
+            dep_synced_tx.send_replace(true);
+        }
+        note_owned_event(&dep_applied, ev);
+    })
+    .touched_objects();
 
     // The pipelines themselves: full objects (the spec is needed), managedFields stripped.
     let (ipl_store, ipl_writer) = reflector::store::<InferencePipeline>();
@@ -332,20 +336,6 @@ fn slim_pipeline(p: &mut InferencePipeline) {
     p.metadata.managed_fields = None;
     if let Some(a) = p.metadata.annotations.as_mut() {
         a.remove(LAST_APPLIED);
-    }
-}
-
-/// What the Deployment cache does not need: `managedFields`, the pod template (the bulk of the
-/// object; the reconciler builds its own) and the status conditions' prose. Kept: metadata
-/// (labels and owner references for pruning, `generation`), `spec.replicas` and the status
-/// counters the pipeline's status reports.
-fn slim_deployment(d: &mut Deployment) {
-    d.metadata.managed_fields = None;
-    if let Some(spec) = d.spec.as_mut() {
-        spec.template = Default::default();
-    }
-    if let Some(status) = d.status.as_mut() {
-        status.conditions = None;
     }
 }
 
@@ -636,7 +626,7 @@ async fn apply_all(
     ctx: &Context,
     v: &ValidatedPipeline,
     d: &Desired,
-) -> Result<Vec<Deployment>, Error> {
+) -> Result<Vec<DeploymentSummary>, Error> {
     let ns = v.meta.namespace.as_str();
     let now = Instant::now();
     let (sa, cm, svc) = futures::join!(
@@ -697,7 +687,7 @@ async fn deployment(
     ns: &str,
     dep: &Deployment,
     now: Instant,
-) -> Result<Deployment, Error> {
+) -> Result<DeploymentSummary, Error> {
     let name = dep.metadata.name.as_deref().unwrap_or_default();
     let fp = fingerprint(dep);
     let recorded = fp.and_then(|fp| {
@@ -713,7 +703,9 @@ async fn deployment(
     {
         return Ok(cached.as_ref().clone());
     }
-    apply_recorded(ctx, ns, dep, fp, now).await
+    apply_recorded(ctx, ns, dep, fp, now)
+        .await
+        .map(DeploymentSummary::from)
 }
 
 /// Applies `obj` and records the result: the fingerprint sent and the marker the server
@@ -831,15 +823,15 @@ fn ignore_gone(r: Result<(), kube::Error>) -> Result<(), kube::Error> {
 async fn observe(
     ctx: &Context,
     v: &ValidatedPipeline,
-    dep: Option<&Deployment>,
+    dep: Option<&DeploymentSummary>,
     stage: Stage,
     color: Option<Color>,
 ) -> Result<DeploymentObservation, Error> {
     let Some(dep) = dep else {
         return Ok(DeploymentObservation::default());
     };
-    let desired = dep.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let st = dep.status.clone().unwrap_or_default();
+    let desired = dep.spec.replicas.unwrap_or(1);
+    let st = &dep.status;
     let mut obs = DeploymentObservation {
         desired,
         replicas: st.replicas.unwrap_or(0),

@@ -16,6 +16,7 @@ pub mod rollout;
 pub mod router;
 pub mod routing;
 pub mod status;
+pub mod summary;
 pub mod validate;
 
 #[cfg(test)]
