@@ -652,13 +652,8 @@ async fn apply_all(
 }
 
 /// Applies `obj` unless the apply record says exactly this was applied and nobody touched it
-/// since; returns the server's copy when it applied.
-async fn apply_changed<K>(
-    ctx: &Context,
-    ns: &str,
-    obj: &K,
-    now: Instant,
-) -> Result<Option<K>, Error>
+/// since.
+async fn apply_changed<K>(ctx: &Context, ns: &str, obj: &K, now: Instant) -> Result<(), Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -674,9 +669,9 @@ where
             .lock()
             .is_ok_and(|a| a.current(ns, short_kind::<K>(), name, fp, now).is_some())
     {
-        return Ok(None);
+        return Ok(());
     }
-    apply_recorded(ctx, ns, obj, fp, now).await.map(Some)
+    apply_recorded(ctx, ns, obj, fp, now).await.map(|_| ())
 }
 
 /// A desired Deployment as the server has it: from the watch cache when the apply record says
