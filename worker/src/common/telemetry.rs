@@ -131,6 +131,19 @@ impl TraceContext {
         })
     }
 
+    /// The context of `span` as an OpenTelemetry layer exports it: its trace id and its own
+    /// span id, so that a downstream span sent this context is exported as `span`'s child.
+    /// `None` when no OpenTelemetry layer records `span` (tracing off, or filtered out).
+    pub fn of_span(span: &tracing::Span) -> Option<Self> {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| Self {
+            trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+            flags: sc.trace_flags().to_u8(),
+        })
+    }
+
     /// A fresh root context (sampled).
     pub fn new_root() -> Self {
         Self {
@@ -204,6 +217,44 @@ mod tests {
         );
         assert_eq!(infer.parent_span_id, SpanId::from(0x00f067aa0ba902b7_u64));
         assert!(infer.parent_span_is_remote);
+    }
+
+    #[test]
+    fn the_context_sent_downstream_names_the_exported_span_so_the_next_stage_is_its_child() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let caller =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let sent = tracing::subscriber::with_default(subscriber, || {
+            let infer = tracing::info_span!("infer");
+            set_remote_parent(&infer, &caller);
+            let forward = tracing::info_span!(parent: &infer, "forward");
+            TraceContext::of_span(&forward)
+        })
+        .expect("an OpenTelemetry layer records the span");
+        let _ = provider.force_flush();
+        let spans = exporter.get_finished_spans().unwrap();
+        let forward = spans.iter().find(|s| s.name == "forward").expect("forward");
+        assert_eq!(sent.trace_id, caller.trace_id);
+        assert_eq!(
+            SpanId::from(sent.span_id),
+            forward.span_context.span_id(),
+            "downstream parent = the exported forward span"
+        );
+        assert_eq!(sent.flags, 1);
+    }
+
+    #[test]
+    fn without_an_opentelemetry_layer_a_span_has_no_exportable_context() {
+        let subscriber = tracing_subscriber::registry();
+        let ctx = tracing::subscriber::with_default(subscriber, || {
+            TraceContext::of_span(&tracing::info_span!("forward"))
+        });
+        assert_eq!(ctx, None);
     }
 
     #[test]

@@ -195,7 +195,9 @@ impl ImagePipeline {
             mode: self.cfg.resize.mode,
             draft: self.draft,
         };
-        let rgb = decode_rgb8_for(encoded, self.max_pixels, Some(target))?;
+        let rgb = tracing::info_span!("decode", bytes = encoded.len())
+            .in_scope(|| decode_rgb8_for(encoded, self.max_pixels, Some(target)))?;
+        let _span = tracing::info_span!("resize_normalize").entered();
         let mut scratch = vec![0u8; w as usize * h as usize * 3];
         resize_rgb8(
             &rgb,

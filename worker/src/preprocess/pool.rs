@@ -86,7 +86,8 @@ impl CpuPool {
     }
 
     /// Runs `f` on the pool inside `span`; returns its result and how long it
-    /// waited in the queue.
+    /// waited in the queue. The wait is a `queue_wait` child span of `span`, closed when a
+    /// pool thread takes the job.
     pub async fn run<T, F>(&self, span: tracing::Span, f: F) -> Result<(T, Duration), PoolError>
     where
         T: Send + 'static,
@@ -95,9 +96,11 @@ impl CpuPool {
         let (reply, rx) = oneshot::channel();
         let queued = Arc::clone(&self.queued);
         let submitted = Instant::now();
+        let waiting = tracing::info_span!(parent: &span, "queue_wait");
         queued.fetch_add(1, Ordering::Relaxed);
         let job: Job = Box::new(move || {
             queued.fetch_sub(1, Ordering::Relaxed);
+            drop(waiting);
             let waited = submitted.elapsed();
             let out = span.in_scope(f);
             let _ = reply.send((out, waited));

@@ -526,8 +526,10 @@ impl Router {
         let started = Instant::now();
         let mut req = tonic::Request::new(request);
         req.set_timeout(self.cfg.forward_timeout);
-        let ctx = trace
-            .map(|t| t.child())
+        // With OTLP export on, the inference worker's span must hang under this `forward`
+        // span as exported; without it, a fresh span id in the caller's trace is enough.
+        let ctx = TraceContext::of_span(&span)
+            .or_else(|| trace.map(|t| t.child()))
             .unwrap_or_else(TraceContext::new_root);
         if let Ok(v) = ctx.header_value().parse() {
             req.metadata_mut().insert("traceparent", v);

@@ -82,6 +82,7 @@ impl Pipeline {
     pub fn prepare(&self, items: &[Bytes]) -> Result<Prepared, RequestError> {
         match self {
             Pipeline::Text(t) => {
+                let _span = tracing::info_span!("tokenize", n = items.len()).entered();
                 let out = t
                     .process_batch(items)
                     .map_err(|(i, e)| RequestError::invalid(format!("text item {i}: {e}")))?;
@@ -100,8 +101,6 @@ impl Pipeline {
                 })
             }
             Pipeline::Image(p) => {
-                let _span =
-                    tracing::info_span!("decode_resize_normalize", n = items.len()).entered();
                 let buf = p
                     .process_batch(items)
                     .map_err(|(i, e)| RequestError::invalid(format!("image {i}: {e}")))?;
