@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tandem_operator::autoscale::AutoscaleConfig;
-use tandem_operator::build::BuildConfig;
+use tandem_operator::build::{BuildConfig, WorkerTracing};
 use tandem_operator::controller::{self, ControllerConfig};
 use tandem_operator::leader::{self, LeaderConfig};
 use tandem_operator::metrics::{self, Metrics};
@@ -49,6 +49,14 @@ struct RunArgs {
     /// `imagePullPolicy` for worker containers (cluster default when unset).
     #[arg(long, env = "TANDEM_WORKER_IMAGE_PULL_POLICY")]
     worker_image_pull_policy: Option<String>,
+    /// OTLP/gRPC collector for the worker pods' spans (sets `OTEL_EXPORTER_OTLP_ENDPOINT` in
+    /// every worker container); workers export nothing when unset.
+    #[arg(long, env = "TANDEM_WORKER_OTLP_ENDPOINT")]
+    worker_otlp_endpoint: Option<String>,
+    /// Fraction of new traces the workers keep (`parentbased_traceidratio`: a request that
+    /// arrives with a sampled `traceparent` is always traced).
+    #[arg(long, env = "TANDEM_WORKER_TRACE_SAMPLING_RATIO", default_value_t = 1.0, value_parser = sampling_ratio)]
+    worker_trace_sampling_ratio: f64,
     /// Namespaces to watch (repeat the flag or separate with commas); every namespace when
     /// unset. Each watched namespace gets its own caches and reconcile loop.
     #[arg(
@@ -128,6 +136,13 @@ enum LogFormat {
 
 fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 15s"))
+}
+
+fn sampling_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a fraction between 0.0 and 1.0")),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -297,6 +312,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         .unwrap_or_else(|| format!("tandem-worker:{VERSION}")),
                     image_pull_policy: args.worker_image_pull_policy.clone(),
                     operator_version: VERSION.to_owned(),
+                    worker_tracing: args.worker_otlp_endpoint.clone().map(|endpoint| {
+                        WorkerTracing {
+                            endpoint,
+                            sampling_ratio: args.worker_trace_sampling_ratio,
+                        }
+                    }),
                 },
                 namespace: scope.clone(),
                 concurrency: args.concurrency,
@@ -404,6 +425,28 @@ mod tests {
             Command::Run(args) => *args,
             other => panic!("parsed {other:?}, not run"),
         }
+    }
+
+    #[test]
+    fn worker_trace_sampling_must_be_a_fraction() {
+        let args = run_args(&[
+            "--worker-otlp-endpoint",
+            "http://c:4317",
+            "--worker-trace-sampling-ratio",
+            "0.1",
+        ]);
+        assert_eq!(args.worker_otlp_endpoint.as_deref(), Some("http://c:4317"));
+        assert!((args.worker_trace_sampling_ratio - 0.1).abs() < f64::EPSILON);
+        assert!((run_args(&[]).worker_trace_sampling_ratio - 1.0).abs() < f64::EPSILON);
+        let err = Cli::try_parse_from([
+            "tandem-operator",
+            "run",
+            "--worker-trace-sampling-ratio",
+            "1.5",
+        ])
+        .expect_err("1.5 is refused")
+        .to_string();
+        assert!(err.contains("between 0.0 and 1.0"), "{err}");
     }
 
     #[test]

@@ -115,7 +115,7 @@ pub struct Observed {
 }
 
 /// Operator-wide settings the objects depend on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct BuildConfig {
     /// Worker container image.
     pub worker_image: String,
@@ -123,6 +123,19 @@ pub struct BuildConfig {
     pub image_pull_policy: Option<String>,
     /// Operator version, recorded in `app.kubernetes.io/version`.
     pub operator_version: String,
+    /// Where workers export their spans (OTLP/gRPC); no tracing on workers when `None`.
+    pub worker_tracing: Option<WorkerTracing>,
+}
+
+/// OTLP export settings handed to every worker container as the standard
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_TRACES_SAMPLER*` variables.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerTracing {
+    /// OTLP/gRPC collector endpoint, e.g. `http://otel-collector.observability:4317`.
+    pub endpoint: String,
+    /// Fraction of new traces kept (0.0–1.0); a request's own sampled flag is followed
+    /// (`parentbased_traceidratio`).
+    pub sampling_ratio: f64,
 }
 
 /// Every object a pipeline owns, in apply order.
@@ -269,6 +282,7 @@ pub(crate) mod tests {
             worker_image: "tandem-worker:0.1.0".into(),
             image_pull_policy: None,
             operator_version: "0.1.0".into(),
+            worker_tracing: None,
         }
     }
 

@@ -236,6 +236,14 @@ fn worker_container(
     if let Some(c) = color {
         env.push(plain_env("TANDEM_COLOR", c.as_str()));
     }
+    if let Some(t) = &cfg.worker_tracing {
+        env.push(plain_env("OTEL_EXPORTER_OTLP_ENDPOINT", &t.endpoint));
+        env.push(plain_env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"));
+        env.push(plain_env(
+            "OTEL_TRACES_SAMPLER_ARG",
+            &t.sampling_ratio.to_string(),
+        ));
+    }
     Container {
         name: stage.as_str().to_owned(),
         image: Some(cfg.worker_image.clone()),
@@ -375,7 +383,7 @@ fn short_hash(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::build::tests::{blue, cfg};
-    use crate::build::{build, render_worker_config};
+    use crate::build::{WorkerTracing, build, render_worker_config};
     use crate::crd::ModelRef;
     use crate::test_fixtures::{image_pipeline, text_pipeline};
     use crate::validate::validate;
@@ -449,6 +457,52 @@ mod tests {
             field("POD_NAMESPACE").as_deref(),
             Some("metadata.namespace")
         );
+    }
+
+    #[test]
+    fn workers_export_spans_only_when_the_operator_is_given_a_collector() {
+        let v = validate(&text_pipeline()).unwrap();
+        let env_of = |cfg: &BuildConfig| -> Vec<Vec<(String, String)>> {
+            build(&v, &blue(&v), cfg)
+                .unwrap()
+                .deployments
+                .iter()
+                .map(|d| {
+                    pod(d).containers[0]
+                        .env
+                        .clone()
+                        .unwrap()
+                        .into_iter()
+                        .filter(|e| e.name.starts_with("OTEL_"))
+                        .map(|e| (e.name, e.value.unwrap_or_default()))
+                        .collect()
+                })
+                .collect()
+        };
+        assert!(env_of(&cfg()).iter().all(Vec::is_empty));
+        let traced = BuildConfig {
+            worker_tracing: Some(WorkerTracing {
+                endpoint: "http://collector.obs:4317".into(),
+                sampling_ratio: 0.25,
+            }),
+            ..cfg()
+        };
+        let want = vec![
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+                "http://collector.obs:4317".to_owned(),
+            ),
+            (
+                "OTEL_TRACES_SAMPLER".to_owned(),
+                "parentbased_traceidratio".to_owned(),
+            ),
+            ("OTEL_TRACES_SAMPLER_ARG".to_owned(), "0.25".to_owned()),
+        ];
+        let envs = env_of(&traced);
+        assert_eq!(envs.len(), 2, "preprocess and inference");
+        for env in envs {
+            assert_eq!(env, want);
+        }
     }
 
     #[test]
