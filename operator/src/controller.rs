@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
@@ -32,7 +32,7 @@ use crate::build::{
 use crate::crd::{Color, InferencePipeline, InferencePipelineStatus, ModelRef, RolloutPhase};
 use crate::metrics::{ErrorKind, Metrics, Outcome};
 use crate::status::{self, DeploymentObservation, Observation};
-use crate::summary::DeploymentSummary;
+use crate::summary::{DeploymentSummary, PodSummary};
 use crate::validate::{ValidateError, ValidatedPipeline, validate};
 
 /// The one field manager for every object and status this operator writes.
@@ -119,7 +119,7 @@ pub struct Context {
     /// Owned Deployments, in the compact form pruning and status read.
     deployments: Store<DeploymentSummary>,
     /// Worker pods (labels and status), shared with the router, rollout driver and autoscaler.
-    pods: Store<Pod>,
+    pods: Store<PodSummary>,
     /// What was last applied of each owned object (see [`crate::applied`]).
     applied: Arc<Mutex<Applied>>,
     failures: Mutex<HashMap<ObjectRef<InferencePipeline>, u32>>,

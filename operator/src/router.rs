@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use futures::future::join_all;
-use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -18,9 +17,10 @@ use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
 use tandem_proto::tandem::v1::{RoutingTable, SetRoutesRequest};
 use tracing::{debug, info, warn};
 
-use crate::build::{APP_NAME, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY, Stage};
+use crate::build::{APP_NAME, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY, Stage};
 use crate::crd::InferencePipeline;
-use crate::routing::{WorkerPod, desired_table, next_generation, same_routes};
+use crate::routing::{desired_table, next_generation, same_routes, workers_by_pipeline};
+use crate::summary::PodSummary;
 
 /// Router settings.
 #[derive(Clone, Debug)]
@@ -62,15 +62,15 @@ pub fn watch_pods(
     namespace: Option<&str>,
     page_size: u32,
 ) -> (
-    Store<Pod>,
+    Store<PodSummary>,
     impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let pods: Api<Pod> = match namespace {
+    let pods: Api<PodSummary> = match namespace {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
     let selector = format!("{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_NAME}={APP_NAME}");
-    let (store, writer) = reflector::store::<Pod>();
+    let (store, writer) = reflector::store::<PodSummary>();
     let watch = watcher(
         pods,
         watcher::Config::default()
@@ -78,11 +78,11 @@ pub fn watch_pods(
             .page_size(page_size)
             .any_semantic(),
     )
-    // Only labels, status and deletion matter here: keep the cache small.
+    // Only labels, status and deletion matter here (the summary type skips the spec while
+    // decoding): keep the cache small.
     .modify(|p| {
         p.metadata.managed_fields = None;
         p.metadata.annotations = None;
-        p.spec = None;
     })
     .default_backoff()
     .reflect(writer)
@@ -99,7 +99,7 @@ pub fn watch_pods(
 /// Runs until the task is dropped or aborted.
 pub async fn run(
     pipelines: Store<InferencePipeline>,
-    store: Store<Pod>,
+    store: Store<PodSummary>,
     published: Published,
     cfg: RouterConfig,
 ) {
@@ -129,24 +129,20 @@ pub async fn run(
 
 async fn sync_once(
     pipelines: &Store<InferencePipeline>,
-    pods: &Store<Pod>,
+    pods: &Store<PodSummary>,
     state: &mut HashMap<(String, String), PipelineRoutes>,
     cfg: &RouterConfig,
 ) {
     let all_pods = pods.state();
+    let mut by_pipeline = workers_by_pipeline(all_pods.iter().map(AsRef::as_ref));
     let mut seen = HashSet::new();
     let mut pushes = Vec::new();
     for pipeline in pipelines.state() {
         let (Some(ns), name) = (pipeline.namespace(), pipeline.name_any()) else {
             continue;
         };
-        let workers: Vec<WorkerPod> = all_pods
-            .iter()
-            .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-            .filter(|p| p.labels().get(LABEL_INSTANCE) == Some(&name))
-            .filter_map(|p| WorkerPod::from_pod(p))
-            .collect();
         let key = (ns.clone(), name.clone());
+        let workers = by_pipeline.remove(&key).unwrap_or_default();
         seen.insert(key.clone());
         let routes = state.entry(key).or_default();
         let mut desired = desired_table(&pipeline, &workers);

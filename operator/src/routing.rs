@@ -2,13 +2,13 @@
 //! color's share of live traffic and which color is shadowed. Pure: built from the
 //! pipeline's spec and status and the inference pods the operator observes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::Pod;
 use tandem_proto::tandem::v1::{ColorRoute, Endpoint, ParityTolerance, RoutingTable, ShadowPolicy};
 
-use crate::build::{LABEL_COLOR, LABEL_COMPONENT, PORT_CONTROL, PORT_GRPC, Stage};
+use crate::build::{LABEL_COLOR, LABEL_COMPONENT, LABEL_INSTANCE, PORT_CONTROL, PORT_GRPC, Stage};
 use crate::crd::{Color, InferencePipeline, ModelRef, RolloutPhase};
+use crate::summary::PodSummary;
 
 /// A worker pod as the router needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +31,7 @@ pub struct WorkerPod {
 
 impl WorkerPod {
     /// Reads the router's view of a pod; `None` for pods that are not Tandem workers.
-    pub fn from_pod(pod: &Pod) -> Option<WorkerPod> {
+    pub fn from_pod(pod: &PodSummary) -> Option<WorkerPod> {
         let labels = pod.metadata.labels.as_ref()?;
         let stage = match labels.get(LABEL_COMPONENT)?.as_str() {
             "preprocess" => Stage::Preprocess,
@@ -43,21 +43,18 @@ impl WorkerPod {
             Some("green") => Some(Color::Green),
             _ => None,
         };
-        let status = pod.status.as_ref();
-        let ready = status
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let status = &pod.status;
         let restarts = status
-            .and_then(|s| s.container_statuses.as_ref())
-            .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum());
+            .container_statuses
+            .iter()
+            .map(|c| c.restart_count)
+            .sum();
         Some(WorkerPod {
             name: pod.metadata.name.clone()?,
             stage,
             color,
-            ip: status
-                .and_then(|s| s.pod_ip.clone())
-                .filter(|ip| !ip.is_empty()),
-            ready,
+            ip: status.pod_ip.clone().filter(|ip| !ip.is_empty()),
+            ready: pod.is_ready(),
             terminating: pod.metadata.deletion_timestamp.is_some(),
             restarts,
         })
@@ -67,6 +64,31 @@ impl WorkerPod {
     pub fn control_address(&self) -> Option<String> {
         self.ip.as_ref().map(|ip| socket(ip, PORT_CONTROL))
     }
+}
+
+/// Worker pods grouped by pipeline — `(namespace, app.kubernetes.io/instance)` — in one pass,
+/// so that a loop over every pipeline does not scan every pod for each.
+pub fn workers_by_pipeline<'a>(
+    pods: impl IntoIterator<Item = &'a PodSummary>,
+) -> HashMap<(String, String), Vec<WorkerPod>> {
+    let mut by: HashMap<(String, String), Vec<WorkerPod>> = HashMap::new();
+    for pod in pods {
+        let (Some(ns), Some(instance)) = (
+            pod.metadata.namespace.as_ref(),
+            pod.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_INSTANCE)),
+        ) else {
+            continue;
+        };
+        if let Some(w) = WorkerPod::from_pod(pod) {
+            by.entry((ns.clone(), instance.clone()))
+                .or_default()
+                .push(w);
+        }
+    }
+    by
 }
 
 fn socket(ip: &str, port: i32) -> String {
@@ -173,6 +195,43 @@ mod tests {
     use super::*;
     use crate::crd::{InferencePipelineStatus, RolloutStatus};
     use crate::test_fixtures;
+
+    fn cached_pod(ns: &str, instance: &str, name: &str, component: &str) -> PodSummary {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns, "labels": {
+                LABEL_INSTANCE: instance, LABEL_COMPONENT: component, LABEL_COLOR: "blue"}},
+            "status": {"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "w", "restartCount": 1}]}
+        }))
+        .expect("pod json")
+    }
+
+    #[test]
+    fn pods_are_grouped_by_namespace_and_pipeline_and_non_workers_are_left_out() {
+        let pods = [
+            cached_pod("ml", "text", "text-pre-1", "preprocess"),
+            cached_pod("ml", "text", "text-inf-1", "inference"),
+            cached_pod("ads", "text", "text-pre-2", "preprocess"),
+            cached_pod("ml", "image", "image-pre-1", "preprocess"),
+            cached_pod("ml", "text", "sidecar", "something-else"),
+        ];
+        let by = workers_by_pipeline(&pods);
+        let names = |ns: &str, p: &str| -> Vec<String> {
+            by.get(&(ns.to_owned(), p.to_owned()))
+                .map(|ws| ws.iter().map(|w| w.name.clone()).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(names("ml", "text"), ["text-pre-1", "text-inf-1"]);
+        assert_eq!(names("ads", "text"), ["text-pre-2"]);
+        assert_eq!(names("ml", "image"), ["image-pre-1"]);
+        assert_eq!(by.len(), 3);
+        let inf = &by[&("ml".to_owned(), "text".to_owned())][1];
+        assert_eq!(
+            (inf.stage, inf.color, inf.ready, inf.restarts),
+            (Stage::Inference, Some(Color::Blue), true, 1)
+        );
+        assert_eq!(inf.ip.as_deref(), Some("10.0.0.1"));
+    }
 
     fn pod(name: &str, stage: Stage, color: Option<Color>, ip: &str, ready: bool) -> WorkerPod {
         WorkerPod {

@@ -2,13 +2,13 @@
 //! `InferencePipelineStatus` out. Conditions keep `lastTransitionTime` while their status is
 //! unchanged, and every message says why.
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{
     Color, InferencePipelineStatus, ModelRef, Phase, RolloutPhase, RolloutStatus, StageStatus,
     StatusSummary,
 };
+use crate::summary::PodSummary;
 use crate::validate::ValidateError;
 
 /// Condition type: every stage has its desired pods ready.
@@ -302,10 +302,10 @@ pub fn transitions(
 
 /// The first human-readable reason the given pods are not running, such as
 /// `Insufficient nvidia.com/gpu` or `CrashLoopBackOff: back-off restarting failed container`.
-pub fn pod_problem<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<Problem> {
+pub fn pod_problem<'a>(pods: impl IntoIterator<Item = &'a PodSummary>) -> Option<Problem> {
     for pod in pods {
-        let Some(status) = &pod.status else { continue };
-        for c in status.conditions.iter().flatten() {
+        let status = &pod.status;
+        for c in &status.conditions {
             if c.type_ == "PodScheduled"
                 && c.status == "False"
                 && c.reason.as_deref() == Some("Unschedulable")
@@ -329,11 +329,9 @@ pub fn pod_problem<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<Proble
         let containers = status
             .init_container_statuses
             .iter()
-            .flatten()
-            .chain(status.container_statuses.iter().flatten());
+            .chain(&status.container_statuses);
         for cs in containers {
-            let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
-            if let Some(w) = waiting {
+            if let Some(w) = &cs.state.waiting {
                 let reason = w.reason.as_deref().unwrap_or_default();
                 if matches!(
                     reason,
@@ -346,11 +344,10 @@ pub fn pod_problem<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Option<Proble
                         | "RunContainerError"
                 ) {
                     let mut msg = reason.to_owned();
-                    let last_exit = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref());
                     if reason == "CrashLoopBackOff" {
                         // The waiting message carries the back-off delay and pod name, which
                         // change on every restart; the last exit says why and stays stable.
-                        if let Some(t) = last_exit {
+                        if let Some(t) = &cs.last_state.terminated {
                             msg.push_str(&format!(
                                 ": container {} exited with code {}",
                                 cs.name, t.exit_code
@@ -501,7 +498,7 @@ fn truncate(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
+        ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
         PodCondition, PodStatus,
     };
     use k8s_openapi::jiff::Timestamp;
@@ -722,7 +719,8 @@ mod tests {
             }),
             ..Pod::default()
         };
-        let p = pod_problem(&[unschedulable]).unwrap();
+        let summary = |p: &Pod| PodSummary::of(p).expect("summarises");
+        let p = pod_problem(&[summary(&unschedulable)]).unwrap();
         assert_eq!(
             (p.reason, p.message.as_str()),
             ("PodsUnschedulable", "Insufficient nvidia.com/gpu")
@@ -754,7 +752,7 @@ mod tests {
             }),
             ..Pod::default()
         };
-        let p = pod_problem(&[Pod::default(), crashing]).unwrap();
+        let p = pod_problem(&[summary(&Pod::default()), summary(&crashing)]).unwrap();
         assert_eq!(
             (p.reason, p.message.as_str()),
             (

@@ -1,10 +1,12 @@
 //! Compact forms of owned objects for the operator's caches.
 //!
 //! A cached `k8s_openapi` `Deployment` is 2.4 KB before any of its strings, because its
-//! optional pod template is laid out inline even when empty. The reconciler needs a Deployment's
-//! metadata (labels and owner references for pruning, `generation` for the apply record),
-//! `spec.replicas` and the status counters, so the watch decodes straight into
-//! [`DeploymentSummary`] (serde skips the rest of the JSON) and the cache holds that.
+//! optional pod template is laid out inline even when empty; a `Pod` likewise (its spec). The
+//! reconciler needs a Deployment's metadata (labels and owner references for pruning,
+//! `generation` for the apply record), `spec.replicas` and the status counters, so the watch
+//! decodes straight into [`DeploymentSummary`] (serde skips the rest of the JSON) and the cache
+//! holds that. Worker pods are cached as [`PodSummary`]: metadata, IP, conditions and the few
+//! container-status fields the router and `status::pod_problem` read.
 
 use std::borrow::Cow;
 
@@ -67,33 +69,140 @@ impl From<Deployment> for DeploymentSummary {
     }
 }
 
-/// Watched and listed at the Deployment's own URLs (`apps/v1`, `deployments`).
-impl Resource for DeploymentSummary {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
+/// Makes a summary type watchable at the URLs of the kind it summarises.
+macro_rules! summary_resource {
+    ($summary:ty, $kind:literal, $group:literal, $version:literal, $plural:literal) => {
+        impl Resource for $summary {
+            type DynamicType = ();
+            type Scope = k8s_openapi::NamespaceResourceScope;
 
-    fn kind(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("Deployment")
+            fn kind(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($kind)
+            }
+
+            fn group(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($group)
+            }
+
+            fn version(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($version)
+            }
+
+            fn plural(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($plural)
+            }
+
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+summary_resource!(DeploymentSummary, "Deployment", "apps", "v1", "deployments");
+summary_resource!(PodSummary, "Pod", "", "v1", "pods");
+
+/// What the operator reads of a worker pod; decodes from a Pod's JSON.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct PodSummary {
+    /// The pod's metadata (`managedFields` and annotations dropped before caching).
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    /// The parts of its status that are read.
+    #[serde(default)]
+    pub status: PodStatusSummary,
+}
+
+/// A pod's IP, conditions and container states.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodStatusSummary {
+    /// `status.podIP`, once assigned.
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<String>,
+    /// `PodScheduled`, `Ready`, ...
+    pub conditions: Vec<PodConditionSummary>,
+    /// Init containers first in `pod_problem`'s search.
+    pub init_container_statuses: Vec<ContainerStatusSummary>,
+    /// The worker container.
+    pub container_statuses: Vec<ContainerStatusSummary>,
+}
+
+/// One pod condition.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PodConditionSummary {
+    /// Condition type.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Machine-readable reason, e.g. `Unschedulable`.
+    pub reason: Option<String>,
+    /// The scheduler's or kubelet's message.
+    pub message: Option<String>,
+}
+
+/// One container's restarts and states.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ContainerStatusSummary {
+    /// Container name.
+    pub name: String,
+    /// Restarts so far.
+    pub restart_count: i32,
+    /// Now.
+    pub state: ContainerStateSummary,
+    /// Before the last restart.
+    pub last_state: ContainerStateSummary,
+}
+
+/// Waiting or terminated details of a container state (running carries nothing read here).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ContainerStateSummary {
+    /// Why it is waiting (`CrashLoopBackOff`, `ImagePullBackOff`, ...).
+    pub waiting: Option<ContainerWaiting>,
+    /// How it ended.
+    pub terminated: Option<ContainerTerminated>,
+}
+
+/// `state.waiting`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ContainerWaiting {
+    /// Machine-readable reason.
+    pub reason: Option<String>,
+    /// Details.
+    pub message: Option<String>,
+}
+
+/// `state.terminated`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ContainerTerminated {
+    /// Exit code.
+    pub exit_code: i32,
+    /// Termination message (e.g. the worker's termination log).
+    pub message: Option<String>,
+}
+
+impl PodSummary {
+    /// The summary of a typed pod (the same as decoding the pod's JSON).
+    pub fn of(pod: &k8s_openapi::api::core::v1::Pod) -> Result<Self, serde_json::Error> {
+        serde_json::to_value(pod).and_then(serde_json::from_value)
     }
 
-    fn group(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("apps")
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("v1")
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("deployments")
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
+    /// Whether its `Ready` condition is `True`.
+    pub fn is_ready(&self) -> bool {
+        self.status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
     }
 }
 
@@ -160,6 +269,63 @@ mod tests {
         assert_eq!(
             DeploymentSummary::url_path(&(), Some("ml")),
             "/apis/apps/v1/namespaces/ml/deployments"
+        );
+    }
+
+    fn pod_json() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "text-preprocess-abc", "namespace": "ml",
+                         "labels": {"app.kubernetes.io/component": "preprocess"},
+                         "annotations": {"a": "b"}},
+            "spec": {"containers": [{"name": "preprocess", "image": "w:1",
+                                     "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]}]},
+            "status": {
+                "phase": "Running",
+                "podIP": "10.244.0.7",
+                "conditions": [{"type": "PodScheduled", "status": "True"},
+                               {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-05T08:00:00Z"}],
+                "containerStatuses": [{"name": "preprocess", "image": "w:1", "imageID": "x", "ready": true,
+                                       "restartCount": 2,
+                                       "state": {"running": {"startedAt": "2026-12-05T08:00:00Z"}},
+                                       "lastState": {"terminated": {"exitCode": 3, "message": "model sha256 mismatch"}}}]
+            }
+        })
+    }
+
+    #[test]
+    fn a_pods_json_decodes_to_ip_conditions_restarts_and_last_exit() {
+        let s: PodSummary = serde_json::from_value(pod_json()).expect("decodes");
+        assert_eq!(s.metadata.name.as_deref(), Some("text-preprocess-abc"));
+        assert_eq!(s.status.pod_ip.as_deref(), Some("10.244.0.7"));
+        assert!(s.is_ready());
+        let c = &s.status.container_statuses[0];
+        assert_eq!(c.restart_count, 2);
+        assert_eq!(c.state.waiting, None);
+        let last = c.last_state.terminated.as_ref().expect("last exit");
+        assert_eq!(last.exit_code, 3);
+        assert_eq!(last.message.as_deref(), Some("model sha256 mismatch"));
+    }
+
+    #[test]
+    fn summarising_a_typed_pod_gives_the_same_as_decoding_its_json() {
+        let typed: k8s_openapi::api::core::v1::Pod =
+            serde_json::from_value(pod_json()).expect("decodes");
+        let decoded: PodSummary = serde_json::from_value(pod_json()).expect("decodes");
+        assert_eq!(PodSummary::of(&typed).expect("summarises"), decoded);
+    }
+
+    #[test]
+    fn a_pod_summary_is_addressed_like_a_pod_and_is_a_fraction_of_one() {
+        assert_eq!(PodSummary::api_version(&()), "v1");
+        assert_eq!(
+            PodSummary::url_path(&(), Some("ml")),
+            "/api/v1/namespaces/ml/pods"
+        );
+        assert!(
+            std::mem::size_of::<PodSummary>() * 4
+                < std::mem::size_of::<k8s_openapi::api::core::v1::Pod>()
         );
     }
 

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -29,10 +28,11 @@ use tandem_proto::tandem::v1::{GetStatsRequest, WorkerStats};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::build::{LABEL_INSTANCE, Stage};
+use crate::build::Stage;
 use crate::crd::{InferencePipeline, StageStatus};
 use crate::metrics::{AutoscaleStage, Metrics, ScaleChange};
-use crate::routing::WorkerPod;
+use crate::routing::{WorkerPod, workers_by_pipeline};
+use crate::summary::PodSummary;
 use crate::validate::{Replicas, validate};
 
 use decision::{Change, Decision, Policy, decide};
@@ -131,7 +131,7 @@ pub async fn run(
     cfg: AutoscaleConfig,
     metrics: Arc<Metrics>,
     ipl_store: Store<InferencePipeline>,
-    pod_store: Store<Pod>,
+    pod_store: Store<PodSummary>,
 ) {
     info!(
         interval_ms = cfg.interval.as_millis() as u64,
@@ -164,35 +164,32 @@ async fn tick(
     cfg: &AutoscaleConfig,
     metrics: &Metrics,
     pipelines: &Store<InferencePipeline>,
-    pods: &Store<Pod>,
+    pods: &Store<PodSummary>,
     state: &mut HashMap<(String, String), PipelineState>,
     channels: &mut HashMap<String, WorkerControlClient<Channel>>,
 ) {
-    let all_pods: Vec<WorkerPod> = pods
-        .state()
-        .iter()
-        .filter_map(|p| {
-            let w = WorkerPod::from_pod(p)?;
-            Some((p.namespace()?, p.labels().get(LABEL_INSTANCE)?.clone(), w))
-        })
-        .filter(|(_, _, w)| w.ready && !w.terminating && w.ip.is_some())
-        .map(|(ns, instance, w)| WorkerPod {
-            // Pod names are unique per namespace: qualify them for the shared maps below.
-            name: format!("{ns}/{instance}/{}", w.name),
-            ..w
-        })
-        .collect();
+    let mut by_pipeline = workers_by_pipeline(pods.state().iter().map(AsRef::as_ref));
 
-    // Every pod of every pipeline is polled at once.
+    // Every ready pod of every pipeline is polled at once.
     let mut targets: Vec<((String, String), WorkerPod)> = Vec::new();
     let pipelines = pipelines.state();
     for p in &pipelines {
         let (Some(ns), name) = (p.namespace(), p.name_any()) else {
             continue;
         };
-        let prefix = format!("{ns}/{name}/");
-        for w in all_pods.iter().filter(|w| w.name.starts_with(&prefix)) {
-            targets.push(((ns.clone(), name.clone()), w.clone()));
+        let key = (ns, name);
+        for w in by_pipeline.remove(&key).into_iter().flatten() {
+            if w.ready && !w.terminating && w.ip.is_some() {
+                targets.push((
+                    key.clone(),
+                    WorkerPod {
+                        // Pod names are unique per namespace: qualify them for the shared
+                        // maps below.
+                        name: format!("{}/{}/{}", key.0, key.1, w.name),
+                        ..w
+                    },
+                ));
+            }
         }
     }
     let live: HashSet<String> = targets

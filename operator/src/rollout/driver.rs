@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::Store;
@@ -23,12 +22,13 @@ use super::{
     ANNOTATION_ABORT, ANNOTATION_PROMOTE, ColorWindow, Inputs, Observations, ShadowCounts,
     UserAction, color_replicas, next,
 };
-use crate::build::{LABEL_INSTANCE, Stage};
+use crate::build::Stage;
 use crate::controller::FIELD_MANAGER;
 use crate::crd::{Color, InferencePipeline, ModelRef, RolloutPhase, RolloutStatus};
 use crate::metrics::Metrics;
 use crate::router::Published;
-use crate::routing::{WorkerPod, desired_table, same_routes};
+use crate::routing::{WorkerPod, desired_table, same_routes, workers_by_pipeline};
+use crate::summary::PodSummary;
 use crate::validate::validate;
 
 /// Driver settings.
@@ -69,7 +69,7 @@ struct Memory {
 pub async fn run(
     client: Client,
     pipelines: Store<InferencePipeline>,
-    pods: Store<Pod>,
+    pods: Store<PodSummary>,
     published: Published,
     metrics: Arc<Metrics>,
     cfg: DriverConfig,
@@ -86,6 +86,7 @@ pub async fn run(
     loop {
         ticker.tick().await;
         let all_pods = pods.state();
+        let mut by_pipeline = workers_by_pipeline(all_pods.iter().map(AsRef::as_ref));
         let mut seen = Vec::new();
         for p in pipelines.state() {
             let (Some(ns), name) = (p.namespace(), p.name_any()) else {
@@ -94,12 +95,7 @@ pub async fn run(
             let key = (ns, name);
             seen.push(key.clone());
             let mem = memory.entry(key.clone()).or_default();
-            let workers: Vec<WorkerPod> = all_pods
-                .iter()
-                .filter(|w| w.namespace().as_deref() == Some(key.0.as_str()))
-                .filter(|w| w.labels().get(LABEL_INSTANCE) == Some(&key.1))
-                .filter_map(|w| WorkerPod::from_pod(w))
-                .collect();
+            let workers = by_pipeline.remove(&key).unwrap_or_default();
             let table = published.lock().ok().and_then(|t| t.get(&key).cloned());
             drive(&client, &p, &workers, table, mem, &metrics, &cfg).await;
         }
