@@ -112,3 +112,35 @@ fn invalid_utf8_is_refused_with_its_offset_and_item_index() {
     assert_eq!(err.0, 1);
     assert!(err.1.to_string().contains("offset 4"), "{}", err.1);
 }
+
+#[test]
+fn minilm_loads_by_the_direct_wordpiece_path_and_encodes_like_the_crates_loader() {
+    let path = minilm_tokenizer();
+    let json = std::fs::read(&path).unwrap();
+    let direct = tandem_worker::preprocess::text::wordpiece_direct(&json)
+        .expect("MiniLM's tokenizer.json takes the direct path");
+    let generic = tokenizers::Tokenizer::from_file(&path).unwrap();
+    assert_eq!(
+        direct.get_vocab_size(true),
+        generic.get_vocab_size(true),
+        "vocabulary with added tokens"
+    );
+    assert_eq!(
+        direct
+            .get_padding()
+            .map(|p| (p.pad_id, p.pad_token.clone())),
+        generic
+            .get_padding()
+            .map(|p| (p.pad_id, p.pad_token.clone())),
+        "the file's padding (the pad id the pipeline pads with)"
+    );
+    for item in &fixture().items {
+        let (a, b) = (
+            direct.encode(item.text.as_str(), true).unwrap(),
+            generic.encode(item.text.as_str(), true).unwrap(),
+        );
+        assert_eq!(a.get_ids(), b.get_ids(), "{:?}", item.text);
+        assert_eq!(a.get_offsets(), b.get_offsets(), "{:?}", item.text);
+        assert_eq!(a.get_type_ids(), b.get_type_ids(), "{:?}", item.text);
+    }
+}

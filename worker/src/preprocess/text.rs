@@ -85,15 +85,13 @@ impl TextPipeline {
             }
             None => location,
         };
-        let tokenizer =
-            Tokenizer::from_file(Path::new(path)).map_err(|e| TokenizerLoadError::Load {
-                path: location.to_owned(),
-                reason: e.to_string(),
-            })?;
-        Self::from_tokenizer(tokenizer, max_length).map_err(|reason| TokenizerLoadError::Load {
+        let load_error = |reason: String| TokenizerLoadError::Load {
             path: location.to_owned(),
             reason,
-        })
+        };
+        let json = std::fs::read(Path::new(path)).map_err(|e| load_error(e.to_string()))?;
+        let tokenizer = parse_tokenizer(&json).map_err(load_error)?;
+        Self::from_tokenizer(tokenizer, max_length).map_err(load_error)
     }
 
     /// Loads `tokenizer.json` from wherever `location` points: a path, a
@@ -107,7 +105,7 @@ impl TextPipeline {
             path: location.to_owned(),
             reason,
         };
-        let tokenizer = Tokenizer::from_bytes(&json).map_err(|e| load_error(e.to_string()))?;
+        let tokenizer = parse_tokenizer(&json).map_err(load_error)?;
         Self::from_tokenizer(tokenizer, max_length).map_err(load_error)
     }
 
@@ -190,6 +188,113 @@ impl TextPipeline {
     }
 }
 
+/// Builds a tokenizer from `tokenizer.json` bytes.
+///
+/// WordPiece tokenizers (BERT, MiniLM) take a direct path: the `tokenizers` crate decodes the
+/// `model` object into a generic JSON tree before typing it (to find its `type`), which for a
+/// 30k-entry vocabulary is most of a 20–60 ms load and of the worker's cold start. Here the
+/// vocabulary is decoded straight into the map WordPiece keeps, the other parts
+/// (normalizer, pre-tokenizer, post-processor, decoder) by the crate's own types, and the added
+/// tokens are added afterwards exactly as the crate's loader does. If the added tokens do not
+/// keep the ids the file gives them, or the model is not WordPiece, the crate's loader runs
+/// instead.
+pub fn parse_tokenizer(json: &[u8]) -> Result<Tokenizer, String> {
+    match wordpiece_direct(json) {
+        Some(t) => Ok(t),
+        None => Tokenizer::from_bytes(json).map_err(|e| e.to_string()),
+    }
+}
+
+/// The top level of `tokenizer.json`, each part left as raw JSON.
+#[derive(serde::Deserialize)]
+struct RawParts<'a> {
+    #[serde(borrow)]
+    model: &'a serde_json::value::RawValue,
+    #[serde(borrow, default)]
+    normalizer: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    pre_tokenizer: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    post_processor: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, default)]
+    decoder: Option<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    added_tokens: Vec<RawAddedToken>,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    truncation: Option<TruncationParams>,
+    #[serde(default)]
+    padding: Option<PaddingParams>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawAddedToken {
+    id: u32,
+    #[serde(flatten)]
+    token: tokenizers::AddedToken,
+}
+
+/// A WordPiece `model` object.
+#[derive(serde::Deserialize)]
+struct RawWordPiece {
+    #[serde(rename = "type")]
+    type_: String,
+    unk_token: String,
+    continuing_subword_prefix: String,
+    max_input_chars_per_word: usize,
+    vocab: ahash::AHashMap<String, u32>,
+}
+
+/// The direct WordPiece path of [`parse_tokenizer`] alone: `None` when it does not apply.
+pub fn wordpiece_direct(json: &[u8]) -> Option<Tokenizer> {
+    use tokenizers::models::wordpiece::WordPiece;
+    use tokenizers::{
+        DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    };
+
+    fn part<T: serde::de::DeserializeOwned>(
+        raw: Option<&serde_json::value::RawValue>,
+    ) -> Option<Option<T>> {
+        match raw {
+            None => Some(None),
+            Some(r) => serde_json::from_str(r.get()).ok().map(Some),
+        }
+    }
+
+    let parts: RawParts<'_> = serde_json::from_slice(json).ok()?;
+    if parts.version.as_deref().is_some_and(|v| v != "1.0") {
+        return None;
+    }
+    let model: RawWordPiece = serde_json::from_str(parts.model.get()).ok()?;
+    if model.type_ != "WordPiece" {
+        return None;
+    }
+    let wordpiece = WordPiece::builder()
+        .vocab(model.vocab)
+        .unk_token(model.unk_token)
+        .continuing_subword_prefix(model.continuing_subword_prefix)
+        .max_input_chars_per_word(model.max_input_chars_per_word)
+        .build()
+        .ok()?;
+    let mut tokenizer = Tokenizer::new(wordpiece);
+    tokenizer
+        .with_normalizer(part::<NormalizerWrapper>(parts.normalizer)?)
+        .with_pre_tokenizer(part::<PreTokenizerWrapper>(parts.pre_tokenizer)?)
+        .with_post_processor(part::<PostProcessorWrapper>(parts.post_processor)?)
+        .with_decoder(part::<DecoderWrapper>(parts.decoder)?)
+        .with_padding(parts.padding);
+    tokenizer.with_truncation(parts.truncation).ok()?;
+    let added: Vec<tokenizers::AddedToken> =
+        parts.added_tokens.iter().map(|t| t.token.clone()).collect();
+    tokenizer.add_tokens(&added);
+    parts
+        .added_tokens
+        .iter()
+        .all(|t| tokenizer.token_to_id(&t.token.content) == Some(t.id))
+        .then_some(tokenizer)
+}
+
 /// Largest tokenizer.json accepted over http(s) (MiniLM's is 0.7 MB).
 const MAX_TOKENIZER_BYTES: usize = 64 << 20;
 /// Limit for the whole download.
@@ -236,6 +341,77 @@ mod tests {
     const TINY_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
         "normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,
         "model":{"type":"WordLevel","vocab":{"[UNK]":0,"hello":1,"world":2},"unk_token":"[UNK]"}}"#;
+
+    /// A small BERT-style tokenizer.json: BertNormalizer, BertPreTokenizer, WordPiece with
+    /// `##` continuations, [CLS]/[SEP] template, special tokens with the vocabulary's ids.
+    const BERT_STYLE: &str = r###"{"version":"1.0","truncation":null,"padding":null,
+        "added_tokens":[
+          {"id":0,"content":"[PAD]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+          {"id":1,"content":"[UNK]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+          {"id":2,"content":"[CLS]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+          {"id":3,"content":"[SEP]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+        "normalizer":{"type":"BertNormalizer","clean_text":true,"handle_chinese_chars":true,"strip_accents":null,"lowercase":true},
+        "pre_tokenizer":{"type":"BertPreTokenizer"},
+        "post_processor":{"type":"TemplateProcessing",
+          "single":[{"SpecialToken":{"id":"[CLS]","type_id":0}},{"Sequence":{"id":"A","type_id":0}},{"SpecialToken":{"id":"[SEP]","type_id":0}}],
+          "pair":[{"SpecialToken":{"id":"[CLS]","type_id":0}},{"Sequence":{"id":"A","type_id":0}},{"SpecialToken":{"id":"[SEP]","type_id":0}},{"Sequence":{"id":"B","type_id":1}},{"SpecialToken":{"id":"[SEP]","type_id":1}}],
+          "special_tokens":{"[CLS]":{"id":"[CLS]","ids":[2],"tokens":["[CLS]"]},"[SEP]":{"id":"[SEP]","ids":[3],"tokens":["[SEP]"]}}},
+        "decoder":{"type":"WordPiece","prefix":"##","cleanup":true},
+        "model":{"type":"WordPiece","unk_token":"[UNK]","continuing_subword_prefix":"##","max_input_chars_per_word":100,
+          "vocab":{"[PAD]":0,"[UNK]":1,"[CLS]":2,"[SEP]":3,"the":4,"cat":5,"sat":6,"on":7,"mat":8,"token":9,"##izer":10,"##s":11,",":12,"é":13,"cafe":14}}}"###;
+
+    #[test]
+    fn the_direct_wordpiece_load_encodes_like_the_crates_own_loader() {
+        let direct = wordpiece_direct(BERT_STYLE.as_bytes()).expect("direct path applies");
+        let generic = Tokenizer::from_bytes(BERT_STYLE.as_bytes()).expect("crate loader");
+        for text in [
+            "The cat sat on the mat",
+            "Tokenizers, tokenizer CAFÉ café",
+            "  unknownword the\tcat ",
+            "[CLS] the [SEP]",
+            "",
+        ] {
+            let (a, b) = (
+                direct.encode(text, true).expect("direct encodes"),
+                generic.encode(text, true).expect("generic encodes"),
+            );
+            assert_eq!(a.get_ids(), b.get_ids(), "{text:?}");
+            assert_eq!(a.get_tokens(), b.get_tokens(), "{text:?}");
+            assert_eq!(a.get_offsets(), b.get_offsets(), "{text:?}");
+            assert_eq!(a.get_type_ids(), b.get_type_ids(), "{text:?}");
+            assert_eq!(
+                a.get_special_tokens_mask(),
+                b.get_special_tokens_mask(),
+                "{text:?}"
+            );
+        }
+        let ids = direct.encode("the tokenizers", true).expect("encodes");
+        assert_eq!(ids.get_ids(), [2, 4, 9, 10, 11, 3]);
+    }
+
+    #[test]
+    fn an_added_token_whose_id_would_move_sends_the_load_to_the_crates_loader() {
+        // "[MASK]" is not in the vocabulary: the crate appends it after the vocabulary (id 15),
+        // not at the 99 the file claims, so the direct path declines.
+        let json = BERT_STYLE.replacen(
+            r#""added_tokens":["#,
+            r#""added_tokens":[{"id":99,"content":"[MASK]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},"#,
+            1,
+        );
+        assert!(wordpiece_direct(json.as_bytes()).is_none());
+        let loaded = parse_tokenizer(json.as_bytes()).expect("the crate's loader takes over");
+        let generic = Tokenizer::from_bytes(json.as_bytes()).expect("crate loader");
+        assert_eq!(loaded.token_to_id("[MASK]"), generic.token_to_id("[MASK]"));
+    }
+
+    #[test]
+    fn other_models_and_broken_files_are_left_to_the_crates_loader() {
+        assert!(wordpiece_direct(TINY_TOKENIZER.as_bytes()).is_none());
+        assert!(parse_tokenizer(TINY_TOKENIZER.as_bytes()).is_ok());
+        let err = parse_tokenizer(b"{\"model\": 3").expect_err("truncated JSON");
+        assert!(!err.is_empty());
+        assert!(wordpiece_direct(br#"{"version":"2.0","model":{}}"#).is_none());
+    }
 
     async fn serve(status: axum::http::StatusCode, body: &'static str) -> std::net::SocketAddr {
         let app = axum::Router::new().route(
