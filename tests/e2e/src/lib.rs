@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod otlp;
+
 /// Handle on the local cluster: where its kubeconfig is.
 #[derive(Debug, Clone)]
 pub struct Cluster {
@@ -173,6 +175,68 @@ impl Cluster {
             name,
         })
     }
+}
+
+impl Cluster {
+    /// `(pod IP, Ready)` of the live (not terminating) pods of one stage (`preprocess` or
+    /// `inference`) of pipeline `pipeline`.
+    pub fn worker_pods(
+        &self,
+        ns: &str,
+        pipeline: &str,
+        component: &str,
+    ) -> anyhow::Result<Vec<(String, bool)>> {
+        let list = self.get_json(&[
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            &format!(
+                "app.kubernetes.io/instance={pipeline},app.kubernetes.io/component={component}"
+            ),
+        ])?;
+        Ok(list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .map(|p| {
+                let ready = p["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                let ip = p["status"]["podIP"].as_str().unwrap_or_default().to_owned();
+                (ip, ready)
+            })
+            .collect())
+    }
+
+    /// The OIP v2 gRPC address (`ip:8001`) of a ready preprocess pod of `pipeline`, waiting
+    /// up to three minutes for one.
+    pub fn ready_preprocess_address(&self, ns: &str, pipeline: &str) -> anyhow::Result<String> {
+        wait_until("a ready preprocess pod", Duration::from_secs(180), || {
+            Ok(self
+                .worker_pods(ns, pipeline, "preprocess")?
+                .into_iter()
+                .find(|(ip, ready)| *ready && !ip.is_empty())
+                .map(|(ip, _)| format!("{ip}:8001")))
+        })
+    }
+}
+
+/// Runs a repository script (path relative to the root) and returns its trimmed stdout.
+pub fn script_output(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(repo_root().join(cmd))
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {args:?} failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// The repository root (for committed manifests such as `crds/` and `docs/examples/`).
@@ -372,6 +436,17 @@ impl Operator {
 
     /// Starts one with extra `run` flags (e.g. autoscaler knobs) and waits for its `/healthz`.
     pub fn start_with(cluster: &Cluster, ns: &str, identity: &str, extra: &[String]) -> Operator {
+        Self::start_with_env(cluster, ns, identity, extra, &[])
+    }
+
+    /// Like [`Operator::start_with`], with extra environment variables (e.g. OTLP settings).
+    pub fn start_with_env(
+        cluster: &Cluster,
+        ns: &str,
+        identity: &str,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Operator {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let log = std::env::temp_dir().join(format!("tandem-operator-{ns}-{identity}.log"));
         let file = std::fs::File::create(&log).expect("log file");
@@ -390,6 +465,7 @@ impl Operator {
             .args(extra)
             .env("KUBECONFIG", cluster.kubeconfig())
             .env("RUST_LOG", "info,tandem_operator=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)

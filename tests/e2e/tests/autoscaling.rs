@@ -16,9 +16,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde_json::Value;
-use tandem_e2e::{Cluster, Operator, repo_root, wait_until};
+use tandem_e2e::{Cluster, Operator, script_output, wait_until};
 
 /// Scale-down window and idle window given to the operator: short, so the test is quick.
 const SCALE_DOWN_WINDOW_S: u64 = 6;
@@ -40,19 +40,6 @@ fn start_operator(cluster: &Cluster, ns: &str) -> Operator {
             format!("--scale-to-zero-after={SCALE_TO_ZERO_AFTER_S}s"),
         ],
     )
-}
-
-fn script_output(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(repo_root().join(cmd))
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!("{cmd} {args:?} failed");
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 fn now_unix() -> f64 {
@@ -125,40 +112,6 @@ fn first_event(
         Ok(scale_events(cluster, ns)?
             .into_iter()
             .find(|e| e.reason == reason && e.note.starts_with(&prefix) && e.at >= since))
-    })
-}
-
-fn pods(cluster: &Cluster, ns: &str, component: &str) -> anyhow::Result<Vec<(String, bool)>> {
-    let list = cluster.get_json(&[
-        "pods",
-        "-n",
-        ns,
-        "-l",
-        &format!("app.kubernetes.io/instance=minilm,app.kubernetes.io/component={component}"),
-    ])?;
-    Ok(list["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-        .map(|p| {
-            let ready = p["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True");
-            let ip = p["status"]["podIP"].as_str().unwrap_or_default().to_owned();
-            (ip, ready)
-        })
-        .collect())
-}
-
-fn ready_preprocess_address(cluster: &Cluster, ns: &str) -> anyhow::Result<String> {
-    wait_until("a ready preprocess pod", Duration::from_secs(180), || {
-        Ok(pods(cluster, ns, "preprocess")?
-            .into_iter()
-            .find(|(ip, ready)| *ready && !ip.is_empty())
-            .map(|(ip, _)| format!("{ip}:8001")))
     })
 }
 
@@ -313,7 +266,7 @@ spec:
     };
 
     // 1. Inference starts at zero; the first request is held, then served.
-    let address = ready_preprocess_address(&cluster, &ns)?;
+    let address = cluster.ready_preprocess_address(&ns, "minilm")?;
     check(wait_until(
         "inference desiredReplicas 0",
         Duration::from_secs(30),
@@ -346,7 +299,7 @@ spec:
         "one ready inference pod",
         Duration::from_secs(120),
         || {
-            let p = pods(&cluster, &ns, "inference")?;
+            let p = cluster.worker_pods(&ns, "minilm", "inference")?;
             Ok((p.len() == 1 && p[0].1).then_some(()))
         },
     ))?;
@@ -471,7 +424,12 @@ spec:
     check(wait_until(
         "no inference pods",
         Duration::from_secs(60),
-        || Ok(pods(&cluster, &ns, "inference")?.is_empty().then_some(())),
+        || {
+            Ok(cluster
+                .worker_pods(&ns, "minilm", "inference")?
+                .is_empty()
+                .then_some(()))
+        },
     ))?;
     assert_eq!(
         deployment_replicas(&cluster, &ns, "minilm-inference-blue")?,
@@ -485,7 +443,7 @@ spec:
     assert!(inf_status["lastScaleTime"].is_string(), "{inf_status}");
 
     // 4. Requests after scale-to-zero are held and served.
-    let address = ready_preprocess_address(&cluster, &ns)?;
+    let address = cluster.ready_preprocess_address(&ns, "minilm")?;
     let again = Load::start(&address, 3, 0, 6, 2, 64)?.finish()?;
     assert_no_failures("requests after scale-to-zero", &again);
     let back = first_event(
