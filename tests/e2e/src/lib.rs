@@ -225,6 +225,33 @@ impl Cluster {
     }
 }
 
+/// The models of `scripts/fetch-models.sh` served over HTTP on the bridge address
+/// (`tests/kube/cluster serve`, port 8088), where pods reach them.
+pub struct ServedModels {
+    /// `http://<bridge ip>:8088`.
+    pub base: String,
+    /// sha256 of `minilm/model.safetensors`, for a pipeline's `model.sha256`.
+    pub minilm_sha256: String,
+}
+
+impl ServedModels {
+    /// Fetches the models if needed and serves them (idempotent).
+    pub fn start() -> anyhow::Result<ServedModels> {
+        let models = script_output("scripts/fetch-models.sh", &[])?;
+        let base = script_output("tests/kube/cluster", &["serve", &models, "8088"])?;
+        let sums = std::fs::read_to_string(Path::new(&models).join("SHA256SUMS"))?;
+        let minilm_sha256 = sums
+            .lines()
+            .find_map(|l| l.strip_suffix("  minilm/model.safetensors"))
+            .context("minilm in SHA256SUMS")?
+            .to_owned();
+        Ok(ServedModels {
+            base,
+            minilm_sha256,
+        })
+    }
+}
+
 /// Runs a repository script (path relative to the root) and returns its trimmed stdout.
 pub fn script_output(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(repo_root().join(cmd))

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde_json::Value;
-use tandem_e2e::{Cluster, Operator, script_output, wait_until};
+use tandem_e2e::{Cluster, Operator, ServedModels, script_output, wait_until};
 
 /// Scale-down window and idle window given to the operator: short, so the test is quick.
 const SCALE_DOWN_WINDOW_S: u64 = 6;
@@ -231,13 +231,10 @@ fn inference_scales_from_zero_both_stages_follow_a_load_step_and_idle_goes_back_
     // Deleted (with everything in it) when the guard drops.
     let ns_guard = cluster.namespace("autoscale")?;
     let ns = ns_guard.name().to_owned();
-    let models = script_output("scripts/fetch-models.sh", &[])?;
-    let base = script_output("tests/kube/cluster", &["serve", &models, "8088"])?;
-    let sums = std::fs::read_to_string(PathBuf::from(&models).join("SHA256SUMS"))?;
-    let sha = sums
-        .lines()
-        .find_map(|l| l.strip_suffix("  minilm/model.safetensors"))
-        .context("minilm in SHA256SUMS")?;
+    let ServedModels {
+        base,
+        minilm_sha256: sha,
+    } = ServedModels::start()?;
 
     let op = start_operator(&cluster, &ns);
     let manifest = format!(

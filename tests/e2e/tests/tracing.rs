@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tandem_e2e::otlp::{ExportedSpan, Receiver};
-use tandem_e2e::{Cluster, Operator, script_output, wait_until};
+use tandem_e2e::{Cluster, Operator, ServedModels, wait_until};
 use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tandem_proto::inference::model_infer_request::InferInputTensor;
 use tandem_proto::inference::{InferTensorContents, ModelInferRequest};
@@ -130,8 +130,10 @@ fn a_client_request_is_one_trace_through_both_worker_pods_and_the_operator_expor
     cluster.ensure_crd()?;
     let ns_guard = cluster.namespace("tracing")?;
     let ns = ns_guard.name().to_owned();
-    let models = script_output("scripts/fetch-models.sh", &[])?;
-    let base = script_output("tests/kube/cluster", &["serve", &models, "8088"])?;
+    let ServedModels {
+        base,
+        minilm_sha256: sha,
+    } = ServedModels::start()?;
     // Pods reach the host on the bridge address the file server listens on.
     let bridge: IpAddr = base
         .strip_prefix("http://")
@@ -139,11 +141,6 @@ fn a_client_request_is_one_trace_through_both_worker_pods_and_the_operator_expor
         .map(|(host, _)| host)
         .with_context(|| format!("bridge address in {base:?}"))?
         .parse()?;
-    let sums = std::fs::read_to_string(std::path::Path::new(&models).join("SHA256SUMS"))?;
-    let sha = sums
-        .lines()
-        .find_map(|l| l.strip_suffix("  minilm/model.safetensors"))
-        .context("minilm in SHA256SUMS")?;
 
     let receiver = Receiver::start(bridge)?;
     let endpoint = receiver.endpoint();

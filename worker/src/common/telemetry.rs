@@ -188,25 +188,31 @@ fn next_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 
-    #[test]
-    fn a_request_span_is_exported_as_a_child_of_the_callers_remote_span() {
+    /// Runs `f` under an OpenTelemetry layer with an in-memory exporter; returns its result and
+    /// the spans exported.
+    fn exported<T>(f: impl FnOnce() -> T) -> (T, Vec<SpanData>) {
         let exporter = InMemorySpanExporter::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(exporter.clone())
             .build();
         let subscriber = tracing_subscriber::registry()
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let _ = provider.force_flush();
+        (out, exporter.get_finished_spans().unwrap_or_default())
+    }
+
+    #[test]
+    fn a_request_span_is_exported_as_a_child_of_the_callers_remote_span() {
         let caller =
             TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
-        tracing::subscriber::with_default(subscriber, || {
+        let ((), spans) = exported(|| {
             let span = tracing::info_span!("infer");
             set_remote_parent(&span, &caller);
             span.in_scope(|| tracing::info!("work"));
         });
-        let _ = provider.force_flush();
-        let spans = exporter.get_finished_spans().unwrap();
         let infer = spans
             .iter()
             .find(|s| s.name == "infer")
@@ -221,23 +227,15 @@ mod tests {
 
     #[test]
     fn the_context_sent_downstream_names_the_exported_span_so_the_next_stage_is_its_child() {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.clone())
-            .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
         let caller =
             TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
-        let sent = tracing::subscriber::with_default(subscriber, || {
+        let (sent, spans) = exported(|| {
             let infer = tracing::info_span!("infer");
             set_remote_parent(&infer, &caller);
             let forward = tracing::info_span!(parent: &infer, "forward");
             TraceContext::of_span(&forward)
-        })
-        .expect("an OpenTelemetry layer records the span");
-        let _ = provider.force_flush();
-        let spans = exporter.get_finished_spans().unwrap();
+        });
+        let sent = sent.expect("an OpenTelemetry layer records the span");
         let forward = spans.iter().find(|s| s.name == "forward").expect("forward");
         assert_eq!(sent.trace_id, caller.trace_id);
         assert_eq!(
