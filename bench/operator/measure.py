@@ -51,6 +51,14 @@ def cpu_s(pid):
         return float("nan")
 
 
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def pct(d, p):
     return d[min(len(d) - 1, int(round(p / 100 * (len(d) - 1))))] if d else float("nan")
 
@@ -62,6 +70,10 @@ def main():
     ap.add_argument("--log", required=True)
     ap.add_argument("--max-wait", type=float, default=1800)
     ap.add_argument("--create-s", type=float, default=float("nan"))
+    ap.add_argument("--steady-s", type=float, default=0,
+                    help="after the run, start a second operator on the reconciled pipelines and "
+                         "report its memory after this many seconds (0: skip)")
+    ap.add_argument("--smaps-out", help="copy the operator's /proc/<pid>/smaps here at the end")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
@@ -133,11 +145,23 @@ def main():
     rss_end = proc_kib(op.pid, "status", "VmRSS")
     anon_end = proc_kib(op.pid, "smaps_rollup", "Anonymous")
     cpu = cpu_s(op.pid)
-    op.send_signal(signal.SIGTERM)
-    try:
-        op.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        op.kill()
+    if a.smaps_out:
+        try:
+            with open(f"/proc/{op.pid}/smaps") as src, open(a.smaps_out, "w") as dst:
+                dst.write(src.read())
+        except OSError as e:
+            print(f"[bench] could not copy smaps: {e}", file=sys.stderr)
+    stop(op)
+    steady = None
+    if a.steady_s > 0:
+        # The same operator, restarted with every pipeline already reconciled: its memory is
+        # the caches' steady state, without the first-reconcile burst.
+        with open(a.log + ".restart", "w") as rlog:
+            again = subprocess.Popen(cmd, stdout=rlog, stderr=subprocess.STDOUT)
+            time.sleep(a.steady_s)
+            steady = (proc_kib(again.pid, "status", "VmHWM"), proc_kib(again.pid, "status", "VmRSS"),
+                      proc_kib(again.pid, "smaps_rollup", "Anonymous"))
+            stop(again)
     for w in watchers:
         w.terminate()
     log.close()
@@ -168,6 +192,9 @@ def main():
     print(f"operator peak RSS (VmHWM): {hwm / 1024:.1f} MiB (sampled {peak_sampled / 1024:.1f})")
     print(f"operator RSS at end:       {rss_end / 1024:.1f} MiB ({anon_end / 1024:.1f} MiB "
           f"anonymous, {(rss_end - anon_end) / 1024:.1f} MiB file-backed)")
+    if steady:
+        print(f"restarted, after {a.steady_s:.0f} s:  peak {steady[0] / 1024:.1f} MiB, now "
+              f"{steady[1] / 1024:.1f} MiB ({steady[2] / 1024:.1f} MiB anonymous)")
     print(f"operator CPU time:         {cpu:.1f} s (user + system, start to end)")
     print(f"reconciles:                {len(durations)}")
     print(f"Events about pipelines:    {events}")

@@ -20,6 +20,9 @@ cd "$root"
 N=${N:-1000}
 MAX_WAIT=${MAX_WAIT:-1800}   # seconds; past it the numbers so far are reported as incomplete
 # LOG_OUT=<file> keeps the operator's JSON log (e.g. to split first reconciles from follow-ups).
+# STEADY_S=<s> then restarts the operator on the reconciled pipelines and reports its memory
+# after that many seconds (the caches without the burst); SMAPS_OUT=<file> keeps the first
+# operator's /proc/<pid>/smaps at the end.
 # Progress, memory and the report: bench/operator/measure.py.
 eval "$(tests/kube/cluster env)"
 bin=${OPERATOR_BIN:-$root/target/release-small/tandem-operator}
@@ -72,6 +75,6 @@ c1=$(date +%s.%N)
 log=${LOG_OUT:-$work/operator.log}
 RUST_LOG=warn,tandem_operator=debug python3 bench/operator/measure.py \
   --namespace "$ns" --pipelines "$N" --log "$log" --max-wait "$MAX_WAIT" \
-  --create-s "$(echo "$c1 - $c0" | bc)" -- \
+  --create-s "$(echo "$c1 - $c0" | bc)" --steady-s "${STEADY_S:-0}" ${SMAPS_OUT:+--smaps-out "$SMAPS_OUT"} -- \
   "$bin" run --namespace "$ns" --lease-namespace "$ns" \
   --metrics-addr "127.0.0.1:$port" --log-format json

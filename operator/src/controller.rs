@@ -194,7 +194,7 @@ pub async fn run(
         scoped::<DeploymentSummary>(&client, &cfg.namespace),
         owned.clone(),
     )
-    .modify(|d| d.metadata.managed_fields = None)
+    .modify(DeploymentSummary::slim)
     .default_backoff()
     .reflect(dep_writer)
     .inspect(move |ev| {

@@ -78,12 +78,9 @@ pub fn watch_pods(
             .page_size(page_size)
             .any_semantic(),
     )
-    // Only labels, status and deletion matter here (the summary type skips the spec while
-    // decoding): keep the cache small.
-    .modify(|p| {
-        p.metadata.managed_fields = None;
-        p.metadata.annotations = None;
-    })
+    // Only the name, selector labels, status and deletion matter here (the summary type skips
+    // the spec while decoding): keep the cache small.
+    .modify(PodSummary::slim)
     .default_backoff()
     .reflect(writer)
     .for_each(|event| {

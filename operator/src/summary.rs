@@ -15,10 +15,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use serde::Deserialize;
 
+use crate::build::{LABEL_COLOR, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME};
+
 /// What the reconciler reads of a Deployment; decodes from a Deployment's JSON.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct DeploymentSummary {
-    /// The Deployment's metadata (`managedFields` dropped before caching).
+    /// The Deployment's metadata; cached slimmed ([`DeploymentSummary::slim`]).
     #[serde(default)]
     pub metadata: ObjectMeta,
     /// `spec.replicas`.
@@ -69,6 +71,49 @@ impl From<Deployment> for DeploymentSummary {
     }
 }
 
+/// The labels the operator reads from its cached worker objects: the selector labels
+/// (`build::selector_labels`), by which pods are grouped and matched.
+const READ_LABELS: [&str; 4] = [LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_COLOR];
+
+impl DeploymentSummary {
+    /// Drops from the metadata what no reader of the Deployment cache uses, before caching:
+    /// pruning needs the selector labels and the owner's UID, deletion the UID, the apply
+    /// record the `generation`, and the controller maps a changed Deployment to its pipeline
+    /// through the owner reference (kind, apiVersion and name included), which stays whole.
+    pub fn slim(&mut self) {
+        let m = &mut self.metadata;
+        slim_common(m);
+        m.resource_version = None;
+    }
+}
+
+impl PodSummary {
+    /// Drops from the metadata what no reader of the pod cache uses, before caching: the
+    /// router, autoscaler and status read the name, the selector labels and whether the pod
+    /// is being deleted.
+    pub fn slim(&mut self) {
+        let m = &mut self.metadata;
+        slim_common(m);
+        m.uid = None;
+        m.resource_version = None;
+        m.generation = None;
+        m.generate_name = None;
+        m.owner_references = None;
+    }
+}
+
+/// What neither cache reads: managed fields, annotations, timestamps other than deletion,
+/// finalizers and the labels outside [`READ_LABELS`].
+fn slim_common(m: &mut ObjectMeta) {
+    m.managed_fields = None;
+    m.annotations = None;
+    m.creation_timestamp = None;
+    m.finalizers = None;
+    if let Some(labels) = m.labels.as_mut() {
+        labels.retain(|k, _| READ_LABELS.contains(&k.as_str()));
+    }
+}
+
 /// Makes a summary type watchable at the URLs of the kind it summarises.
 macro_rules! summary_resource {
     ($summary:ty, $kind:literal, $group:literal, $version:literal, $plural:literal) => {
@@ -109,7 +154,7 @@ summary_resource!(PodSummary, "Pod", "", "v1", "pods");
 /// What the operator reads of a worker pod; decodes from a Pod's JSON.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct PodSummary {
-    /// The pod's metadata (`managedFields` and annotations dropped before caching).
+    /// The pod's metadata; cached slimmed ([`PodSummary::slim`]).
     #[serde(default)]
     pub metadata: ObjectMeta,
     /// The parts of its status that are read.
@@ -326,6 +371,99 @@ mod tests {
         assert!(
             std::mem::size_of::<PodSummary>() * 4
                 < std::mem::size_of::<k8s_openapi::api::core::v1::Pod>()
+        );
+    }
+
+    /// Metadata as a worker object carries it on the API server: every label the operator
+    /// and Kubernetes put there, annotations, owner, timestamps.
+    fn full_meta(name: &str, extra_label: (&str, &str)) -> ObjectMeta {
+        let stage = crate::build::Stage::Preprocess;
+        let mut labels =
+            crate::build::selector_labels("text", stage, Some(crate::crd::Color::Blue));
+        labels.insert(
+            crate::build::LABEL_MANAGED_BY.into(),
+            "tandem-operator".into(),
+        );
+        labels.insert(crate::build::LABEL_VERSION.into(), "1".into());
+        labels.insert(extra_label.0.into(), extra_label.1.into());
+        serde_json::from_value(serde_json::json!({
+            "name": name, "namespace": "ml", "uid": "u-obj", "resourceVersion": "812",
+            "generation": 3, "generateName": "text-preprocess-blue-",
+            "creationTimestamp": "2026-12-05T08:00:00Z",
+            "labels": labels,
+            "annotations": {"deployment.kubernetes.io/revision": "1"},
+            "finalizers": ["example.com/hold"],
+            "ownerReferences": [{"apiVersion": "tandem.dev/v1alpha1", "kind": "InferencePipeline",
+                                 "name": "text", "uid": "u-1", "controller": true}]
+        }))
+        .expect("decodes")
+    }
+
+    #[test]
+    fn a_slimmed_deployment_keeps_what_pruning_the_apply_record_and_owner_triggers_read() {
+        let meta = full_meta("text-preprocess-blue", ("extra", "x"));
+        let mut d = DeploymentSummary {
+            metadata: meta.clone(),
+            ..DeploymentSummary::default()
+        };
+        d.slim();
+        let m = &d.metadata;
+        let selector = crate::build::selector_labels(
+            "text",
+            crate::build::Stage::Preprocess,
+            Some(crate::crd::Color::Blue),
+        );
+        assert_eq!(m.labels.as_ref(), Some(&selector));
+        assert_eq!(
+            m.owner_references, meta.owner_references,
+            "owner triggers need it whole"
+        );
+        assert_eq!((m.uid.as_deref(), m.generation), (Some("u-obj"), Some(3)));
+        assert_eq!(
+            (m.name.as_deref(), m.namespace.as_deref()),
+            (Some("text-preprocess-blue"), Some("ml"))
+        );
+        assert_eq!(
+            (
+                &m.annotations,
+                &m.creation_timestamp,
+                &m.finalizers,
+                &m.resource_version
+            ),
+            (&None, &None, &None, &None)
+        );
+    }
+
+    #[test]
+    fn a_slimmed_pod_reads_the_same_to_the_router_and_the_status_selector() {
+        let mut pod: PodSummary = serde_json::from_value(pod_json()).expect("decodes");
+        pod.metadata = full_meta("text-preprocess-blue-abc", ("pod-template-hash", "5d8f"));
+        let before = crate::routing::WorkerPod::from_pod(&pod);
+        let mut slim = pod.clone();
+        slim.slim();
+        assert!(before.is_some());
+        assert_eq!(crate::routing::WorkerPod::from_pod(&slim), before);
+        assert_eq!(
+            crate::routing::workers_by_pipeline([&slim])
+                .keys()
+                .collect::<Vec<_>>(),
+            [&("ml".to_owned(), "text".to_owned())]
+        );
+        let selector = crate::build::selector_labels(
+            "text",
+            crate::build::Stage::Preprocess,
+            Some(crate::crd::Color::Blue),
+        );
+        assert_eq!(slim.metadata.labels.as_ref(), Some(&selector));
+        let m = &slim.metadata;
+        assert_eq!(
+            (
+                &m.uid,
+                &m.owner_references,
+                &m.generate_name,
+                &m.annotations
+            ),
+            (&None, &None, &None, &None)
         );
     }
 

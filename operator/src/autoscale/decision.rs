@@ -71,10 +71,43 @@ impl Demand {
 /// What one stage remembers between decisions.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StageMemory {
-    /// Recommendations inside the scale-down window, oldest first.
+    /// The recommendations inside the scale-down window that can still be its maximum: oldest
+    /// first, each strictly larger than every later one. A recommendation at or below a newer
+    /// one is dropped when the newer arrives, since it expires first and can never be the
+    /// window's maximum again; so a steady stage keeps one entry instead of one per tick.
     recommendations: VecDeque<(Instant, i32)>,
     /// The last time the stage had any work (or the first time it was seen).
     last_busy: Option<Instant>,
+}
+
+impl StageMemory {
+    /// Adds a recommendation made at `now`.
+    fn recommend(&mut self, now: Instant, recommendation: i32) {
+        while self
+            .recommendations
+            .back()
+            .is_some_and(|&(_, older)| older <= recommendation)
+        {
+            self.recommendations.pop_back();
+        }
+        self.recommendations.push_back((now, recommendation));
+    }
+
+    /// Drops the recommendations older than `window`.
+    fn expire(&mut self, now: Instant, window: Duration) {
+        while let Some(&(t, _)) = self.recommendations.front() {
+            if now.saturating_duration_since(t) > window {
+                self.recommendations.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// The largest recommendation in the window.
+    fn stabilized(&self) -> Option<i32> {
+        self.recommendations.front().map(|&(_, r)| r)
+    }
 }
 
 /// The direction of a decision.
@@ -207,7 +240,7 @@ pub fn decide(
     if memory.recommendations.is_empty() {
         // First sight (or an operator restart): the current count counts as recommended now,
         // so the scale-down window applies from here rather than being skipped.
-        memory.recommendations.push_back((now, current.min(max)));
+        memory.recommend(now, current.min(max));
     }
 
     let ratio = demand.queued.max(0.0) / target;
@@ -225,20 +258,9 @@ pub fn decide(
     }
     let recommendation = raw.clamp(floor, max);
 
-    memory.recommendations.push_back((now, recommendation));
-    while let Some(&(t, _)) = memory.recommendations.front() {
-        if now.saturating_duration_since(t) > policy.scale_down_window {
-            memory.recommendations.pop_front();
-        } else {
-            break;
-        }
-    }
-    let stabilized = memory
-        .recommendations
-        .iter()
-        .map(|&(_, r)| r)
-        .max()
-        .unwrap_or(recommendation);
+    memory.recommend(now, recommendation);
+    memory.expire(now, policy.scale_down_window);
+    let stabilized = memory.stabilized().unwrap_or(recommendation);
 
     let mut desired = if recommendation > current {
         recommendation.min(Policy::max_step_up(current))
@@ -265,7 +287,7 @@ pub fn decide(
     if change != Change::Steady {
         // A new count starts a new window: older recommendations describe the old count.
         memory.recommendations.clear();
-        memory.recommendations.push_back((now, desired));
+        memory.recommend(now, desired);
     }
     let message = Why {
         demand,
@@ -344,6 +366,38 @@ mod tests {
             .iter()
             .filter(|d| d.change != Change::Steady)
             .count()
+    }
+
+    #[test]
+    fn the_window_keeps_only_possible_maxima_and_agrees_with_the_max_of_every_entry() {
+        let t0 = Instant::now();
+        let window = Duration::from_secs(30);
+        let mut memory = StageMemory::default();
+        let mut every: Vec<(Instant, i32)> = Vec::new();
+        let mut x: u32 = 12345;
+        for i in 0..2_000u64 {
+            // A deterministic jumble of recommendations, one per second.
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let r = i32::try_from((x >> 16) % 12).unwrap_or(0);
+            let now = t0 + Duration::from_secs(i);
+            memory.recommend(now, r);
+            memory.expire(now, window);
+            every.push((now, r));
+            let naive = every
+                .iter()
+                .filter(|&&(t, _)| now.saturating_duration_since(t) <= window)
+                .map(|&(_, r)| r)
+                .max();
+            assert_eq!(memory.stabilized(), naive, "tick {i}");
+        }
+        // A steady stage: one entry, however long it runs.
+        let mut steady = StageMemory::default();
+        for i in 0..500u64 {
+            let now = t0 + Duration::from_secs(i);
+            steady.recommend(now, 3);
+            steady.expire(now, window);
+        }
+        assert_eq!(steady.recommendations.len(), 1);
     }
 
     #[test]
