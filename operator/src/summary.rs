@@ -81,9 +81,7 @@ impl DeploymentSummary {
     /// record the `generation`, and the controller maps a changed Deployment to its pipeline
     /// through the owner reference (kind, apiVersion and name included), which stays whole.
     pub fn slim(&mut self) {
-        let m = &mut self.metadata;
-        slim_common(m);
-        m.resource_version = None;
+        slim_common(&mut self.metadata);
     }
 }
 
@@ -95,7 +93,6 @@ impl PodSummary {
         let m = &mut self.metadata;
         slim_common(m);
         m.uid = None;
-        m.resource_version = None;
         m.generation = None;
         m.generate_name = None;
         m.owner_references = None;
@@ -103,9 +100,11 @@ impl PodSummary {
 }
 
 /// What neither cache reads: managed fields, annotations, timestamps other than deletion,
-/// finalizers and the labels outside [`READ_LABELS`].
+/// finalizers, the `resourceVersion` (the watcher tracks its own before this runs) and the
+/// labels outside [`READ_LABELS`].
 fn slim_common(m: &mut ObjectMeta) {
     m.managed_fields = None;
+    m.resource_version = None;
     m.annotations = None;
     m.creation_timestamp = None;
     m.finalizers = None;
