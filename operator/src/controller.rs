@@ -252,6 +252,9 @@ pub async fn run(
         slots: tokio::sync::Semaphore::new(slots),
     });
 
+    // `/metrics` reads each pipeline's rollout phase and traffic split from this cache.
+    ctx.metrics.watch_pipelines(ipl_store.clone());
+
     let controller = Controller::for_stream(ipl_stream, ipl_store.clone())
         // Creating a pipeline's seven objects fires seven watch events; the debounce folds
         // them (and Deployment status churn) into one follow-up reconcile.

@@ -2,10 +2,12 @@
 //!
 //! One registry; names are constants; labels are low-cardinality enums (outcome, error kind),
 //! never error strings. The rollout gauges are the one per-pipeline family (one series per
-//! pipeline and color, removed with the pipeline), like kube-state-metrics' object gauges.
+//! pipeline and color), like kube-state-metrics' object gauges: they are read from the
+//! controller's pipeline cache at each scrape, so nothing is kept per pipeline between scrapes
+//! and a deleted pipeline's series disappear with it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -13,12 +15,20 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::crd::{Color, InferencePipeline};
 
 /// `tandem_operator_reconcile_total{outcome}`.
 pub const RECONCILE_TOTAL: &str = "tandem_operator_reconcile";
@@ -42,22 +52,65 @@ pub const TRAFFIC_PERCENT: &str = "tandem_operator_traffic_percent";
 /// `tandem_operator_rollout_transitions_total{reason}`.
 pub const ROLLOUT_TRANSITIONS: &str = "tandem_operator_rollout_transitions";
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PhaseLabels {
-    namespace: String,
-    pipeline: String,
-    phase: String,
+/// The per-pipeline rollout gauges, encoded at scrape time from the pipeline cache the
+/// controller hands over once it runs (a follower replica, which caches nothing, exports none).
+#[derive(Clone, Default)]
+struct RolloutSeries(Arc<OnceLock<Store<InferencePipeline>>>);
+
+impl std::fmt::Debug for RolloutSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RolloutSeries")
+            .field("watching", &self.0.get().is_some())
+            .finish()
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TrafficLabels {
-    namespace: String,
-    pipeline: String,
-    color: String,
+impl Collector for RolloutSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pipelines = self.0.get().map(Store::state).unwrap_or_default();
+        // Pipelines the controller has written a first status for: before that no color serves.
+        let serving = || {
+            pipelines.iter().filter_map(|p| {
+                let status = p.status.as_ref().filter(|s| s.active_model.is_some())?;
+                Some((p.namespace()?, p.name_any(), status))
+            })
+        };
+        let mut family = encoder.encode_descriptor(
+            ROLLOUT_PHASE,
+            "1 for the phase each pipeline's latest rollout is in",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (ns, name, status) in serving() {
+            if let Some(phase) = status.rollout.as_ref().and_then(|r| r.phase) {
+                let labels = [
+                    ("namespace", ns.as_str()),
+                    ("pipeline", name.as_str()),
+                    ("phase", phase.as_str()),
+                ];
+                ConstGauge::new(1_i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            TRAFFIC_PERCENT,
+            "Share of live traffic per pipeline and inference color",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (ns, name, status) in serving() {
+            let active = status.active_color.unwrap_or(Color::Blue);
+            for (color, pct) in crate::rollout::traffic_weights(active, status.rollout.as_ref()) {
+                let labels = [
+                    ("namespace", ns.as_str()),
+                    ("pipeline", name.as_str()),
+                    ("color", color),
+                ];
+                ConstGauge::new(pct).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
-
-/// The phase series and traffic series one pipeline exports.
-type RolloutSeries = (Option<PhaseLabels>, Vec<TrafficLabels>);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
@@ -145,11 +198,8 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     poll_failures: Family<StageLabels, Counter>,
     round: Histogram,
-    rollout_phase: Family<PhaseLabels, Gauge>,
-    traffic: Family<TrafficLabels, Gauge>,
+    rollouts: RolloutSeries,
     transitions: Family<ReasonLabels, Counter>,
-    /// Series currently exported per pipeline, so they can be removed with it.
-    rollout_series: std::sync::Mutex<std::collections::HashMap<(String, String), RolloutSeries>>,
     ready: AtomicBool,
 }
 
@@ -203,19 +253,9 @@ impl Metrics {
             "Time for one autoscaler round (poll, decide, write)",
             round.clone(),
         );
-        let rollout_phase = Family::<PhaseLabels, Gauge>::default();
-        let traffic = Family::<TrafficLabels, Gauge>::default();
+        let rollouts = RolloutSeries::default();
         let transitions = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            ROLLOUT_PHASE,
-            "1 for the phase each pipeline's latest rollout is in",
-            rollout_phase.clone(),
-        );
-        registry.register(
-            TRAFFIC_PERCENT,
-            "Share of live traffic per pipeline and inference color",
-            traffic.clone(),
-        );
+        registry.register_collector(Box::new(rollouts.clone()));
         registry.register(
             ROLLOUT_TRANSITIONS,
             "Rollout transitions by reason (the Event reason)",
@@ -230,10 +270,8 @@ impl Metrics {
             decisions,
             poll_failures,
             round,
-            rollout_phase,
-            traffic,
+            rollouts,
             transitions,
-            rollout_series: std::sync::Mutex::new(std::collections::HashMap::new()),
             ready: AtomicBool::new(false),
         }
     }
@@ -270,64 +308,11 @@ impl Metrics {
         self.round.observe(took.as_secs_f64());
     }
 
-    /// Exports a pipeline's rollout phase (`None`: no rollout recorded) and traffic weights.
-    pub fn set_rollout(
-        &self,
-        namespace: &str,
-        pipeline: &str,
-        phase: Option<&str>,
-        weights: &[(&str, i64)],
-    ) {
-        let key = (namespace.to_owned(), pipeline.to_owned());
-        let Ok(mut series) = self.rollout_series.lock() else {
-            return;
-        };
-        let entry = series.entry(key).or_default();
-        let phase_labels = phase.map(|phase| PhaseLabels {
-            namespace: namespace.to_owned(),
-            pipeline: pipeline.to_owned(),
-            phase: phase.to_owned(),
-        });
-        if entry.0 != phase_labels {
-            if let Some(old) = entry.0.take() {
-                self.rollout_phase.remove(&old);
-            }
-            if let Some(l) = &phase_labels {
-                self.rollout_phase.get_or_create(l).set(1);
-            }
-            entry.0 = phase_labels;
-        }
-        for old in entry.1.drain(..) {
-            self.traffic.remove(&old);
-        }
-        for (color, pct) in weights {
-            let l = TrafficLabels {
-                namespace: namespace.to_owned(),
-                pipeline: pipeline.to_owned(),
-                color: (*color).to_owned(),
-            };
-            self.traffic.get_or_create(&l).set(*pct);
-            entry.1.push(l);
-        }
-    }
-
-    /// Drops the rollout series of pipelines that no longer exist.
-    pub fn retain_rollouts(&self, pipelines: &[(String, String)]) {
-        let Ok(mut series) = self.rollout_series.lock() else {
-            return;
-        };
-        series.retain(|key, (phase, traffic)| {
-            let keep = pipelines.contains(key);
-            if !keep {
-                if let Some(p) = phase.take() {
-                    self.rollout_phase.remove(&p);
-                }
-                for t in traffic.drain(..) {
-                    self.traffic.remove(&t);
-                }
-            }
-            keep
-        });
+    /// Exports every cached pipeline's rollout phase and traffic split from now on (the
+    /// controller calls this once it caches pipelines; later calls are ignored).
+    pub fn watch_pipelines(&self, pipelines: Store<InferencePipeline>) {
+        // Already set: the first store stays, and serves the same pipelines.
+        let _ = self.rollouts.0.set(pipelines);
     }
 
     /// Counts one rollout transition.
@@ -421,43 +406,100 @@ mod tests {
         assert!(text.contains("tandem_operator_leader 1"), "{text}");
     }
 
+    /// A cached pipeline serving `active` with a rollout in `phase` at `traffic` percent.
+    fn rolled(
+        active: Color,
+        phase: crate::crd::RolloutPhase,
+        traffic: i32,
+    ) -> crate::crd::InferencePipeline {
+        let mut p = crate::test_fixtures::text_pipeline();
+        p.metadata.resource_version = Some(traffic.to_string());
+        p.status = Some(crate::crd::InferencePipelineStatus {
+            active_color: Some(active),
+            active_model: Some(crate::crd::ModelRef::from(&p.spec.inference.model)),
+            rollout: Some(crate::crd::RolloutStatus {
+                phase: Some(phase),
+                candidate_color: Some(active.other()),
+                traffic_percent: traffic,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        p
+    }
+
     #[test]
-    fn rollout_phase_and_traffic_follow_the_pipeline_and_leave_with_it() {
+    fn rollout_phase_and_traffic_are_read_from_the_pipeline_cache_at_each_scrape() {
+        use crate::crd::RolloutPhase;
+        use kube::runtime::watcher::Event;
         let m = Metrics::new();
-        m.set_rollout(
-            "ml",
-            "text",
-            Some("Shadowing"),
-            &[("blue", 100), ("green", 0)],
+        let text = m.encode().unwrap();
+        assert!(!text.contains("pipeline=\""), "no cache yet: {text}");
+
+        let (store, mut writer) = kube::runtime::reflector::store();
+        m.watch_pipelines(store);
+        let mut unserved = crate::test_fixtures::image_pipeline();
+        unserved.status = None;
+        writer.apply_watcher_event(&Event::Apply(unserved));
+        writer.apply_watcher_event(&Event::Apply(rolled(
+            Color::Blue,
+            RolloutPhase::Shadowing,
+            0,
+        )));
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains(
+                "tandem_operator_rollout_phase{namespace=\"ml\",pipeline=\"minilm\",phase=\"Shadowing\"} 1"
+            ),
+            "{text}"
         );
-        m.set_rollout(
-            "ml",
-            "text",
-            Some("ShiftingTraffic"),
-            &[("blue", 90), ("green", 10)],
+        assert!(
+            text.contains(
+                "tandem_operator_traffic_percent{namespace=\"ml\",pipeline=\"minilm\",color=\"blue\"} 100"
+            ),
+            "shadowing moves no live traffic: {text}"
         );
+        assert!(
+            !text.contains("pipeline=\"effnet\""),
+            "a pipeline with no status yet has no series: {text}"
+        );
+
+        writer.apply_watcher_event(&Event::Apply(rolled(
+            Color::Blue,
+            RolloutPhase::ShiftingTraffic,
+            10,
+        )));
         m.count_rollout_transition("ShadowPassed");
         let text = m.encode().unwrap();
         assert!(
             text.contains(
-                "tandem_operator_rollout_phase{namespace=\"ml\",pipeline=\"text\",phase=\"ShiftingTraffic\"} 1"
+                "tandem_operator_rollout_phase{namespace=\"ml\",pipeline=\"minilm\",phase=\"ShiftingTraffic\"} 1"
             ),
             "{text}"
         );
         assert!(!text.contains("phase=\"Shadowing\""), "{text}");
-        assert!(
-            text.contains(
-                "tandem_operator_traffic_percent{namespace=\"ml\",pipeline=\"text\",color=\"green\"} 10"
-            ),
-            "{text}"
-        );
+        for (color, pct) in [("blue", 90), ("green", 10)] {
+            let series = format!(
+                "tandem_operator_traffic_percent{{namespace=\"ml\",pipeline=\"minilm\",color=\"{color}\"}} {pct}"
+            );
+            assert!(text.contains(&series), "{series} missing: {text}");
+        }
         assert!(
             text.contains("tandem_operator_rollout_transitions_total{reason=\"ShadowPassed\"} 1"),
             "{text}"
         );
-        m.retain_rollouts(&[]);
+
+        writer.apply_watcher_event(&Event::Delete(rolled(
+            Color::Blue,
+            RolloutPhase::ShiftingTraffic,
+            10,
+        )));
         let text = m.encode().unwrap();
-        assert!(!text.contains("pipeline=\"text\""), "{text}");
+        assert!(!text.contains("pipeline=\"minilm\""), "{text}");
+        assert!(
+            text.contains("# TYPE tandem_operator_traffic_percent gauge"),
+            "the families stay described when empty: {text}"
+        );
     }
 
     #[test]

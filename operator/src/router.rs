@@ -12,14 +12,16 @@ use futures::StreamExt;
 use futures::future::join_all;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
 use tandem_proto::tandem::v1::{RoutingTable, SetRoutesRequest};
 use tracing::{debug, info, warn};
 
 use crate::build::{APP_NAME, LABEL_MANAGED_BY, LABEL_NAME, MANAGED_BY, Stage};
 use crate::crd::InferencePipeline;
-use crate::routing::{desired_table, next_generation, same_routes, workers_by_pipeline};
+use crate::routing::{
+    desired_table, namespaced_name, next_generation, same_routes, workers_by_pipeline,
+};
 use crate::summary::PodSummary;
 
 /// Router settings.
@@ -46,14 +48,16 @@ impl Default for RouterConfig {
 /// The table a pipeline's pods should hold and which pods acknowledged it.
 #[derive(Default)]
 struct PipelineRoutes {
-    table: Option<RoutingTable>,
+    table: Option<Arc<RoutingTable>>,
     /// Pod name → (restart count, generation) it acknowledged.
     acked: HashMap<String, (i32, u64)>,
 }
 
 /// Routing tables as last numbered, per pipeline `(namespace, name)`. The rollout driver reads
-/// them to know which generation the preprocess pods must report before a step counts.
-pub type Published = Arc<Mutex<HashMap<(String, String), RoutingTable>>>;
+/// them to know which generation the preprocess pods must report before a step counts. The
+/// router updates an entry when the pipeline's table changes and drops it with the pipeline;
+/// the tables are shared with the router's own state, not copied.
+pub type Published = Arc<Mutex<HashMap<(String, String), Arc<RoutingTable>>>>;
 
 /// A cache of the operator's worker pods (labels, status and deletion only) and the watch that
 /// fills it; spawn the future. Shared by the router, the rollout driver and the autoscaler.
@@ -112,15 +116,7 @@ pub async fn run(
             }
             last_refresh = Instant::now();
         }
-        sync_once(&pipelines, &store, &mut state, &cfg).await;
-        if let Ok(mut p) = published.lock() {
-            p.clear();
-            p.extend(
-                state
-                    .iter()
-                    .filter_map(|(k, r)| Some((k.clone(), r.table.clone()?))),
-            );
-        }
+        sync_once(&pipelines, &store, &mut state, &published, &cfg).await;
     }
 }
 
@@ -128,21 +124,23 @@ async fn sync_once(
     pipelines: &Store<InferencePipeline>,
     pods: &Store<PodSummary>,
     state: &mut HashMap<(String, String), PipelineRoutes>,
+    published: &Published,
     cfg: &RouterConfig,
 ) {
+    let snapshot = pipelines.state();
     let all_pods = pods.state();
     let mut by_pipeline = workers_by_pipeline(all_pods.iter().map(AsRef::as_ref));
     let mut seen = HashSet::new();
     let mut pushes = Vec::new();
-    for pipeline in pipelines.state() {
-        let (Some(ns), name) = (pipeline.namespace(), pipeline.name_any()) else {
+    for pipeline in &snapshot {
+        let Some((ns, name)) = namespaced_name(&pipeline.metadata) else {
             continue;
         };
-        let key = (ns.clone(), name.clone());
-        let workers = by_pipeline.remove(&key).unwrap_or_default();
+        let workers = by_pipeline.remove(&(ns, name)).unwrap_or_default();
+        let key = (ns.to_owned(), name.to_owned());
         seen.insert(key.clone());
-        let routes = state.entry(key).or_default();
-        let mut desired = desired_table(&pipeline, &workers);
+        let routes = state.entry(key.clone()).or_default();
+        let mut desired = desired_table(pipeline, &workers);
         match &routes.table {
             Some(held) if same_routes(held, &desired) => desired.generation = held.generation,
             held => {
@@ -154,7 +152,11 @@ async fn sync_once(
                     endpoints = desired.colors.iter().map(|c| c.endpoints.len()).sum::<usize>(),
                     "routing table changed"
                 );
-                routes.table = Some(desired.clone());
+                let table = Arc::new(desired.clone());
+                routes.table = Some(table.clone());
+                if let Ok(mut p) = published.lock() {
+                    p.insert(key, table);
+                }
             }
         }
         routes
@@ -171,7 +173,7 @@ async fn sync_once(
                 continue;
             }
             pushes.push((
-                (ns.clone(), name.clone()),
+                (ns.to_owned(), name.to_owned()),
                 w.name.clone(),
                 w.restarts,
                 push(address, desired.clone(), cfg.push_timeout),
@@ -179,6 +181,9 @@ async fn sync_once(
         }
     }
     state.retain(|key, _| seen.contains(key));
+    if let Ok(mut p) = published.lock() {
+        p.retain(|key, _| seen.contains(key));
+    }
 
     let keys: Vec<_> = pushes
         .iter()

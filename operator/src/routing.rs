@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tandem_proto::tandem::v1::{ColorRoute, Endpoint, ParityTolerance, RoutingTable, ShadowPolicy};
 
 use crate::build::{LABEL_COLOR, LABEL_COMPONENT, LABEL_INSTANCE, PORT_CONTROL, PORT_GRPC, Stage};
@@ -66,12 +67,18 @@ impl WorkerPod {
     }
 }
 
+/// A cached object's `(namespace, name)`, borrowed: the key [`workers_by_pipeline`] groups by.
+pub fn namespaced_name(meta: &ObjectMeta) -> Option<(&str, &str)> {
+    Some((meta.namespace.as_deref()?, meta.name.as_deref()?))
+}
+
 /// Worker pods grouped by pipeline — `(namespace, app.kubernetes.io/instance)` — in one pass,
-/// so that a loop over every pipeline does not scan every pod for each.
+/// so that a loop over every pipeline does not scan every pod for each. The keys borrow from
+/// the pods: the map is rebuilt several times a second and copies nothing but the pods' view.
 pub fn workers_by_pipeline<'a>(
     pods: impl IntoIterator<Item = &'a PodSummary>,
-) -> HashMap<(String, String), Vec<WorkerPod>> {
-    let mut by: HashMap<(String, String), Vec<WorkerPod>> = HashMap::new();
+) -> HashMap<(&'a str, &'a str), Vec<WorkerPod>> {
+    let mut by: HashMap<(&str, &str), Vec<WorkerPod>> = HashMap::new();
     for pod in pods {
         let (Some(ns), Some(instance)) = (
             pod.metadata.namespace.as_ref(),
@@ -83,7 +90,7 @@ pub fn workers_by_pipeline<'a>(
             continue;
         };
         if let Some(w) = WorkerPod::from_pod(pod) {
-            by.entry((ns.clone(), instance.clone()))
+            by.entry((ns.as_str(), instance.as_str()))
                 .or_default()
                 .push(w);
         }
@@ -217,7 +224,7 @@ mod tests {
         ];
         let by = workers_by_pipeline(&pods);
         let names = |ns: &str, p: &str| -> Vec<String> {
-            by.get(&(ns.to_owned(), p.to_owned()))
+            by.get(&(ns, p))
                 .map(|ws| ws.iter().map(|w| w.name.clone()).collect())
                 .unwrap_or_default()
         };
@@ -225,7 +232,7 @@ mod tests {
         assert_eq!(names("ads", "text"), ["text-pre-2"]);
         assert_eq!(names("ml", "image"), ["image-pre-1"]);
         assert_eq!(by.len(), 3);
-        let inf = &by[&("ml".to_owned(), "text".to_owned())][1];
+        let inf = &by[&("ml", "text")][1];
         assert_eq!(
             (inf.stage, inf.color, inf.ready, inf.restarts),
             (Stage::Inference, Some(Color::Blue), true, 1)

@@ -446,7 +446,7 @@ mod tests {
             crate::routing::workers_by_pipeline([&slim])
                 .keys()
                 .collect::<Vec<_>>(),
-            [&("ml".to_owned(), "text".to_owned())]
+            [&("ml", "text")]
         );
         let selector = crate::build::selector_labels(
             "text",

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::build::Stage;
 use crate::crd::{InferencePipeline, StageStatus};
 use crate::metrics::{AutoscaleStage, Metrics, ScaleChange};
-use crate::routing::{WorkerPod, workers_by_pipeline};
+use crate::routing::{WorkerPod, namespaced_name, workers_by_pipeline};
 use crate::summary::PodSummary;
 use crate::validate::{Replicas, validate};
 
@@ -168,24 +168,26 @@ async fn tick(
     state: &mut HashMap<(String, String), PipelineState>,
     channels: &mut HashMap<String, WorkerControlClient<Channel>>,
 ) {
-    let mut by_pipeline = workers_by_pipeline(pods.state().iter().map(AsRef::as_ref));
+    let pipelines = pipelines.state();
+    let all_pods = pods.state();
+    let mut by_pipeline = workers_by_pipeline(all_pods.iter().map(AsRef::as_ref));
 
     // Every ready pod of every pipeline is polled at once.
     let mut targets: Vec<((String, String), WorkerPod)> = Vec::new();
-    let pipelines = pipelines.state();
     for p in &pipelines {
-        let (Some(ns), name) = (p.namespace(), p.name_any()) else {
+        let Some(key) = namespaced_name(&p.metadata) else {
             continue;
         };
-        let key = (ns, name);
-        for w in by_pipeline.remove(&key).into_iter().flatten() {
+        let group = by_pipeline.remove(&key);
+        for w in group.into_iter().flatten() {
             if w.ready && !w.terminating && w.ip.is_some() {
+                let (ns, name) = key;
                 targets.push((
-                    key.clone(),
+                    (ns.to_owned(), name.to_owned()),
                     WorkerPod {
                         // Pod names are unique per namespace: qualify them for the shared
                         // maps below.
-                        name: format!("{}/{}/{}", key.0, key.1, w.name),
+                        name: format!("{ns}/{name}/{}", w.name),
                         ..w
                     },
                 ));

@@ -5,7 +5,7 @@
 //! conditional on the resourceVersion read, so a stale view never overwrites a newer one).
 //! Pipelines with nothing to roll out cost no RPCs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use crate::controller::FIELD_MANAGER;
 use crate::crd::{Color, InferencePipeline, ModelRef, RolloutPhase, RolloutStatus};
 use crate::metrics::Metrics;
 use crate::router::Published;
-use crate::routing::{WorkerPod, desired_table, same_routes, workers_by_pipeline};
+use crate::routing::{WorkerPod, desired_table, namespaced_name, same_routes, workers_by_pipeline};
 use crate::summary::PodSummary;
 use crate::validate::validate;
 
@@ -85,32 +85,43 @@ pub async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        let snapshot = pipelines.state();
         let all_pods = pods.state();
         let mut by_pipeline = workers_by_pipeline(all_pods.iter().map(AsRef::as_ref));
-        let mut seen = Vec::new();
-        for p in pipelines.state() {
-            let (Some(ns), name) = (p.namespace(), p.name_any()) else {
+        let mut seen = HashSet::new();
+        for p in &snapshot {
+            let Some((ns, name)) = namespaced_name(&p.metadata) else {
                 continue;
             };
-            let key = (ns, name);
-            seen.push(key.clone());
-            let mem = memory.entry(key.clone()).or_default();
-            let workers = by_pipeline.remove(&key).unwrap_or_default();
-            let table = published.lock().ok().and_then(|t| t.get(&key).cloned());
-            drive(&client, &p, &workers, table, mem, &metrics, &cfg).await;
+            let workers = by_pipeline.remove(&(ns, name)).unwrap_or_default();
+            let key = (ns.to_owned(), name.to_owned());
+            let tick = Tick {
+                workers: &workers,
+                published: &published,
+                memory: &mut memory,
+                key: &key,
+            };
+            drive(&client, p, tick, &metrics, &cfg).await;
+            seen.insert(key);
         }
         memory.retain(|k, _| seen.contains(k));
-        metrics.retain_rollouts(&seen);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What one tick hands [`drive`] for one pipeline besides the pipeline itself. The routing
+/// table and the pipeline's [`Memory`] are only looked up (and the memory only created) for
+/// a pipeline with something to drive.
+struct Tick<'a> {
+    workers: &'a [WorkerPod],
+    published: &'a Published,
+    memory: &'a mut HashMap<(String, String), Memory>,
+    key: &'a (String, String),
+}
+
 async fn drive(
     client: &Client,
     p: &InferencePipeline,
-    workers: &[WorkerPod],
-    table: Option<tandem_proto::tandem::v1::RoutingTable>,
-    mem: &mut Memory,
+    tick: Tick<'_>,
     metrics: &Metrics,
     cfg: &DriverConfig,
 ) {
@@ -128,12 +139,6 @@ async fn drive(
     let spec_model = ModelRef::from(&v.inference.model);
     let rollout = status.rollout.as_ref();
     let phase = rollout.and_then(|r| r.phase);
-    metrics.set_rollout(
-        &v.meta.namespace,
-        &v.meta.name,
-        phase.map(RolloutPhase::as_str),
-        &weights(active_color, rollout),
-    );
     // Nothing to drive, and so no RPCs: a failed rollout whose model the spec still names
     // (it stays failed until the spec changes), or no rollout with the spec's model serving.
     let settled = match phase {
@@ -146,6 +151,14 @@ async fn drive(
     if settled {
         return;
     }
+    let Tick {
+        workers,
+        published,
+        memory,
+        key,
+    } = tick;
+    let table = published.lock().ok().and_then(|t| t.get(key).cloned());
+    let mem = memory.entry(key.clone()).or_default();
 
     let candidate = rollout
         .filter(|r| r.phase.is_some_and(RolloutPhase::in_progress))
@@ -184,7 +197,7 @@ async fn drive(
         .iter()
         .filter_map(|(name, s)| Some((name.as_str(), s.as_ref()?)))
         .collect();
-    obs.routes_acked = acknowledged(p, workers, table.as_ref(), &pre);
+    obs.routes_acked = acknowledged(p, workers, table.as_deref(), &pre);
     if let Some((color, _)) = &candidate {
         obs.shadow = shadow_counts(&answered, color.as_str());
         let r = rollout.cloned().unwrap_or_default();
@@ -307,20 +320,6 @@ fn shape(r: Option<&RolloutStatus>) -> Option<Shape> {
         traffic: r.traffic_percent,
         halted: r.halted,
     })
-}
-
-fn weights(active: Color, rollout: Option<&RolloutStatus>) -> Vec<(&'static str, i64)> {
-    match rollout.filter(|r| r.phase == Some(RolloutPhase::ShiftingTraffic)) {
-        Some(r) => {
-            let pct = i64::from(super::candidate_share(Some(r)));
-            let mut w = vec![(active.as_str(), 100 - pct)];
-            if let Some(c) = r.candidate_color {
-                w.push((c.as_str(), pct));
-            }
-            w
-        }
-        None => vec![(active.as_str(), 100), (active.other().as_str(), 0)],
-    }
 }
 
 fn count_ready(workers: &[WorkerPod], stage: Stage, color: Option<Color>) -> u32 {

@@ -609,6 +609,23 @@ pub fn candidate_share(rollout: Option<&RolloutStatus>) -> u32 {
         })
 }
 
+/// Live traffic per color as `/metrics` exports it: while traffic shifts, the active color
+/// keeps `100 - share` and the candidate takes the share; otherwise the active color takes
+/// everything and the other color is listed with 0.
+pub fn traffic_weights(active: Color, rollout: Option<&RolloutStatus>) -> Vec<(&'static str, i64)> {
+    match rollout.filter(|r| r.phase == Some(RolloutPhase::ShiftingTraffic)) {
+        Some(r) => {
+            let pct = i64::from(candidate_share(Some(r)));
+            let mut w = vec![(active.as_str(), 100 - pct)];
+            if let Some(c) = r.candidate_color {
+                w.push((c.as_str(), pct));
+            }
+            w
+        }
+        None => vec![(active.as_str(), 100), (active.other().as_str(), 0)],
+    }
+}
+
 /// Splits the inference stage's desired pods between the colors status names: `(active,
 /// other)`. While a candidate shadows or takes a share of traffic, it runs
 /// `max(maxSurge, ⌈total·share⌉)` pods and the active color keeps what its own share needs, so
