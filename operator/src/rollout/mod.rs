@@ -600,7 +600,7 @@ fn merge_shadow(prev: Option<&ShadowStatus>, seen: &ShadowCounts) -> ShadowStatu
 
 /// The percentage of live traffic the candidate color takes: the current step while traffic
 /// shifts, 0 in every other phase (shadowing mirrors traffic, it takes none). The router's
-/// tables, the printed TRAFFIC column and the driver's metrics all derive from this.
+/// tables, the printed TRAFFIC column and the `/metrics` traffic gauges all derive from this.
 pub fn candidate_share(rollout: Option<&RolloutStatus>) -> u32 {
     rollout
         .filter(|r| r.phase == Some(RolloutPhase::ShiftingTraffic))
