@@ -15,7 +15,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -72,7 +71,8 @@ impl Collector for RolloutSeries {
         let serving = || {
             pipelines.iter().filter_map(|p| {
                 let status = p.status.as_ref().filter(|s| s.active_model.is_some())?;
-                Some((p.namespace()?, p.name_any(), status))
+                let (ns, name) = crate::routing::namespaced_name(&p.metadata)?;
+                Some((ns, name, status))
             })
         };
         let mut family = encoder.encode_descriptor(
@@ -84,8 +84,8 @@ impl Collector for RolloutSeries {
         for (ns, name, status) in serving() {
             if let Some(phase) = status.rollout.as_ref().and_then(|r| r.phase) {
                 let labels = [
-                    ("namespace", ns.as_str()),
-                    ("pipeline", name.as_str()),
+                    ("namespace", ns),
+                    ("pipeline", name),
                     ("phase", phase.as_str()),
                 ];
                 ConstGauge::new(1_i64).encode(family.encode_family(&labels)?)?;
@@ -100,11 +100,7 @@ impl Collector for RolloutSeries {
         for (ns, name, status) in serving() {
             let active = status.active_color.unwrap_or(Color::Blue);
             for (color, pct) in crate::rollout::traffic_weights(active, status.rollout.as_ref()) {
-                let labels = [
-                    ("namespace", ns.as_str()),
-                    ("pipeline", name.as_str()),
-                    ("color", color),
-                ];
+                let labels = [("namespace", ns), ("pipeline", name), ("color", color)];
                 ConstGauge::new(pct).encode(family.encode_family(&labels)?)?;
             }
         }
@@ -413,7 +409,6 @@ mod tests {
         traffic: i32,
     ) -> crate::crd::InferencePipeline {
         let mut p = crate::test_fixtures::text_pipeline();
-        p.metadata.resource_version = Some(traffic.to_string());
         p.status = Some(crate::crd::InferencePipelineStatus {
             active_color: Some(active),
             active_model: Some(crate::crd::ModelRef::from(&p.spec.inference.model)),
