@@ -76,6 +76,10 @@ pub enum Error {
     /// Writing status failed.
     #[error("writing status")]
     Status(#[source] kube::Error),
+    /// The reconcile ran past [`ControllerConfig::reconcile_timeout`]; its API calls were
+    /// cancelled and it is retried with backoff.
+    #[error("reconcile did not finish within {}s (API server unresponsive?); its pending API calls were cancelled", .0.as_secs_f32())]
+    Timeout(Duration),
 }
 
 impl Error {
@@ -86,6 +90,7 @@ impl Error {
             Self::Apply { .. } => ErrorKind::Apply,
             Self::Prune { .. } => ErrorKind::Prune,
             Self::Status(_) => ErrorKind::Status,
+            Self::Timeout(_) => ErrorKind::Timeout,
         }
     }
 }
@@ -100,6 +105,10 @@ pub struct ControllerConfig {
     /// Reconciles running at once (0: no limit). Enforced by a first-come-first-served
     /// semaphore inside [`reconcile`], not by the kube-rs runner: see [`Context::slots`].
     pub concurrency: u16,
+    /// Longest a reconcile may run once it holds a slot. The client's own limit is the
+    /// watch-friendly 295 s, so without this one API call that never answers would hold a
+    /// slot (of `concurrency`) for five minutes.
+    pub reconcile_timeout: Duration,
     /// Page size of the initial lists (small pages keep peak memory low).
     pub page_size: u32,
     /// Identity reported on Events.
@@ -428,7 +437,10 @@ pub async fn reconcile(p: Arc<InferencePipeline>, ctx: Arc<Context>) -> Result<A
         let started = Instant::now();
         let queued_ms = started.duration_since(queued).as_secs_f64() * 1e3;
         // Boxed so that the requests waiting for a slot stay small.
-        let result = Box::pin(reconcile_inner(&p, &ctx)).await;
+        let limit = ctx.cfg.reconcile_timeout;
+        let result = tokio::time::timeout(limit, Box::pin(reconcile_inner(&p, &ctx)))
+            .await
+            .unwrap_or(Err(Error::Timeout(limit)));
         let outcome = match &result {
             Ok(_) => Outcome::Success,
             Err(Error::InvalidSpec(_)) => Outcome::InvalidSpec,
@@ -953,6 +965,76 @@ mod tests {
     use super::*;
     use crate::crd::{RolloutPhase, RolloutStatus};
     use crate::test_fixtures::text_pipeline;
+
+    /// An API server that accepts connections and never answers (a hung apiserver or a
+    /// black-holed connection): the reconcile gives up at its deadline with `Timeout` and
+    /// hands its slot back, instead of waiting out the client's 295 s limit.
+    #[tokio::test]
+    async fn a_reconcile_against_an_unanswering_api_server_times_out_and_frees_its_slot() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            // Keep every connection open, answer nothing.
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = conn_tx.send(stream);
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+
+        let mut p = text_pipeline();
+        p.metadata.namespace = Some("ml".into());
+        let (pipelines, mut writer) = reflector::store::<InferencePipeline>();
+        writer.apply_watcher_event(&watcher::Event::Apply(p.clone()));
+        let limit = Duration::from_millis(300);
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            cfg: ControllerConfig {
+                build: BuildConfig {
+                    worker_image: "tandem-worker:test".into(),
+                    image_pull_policy: None,
+                    operator_version: "test".into(),
+                    worker_tracing: None,
+                },
+                namespace: Some("ml".into()),
+                concurrency: 1,
+                reconcile_timeout: limit,
+                page_size: 100,
+                identity: "test".into(),
+                autoscale: None,
+            },
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: FIELD_MANAGER.to_owned(),
+                    instance: None,
+                },
+            ),
+            metrics: Arc::new(Metrics::new()),
+            pipelines,
+            deployments: reflector::store().0,
+            pods: reflector::store().0,
+            applied: Arc::new(Mutex::new(Applied::default())),
+            failures: Mutex::new(HashMap::new()),
+            slots: tokio::sync::Semaphore::new(1),
+        });
+
+        // The bound only keeps a broken build from hanging the test run; without the deadline
+        // the reconcile would wait out the client's 295 s read timeout.
+        let result =
+            tokio::time::timeout(Duration::from_secs(60), reconcile(Arc::new(p), ctx.clone()))
+                .await
+                .expect("reconcile returned");
+        assert!(
+            matches!(result, Err(Error::Timeout(d)) if d == limit),
+            "{result:?}"
+        );
+        assert_eq!(result.unwrap_err().kind(), ErrorKind::Timeout);
+        // It reached the API server (the first apply was sent), and its slot is free again.
+        assert!(conn_rx.try_recv().is_ok(), "no API call was attempted");
+        assert_eq!(ctx.slots.available_permits(), 1);
+    }
 
     #[test]
     fn backoff_doubles_from_one_second_and_caps_at_five_minutes() {

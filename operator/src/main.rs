@@ -85,6 +85,11 @@ struct RunArgs {
     /// that do wait on the API server, so a higher value mostly queues requests there.
     #[arg(long, env = "TANDEM_CONCURRENCY", default_value_t = 4)]
     concurrency: u16,
+    /// Longest one reconcile may take once it runs; past it its API calls are cancelled and
+    /// the pipeline is retried with backoff, so an API server that stops answering cannot hold
+    /// a reconcile slot for the client's 295 s limit.
+    #[arg(long, env = "TANDEM_RECONCILE_TIMEOUT", default_value = "30s", value_parser = duration_arg)]
+    reconcile_timeout: Duration,
     /// Page size of initial list calls; small pages keep peak memory low.
     #[arg(long, env = "TANDEM_PAGE_SIZE", default_value_t = 100)]
     page_size: u32,
@@ -321,6 +326,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 },
                 namespace: scope.clone(),
                 concurrency: args.concurrency,
+                reconcile_timeout: args.reconcile_timeout,
                 page_size: args.page_size,
                 identity: identity.clone(),
                 autoscale: autoscale.clone(),

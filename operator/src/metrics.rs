@@ -137,6 +137,8 @@ pub enum ErrorKind {
     Prune,
     /// Writing status.
     Status,
+    /// A reconcile ran past its time limit.
+    Timeout,
 }
 
 /// Pipeline stage, as an autoscaler label.

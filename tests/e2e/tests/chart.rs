@@ -132,6 +132,7 @@ fn bad_values_fail_at_render_time_with_a_message_naming_the_value() -> anyhow::R
             "/leaderElection/leaseDuration",
         ),
         ("image.digest=latest", "/image/digest"),
+        ("reconcileTimeout=30", "/reconcileTimeout"),
         (
             "podSecurityContext.runAsNonRoot=false",
             "/podSecurityContext/runAsNonRoot",
@@ -260,6 +261,9 @@ struct Release {
 
 impl Release {
     fn install(cluster: &Cluster, namespace: &str, sets: &[&str]) -> anyhow::Result<Release> {
+        // The node agent runs the chart's images as the workspace's binaries: build them now,
+        // or a test run right after an edit would install the previous operator.
+        tandem_e2e::bin_dir();
         ensure_crd(cluster)?;
         let chart = chart_dir();
         let mut args: Vec<std::ffi::OsString> = vec![
