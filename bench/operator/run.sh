@@ -21,7 +21,7 @@ N=${N:-1000}
 MAX_WAIT=${MAX_WAIT:-1800}   # seconds; past it the numbers so far are reported as incomplete
 # LOG_OUT=<file> keeps the operator's JSON log (e.g. to split first reconciles from follow-ups).
 # STEADY_S=<s> then restarts the operator on the reconciled pipelines and reports its memory
-# after that many seconds (the caches without the burst); SMAPS_OUT=<file> keeps the first
+# after that many seconds (the caches without the burst) and its idle CPU over 120 s more (chart log level); SMAPS_OUT=<file> keeps the first
 # operator's /proc/<pid>/smaps at the end.
 # Progress, memory and the report: bench/operator/measure.py.
 eval "$(tests/kube/cluster env)"

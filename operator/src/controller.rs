@@ -760,8 +760,10 @@ fn change_marker(kind: &str, meta: &ObjectMeta) -> Option<String> {
 }
 
 /// Deletes owned Deployments (and their PodDisruptionBudgets) that are no longer desired, such
-/// as a retired color. Candidates come from the metadata cache; deletion is guarded by UID so a
-/// newer object of the same name is never removed.
+/// as a retired color. Candidates are the Deployment names this operator gives a pipeline
+/// ([`build::names`]), looked up in the cache by name (every reconcile runs this, so it must
+/// not scan every cached Deployment); deletion is guarded by UID so a newer object of the
+/// same name is never removed.
 async fn prune(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Result<(), Error> {
     let keep: BTreeSet<&str> = d
         .deployments
@@ -769,18 +771,19 @@ async fn prune(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Result<(), 
         .filter_map(|d| d.metadata.name.as_deref())
         .collect();
     let ns = v.meta.namespace.as_str();
-    let retired: Vec<(String, Option<String>)> = ctx
-        .deployments
-        .state()
-        .iter()
-        .filter(|m| m.metadata.namespace.as_deref() == Some(ns))
-        .filter(|m| {
-            m.labels().get(LABEL_INSTANCE).map(String::as_str) == Some(v.meta.name.as_str())
-        })
-        .filter(|m| m.owner_references().iter().any(|o| o.uid == v.meta.uid))
-        .filter(|m| !keep.contains(m.name_any().as_str()))
-        .map(|m| (m.name_any(), m.uid()))
-        .collect();
+    let pipeline = v.meta.name.as_str();
+    let retired: Vec<(String, Option<String>)> = [
+        build::names::preprocess(pipeline),
+        build::names::inference(pipeline, Color::Blue),
+        build::names::inference(pipeline, Color::Green),
+    ]
+    .into_iter()
+    .filter(|name| !keep.contains(name.as_str()))
+    .filter_map(|name| ctx.deployments.get(&ObjectRef::new(&name).within(ns)))
+    .filter(|m| m.labels().get(LABEL_INSTANCE).map(String::as_str) == Some(pipeline))
+    .filter(|m| m.owner_references().iter().any(|o| o.uid == v.meta.uid))
+    .map(|m| (m.name_any(), m.uid()))
+    .collect();
     for (name, uid) in retired {
         let params = DeleteParams {
             preconditions: uid.map(|uid| Preconditions {

@@ -559,6 +559,16 @@ pub struct ModelRef {
     pub sha256: String,
 }
 
+impl ModelRef {
+    /// Whether this is the model `m` names (every field equal), without copying it.
+    pub fn is(&self, m: &ModelSpec) -> bool {
+        self.name == m.name
+            && self.version == m.version
+            && self.uri == m.uri
+            && self.sha256 == m.sha256
+    }
+}
+
 impl From<&ModelSpec> for ModelRef {
     fn from(m: &ModelSpec) -> Self {
         Self {
@@ -792,4 +802,29 @@ fn default_max_latency_ratio() -> f64 {
 }
 fn default_progress_deadline() -> String {
     "10m".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_ref_is_the_spec_it_came_from_and_no_spec_differing_in_any_field() {
+        let spec = crate::test_fixtures::text_pipeline().spec.inference.model;
+        let r = ModelRef::from(&spec);
+        assert!(r.is(&spec));
+        let edits: [fn(&mut ModelSpec); 4] = [
+            |m| m.name.push('x'),
+            |m| m.version.push('x'),
+            |m| m.uri.push('x'),
+            |m| m.sha256 = "0".repeat(64),
+        ];
+        for edit in edits {
+            let mut other = spec.clone();
+            edit(&mut other);
+            assert!(!r.is(&other), "{other:?}");
+            // The same verdict as comparing full copies, which `is` replaces on hot paths.
+            assert_eq!(r.is(&other), r == ModelRef::from(&other));
+        }
+    }
 }

@@ -118,21 +118,27 @@ fn socket(ip: &str, port: i32) -> String {
 ///   pods restart their counters for each new candidate.
 /// - Endpoints are the Ready, non-terminating inference pods of each color.
 pub fn desired_table(pipeline: &InferencePipeline, pods: &[WorkerPod]) -> RoutingTable {
-    let status = pipeline.status.clone().unwrap_or_default();
-    let spec_model = ModelRef::from(&pipeline.spec.inference.model);
-    let active = status.active_color.unwrap_or(Color::Blue);
-    let active_model = status.active_model.clone().unwrap_or(spec_model);
+    // Runs for every pipeline on every router pass: borrow, do not clone the status.
+    let status = pipeline.status.as_ref();
+    let active = status.and_then(|s| s.active_color).unwrap_or(Color::Blue);
+    let spec_model;
+    let active_model = match status.and_then(|s| s.active_model.as_ref()) {
+        Some(m) => m,
+        None => {
+            spec_model = ModelRef::from(&pipeline.spec.inference.model);
+            &spec_model
+        }
+    };
     let rollout = status
-        .rollout
-        .as_ref()
+        .and_then(|s| s.rollout.as_ref())
         .filter(|r| r.phase.is_some_and(RolloutPhase::in_progress));
-    let candidate = rollout.and_then(|r| Some((r.candidate_color?, r.candidate_model.clone()?)));
+    let candidate = rollout.and_then(|r| Some((r.candidate_color?, r.candidate_model.as_ref()?)));
     let candidate_share = crate::rollout::candidate_share(rollout);
 
-    let mut colors = vec![route(active, &active_model, 100 - candidate_share, pods)];
+    let mut colors = vec![route(active, active_model, 100 - candidate_share, pods)];
     let mut shadow = None;
-    if let (Some((color, model)), Some(r)) = (&candidate, rollout) {
-        colors.push(route(*color, model, candidate_share, pods));
+    if let (Some((color, model)), Some(r)) = (candidate, rollout) {
+        colors.push(route(color, model, candidate_share, pods));
         if r.phase == Some(RolloutPhase::Shadowing) {
             let tolerance = &pipeline.spec.rollout.shadow.tolerance;
             shadow = Some(ShadowPolicy {

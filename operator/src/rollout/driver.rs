@@ -125,32 +125,36 @@ async fn drive(
     metrics: &Metrics,
     cfg: &DriverConfig,
 ) {
-    let Ok(v) = validate(p) else {
-        return;
-    };
     // The controller writes the first status (the active model); nothing to roll out before.
     let Some(status) = p.status.as_ref() else {
         return;
     };
-    let Some(active_model) = status.active_model.clone() else {
+    let Some(active_model) = status.active_model.as_ref() else {
         return;
     };
-    let active_color = status.active_color.unwrap_or(Color::Blue);
-    let spec_model = ModelRef::from(&v.inference.model);
     let rollout = status.rollout.as_ref();
     let phase = rollout.and_then(|r| r.phase);
     // Nothing to drive, and so no RPCs: a failed rollout whose model the spec still names
     // (it stays failed until the spec changes), or no rollout with the spec's model serving.
+    // Decided before validating or copying anything: this runs for every pipeline every tick,
+    // and almost every pipeline is settled.
+    let spec = &p.spec.inference.model;
     let settled = match phase {
-        Some(RolloutPhase::RolledBack | RolloutPhase::Aborted) => {
-            rollout.and_then(|r| r.candidate_model.as_ref()) == Some(&spec_model)
-        }
+        Some(RolloutPhase::RolledBack | RolloutPhase::Aborted) => rollout
+            .and_then(|r| r.candidate_model.as_ref())
+            .is_some_and(|m| m.is(spec)),
         Some(p) if p.in_progress() || p == RolloutPhase::Promoted => false,
-        _ => spec_model == active_model,
+        _ => active_model.is(spec),
     };
     if settled {
         return;
     }
+    let Ok(v) = validate(p) else {
+        return;
+    };
+    let active_model = active_model.clone();
+    let active_color = status.active_color.unwrap_or(Color::Blue);
+    let spec_model = ModelRef::from(&v.inference.model);
     let Tick {
         workers,
         published,
