@@ -162,10 +162,9 @@ async fn sync_once(
         routes
             .acked
             .retain(|pod, _| workers.iter().any(|w| &w.name == pod));
-        for w in workers
-            .iter()
-            .filter(|w| w.stage == Stage::Preprocess && !w.terminating)
-        {
+        // Draining pods too: requests they hold (an inference stage scaling from zero) are
+        // only served once they learn the new endpoints.
+        for w in workers.iter().filter(|w| w.stage == Stage::Preprocess) {
             let Some(address) = w.control_address() else {
                 continue;
             };

@@ -57,6 +57,10 @@ pub struct PodPoll {
     pub name: String,
     /// Stage of the pod.
     pub stage: Stage,
+    /// The pod is being deleted: a draining preprocess pod still holds and forwards what it
+    /// accepted, which is demand for inference (an inference stage at zero must come up for
+    /// it), but it is no preprocess capacity or demand any more, and its silence is expected.
+    pub draining: bool,
     /// The answer, or `None` when the pod did not answer in time.
     pub load: Option<PodLoad>,
 }
@@ -106,6 +110,8 @@ pub fn observe(
 
     let mut out = Observed::default();
     let (mut pre_own, mut held, mut inf_own) = (0u64, 0u64, 0u64);
+    // Work still inside draining preprocess pods, on its way to inference.
+    let mut drained = 0u64;
     let (mut pre_unknown, mut inf_unknown) = (0u32, 0u32);
     let mut arrivals = 0.0;
     let mut measured = false;
@@ -134,10 +140,20 @@ pub fn observe(
                 memory.last_good.insert(poll.name.clone(), (now, load));
                 Some(load)
             }
-            (None, Some((t, last))) if now.saturating_duration_since(t) <= grace => Some(last),
+            // A draining pod that stops answering has exited: nothing of it is left to count.
+            (None, Some((t, last)))
+                if !poll.draining && now.saturating_duration_since(t) <= grace =>
+            {
+                Some(last)
+            }
             (None, _) => None,
         };
         match (poll.stage, load) {
+            (Stage::Preprocess, Some(l)) if poll.draining => {
+                held = held.saturating_add(l.held);
+                drained = drained.saturating_add(l.own(Stage::Preprocess));
+            }
+            (_, None) if poll.draining => {}
             (Stage::Preprocess, Some(l)) => {
                 pre_own = pre_own.saturating_add(l.own(Stage::Preprocess));
                 held = held.saturating_add(l.held);
@@ -178,7 +194,7 @@ pub fn observe(
         _ => 0,
     };
 
-    let fed = pre_own.saturating_add(held);
+    let fed = pre_own.saturating_add(held).saturating_add(drained);
     out.preprocess = Demand {
         queued: pre_own as f64,
         fed_forward: 0.0,
@@ -210,6 +226,7 @@ mod tests {
         PodPoll {
             name: name.into(),
             stage: Stage::Preprocess,
+            draining: false,
             load,
         }
     }
@@ -218,8 +235,46 @@ mod tests {
         PodPoll {
             name: name.into(),
             stage: Stage::Inference,
+            draining: false,
             load,
         }
+    }
+
+    /// A preprocess pod removed by a scale-down drains what it accepted. Requests it holds for
+    /// an inference stage at zero are demand for inference until they are served (before, the
+    /// draining pod was no longer polled, inference went back to zero after the idle window
+    /// and the held requests timed out); its own queue no longer asks for preprocess pods, and
+    /// once it stops answering (it exited) nothing of it is counted, not even its last answer.
+    #[test]
+    fn a_draining_preprocess_pod_keeps_inference_demand_but_not_preprocess_demand() {
+        let draining = |load| PodPoll {
+            draining: true,
+            ..pre("old", load)
+        };
+        let holding = PodLoad {
+            queue_depth: 2,
+            in_flight: 5,
+            held: 3,
+            ..PodLoad::default()
+        };
+        let mut memory = PipelineMemory::default();
+        let now = Instant::now();
+        let polls = [pre("p1", Some(PodLoad::default())), draining(Some(holding))];
+        let out = observe(&polls, &mut memory, now, Duration::from_secs(10));
+        assert_eq!(out.inference.held, 3);
+        // Held 3 plus the 2 requests still being preprocessed, all bound for inference.
+        assert_eq!(out.inference.queued, 5.0);
+        assert_eq!(out.preprocess.queued, 0.0);
+        assert_eq!(out.preprocess_queue, 0);
+
+        // It exited: no answer, no stale last answer, and not an unknown pod either.
+        let later = now + Duration::from_secs(1);
+        let polls = [pre("p1", Some(PodLoad::default())), draining(None)];
+        let out = observe(&polls, &mut memory, later, Duration::from_secs(10));
+        assert_eq!(out.inference.held, 0);
+        assert_eq!(out.inference.queued, 0.0);
+        assert_eq!(out.inference.unknown_pods, 0);
+        assert_eq!(out.preprocess.unknown_pods, 0);
     }
 
     #[test]

@@ -180,7 +180,14 @@ async fn tick(
         };
         let group = by_pipeline.remove(&key);
         for w in group.into_iter().flatten() {
-            if w.ready && !w.terminating && w.ip.is_some() {
+            // Ready pods, and preprocess pods draining after a scale-down: what they still
+            // hold waits for inference (see `PodPoll::draining`).
+            let polled = if w.terminating {
+                w.stage == Stage::Preprocess
+            } else {
+                w.ready
+            };
+            if polled && w.ip.is_some() {
                 let (ns, name) = key;
                 targets.push((
                     (ns.to_owned(), name.to_owned()),
@@ -208,13 +215,15 @@ async fn tick(
     let answers = join_all(calls).await;
     let mut polls: HashMap<(String, String), Vec<PodPoll>> = HashMap::new();
     for ((key, w), load) in targets.into_iter().zip(answers) {
-        if load.is_none() {
+        // A draining pod stops answering when it exits: expected, not a failure.
+        if load.is_none() && !w.terminating {
             metrics.count_autoscale_poll_failure(metric_stage(w.stage));
             debug!(pod = %w.name, "GetStats failed");
         }
         polls.entry(key).or_default().push(PodPoll {
             name: w.name,
             stage: w.stage,
+            draining: w.terminating,
             load,
         });
     }
