@@ -152,7 +152,6 @@ async fn drive(
     let Ok(v) = validate(p) else {
         return;
     };
-    let active_model = active_model.clone();
     let active_color = status.active_color.unwrap_or(Color::Blue);
     let spec_model = ModelRef::from(&v.inference.model);
     let Tick {
@@ -236,7 +235,7 @@ async fn drive(
         spec_model: &spec_model,
         policy: &v.rollout,
         active_color,
-        active_model: &active_model,
+        active_model,
         rollout,
         obs: &obs,
         action,
@@ -244,13 +243,13 @@ async fn drive(
     });
     if d.rollout.as_ref() == rollout
         && d.active_color == active_color
-        && d.active_model == active_model
+        && d.active_model == *active_model
     {
         return;
     }
     let shape_changed = !d.events.is_empty()
         || d.active_color != active_color
-        || d.active_model != active_model
+        || d.active_model != *active_model
         || shape(d.rollout.as_ref()) != shape(rollout);
     if !shape_changed
         && mem
