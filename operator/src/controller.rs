@@ -26,8 +26,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::applied::{Applied, fingerprint};
 use crate::build::{
-    self, BuildConfig, ColorPlan, Desired, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, Observed,
-    Stage,
+    self, BuildConfig, ColorPlan, Desired, LABEL_MANAGED_BY, MANAGED_BY, Observed, Stage,
 };
 use crate::crd::{Color, InferencePipeline, InferencePipelineStatus, ModelRef, RolloutPhase};
 use crate::metrics::{ErrorKind, Metrics, Outcome};
@@ -176,10 +175,13 @@ pub async fn run(
         }
     };
     let pipelines = api(&client);
+    // Initial lists and relists are paged (`page_size` objects per call). Not `any_semantic`:
+    // a list at resourceVersion "0" is served from the API server's watch cache whole, `limit`
+    // ignored, so a restart at 1,000 pipelines received 2,000 Deployments (15 MB of JSON, half
+    // of it managedFields) in one response and decoded them all before caching any.
     let owned = watcher::Config::default()
         .labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
-        .page_size(cfg.page_size)
-        .any_semantic();
+        .page_size(cfg.page_size);
 
     // Cache readiness comes from the watch streams' own InitDone events. (Awaiting
     // `Store::wait_until_ready` here as well as inside the Controller left one of the two
@@ -218,9 +220,7 @@ pub async fn run(
     let (ipl_store, ipl_writer) = reflector::store::<InferencePipeline>();
     let ipl_stream = watcher(
         pipelines,
-        watcher::Config::default()
-            .page_size(cfg.page_size)
-            .any_semantic(),
+        watcher::Config::default().page_size(cfg.page_size),
     )
     .modify(slim_pipeline)
     .default_backoff()
@@ -780,7 +780,6 @@ async fn prune(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Result<(), 
     .into_iter()
     .filter(|name| !keep.contains(name.as_str()))
     .filter_map(|name| ctx.deployments.get(&ObjectRef::new(&name).within(ns)))
-    .filter(|m| m.labels().get(LABEL_INSTANCE).map(String::as_str) == Some(pipeline))
     .filter(|m| m.owner_references().iter().any(|o| o.uid == v.meta.uid))
     .map(|m| (m.name_any(), m.uid()))
     .collect();

@@ -79,8 +79,7 @@ pub fn watch_pods(
         pods,
         watcher::Config::default()
             .labels(&selector)
-            .page_size(page_size)
-            .any_semantic(),
+            .page_size(page_size),
     )
     // Only the name, selector labels, status and deletion matter here (the summary type skips
     // the spec while decoding): keep the cache small.

@@ -10,18 +10,21 @@
 
 use std::borrow::Cow;
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::Resource;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use crate::build::{LABEL_COLOR, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME};
 
 /// What the reconciler reads of a Deployment; decodes from a Deployment's JSON.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct DeploymentSummary {
-    /// The Deployment's metadata; cached slimmed ([`DeploymentSummary::slim`]).
-    #[serde(default)]
+    /// The Deployment's metadata, decoded in part ([`decode_meta`]) and cached slimmed
+    /// ([`DeploymentSummary::slim`]).
+    #[serde(default, deserialize_with = "decode_meta")]
     pub metadata: ObjectMeta,
     /// `spec.replicas`.
     #[serde(default)]
@@ -71,17 +74,20 @@ impl From<Deployment> for DeploymentSummary {
     }
 }
 
-/// The labels the operator reads from its cached worker objects: the selector labels
+/// The labels the operator reads from its cached worker pods: the selector labels
 /// (`build::selector_labels`), by which pods are grouped and matched.
 const READ_LABELS: [&str; 4] = [LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_COLOR];
 
 impl DeploymentSummary {
     /// Drops from the metadata what no reader of the Deployment cache uses, before caching:
-    /// pruning needs the selector labels and the owner's UID, deletion the UID, the apply
-    /// record the `generation`, and the controller maps a changed Deployment to its pipeline
-    /// through the owner reference (kind, apiVersion and name included), which stays whole.
+    /// pruning finds a Deployment by name and needs the owner's UID, deletion the UID, the
+    /// apply record the `generation`, and the controller maps a changed Deployment to its
+    /// pipeline through the owner reference (kind, apiVersion and name included), which stays
+    /// whole. No labels: nothing reads a cached Deployment's, and four labels cost about 800
+    /// bytes per Deployment (a B-tree node and eight strings).
     pub fn slim(&mut self) {
         slim_common(&mut self.metadata);
+        self.metadata.labels = None;
     }
 }
 
@@ -111,6 +117,38 @@ fn slim_common(m: &mut ObjectMeta) {
     if let Some(labels) = m.labels.as_mut() {
         labels.retain(|k, _| READ_LABELS.contains(&k.as_str()));
     }
+}
+
+/// The metadata fields a summary decodes: those its cache keeps (see [`slim_common`]) and the
+/// `resourceVersion`, from which the watcher resumes before `slim` drops it. Everything else is
+/// skipped without being parsed into values, `managedFields` above all: about half of a
+/// Deployment's JSON, re-sent with every status change the deployment controller writes.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MetaFields {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    generation: Option<i64>,
+    deletion_timestamp: Option<Time>,
+    labels: Option<BTreeMap<String, String>>,
+    owner_references: Option<Vec<OwnerReference>>,
+}
+
+fn decode_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = MetaFields::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        generation: m.generation,
+        deletion_timestamp: m.deletion_timestamp,
+        labels: m.labels,
+        owner_references: m.owner_references,
+        ..ObjectMeta::default()
+    })
 }
 
 /// Makes a summary type watchable at the URLs of the kind it summarises.
@@ -153,8 +191,9 @@ summary_resource!(PodSummary, "Pod", "", "v1", "pods");
 /// What the operator reads of a worker pod; decodes from a Pod's JSON.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct PodSummary {
-    /// The pod's metadata; cached slimmed ([`PodSummary::slim`]).
-    #[serde(default)]
+    /// The pod's metadata, decoded in part ([`decode_meta`]) and cached slimmed
+    /// ([`PodSummary::slim`]).
+    #[serde(default, deserialize_with = "decode_meta")]
     pub metadata: ObjectMeta,
     /// The parts of its status that are read.
     #[serde(default)]
@@ -299,6 +338,47 @@ mod tests {
     }
 
     #[test]
+    fn decoding_skips_the_metadata_no_cache_reads_but_keeps_the_resource_version_for_the_watcher() {
+        let mut json = deployment_json();
+        json["metadata"]["resourceVersion"] = "812".into();
+        json["metadata"]["uid"] = "u-dep".into();
+        json["metadata"]["deletionTimestamp"] = "2026-12-05T08:00:00Z".into();
+        json["metadata"]["annotations"] =
+            serde_json::json!({"deployment.kubernetes.io/revision": "1"});
+        json["metadata"]["creationTimestamp"] = "2026-12-05T07:00:00Z".into();
+        json["metadata"]["finalizers"] = serde_json::json!(["example.com/hold"]);
+        json["metadata"]["managedFields"] = serde_json::json!([{
+            "manager": "kube-controller-manager", "operation": "Update", "apiVersion": "apps/v1",
+            "fieldsType": "FieldsV1", "subresource": "status",
+            "fieldsV1": {"f:status": {"f:replicas": {}, "f:conditions": {".": {}}}}
+        }]);
+        let m = serde_json::from_value::<DeploymentSummary>(json)
+            .expect("decodes")
+            .metadata;
+        assert_eq!(m.resource_version.as_deref(), Some("812"));
+        assert!(m.deletion_timestamp.is_some());
+        assert_eq!(m.uid.as_deref(), Some("u-dep"));
+        assert_eq!(m.generation, Some(3));
+        assert_eq!(m.owner_references.as_ref().map(Vec::len), Some(1));
+        assert_eq!(
+            (
+                &m.managed_fields,
+                &m.annotations,
+                &m.creation_timestamp,
+                &m.finalizers
+            ),
+            (&None, &None, &None, &None)
+        );
+        let typed: Deployment = serde_json::from_value(deployment_json()).expect("decodes");
+        let mut from_typed = DeploymentSummary::from(typed);
+        from_typed.slim();
+        let mut decoded: DeploymentSummary =
+            serde_json::from_value(deployment_json()).expect("decodes");
+        decoded.slim();
+        assert_eq!(decoded, from_typed, "both paths cache the same");
+    }
+
+    #[test]
     fn a_new_deployment_without_spec_or_status_decodes_to_empty_counters() {
         let s: DeploymentSummary =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}}))
@@ -407,12 +487,7 @@ mod tests {
         };
         d.slim();
         let m = &d.metadata;
-        let selector = crate::build::selector_labels(
-            "text",
-            crate::build::Stage::Preprocess,
-            Some(crate::crd::Color::Blue),
-        );
-        assert_eq!(m.labels.as_ref(), Some(&selector));
+        assert_eq!(m.labels, None);
         assert_eq!(
             m.owner_references, meta.owner_references,
             "owner triggers need it whole"
