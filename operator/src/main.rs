@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Client};
+use kube::Api;
 use tandem_operator::autoscale::AutoscaleConfig;
 use tandem_operator::build::{BuildConfig, WorkerTracing};
 use tandem_operator::controller::{self, ControllerConfig};
@@ -215,7 +215,7 @@ fn init_telemetry(
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let tracer = init_telemetry(args.log_format)?;
-    let client = Client::try_default()
+    let client = tandem_operator::client::infer()
         .await
         .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);

@@ -1,0 +1,117 @@
+//! The operator's Kubernetes client: kube's default HTTP stack (TLS and auth from the
+//! kubeconfig or the pod's service account, connect/read/write timeouts, retries of 429 and
+//! 5xx answers, impersonation headers), assembled here for one setting kube does not expose.
+//!
+//! hyper sizes each HTTP/1 connection's read buffer to the reads it sees, up to ~400 KB, and
+//! the buffer keeps that size for the life of the connection. Every watch holds a connection,
+//! so after the initial lists each watch kept a few hundred KB of buffer it no longer needed:
+//! ~1.9 MB of the operator's heap at 1,000 pipelines (heaptrack, docs/benchmarks.md). Capped
+//! at [`MAX_READ_BUFFER`], a large list is read in more, smaller reads instead.
+
+use hyper_timeout::TimeoutConnector;
+use hyper_util::client::legacy::Builder;
+use hyper_util::rt::TokioExecutor;
+use kube::client::ConfigExt;
+use kube::client::retry::RetryPolicy;
+use kube::{Client, Config};
+use tower::ServiceBuilder;
+use tower::retry::RetryLayer;
+
+/// Largest read buffer of one connection to the API server. hyper's floor is 8 KiB plus one
+/// read; a watch event is a few KB.
+pub const MAX_READ_BUFFER: usize = 64 * 1024;
+
+/// Builds the client `config` describes (see the module docs for what differs from
+/// `kube::Client::try_from`).
+pub fn build(config: Config) -> Result<Client, kube::Error> {
+    let mut connector = TimeoutConnector::new(config.rustls_https_connector()?);
+    connector.set_connect_timeout(config.connect_timeout);
+    connector.set_read_timeout(config.read_timeout);
+    connector.set_write_timeout(config.write_timeout);
+    connector.set_reset_reader_on_write(config.reset_reader_on_write);
+    let http = Builder::new(TokioExecutor::new())
+        .http1_max_buf_size(MAX_READ_BUFFER)
+        .build(connector);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(
+            config
+                .default_retry
+                .then(|| RetryLayer::new(RetryPolicy::server_retry())),
+        )
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(http);
+    Ok(Client::new(service, config.default_namespace))
+}
+
+/// The client for the kubeconfig or in-cluster configuration, as `kube::Client::try_default`
+/// finds it.
+pub async fn infer() -> Result<Client, kube::Error> {
+    let config = Config::infer().await.map_err(kube::Error::InferConfig)?;
+    build(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Answers each connection's first request with the next canned response, and returns the
+    /// request heads it read.
+    async fn serve(listener: TcpListener, responses: Vec<String>) -> Vec<String> {
+        let mut heads = Vec::new();
+        for response in responses {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                break;
+            };
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            heads.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = sock.write_all(response.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        }
+        heads
+    }
+
+    fn response(status: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[tokio::test]
+    async fn the_client_sends_the_token_and_retries_a_503_like_kubes_own() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let url = format!("http://{}", listener.local_addr().expect("has an address"));
+        let version = r#"{"major":"1","minor":"36","gitVersion":"v1.36.3","gitCommit":"x",
+            "gitTreeState":"clean","buildDate":"2026-01-01T00:00:00Z","goVersion":"go1.26",
+            "compiler":"gc","platform":"linux/amd64"}"#;
+        let server = tokio::spawn(serve(
+            listener,
+            vec![
+                response("503 Service Unavailable", "{}"),
+                response("200 OK", version),
+            ],
+        ));
+        let mut config = Config::new(url.parse().expect("a URL"));
+        config.auth_info.token = Some("t0ken".to_owned().into());
+        let client = build(config).expect("builds");
+
+        let info = client
+            .apiserver_version()
+            .await
+            .expect("answered after a retry");
+
+        assert_eq!(info.git_version, "v1.36.3");
+        let heads = server.await.expect("server ran");
+        assert_eq!(heads.len(), 2, "one retry after the 503");
+        for head in &heads {
+            assert!(head.starts_with("GET /version "), "{head}");
+            assert!(head.contains("authorization: Bearer t0ken"), "{head}");
+        }
+    }
+}
