@@ -1,6 +1,7 @@
 //! The operator's Kubernetes client: kube's default HTTP stack (TLS and auth from the
 //! kubeconfig or the pod's service account, connect/read/write timeouts, retries of 429 and
-//! 5xx answers, impersonation headers), assembled here for one setting kube does not expose.
+//! 5xx answers, impersonation headers; a kubeconfig `proxy-url` refused, as kube's own client
+//! without its proxy features refuses it), assembled here for one setting kube does not expose.
 //!
 //! hyper sizes each HTTP/1 connection's read buffer to the reads it sees, up to ~400 KB, and
 //! the buffer keeps that size for the life of the connection. Every watch holds a connection,
@@ -24,6 +25,18 @@ pub const MAX_READ_BUFFER: usize = 64 * 1024;
 /// Builds the client `config` describes (see the module docs for what differs from
 /// `kube::Client::try_from`).
 pub fn build(config: Config) -> Result<Client, kube::Error> {
+    // kube is built without its proxy features, so its own client refuses a kubeconfig's
+    // `proxy-url` too; connecting directly instead would bypass what the user asked for.
+    if let Some(proxy) = &config.proxy_url {
+        return Err(kube::Error::ProxyProtocolDisabled {
+            proxy_url: Box::new(proxy.clone()),
+            protocol_feature: if proxy.scheme_str() == Some("socks5") {
+                "kube/socks5"
+            } else {
+                "kube/http-proxy"
+            },
+        });
+    }
     let mut connector = TimeoutConnector::new(config.rustls_https_connector()?);
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
@@ -81,6 +94,19 @@ mod tests {
             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         )
+    }
+
+    #[test]
+    fn a_proxy_in_the_kubeconfig_is_refused_rather_than_bypassed() {
+        let mut config = Config::new("https://10.0.0.1:6443".parse().expect("a URL"));
+        config.proxy_url = Some("http://proxy.example:3128".parse().expect("a URL"));
+        let Err(err) = build(config) else {
+            panic!("a client that would bypass the proxy was built");
+        };
+        assert!(
+            err.to_string().contains("proxy.example:3128"),
+            "names the proxy: {err}"
+        );
     }
 
     #[tokio::test]
