@@ -216,6 +216,10 @@ pub async fn run(
     })
     .touched_objects();
 
+    // Events the pipeline and pod caches took in: the router passes over the pipelines only
+    // when there were some (or when it has something left to push).
+    let cache_changes = crate::router::CacheChanges::default();
+    let ipl_changes = cache_changes.clone();
     // The pipelines themselves: full objects (the spec is needed), managedFields stripped.
     let (ipl_store, ipl_writer) = reflector::store::<InferencePipeline>();
     let ipl_stream = watcher(
@@ -226,6 +230,9 @@ pub async fn run(
     .default_backoff()
     .reflect(ipl_writer)
     .inspect(move |ev| {
+        if ev.is_ok() {
+            ipl_changes.note();
+        }
         if matches!(ev, Ok(watcher::Event::InitDone)) {
             ipl_synced_tx.send_replace(true);
         }
@@ -241,8 +248,12 @@ pub async fn run(
     );
     // Worker pods: the router's routing tables, the rollout driver, the autoscaler and the
     // reconciler's "why not ready" all read this one cache.
-    let (pod_store, pod_watch) =
-        crate::router::watch_pods(client.clone(), cfg.namespace.as_deref(), cfg.page_size);
+    let (pod_store, pod_watch) = crate::router::watch_pods(
+        client.clone(),
+        cfg.namespace.as_deref(),
+        cfg.page_size,
+        cache_changes.clone(),
+    );
     let pod_watch = tokio::spawn(pod_watch);
     let slots = match cfg.concurrency {
         0 => tokio::sync::Semaphore::MAX_PERMITS,
@@ -299,6 +310,7 @@ pub async fn run(
     let router = tokio::spawn(crate::router::run(
         routing_store.clone(),
         pod_store.clone(),
+        cache_changes,
         published.clone(),
         crate::router::RouterConfig::default(),
     ));

@@ -5,6 +5,7 @@
 //! only becomes Ready once it holds a table. Runs on the leader only.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -59,12 +60,32 @@ struct PipelineRoutes {
 /// the tables are shared with the router's own state, not copied.
 pub type Published = Arc<Mutex<HashMap<(String, String), Arc<RoutingTable>>>>;
 
+/// Counts the events the pipeline and worker-pod watches have applied to their caches, so that
+/// the router can tell that nothing it reads changed since its last pass. Each watch notes an
+/// event after its cache holds it.
+#[derive(Clone, Debug, Default)]
+pub struct CacheChanges(Arc<AtomicU64>);
+
+impl CacheChanges {
+    /// One more event is in a cache.
+    pub fn note(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+
+    /// Events so far; a reader that sees a count also sees the caches as of that event.
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// A cache of the operator's worker pods (labels, status and deletion only) and the watch that
 /// fills it; spawn the future. Shared by the router, the rollout driver and the autoscaler.
+/// Every event is noted in `changes` once the cache holds it.
 pub fn watch_pods(
     client: Client,
     namespace: Option<&str>,
     page_size: u32,
+    changes: CacheChanges,
 ) -> (
     Store<PodSummary>,
     impl std::future::Future<Output = ()> + Send + 'static,
@@ -86,10 +107,11 @@ pub fn watch_pods(
     .modify(PodSummary::slim)
     .default_backoff()
     .reflect(writer)
-    .for_each(|event| {
-        if let Err(e) = event {
+    .for_each(move |event| {
+        match event {
+            Ok(_) => changes.note(),
             // e.g. a missing `watch pods` permission: say so, the backoff retries.
-            warn!(error = %e, "watching worker pods failed");
+            Err(e) => warn!(error = %e, "watching worker pods failed"),
         }
         futures::future::ready(())
     });
@@ -100,6 +122,7 @@ pub fn watch_pods(
 pub async fn run(
     pipelines: Store<InferencePipeline>,
     store: Store<PodSummary>,
+    changes: CacheChanges,
     published: Published,
     cfg: RouterConfig,
 ) {
@@ -107,25 +130,58 @@ pub async fn run(
     let mut ticker = tokio::time::interval(cfg.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_refresh = Instant::now();
+    let mut last = Pass {
+        changes: None,
+        settled: false,
+    };
     loop {
         ticker.tick().await;
-        if last_refresh.elapsed() >= cfg.refresh {
+        let refresh = last_refresh.elapsed() >= cfg.refresh;
+        if refresh {
             for routes in state.values_mut() {
                 routes.acked.clear();
             }
             last_refresh = Instant::now();
         }
-        sync_once(&pipelines, &store, &mut state, &published, &cfg).await;
+        // Read before the pass: an event during it makes the next tick pass again.
+        let now = changes.count();
+        if !last.needed(refresh, now) {
+            continue;
+        }
+        last = Pass {
+            changes: Some(now),
+            settled: sync_once(&pipelines, &store, &mut state, &published, &cfg).await,
+        };
     }
 }
 
+/// What the router's last pass saw and left.
+#[derive(Clone, Copy, Debug)]
+struct Pass {
+    /// [`CacheChanges::count`] when it started.
+    changes: Option<u64>,
+    /// It had nothing to push: every preprocess pod with an address held the current table.
+    settled: bool,
+}
+
+impl Pass {
+    /// Whether the next tick must pass over every pipeline again: the caches changed (a table
+    /// may differ), a push is outstanding or failed (retried each tick), or it is time to
+    /// re-push every table. Otherwise a pass would compute the same tables and push nothing;
+    /// skipping it is most of an idle operator's work at 1,000 pipelines.
+    fn needed(self, refresh: bool, changes: u64) -> bool {
+        refresh || !self.settled || self.changes != Some(changes)
+    }
+}
+
+/// One pass over every pipeline; true when it had nothing to push.
 async fn sync_once(
     pipelines: &Store<InferencePipeline>,
     pods: &Store<PodSummary>,
     state: &mut HashMap<(String, String), PipelineRoutes>,
     published: &Published,
     cfg: &RouterConfig,
-) {
+) -> bool {
     let snapshot = pipelines.state();
     let all_pods = pods.state();
     let mut by_pipeline = workers_by_pipeline(all_pods.iter().map(AsRef::as_ref));
@@ -183,6 +239,9 @@ async fn sync_once(
         p.retain(|key, _| seen.contains(key));
     }
 
+    if pushes.is_empty() {
+        return true;
+    }
     let keys: Vec<_> = pushes
         .iter()
         .map(|(k, pod, restarts, _)| (k.clone(), pod.clone(), *restarts))
@@ -204,6 +263,7 @@ async fn sync_once(
             Err(e) => debug!(pod = %pod, error = %e, "SetRoutes failed"),
         }
     }
+    false
 }
 
 async fn push(address: String, table: RoutingTable, timeout: Duration) -> Result<u64, PushError> {
@@ -244,4 +304,39 @@ enum PushError {
     Rejected(tonic::Code, String),
     #[error("timed out")]
     Timeout,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_is_skipped_only_when_nothing_changed_nothing_is_outstanding_and_no_refresh_is_due() {
+        let settled = Pass {
+            changes: Some(7),
+            settled: true,
+        };
+        assert!(!settled.needed(false, 7), "idle: nothing to do");
+        assert!(settled.needed(false, 8), "a cache changed");
+        assert!(settled.needed(true, 7), "refresh due");
+        let pushing = Pass {
+            settled: false,
+            ..settled
+        };
+        assert!(pushing.needed(false, 7), "a push is outstanding or failed");
+        let first = Pass {
+            changes: None,
+            settled: true,
+        };
+        assert!(first.needed(false, 0), "never passed yet");
+    }
+
+    #[test]
+    fn a_count_read_after_a_note_sees_it() {
+        let changes = CacheChanges::default();
+        let reader = changes.clone();
+        let before = reader.count();
+        changes.note();
+        assert_eq!(reader.count(), before + 1);
+    }
 }

@@ -722,17 +722,27 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
         "v6 paused, aborted and undone with kubectl tandem",
     );
 
-    // The operator exports the rollout's phase and the live split.
-    let metrics = operator.as_ref().map(Operator::metrics).unwrap_or_default();
-    for series in [
+    // The operator exports the rollout's phase and the live split. It reads them from its own
+    // pipeline cache, which can trail the watch above by a moment: scrape until they show.
+    let wanted = [
         format!(
             "tandem_operator_traffic_percent{{namespace=\"{ns}\",pipeline=\"{PIPELINE}\",color=\"blue\"}} 100"
         ),
         "tandem_operator_rollout_transitions_total{reason=\"RolloutAborted\"}".to_owned(),
-    ] {
+    ];
+    let scraped = Instant::now();
+    let metrics = loop {
+        let metrics = operator.as_ref().map(Operator::metrics).unwrap_or_default();
+        if wanted.iter().all(|s| metrics.contains(s)) || scraped.elapsed() > Duration::from_secs(10)
+        {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for series in &wanted {
         assert!(
-            metrics.contains(&series),
-            "{series} missing from /metrics:\n{metrics}"
+            metrics.contains(series),
+            "{series} missing from /metrics for 10 s:\n{metrics}"
         );
     }
 
