@@ -147,18 +147,18 @@ mod tests {
             .await
         });
         started_rx.recv().unwrap();
-        let p = pool.clone();
-        let second = tokio::spawn(async move { p.run(tracing::Span::none(), || ()).await });
-        // Wait until the second job occupies the single queue slot.
-        while pool.queued() == 0 {
-            tokio::task::yield_now().await;
-        }
+        // Polled once here, the second job is in the single queue slot when this returns.
+        // (Waiting for `queued() > 0` from another task raced: `run` counts a job before it
+        // sends it, so the third job could take the slot first and the test hung.)
+        let mut second = Box::pin(pool.run(tracing::Span::none(), || ()));
+        assert!(futures::poll!(second.as_mut()).is_pending());
+        assert_eq!(pool.queued(), 1);
         assert_eq!(
             pool.run(tracing::Span::none(), || ()).await.unwrap_err(),
             PoolError::Full
         );
         block_tx.send(()).unwrap();
         first.await.unwrap().unwrap();
-        second.await.unwrap().unwrap();
+        second.await.unwrap();
     }
 }
