@@ -1,6 +1,6 @@
 //! The operator's Kubernetes client: kube's default HTTP stack (TLS and auth from the
-//! kubeconfig or the pod's service account, connect/read/write timeouts, retries of 429 and
-//! 5xx answers, impersonation headers; a kubeconfig `proxy-url` refused, as kube's own client
+//! kubeconfig or the pod's service account, connect/read/write timeouts, retries of 429, 503 and
+//! 504 answers, impersonation headers; a kubeconfig `proxy-url` refused, as kube's own client
 //! without its proxy features refuses it), assembled here for one setting kube does not expose.
 //!
 //! hyper sizes each HTTP/1 connection's read buffer to the reads it sees, up to ~400 KB, and
