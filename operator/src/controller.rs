@@ -16,7 +16,6 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -120,7 +119,6 @@ pub struct ControllerConfig {
 pub struct Context {
     client: Client,
     cfg: ControllerConfig,
-    recorder: Recorder,
     metrics: Arc<Metrics>,
     /// The pipelines, as the controller's watch has them.
     pipelines: Store<InferencePipeline>,
@@ -239,13 +237,6 @@ pub async fn run(
     })
     .applied_objects();
 
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: FIELD_MANAGER.to_owned(),
-            instance: Some(cfg.identity.clone()),
-        },
-    );
     // Worker pods: the router's routing tables, the rollout driver, the autoscaler and the
     // reconciler's "why not ready" all read this one cache.
     let (pod_store, pod_watch) = crate::router::watch_pods(
@@ -262,7 +253,6 @@ pub async fn run(
     let ctx = Arc::new(Context {
         client: client.clone(),
         cfg: cfg.clone(),
-        recorder,
         metrics,
         pipelines: ipl_store.clone(),
         deployments: dep_store.clone(),
@@ -538,7 +528,7 @@ async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Action,
             .first()
             .map(|c| c.model.clone())
             .unwrap_or_default(),
-        rollout: prev.and_then(|s| s.rollout.clone()),
+        rollout: prev.and_then(|s| s.rollout.as_deref().cloned()),
     };
     let next = status::compute(prev, &obs, &now);
     write_status(p, ctx, prev, &next).await?;
@@ -559,7 +549,7 @@ fn plan(v: &ValidatedPipeline, prev: Option<&InferencePipelineStatus>) -> Observ
     let total_desired = prev
         .and_then(|s| s.inference.as_ref())
         .and_then(|s| s.desired_replicas);
-    let rollout = prev.and_then(|s| s.rollout.as_ref());
+    let rollout = prev.and_then(|s| s.rollout.as_deref());
     let other = rollout.and_then(|r| match r.phase {
         Some(p) if p.in_progress() => Some((r.candidate_color?, r.candidate_model.clone()?)),
         Some(RolloutPhase::Promoted) => Some((r.previous_color?, r.previous_model.clone()?)),
@@ -826,7 +816,7 @@ async fn prune(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Result<(), 
         publish(
             ctx,
             &v.meta,
-            EventType::Normal,
+            false,
             "RetiredDeployment",
             format!("deleted {name}, no longer desired"),
         )
@@ -926,12 +916,7 @@ async fn write_status(
     }
     if let Ok(meta) = validate_meta(p) {
         for t in status::transitions(prev, next) {
-            let kind = if t.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            };
-            publish(ctx, &meta, kind, &t.reason, t.note).await;
+            publish(ctx, &meta, t.warning, &t.reason, t.note).await;
         }
     }
     Ok(())
@@ -950,26 +935,21 @@ fn validate_meta(p: &InferencePipeline) -> Result<crate::validate::PipelineMeta,
 async fn publish(
     ctx: &Context,
     meta: &crate::validate::PipelineMeta,
-    type_: EventType,
+    warning: bool,
     reason: &str,
     note: String,
 ) {
-    let reference = k8s_openapi::api::core::v1::ObjectReference {
-        api_version: Some("tandem.dev/v1alpha1".to_owned()),
-        kind: Some("InferencePipeline".to_owned()),
-        name: Some(meta.name.clone()),
-        namespace: Some(meta.namespace.clone()),
-        uid: Some(meta.uid.clone()),
-        ..Default::default()
+    let note = crate::events::Note {
+        action: "Reconcile",
+        reason,
+        note,
+        warning,
+        discriminator: "reconcile",
     };
-    let ev = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(note),
-        action: "Reconcile".to_owned(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+    let stamp = k8s_openapi::jiff::Timestamp::now();
+    if let Err(e) =
+        crate::events::create(&ctx.client, &ctx.cfg.identity, meta.into(), note, stamp).await
+    {
         warn!(error = %e, reason, "publishing event failed");
     }
 }
@@ -1018,13 +998,6 @@ mod tests {
                 identity: "test".into(),
                 autoscale: None,
             },
-            recorder: Recorder::new(
-                client,
-                Reporter {
-                    controller: FIELD_MANAGER.to_owned(),
-                    instance: None,
-                },
-            ),
             metrics: Arc::new(Metrics::new()),
             pipelines,
             deployments: reflector::store().0,
@@ -1114,12 +1087,12 @@ mod tests {
         candidate.version = "3".into();
         let prev = InferencePipelineStatus {
             active_color: Some(Color::Green),
-            rollout: Some(RolloutStatus {
+            rollout: Some(Box::new(RolloutStatus {
                 phase: Some(RolloutPhase::Shadowing),
                 candidate_color: Some(Color::Blue),
                 candidate_model: Some(candidate.clone()),
                 ..RolloutStatus::default()
-            }),
+            })),
             ..InferencePipelineStatus::default()
         };
         let o = plan(&v, Some(&prev));
@@ -1152,12 +1125,12 @@ mod tests {
         let old = ModelRef::from(&v.inference.model);
         let mut status = InferencePipelineStatus {
             active_color: Some(Color::Green),
-            rollout: Some(RolloutStatus {
+            rollout: Some(Box::new(RolloutStatus {
                 phase: Some(RolloutPhase::Promoted),
                 previous_color: Some(Color::Blue),
                 previous_model: Some(old.clone()),
                 ..RolloutStatus::default()
-            }),
+            })),
             ..InferencePipelineStatus::default()
         };
         let o = plan(&v, Some(&status));

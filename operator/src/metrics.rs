@@ -99,7 +99,7 @@ impl Collector for RolloutSeries {
         )?;
         for (ns, name, status) in serving() {
             let active = status.active_color.unwrap_or(Color::Blue);
-            for (color, pct) in crate::rollout::traffic_weights(active, status.rollout.as_ref()) {
+            for (color, pct) in crate::rollout::traffic_weights(active, status.rollout.as_deref()) {
                 let labels = [("namespace", ns), ("pipeline", name), ("color", color)];
                 ConstGauge::new(pct).encode(family.encode_family(&labels)?)?;
             }
@@ -414,12 +414,12 @@ mod tests {
         p.status = Some(crate::crd::InferencePipelineStatus {
             active_color: Some(active),
             active_model: Some(crate::crd::ModelRef::from(&p.spec.inference.model)),
-            rollout: Some(crate::crd::RolloutStatus {
+            rollout: Some(Box::new(crate::crd::RolloutStatus {
                 phase: Some(phase),
                 candidate_color: Some(active.other()),
                 traffic_percent: traffic,
                 ..Default::default()
-            }),
+            })),
             ..Default::default()
         });
         p

@@ -130,7 +130,7 @@ pub fn desired_table(pipeline: &InferencePipeline, pods: &[WorkerPod]) -> Routin
         }
     };
     let rollout = status
-        .and_then(|s| s.rollout.as_ref())
+        .and_then(|s| s.rollout.as_deref())
         .filter(|r| r.phase.is_some_and(RolloutPhase::in_progress));
     let candidate = rollout.and_then(|r| Some((r.candidate_color?, r.candidate_model.as_ref()?)));
     let candidate_share = crate::rollout::candidate_share(rollout);
@@ -321,7 +321,7 @@ mod tests {
         let model = ModelRef::from(&p.spec.inference.model);
         p.status = Some(InferencePipelineStatus {
             active_color: Some(Color::Blue),
-            rollout: Some(RolloutStatus {
+            rollout: Some(Box::new(RolloutStatus {
                 candidate_color: Some(Color::Green),
                 phase: Some(RolloutPhase::Shadowing),
                 candidate_model: Some(ModelRef {
@@ -331,7 +331,7 @@ mod tests {
                 step: None,
                 traffic_percent: 0,
                 ..RolloutStatus::default()
-            }),
+            })),
             ..InferencePipelineStatus::default()
         });
         let pods = [
@@ -372,13 +372,13 @@ mod tests {
         let model = ModelRef::from(&p.spec.inference.model);
         let with_phase = |phase| InferencePipelineStatus {
             active_color: Some(Color::Blue),
-            rollout: Some(RolloutStatus {
+            rollout: Some(Box::new(RolloutStatus {
                 phase: Some(phase),
                 candidate_color: Some(Color::Green),
                 candidate_model: Some(model.clone()),
                 traffic_percent: 30,
                 ..RolloutStatus::default()
-            }),
+            })),
             ..InferencePipelineStatus::default()
         };
         p.status = Some(with_phase(RolloutPhase::Provisioning));
@@ -413,14 +413,14 @@ mod tests {
         let model = ModelRef::from(&p.spec.inference.model);
         p.status = Some(InferencePipelineStatus {
             active_color: Some(Color::Green),
-            rollout: Some(RolloutStatus {
+            rollout: Some(Box::new(RolloutStatus {
                 phase: Some(RolloutPhase::ShiftingTraffic),
                 candidate_color: Some(Color::Blue),
                 candidate_model: Some(model),
                 step: Some(0),
                 traffic_percent: 10,
                 ..RolloutStatus::default()
-            }),
+            })),
             ..InferencePipelineStatus::default()
         });
         let table = desired_table(&p, &[]);

@@ -215,7 +215,7 @@ pub fn compute(
         conditions,
         active_color: Some(obs.active_color),
         active_model: Some(obs.active_model.clone()),
-        rollout: obs.rollout.clone(),
+        rollout: obs.rollout.clone().map(Box::new),
         preprocess: Some(preprocess),
         inference: Some(inference),
         summary: Some(summary),

@@ -116,6 +116,9 @@ struct Written {
     queue_at: Option<Instant>,
 }
 
+/// What the autoscaler remembers about one pipeline between rounds. Kept boxed in the
+/// per-pipeline map: the map's table has room for up to twice the pipelines, and 304-byte
+/// entries in it cost 0.6 MB at 1,000 pipelines against 0.4 MB boxed.
 #[derive(Default)]
 struct PipelineState {
     memory: PipelineMemory,
@@ -137,7 +140,7 @@ pub async fn run(
         interval_ms = cfg.interval.as_millis() as u64,
         "autoscaler started"
     );
-    let mut state: HashMap<(String, String), PipelineState> = HashMap::new();
+    let mut state: HashMap<(String, String), Box<PipelineState>> = HashMap::new();
     let mut channels: HashMap<String, WorkerControlClient<Channel>> = HashMap::new();
     let mut ticker = tokio::time::interval(cfg.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -165,7 +168,7 @@ async fn tick(
     metrics: &Metrics,
     pipelines: &Store<InferencePipeline>,
     pods: &Store<PodSummary>,
-    state: &mut HashMap<(String, String), PipelineState>,
+    state: &mut HashMap<(String, String), Box<PipelineState>>,
     channels: &mut HashMap<String, WorkerControlClient<Channel>>,
 ) {
     let pipelines = pipelines.state();
@@ -434,7 +437,7 @@ async fn publish(
         warning: false,
         discriminator: stage.as_str(),
     };
-    crate::events::create(client, &cfg.identity, p, note, *stamp)
+    crate::events::create(client, &cfg.identity, p.into(), note, *stamp)
         .await
         .map_err(|source| Error::Event {
             namespace: p.namespace().unwrap_or_default(),

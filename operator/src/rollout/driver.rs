@@ -132,7 +132,7 @@ async fn drive(
     let Some(active_model) = status.active_model.as_ref() else {
         return;
     };
-    let rollout = status.rollout.as_ref();
+    let rollout = status.rollout.as_deref();
     let phase = rollout.and_then(|r| r.phase);
     // Nothing to drive, and so no RPCs: a failed rollout whose model the spec still names
     // (it stays failed until the spec changes), or no rollout with the spec's model serving.
@@ -262,7 +262,7 @@ async fn drive(
     let mut next_status = status.clone();
     next_status.active_color = Some(d.active_color);
     next_status.active_model = Some(d.active_model.clone());
-    next_status.rollout = d.rollout.clone();
+    next_status.rollout = d.rollout.clone().map(Box::new);
     let body = serde_json::json!({
         "apiVersion": "tandem.dev/v1alpha1",
         "kind": "InferencePipeline",
@@ -291,7 +291,8 @@ async fn drive(
                     discriminator: "rollout",
                 };
                 if let Err(err) =
-                    crate::events::create(client, &cfg.identity, p, note, Timestamp::now()).await
+                    crate::events::create(client, &cfg.identity, p.into(), note, Timestamp::now())
+                        .await
                 {
                     warn!(error = %err, reason = %e.reason, "creating rollout Event failed");
                 }

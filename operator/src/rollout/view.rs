@@ -46,7 +46,7 @@ pub fn describe(p: &InferencePipeline) -> String {
             sum.traffic, sum.preprocess, sum.inference
         );
     }
-    if let Some(r) = s.rollout.as_ref() {
+    if let Some(r) = s.rollout.as_deref() {
         let rphase = r.phase.map_or("-", RolloutPhase::as_str);
         let _ = writeln!(
             out,
@@ -110,7 +110,7 @@ fn short(m: &ModelRef) -> String {
 /// The candidate version a promote/abort annotation must name.
 pub fn candidate_version(p: &InferencePipeline, verb: &'static str) -> Result<String, ViewError> {
     let name = p.metadata.name.clone().unwrap_or_default();
-    let r = p.status.as_ref().and_then(|s| s.rollout.as_ref());
+    let r = p.status.as_ref().and_then(|s| s.rollout.as_deref());
     let phase = r.and_then(|r| r.phase);
     match (r, phase) {
         (Some(r), Some(ph)) if ph.in_progress() => r
@@ -142,7 +142,7 @@ pub fn undo_patch(p: &InferencePipeline) -> Result<Value, ViewError> {
     let previous = p
         .status
         .as_ref()
-        .and_then(|s| s.rollout.as_ref())
+        .and_then(|s| s.rollout.as_deref())
         .and_then(|r| r.previous_model.clone())
         .ok_or_else(|| ViewError::NothingToUndo(p.metadata.name.clone().unwrap_or_default()))?;
     Ok(json!({"spec": {"inference": {"model": {
@@ -173,7 +173,7 @@ mod tests {
         p.status = Some(InferencePipelineStatus {
             active_color: Some(Color::Blue),
             active_model: Some(v2.clone()),
-            rollout: Some(RolloutStatus {
+            rollout: Some(Box::new(RolloutStatus {
                 phase: Some(RolloutPhase::Shadowing),
                 candidate_color: Some(Color::Green),
                 candidate_model: Some(v3),
@@ -187,7 +187,7 @@ mod tests {
                 }),
                 message: Some("mirroring live requests to green: 120/500 compared".into()),
                 ..RolloutStatus::default()
-            }),
+            })),
             ..InferencePipelineStatus::default()
         });
         p

@@ -627,7 +627,7 @@ fn workload_permissions() -> BTreeSet<Permission> {
         ("configmaps", "", &["list", "watch", "create", "patch"]),
         ("serviceaccounts", "", &["list", "watch", "create", "patch"]),
         ("pods", "", &["list", "watch"]),
-        ("events.events.k8s.io", "", &["create", "patch"]),
+        ("events.events.k8s.io", "", &["create"]),
     ])
 }
 
