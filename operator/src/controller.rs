@@ -864,10 +864,9 @@ async fn observe(
             .iter()
             .filter(|p| p.metadata.namespace.as_deref() == Some(v.meta.namespace.as_str()))
             .filter(|p| {
-                let labels = p.labels();
                 selector
                     .iter()
-                    .all(|(k, want)| labels.get(k.as_str()).is_some_and(|l| l == want))
+                    .all(|(k, want)| p.labels.get(k) == Some(want.as_str()))
             })
             .map(|p| p.as_ref());
         obs.problem = status::pod_problem(matching);

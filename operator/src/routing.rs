@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tandem_proto::tandem::v1::{ColorRoute, Endpoint, ParityTolerance, RoutingTable, ShadowPolicy};
 
-use crate::build::{LABEL_COLOR, LABEL_COMPONENT, LABEL_INSTANCE, PORT_CONTROL, PORT_GRPC, Stage};
+use crate::build::{PORT_CONTROL, PORT_GRPC, Stage};
 use crate::crd::{Color, InferencePipeline, ModelRef, RolloutPhase};
 use crate::summary::PodSummary;
 
@@ -33,13 +33,12 @@ pub struct WorkerPod {
 impl WorkerPod {
     /// Reads the router's view of a pod; `None` for pods that are not Tandem workers.
     pub fn from_pod(pod: &PodSummary) -> Option<WorkerPod> {
-        let labels = pod.metadata.labels.as_ref()?;
-        let stage = match labels.get(LABEL_COMPONENT)?.as_str() {
+        let stage = match pod.labels.component.as_deref()? {
             "preprocess" => Stage::Preprocess,
             "inference" => Stage::Inference,
             _ => return None,
         };
-        let color = match labels.get(LABEL_COLOR).map(String::as_str) {
+        let color = match pod.labels.color.as_deref() {
             Some("blue") => Some(Color::Blue),
             Some("green") => Some(Color::Green),
             _ => None,
@@ -81,18 +80,13 @@ pub fn workers_by_pipeline<'a>(
     let mut by: HashMap<(&str, &str), Vec<WorkerPod>> = HashMap::new();
     for pod in pods {
         let (Some(ns), Some(instance)) = (
-            pod.metadata.namespace.as_ref(),
-            pod.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_INSTANCE)),
+            pod.metadata.namespace.as_deref(),
+            pod.labels.instance.as_deref(),
         ) else {
             continue;
         };
         if let Some(w) = WorkerPod::from_pod(pod) {
-            by.entry((ns.as_str(), instance.as_str()))
-                .or_default()
-                .push(w);
+            by.entry((ns, instance)).or_default().push(w);
         }
     }
     by
@@ -206,6 +200,7 @@ pub fn next_generation(previous: u64, now_ms: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::build::{LABEL_COLOR, LABEL_COMPONENT, LABEL_INSTANCE};
     use crate::crd::{InferencePipelineStatus, RolloutStatus};
     use crate::test_fixtures;
 

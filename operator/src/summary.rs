@@ -74,10 +74,6 @@ impl From<Deployment> for DeploymentSummary {
     }
 }
 
-/// The labels the operator reads from its cached worker pods: the selector labels
-/// (`build::selector_labels`), by which pods are grouped and matched.
-const READ_LABELS: [&str; 4] = [LABEL_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_COLOR];
-
 impl DeploymentSummary {
     /// Drops from the metadata what no reader of the Deployment cache uses, before caching:
     /// pruning finds a Deployment by name and needs the owner's UID, deletion the UID, the
@@ -87,14 +83,13 @@ impl DeploymentSummary {
     /// bytes per Deployment (a B-tree node and eight strings).
     pub fn slim(&mut self) {
         slim_common(&mut self.metadata);
-        self.metadata.labels = None;
     }
 }
 
 impl PodSummary {
     /// Drops from the metadata what no reader of the pod cache uses, before caching: the
-    /// router, autoscaler and status read the name, the selector labels and whether the pod
-    /// is being deleted.
+    /// router, autoscaler and status read the name, the selector labels (already moved to
+    /// [`PodSummary::labels`] by the decode) and whether the pod is being deleted.
     pub fn slim(&mut self) {
         let m = &mut self.metadata;
         slim_common(m);
@@ -107,16 +102,14 @@ impl PodSummary {
 
 /// What neither cache reads: managed fields, annotations, timestamps other than deletion,
 /// finalizers, the `resourceVersion` (the watcher tracks its own before this runs) and the
-/// labels outside [`READ_LABELS`].
+/// metadata's labels (a pod's selector labels are in [`PodSummary::labels`]).
 fn slim_common(m: &mut ObjectMeta) {
     m.managed_fields = None;
     m.resource_version = None;
     m.annotations = None;
     m.creation_timestamp = None;
     m.finalizers = None;
-    if let Some(labels) = m.labels.as_mut() {
-        labels.retain(|k, _| READ_LABELS.contains(&k.as_str()));
-    }
+    m.labels = None;
 }
 
 /// The metadata fields a summary decodes: those its cache keeps (see [`slim_common`]) and the
@@ -190,14 +183,76 @@ summary_resource!(PodSummary, "Pod", "", "v1", "pods");
 
 /// What the operator reads of a worker pod; decodes from a Pod's JSON.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(from = "RawPodSummary")]
 pub struct PodSummary {
     /// The pod's metadata, decoded in part ([`decode_meta`]) and cached slimmed
-    /// ([`PodSummary::slim`]).
-    #[serde(default, deserialize_with = "decode_meta")]
+    /// ([`PodSummary::slim`]); its labels are in [`PodSummary::labels`] instead.
     pub metadata: ObjectMeta,
+    /// The selector labels, by which pods are grouped and matched.
+    pub labels: WorkerLabels,
     /// The parts of its status that are read.
-    #[serde(default)]
     pub status: PodStatusSummary,
+}
+
+/// A pod as decoded, before its selector labels move out of the metadata.
+#[derive(Deserialize)]
+struct RawPodSummary {
+    #[serde(default, deserialize_with = "decode_meta")]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    status: PodStatusSummary,
+}
+
+impl From<RawPodSummary> for PodSummary {
+    fn from(raw: RawPodSummary) -> Self {
+        let mut metadata = raw.metadata;
+        let labels = WorkerLabels::take(&mut metadata);
+        Self {
+            metadata,
+            labels,
+            status: raw.status,
+        }
+    }
+}
+
+/// The selector labels of a worker pod (`build::selector_labels`), one field each. A pod's labels as a
+/// `BTreeMap` cost ~800 bytes (a B-tree node and eight strings); these ~150.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkerLabels {
+    /// `app.kubernetes.io/name`.
+    pub name: Option<Box<str>>,
+    /// `app.kubernetes.io/instance`: the pipeline's name.
+    pub instance: Option<Box<str>>,
+    /// `app.kubernetes.io/component`: the stage.
+    pub component: Option<Box<str>>,
+    /// `tandem.dev/color`: an inference pod's color.
+    pub color: Option<Box<str>>,
+}
+
+impl WorkerLabels {
+    /// Moves the selector labels out of `meta`, dropping its other labels.
+    fn take(meta: &mut ObjectMeta) -> Self {
+        let mut labels = meta.labels.take().unwrap_or_default();
+        let mut take = |key: &str| labels.remove(key).map(String::into_boxed_str);
+        WorkerLabels {
+            name: take(LABEL_NAME),
+            instance: take(LABEL_INSTANCE),
+            component: take(LABEL_COMPONENT),
+            color: take(LABEL_COLOR),
+        }
+    }
+
+    /// The value of one of the selector labels; `None` for any other key.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        let v = match key {
+            LABEL_NAME => &self.name,
+            LABEL_INSTANCE => &self.instance,
+            LABEL_COMPONENT => &self.component,
+            LABEL_COLOR => &self.color,
+            _ => return None,
+        };
+        v.as_deref()
+    }
 }
 
 /// A pod's IP, conditions and container states.
@@ -509,26 +564,37 @@ mod tests {
     }
 
     #[test]
-    fn a_slimmed_pod_reads_the_same_to_the_router_and_the_status_selector() {
-        let mut pod: PodSummary = serde_json::from_value(pod_json()).expect("decodes");
-        pod.metadata = full_meta("text-preprocess-blue-abc", ("pod-template-hash", "5d8f"));
+    fn a_decoded_pod_keeps_only_its_selector_labels_typed_and_slimming_changes_no_reading() {
+        let mut json = pod_json();
+        json["metadata"] = serde_json::to_value(full_meta(
+            "text-preprocess-blue-abc",
+            ("pod-template-hash", "5d8f"),
+        ))
+        .expect("encodes");
+        let pod: PodSummary = serde_json::from_value(json).expect("decodes");
+        let selector = crate::build::selector_labels(
+            "text",
+            crate::build::Stage::Preprocess,
+            Some(crate::crd::Color::Blue),
+        );
+        for (k, v) in &selector {
+            assert_eq!(pod.labels.get(k), Some(v.as_str()), "{k}");
+        }
+        assert_eq!(pod.labels.get("pod-template-hash"), None);
+        assert_eq!(pod.metadata.labels, None, "no second copy in the metadata");
+
         let before = crate::routing::WorkerPod::from_pod(&pod);
         let mut slim = pod.clone();
         slim.slim();
         assert!(before.is_some());
         assert_eq!(crate::routing::WorkerPod::from_pod(&slim), before);
+        assert_eq!(slim.labels, pod.labels);
         assert_eq!(
             crate::routing::workers_by_pipeline([&slim])
                 .keys()
                 .collect::<Vec<_>>(),
             [&("ml", "text")]
         );
-        let selector = crate::build::selector_labels(
-            "text",
-            crate::build::Stage::Preprocess,
-            Some(crate::crd::Color::Blue),
-        );
-        assert_eq!(slim.metadata.labels.as_ref(), Some(&selector));
         let m = &slim.metadata;
         assert_eq!(
             (
@@ -539,6 +605,16 @@ mod tests {
             ),
             (&None, &None, &None, &None)
         );
+    }
+
+    #[test]
+    fn a_pod_without_selector_labels_is_no_worker() {
+        let mut json = pod_json();
+        json["metadata"]["labels"] = serde_json::json!({"app": "something-else"});
+        let pod: PodSummary = serde_json::from_value(json).expect("decodes");
+        assert_eq!(pod.labels, WorkerLabels::default());
+        assert_eq!(crate::routing::WorkerPod::from_pod(&pod), None);
+        assert!(crate::routing::workers_by_pipeline([&pod]).is_empty());
     }
 
     #[test]
