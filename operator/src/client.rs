@@ -11,8 +11,8 @@
 //!
 //! The connection pool keeps at most [`MAX_IDLE_CONNECTIONS`] idle connections. hyper opens a
 //! connection for every request that finds none idle, and kept them all: a restart on 1,000
-//! pipelines ended with 24 connections to the API server, 8 of them watches and 16 idle, each
-//! with its buffers and request channel (~40 KB).
+//! pipelines ended with 24 connections to the API server, 7 of them watches (one per watched
+//! kind) and 17 idle, each with its buffers and request channel (~40 KB).
 
 use hyper_timeout::TimeoutConnector;
 use hyper_util::client::legacy::Builder;

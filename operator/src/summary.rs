@@ -215,8 +215,9 @@ impl From<RawPodSummary> for PodSummary {
     }
 }
 
-/// The selector labels of a worker pod (`build::selector_labels`), one field each. A pod's labels as a
-/// `BTreeMap` cost ~800 bytes (a B-tree node and eight strings); these ~150.
+/// The selector labels of a worker pod (`build::selector_labels`), one field each. As a
+/// `BTreeMap` (a B-tree node and eight strings) they cost ~0.6 KB more per pod (heaptrack at
+/// 1,000 pods: 1.46 → 0.84 MB for the cached summaries' heap).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WorkerLabels {
     /// `app.kubernetes.io/name`.
