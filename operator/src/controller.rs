@@ -528,7 +528,7 @@ async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Action,
             .first()
             .map(|c| c.model.clone())
             .unwrap_or_default(),
-        rollout: prev.and_then(|s| s.rollout.as_deref().cloned()),
+        rollout: prev.and_then(|s| s.rollout.clone()),
     };
     let next = status::compute(prev, &obs, &now);
     write_status(p, ctx, prev, &next).await?;

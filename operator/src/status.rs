@@ -64,7 +64,7 @@ pub struct Observation {
     /// The model it serves.
     pub active_model: ModelRef,
     /// The rollout in progress, carried through unchanged (the rollout machine owns it).
-    pub rollout: Option<RolloutStatus>,
+    pub rollout: Option<Box<RolloutStatus>>,
 }
 
 /// A notable transition worth a Kubernetes Event.
@@ -88,7 +88,7 @@ pub fn compute(
     let pre = &obs.preprocess;
     let inf = &obs.inference;
     let ready = pre.is_ready() && inf.is_ready();
-    let rollout = obs.rollout.as_ref();
+    let rollout = obs.rollout.as_deref();
     let rolling = rollout
         .filter(|r| !r.halted && r.phase.is_some_and(RolloutPhase::in_progress))
         .map(|r| r.message.clone().unwrap_or_default());
@@ -204,7 +204,7 @@ pub fn compute(
     };
     let summary = StatusSummary {
         model: format!("{}:{}", obs.active_model.name, obs.active_model.version),
-        traffic: traffic(obs.active_color, obs.rollout.as_ref()),
+        traffic: traffic(obs.active_color, obs.rollout.as_deref()),
         preprocess: format!("{}/{}", pre.ready, pre.desired),
         inference: format!("{}/{}", inf.ready, inf.desired),
         queue_depth: preprocess.queue_depth + inference.queue_depth,
@@ -215,7 +215,7 @@ pub fn compute(
         conditions,
         active_color: Some(obs.active_color),
         active_model: Some(obs.active_model.clone()),
-        rollout: obs.rollout.clone().map(Box::new),
+        rollout: obs.rollout.clone(),
         preprocess: Some(preprocess),
         inference: Some(inference),
         summary: Some(summary),
@@ -616,11 +616,11 @@ mod tests {
         let mut prev = compute(None, &obs(dep(1, 1), dep(4, 4)), &t(100));
         prev.inference.as_mut().unwrap().desired_replicas = Some(4);
         let mut o = obs(dep(1, 1), dep(2, 2));
-        o.rollout = Some(RolloutStatus {
+        o.rollout = Some(Box::new(RolloutStatus {
             phase: Some(RolloutPhase::ShiftingTraffic),
             traffic_percent: 50,
             ..RolloutStatus::default()
-        });
+        }));
         let s = compute(Some(&prev), &o, &t(200));
         let inf = s.inference.unwrap();
         assert_eq!(
@@ -765,13 +765,13 @@ mod tests {
     #[test]
     fn a_rollout_shows_the_split_in_the_traffic_column() {
         let mut o = obs(dep(1, 1), dep(1, 1));
-        o.rollout = Some(RolloutStatus {
+        o.rollout = Some(Box::new(RolloutStatus {
             phase: Some(RolloutPhase::ShiftingTraffic),
             candidate_color: Some(Color::Green),
             traffic_percent: 10,
             message: Some("10% of traffic on green (step 1/3)".into()),
             ..RolloutStatus::default()
-        });
+        }));
         let s = compute(None, &o, &t(1));
         assert_eq!(s.summary.as_ref().unwrap().traffic, "blue 90% green 10%");
         assert_eq!(s.phase, Some(Phase::Progressing));
@@ -792,13 +792,13 @@ mod tests {
     #[test]
     fn a_rolled_back_rollout_is_degraded_with_its_numbers_while_the_old_model_serves() {
         let mut o = obs(dep(1, 1), dep(1, 1));
-        o.rollout = Some(RolloutStatus {
+        o.rollout = Some(Box::new(RolloutStatus {
             phase: Some(RolloutPhase::RolledBack),
             message: Some(
                 "shadow parity failed: 87 of 100 compared requests (87.0%) differed".into(),
             ),
             ..RolloutStatus::default()
-        });
+        }));
         let s = compute(None, &o, &t(1));
         assert_eq!(s.phase, Some(Phase::Degraded));
         let d = cond(&s, DEGRADED);
