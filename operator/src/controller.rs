@@ -9,15 +9,15 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::stream::{BoxStream, FuturesUnordered};
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
-use kube::runtime::controller::Action;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -32,6 +32,7 @@ use crate::metrics::{ErrorKind, Metrics, Outcome};
 use crate::status::{self, DeploymentObservation, Observation};
 use crate::summary::{DeploymentSummary, PodSummary};
 use crate::validate::{ValidateError, ValidatedPipeline, validate};
+use crate::workqueue::{Finished, WorkQueue};
 
 /// The one field manager for every object and status this operator writes.
 pub const FIELD_MANAGER: &str = "tandem-operator";
@@ -100,8 +101,8 @@ pub struct ControllerConfig {
     pub build: BuildConfig,
     /// Namespace to watch; every namespace when `None`.
     pub namespace: Option<String>,
-    /// Reconciles running at once (0: no limit). Enforced by a first-come-first-served
-    /// semaphore inside [`reconcile`], not by the kube-rs runner: see [`Context::slots`].
+    /// Reconciles running at once (0: no limit). Pipelines waiting for one are taken first
+    /// come, first served (see [`crate::workqueue`]).
     pub concurrency: u16,
     /// Longest a reconcile may run once it holds a slot. The client's own limit is the
     /// watch-friendly 295 s, so without this one API call that never answers would hold a
@@ -128,14 +129,30 @@ pub struct Context {
     pods: Store<PodSummary>,
     /// What was last applied of each owned object (see [`crate::applied`]).
     applied: Arc<Mutex<Applied>>,
-    failures: Mutex<HashMap<ObjectRef<InferencePipeline>, u32>>,
-    /// Reconcile slots, handed out in arrival order. The kube-rs runner's own concurrency
-    /// limit parks the requests that find every slot busy in a hash set and takes them out in
-    /// hash order, so under sustained load (follow-up reconciles arriving as fast as slots
-    /// free up) some pipelines were never reconciled: at 1,000 pipelines with a slowed-down
-    /// operator, 83 waited more than 8 minutes while others were reconciled five times. A FIFO
-    /// semaphore cannot starve anyone.
-    slots: tokio::sync::Semaphore,
+    /// Failed reconciles in a row, per pipeline (the backoff's exponent).
+    failures: Mutex<HashMap<Key, u32>>,
+}
+
+/// A pipeline's work-queue key, `namespace/name` (neither may contain a `/`): one small
+/// shared string, cheap to clone into the queue's FIFO and timers.
+pub type Key = Arc<str>;
+
+fn key(namespace: &str, name: &str) -> Key {
+    format!("{namespace}/{name}").into()
+}
+
+fn object_ref(key: &str) -> Option<ObjectRef<InferencePipeline>> {
+    let (namespace, name) = key.split_once('/')?;
+    Some(ObjectRef::new(name).within(namespace))
+}
+
+/// What a reconcile asks for next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requeue {
+    /// Reconcile again after this long (sooner if something changes).
+    After(Duration),
+    /// Reconcile again only when the pipeline or an object it owns changes.
+    OnChange,
 }
 
 /// Delay before retrying an object that failed `failures` times in a row: 1s doubling up to
@@ -235,7 +252,25 @@ pub async fn run(
             ipl_synced_tx.send_replace(true);
         }
     })
-    .applied_objects();
+    // Deletions too: the queue then forgets the pipeline.
+    .touched_objects();
+
+    // What triggers a reconcile: a change to the pipeline or to an object it owns. Creating a
+    // pipeline's seven objects fires seven watch events; the queue's debounce folds them (and
+    // Deployment status churn) into one follow-up reconcile.
+    let triggers = futures::stream::select_all([
+        ipl_stream
+            .filter_map(|ev| std::future::ready(self_key(ev)))
+            .boxed(),
+        owner_keys(deployments, "Deployment"),
+        owner_keys(owned_watch.stream::<Service>(), "Service"),
+        owner_keys(owned_watch.stream::<ConfigMap>(), "ConfigMap"),
+        owner_keys(owned_watch.stream::<ServiceAccount>(), "ServiceAccount"),
+        owner_keys(
+            owned_watch.stream::<PodDisruptionBudget>(),
+            "PodDisruptionBudget",
+        ),
+    ]);
 
     // Worker pods: the router's routing tables, the rollout driver, the autoscaler and the
     // reconciler's "why not ready" all read this one cache.
@@ -246,10 +281,6 @@ pub async fn run(
         cache_changes.clone(),
     );
     let pod_watch = tokio::spawn(pod_watch);
-    let slots = match cfg.concurrency {
-        0 => tokio::sync::Semaphore::MAX_PERMITS,
-        n => usize::from(n),
-    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         cfg: cfg.clone(),
@@ -259,43 +290,25 @@ pub async fn run(
         pods: pod_store.clone(),
         applied: applied.clone(),
         failures: Mutex::new(HashMap::new()),
-        slots: tokio::sync::Semaphore::new(slots),
     });
 
     // `/metrics` reads each pipeline's rollout phase and traffic split from this cache.
     ctx.metrics.watch_pipelines(ipl_store.clone());
 
-    let controller = Controller::for_stream(ipl_stream, ipl_store.clone())
-        // Creating a pipeline's seven objects fires seven watch events; the debounce folds
-        // them (and Deployment status churn) into one follow-up reconcile.
-        .with_config(
-            // No runner limit: `Context::slots` bounds the reconciles that do work.
-            kube::runtime::Config::default().debounce(DEBOUNCE),
-        )
-        .owns_stream(deployments)
-        .owns_stream(owned_watch.stream::<Service>())
-        .owns_stream(owned_watch.stream::<ConfigMap>())
-        .owns_stream(owned_watch.stream::<ServiceAccount>())
-        .owns_stream(owned_watch.stream::<PodDisruptionBudget>())
-        .graceful_shutdown_on(shutdown);
-
-    let routing_store = ipl_store.clone();
-    let stores = async move {
-        // Ready once both caches hold a full list: before that, pruning could miss objects.
+    // Both caches hold a full list: before that the stores are empty (a list is swapped in
+    // whole), so reconciles wait for it, and so does readiness.
+    let synced = async move {
         // `.is_ok()` drops each watch guard before the other branch awaits.
         let pipelines = async move { ipl_synced.wait_for(|synced| *synced).await.is_ok() };
         let deployments = async move { dep_synced.wait_for(|synced| *synced).await.is_ok() };
         let (a, b) = futures::join!(pipelines, deployments);
-        if a && b {
-            info!("caches synced");
-            ready();
-        }
+        a && b
     };
-    tokio::spawn(stores);
 
     // Routing tables follow the pods the pipelines own; the rollout driver moves traffic by
     // writing status and waits for the tables to reach every preprocess pod. Leader-only like
     // reconcile.
+    let routing_store = ipl_store.clone();
     let published = crate::router::Published::default();
     let router = tokio::spawn(crate::router::run(
         routing_store.clone(),
@@ -325,15 +338,7 @@ pub async fn run(
         },
     ));
 
-    controller
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => debug!(pipeline = %obj, "reconciled"),
-                Err(e) => debug!(error = %e, "reconcile loop error"),
-            }
-        })
-        .await;
+    drive(ctx, triggers, synced, ready, shutdown).await;
     router.abort();
     rollouts.abort();
     if let Some(a) = autoscaler {
@@ -341,6 +346,141 @@ pub async fn run(
     }
     pod_watch.abort();
     info!("controller stopped");
+}
+
+/// The reconcile loop: takes triggers into the work queue, runs up to `concurrency`
+/// reconciles at once (first come, first served) once the caches have synced, and schedules
+/// each pipeline's next reconcile from how the last one ended. On `shutdown` it takes no new
+/// work and lets the running reconciles finish.
+async fn drive(
+    ctx: Arc<Context>,
+    triggers: impl Stream<Item = Key>,
+    synced: impl std::future::Future<Output = bool>,
+    ready: impl Fn(),
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let limit = match ctx.cfg.concurrency {
+        0 => usize::MAX,
+        n => usize::from(n),
+    };
+    let mut queue = WorkQueue::<Key>::default();
+    let mut running = FuturesUnordered::new();
+    let mut triggers = std::pin::pin!(triggers);
+    let mut synced = std::pin::pin!(synced.fuse());
+    let mut shutdown = std::pin::pin!(shutdown.fuse());
+    let mut started = false;
+    loop {
+        let now = Instant::now();
+        queue.fire_due(now);
+        while started && running.len() < limit {
+            let Some((key, since)) = queue.pop() else {
+                break;
+            };
+            running.push(run_one(ctx.clone(), key, since));
+        }
+        let next_due = queue.next_due();
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            ok = &mut synced, if !started => {
+                if ok {
+                    info!("caches synced");
+                    ready();
+                    started = true;
+                } else {
+                    // The watches ended (shutdown): nothing more can be reconciled.
+                    break;
+                }
+            }
+            Some((key, next)) = running.next(), if !running.is_empty() => {
+                queue.finish(key, next, Instant::now());
+            }
+            Some(key) = triggers.next() => queue.schedule(key, Instant::now() + DEBOUNCE),
+            () = sleep_until(next_due), if next_due.is_some() => {}
+            else => break,
+        }
+    }
+    while running.next().await.is_some() {}
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// Reconciles the pipeline behind `key` as the cache has it now, and says when to come back.
+async fn run_one(ctx: Arc<Context>, key: Key, queued: Instant) -> (Key, Finished) {
+    let Some(p) = object_ref(&key).and_then(|r| ctx.pipelines.get(&r)) else {
+        debug!(pipeline = %key, "pipeline gone");
+        if let Ok(mut f) = ctx.failures.lock() {
+            f.remove(&key);
+        }
+        return (key, Finished::Gone);
+    };
+    let next = match reconcile(&p, &ctx, queued).await {
+        Ok(next) => {
+            if let Ok(mut f) = ctx.failures.lock() {
+                f.remove(&key);
+            }
+            next
+        }
+        Err(e) => error_policy(&p, &key, &e, &ctx),
+    };
+    let finished = match next {
+        Requeue::After(d) => Finished::RequeueAt(Instant::now() + d),
+        Requeue::OnChange => Finished::AwaitChange,
+    };
+    (key, finished)
+}
+
+/// The key of a pipeline the watch saw change or go; watch errors are logged (the watch
+/// retries with backoff).
+fn self_key(ev: Result<InferencePipeline, watcher::Error>) -> Option<Key> {
+    match ev {
+        Ok(p) => Some(key(
+            p.metadata.namespace.as_deref()?,
+            p.metadata.name.as_deref()?,
+        )),
+        Err(e) => {
+            warn!(error = %e, kind = "InferencePipeline", "watch failed; retrying");
+            None
+        }
+    }
+}
+
+/// The owning pipeline of each owned object the watch saw change or go.
+fn owner_keys<O>(
+    objects: impl Stream<Item = Result<O, watcher::Error>> + Send + 'static,
+    kind: &'static str,
+) -> BoxStream<'static, Key>
+where
+    O: Resource + Send + 'static,
+    O::DynamicType: Default,
+{
+    let api_version = InferencePipeline::api_version(&());
+    let owner_kind = InferencePipeline::kind(&());
+    objects
+        .filter_map(move |ev| {
+            let found = match ev {
+                Ok(o) => {
+                    let meta = o.meta();
+                    meta.namespace.as_deref().and_then(|ns| {
+                        meta.owner_references
+                            .iter()
+                            .flatten()
+                            .find(|r| r.kind == owner_kind && r.api_version == api_version)
+                            .map(|r| key(ns, &r.name))
+                    })
+                }
+                Err(e) => {
+                    warn!(error = %e, kind, "watch failed; retrying");
+                    None
+                }
+            };
+            std::future::ready(found)
+        })
+        .boxed()
 }
 
 /// What the pipeline cache does not need: `managedFields`, and the copy of the whole object
@@ -423,24 +563,19 @@ where
     }
 }
 
-/// Reconciles one pipeline, once a slot is free (see [`Context::slots`]).
-pub async fn reconcile(p: Arc<InferencePipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let queued = Instant::now();
-    // Never fails: the semaphore is not closed.
-    let _slot = ctx.slots.acquire().await;
-    // The pipeline may have changed while this request waited: work on the newest copy.
-    let Some(p) = ctx.pipelines.get(&ObjectRef::from_obj(p.as_ref())) else {
-        debug!(pipeline = %p.name_any(), "pipeline gone while queued");
-        return Ok(Action::await_change());
-    };
-    // The span starts with the work, so that waiting requests hold no span.
+/// Reconciles one pipeline (the cache's newest copy), within the reconcile deadline.
+/// `queued` is when it became ready in the work queue, for the log's `queued_ms`.
+pub async fn reconcile(
+    p: &InferencePipeline,
+    ctx: &Context,
+    queued: Instant,
+) -> Result<Requeue, Error> {
     let span = info_span!("reconcile", pipeline = %p.name_any(), namespace = p.namespace().unwrap_or_default());
     async {
         let started = Instant::now();
         let queued_ms = started.duration_since(queued).as_secs_f64() * 1e3;
-        // Boxed so that the requests waiting for a slot stay small.
         let limit = ctx.cfg.reconcile_timeout;
-        let result = tokio::time::timeout(limit, Box::pin(reconcile_inner(&p, &ctx)))
+        let result = tokio::time::timeout(limit, reconcile_inner(p, ctx))
             .await
             .unwrap_or(Err(Error::Timeout(limit)));
         let outcome = match &result {
@@ -455,11 +590,6 @@ pub async fn reconcile(p: Arc<InferencePipeline>, ctx: Arc<Context>) -> Result<A
             ?outcome,
             "reconcile finished"
         );
-        if result.is_ok()
-            && let Ok(mut f) = ctx.failures.lock()
-        {
-            f.remove(&ObjectRef::from_obj(p.as_ref()));
-        }
         result
     }
     .instrument(span)
@@ -468,14 +598,14 @@ pub async fn reconcile(p: Arc<InferencePipeline>, ctx: Arc<Context>) -> Result<A
 
 /// Maps a failed reconcile to its retry: an invalid spec waits for the object to change;
 /// anything else (API errors) backs off exponentially per object.
-pub fn error_policy(p: Arc<InferencePipeline>, err: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(p: &InferencePipeline, key: &Key, err: &Error, ctx: &Context) -> Requeue {
     ctx.metrics.count_error(err.kind());
     if let Error::InvalidSpec(_) = err {
-        return Action::await_change();
+        return Requeue::OnChange;
     }
     let failures = match ctx.failures.lock() {
         Ok(mut f) => {
-            let n = f.entry(ObjectRef::from_obj(p.as_ref())).or_insert(0);
+            let n = f.entry(key.clone()).or_insert(0);
             *n = n.saturating_add(1);
             *n
         }
@@ -483,10 +613,10 @@ pub fn error_policy(p: Arc<InferencePipeline>, err: &Error, ctx: Arc<Context>) -
     };
     let delay = backoff(failures);
     warn!(pipeline = %p.name_any(), error = %err, source = ?std::error::Error::source(err).map(ToString::to_string), failures, retry_in_s = delay.as_secs(), "reconcile failed");
-    Action::requeue(delay)
+    Requeue::After(delay)
 }
 
-async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Requeue, Error> {
     let prev = p.status.as_ref();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
 
@@ -533,7 +663,7 @@ async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Action,
     let next = status::compute(prev, &obs, &now);
     write_status(p, ctx, prev, &next).await?;
     let ready = next.phase == Some(crate::crd::Phase::Ready);
-    Ok(Action::requeue(requeue_after(ready)))
+    Ok(Requeue::After(requeue_after(ready)))
 }
 
 /// Which inference colors to run, from status: the active color with its model (the spec's
@@ -959,14 +1089,20 @@ mod tests {
     use crate::crd::{RolloutPhase, RolloutStatus};
     use crate::test_fixtures::text_pipeline;
 
-    /// An API server that accepts connections and never answers (a hung apiserver or a
-    /// black-holed connection): the reconcile gives up at its deadline with `Timeout` and
-    /// hands its slot back, instead of waiting out the client's 295 s limit.
-    #[tokio::test]
-    async fn a_reconcile_against_an_unanswering_api_server_times_out_and_frees_its_slot() {
+    /// A context whose API server accepts connections and never answers (a hung apiserver or
+    /// a black-holed connection), with `pipelines` in its cache; the receiver gets each
+    /// connection the operator opens.
+    async fn unanswering_api_server(
+        pipelines: &[InferencePipeline],
+        concurrency: u16,
+        reconcile_timeout: Duration,
+    ) -> (
+        Arc<Context>,
+        tokio::sync::mpsc::UnboundedReceiver<tokio::net::TcpStream>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (conn_tx, conn_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             // Keep every connection open, answer nothing.
             while let Ok((stream, _)) = listener.accept().await {
@@ -975,14 +1111,12 @@ mod tests {
         });
         let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
         let client = Client::try_from(config).unwrap();
-
-        let mut p = text_pipeline();
-        p.metadata.namespace = Some("ml".into());
-        let (pipelines, mut writer) = reflector::store::<InferencePipeline>();
-        writer.apply_watcher_event(&watcher::Event::Apply(p.clone()));
-        let limit = Duration::from_millis(300);
+        let (store, mut writer) = reflector::store::<InferencePipeline>();
+        for p in pipelines {
+            writer.apply_watcher_event(&watcher::Event::Apply(p.clone()));
+        }
         let ctx = Arc::new(Context {
-            client: client.clone(),
+            client,
             cfg: ControllerConfig {
                 build: BuildConfig {
                     worker_image: "tandem-worker:test".into(),
@@ -991,25 +1125,42 @@ mod tests {
                     worker_tracing: None,
                 },
                 namespace: Some("ml".into()),
-                concurrency: 1,
-                reconcile_timeout: limit,
+                concurrency,
+                reconcile_timeout,
                 page_size: 100,
                 identity: "test".into(),
                 autoscale: None,
             },
             metrics: Arc::new(Metrics::new()),
-            pipelines,
+            pipelines: store,
             deployments: reflector::store().0,
             pods: reflector::store().0,
             applied: Arc::new(Mutex::new(Applied::default())),
             failures: Mutex::new(HashMap::new()),
-            slots: tokio::sync::Semaphore::new(1),
         });
+        (ctx, conn_rx)
+    }
+
+    fn pipeline_named(name: &str) -> InferencePipeline {
+        let mut p = text_pipeline();
+        p.metadata.namespace = Some("ml".into());
+        p.metadata.name = Some(name.into());
+        p
+    }
+
+    /// Against an API server that never answers, the reconcile gives up at its deadline with
+    /// `Timeout` (and so frees its place among the running reconciles), instead of waiting out
+    /// the client's 295 s limit.
+    #[tokio::test]
+    async fn a_reconcile_against_an_unanswering_api_server_gives_up_at_its_deadline() {
+        let p = pipeline_named("a");
+        let limit = Duration::from_millis(300);
+        let (ctx, mut conns) = unanswering_api_server(std::slice::from_ref(&p), 1, limit).await;
 
         // The bound only keeps a broken build from hanging the test run; without the deadline
         // the reconcile would wait out the client's 295 s read timeout.
         let result =
-            tokio::time::timeout(Duration::from_secs(60), reconcile(Arc::new(p), ctx.clone()))
+            tokio::time::timeout(Duration::from_secs(60), reconcile(&p, &ctx, Instant::now()))
                 .await
                 .expect("reconcile returned");
         assert!(
@@ -1017,9 +1168,83 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(result.unwrap_err().kind(), ErrorKind::Timeout);
-        // It reached the API server (the first apply was sent), and its slot is free again.
-        assert!(conn_rx.try_recv().is_ok(), "no API call was attempted");
-        assert_eq!(ctx.slots.available_permits(), 1);
+        // It reached the API server: the first apply was sent.
+        assert!(conns.try_recv().is_ok(), "no API call was attempted");
+    }
+
+    /// The loop itself: nothing runs before the caches sync; then every triggered pipeline
+    /// is reconciled (here each fails at its deadline and is put on backoff), readiness is
+    /// reported once, and shutdown ends the loop.
+    #[tokio::test]
+    async fn the_loop_waits_for_the_caches_then_reconciles_every_triggered_pipeline_until_shutdown()
+    {
+        let names = ["a", "b", "c"];
+        let pipelines: Vec<_> = names.iter().map(|n| pipeline_named(n)).collect();
+        let (ctx, mut conns) =
+            unanswering_api_server(&pipelines, 1, Duration::from_millis(100)).await;
+        let triggers = futures::stream::iter(["a", "a", "b", "c"].map(|n| key("ml", n)))
+            .chain(futures::stream::pending());
+        let (synced_tx, synced_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let readied = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let loop_task = tokio::spawn(drive(
+            ctx.clone(),
+            triggers,
+            async move { synced_rx.await.is_ok() },
+            {
+                let readied = readied.clone();
+                move || {
+                    readied.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            },
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+
+        // Past the debounce, the keys are due, but the caches have not synced.
+        tokio::time::sleep(DEBOUNCE * 2).await;
+        assert!(
+            conns.try_recv().is_err(),
+            "reconciled before the caches synced"
+        );
+        assert_eq!(readied.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+        synced_tx.send(()).unwrap();
+        let all_failed_once = async {
+            loop {
+                let failed = ctx.failures.lock().unwrap().len();
+                if failed == names.len() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), all_failed_once)
+            .await
+            .expect("every triggered pipeline was reconciled");
+        for n in names {
+            assert!(ctx.failures.lock().unwrap().contains_key(&key("ml", n)));
+        }
+        assert_eq!(readied.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), loop_task)
+            .await
+            .expect("the loop stopped on shutdown")
+            .unwrap();
+    }
+
+    #[test]
+    fn a_key_names_its_pipeline_and_back() {
+        let k = key("ml", "embed");
+        assert_eq!(&*k, "ml/embed");
+        let r = object_ref(&k).unwrap();
+        assert_eq!(
+            (r.namespace.as_deref(), r.name.as_str()),
+            (Some("ml"), "embed")
+        );
+        assert!(object_ref("no-slash").is_none());
     }
 
     #[test]

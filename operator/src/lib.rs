@@ -19,6 +19,7 @@ pub mod routing;
 pub mod status;
 pub mod summary;
 pub mod validate;
+pub mod workqueue;
 
 #[cfg(test)]
 mod test_fixtures;
