@@ -16,7 +16,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
-use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -27,10 +26,11 @@ use crate::applied::{Applied, fingerprint};
 use crate::build::{
     self, BuildConfig, ColorPlan, Desired, LABEL_MANAGED_BY, MANAGED_BY, Observed, Stage,
 };
+use crate::cache::{Cache, key_of};
 use crate::crd::{Color, InferencePipeline, InferencePipelineStatus, ModelRef, RolloutPhase};
 use crate::metrics::{ErrorKind, Metrics, Outcome};
 use crate::status::{self, DeploymentObservation, Observation};
-use crate::summary::{DeploymentSummary, PodSummary};
+use crate::summary::{DeploymentSummary, PodSummary, WatchedDeployment};
 use crate::validate::{ValidateError, ValidatedPipeline, validate};
 use crate::workqueue::{Finished, WorkQueue};
 
@@ -122,28 +122,24 @@ pub struct Context {
     cfg: ControllerConfig,
     metrics: Arc<Metrics>,
     /// The pipelines, as the controller's watch has them.
-    pipelines: Store<InferencePipeline>,
+    pipelines: Cache<InferencePipeline>,
     /// Owned Deployments, in the compact form pruning and status read.
-    deployments: Store<DeploymentSummary>,
+    deployments: Cache<DeploymentSummary>,
     /// Worker pods (labels and status), shared with the router, rollout driver and autoscaler.
-    pods: Store<PodSummary>,
+    pods: Cache<PodSummary>,
     /// What was last applied of each owned object (see [`crate::applied`]).
     applied: Arc<Mutex<Applied>>,
     /// Failed reconciles in a row, per pipeline (the backoff's exponent).
     failures: Mutex<HashMap<Key, u32>>,
 }
 
-/// A pipeline's work-queue key, `namespace/name` (neither may contain a `/`): one small
-/// shared string, cheap to clone into the queue's FIFO and timers.
+/// A pipeline's work-queue key, `namespace/name` (neither may contain a `/`), the same as its
+/// pipeline-cache key: one small shared string, cheap to clone into the queue's FIFO and
+/// timers.
 pub type Key = Arc<str>;
 
 fn key(namespace: &str, name: &str) -> Key {
-    format!("{namespace}/{name}").into()
-}
-
-fn object_ref(key: &str) -> Option<ObjectRef<InferencePipeline>> {
-    let (namespace, name) = key.split_once('/')?;
-    Some(ObjectRef::new(name).within(namespace))
+    key_of(namespace, name).into()
 }
 
 /// What a reconcile asks for next.
@@ -198,12 +194,6 @@ pub async fn run(
         .labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"))
         .page_size(cfg.page_size);
 
-    // Cache readiness comes from the watch streams' own InitDone events. (Awaiting
-    // `Store::wait_until_ready` here as well as inside the Controller left one of the two
-    // waiters asleep forever, so the leader never reported ready.)
-    let (dep_synced_tx, mut dep_synced) = tokio::sync::watch::channel(false);
-    let (ipl_synced_tx, mut ipl_synced) = tokio::sync::watch::channel(false);
-
     let applied = Arc::new(Mutex::new(Applied::default()));
     let owned_watch = OwnedWatch {
         client: &client,
@@ -212,23 +202,17 @@ pub async fn run(
         applied: &applied,
     };
 
-    // Owned Deployments, decoded straight into the compact form pruning and status read, so
-    // that a reconcile with nothing to apply takes their status from here instead of an apply.
-    let (dep_store, dep_writer) = reflector::store::<DeploymentSummary>();
+    // Owned Deployments, cached as the summaries pruning and status read, so that a reconcile
+    // with nothing to apply takes their status from here instead of an apply.
+    let dep_store = Cache::<DeploymentSummary>::default();
     let dep_applied = applied.clone();
     let deployments = watcher(
-        scoped::<DeploymentSummary>(&client, &cfg.namespace),
+        scoped::<WatchedDeployment>(&client, &cfg.namespace),
         owned.clone(),
     )
-    .modify(DeploymentSummary::slim)
     .default_backoff()
-    .reflect(dep_writer)
-    .inspect(move |ev| {
-        if matches!(ev, Ok(watcher::Event::InitDone)) {
-            dep_synced_tx.send_replace(true);
-        }
-        note_owned_event(&dep_applied, ev);
-    })
+    .inspect(dep_store.writer(|d| DeploymentSummary::from(d)))
+    .inspect(move |ev| note_owned_event(&dep_applied, ev))
     .touched_objects();
 
     // Events the pipeline and pod caches took in: the router passes over the pipelines only
@@ -236,20 +220,17 @@ pub async fn run(
     let cache_changes = crate::router::CacheChanges::default();
     let ipl_changes = cache_changes.clone();
     // The pipelines themselves: full objects (the spec is needed), managedFields stripped.
-    let (ipl_store, ipl_writer) = reflector::store::<InferencePipeline>();
+    let ipl_store = Cache::<InferencePipeline>::default();
     let ipl_stream = watcher(
         pipelines,
         watcher::Config::default().page_size(cfg.page_size),
     )
     .modify(slim_pipeline)
     .default_backoff()
-    .reflect(ipl_writer)
+    .inspect(ipl_store.writer(InferencePipeline::clone))
     .inspect(move |ev| {
         if ev.is_ok() {
             ipl_changes.note();
-        }
-        if matches!(ev, Ok(watcher::Event::InitDone)) {
-            ipl_synced_tx.send_replace(true);
         }
     })
     // Deletions too: the queue then forgets the pipeline.
@@ -295,14 +276,13 @@ pub async fn run(
     // `/metrics` reads each pipeline's rollout phase and traffic split from this cache.
     ctx.metrics.watch_pipelines(ipl_store.clone());
 
-    // Both caches hold a full list: before that the stores are empty (a list is swapped in
-    // whole), so reconciles wait for it, and so does readiness.
-    let synced = async move {
-        // `.is_ok()` drops each watch guard before the other branch awaits.
-        let pipelines = async move { ipl_synced.wait_for(|synced| *synced).await.is_ok() };
-        let deployments = async move { dep_synced.wait_for(|synced| *synced).await.is_ok() };
-        let (a, b) = futures::join!(pipelines, deployments);
-        a && b
+    // Both caches hold a full list: before that they are empty (a list is swapped in whole),
+    // so reconciles wait for it, and so does readiness.
+    let synced = {
+        let (pipelines, deployments) = (ipl_store.clone(), dep_store.clone());
+        async move {
+            futures::join!(pipelines.wait_until_ready(), deployments.wait_until_ready());
+        }
     };
 
     // Routing tables follow the pods the pipelines own; the rollout driver moves traffic by
@@ -355,7 +335,7 @@ pub async fn run(
 async fn drive(
     ctx: Arc<Context>,
     triggers: impl Stream<Item = Key>,
-    synced: impl std::future::Future<Output = bool>,
+    synced: impl std::future::Future<Output = ()>,
     ready: impl Fn(),
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -382,15 +362,10 @@ async fn drive(
         tokio::select! {
             biased;
             () = &mut shutdown => break,
-            ok = &mut synced, if !started => {
-                if ok {
-                    info!("caches synced");
-                    ready();
-                    started = true;
-                } else {
-                    // The watches ended (shutdown): nothing more can be reconciled.
-                    break;
-                }
+            () = &mut synced, if !started => {
+                info!("caches synced");
+                ready();
+                started = true;
             }
             Some((key, next)) = running.next(), if !running.is_empty() => {
                 queue.finish(key, next, Instant::now());
@@ -411,7 +386,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Reconciles the pipeline behind `key` as the cache has it now, and says when to come back.
 async fn run_one(ctx: Arc<Context>, key: Key, queued: Instant) -> (Key, Finished) {
-    let Some(p) = object_ref(&key).and_then(|r| ctx.pipelines.get(&r)) else {
+    let Some(p) = ctx.pipelines.get_key(&key) else {
         debug!(pipeline = %key, "pipeline gone");
         if let Ok(mut f) = ctx.failures.lock() {
             f.remove(&key);
@@ -839,8 +814,10 @@ async fn deployment(
             .and_then(|a| a.current(ns, "Deployment", name, fp, now))
     });
     if let Some(recorded) = recorded
-        && let Some(cached) = ctx.deployments.get(&ObjectRef::new(name).within(ns))
-        && change_marker("Deployment", &cached.metadata)
+        && let Some(cached) = ctx.deployments.get(ns, name)
+        && cached
+            .generation
+            .map(generation_marker)
             .is_some_and(|m| Applied::is_marker(recorded, &m))
     {
         return Ok(cached.as_ref().clone());
@@ -886,9 +863,13 @@ where
 /// and go, bumps only the `resourceVersion`), the `resourceVersion` of the others.
 fn change_marker(kind: &str, meta: &ObjectMeta) -> Option<String> {
     match kind {
-        "Deployment" | "PodDisruptionBudget" => meta.generation.map(|g| format!("g{g}")),
+        "Deployment" | "PodDisruptionBudget" => meta.generation.map(generation_marker),
         _ => meta.resource_version.clone(),
     }
+}
+
+fn generation_marker(generation: i64) -> String {
+    format!("g{generation}")
 }
 
 /// Deletes owned Deployments (and their PodDisruptionBudgets) that are no longer desired, such
@@ -911,9 +892,9 @@ async fn prune(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Result<(), 
     ]
     .into_iter()
     .filter(|name| !keep.contains(name.as_str()))
-    .filter_map(|name| ctx.deployments.get(&ObjectRef::new(&name).within(ns)))
-    .filter(|m| m.owner_references().iter().any(|o| o.uid == v.meta.uid))
-    .map(|m| (m.name_any(), m.uid()))
+    .filter_map(|name| ctx.deployments.get(ns, &name))
+    .filter(|d| d.owner_uids.iter().any(|uid| **uid == *v.meta.uid))
+    .map(|d| (d.name.to_string(), d.uid.as_deref().map(String::from)))
     .collect();
     for (name, uid) in retired {
         let params = DeleteParams {
@@ -982,7 +963,7 @@ async fn observe(
         ready: st.ready_replicas.unwrap_or(0),
         updated: st.updated_replicas.unwrap_or(0),
         observed_current: st.observed_generation.is_some()
-            && st.observed_generation >= dep.metadata.generation,
+            && st.observed_generation >= dep.generation,
         problem: None,
     };
     if obs.ready < obs.desired {
@@ -992,7 +973,7 @@ async fn observe(
         let pods = ctx.pods.state();
         let matching = pods
             .iter()
-            .filter(|p| p.metadata.namespace.as_deref() == Some(v.meta.namespace.as_str()))
+            .filter(|p| *p.namespace == *v.meta.namespace)
             .filter(|p| {
                 selector
                     .iter()
@@ -1111,9 +1092,9 @@ mod tests {
         });
         let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
         let client = Client::try_from(config).unwrap();
-        let (store, mut writer) = reflector::store::<InferencePipeline>();
+        let store = Cache::default();
         for p in pipelines {
-            writer.apply_watcher_event(&watcher::Event::Apply(p.clone()));
+            store.apply(&watcher::Event::Apply(p.clone()), Clone::clone);
         }
         let ctx = Arc::new(Context {
             client,
@@ -1133,8 +1114,8 @@ mod tests {
             },
             metrics: Arc::new(Metrics::new()),
             pipelines: store,
-            deployments: reflector::store().0,
-            pods: reflector::store().0,
+            deployments: Cache::default(),
+            pods: Cache::default(),
             applied: Arc::new(Mutex::new(Applied::default())),
             failures: Mutex::new(HashMap::new()),
         });
@@ -1190,7 +1171,9 @@ mod tests {
         let loop_task = tokio::spawn(drive(
             ctx.clone(),
             triggers,
-            async move { synced_rx.await.is_ok() },
+            async move {
+                let _ = synced_rx.await;
+            },
             {
                 let readied = readied.clone();
                 move || {
@@ -1236,15 +1219,15 @@ mod tests {
     }
 
     #[test]
-    fn a_key_names_its_pipeline_and_back() {
+    fn a_queue_key_is_the_pipeline_cache_key() {
+        let cache = Cache::default();
+        cache.apply(
+            &watcher::Event::Apply(pipeline_named("embed")),
+            Clone::clone,
+        );
         let k = key("ml", "embed");
         assert_eq!(&*k, "ml/embed");
-        let r = object_ref(&k).unwrap();
-        assert_eq!(
-            (r.namespace.as_deref(), r.name.as_str()),
-            (Some("ml"), "embed")
-        );
-        assert!(object_ref("no-slash").is_none());
+        assert!(cache.get_key(&k).is_some());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod applied;
 pub mod autoscale;
 pub mod build;
+pub mod cache;
 pub mod client;
 pub mod controller;
 pub mod crd;

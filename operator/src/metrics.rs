@@ -15,7 +15,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use kube::runtime::reflector::Store;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
@@ -27,6 +26,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::cache::Cache;
 use crate::crd::{Color, InferencePipeline};
 
 /// `tandem_operator_reconcile_total{outcome}`.
@@ -54,7 +54,7 @@ pub const ROLLOUT_TRANSITIONS: &str = "tandem_operator_rollout_transitions";
 /// The per-pipeline rollout gauges, encoded at scrape time from the pipeline cache the
 /// controller hands over once it runs (a follower replica, which caches nothing, exports none).
 #[derive(Clone, Default)]
-struct RolloutSeries(Arc<OnceLock<Store<InferencePipeline>>>);
+struct RolloutSeries(Arc<OnceLock<Cache<InferencePipeline>>>);
 
 impl std::fmt::Debug for RolloutSeries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,7 +66,7 @@ impl std::fmt::Debug for RolloutSeries {
 
 impl Collector for RolloutSeries {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let pipelines = self.0.get().map(Store::state).unwrap_or_default();
+        let pipelines = self.0.get().map(Cache::state).unwrap_or_default();
         // Pipelines the controller has written a first status for: before that no color serves.
         let serving = || {
             pipelines.iter().filter_map(|p| {
@@ -308,7 +308,7 @@ impl Metrics {
 
     /// Exports every cached pipeline's rollout phase and traffic split from now on (the
     /// controller calls this once it caches pipelines; later calls are ignored).
-    pub fn watch_pipelines(&self, pipelines: Store<InferencePipeline>) {
+    pub fn watch_pipelines(&self, pipelines: Cache<InferencePipeline>) {
         // Already set: the first store stays, and serves the same pipelines.
         let _ = self.rollouts.0.set(pipelines);
     }
@@ -433,16 +433,15 @@ mod tests {
         let text = m.encode().unwrap();
         assert!(!text.contains("pipeline=\""), "no cache yet: {text}");
 
-        let (store, mut writer) = kube::runtime::reflector::store();
-        m.watch_pipelines(store);
+        let store = Cache::default();
+        m.watch_pipelines(store.clone());
         let mut unserved = crate::test_fixtures::image_pipeline();
         unserved.status = None;
-        writer.apply_watcher_event(&Event::Apply(unserved));
-        writer.apply_watcher_event(&Event::Apply(rolled(
-            Color::Blue,
-            RolloutPhase::Shadowing,
-            0,
-        )));
+        store.apply(&Event::Apply(unserved), Clone::clone);
+        store.apply(
+            &Event::Apply(rolled(Color::Blue, RolloutPhase::Shadowing, 0)),
+            Clone::clone,
+        );
         let text = m.encode().unwrap();
         assert!(
             text.contains(
@@ -461,11 +460,10 @@ mod tests {
             "a pipeline with no status yet has no series: {text}"
         );
 
-        writer.apply_watcher_event(&Event::Apply(rolled(
-            Color::Blue,
-            RolloutPhase::ShiftingTraffic,
-            10,
-        )));
+        store.apply(
+            &Event::Apply(rolled(Color::Blue, RolloutPhase::ShiftingTraffic, 10)),
+            Clone::clone,
+        );
         m.count_rollout_transition("ShadowPassed");
         let text = m.encode().unwrap();
         assert!(
@@ -486,11 +484,10 @@ mod tests {
             "{text}"
         );
 
-        writer.apply_watcher_event(&Event::Delete(rolled(
-            Color::Blue,
-            RolloutPhase::ShiftingTraffic,
-            10,
-        )));
+        store.apply(
+            &Event::Delete(rolled(Color::Blue, RolloutPhase::ShiftingTraffic, 10)),
+            Clone::clone,
+        );
         let text = m.encode().unwrap();
         assert!(!text.contains("pipeline=\"minilm\""), "{text}");
         assert!(

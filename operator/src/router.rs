@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::cache::Cache;
 use futures::StreamExt;
 use futures::future::join_all;
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
@@ -23,7 +23,7 @@ use crate::crd::InferencePipeline;
 use crate::routing::{
     desired_table, namespaced_name, next_generation, same_routes, workers_by_pipeline,
 };
-use crate::summary::PodSummary;
+use crate::summary::{PodSummary, WatchedPod};
 
 /// Router settings.
 #[derive(Clone, Debug)]
@@ -87,26 +87,25 @@ pub fn watch_pods(
     page_size: u32,
     changes: CacheChanges,
 ) -> (
-    Store<PodSummary>,
+    Cache<PodSummary>,
     impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let pods: Api<PodSummary> = match namespace {
+    let pods: Api<WatchedPod> = match namespace {
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
     let selector = format!("{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_NAME}={APP_NAME}");
-    let (store, writer) = reflector::store::<PodSummary>();
+    let store = Cache::<PodSummary>::default();
     let watch = watcher(
         pods,
         watcher::Config::default()
             .labels(&selector)
             .page_size(page_size),
     )
-    // Only the name, selector labels, status and deletion matter here (the summary type skips
-    // the spec while decoding): keep the cache small.
-    .modify(PodSummary::slim)
+    // Only the name, selector labels, status and deletion matter here (the watched form skips
+    // the spec while decoding, the summary keeps no metadata): keep the cache small.
     .default_backoff()
-    .reflect(writer)
+    .inspect(store.writer(|p| PodSummary::from(p)))
     .for_each(move |event| {
         match event {
             Ok(_) => changes.note(),
@@ -120,8 +119,8 @@ pub fn watch_pods(
 
 /// Runs until the task is dropped or aborted.
 pub async fn run(
-    pipelines: Store<InferencePipeline>,
-    store: Store<PodSummary>,
+    pipelines: Cache<InferencePipeline>,
+    store: Cache<PodSummary>,
     changes: CacheChanges,
     published: Published,
     cfg: RouterConfig,
@@ -176,8 +175,8 @@ impl Pass {
 
 /// One pass over every pipeline; true when it had nothing to push.
 async fn sync_once(
-    pipelines: &Store<InferencePipeline>,
-    pods: &Store<PodSummary>,
+    pipelines: &Cache<InferencePipeline>,
+    pods: &Cache<PodSummary>,
     state: &mut HashMap<(String, String), PipelineRoutes>,
     published: &Published,
     cfg: &RouterConfig,

@@ -50,12 +50,12 @@ impl WorkerPod {
             .map(|c| c.restart_count)
             .sum();
         Some(WorkerPod {
-            name: pod.metadata.name.clone()?,
+            name: pod.name.to_string(),
             stage,
             color,
             ip: status.pod_ip.clone().filter(|ip| !ip.is_empty()),
             ready: pod.is_ready(),
-            terminating: pod.metadata.deletion_timestamp.is_some(),
+            terminating: pod.terminating,
             restarts,
         })
     }
@@ -79,12 +79,10 @@ pub fn workers_by_pipeline<'a>(
 ) -> HashMap<(&'a str, &'a str), Vec<WorkerPod>> {
     let mut by: HashMap<(&str, &str), Vec<WorkerPod>> = HashMap::new();
     for pod in pods {
-        let (Some(ns), Some(instance)) = (
-            pod.metadata.namespace.as_deref(),
-            pod.labels.instance.as_deref(),
-        ) else {
+        let Some(instance) = pod.labels.instance.as_deref() else {
             continue;
         };
+        let ns = &*pod.namespace;
         if let Some(w) = WorkerPod::from_pod(pod) {
             by.entry((ns, instance)).or_default().push(w);
         }

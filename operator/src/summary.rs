@@ -1,12 +1,13 @@
 //! Compact forms of owned objects for the operator's caches.
 //!
-//! A cached `k8s_openapi` `Deployment` is 2.4 KB before any of its strings, because its
-//! optional pod template is laid out inline even when empty; a `Pod` likewise (its spec). The
-//! reconciler needs a Deployment's metadata (labels and owner references for pruning,
-//! `generation` for the apply record), `spec.replicas` and the status counters, so the watch
-//! decodes straight into [`DeploymentSummary`] (serde skips the rest of the JSON) and the cache
-//! holds that. Worker pods are cached as [`PodSummary`]: metadata, IP, conditions and the few
-//! container-status fields the router and `status::pod_problem` read.
+//! Each watch decodes an object into its *watched* form ([`WatchedDeployment`],
+//! [`WatchedPod`]): the metadata fields something reads ([`decode_meta`]; `managedFields`,
+//! annotations and timestamps are skipped unparsed) with the spec or status fields the
+//! operator uses. The watcher resumes from its `resourceVersion` and the controller maps it to
+//! its pipeline through its owner reference; then the cache keeps only its *summary*
+//! ([`DeploymentSummary`], [`PodSummary`]), with no `ObjectMeta` (360 bytes inline before any
+//! of its strings). A typed `k8s_openapi` `Deployment` is 2.4 KB before its strings, because
+//! its optional pod template is laid out inline even when empty; a `Pod` likewise.
 
 use std::borrow::Cow;
 
@@ -19,11 +20,10 @@ use serde::{Deserialize, Deserializer};
 
 use crate::build::{LABEL_COLOR, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME};
 
-/// What the reconciler reads of a Deployment; decodes from a Deployment's JSON.
+/// A Deployment as its watch decodes it.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-pub struct DeploymentSummary {
-    /// The Deployment's metadata, decoded in part ([`decode_meta`]) and cached slimmed
-    /// ([`DeploymentSummary::slim`]).
+pub struct WatchedDeployment {
+    /// The Deployment's metadata, decoded in part ([`decode_meta`]).
     #[serde(default, deserialize_with = "decode_meta")]
     pub metadata: ObjectMeta,
     /// `spec.replicas`.
@@ -31,6 +31,25 @@ pub struct DeploymentSummary {
     pub spec: DeploymentSpecSummary,
     /// The status counters.
     #[serde(default)]
+    pub status: DeploymentStatusSummary,
+}
+
+/// What the reconciler reads of a Deployment, cached and taken from apply responses: pruning
+/// finds a Deployment by name and deletes it only if the pipeline (by UID) owns it, guarded
+/// by its own UID; the apply record compares its `generation`; status reads the counters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeploymentSummary {
+    /// `metadata.name`.
+    pub name: Box<str>,
+    /// `metadata.uid`.
+    pub uid: Option<Box<str>>,
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The UIDs of its owners.
+    pub owner_uids: Box<[Box<str>]>,
+    /// `spec.replicas`.
+    pub spec: DeploymentSpecSummary,
+    /// The status counters.
     pub status: DeploymentStatusSummary,
 }
 
@@ -56,66 +75,61 @@ pub struct DeploymentStatusSummary {
     pub updated_replicas: Option<i32>,
 }
 
+impl DeploymentSummary {
+    fn from_parts(
+        meta: &ObjectMeta,
+        spec: DeploymentSpecSummary,
+        status: DeploymentStatusSummary,
+    ) -> Self {
+        Self {
+            name: boxed(meta.name.as_deref().unwrap_or_default()),
+            uid: meta.uid.as_deref().map(boxed),
+            generation: meta.generation,
+            owner_uids: meta
+                .owner_references
+                .iter()
+                .flatten()
+                .map(|o| boxed(&o.uid))
+                .collect(),
+            spec,
+            status,
+        }
+    }
+}
+
+impl From<&WatchedDeployment> for DeploymentSummary {
+    fn from(d: &WatchedDeployment) -> Self {
+        Self::from_parts(&d.metadata, d.spec.clone(), d.status.clone())
+    }
+}
+
 impl From<Deployment> for DeploymentSummary {
     fn from(d: Deployment) -> Self {
         let status = d.status.unwrap_or_default();
-        Self {
-            metadata: d.metadata,
-            spec: DeploymentSpecSummary {
+        Self::from_parts(
+            &d.metadata,
+            DeploymentSpecSummary {
                 replicas: d.spec.and_then(|s| s.replicas),
             },
-            status: DeploymentStatusSummary {
+            DeploymentStatusSummary {
                 observed_generation: status.observed_generation,
                 replicas: status.replicas,
                 ready_replicas: status.ready_replicas,
                 updated_replicas: status.updated_replicas,
             },
-        }
+        )
     }
 }
 
-impl DeploymentSummary {
-    /// Drops from the metadata what no reader of the Deployment cache uses, before caching:
-    /// pruning finds a Deployment by name and needs the owner's UID, deletion the UID, the
-    /// apply record the `generation`, and the controller maps a changed Deployment to its
-    /// pipeline through the owner reference (kind, apiVersion and name included), which stays
-    /// whole. No labels: nothing reads a cached Deployment's, and four labels cost about 800
-    /// bytes per Deployment (a B-tree node and eight strings).
-    pub fn slim(&mut self) {
-        slim_common(&mut self.metadata);
-    }
+fn boxed(s: &str) -> Box<str> {
+    Box::from(s)
 }
 
-impl PodSummary {
-    /// Drops from the metadata what no reader of the pod cache uses, before caching: the
-    /// router, autoscaler and status read the name, the selector labels (already moved to
-    /// [`PodSummary::labels`] by the decode) and whether the pod is being deleted.
-    pub fn slim(&mut self) {
-        let m = &mut self.metadata;
-        slim_common(m);
-        m.uid = None;
-        m.generation = None;
-        m.generate_name = None;
-        m.owner_references = None;
-    }
-}
-
-/// What neither cache reads: managed fields, annotations, timestamps other than deletion,
-/// finalizers, the `resourceVersion` (the watcher tracks its own before this runs) and the
-/// metadata's labels (a pod's selector labels are in [`PodSummary::labels`]).
-fn slim_common(m: &mut ObjectMeta) {
-    m.managed_fields = None;
-    m.resource_version = None;
-    m.annotations = None;
-    m.creation_timestamp = None;
-    m.finalizers = None;
-    m.labels = None;
-}
-
-/// The metadata fields a summary decodes: those its cache keeps (see [`slim_common`]) and the
-/// `resourceVersion`, from which the watcher resumes before `slim` drops it. Everything else is
-/// skipped without being parsed into values, `managedFields` above all: about half of a
-/// Deployment's JSON, re-sent with every status change the deployment controller writes.
+/// The metadata fields the watched forms decode: what the watcher (`resourceVersion`), the
+/// owner triggers and apply record (owner references, `generation`) and the summaries read.
+/// Everything else is skipped without being parsed into values, `managedFields` above all:
+/// about half of a Deployment's JSON, re-sent with every status change the deployment
+/// controller writes.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct MetaFields {
@@ -144,10 +158,10 @@ fn decode_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> 
     })
 }
 
-/// Makes a summary type watchable at the URLs of the kind it summarises.
-macro_rules! summary_resource {
-    ($summary:ty, $kind:literal, $group:literal, $version:literal, $plural:literal) => {
-        impl Resource for $summary {
+/// Makes a watched form watchable at the URLs of the kind it summarises.
+macro_rules! watched_resource {
+    ($watched:ty, $kind:literal, $group:literal, $version:literal, $plural:literal) => {
+        impl Resource for $watched {
             type DynamicType = ();
             type Scope = k8s_openapi::NamespaceResourceScope;
 
@@ -178,39 +192,53 @@ macro_rules! summary_resource {
     };
 }
 
-summary_resource!(DeploymentSummary, "Deployment", "apps", "v1", "deployments");
-summary_resource!(PodSummary, "Pod", "", "v1", "pods");
+watched_resource!(WatchedDeployment, "Deployment", "apps", "v1", "deployments");
+watched_resource!(WatchedPod, "Pod", "", "v1", "pods");
 
-/// What the operator reads of a worker pod; decodes from a Pod's JSON.
+/// A worker pod as its watch decodes it.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(from = "RawPodSummary")]
-pub struct PodSummary {
-    /// The pod's metadata, decoded in part ([`decode_meta`]) and cached slimmed
-    /// ([`PodSummary::slim`]); its labels are in [`PodSummary::labels`] instead.
+pub struct WatchedPod {
+    /// The pod's metadata, decoded in part ([`decode_meta`]).
+    #[serde(default, deserialize_with = "decode_meta")]
     pub metadata: ObjectMeta,
+    /// The parts of its status that are read.
+    #[serde(default)]
+    pub status: PodStatusSummary,
+}
+
+/// What the operator reads of a worker pod, cached: the router, autoscaler, rollout driver
+/// and status group pods by namespace and selector labels and read their status. Decodes
+/// from a Pod's JSON.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(from = "WatchedPod")]
+pub struct PodSummary {
+    /// `metadata.name`.
+    pub name: Box<str>,
+    /// `metadata.namespace`.
+    pub namespace: Box<str>,
+    /// Whether it is being deleted (`metadata.deletionTimestamp` is set).
+    pub terminating: bool,
     /// The selector labels, by which pods are grouped and matched.
     pub labels: WorkerLabels,
     /// The parts of its status that are read.
     pub status: PodStatusSummary,
 }
 
-/// A pod as decoded, before its selector labels move out of the metadata.
-#[derive(Deserialize)]
-struct RawPodSummary {
-    #[serde(default, deserialize_with = "decode_meta")]
-    metadata: ObjectMeta,
-    #[serde(default)]
-    status: PodStatusSummary,
+impl From<&WatchedPod> for PodSummary {
+    fn from(pod: &WatchedPod) -> Self {
+        Self::from(pod.clone())
+    }
 }
 
-impl From<RawPodSummary> for PodSummary {
-    fn from(raw: RawPodSummary) -> Self {
-        let mut metadata = raw.metadata;
-        let labels = WorkerLabels::take(&mut metadata);
+impl From<WatchedPod> for PodSummary {
+    fn from(pod: WatchedPod) -> Self {
+        let m = pod.metadata;
         Self {
-            metadata,
-            labels,
-            status: raw.status,
+            name: m.name.unwrap_or_default().into_boxed_str(),
+            namespace: m.namespace.unwrap_or_default().into_boxed_str(),
+            terminating: m.deletion_timestamp.is_some(),
+            labels: WorkerLabels::take(m.labels.unwrap_or_default()),
+            status: pod.status,
         }
     }
 }
@@ -231,9 +259,8 @@ pub struct WorkerLabels {
 }
 
 impl WorkerLabels {
-    /// Moves the selector labels out of `meta`, dropping its other labels.
-    fn take(meta: &mut ObjectMeta) -> Self {
-        let mut labels = meta.labels.take().unwrap_or_default();
+    /// Moves the selector labels out of a pod's labels, dropping the others.
+    fn take(mut labels: BTreeMap<String, String>) -> Self {
         let mut take = |key: &str| labels.remove(key).map(String::into_boxed_str);
         WorkerLabels {
             name: take(LABEL_NAME),
@@ -372,12 +399,16 @@ mod tests {
         })
     }
 
+    fn watched(json: serde_json::Value) -> WatchedDeployment {
+        serde_json::from_value(json).expect("decodes")
+    }
+
     #[test]
     fn a_deployments_json_decodes_to_the_fields_the_reconciler_reads() {
-        let s: DeploymentSummary = serde_json::from_value(deployment_json()).expect("decodes");
-        assert_eq!(s.metadata.name.as_deref(), Some("text-preprocess"));
-        assert_eq!(s.metadata.generation, Some(3));
-        assert_eq!(s.metadata.owner_references.as_ref().map(Vec::len), Some(1));
+        let s = DeploymentSummary::from(&watched(deployment_json()));
+        assert_eq!(&*s.name, "text-preprocess");
+        assert_eq!(s.generation, Some(3));
+        assert_eq!(&*s.owner_uids, [Box::from("u-1")]);
         assert_eq!(s.spec.replicas, Some(2));
         assert_eq!(s.status.observed_generation, Some(3));
         assert_eq!(s.status.replicas, Some(2));
@@ -386,15 +417,17 @@ mod tests {
     }
 
     #[test]
-    fn converting_a_typed_deployment_gives_the_same_summary_as_decoding_its_json() {
-        let typed: Deployment = serde_json::from_value(deployment_json()).expect("decodes");
-        let decoded: DeploymentSummary =
-            serde_json::from_value(deployment_json()).expect("decodes");
-        assert_eq!(DeploymentSummary::from(typed), decoded);
+    fn an_applied_deployment_gives_the_same_summary_as_a_watched_one() {
+        let mut json = deployment_json();
+        json["metadata"]["uid"] = "u-dep".into();
+        let typed: Deployment = serde_json::from_value(json.clone()).expect("decodes");
+        let from_watch = DeploymentSummary::from(&watched(json));
+        assert_eq!(DeploymentSummary::from(typed), from_watch);
+        assert_eq!(from_watch.uid.as_deref(), Some("u-dep"));
     }
 
     #[test]
-    fn decoding_skips_the_metadata_no_cache_reads_but_keeps_the_resource_version_for_the_watcher() {
+    fn decoding_skips_the_metadata_no_one_reads_but_keeps_what_the_watcher_and_triggers_need() {
         let mut json = deployment_json();
         json["metadata"]["resourceVersion"] = "812".into();
         json["metadata"]["uid"] = "u-dep".into();
@@ -408,14 +441,17 @@ mod tests {
             "fieldsType": "FieldsV1", "subresource": "status",
             "fieldsV1": {"f:status": {"f:replicas": {}, "f:conditions": {".": {}}}}
         }]);
-        let m = serde_json::from_value::<DeploymentSummary>(json)
-            .expect("decodes")
-            .metadata;
+        let m = watched(json).metadata;
         assert_eq!(m.resource_version.as_deref(), Some("812"));
         assert!(m.deletion_timestamp.is_some());
         assert_eq!(m.uid.as_deref(), Some("u-dep"));
         assert_eq!(m.generation, Some(3));
-        assert_eq!(m.owner_references.as_ref().map(Vec::len), Some(1));
+        let owner = &m.owner_references.as_deref().expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("InferencePipeline", "text"),
+            "the owner trigger maps it to its pipeline by these"
+        );
         assert_eq!(
             (
                 &m.managed_fields,
@@ -425,29 +461,21 @@ mod tests {
             ),
             (&None, &None, &None, &None)
         );
-        let typed: Deployment = serde_json::from_value(deployment_json()).expect("decodes");
-        let mut from_typed = DeploymentSummary::from(typed);
-        from_typed.slim();
-        let mut decoded: DeploymentSummary =
-            serde_json::from_value(deployment_json()).expect("decodes");
-        decoded.slim();
-        assert_eq!(decoded, from_typed, "both paths cache the same");
     }
 
     #[test]
     fn a_new_deployment_without_spec_or_status_decodes_to_empty_counters() {
-        let s: DeploymentSummary =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}}))
-                .expect("decodes");
+        let s = DeploymentSummary::from(&watched(serde_json::json!({"metadata": {"name": "x"}})));
         assert_eq!(s.spec.replicas, None);
         assert_eq!(s.status, DeploymentStatusSummary::default());
+        assert!(s.owner_uids.is_empty());
     }
 
     #[test]
     fn it_is_addressed_like_a_deployment() {
-        assert_eq!(DeploymentSummary::api_version(&()), "apps/v1");
+        assert_eq!(WatchedDeployment::api_version(&()), "apps/v1");
         assert_eq!(
-            DeploymentSummary::url_path(&(), Some("ml")),
+            WatchedDeployment::url_path(&(), Some("ml")),
             "/apis/apps/v1/namespaces/ml/deployments"
         );
     }
@@ -477,7 +505,8 @@ mod tests {
     #[test]
     fn a_pods_json_decodes_to_ip_conditions_restarts_and_last_exit() {
         let s: PodSummary = serde_json::from_value(pod_json()).expect("decodes");
-        assert_eq!(s.metadata.name.as_deref(), Some("text-preprocess-abc"));
+        assert_eq!((&*s.name, &*s.namespace), ("text-preprocess-abc", "ml"));
+        assert!(!s.terminating);
         assert_eq!(s.status.pod_ip.as_deref(), Some("10.244.0.7"));
         assert!(s.is_ready());
         let c = &s.status.container_statuses[0];
@@ -489,18 +518,28 @@ mod tests {
     }
 
     #[test]
-    fn summarising_a_typed_pod_gives_the_same_as_decoding_its_json() {
-        let typed: k8s_openapi::api::core::v1::Pod =
-            serde_json::from_value(pod_json()).expect("decodes");
-        let decoded: PodSummary = serde_json::from_value(pod_json()).expect("decodes");
-        assert_eq!(PodSummary::of(&typed).expect("summarises"), decoded);
+    fn a_pod_being_deleted_is_terminating() {
+        let mut json = pod_json();
+        json["metadata"]["deletionTimestamp"] = "2026-12-05T08:00:00Z".into();
+        let s: PodSummary = serde_json::from_value(json).expect("decodes");
+        assert!(s.terminating);
     }
 
     #[test]
-    fn a_pod_summary_is_addressed_like_a_pod_and_is_a_fraction_of_one() {
-        assert_eq!(PodSummary::api_version(&()), "v1");
+    fn summarising_a_typed_or_watched_pod_gives_the_same_as_decoding_its_json() {
+        let typed: k8s_openapi::api::core::v1::Pod =
+            serde_json::from_value(pod_json()).expect("decodes");
+        let decoded: PodSummary = serde_json::from_value(pod_json()).expect("decodes");
+        let watched: WatchedPod = serde_json::from_value(pod_json()).expect("decodes");
+        assert_eq!(PodSummary::of(&typed).expect("summarises"), decoded);
+        assert_eq!(PodSummary::from(&watched), decoded);
+    }
+
+    #[test]
+    fn a_watched_pod_is_addressed_like_a_pod_and_its_summary_is_a_fraction_of_one() {
+        assert_eq!(WatchedPod::api_version(&()), "v1");
         assert_eq!(
-            PodSummary::url_path(&(), Some("ml")),
+            WatchedPod::url_path(&(), Some("ml")),
             "/api/v1/namespaces/ml/pods"
         );
         assert!(
@@ -511,7 +550,7 @@ mod tests {
 
     /// Metadata as a worker object carries it on the API server: every label the operator
     /// and Kubernetes put there, annotations, owner, timestamps.
-    fn full_meta(name: &str, extra_label: (&str, &str)) -> ObjectMeta {
+    fn full_meta(name: &str, extra_label: (&str, &str)) -> serde_json::Value {
         let stage = crate::build::Stage::Preprocess;
         let mut labels =
             crate::build::selector_labels("text", stage, Some(crate::crd::Color::Blue));
@@ -521,7 +560,7 @@ mod tests {
         );
         labels.insert(crate::build::LABEL_VERSION.into(), "1".into());
         labels.insert(extra_label.0.into(), extra_label.1.into());
-        serde_json::from_value(serde_json::json!({
+        serde_json::json!({
             "name": name, "namespace": "ml", "uid": "u-obj", "resourceVersion": "812",
             "generation": 3, "generateName": "text-preprocess-blue-",
             "creationTimestamp": "2026-12-05T08:00:00Z",
@@ -530,48 +569,24 @@ mod tests {
             "finalizers": ["example.com/hold"],
             "ownerReferences": [{"apiVersion": "tandem.dev/v1alpha1", "kind": "InferencePipeline",
                                  "name": "text", "uid": "u-1", "controller": true}]
-        }))
-        .expect("decodes")
+        })
     }
 
     #[test]
-    fn a_slimmed_deployment_keeps_what_pruning_the_apply_record_and_owner_triggers_read() {
-        let meta = full_meta("text-preprocess-blue", ("extra", "x"));
-        let mut d = DeploymentSummary {
-            metadata: meta.clone(),
-            ..DeploymentSummary::default()
-        };
-        d.slim();
-        let m = &d.metadata;
-        assert_eq!(m.labels, None);
-        assert_eq!(
-            m.owner_references, meta.owner_references,
-            "owner triggers need it whole"
-        );
-        assert_eq!((m.uid.as_deref(), m.generation), (Some("u-obj"), Some(3)));
-        assert_eq!(
-            (m.name.as_deref(), m.namespace.as_deref()),
-            (Some("text-preprocess-blue"), Some("ml"))
-        );
-        assert_eq!(
-            (
-                &m.annotations,
-                &m.creation_timestamp,
-                &m.finalizers,
-                &m.resource_version
-            ),
-            (&None, &None, &None, &None)
-        );
+    fn a_cached_deployment_keeps_what_pruning_the_apply_record_and_status_read() {
+        let mut json = deployment_json();
+        json["metadata"] = full_meta("text-preprocess-blue", ("extra", "x"));
+        let d = DeploymentSummary::from(&watched(json));
+        assert_eq!(&*d.name, "text-preprocess-blue");
+        assert_eq!((d.uid.as_deref(), d.generation), (Some("u-obj"), Some(3)));
+        assert_eq!(&*d.owner_uids, [Box::from("u-1")]);
+        assert_eq!(d.spec.replicas, Some(2));
     }
 
     #[test]
-    fn a_decoded_pod_keeps_only_its_selector_labels_typed_and_slimming_changes_no_reading() {
+    fn a_decoded_pod_keeps_only_its_selector_labels_typed() {
         let mut json = pod_json();
-        json["metadata"] = serde_json::to_value(full_meta(
-            "text-preprocess-blue-abc",
-            ("pod-template-hash", "5d8f"),
-        ))
-        .expect("encodes");
+        json["metadata"] = full_meta("text-preprocess-blue-abc", ("pod-template-hash", "5d8f"));
         let pod: PodSummary = serde_json::from_value(json).expect("decodes");
         let selector = crate::build::selector_labels(
             "text",
@@ -582,29 +597,12 @@ mod tests {
             assert_eq!(pod.labels.get(k), Some(v.as_str()), "{k}");
         }
         assert_eq!(pod.labels.get("pod-template-hash"), None);
-        assert_eq!(pod.metadata.labels, None, "no second copy in the metadata");
-
-        let before = crate::routing::WorkerPod::from_pod(&pod);
-        let mut slim = pod.clone();
-        slim.slim();
-        assert!(before.is_some());
-        assert_eq!(crate::routing::WorkerPod::from_pod(&slim), before);
-        assert_eq!(slim.labels, pod.labels);
+        assert!(crate::routing::WorkerPod::from_pod(&pod).is_some());
         assert_eq!(
-            crate::routing::workers_by_pipeline([&slim])
+            crate::routing::workers_by_pipeline([&pod])
                 .keys()
                 .collect::<Vec<_>>(),
             [&("ml", "text")]
-        );
-        let m = &slim.metadata;
-        assert_eq!(
-            (
-                &m.uid,
-                &m.owner_references,
-                &m.generate_name,
-                &m.annotations
-            ),
-            (&None, &None, &None, &None)
         );
     }
 
@@ -619,7 +617,11 @@ mod tests {
     }
 
     #[test]
-    fn the_cached_form_is_a_fraction_of_a_deployment() {
+    fn the_cached_forms_are_a_fraction_of_the_watched_ones() {
         assert!(std::mem::size_of::<DeploymentSummary>() * 4 < std::mem::size_of::<Deployment>());
+        assert!(
+            std::mem::size_of::<DeploymentSummary>() * 2 < std::mem::size_of::<WatchedDeployment>()
+        );
+        assert!(std::mem::size_of::<PodSummary>() * 2 < std::mem::size_of::<WatchedPod>());
     }
 }

@@ -16,11 +16,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cache::Cache;
 use futures::future::join_all;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use serde_json::{Map, Value, json};
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
@@ -133,8 +133,8 @@ pub async fn run(
     client: Client,
     cfg: AutoscaleConfig,
     metrics: Arc<Metrics>,
-    ipl_store: Store<InferencePipeline>,
-    pod_store: Store<PodSummary>,
+    ipl_store: Cache<InferencePipeline>,
+    pod_store: Cache<PodSummary>,
 ) {
     info!(
         interval_ms = cfg.interval.as_millis() as u64,
@@ -166,8 +166,8 @@ async fn tick(
     client: &Client,
     cfg: &AutoscaleConfig,
     metrics: &Metrics,
-    pipelines: &Store<InferencePipeline>,
-    pods: &Store<PodSummary>,
+    pipelines: &Cache<InferencePipeline>,
+    pods: &Cache<PodSummary>,
     state: &mut HashMap<(String, String), Box<PipelineState>>,
     channels: &mut HashMap<String, WorkerControlClient<Channel>>,
 ) {

@@ -9,10 +9,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cache::Cache;
 use futures::future::join_all;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
 use tandem_proto::tandem::v1::{GetStatsRequest, WorkerStats};
@@ -68,18 +68,15 @@ struct Memory {
 /// Runs until aborted.
 pub async fn run(
     client: Client,
-    pipelines: Store<InferencePipeline>,
-    pods: Store<PodSummary>,
+    pipelines: Cache<InferencePipeline>,
+    pods: Cache<PodSummary>,
     published: Published,
     metrics: Arc<Metrics>,
     cfg: DriverConfig,
 ) {
     // A pipeline with no ready pods takes a new model in place; an empty cache must not look
     // like that.
-    if pods.wait_until_ready().await.is_err() {
-        warn!("worker pod cache never became ready; rollouts are not driven");
-        return;
-    }
+    pods.wait_until_ready().await;
     let mut memory: HashMap<(String, String), Memory> = HashMap::new();
     let mut ticker = tokio::time::interval(cfg.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
