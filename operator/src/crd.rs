@@ -5,7 +5,10 @@
 //! maintainers use `//`. CEL rules sit next to the field they guard, each with a message that says
 //! what to change.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -94,7 +97,7 @@ pub struct PreprocessSpec {
     /// CPU and memory for each preprocess pod. When unset, the pod requests 100m CPU and 128Mi
     /// memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
+    pub resources: Option<Resources>,
 }
 
 /// Tokenization and pooling for text models.
@@ -258,7 +261,98 @@ pub struct InferenceSpec {
     /// CPU and memory for each inference pod. When unset, the pod requests 500m CPU and 1Gi
     /// memory. `nvidia.com/gpu: 1` is added for `CUDA` unless set here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
+    pub resources: Option<Resources>,
+}
+
+/// Compute resources of each pod of a stage, as in a container's `resources`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    /// The least of each resource a pod needs (such as `cpu: 500m`, `memory: 1Gi`); the
+    /// scheduler places it only on a node that has that much free. Defaults to `limits`
+    /// where only limits are given.
+    #[serde(default, skip_serializing_if = "ResourceList::is_empty")]
+    pub requests: ResourceList,
+    /// The most of each resource a pod may use: more CPU is throttled, more memory ends the
+    /// pod (OOMKilled).
+    #[serde(default, skip_serializing_if = "ResourceList::is_empty")]
+    pub limits: ResourceList,
+}
+
+impl From<&Resources> for ResourceRequirements {
+    fn from(r: &Resources) -> Self {
+        let list = |l: &ResourceList| (!l.is_empty()).then(|| l.to_map());
+        ResourceRequirements {
+            requests: list(&r.requests),
+            limits: list(&r.limits),
+            ..ResourceRequirements::default()
+        }
+    }
+}
+
+/// Resource name to quantity (`cpu: 500m`), in the JSON and schema of a container's
+/// `resources.requests` or `limits`. Held as a sorted boxed slice rather than a `BTreeMap`:
+/// a stage names one to three resources, and a B-tree's smallest node is about 0.5 KB, which
+/// every pipeline in the operator's cache carried once per list.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ResourceList(Box<[(Box<str>, Quantity)]>);
+
+impl ResourceList {
+    /// Whether it names no resource.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The quantity of `resource`, if listed.
+    pub fn get(&self, resource: &str) -> Option<&Quantity> {
+        self.0
+            .binary_search_by(|(name, _)| (**name).cmp(resource))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// As a container's resource map.
+    pub fn to_map(&self) -> BTreeMap<String, Quantity> {
+        self.0
+            .iter()
+            .map(|(name, q)| (name.to_string(), q.clone()))
+            .collect()
+    }
+}
+
+impl<N: Into<Box<str>>> FromIterator<(N, Quantity)> for ResourceList {
+    /// Sorted by name; the last quantity given for a name wins.
+    fn from_iter<I: IntoIterator<Item = (N, Quantity)>>(iter: I) -> Self {
+        let map: BTreeMap<Box<str>, Quantity> =
+            iter.into_iter().map(|(n, q)| (n.into(), q)).collect();
+        Self(map.into_iter().collect())
+    }
+}
+
+impl Serialize for ResourceList {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(name, q)| (&**name, q)))
+    }
+}
+
+impl<'de> Deserialize<'de> for ResourceList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BTreeMap::<String, Quantity>::deserialize(deserializer).map(ResourceList::from_iter)
+    }
+}
+
+impl JsonSchema for ResourceList {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ResourceList".into()
+    }
+
+    /// The schema of a container's resource map: quantities, integer or string.
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        <BTreeMap<String, Quantity>>::json_schema(generator)
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
 }
 
 /// A model: safetensors weights plus a Hugging Face `config.json` next to them.
@@ -808,6 +902,46 @@ fn default_progress_deadline() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resource_list_reads_and_writes_the_json_of_a_container_resource_map() {
+        let json = serde_json::json!({"requests": {"memory": "64Mi", "cpu": "1000"}, "limits": {"nvidia.com/gpu": 2}});
+        let r: Resources = serde_json::from_value(json).expect("decodes");
+        assert_eq!(r.requests.get("cpu"), Some(&Quantity("1000".into())));
+        assert_eq!(r.requests.get("memory"), Some(&Quantity("64Mi".into())));
+        assert_eq!(r.requests.get("nvidia.com/gpu"), None);
+        assert_eq!(r.limits.get("nvidia.com/gpu"), Some(&Quantity("2".into())));
+        assert_eq!(
+            serde_json::to_value(&r).expect("encodes"),
+            serde_json::json!({"requests": {"cpu": "1000", "memory": "64Mi"}, "limits": {"nvidia.com/gpu": "2"}})
+        );
+        let k8s = ResourceRequirements::from(&r);
+        assert_eq!(k8s.requests.as_ref().map(BTreeMap::len), Some(2));
+        assert_eq!(
+            k8s.limits.expect("limits")["nvidia.com/gpu"],
+            Quantity("2".into())
+        );
+        // An empty list is left out, as in a container's resources.
+        let only_limits: Resources =
+            serde_json::from_value(serde_json::json!({"limits": {"cpu": "1"}})).expect("decodes");
+        assert_eq!(
+            serde_json::to_value(&only_limits).expect("encodes"),
+            serde_json::json!({"limits": {"cpu": "1"}})
+        );
+        assert_eq!(ResourceRequirements::from(&only_limits).requests, None);
+    }
+
+    #[test]
+    fn a_resource_list_has_the_schema_of_a_container_resource_map() {
+        let ours = schemars::SchemaGenerator::default().into_root_schema_for::<ResourceList>();
+        let k8s = schemars::SchemaGenerator::default()
+            .into_root_schema_for::<BTreeMap<String, Quantity>>();
+        assert_eq!(
+            ours.get("additionalProperties"),
+            k8s.get("additionalProperties")
+        );
+        assert_eq!(ours.get("type"), k8s.get("type"));
+    }
 
     #[test]
     fn a_model_ref_is_the_spec_it_came_from_and_no_spec_differing_in_any_field() {

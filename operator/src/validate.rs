@@ -273,7 +273,7 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
         replicas: pre_replicas,
         target_queue_depth: positive("preprocess.targetQueueDepth", pre.target_queue_depth.into())?,
         max_queue_depth: positive("preprocess.maxQueueDepth", pre.max_queue_depth.into())?,
-        resources: pre.resources.clone(),
+        resources: pre.resources.as_ref().map(ResourceRequirements::from),
     };
     target_within_max("preprocess", pre.target_queue_depth, pre.max_queue_depth)?;
 
@@ -294,7 +294,7 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
         replicas: replicas("inference", inf.replicas)?,
         target_queue_depth: positive("inference.targetQueueDepth", inf.target_queue_depth.into())?,
         max_queue_depth: positive("inference.maxQueueDepth", inf.max_queue_depth.into())?,
-        resources: inf.resources.clone(),
+        resources: inf.resources.as_ref().map(ResourceRequirements::from),
     };
 
     let r = &spec.rollout;

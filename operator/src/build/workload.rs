@@ -527,12 +527,9 @@ mod tests {
     #[test]
     fn a_user_gpu_count_is_kept() {
         let mut p = text_pipeline();
-        p.spec.inference.resources = Some(ResourceRequirements {
-            limits: Some(BTreeMap::from([(
-                GPU_RESOURCE.to_owned(),
-                Quantity("2".into()),
-            )])),
-            ..ResourceRequirements::default()
+        p.spec.inference.resources = Some(crate::crd::Resources {
+            limits: [(GPU_RESOURCE, Quantity("2".into()))].into_iter().collect(),
+            ..crate::crd::Resources::default()
         });
         let v = validate(&p).unwrap();
         let d = &build(&v, &blue(&v), &cfg()).unwrap().deployments[1];
