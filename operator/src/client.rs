@@ -1,13 +1,20 @@
 //! The operator's Kubernetes client: kube's default HTTP stack (TLS and auth from the
 //! kubeconfig or the pod's service account, connect/read/write timeouts, retries of 429, 503 and
 //! 504 answers, impersonation headers; a kubeconfig `proxy-url` refused, as kube's own client
-//! without its proxy features refuses it), assembled here for one setting kube does not expose.
+//! without its proxy features refuses it), assembled here for settings kube does not expose.
 //!
 //! hyper sizes each HTTP/1 connection's read buffer to the reads it sees, up to ~400 KB, and
 //! the buffer keeps that size for the life of the connection. Every watch holds a connection,
 //! so after the initial lists each watch kept a few hundred KB of buffer it no longer needed:
 //! ~1.9 MB of the operator's heap at 1,000 pipelines (heaptrack, docs/benchmarks.md). Capped
 //! at [`MAX_READ_BUFFER`], a large list is read in more, smaller reads instead.
+//!
+//! Connections are made with `TCP_NODELAY`, which kube's own connector leaves off. Without it
+//! every new connection's TLS handshake waited ~40 ms: the client's last handshake messages
+//! went out as separate small writes, and Nagle's algorithm held the later ones until the API
+//! server's delayed ACK of the first. A pipeline's first reconcile opens connections (the pool
+//! below keeps few), so that wait was most of it: 113 ms for one pipeline on an idle cluster,
+//! ~5 ms per request on a kept connection (docs/benchmarks.md).
 //!
 //! The connection pool keeps at most [`MAX_IDLE_CONNECTIONS`] idle connections. hyper opens a
 //! connection for every request that finds none idle, and kept them all: a restart on 1,000
@@ -16,6 +23,7 @@
 
 use hyper_timeout::TimeoutConnector;
 use hyper_util::client::legacy::Builder;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kube::client::ConfigExt;
 use kube::client::retry::RetryPolicy;
@@ -47,7 +55,10 @@ pub fn build(config: Config) -> Result<Client, kube::Error> {
             },
         });
     }
-    let mut connector = TimeoutConnector::new(config.rustls_https_connector()?);
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let mut connector = TimeoutConnector::new(config.rustls_https_connector_with_connector(http)?);
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
     connector.set_write_timeout(config.write_timeout);

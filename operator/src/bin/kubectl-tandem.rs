@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use kube::Api;
 use kube::api::{Patch, PatchParams};
-use kube::{Api, Client};
 use tandem_operator::crd::InferencePipeline;
 use tandem_operator::rollout::view;
 
@@ -62,7 +62,7 @@ enum Command {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let client = Client::try_default()
+    let client = tandem_operator::client::infer()
         .await
         .context("connecting to Kubernetes (KUBECONFIG or in-cluster config)")?;
     let ns = cli
