@@ -224,22 +224,27 @@ pub struct PodSummary {
     pub status: PodStatusSummary,
 }
 
+impl PodSummary {
+    fn from_parts(meta: &ObjectMeta, status: PodStatusSummary) -> Self {
+        Self {
+            name: boxed(meta.name.as_deref().unwrap_or_default()),
+            namespace: boxed(meta.namespace.as_deref().unwrap_or_default()),
+            terminating: meta.deletion_timestamp.is_some(),
+            labels: WorkerLabels::of(meta.labels.as_ref()),
+            status,
+        }
+    }
+}
+
 impl From<&WatchedPod> for PodSummary {
     fn from(pod: &WatchedPod) -> Self {
-        Self::from(pod.clone())
+        Self::from_parts(&pod.metadata, pod.status.clone())
     }
 }
 
 impl From<WatchedPod> for PodSummary {
     fn from(pod: WatchedPod) -> Self {
-        let m = pod.metadata;
-        Self {
-            name: m.name.unwrap_or_default().into_boxed_str(),
-            namespace: m.namespace.unwrap_or_default().into_boxed_str(),
-            terminating: m.deletion_timestamp.is_some(),
-            labels: WorkerLabels::take(m.labels.unwrap_or_default()),
-            status: pod.status,
-        }
+        Self::from_parts(&pod.metadata, pod.status)
     }
 }
 
@@ -259,14 +264,14 @@ pub struct WorkerLabels {
 }
 
 impl WorkerLabels {
-    /// Moves the selector labels out of a pod's labels, dropping the others.
-    fn take(mut labels: BTreeMap<String, String>) -> Self {
-        let mut take = |key: &str| labels.remove(key).map(String::into_boxed_str);
+    /// The selector labels among a pod's labels; the others are not kept.
+    fn of(labels: Option<&BTreeMap<String, String>>) -> Self {
+        let get = |key: &str| labels.and_then(|l| l.get(key)).map(|v| boxed(v));
         WorkerLabels {
-            name: take(LABEL_NAME),
-            instance: take(LABEL_INSTANCE),
-            component: take(LABEL_COMPONENT),
-            color: take(LABEL_COLOR),
+            name: get(LABEL_NAME),
+            instance: get(LABEL_INSTANCE),
+            component: get(LABEL_COMPONENT),
+            color: get(LABEL_COLOR),
         }
     }
 
