@@ -8,6 +8,7 @@
 //! checked by tests.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -300,6 +301,14 @@ pub struct Limits {
     pub forward_timeout_ms: u64,
     /// CPU worker threads (0 = one per core).
     pub cpu_threads: usize,
+}
+
+impl Limits {
+    /// The longest an accepted request may take: held for an endpoint until the hold timeout,
+    /// then forwarded until the forward deadline. A draining worker waits this long.
+    pub fn longest_request(&self) -> Duration {
+        Duration::from_millis(self.hold_timeout_ms.saturating_add(self.forward_timeout_ms))
+    }
 }
 
 impl Default for Limits {

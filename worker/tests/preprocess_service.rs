@@ -1,19 +1,22 @@
-//! In-process handler tests of the preprocess role: the gRPC adapter, the
-//! REST router and `WorkerControl`, forwarding to *fake* OIP inference
-//! servers on loopback (test doubles for wiring only: they return
-//! deterministic outputs, not model results).
+//! In-process tests of the preprocess role: the gRPC adapter, the REST router
+//! and `WorkerControl` as handlers, and the whole server on loopback ports
+//! through a shutdown, forwarding to *fake* OIP inference servers on loopback
+//! (test doubles for wiring only: they return deterministic outputs, not model
+//! results).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tandem_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
 use tandem_proto::inference::model_infer_request::InferInputTensor;
 use tandem_proto::inference::model_infer_response::InferOutputTensor;
 use tandem_proto::inference::*;
+use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
 use tandem_proto::tandem::v1::worker_control_server::WorkerControl;
 use tandem_proto::tandem::v1::{
     ColorRoute, Endpoint, GetStatsRequest, ParityTolerance, RoutingTable, SetRoutesRequest,
@@ -424,6 +427,122 @@ async fn not_ready_until_routes_arrive_and_a_held_request_completes_once_they_do
     // An older generation is ignored.
     assert_eq!(set_routes(&svc, table(2, &[], None)).await, 3);
     assert!(svc.is_ready());
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `f` every 20 ms until it gives `Some`, for at most 10 s.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A scale-down can remove a preprocess pod while it holds requests for an inference stage
+/// at zero. Only the operator can tell it where inference came up, so after SIGTERM its
+/// control port must keep taking `SetRoutes` (and answering `GetStats`, which keeps that
+/// demand counted) until the held requests are answered, while its client port closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_keeps_its_control_port_and_serves_what_it_holds_once_routes_arrive() {
+    let (inference, fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
+    let (grpc, control) = (free_port(), free_port());
+    let yaml = format!(
+        "pipeline: p\nmodel: {{name: effnet, version: \"1\"}}\npreprocess:\n  image:\n    resize: {{width: 16, height: 16}}\npostprocess: {{kind: Classification, topK: 2, labels: imagenet}}\nports: {{http: {}, grpc: {grpc}, metrics: {}, control: {control}}}\nlimits:\n  holdTimeoutMs: 20000\n",
+        free_port(),
+        free_port()
+    );
+    let cfg = PipelineConfig::parse(&yaml).unwrap();
+    let shutdown = tandem_worker::common::shutdown::Shutdown::new();
+    let server = tokio::spawn(tandem_worker::preprocess::serve(
+        cfg,
+        [127, 0, 0, 1].into(),
+        Duration::from_secs(20),
+        shutdown.clone(),
+    ));
+    let grpc_url = format!("http://127.0.0.1:{grpc}");
+    let control_url = format!("http://127.0.0.1:{control}");
+    let mut client = eventually("the gRPC port", || {
+        let url = grpc_url.clone();
+        async move { GrpcInferenceServiceClient::connect(url).await.ok() }
+    })
+    .await;
+    let stats = || {
+        let url = control_url.clone();
+        // A new connection each time, as the operator's first call to a pod makes.
+        async move {
+            let mut c = WorkerControlClient::connect(url).await.ok()?;
+            c.get_stats(GetStatsRequest {})
+                .await
+                .ok()
+                .map(Response::into_inner)
+        }
+    };
+
+    let img = jpeg();
+    let held = tokio::spawn(async move { client.model_infer(request("effnet", &[&img])).await });
+    eventually("the request to be held", || async {
+        stats().await.filter(|s| s.held_requests == 1)
+    })
+    .await;
+
+    shutdown.trigger();
+    eventually("the client port to refuse connections", || {
+        let url = grpc_url.clone();
+        async move {
+            GrpcInferenceServiceClient::connect(url)
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await;
+    let draining = stats().await.expect("GetStats answers while draining");
+    assert_eq!(draining.held_requests, 1);
+    assert!(!draining.ready);
+
+    let applied = WorkerControlClient::connect(control_url.clone())
+        .await
+        .expect("the control port accepts connections while draining")
+        .set_routes(SetRoutesRequest {
+            table: Some(table(5, &[("blue", 100, &[&inference])], None)),
+        })
+        .await
+        .expect("SetRoutes while draining")
+        .into_inner()
+        .applied_generation;
+    assert_eq!(applied, 5);
+    let answer = held
+        .await
+        .unwrap()
+        .expect("the held request is served by the draining worker")
+        .into_inner();
+    assert_eq!(answer.outputs[1].name, "labels");
+    assert_eq!(fake.hits.load(Ordering::SeqCst), 1);
+
+    // Nothing is left to drain: the worker exits, and its control port with it.
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the worker exits once drained")
+        .unwrap()
+        .expect("a clean exit");
+    assert!(
+        WorkerControlClient::connect(control_url).await.is_err(),
+        "the control port closed after the drain"
+    );
 }
 
 #[tokio::test]

@@ -27,8 +27,10 @@ use crate::validate::ValidatedPipeline;
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Unprivileged user and group the workers run as.
 const WORKER_UID: i64 = 65532;
-/// Preprocess pods: requests in flight finish well within this (the forward deadline is 30s).
-const PREPROCESS_GRACE_SECONDS: i64 = 60;
+/// Preprocess pods drain for as long as an accepted request may take (held up to 60 s for an
+/// inference stage scaling from zero, then forwarded with a 30 s deadline); the kubelet's
+/// SIGKILL must come after that.
+const PREPROCESS_GRACE_SECONDS: i64 = 100;
 /// Inference pods drain a full queue of batches before exiting; generous because a lost
 /// in-flight request is worse than a slow scale-down.
 const INFERENCE_GRACE_SECONDS: i64 = 120;

@@ -177,15 +177,33 @@ impl Cluster {
     }
 }
 
+/// A live worker pod, as [`Cluster::worker_pods`] lists it.
+#[derive(Clone, Debug)]
+pub struct WorkerPod {
+    /// `metadata.name`.
+    pub name: String,
+    /// `status.podIP`, empty until assigned.
+    pub ip: String,
+    /// Its `Ready` condition is `True`.
+    pub ready: bool,
+}
+
+impl WorkerPod {
+    /// Its OIP v2 gRPC address (`ip:8001`).
+    pub fn grpc_address(&self) -> String {
+        format!("{}:8001", self.ip)
+    }
+}
+
 impl Cluster {
-    /// `(pod IP, Ready)` of the live (not terminating) pods of one stage (`preprocess` or
-    /// `inference`) of pipeline `pipeline`.
+    /// The live (not terminating) pods of one stage (`preprocess` or `inference`) of pipeline
+    /// `pipeline`.
     pub fn worker_pods(
         &self,
         ns: &str,
         pipeline: &str,
         component: &str,
-    ) -> anyhow::Result<Vec<(String, bool)>> {
+    ) -> anyhow::Result<Vec<WorkerPod>> {
         let list = self.get_json(&[
             "pods",
             "-n",
@@ -200,28 +218,36 @@ impl Cluster {
             .into_iter()
             .flatten()
             .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-            .map(|p| {
-                let ready = p["status"]["conditions"]
+            .map(|p| WorkerPod {
+                name: p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                ip: p["status"]["podIP"].as_str().unwrap_or_default().to_owned(),
+                ready: p["status"]["conditions"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
-                let ip = p["status"]["podIP"].as_str().unwrap_or_default().to_owned();
-                (ip, ready)
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True"),
             })
             .collect())
+    }
+
+    /// A ready preprocess pod of `pipeline` with an address, waiting up to three minutes for
+    /// one.
+    pub fn ready_preprocess_pod(&self, ns: &str, pipeline: &str) -> anyhow::Result<WorkerPod> {
+        wait_until("a ready preprocess pod", Duration::from_secs(180), || {
+            Ok(self
+                .worker_pods(ns, pipeline, "preprocess")?
+                .into_iter()
+                .find(|p| p.ready && !p.ip.is_empty()))
+        })
     }
 
     /// The OIP v2 gRPC address (`ip:8001`) of a ready preprocess pod of `pipeline`, waiting
     /// up to three minutes for one.
     pub fn ready_preprocess_address(&self, ns: &str, pipeline: &str) -> anyhow::Result<String> {
-        wait_until("a ready preprocess pod", Duration::from_secs(180), || {
-            Ok(self
-                .worker_pods(ns, pipeline, "preprocess")?
-                .into_iter()
-                .find(|(ip, ready)| *ready && !ip.is_empty())
-                .map(|(ip, _)| format!("{ip}:8001")))
-        })
+        Ok(self.ready_preprocess_pod(ns, pipeline)?.grpc_address())
     }
 }
 

@@ -197,7 +197,7 @@ spec:
         Ok(cluster
             .worker_pods(&ns, "traced", "inference")?
             .iter()
-            .any(|(_, ready)| *ready)
+            .any(|p| p.ready)
             .then_some(()))
     })
     .map_err(with_log)?;

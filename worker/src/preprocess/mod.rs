@@ -66,9 +66,11 @@ pub struct Args {
     /// CPU threads (overrides `limits.cpuThreads`; 0 = one per core).
     #[arg(long, env = "TANDEM_CPU_THREADS")]
     pub cpu_threads: Option<usize>,
-    /// Longest wait for in-flight requests on shutdown, in seconds.
-    #[arg(long, env = "TANDEM_DRAIN_SECONDS", default_value_t = 30)]
-    pub drain_seconds: u64,
+    /// Longest wait for accepted requests on shutdown, in seconds. Default: the hold
+    /// timeout plus the forward timeout (90 s with the default limits), the longest a request
+    /// held for an inference stage scaling from zero may still take.
+    #[arg(long, env = "TANDEM_DRAIN_SECONDS")]
+    pub drain_seconds: Option<u64>,
 }
 
 /// Loads the config file and applies the flag overrides.
@@ -111,11 +113,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         telemetry::init("tandem-preprocess")
     };
     let cfg = effective_config(&args)?;
-    let result = runtime.block_on(serve(
-        cfg,
-        args.bind,
-        Duration::from_secs(args.drain_seconds),
-    ));
+    let drain = args
+        .drain_seconds
+        .map_or_else(|| cfg.limits.longest_request(), Duration::from_secs);
+    let result = runtime.block_on(async {
+        let shutdown = Shutdown::new();
+        tokio::spawn(shutdown.clone().listen_for_signals());
+        serve(cfg, args.bind, drain, shutdown).await
+    });
     {
         let _rt = runtime.enter();
         telemetry.shutdown();
@@ -123,8 +128,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-/// Builds the service and serves all four ports until shutdown.
-pub async fn serve(cfg: PipelineConfig, bind: IpAddr, drain: Duration) -> anyhow::Result<()> {
+/// Builds the service and serves all four ports until `shutdown` fires and the requests it
+/// accepted are answered (or `drain` passes).
+///
+/// On shutdown the worker turns not ready and its client ports (gRPC, HTTP) stop accepting
+/// connections, while the control port and `/metrics` keep serving until the drain ends: a
+/// draining pod may hold requests for an inference stage that is scaling from zero, and
+/// only the operator's `SetRoutes` can tell it where to send them, while its `GetStats`
+/// answers keep that demand counted.
+pub async fn serve(
+    cfg: PipelineConfig,
+    bind: IpAddr,
+    drain: Duration,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
     let pipeline = service::build_pipeline_async(&cfg).await?;
@@ -137,8 +154,8 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, drain: Duration) -> anyhow
     }
     svc.refresh_ready_metric();
 
-    let shutdown = Shutdown::new();
-    tokio::spawn(shutdown.clone().listen_for_signals());
+    // Fires once the drain has ended: the control and metrics ports close then.
+    let drained = Shutdown::new();
 
     let grpc_addr = SocketAddr::new(bind, ports.grpc);
     let control_addr = SocketAddr::new(bind, ports.control);
@@ -162,12 +179,12 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, drain: Duration) -> anyhow
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             async move { s.wait().await },
         );
-    let s = shutdown.clone();
+    let d = drained.clone();
     let control = tonic::transport::Server::builder()
         .add_service(control::server(Arc::clone(&svc)))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(control_listener),
-            async move { s.wait().await },
+            async move { d.wait().await },
         );
     let s = shutdown.clone();
     let http = axum::serve(http_listener, rest::router(Arc::clone(&svc)))
@@ -175,7 +192,7 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, drain: Duration) -> anyhow
     let metrics_task = tokio::spawn(metrics_server::serve(
         metrics_addr,
         Arc::new(registry),
-        shutdown.clone(),
+        drained.clone(),
     ));
 
     tracing::info!(%http_addr, %grpc_addr, %control_addr, %metrics_addr, ready = svc.is_ready(), "preprocess worker serving");
@@ -186,19 +203,21 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, drain: Duration) -> anyhow
         svc2.begin_shutdown();
         tracing::info!(
             in_flight = svc2.in_flight(),
-            "shutting down: not ready, draining in-flight requests"
+            held = svc2.router().held_now(),
+            "shutting down: not ready, draining accepted requests"
         );
+        if !svc2.drain(drain).await {
+            tracing::warn!(
+                in_flight = svc2.in_flight(),
+                "drain time ran out with requests still in flight"
+            );
+        }
+        drained.trigger();
     };
     let (g, c, h, ()) = tokio::join!(grpc, control, http, on_shutdown);
     g.context("gRPC server")?;
     c.context("control server")?;
     h.context("HTTP server")?;
-    if !svc.drain(drain).await {
-        tracing::warn!(
-            in_flight = svc.in_flight(),
-            "drain time ran out with requests still in flight"
-        );
-    }
     metrics_task.await.context("metrics task")??;
     tracing::info!("preprocess worker stopped");
     Ok(())
