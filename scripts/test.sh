@@ -53,7 +53,10 @@ cleanup() {
   exit $rc
 }
 trap cleanup EXIT
-t=$(date +%s); tests/kube/cluster up; echo "cluster up: $(since "$t")" >&2
+# From a fresh cluster: one left running (by scripts/demo.sh, say) may hold a Tandem operator
+# that watches every namespace and would reconcile the tests' pipelines too.
+t=$(date +%s); tests/kube/cluster down >/dev/null; tests/kube/cluster up
+echo "cluster up: $(since "$t")" >&2
 eval "$(tests/kube/cluster env)"
 
 say "tests"

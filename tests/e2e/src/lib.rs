@@ -321,6 +321,36 @@ impl Cluster {
     }
 }
 
+/// `namespace/name` of a Deployment that runs a Tandem operator without `--namespace`, which
+/// would reconcile every namespace's pipelines (the chart's cluster-wide install, as the demo
+/// leaves it); `None` when there is none, or when the Deployments cannot be listed.
+fn cluster_wide_operator(cluster: &Cluster) -> Option<String> {
+    let list = cluster.get_json(&["deployments", "-A"]).ok()?;
+    list["items"].as_array()?.iter().find_map(|d| {
+        let containers = d["spec"]["template"]["spec"]["containers"].as_array()?;
+        let watches_all = containers.iter().any(|c| {
+            let args: Vec<&str> = c["args"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(serde_json::Value::as_str)
+                .collect();
+            c["image"]
+                .as_str()
+                .is_some_and(|i| i.contains("tandem-operator"))
+                && args.first() == Some(&"run")
+                && !args.iter().any(|a| a.starts_with("--namespace"))
+        });
+        watches_all.then(|| {
+            format!(
+                "{}/{}",
+                d["metadata"]["namespace"].as_str().unwrap_or_default(),
+                d["metadata"]["name"].as_str().unwrap_or_default()
+            )
+        })
+    })
+}
+
 /// A namespace owned by one test; deleted (without waiting) on drop.
 #[derive(Debug)]
 pub struct TestNamespace {
@@ -500,6 +530,13 @@ impl Operator {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> Operator {
+        if let Some(other) = cluster_wide_operator(cluster) {
+            panic!(
+                "a Tandem operator watching every namespace runs in the cluster ({other}): it \
+                 would reconcile this test's pipelines too. The demo leaves one installed; start \
+                 from a fresh cluster (`tests/kube/cluster down`) or uninstall it."
+            );
+        }
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let log = std::env::temp_dir().join(format!("tandem-operator-{ns}-{identity}.log"));
         let file = std::fs::File::create(&log).expect("log file");
