@@ -26,6 +26,7 @@ use tandem_worker::common::tensor::{
     decode_bytes_elements, encode_bytes_elements, le_bytes_to_f32,
 };
 use tandem_worker::config::PipelineConfig;
+use tandem_worker::preprocess::Stop;
 use tandem_worker::preprocess::control::Control;
 use tandem_worker::preprocess::grpc::OipGrpc;
 use tandem_worker::preprocess::metrics::Metrics;
@@ -453,33 +454,40 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
 }
 
 /// A scale-down can remove a preprocess pod while it holds requests for an inference stage
-/// at zero. Only the operator can tell it where inference came up, so after SIGTERM its
-/// control port must keep taking `SetRoutes` (and answering `GetStats`, which keeps that
-/// demand counted) until the held requests are answered, while its client port closes.
+/// at zero. After SIGTERM it turns not ready at once but keeps taking requests for the
+/// shutdown delay (endpoints drop a terminating pod asynchronously); then its client port
+/// closes. Only the operator can tell it where inference came up, so its control port must
+/// keep taking `SetRoutes` (and answering `GetStats`, which keeps that demand counted) until
+/// what it holds is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_draining_worker_keeps_its_control_port_and_serves_what_it_holds_once_routes_arrive() {
+async fn after_sigterm_a_worker_takes_requests_for_the_delay_then_serves_what_it_holds_once_routes_arrive()
+ {
     let (inference, fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
     let (grpc, control) = (free_port(), free_port());
     let yaml = format!(
-        "pipeline: p\nmodel: {{name: effnet, version: \"1\"}}\npreprocess:\n  image:\n    resize: {{width: 16, height: 16}}\npostprocess: {{kind: Classification, topK: 2, labels: imagenet}}\nports: {{http: {}, grpc: {grpc}, metrics: {}, control: {control}}}\nlimits:\n  holdTimeoutMs: 20000\n",
+        "pipeline: p\nmodel: {{name: effnet, version: \"1\"}}\npreprocess:\n  image:\n    resize: {{width: 16, height: 16}}\npostprocess: {{kind: Classification, topK: 2, labels: imagenet}}\nports: {{http: {}, grpc: {grpc}, metrics: {}, control: {control}}}\nlimits:\n  holdTimeoutMs: 30000\n",
         free_port(),
         free_port()
     );
     let cfg = PipelineConfig::parse(&yaml).unwrap();
-    let shutdown = tandem_worker::common::shutdown::Shutdown::new();
+    let signal = tandem_worker::common::shutdown::Shutdown::new();
+    let delay = Duration::from_secs(5);
     let server = tokio::spawn(tandem_worker::preprocess::serve(
         cfg,
         [127, 0, 0, 1].into(),
-        Duration::from_secs(20),
-        shutdown.clone(),
+        Stop {
+            signal: signal.clone(),
+            delay,
+            drain: Duration::from_secs(30),
+        },
     ));
     let grpc_url = format!("http://127.0.0.1:{grpc}");
     let control_url = format!("http://127.0.0.1:{control}");
-    let mut client = eventually("the gRPC port", || {
+    let connect = || {
         let url = grpc_url.clone();
         async move { GrpcInferenceServiceClient::connect(url).await.ok() }
-    })
-    .await;
+    };
+    let mut client = eventually("the gRPC port", connect).await;
     let stats = || {
         let url = control_url.clone();
         // A new connection each time, as the operator's first call to a pod makes.
@@ -491,29 +499,36 @@ async fn a_draining_worker_keeps_its_control_port_and_serves_what_it_holds_once_
                 .map(Response::into_inner)
         }
     };
-
     let img = jpeg();
-    let held = tokio::spawn(async move { client.model_infer(request("effnet", &[&img])).await });
-    eventually("the request to be held", || async {
+    let i1 = img.clone();
+    let first = tokio::spawn(async move { client.model_infer(request("effnet", &[&i1])).await });
+    eventually("the first request to be held", || async {
         stats().await.filter(|s| s.held_requests == 1)
     })
     .await;
 
-    shutdown.trigger();
-    eventually("the client port to refuse connections", || {
-        let url = grpc_url.clone();
-        async move {
-            GrpcInferenceServiceClient::connect(url)
-                .await
-                .is_err()
-                .then_some(())
-        }
+    signal.trigger();
+    let signalled = tokio::time::Instant::now();
+    // Within the delay: not ready, yet a new connection's request is taken (held, as there
+    // is no inference endpoint yet).
+    let mut late = connect()
+        .await
+        .expect("the client port accepts a new connection during the shutdown delay");
+    let second = tokio::spawn(async move { late.model_infer(request("effnet", &[&img])).await });
+    let during = eventually("the second request to be held", || async {
+        stats().await.filter(|s| s.held_requests == 2)
     })
     .await;
-    let draining = stats().await.expect("GetStats answers while draining");
-    assert_eq!(draining.held_requests, 1);
-    assert!(!draining.ready);
+    assert!(!during.ready, "not ready once the signal fired");
 
+    // After it: the client port refuses connections, the control port still answers.
+    eventually("the client port to refuse connections", || async {
+        connect().await.is_none().then_some(())
+    })
+    .await;
+    assert!(signalled.elapsed() >= delay, "not before the delay ended");
+    let draining = stats().await.expect("GetStats answers while draining");
+    assert_eq!(draining.held_requests, 2);
     let applied = WorkerControlClient::connect(control_url.clone())
         .await
         .expect("the control port accepts connections while draining")
@@ -525,13 +540,15 @@ async fn a_draining_worker_keeps_its_control_port_and_serves_what_it_holds_once_
         .into_inner()
         .applied_generation;
     assert_eq!(applied, 5);
-    let answer = held
-        .await
-        .unwrap()
-        .expect("the held request is served by the draining worker")
-        .into_inner();
-    assert_eq!(answer.outputs[1].name, "labels");
-    assert_eq!(fake.hits.load(Ordering::SeqCst), 1);
+    for (which, held) in [("first", first), ("second", second)] {
+        let answer = held
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the {which} request failed: {e}"))
+            .into_inner();
+        assert_eq!(answer.outputs[1].name, "labels");
+    }
+    assert_eq!(fake.hits.load(Ordering::SeqCst), 2);
 
     // Nothing is left to drain: the worker exits, and its control port with it.
     tokio::time::timeout(Duration::from_secs(10), server)

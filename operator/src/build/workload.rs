@@ -27,7 +27,8 @@ use crate::validate::ValidatedPipeline;
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// Unprivileged user and group the workers run as.
 const WORKER_UID: i64 = 65532;
-/// Preprocess pods drain for as long as an accepted request may take (held up to 60 s for an
+/// Preprocess pods keep taking requests for 5 s after SIGTERM (endpoints drop them
+/// meanwhile), then drain for as long as an accepted request may take (held up to 60 s for an
 /// inference stage scaling from zero, then forwarded with a 30 s deadline); the kubelet's
 /// SIGKILL must come after that.
 const PREPROCESS_GRACE_SECONDS: i64 = 100;

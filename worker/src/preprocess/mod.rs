@@ -66,7 +66,12 @@ pub struct Args {
     /// CPU threads (overrides `limits.cpuThreads`; 0 = one per core).
     #[arg(long, env = "TANDEM_CPU_THREADS")]
     pub cpu_threads: Option<usize>,
-    /// Longest wait for accepted requests on shutdown, in seconds. Default: the hold
+    /// Seconds between SIGTERM and closing the client ports: the worker reports not ready at
+    /// once but keeps taking requests meanwhile, so that Service endpoints and load
+    /// balancers stop sending to it before its connections close.
+    #[arg(long, env = "TANDEM_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
+    pub shutdown_delay_seconds: u64,
+    /// Longest wait for accepted requests once the client ports closed, in seconds. Default: the hold
     /// timeout plus the forward timeout (90 s with the default limits), the longest a request
     /// held for an inference stage scaling from zero may still take.
     #[arg(long, env = "TANDEM_DRAIN_SECONDS")]
@@ -117,9 +122,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .drain_seconds
         .map_or_else(|| cfg.limits.longest_request(), Duration::from_secs);
     let result = runtime.block_on(async {
-        let shutdown = Shutdown::new();
-        tokio::spawn(shutdown.clone().listen_for_signals());
-        serve(cfg, args.bind, drain, shutdown).await
+        let stop = Stop {
+            signal: Shutdown::new(),
+            delay: Duration::from_secs(args.shutdown_delay_seconds),
+            drain,
+        };
+        tokio::spawn(stop.signal.clone().listen_for_signals());
+        serve(cfg, args.bind, stop).await
     });
     {
         let _rt = runtime.enter();
@@ -128,20 +137,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-/// Builds the service and serves all four ports until `shutdown` fires and the requests it
-/// accepted are answered (or `drain` passes).
+/// How a preprocess worker stops (see [`serve`]).
+#[derive(Clone, Debug)]
+pub struct Stop {
+    /// Starts the shutdown (SIGTERM or SIGINT in [`run`]).
+    pub signal: Shutdown,
+    /// Not ready but still taking requests this long after the signal.
+    pub delay: Duration,
+    /// Longest wait for accepted requests once the client ports closed.
+    pub drain: Duration,
+}
+
+/// Builds the service and serves all four ports until `stop.signal` fires and the requests it
+/// accepted are answered (or `stop.drain` passes).
 ///
-/// On shutdown the worker turns not ready and its client ports (gRPC, HTTP) stop accepting
-/// connections, while the control port and `/metrics` keep serving until the drain ends: a
-/// draining pod may hold requests for an inference stage that is scaling from zero, and
-/// only the operator's `SetRoutes` can tell it where to send them, while its `GetStats`
-/// answers keep that demand counted.
-pub async fn serve(
-    cfg: PipelineConfig,
-    bind: IpAddr,
-    drain: Duration,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
+/// On the signal the worker turns not ready at once, but takes requests for `stop.delay`
+/// more: endpoints and load balancers drop a terminating pod asynchronously, and a
+/// connection they still send meanwhile must not be refused. Then its client ports (gRPC,
+/// HTTP) close (HTTP/2 clients get GOAWAY and reconnect elsewhere) and new requests are
+/// refused. The control port and `/metrics` keep serving until the drain ends: a draining
+/// pod may hold requests for an inference stage that is scaling from zero, only the
+/// operator's `SetRoutes` can tell it where to send them, and its `GetStats` answers keep
+/// that demand counted.
+pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Result<()> {
+    let Stop {
+        signal: shutdown,
+        delay,
+        drain,
+    } = stop;
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
     let pipeline = service::build_pipeline_async(&cfg).await?;
@@ -154,6 +177,8 @@ pub async fn serve(
     }
     svc.refresh_ready_metric();
 
+    // Fires `delay` after the signal: the client ports close then.
+    let closing = Shutdown::new();
     // Fires once the drain has ended: the control and metrics ports close then.
     let drained = Shutdown::new();
 
@@ -172,7 +197,7 @@ pub async fn serve(
         .await
         .with_context(|| format!("bind control {control_addr}"))?;
 
-    let s = shutdown.clone();
+    let s = closing.clone();
     let grpc = tonic::transport::Server::builder()
         .add_service(grpc::server(Arc::clone(&svc)))
         .serve_with_incoming_shutdown(
@@ -186,7 +211,7 @@ pub async fn serve(
             tokio_stream::wrappers::TcpListenerStream::new(control_listener),
             async move { d.wait().await },
         );
-    let s = shutdown.clone();
+    let s = closing.clone();
     let http = axum::serve(http_listener, rest::router(Arc::clone(&svc)))
         .with_graceful_shutdown(async move { s.wait().await });
     let metrics_task = tokio::spawn(metrics_server::serve(
@@ -202,9 +227,16 @@ pub async fn serve(
         s.wait().await;
         svc2.begin_shutdown();
         tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "shutting down: not ready, still taking requests until the client ports close"
+        );
+        tokio::time::sleep(delay).await;
+        svc2.stop_accepting();
+        closing.trigger();
+        tracing::info!(
             in_flight = svc2.in_flight(),
             held = svc2.router().held_now(),
-            "shutting down: not ready, draining accepted requests"
+            "client ports closed, draining accepted requests"
         );
         if !svc2.drain(drain).await {
             tracing::warn!(

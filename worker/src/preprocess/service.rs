@@ -136,6 +136,9 @@ pub struct Service {
     router: Arc<Router>,
     metrics: Metrics,
     labels: Arc<Vec<String>>,
+    /// Shutdown has begun: not ready any more.
+    unready: AtomicBool,
+    /// New requests are refused.
     stopping: AtomicBool,
     counters: Counters,
     pod_name: String,
@@ -177,6 +180,7 @@ impl Service {
             router,
             metrics,
             labels: Arc::new(labels),
+            unready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             counters: Counters {
                 requests: AtomicU64::new(0),
@@ -205,13 +209,20 @@ impl Service {
 
     /// Ready = a routing table is held and shutdown has not begun.
     pub fn is_ready(&self) -> bool {
-        !self.stopping.load(Ordering::Relaxed) && self.router.has_table()
+        !self.unready.load(Ordering::Relaxed) && self.router.has_table()
     }
 
-    /// Marks the worker as stopping: not ready, new requests refused.
+    /// Shutdown has begun: not ready any more, so that Service endpoints and load balancers
+    /// take the pod out, while requests are still taken until [`Service::stop_accepting`].
     pub fn begin_shutdown(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+        self.unready.store(true, Ordering::Relaxed);
         self.metrics.ready.set(0);
+    }
+
+    /// New requests are refused (`UNAVAILABLE`) from now on; accepted ones finish.
+    pub fn stop_accepting(&self) {
+        self.begin_shutdown();
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Requests admitted and not yet answered.
