@@ -71,9 +71,9 @@ pub struct Args {
     /// balancers stop sending to it before its connections close.
     #[arg(long, env = "TANDEM_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
     pub shutdown_delay_seconds: u64,
-    /// Longest wait for accepted requests once the client ports closed, in seconds. Default: the hold
-    /// timeout plus the forward timeout (90 s with the default limits), the longest a request
-    /// held for an inference stage scaling from zero may still take.
+    /// Longest wait for accepted requests once the client ports closed, in seconds.
+    /// Default: the hold timeout plus the forward timeout (90 s with the default limits), the
+    /// longest a request held for an inference stage scaling from zero may still take.
     #[arg(long, env = "TANDEM_DRAIN_SECONDS")]
     pub drain_seconds: Option<u64>,
 }
