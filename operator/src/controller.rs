@@ -131,6 +131,8 @@ pub struct Context {
     applied: Arc<Mutex<Applied>>,
     /// Failed reconciles in a row, per pipeline (the backoff's exponent).
     failures: Mutex<HashMap<Key, u32>>,
+    /// Creates the Events reconciles publish, without making them wait.
+    events: crate::events::Publisher,
 }
 
 /// A pipeline's work-queue key, `namespace/name` (neither may contain a `/`), the same as its
@@ -262,6 +264,8 @@ pub async fn run(
         cache_changes.clone(),
     );
     let pod_watch = tokio::spawn(pod_watch);
+    let (events, events_task) =
+        crate::events::Publisher::start(client.clone(), cfg.identity.clone(), metrics.clone());
     let ctx = Arc::new(Context {
         client: client.clone(),
         cfg: cfg.clone(),
@@ -271,6 +275,7 @@ pub async fn run(
         pods: pod_store.clone(),
         applied: applied.clone(),
         failures: Mutex::new(HashMap::new()),
+        events: events.clone(),
     });
 
     // `/metrics` reads each pipeline's rollout phase and traffic split from this cache.
@@ -302,6 +307,7 @@ pub async fn run(
             client.clone(),
             a,
             ctx.metrics.clone(),
+            events.clone(),
             routing_store.clone(),
             pod_store.clone(),
         ))
@@ -312,10 +318,8 @@ pub async fn run(
         pod_store,
         published,
         ctx.metrics.clone(),
-        crate::rollout::driver::DriverConfig {
-            identity: cfg.identity.clone(),
-            ..crate::rollout::driver::DriverConfig::default()
-        },
+        events.clone(),
+        crate::rollout::driver::DriverConfig::default(),
     ));
 
     drive(ctx, triggers, synced, ready, shutdown).await;
@@ -325,6 +329,15 @@ pub async fn run(
         a.abort();
     }
     pod_watch.abort();
+    // The Events already published get a moment to reach the API server; the task ends once
+    // the last publisher is gone and the queue is empty.
+    drop(events);
+    if tokio::time::timeout(EVENTS_FLUSH, events_task)
+        .await
+        .is_err()
+    {
+        warn!("stopping with Events still unpublished");
+    }
     info!("controller stopped");
 }
 
@@ -930,8 +943,7 @@ async fn prune(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Result<(), 
             false,
             "RetiredDeployment",
             format!("deleted {name}, no longer desired"),
-        )
-        .await;
+        );
     }
     Ok(())
 }
@@ -1026,7 +1038,7 @@ async fn write_status(
     }
     if let Ok(meta) = validate_meta(p) {
         for t in status::transitions(prev, next) {
-            publish(ctx, &meta, t.warning, &t.reason, t.note).await;
+            publish(ctx, &meta, t.warning, &t.reason, t.note);
         }
     }
     Ok(())
@@ -1041,8 +1053,12 @@ fn validate_meta(p: &InferencePipeline) -> Result<crate::validate::PipelineMeta,
     })
 }
 
-/// Publishes an Event on the pipeline. Failures are logged, never fatal: Events are advisory.
-async fn publish(
+/// How long a stopping controller waits for queued Events to be created.
+const EVENTS_FLUSH: Duration = Duration::from_secs(2);
+
+/// Queues an Event on the pipeline (created in the background; failures are logged and
+/// counted, never fatal: Events are advisory).
+fn publish(
     ctx: &Context,
     meta: &crate::validate::PipelineMeta,
     warning: bool,
@@ -1056,12 +1072,8 @@ async fn publish(
         warning,
         discriminator: "reconcile",
     };
-    let stamp = k8s_openapi::jiff::Timestamp::now();
-    if let Err(e) =
-        crate::events::create(&ctx.client, &ctx.cfg.identity, meta.into(), note, stamp).await
-    {
-        warn!(error = %e, reason, "publishing event failed");
-    }
+    ctx.events
+        .publish(meta.into(), note, k8s_openapi::jiff::Timestamp::now());
 }
 
 #[cfg(test)]
@@ -1096,6 +1108,9 @@ mod tests {
         for p in pipelines {
             store.apply(&watcher::Event::Apply(p.clone()), Clone::clone);
         }
+        let metrics = Arc::new(Metrics::new());
+        let (events, _) =
+            crate::events::Publisher::start(client.clone(), "test".into(), metrics.clone());
         let ctx = Arc::new(Context {
             client,
             cfg: ControllerConfig {
@@ -1112,12 +1127,13 @@ mod tests {
                 identity: "test".into(),
                 autoscale: None,
             },
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             pipelines: store,
             deployments: Cache::default(),
             pods: Cache::default(),
             applied: Arc::new(Mutex::new(Applied::default())),
             failures: Mutex::new(HashMap::new()),
+            events,
         });
         (ctx, conn_rx)
     }

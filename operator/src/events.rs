@@ -4,6 +4,13 @@
 //! ("50% of traffic on green" and "100% of traffic on blue" must both be readable), and it
 //! keeps a copy of every Event it published for six minutes: 1.8 MB of heap, and a scan of
 //! them all on each publish, after 1,000 pipelines each changed condition once.
+//!
+//! They are created in the background by a [`Publisher`], as client-go's event broadcaster
+//! does: a reconcile, a scale decision or a rollout step hands its Event over and goes on,
+//! instead of waiting for one more API round trip.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
@@ -11,9 +18,127 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, ObjectMeta, PostParams};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::warn;
 
 use crate::crd::InferencePipeline;
+use crate::metrics::{Metrics, Unpublished};
 use crate::validate::PipelineMeta;
+
+/// Events waiting to be created; past this many, new ones are dropped and counted (client-go's
+/// broadcaster drops too). At ~10 ms per Event that is ten seconds of backlog.
+pub const QUEUE_CAPACITY: usize = 1024;
+
+/// How long one Event's creation may take before it is given up (and counted as failed), so
+/// a hung API server fills the queue instead of holding it forever.
+pub const CREATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Hands Events to a background task that creates them one at a time, in the order they were
+/// published. Cheap to clone; the task ends when every clone is dropped and the queue is empty.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::Sender<Pending>,
+    metrics: Arc<Metrics>,
+}
+
+/// An Event waiting in the queue, owning what [`Regarding`] and [`Note`] borrow.
+struct Pending {
+    namespace: String,
+    name: String,
+    uid: Option<String>,
+    action: String,
+    reason: String,
+    note: String,
+    warning: bool,
+    discriminator: String,
+    stamp: Timestamp,
+}
+
+impl Publisher {
+    /// Starts the task that creates the published Events as `identity`.
+    pub fn start(
+        client: Client,
+        identity: String,
+        metrics: Arc<Metrics>,
+    ) -> (Self, JoinHandle<()>) {
+        Self::start_with_timeout(client, identity, metrics, CREATE_TIMEOUT)
+    }
+
+    fn start_with_timeout(
+        client: Client,
+        identity: String,
+        metrics: Arc<Metrics>,
+        timeout: Duration,
+    ) -> (Self, JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::channel::<Pending>(QUEUE_CAPACITY);
+        let counts = metrics.clone();
+        let task = tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                let regarding = Regarding {
+                    namespace: &p.namespace,
+                    name: &p.name,
+                    uid: p.uid.as_deref(),
+                };
+                let note = Note {
+                    action: &p.action,
+                    reason: &p.reason,
+                    note: p.note.clone(),
+                    warning: p.warning,
+                    discriminator: &p.discriminator,
+                };
+                let created = tokio::time::timeout(
+                    timeout,
+                    create(&client, &identity, regarding, note, p.stamp),
+                )
+                .await;
+                let error = match created {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {} ms", timeout.as_millis()),
+                };
+                counts.count_unpublished_event(Unpublished::Failed);
+                warn!(
+                    error,
+                    pipeline = %format!("{}/{}", p.namespace, p.name),
+                    reason = %p.reason,
+                    "creating Event failed"
+                );
+            }
+        });
+        (Self { tx, metrics }, task)
+    }
+
+    /// Queues an Event about `regarding`; never waits. Returns whether it was queued: not when
+    /// the queue is full (the Event is dropped, logged and counted) or the task has stopped.
+    pub fn publish(&self, regarding: Regarding<'_>, n: Note<'_>, stamp: Timestamp) -> bool {
+        let pending = Pending {
+            namespace: regarding.namespace.to_owned(),
+            name: regarding.name.to_owned(),
+            uid: regarding.uid.map(str::to_owned),
+            action: n.action.to_owned(),
+            reason: n.reason.to_owned(),
+            note: n.note,
+            warning: n.warning,
+            discriminator: n.discriminator.to_owned(),
+            stamp,
+        };
+        match self.tx.try_send(pending) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(p)) => {
+                self.metrics.count_unpublished_event(Unpublished::QueueFull);
+                warn!(
+                    pipeline = %format!("{}/{}", p.namespace, p.name),
+                    reason = %p.reason,
+                    capacity = QUEUE_CAPACITY,
+                    "Event queue full; dropping the Event"
+                );
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
 
 /// The pipeline an Event is about.
 #[derive(Clone, Copy, Debug)]
@@ -150,6 +275,89 @@ mod tests {
         assert_eq!(e.reporting_instance.as_deref(), Some("op-0"));
         let normal = event("op-0", (&meta).into(), note(false), stamp);
         assert_eq!(normal.type_.as_deref(), Some("Normal"));
+    }
+
+    /// A client for an API server that accepts connections and never answers; the receiver
+    /// gets each connection.
+    async fn unanswering_api_server() -> (Client, mpsc::UnboundedReceiver<tokio::net::TcpStream>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = tx.send(stream);
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        (Client::try_from(config).unwrap(), rx)
+    }
+
+    fn meta() -> PipelineMeta {
+        PipelineMeta {
+            name: "embed".into(),
+            namespace: "ml".into(),
+            uid: "u-1".into(),
+            generation: Some(1),
+        }
+    }
+
+    fn unpublished(metrics: &Metrics, why: &str) -> bool {
+        let text = metrics.encode().unwrap();
+        text.contains(&format!(
+            "tandem_operator_events_unpublished_total{{why=\"{why}\"}} 1"
+        ))
+    }
+
+    /// The first Event hangs in the background task on an API server that never answers;
+    /// publishing goes on regardless until the queue is full, and the Event after that is
+    /// dropped and counted instead of waiting.
+    #[tokio::test]
+    async fn publishing_does_not_wait_for_the_api_server_and_drops_events_past_a_full_queue() {
+        let (client, mut conns) = unanswering_api_server().await;
+        let metrics = Arc::new(Metrics::new());
+        let (events, _task) = Publisher::start(client, "op-0".into(), metrics.clone());
+        let stamp = Timestamp::from_nanosecond(1).unwrap();
+        let meta = meta();
+        assert!(events.publish((&meta).into(), note(false), stamp));
+        // The task has taken the first Event once it connects to create it.
+        conns
+            .recv()
+            .await
+            .expect("the task connects to create the Event");
+        for i in 0..QUEUE_CAPACITY {
+            assert!(
+                events.publish((&meta).into(), note(false), stamp),
+                "Event {i} fits in the queue"
+            );
+        }
+        assert!(!unpublished(&metrics, "QueueFull"));
+        assert!(
+            !events.publish((&meta).into(), note(true), stamp),
+            "the queue is full"
+        );
+        assert!(
+            unpublished(&metrics, "QueueFull"),
+            "the dropped Event is counted"
+        );
+    }
+
+    /// An Event the API server never answers is given up after the timeout and counted, and
+    /// the task, its publishers gone, then ends instead of waiting on it.
+    #[tokio::test]
+    async fn an_unanswered_event_is_given_up_after_the_timeout_and_counted_as_failed() {
+        let (client, _conns) = unanswering_api_server().await;
+        let metrics = Arc::new(Metrics::new());
+        let timeout = Duration::from_millis(50);
+        let (events, task) =
+            Publisher::start_with_timeout(client, "op-0".into(), metrics.clone(), timeout);
+        let meta = meta();
+        assert!(events.publish((&meta).into(), note(false), Timestamp::now()));
+        drop(events);
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the task ends after giving the Event up")
+            .unwrap();
+        assert!(unpublished(&metrics, "Failed"));
     }
 
     #[test]

@@ -291,7 +291,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 scale_down_window: a.scale_down_window,
                 scale_to_zero_after: a.scale_to_zero_after,
                 status_interval: a.autoscale_status_interval,
-                identity: identity.clone(),
             }
         });
         let (stop_tx, stop_rx) = watch::channel(false);

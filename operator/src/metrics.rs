@@ -50,6 +50,8 @@ pub const ROLLOUT_PHASE: &str = "tandem_operator_rollout_phase";
 pub const TRAFFIC_PERCENT: &str = "tandem_operator_traffic_percent";
 /// `tandem_operator_rollout_transitions_total{reason}`.
 pub const ROLLOUT_TRANSITIONS: &str = "tandem_operator_rollout_transitions";
+/// `tandem_operator_events_unpublished_total{why}`.
+pub const EVENTS_UNPUBLISHED: &str = "tandem_operator_events_unpublished";
 
 /// The per-pipeline rollout gauges, encoded at scrape time from the pipeline cache the
 /// controller hands over once it runs (a follower replica, which caches nothing, exports none).
@@ -111,6 +113,20 @@ impl Collector for RolloutSeries {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
+}
+
+/// Why an Event was not created.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Unpublished {
+    /// The publisher's queue was full; the Event was dropped.
+    QueueFull,
+    /// The API server refused it or did not answer in time.
+    Failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UnpublishedLabels {
+    why: Unpublished,
 }
 
 /// Result of one reconcile.
@@ -198,6 +214,7 @@ pub struct Metrics {
     round: Histogram,
     rollouts: RolloutSeries,
     transitions: Family<ReasonLabels, Counter>,
+    unpublished: Family<UnpublishedLabels, Counter>,
     ready: AtomicBool,
 }
 
@@ -259,6 +276,12 @@ impl Metrics {
             "Rollout transitions by reason (the Event reason)",
             transitions.clone(),
         );
+        let unpublished = Family::<UnpublishedLabels, Counter>::default();
+        registry.register(
+            EVENTS_UNPUBLISHED,
+            "Events not created, by why (QueueFull: dropped; Failed: refused or unanswered)",
+            unpublished.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -270,6 +293,7 @@ impl Metrics {
             round,
             rollouts,
             transitions,
+            unpublished,
             ready: AtomicBool::new(false),
         }
     }
@@ -291,6 +315,13 @@ impl Metrics {
     pub fn count_autoscale_decision(&self, stage: AutoscaleStage, change: ScaleChange) {
         self.decisions
             .get_or_create(&DecisionLabels { stage, change })
+            .inc();
+    }
+
+    /// Counts an Event that was not created.
+    pub fn count_unpublished_event(&self, why: Unpublished) {
+        self.unpublished
+            .get_or_create(&UnpublishedLabels { why })
             .inc();
     }
 

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::build::Stage;
 use crate::crd::{InferencePipeline, StageStatus};
+use crate::events::Publisher;
 use crate::metrics::{AutoscaleStage, Metrics, ScaleChange};
 use crate::routing::{WorkerPod, namespaced_name, workers_by_pipeline};
 use crate::summary::PodSummary;
@@ -59,8 +60,6 @@ pub struct AutoscaleConfig {
     pub scale_to_zero_after: Duration,
     /// Queue depths alone (no change of desired replicas) are written at most this often.
     pub status_interval: Duration,
-    /// Reported on Events as the reporting instance.
-    pub identity: String,
 }
 
 impl Default for AutoscaleConfig {
@@ -73,7 +72,6 @@ impl Default for AutoscaleConfig {
             scale_down_window: Duration::from_secs(30),
             scale_to_zero_after: Duration::from_secs(60),
             status_interval: Duration::from_secs(5),
-            identity: "tandem-operator".to_owned(),
         }
     }
 }
@@ -88,19 +86,6 @@ pub enum Error {
         namespace: String,
         /// Pipeline name.
         name: String,
-        /// Cause.
-        #[source]
-        source: kube::Error,
-    },
-    /// An Event could not be created.
-    #[error("creating Event {reason} for {namespace}/{name}")]
-    Event {
-        /// Pipeline namespace.
-        namespace: String,
-        /// Pipeline name.
-        name: String,
-        /// Event reason.
-        reason: &'static str,
         /// Cause.
         #[source]
         source: kube::Error,
@@ -133,6 +118,7 @@ pub async fn run(
     client: Client,
     cfg: AutoscaleConfig,
     metrics: Arc<Metrics>,
+    events: Publisher,
     ipl_store: Cache<InferencePipeline>,
     pod_store: Cache<PodSummary>,
 ) {
@@ -150,7 +136,10 @@ pub async fn run(
         tick(
             &client,
             &cfg,
-            &metrics,
+            Sinks {
+                metrics: &metrics,
+                events: &events,
+            },
             &ipl_store,
             &pod_store,
             &mut state,
@@ -162,10 +151,17 @@ pub async fn run(
 }
 
 /// One polling round over every pipeline.
+/// Where a round's decisions are reported besides status: metrics and Events.
+#[derive(Clone, Copy)]
+struct Sinks<'a> {
+    metrics: &'a Metrics,
+    events: &'a Publisher,
+}
+
 async fn tick(
     client: &Client,
     cfg: &AutoscaleConfig,
-    metrics: &Metrics,
+    Sinks { metrics, events }: Sinks<'_>,
     pipelines: &Cache<InferencePipeline>,
     pods: &Cache<PodSummary>,
     state: &mut HashMap<(String, String), Box<PipelineState>>,
@@ -345,10 +341,8 @@ async fn tick(
             continue;
         }
         for (stage, decision) in [(Stage::Preprocess, &pre), (Stage::Inference, &inf)] {
-            if let Some(reason) = decision.change.reason()
-                && let Err(e) = publish(client, cfg, p, stage, reason, decision, &stamp).await
-            {
-                warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "publishing scale event failed");
+            if let Some(reason) = decision.change.reason() {
+                publish(events, p, stage, reason, decision, &stamp);
             }
         }
     }
@@ -420,16 +414,15 @@ async fn patch_status(client: &Client, ns: &str, name: &str, body: &Value) -> Re
         })
 }
 
-/// Creates one Event per scale decision (see [`crate::events`] for why not the `Recorder`).
-async fn publish(
-    client: &Client,
-    cfg: &AutoscaleConfig,
+/// Queues one Event per scale decision (see [`crate::events`] for why not the `Recorder`).
+fn publish(
+    events: &Publisher,
     p: &InferencePipeline,
     stage: Stage,
     reason: &'static str,
     decision: &Decision,
     stamp: &Timestamp,
-) -> Result<(), Error> {
+) {
     let note = crate::events::Note {
         action: "Scale",
         reason,
@@ -437,14 +430,7 @@ async fn publish(
         warning: false,
         discriminator: stage.as_str(),
     };
-    crate::events::create(client, &cfg.identity, p.into(), note, *stamp)
-        .await
-        .map_err(|source| Error::Event {
-            namespace: p.namespace().unwrap_or_default(),
-            name: p.name_any(),
-            reason,
-            source,
-        })
+    events.publish(p.into(), note, *stamp);
 }
 
 fn channel(

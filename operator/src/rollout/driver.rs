@@ -25,6 +25,7 @@ use super::{
 use crate::build::Stage;
 use crate::controller::FIELD_MANAGER;
 use crate::crd::{Color, InferencePipeline, ModelRef, RolloutPhase, RolloutStatus};
+use crate::events::Publisher;
 use crate::metrics::Metrics;
 use crate::router::Published;
 use crate::routing::{WorkerPod, desired_table, namespaced_name, same_routes, workers_by_pipeline};
@@ -40,8 +41,6 @@ pub struct DriverConfig {
     pub stats_timeout: Duration,
     /// Status writes that only refresh counters and messages happen at most this often.
     pub counters_every: Duration,
-    /// This operator replica, as the Events' reporting instance.
-    pub identity: String,
 }
 
 impl Default for DriverConfig {
@@ -50,7 +49,6 @@ impl Default for DriverConfig {
             interval: Duration::from_secs(1),
             stats_timeout: Duration::from_millis(800),
             counters_every: Duration::from_secs(2),
-            identity: "tandem-operator".to_owned(),
         }
     }
 }
@@ -72,6 +70,7 @@ pub async fn run(
     pods: Cache<PodSummary>,
     published: Published,
     metrics: Arc<Metrics>,
+    events: Publisher,
     cfg: DriverConfig,
 ) {
     // A pipeline with no ready pods takes a new model in place; an empty cache must not look
@@ -98,7 +97,7 @@ pub async fn run(
                 memory: &mut memory,
                 key: &key,
             };
-            drive(&client, p, tick, &metrics, &cfg).await;
+            drive(&client, p, tick, &metrics, &events, &cfg).await;
             seen.insert(key);
         }
         memory.retain(|k, _| seen.contains(k));
@@ -120,6 +119,7 @@ async fn drive(
     p: &InferencePipeline,
     tick: Tick<'_>,
     metrics: &Metrics,
+    events: &Publisher,
     cfg: &DriverConfig,
 ) {
     // The controller writes the first status (the active model); nothing to roll out before.
@@ -287,12 +287,7 @@ async fn drive(
                     warning: e.warning,
                     discriminator: "rollout",
                 };
-                if let Err(err) =
-                    crate::events::create(client, &cfg.identity, p.into(), note, Timestamp::now())
-                        .await
-                {
-                    warn!(error = %err, reason = %e.reason, "creating rollout Event failed");
-                }
+                events.publish(p.into(), note, Timestamp::now());
             }
         }
         // Someone wrote since the cache was read: the next tick decides again on fresh state.

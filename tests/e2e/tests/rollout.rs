@@ -609,11 +609,13 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
         &mut seen,
         |p| p["status"]["rollout"]["candidateModel"]["version"] == "v5",
     );
-    assert!(
-        events(&cluster, ns).contains("RolloutSuperseded"),
-        "{}",
-        events(&cluster, ns)
-    );
+    // Events are created in the background after the status write the watch saw.
+    let superseded = wait_until("a RolloutSuperseded Event", Duration::from_secs(10), || {
+        Ok(events(&cluster, ns)
+            .contains("RolloutSuperseded")
+            .then_some(()))
+    });
+    assert!(superseded.is_ok(), "{}", events(&cluster, ns));
 
     // 4. Kill the operator while v5 holds 50 %; a new one resumes at that step.
     let p = watch(
