@@ -75,21 +75,32 @@ impl Publisher {
         let counts = metrics.clone();
         let task = tokio::spawn(async move {
             while let Some(p) = rx.recv().await {
+                let Pending {
+                    namespace,
+                    name,
+                    uid,
+                    action,
+                    reason,
+                    note,
+                    warning,
+                    discriminator,
+                    stamp,
+                } = p;
                 let regarding = Regarding {
-                    namespace: &p.namespace,
-                    name: &p.name,
-                    uid: p.uid.as_deref(),
+                    namespace: &namespace,
+                    name: &name,
+                    uid: uid.as_deref(),
                 };
                 let note = Note {
-                    action: &p.action,
-                    reason: &p.reason,
-                    note: p.note.clone(),
-                    warning: p.warning,
-                    discriminator: &p.discriminator,
+                    action: &action,
+                    reason: &reason,
+                    note,
+                    warning,
+                    discriminator: &discriminator,
                 };
                 let created = tokio::time::timeout(
                     timeout,
-                    create(&client, &identity, regarding, note, p.stamp),
+                    create(&client, &identity, regarding, note, stamp),
                 )
                 .await;
                 let error = match created {
@@ -100,8 +111,8 @@ impl Publisher {
                 counts.count_unpublished_event(Unpublished::Failed);
                 warn!(
                     error,
-                    pipeline = %format!("{}/{}", p.namespace, p.name),
-                    reason = %p.reason,
+                    pipeline = %format!("{namespace}/{name}"),
+                    %reason,
                     "creating Event failed"
                 );
             }
