@@ -197,8 +197,9 @@ pub struct Note<'a> {
     pub discriminator: &'a str,
 }
 
-/// Creates the Event; `identity` is the reporting operator replica.
-pub async fn create(
+/// Creates the Event; `identity` is the reporting operator replica. Only the [`Publisher`]'s
+/// task calls it.
+async fn create(
     client: &Client,
     identity: &str,
     regarding: Regarding<'_>,
