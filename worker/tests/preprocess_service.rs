@@ -22,13 +22,13 @@ use tandem_proto::tandem::v1::{
     ColorRoute, Endpoint, GetStatsRequest, ParityTolerance, RoutingTable, SetRoutesRequest,
     ShadowPolicy,
 };
+use tandem_worker::common::oip::Grpc;
 use tandem_worker::common::tensor::{
     decode_bytes_elements, encode_bytes_elements, le_bytes_to_f32,
 };
 use tandem_worker::config::PipelineConfig;
 use tandem_worker::preprocess::Stop;
 use tandem_worker::preprocess::control::Control;
-use tandem_worker::preprocess::grpc::OipGrpc;
 use tandem_worker::preprocess::metrics::Metrics;
 use tandem_worker::preprocess::service::{self, Pipeline, Service};
 use tonic::{Code, Request, Response, Status};
@@ -255,7 +255,7 @@ async fn set_routes(svc: &Arc<Service>, t: RoutingTable) -> u64 {
 }
 
 async fn infer(svc: &Arc<Service>, req: ModelInferRequest) -> Result<ModelInferResponse, Status> {
-    OipGrpc(Arc::clone(svc))
+    Grpc(Arc::clone(svc))
         .model_infer(Request::new(req))
         .await
         .map(Response::into_inner)
@@ -604,7 +604,7 @@ async fn an_unavailable_endpoint_is_retried_once_on_another_and_traceparent_is_p
                 .parse()
                 .unwrap(),
         );
-        OipGrpc(Arc::clone(&svc))
+        Grpc(Arc::clone(&svc))
             .model_infer(req)
             .await
             .expect("retry succeeds");

@@ -281,7 +281,7 @@ async fn start_servers(
     let addr = |port| SocketAddr::new(args.listen_address, port);
     let mut tasks = Vec::new();
 
-    let oip = GrpcInferenceServiceServer::new(grpc::Oip(worker.clone()))
+    let oip = GrpcInferenceServiceServer::new(crate::common::oip::Grpc(worker.clone()))
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
     let grpc_listener = tokio::net::TcpListener::bind(addr(args.grpc_port))
