@@ -122,3 +122,137 @@ impl<B: Backend> GrpcInferenceService for Grpc<B> {
         Ok(Response::new(resp))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tonic::Code;
+    use tonic::metadata::MetadataValue;
+
+    use super::*;
+
+    /// Serves model "m" at version "1" and remembers the traceparent of each inference call.
+    #[derive(Default)]
+    struct Fake {
+        ready: bool,
+        traceparents: Mutex<Vec<Option<String>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Backend for Fake {
+        const SERVER_NAME: &'static str = "fake";
+
+        fn is_ready(&self) -> bool {
+            self.ready
+        }
+
+        fn serves(&self, name: &str, version: &str) -> bool {
+            name == "m" && (version.is_empty() || version == "1")
+        }
+
+        fn model_metadata(&self) -> Result<ModelMetadataResponse, Status> {
+            Ok(ModelMetadataResponse {
+                name: "m".into(),
+                ..Default::default()
+            })
+        }
+
+        async fn infer(
+            self: Arc<Self>,
+            req: ModelInferRequest,
+            traceparent: Option<String>,
+        ) -> Result<ModelInferResponse, Status> {
+            if let Ok(mut seen) = self.traceparents.lock() {
+                seen.push(traceparent);
+            }
+            Ok(ModelInferResponse {
+                model_name: req.model_name,
+                ..Default::default()
+            })
+        }
+    }
+
+    fn ready_req(name: &str, version: &str) -> Request<ModelReadyRequest> {
+        Request::new(ModelReadyRequest {
+            name: name.into(),
+            version: version.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_model_served_elsewhere_is_not_found_and_readiness_follows_the_backend() {
+        let svc = Grpc(Arc::new(Fake {
+            ready: true,
+            ..Fake::default()
+        }));
+        for (name, version) in [("other", ""), ("m", "2")] {
+            let err = svc.model_ready(ready_req(name, version)).await.unwrap_err();
+            assert_eq!(err.code(), Code::NotFound);
+            assert_eq!(err.message(), format!("model {name:?} is not served here"));
+            let err = svc
+                .model_metadata(Request::new(ModelMetadataRequest {
+                    name: name.into(),
+                    version: version.into(),
+                }))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::NotFound);
+        }
+        assert!(
+            svc.model_ready(ready_req("m", "1"))
+                .await
+                .unwrap()
+                .into_inner()
+                .ready
+        );
+        let md = svc
+            .model_metadata(Request::new(ModelMetadataRequest {
+                name: "m".into(),
+                version: String::new(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(md.name, "m");
+        let server = svc
+            .server_metadata(Request::new(ServerMetadataRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(server.name, "fake");
+
+        let unready = Grpc(Arc::new(Fake::default()));
+        let ready = |r: Response<ServerReadyResponse>| r.into_inner().ready;
+        assert!(!ready(
+            unready
+                .server_ready(Request::new(ServerReadyRequest {}))
+                .await
+                .unwrap()
+        ));
+        assert!(ready(
+            svc.server_ready(Request::new(ServerReadyRequest {}))
+                .await
+                .unwrap()
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_callers_traceparent_reaches_the_inference_call() {
+        let fake = Arc::new(Fake::default());
+        let svc = Grpc(Arc::clone(&fake));
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut req = Request::new(ModelInferRequest {
+            model_name: "m".into(),
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("traceparent", MetadataValue::from_static(tp));
+        let resp = svc.model_infer(req).await.unwrap().into_inner();
+        assert_eq!(resp.model_name, "m");
+        let plain = Request::new(ModelInferRequest::default());
+        svc.model_infer(plain).await.unwrap();
+        let seen = fake.traceparents.lock().unwrap().clone();
+        assert_eq!(seen, vec![Some(tp.to_owned()), None]);
+    }
+}
