@@ -10,7 +10,8 @@
 //! with an antialiasing convolution (Pillow-compatible filters via `fast_image_resize`)
 //! into a small RGB8 scratch, then normalize through a per-channel lookup table
 //! straight into the caller's slice of the batch tensor. Pure and synchronous:
-//! it runs on the CPU pool.
+//! it runs on the CPU pool. The JPEG decode buffer and the resize scratch are
+//! kept per thread between images (see [`buffers`]).
 
 use std::io::Cursor;
 
@@ -198,7 +199,7 @@ impl ImagePipeline {
         let rgb = tracing::info_span!("decode", bytes = encoded.len())
             .in_scope(|| decode_rgb8_for(encoded, self.max_pixels, Some(target)))?;
         let _span = tracing::info_span!("resize_normalize").entered();
-        let mut scratch = vec![0u8; w as usize * h as usize * 3];
+        let mut scratch = buffers::take(&buffers::RESIZED, w as usize * h as usize * 3);
         resize_rgb8(
             &rgb,
             &mut scratch,
@@ -208,6 +209,8 @@ impl ImagePipeline {
             self.cfg.resize.filter,
         )?;
         self.write_tensor(&scratch, out);
+        buffers::keep(&buffers::RESIZED, scratch);
+        buffers::keep(&buffers::DECODED, rgb.pixels);
         Ok(())
     }
 
@@ -450,7 +453,7 @@ fn decode_jpeg_turbo(
     }
     let scaled = header.scaled(scale);
     let pitch = scaled.width * 3;
-    let mut pixels = vec![0u8; pitch * scaled.height];
+    let mut pixels = buffers::take(&buffers::DECODED, pitch * scaled.height);
     let out = turbojpeg::Image {
         pixels: &mut pixels[..],
         width: scaled.width,
@@ -491,6 +494,44 @@ fn decode_jpeg_turbo(
         height,
         pixels: rgb.into_raw(),
     }))
+}
+
+/// Buffers kept per thread from one image to the next.
+///
+/// An image's decode buffer (~0.4 MB for a 1080p JPEG at 1/4 scale) and resize scratch are
+/// too large for glibc's allocator to keep once freed: it hands them back to the kernel, and
+/// the next image's fresh buffers are page-faulted in again, about 300 page faults per
+/// request in the serving benchmark (docs/benchmarks.md). A CPU-pool thread keeps the last
+/// buffer of each kind instead, unless it is over [`KEEP_AT_MOST`] (a huge image's buffer
+/// is freed as before), so what stays allocated is bounded per thread.
+mod buffers {
+    use std::cell::Cell;
+    use std::thread::LocalKey;
+
+    /// The largest buffer a thread keeps.
+    pub const KEEP_AT_MOST: usize = 16 << 20;
+
+    thread_local! {
+        /// Decoded RGB8 pixels.
+        pub static DECODED: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+        /// The resized RGB8 image before normalization.
+        pub static RESIZED: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    }
+
+    /// A zeroed buffer of `len` bytes, reusing the one this thread kept.
+    pub fn take(slot: &'static LocalKey<Cell<Vec<u8>>>, len: usize) -> Vec<u8> {
+        let mut buf = slot.take();
+        buf.clear();
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Keeps `buf` for this thread's next [`take`] unless it is over [`KEEP_AT_MOST`].
+    pub fn keep(slot: &'static LocalKey<Cell<Vec<u8>>>, buf: Vec<u8>) {
+        if buf.capacity() <= KEEP_AT_MOST {
+            slot.set(buf);
+        }
+    }
 }
 
 /// The EXIF payload (from the TIFF header on) of a JPEG's first `Exif` APP1
@@ -1039,5 +1080,51 @@ mod tests {
             decode_rgb8(b"hello world", 100).unwrap_err(),
             ImageError::UnknownFormat
         );
+    }
+
+    #[test]
+    fn a_kept_buffer_comes_back_zeroed_and_an_oversized_one_is_not_kept() {
+        let mut buf = buffers::take(&buffers::DECODED, 16);
+        buf.fill(7);
+        buffers::keep(&buffers::DECODED, buf);
+        let again = buffers::take(&buffers::DECODED, 32);
+        assert_eq!(again, vec![0; 32]);
+        buffers::keep(&buffers::DECODED, vec![1; buffers::KEEP_AT_MOST + 1]);
+        assert_eq!(buffers::take(&buffers::DECODED, 0).capacity(), 0);
+    }
+
+    #[test]
+    fn images_of_other_sizes_in_between_on_one_thread_do_not_change_an_images_tensor() {
+        let cfg = ImageConfig {
+            resize: crate::config::Resize {
+                width: 64,
+                height: 48,
+                mode: ResizeMode::FitPad,
+                filter: ResizeFilter::Bilinear,
+            },
+            normalize: crate::config::Normalize::default(),
+            layout: Layout::Nchw,
+            dtype: ImageDtype::Fp32,
+        };
+        let pipeline = ImagePipeline::new(cfg, 1 << 30);
+        // Drafted to 1/4 (a 240x135 decode), full size, and a full decode larger than both.
+        let images = [
+            gradient_jpeg(960, 540),
+            gradient_jpeg(97, 61),
+            gradient_jpeg(400, 300),
+        ];
+        let run = |jpeg: &Vec<u8>| pipeline.process_batch(&[jpeg]).unwrap();
+        let fresh: Vec<Vec<u8>> = images
+            .iter()
+            .map(|jpeg| std::thread::scope(|s| s.spawn(|| run(jpeg)).join().unwrap()))
+            .collect();
+        for order in [[0, 1, 2, 0, 2, 1], [2, 0, 1, 1, 0, 2]] {
+            for i in order {
+                assert!(
+                    run(&images[i]) == fresh[i],
+                    "image {i} after another image differs"
+                );
+            }
+        }
     }
 }
