@@ -22,7 +22,7 @@ use tandem_proto::tandem::v1::{
     ColorRoute, Endpoint, GetStatsRequest, ParityTolerance, RoutingTable, SetRoutesRequest,
     ShadowPolicy,
 };
-use tandem_worker::common::oip::Grpc;
+use tandem_worker::common::oip::{Backend, Grpc};
 use tandem_worker::common::tensor::{
     decode_bytes_elements, encode_bytes_elements, le_bytes_to_f32,
 };
@@ -53,51 +53,32 @@ struct Fake {
     shapes: Arc<Mutex<Vec<SeenInput>>>,
 }
 
+/// Serves any model; answers ModelInfer per its [`Behaviour`].
 #[tonic::async_trait]
-impl GrpcInferenceService for Fake {
-    async fn server_live(
-        &self,
-        _: Request<ServerLiveRequest>,
-    ) -> Result<Response<ServerLiveResponse>, Status> {
-        Ok(Response::new(ServerLiveResponse { live: true }))
+impl Backend for Fake {
+    const SERVER_NAME: &'static str = "fake-inference";
+
+    fn is_ready(&self) -> bool {
+        true
     }
-    async fn server_ready(
-        &self,
-        _: Request<ServerReadyRequest>,
-    ) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse { ready: true }))
+
+    fn serves(&self, _: &str, _: &str) -> bool {
+        true
     }
-    async fn model_ready(
-        &self,
-        _: Request<ModelReadyRequest>,
-    ) -> Result<Response<ModelReadyResponse>, Status> {
-        Ok(Response::new(ModelReadyResponse { ready: true }))
+
+    fn model_metadata(&self) -> Result<ModelMetadataResponse, Status> {
+        Ok(ModelMetadataResponse::default())
     }
-    async fn server_metadata(
-        &self,
-        _: Request<ServerMetadataRequest>,
-    ) -> Result<Response<ServerMetadataResponse>, Status> {
-        Ok(Response::new(ServerMetadataResponse::default()))
-    }
-    async fn model_metadata(
-        &self,
-        _: Request<ModelMetadataRequest>,
-    ) -> Result<Response<ModelMetadataResponse>, Status> {
-        Ok(Response::new(ModelMetadataResponse::default()))
-    }
-    async fn model_infer(
-        &self,
-        req: Request<ModelInferRequest>,
-    ) -> Result<Response<ModelInferResponse>, Status> {
+
+    async fn infer(
+        self: Arc<Self>,
+        req: ModelInferRequest,
+        traceparent: Option<String>,
+    ) -> Result<ModelInferResponse, Status> {
         self.hits.fetch_add(1, Ordering::SeqCst);
-        if let Some(t) = req
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-        {
-            self.traces.lock().unwrap().push(t.to_owned());
+        if let Some(t) = traceparent {
+            self.traces.lock().unwrap().push(t);
         }
-        let req = req.into_inner();
         for (i, input) in req.inputs.iter().enumerate() {
             self.shapes.lock().unwrap().push((
                 input.name.clone(),
@@ -120,7 +101,7 @@ impl GrpcInferenceService for Fake {
         } else {
             "embedding"
         };
-        Ok(Response::new(ModelInferResponse {
+        Ok(ModelInferResponse {
             model_name: req.model_name,
             outputs: vec![InferOutputTensor {
                 name: name.into(),
@@ -130,7 +111,7 @@ impl GrpcInferenceService for Fake {
             }],
             raw_output_contents: vec![tandem_worker::common::tensor::f32_to_le_bytes(&logits)],
             ..Default::default()
-        }))
+        })
     }
 }
 
@@ -143,7 +124,7 @@ async fn start_fake(behaviour: Behaviour) -> (String, Fake) {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let svc = GrpcInferenceServiceServer::new(fake.clone());
+    let svc = GrpcInferenceServiceServer::new(Grpc(Arc::new(fake.clone())));
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(svc)

@@ -1,5 +1,6 @@
-//! gRPC adapters over the shared [`Worker`]: OIP v2 `GRPCInferenceService` (the shared
-//! [`crate::common::oip::Grpc`] service, with the [`Backend`] below) and `tandem.v1.WorkerControl`.
+//! gRPC adapters over the shared [`Worker`]: OIP v2 `GRPCInferenceService` (the
+//! shared [`crate::common::oip::Grpc`] service, with the [`Backend`] below) and
+//! `tandem.v1.WorkerControl`.
 
 use std::sync::Arc;
 

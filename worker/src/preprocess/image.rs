@@ -767,6 +767,26 @@ mod tests {
         assert_eq!(jpeg_draft_factor(500, 8000, t), 2);
     }
 
+    /// A `w×h` output with bilinear resizing and the default normalization.
+    fn bilinear_config(
+        (width, height): (u32, u32),
+        mode: ResizeMode,
+        layout: Layout,
+        dtype: ImageDtype,
+    ) -> ImageConfig {
+        ImageConfig {
+            resize: crate::config::Resize {
+                width,
+                height,
+                mode,
+                filter: ResizeFilter::Bilinear,
+            },
+            normalize: crate::config::Normalize::default(),
+            layout,
+            dtype,
+        }
+    }
+
     /// A smooth synthetic photo-like frame, JPEG-encoded.
     fn gradient_jpeg(w: u32, h: u32) -> Vec<u8> {
         let img = image::RgbImage::from_fn(w, h, |x, y| {
@@ -799,17 +819,12 @@ mod tests {
         let full = decode_rgb8_for(&jpeg, 1 << 30, Some(to_112(JpegDraft::Off))).unwrap();
         assert_eq!((full.width, full.height), (960, 540));
 
-        let cfg = ImageConfig {
-            resize: crate::config::Resize {
-                width: 112,
-                height: 112,
-                mode: ResizeMode::CenterCrop,
-                filter: ResizeFilter::Bilinear,
-            },
-            normalize: crate::config::Normalize::default(),
-            layout: Layout::Nhwc,
-            dtype: ImageDtype::Uint8,
-        };
+        let cfg = bilinear_config(
+            (112, 112),
+            ResizeMode::CenterCrop,
+            Layout::Nhwc,
+            ImageDtype::Uint8,
+        );
         let run = |draft| {
             ImagePipeline::new(cfg.clone(), 1 << 30)
                 .with_jpeg_draft(draft)
@@ -1095,17 +1110,7 @@ mod tests {
 
     #[test]
     fn images_of_other_sizes_in_between_on_one_thread_do_not_change_an_images_tensor() {
-        let cfg = ImageConfig {
-            resize: crate::config::Resize {
-                width: 64,
-                height: 48,
-                mode: ResizeMode::FitPad,
-                filter: ResizeFilter::Bilinear,
-            },
-            normalize: crate::config::Normalize::default(),
-            layout: Layout::Nchw,
-            dtype: ImageDtype::Fp32,
-        };
+        let cfg = bilinear_config((64, 48), ResizeMode::FitPad, Layout::Nchw, ImageDtype::Fp32);
         let pipeline = ImagePipeline::new(cfg, 1 << 30);
         // Drafted to 1/4 (a 240x135 decode), full size, and a full decode larger than both.
         let images = [
