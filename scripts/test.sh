@@ -45,6 +45,12 @@ t=$(date +%s)
   --worker target/debug/tandem-worker --models "$TANDEM_MODELS_DIR"
 echo "tritonclient check: $(since "$t")" >&2
 
+say "tritonclient (grpc + http) through the preprocess worker to the real inference worker"
+t=$(date +%s)
+"$TANDEM_PYTHON" tests/python/preprocess/tritonclient_pipeline_check.py \
+  --worker target/debug/tandem-worker --models "$TANDEM_MODELS_DIR"
+echo "preprocess tritonclient check: $(since "$t")" >&2
+
 say "local cluster up"
 cleanup() {
   local rc=$?
