@@ -707,31 +707,22 @@ async fn rest_health_infer_and_errors_follow_the_oip_v2_http_form() {
     let svc = text_service();
     let app = tandem_worker::preprocess::rest::router(Arc::clone(&svc));
     let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
-    assert_eq!(
-        app.clone()
-            .oneshot(get("/v2/health/live"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        app.clone()
-            .oneshot(get("/v2/health/ready"))
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    // The protocol's health answers: the status code, and an empty body.
+    let health = |uri: &'static str| {
+        let app = app.clone();
+        async move {
+            let resp = app.oneshot(get(uri)).await.unwrap();
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 10)
+                .await
+                .unwrap();
+            (status.as_u16(), body.len())
+        }
+    };
+    assert_eq!(health("/v2/health/live").await, (200, 0));
+    assert_eq!(health("/v2/health/ready").await, (503, 0));
     set_routes(&svc, table(1, &[("blue", 100, &[&addr])], None)).await;
-    assert_eq!(
-        app.clone()
-            .oneshot(get("/v2/health/ready"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(health("/v2/health/ready").await, (200, 0));
     assert_eq!(
         app.clone()
             .oneshot(get("/v2/models/minilm"))

@@ -61,10 +61,7 @@ struct RestOutput {
 /// The REST router.
 pub fn router(service: Arc<Service>) -> axum::Router {
     axum::Router::new()
-        .route(
-            "/v2/health/live",
-            get(|| async { (StatusCode::OK, Json(json!({"live": true}))) }),
-        )
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
         .route("/v2", get(server_metadata))
         .route("/v2/models/{name}", get(model_metadata))
@@ -91,15 +88,12 @@ fn request_error(e: &RequestError) -> Response {
     error(e.http_status(), e.to_string())
 }
 
-async fn ready(State(s): State<Arc<Service>>) -> Response {
+/// The protocol's health answers are the status code alone, with an empty body.
+async fn ready(State(s): State<Arc<Service>>) -> StatusCode {
     if s.is_ready() {
-        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false})),
-        )
-            .into_response()
+        StatusCode::SERVICE_UNAVAILABLE
     }
 }
 
@@ -142,7 +136,7 @@ async fn model_ready_v(
     if !s.serves(&name, &version) {
         return request_error(&RequestError::ModelNotFound(name));
     }
-    ready(State(s)).await
+    ready(State(s)).await.into_response()
 }
 
 async fn infer(
