@@ -3,12 +3,14 @@
 //! - [`tensor`]: Open Inference Protocol v2 tensor helpers (datatypes, shapes,
 //!   raw little-endian contents, the BYTES 4-byte-length-prefixed encoding).
 //! - [`metrics`]: the Prometheus `/metrics` HTTP server.
+//! - [`net`]: client-facing listeners whose connections have `TCP_NODELAY` set.
 //! - [`oip`]: the OIP v2 gRPC service, over what each role serves.
 //! - [`shutdown`]: SIGTERM/SIGINT handling as a cloneable shutdown signal.
 //! - [`telemetry`]: tracing subscriber setup and W3C `traceparent` helpers.
 //! - [`stats`]: latency windows that produce the `WorkerControl` stats shapes.
 
 pub mod metrics;
+pub mod net;
 pub mod oip;
 pub mod shutdown;
 pub mod stats;

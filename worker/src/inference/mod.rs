@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::net;
 use anyhow::Context;
 use tandem_engine::batcher::BatcherConfig;
 use tandem_engine::load::LoadOptions;
@@ -284,15 +285,12 @@ async fn start_servers(
     let oip = GrpcInferenceServiceServer::new(crate::common::oip::Grpc(worker.clone()))
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
-    let grpc_listener = tokio::net::TcpListener::bind(addr(args.grpc_port))
-        .await
-        .context("bind gRPC port")?;
+    let grpc_incoming = net::grpc_incoming(addr(args.grpc_port), "gRPC port").await?;
     let s = stop.clone();
     tasks.push(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(oip)
-            .serve_with_incoming_shutdown(incoming, wait_stop(s))
+            .serve_with_incoming_shutdown(grpc_incoming, wait_stop(s))
             .await
         {
             tracing::error!(error = %e, "gRPC server failed");
@@ -300,24 +298,19 @@ async fn start_servers(
     }));
 
     let control = WorkerControlServer::new(grpc::Control(worker.clone()));
-    let control_listener = tokio::net::TcpListener::bind(addr(args.control_port))
-        .await
-        .context("bind control port")?;
+    let control_incoming = net::grpc_incoming(addr(args.control_port), "control port").await?;
     let s = stop.clone();
     tasks.push(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(control_listener);
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(control)
-            .serve_with_incoming_shutdown(incoming, wait_stop(s))
+            .serve_with_incoming_shutdown(control_incoming, wait_stop(s))
             .await
         {
             tracing::error!(error = %e, "control server failed");
         }
     }));
 
-    let http_listener = tokio::net::TcpListener::bind(addr(args.http_port))
-        .await
-        .context("bind HTTP port")?;
+    let http_listener = net::http_listener(addr(args.http_port), "HTTP port").await?;
     let app = rest::router(worker.clone()).layer(axum::extract::DefaultBodyLimit::max(256 << 20));
     let s = stop.clone();
     tasks.push(tokio::spawn(async move {

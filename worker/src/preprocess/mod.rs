@@ -28,7 +28,7 @@ use anyhow::Context;
 use prometheus_client::registry::Registry;
 
 use crate::common::shutdown::Shutdown;
-use crate::common::{metrics as metrics_server, telemetry};
+use crate::common::{metrics as metrics_server, net, telemetry};
 use crate::config::PipelineConfig;
 
 /// Preprocess worker configuration (flags override the config file).
@@ -187,30 +187,18 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Res
     let http_addr = SocketAddr::new(bind, ports.http);
     let metrics_addr = SocketAddr::new(bind, ports.metrics);
 
-    let http_listener = tokio::net::TcpListener::bind(http_addr)
-        .await
-        .with_context(|| format!("bind HTTP {http_addr}"))?;
-    let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
-        .await
-        .with_context(|| format!("bind gRPC {grpc_addr}"))?;
-    let control_listener = tokio::net::TcpListener::bind(control_addr)
-        .await
-        .with_context(|| format!("bind control {control_addr}"))?;
+    let http_listener = net::http_listener(http_addr, "HTTP").await?;
+    let grpc_incoming = net::grpc_incoming(grpc_addr, "gRPC").await?;
+    let control_incoming = net::grpc_incoming(control_addr, "control").await?;
 
     let s = closing.clone();
     let grpc = tonic::transport::Server::builder()
         .add_service(grpc::server(Arc::clone(&svc)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            async move { s.wait().await },
-        );
+        .serve_with_incoming_shutdown(grpc_incoming, async move { s.wait().await });
     let d = drained.clone();
     let control = tonic::transport::Server::builder()
         .add_service(control::server(Arc::clone(&svc)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(control_listener),
-            async move { d.wait().await },
-        );
+        .serve_with_incoming_shutdown(control_incoming, async move { d.wait().await });
     let s = closing.clone();
     let http = axum::serve(http_listener, rest::router(Arc::clone(&svc)))
         .with_graceful_shutdown(async move { s.wait().await });
