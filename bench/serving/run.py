@@ -591,6 +591,7 @@ def main():
     out["deploy"] = deploy_sizes(a.venv, a.bin_dir)
     out["loadavg_end"] = os.getloadavg()
     (outdir / "results.json").write_text(json.dumps(out, indent=1))
+    (outdir / "results.partial.json").unlink(missing_ok=True)
     text = report(out)
     (outdir / "report.txt").write_text(text + "\n")
     plots(out, outdir)
