@@ -39,6 +39,10 @@ scripts/images.sh --check-dockerfiles
 say "build (workspace, tests included)"
 t=$(date +%s); cargo build --workspace --all-targets -q; echo "build: $(since "$t")" >&2
 
+say "CUDA kernels compile with NVRTC (the nvidia-cuda-nvrtc wheel; no driver or GPU needed)"
+nvrtc_lib=$("$TANDEM_PYTHON" -c 'import nvidia.cu13, os; print(os.path.join(list(nvidia.cu13.__path__)[0], "lib"))')
+LD_LIBRARY_PATH="$nvrtc_lib" target/debug/examples/nvrtc_check
+
 say "tritonclient (grpc + http) against the real inference worker, unmodified"
 t=$(date +%s)
 "$TANDEM_PYTHON" tests/python/inference/tritonclient_check.py \

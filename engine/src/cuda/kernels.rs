@@ -20,6 +20,24 @@ pub const KERNELS: &[&str] = &[
     "add_inplace",
 ];
 
+/// The kernels of [`KERNELS`] that `ptx` has no `.entry` directive for. The kernels are
+/// `extern "C"`, so their PTX names are not mangled.
+pub fn missing_entry_points(ptx: &str) -> Vec<&'static str> {
+    let entries: std::collections::HashSet<&str> = ptx
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace().skip_while(|w| *w != ".entry");
+            words.next()?;
+            Some(words.next()?.trim_end_matches('('))
+        })
+        .collect();
+    KERNELS
+        .iter()
+        .copied()
+        .filter(|k| !entries.contains(k))
+        .collect()
+}
+
 /// All kernels of the CUDA engine, one compilation unit.
 pub const SOURCE: &str = r#"
 extern "C" __global__ void embedding_gather(const long long* ids, const long long* types, const float* word,
@@ -155,6 +173,21 @@ extern "C" __global__ void add_inplace(float* x, const float* r, int relu, long 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entry_points_are_matched_by_exact_name() {
+        let all: String = KERNELS
+            .iter()
+            .map(|k| format!(".visible .entry {k}(\n\t.param .u64 x\n)\n"))
+            .collect();
+        assert!(missing_entry_points(&all).is_empty());
+        // A prefix of a name, or a name only called, is not an entry point.
+        let partial = ".visible .entry layer(\ncall.uni bias_gelu, (\n.visible .entry add_inplace(";
+        let missing = missing_entry_points(partial);
+        assert!(missing.contains(&"layer_norm") && missing.contains(&"bias_gelu"));
+        assert!(!missing.contains(&"add_inplace"));
+        assert_eq!(missing.len(), KERNELS.len() - 1);
+    }
 
     #[test]
     fn every_listed_kernel_is_defined_once_as_extern_c_global() {
