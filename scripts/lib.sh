@@ -14,6 +14,7 @@ ensure_system_packages() {
   command -v curl >/dev/null || missing+=(curl)
   command -v cmake >/dev/null || missing+=(cmake) # turbojpeg-sys builds libjpeg-turbo from source
   command -v nasm >/dev/null || missing+=(nasm)   # libjpeg-turbo's x86-64 SIMD (required, see Cargo.toml)
+  command -v g++ >/dev/null || missing+=(g++)     # tests/cuda-emu compiles the CUDA kernels as C++20
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

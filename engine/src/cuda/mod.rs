@@ -29,9 +29,13 @@
 //!   entry point. (NVRTC itself does compile [`kernels::SOURCE`]: `scripts/test.sh`
 //!   runs `engine/examples/nvrtc_check.rs` with NVRTC 13.5 for compute 8.0–9.0 and
 //!   checks the PTX's entry points);
-//! - every kernel's numerics and indexing (embedding gather, LayerNorm,
-//!   bias/GELU, masked softmax, residual add, mean pool + L2 normalize,
-//!   im2col, depthwise conv, bias + ReLU6, global average pool);
+//! - every kernel's numerics and indexing *on a GPU*. On the CPU they are
+//!   checked: `tests/cuda-emu` compiles `kernels.cu` as C++ with a stand-in
+//!   for CUDA (an OS thread per CUDA thread, a barrier for `__syncthreads`),
+//!   runs each kernel with the launch from [`launch`], and compares it with
+//!   the CPU engine's op. Real warps, memory ordering, `__expf`'s reduced
+//!   precision and the engine's argument passing at each call site are not
+//!   covered by that;
 //! - the cuBLAS calls themselves (`sgemm`, `sgemm_strided_batched` with
 //!   offset views and batch strides), stream ordering and synchronization;
 //! - agreement of [`bert::CudaBert`] embeddings with the CPU engine and the
