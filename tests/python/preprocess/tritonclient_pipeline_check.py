@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "inference"))
 sys.path.insert(0, HERE)
 from gen_image_fixtures import pillow_reference  # noqa: E402
-from tritonclient_check import FIX, cosine, mod_input, start, stop, wait_ready  # noqa: E402
+from tritonclient_check import FIX, cosine, mod_input, mod_output, start, stop, wait_ready  # noqa: E402
 
 # ImageNet class names of the PyTorch reference's top 5 for chelsea (fixtures/efficientnet_chelsea.json).
 IMAGENET_NAMES = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat", 287: "lynx", 782: "screen"}
@@ -125,16 +125,12 @@ def check_text(worker, models, base):
             print(f"text via {mod}: {len(texts)} sentences in one batch, worst cosine against "
                   f"sentence-transformers {worst:.6f}")
 
-            m = grpcclient if mod == "grpc" else httpclient
-            wrong_type = m.InferInput("INPUT", [1], "INT32")
-            wrong_type.set_data_from_numpy(np.array([7], dtype=np.int32))
             refusals = [
                 ([bytes_input(mod, [b"ok \xff\xfe"])], "UTF-8", None),
-                ([wrong_type], "BYTES", None),
+                ([mod_input(mod, "INPUT", np.array([7], dtype=np.int64))], "BYTES", None),
                 ([bytes_input(mod, [b"a", b"b"], (1, 2))], "shape", None),
                 ([bytes_input(mod, [b"x" * (MAX_REQUEST_BYTES + 1)])], "bytes", None),
-                ([bytes_input(mod, [b"fine"])], "nonexistent",
-                 [(grpcclient if mod == "grpc" else httpclient).InferRequestedOutput("nonexistent")]),
+                ([bytes_input(mod, [b"fine"])], "nonexistent", [mod_output(mod, "nonexistent")]),
             ]
             for inputs, needle, outputs in refusals:
                 msg = expect_refused(mod, client, "minilm", inputs, needle, outputs)
@@ -219,9 +215,7 @@ def check_image(worker, models, base):
                 print(f"image via {mod}, {name}: top-5 {[l.decode() for l in labels[0]]}, "
                       f"probabilities within {diff:.4f} of Pillow's preprocessing")
 
-            m = grpcclient if mod == "grpc" else httpclient
-            wrong_type = m.InferInput("INPUT", [1], "FP32")
-            wrong_type.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+            wrong_type = mod_input(mod, "INPUT", np.array([1.0], dtype=np.float32))
             refusals = [
                 ([bytes_input(mod, [jpeg[: len(jpeg) // 2]])], "truncated"),
                 ([bytes_input(mod, [b""])], "empty"),
