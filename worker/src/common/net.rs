@@ -1,4 +1,5 @@
-//! Listening sockets whose accepted connections have `TCP_NODELAY` and TCP keepalive set.
+//! Listening sockets whose accepted connections have `TCP_NODELAY` and TCP keepalive set, and
+//! the REST server that runs on them.
 //!
 //! Neither tonic's `serve_with_incoming*` (it ignores `Server::tcp_nodelay` for a stream it
 //! did not bind) nor `axum::serve` sets it on the connections it accepts. Without it, Nagle's
@@ -11,7 +12,12 @@
 //! otherwise hold its connection, a file descriptor and its buffers, for as long as the worker
 //! runs. With probes after [`KEEPALIVE_IDLE`] of silence, such a connection is closed about
 //! 90 s later.
+//!
+//! [`serve_http`] replaces `axum::serve`, which has no limit on how long a client may take to
+//! send its request headers: a client that opens connections and trickles bytes would hold
+//! each for ever.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -59,6 +65,63 @@ pub async fn http_listener(
             tracing::debug!(error = %e, "could not set TCP keepalive on an accepted connection");
         }
     }))
+}
+
+/// The longest an HTTP/1 client may take to send a request's headers (hyper's default, which
+/// only applies with a timer, and `axum::serve` sets none).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `router` (HTTP/1 and HTTP/2) on `listener` until `shutdown` resolves. Then it
+/// accepts no more connections, asks each open one to close once its requests are answered
+/// (HTTP/2 `GOAWAY`, HTTP/1 keep-alive off) and returns when all have closed: the same as
+/// `axum::serve(..).with_graceful_shutdown(..)`, plus `header_read_timeout` for HTTP/1.
+pub async fn serve_http<L>(
+    mut listener: L,
+    router: axum::Router,
+    header_read_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) where
+    L: axum::serve::Listener<Io = TcpStream>,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let io = tokio::select! {
+            (io, _) = listener.accept() => io,
+            () = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            // hyper's timer starts with the request head, after the protocol has been told
+            // from the first bytes: a client that sends none is cut off here.
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(header_read_timeout, io.peek(&mut first)).await,
+                Ok(Ok(1))
+            ) {
+                return;
+            }
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 #[cfg(test)]
@@ -112,5 +175,91 @@ mod tests {
         let (accepted, _) = plain.accept().await.unwrap();
         let (nodelay, keepalive, ..) = options(&accepted);
         assert!(!nodelay && !keepalive);
+    }
+
+    /// Reads until the server closes the connection; `None` if it has not after `limit`.
+    async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Option<String> {
+        use tokio::io::AsyncReadExt as _;
+        let mut out = Vec::new();
+        match tokio::time::timeout(limit, stream.read_to_end(&mut out)).await {
+            Ok(_) => Some(String::from_utf8_lossy(&out).into_owned()),
+            Err(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_or_one_that_trickles_its_headers_is_cut_off_and_one_in_flight_is_answered_at_shutdown()
+     {
+        use tokio::io::AsyncWriteExt as _;
+        let router = axum::Router::new()
+            .route("/ok", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/slow",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    "slow"
+                }),
+            );
+        let listener = http_listener(loopback(), "HTTP").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_http(
+            listener,
+            router,
+            Duration::from_millis(200),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+
+        // Nothing sent, or headers never finished: the connection is closed after the timeout.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        assert!(
+            read_to_close(&mut silent, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "a connection that sent nothing was kept open"
+        );
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+        assert!(
+            read_to_close(&mut slow, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "a connection with unfinished headers was kept open"
+        );
+
+        // A whole request is answered.
+        let mut ok = TcpStream::connect(addr).await.unwrap();
+        ok.write_all(b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_to_close(&mut ok, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+            "{answer}"
+        );
+
+        // Shutdown while a request is in flight: it is answered, then the server returns.
+        let mut in_flight = TcpStream::connect(addr).await.unwrap();
+        in_flight
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        let answer = read_to_close(&mut in_flight, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(answer.ends_with("slow"), "{answer}");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server returned after its last connection closed")
+            .unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
     }
 }

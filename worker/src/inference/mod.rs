@@ -314,12 +314,7 @@ async fn start_servers(
     let app = rest::router(worker.clone()).layer(axum::extract::DefaultBodyLimit::max(256 << 20));
     let s = stop.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, app)
-            .with_graceful_shutdown(wait_stop(s))
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
+        net::serve_http(http_listener, app, net::HEADER_READ_TIMEOUT, wait_stop(s)).await;
     }));
 
     let metrics_listener = tokio::net::TcpListener::bind(addr(args.metrics_port))

@@ -200,8 +200,12 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Res
         .add_service(control::server(Arc::clone(&svc)))
         .serve_with_incoming_shutdown(control_incoming, async move { d.wait().await });
     let s = closing.clone();
-    let http = axum::serve(http_listener, rest::router(Arc::clone(&svc)))
-        .with_graceful_shutdown(async move { s.wait().await });
+    let http = net::serve_http(
+        http_listener,
+        rest::router(Arc::clone(&svc)),
+        net::HEADER_READ_TIMEOUT,
+        async move { s.wait().await },
+    );
     let metrics_task = tokio::spawn(metrics_server::serve(
         metrics_addr,
         Arc::new(registry),
@@ -234,10 +238,9 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Res
         }
         drained.trigger();
     };
-    let (g, c, h, ()) = tokio::join!(grpc, control, http, on_shutdown);
+    let (g, c, (), ()) = tokio::join!(grpc, control, http, on_shutdown);
     g.context("gRPC server")?;
     c.context("control server")?;
-    h.context("HTTP server")?;
     metrics_task.await.context("metrics task")??;
     tracing::info!("preprocess worker stopped");
     Ok(())
