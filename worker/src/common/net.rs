@@ -93,6 +93,8 @@ pub async fn serve_http<L>(
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Tells connections still waiting for their first byte to go at shutdown.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let io = tokio::select! {
@@ -102,15 +104,18 @@ pub async fn serve_http<L>(
         let service = TowerToHyperService::new(router.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
             // hyper's timer starts with the request head, after the protocol has been told
-            // from the first bytes: a client that sends none is cut off here.
+            // from the first bytes: a client that sends none is cut off here, or at shutdown.
             let mut first = [0u8; 1];
-            if !matches!(
-                tokio::time::timeout(header_read_timeout, io.peek(&mut first)).await,
-                Ok(Ok(1))
-            ) {
-                return;
+            tokio::select! {
+                r = tokio::time::timeout(header_read_timeout, io.peek(&mut first)) => {
+                    if !matches!(r, Ok(Ok(1))) {
+                        return;
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => return,
             }
             let connection = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -121,6 +126,8 @@ pub async fn serve_http<L>(
         });
     }
     drop(listener);
+    // No receiver left only means no connection is waiting for its first byte.
+    let _ = stopping.send(true);
     graceful.shutdown().await;
 }
 
@@ -261,5 +268,33 @@ mod tests {
             .expect("the server returned after its last connection closed")
             .unwrap();
         assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_has_sent_nothing_does_not_hold_up_shutdown() {
+        let router = axum::Router::new().route("/ok", axum::routing::get(|| async { "ok" }));
+        let listener = http_listener(loopback(), "HTTP").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_http(
+            listener,
+            router,
+            Duration::from_secs(60),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("shutdown waited on a connection that had sent nothing")
+            .unwrap();
+        assert!(
+            read_to_close(&mut idle, Duration::from_secs(1))
+                .await
+                .is_some()
+        );
     }
 }
