@@ -45,7 +45,7 @@ pub async fn grpc_incoming(addr: SocketAddr, what: &str) -> anyhow::Result<TcpIn
         .with_keepalive_retries(Some(KEEPALIVE_RETRIES)))
 }
 
-/// Binds `addr` for `axum::serve`; every accepted connection gets `TCP_NODELAY` and keepalive.
+/// Binds `addr` for [`serve_http`]; every accepted connection gets `TCP_NODELAY` and keepalive.
 pub async fn http_listener(
     addr: SocketAddr,
     what: &str,

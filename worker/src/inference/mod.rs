@@ -21,7 +21,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::net;
 use anyhow::Context;
 use tandem_engine::batcher::BatcherConfig;
 use tandem_engine::load::LoadOptions;
@@ -30,6 +29,8 @@ use tandem_engine::{DataType, Device};
 use tandem_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tandem_proto::tandem::v1::worker_control_server::WorkerControlServer;
 use tokio::sync::watch;
+
+use crate::common::net;
 
 use service::Worker;
 
