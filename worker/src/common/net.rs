@@ -194,10 +194,15 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_silent_client_or_one_that_trickles_its_headers_is_cut_off_and_one_in_flight_is_answered_at_shutdown()
-     {
-        use tokio::io::AsyncWriteExt as _;
+    /// `serve_http` on a loopback port with `/ok` and a 400 ms `/slow`; send on the returned
+    /// channel to shut it down.
+    async fn start_http(
+        header_read_timeout: Duration,
+    ) -> (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let router = axum::Router::new()
             .route("/ok", axum::routing::get(|| async { "ok" }))
             .route(
@@ -213,11 +218,19 @@ mod tests {
         let server = tokio::spawn(serve_http(
             listener,
             router,
-            Duration::from_millis(200),
+            header_read_timeout,
             async move {
                 let _ = stopped.await;
             },
         ));
+        (addr, stop, server)
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_or_one_that_trickles_its_headers_is_cut_off_and_one_in_flight_is_answered_at_shutdown()
+     {
+        use tokio::io::AsyncWriteExt as _;
+        let (addr, stop, server) = start_http(Duration::from_millis(200)).await;
 
         // Nothing sent, or headers never finished: the connection is closed after the timeout.
         let mut silent = TcpStream::connect(addr).await.unwrap();
@@ -272,18 +285,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_that_has_sent_nothing_does_not_hold_up_shutdown() {
-        let router = axum::Router::new().route("/ok", axum::routing::get(|| async { "ok" }));
-        let listener = http_listener(loopback(), "HTTP").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_http(
-            listener,
-            router,
-            Duration::from_secs(60),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let (addr, stop, server) = start_http(Duration::from_secs(60)).await;
         let mut idle = TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         stop.send(()).unwrap();
