@@ -27,9 +27,6 @@ pub enum MetricsError {
         #[source]
         source: std::io::Error,
     },
-    /// The server failed while running.
-    #[error("metrics server")]
-    Serve(#[source] std::io::Error),
 }
 
 /// Renders the registry in the OpenMetrics text format.
@@ -70,8 +67,12 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError::Bind { addr, source })?;
-    axum::serve(listener, router(registry))
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await
-        .map_err(MetricsError::Serve)
+    super::net::serve_http(
+        listener,
+        router(registry),
+        super::net::HEADER_READ_TIMEOUT,
+        async move { shutdown.wait().await },
+    )
+    .await;
+    Ok(())
 }

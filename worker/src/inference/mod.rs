@@ -340,12 +340,13 @@ async fn start_servers(
     );
     let s = stop;
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(metrics_listener, metrics_app)
-            .with_graceful_shutdown(wait_stop(s))
-            .await
-        {
-            tracing::error!(error = %e, "metrics server failed");
-        }
+        net::serve_http(
+            metrics_listener,
+            metrics_app,
+            net::HEADER_READ_TIMEOUT,
+            wait_stop(s),
+        )
+        .await;
     }));
     Ok(tasks)
 }
