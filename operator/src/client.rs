@@ -16,15 +16,28 @@
 //! below keeps few), so that wait was most of it: 113 ms for one pipeline on an idle cluster,
 //! ~5 ms per request on a kept connection (docs/benchmarks.md).
 //!
-//! The connection pool keeps at most [`MAX_IDLE_CONNECTIONS`] idle connections. hyper opens a
-//! connection for every request that finds none idle, and kept them all: a restart on 1,000
-//! pipelines ended with 24 connections to the API server, 7 of them watches (one per watched
-//! kind) and 17 idle, each with its buffers and request channel (~40 KB).
+//! HTTP/2 is offered in the TLS handshake (ALPN `h2`, then `http/1.1`), as client-go does, and
+//! the API server picks it. kube's own connector offers HTTP/1.1 only, where every request in
+//! flight needs a connection of its own: in a 1,000-pipeline burst the operator opened ~2,000
+//! TLS connections to an API server that was already its bottleneck. Over HTTP/2 the watches
+//! and every request share one connection. A server that does not offer `h2` gets HTTP/1.1 as
+//! before. The connection is pinged after [`PING_INTERVAL`] without traffic and dropped when a
+//! ping goes unanswered for [`PING_TIMEOUT`], so a dead API server or network path is found in
+//! under a minute instead of at the read timeout (kube's default: 295 s); every watch then
+//! restarts on a new connection.
+//!
+//! Over HTTP/1.1 the connection pool keeps at most [`MAX_IDLE_CONNECTIONS`] idle connections.
+//! hyper opens a connection for every request that finds none idle, and kept them all: a restart
+//! on 1,000 pipelines ended with 24 connections to the API server, 7 of them watches (one per
+//! watched kind) and 17 idle, each with its buffers and request channel (~40 KB).
 
+use std::time::Duration;
+
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_timeout::TimeoutConnector;
 use hyper_util::client::legacy::Builder;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::client::ConfigExt;
 use kube::client::retry::RetryPolicy;
 use kube::{Client, Config};
@@ -39,6 +52,13 @@ pub const MAX_READ_BUFFER: usize = 64 * 1024;
 /// rollout driver's and autoscaler's writes. Busy connections (watches included) are not
 /// limited; an idle connection beyond these is closed when its request completes.
 pub const MAX_IDLE_CONNECTIONS: usize = 4;
+
+/// An HTTP/2 connection without traffic for this long is pinged (client-go's default health
+/// check waits 30 s as well).
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// An unanswered ping closes the connection after this long (client-go: 15 s).
+pub const PING_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Builds the client `config` describes (see the module docs for what differs from
 /// `kube::Client::try_from`).
@@ -58,7 +78,7 @@ pub fn build(config: Config) -> Result<Client, kube::Error> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    let mut connector = TimeoutConnector::new(config.rustls_https_connector_with_connector(http)?);
+    let mut connector = TimeoutConnector::new(https_connector(&config, http)?);
     connector.set_connect_timeout(config.connect_timeout);
     connector.set_read_timeout(config.read_timeout);
     connector.set_write_timeout(config.write_timeout);
@@ -66,6 +86,10 @@ pub fn build(config: Config) -> Result<Client, kube::Error> {
     let http = Builder::new(TokioExecutor::new())
         .http1_max_buf_size(MAX_READ_BUFFER)
         .pool_max_idle_per_host(MAX_IDLE_CONNECTIONS)
+        .timer(TokioTimer::new())
+        .http2_keep_alive_interval(PING_INTERVAL)
+        .http2_keep_alive_timeout(PING_TIMEOUT)
+        .http2_keep_alive_while_idle(true)
         .build(connector);
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
@@ -81,6 +105,27 @@ pub fn build(config: Config) -> Result<Client, kube::Error> {
     Ok(Client::new(service, config.default_namespace))
 }
 
+/// kube's rustls connector (its TLS settings: CA, client identity, `insecure-skip-tls-verify`,
+/// `tls-server-name`), offering HTTP/2 as well as HTTP/1.1.
+fn https_connector(
+    config: &Config,
+    http: HttpConnector,
+) -> Result<HttpsConnector<HttpConnector>, kube::Error> {
+    let builder = HttpsConnectorBuilder::new()
+        .with_tls_config(config.rustls_client_config()?)
+        .https_or_http();
+    let builder = match &config.tls_server_name {
+        Some(name) => {
+            let name = name.clone().try_into().map_err(|e| {
+                kube::Error::RustlsTls(kube::client::RustlsTlsError::InvalidServerName(e))
+            })?;
+            builder.with_server_name_resolver(FixedServerNameResolver::new(name))
+        }
+        None => builder,
+    };
+    Ok(builder.enable_all_versions().wrap_connector(http))
+}
+
 /// The client for the kubeconfig or in-cluster configuration, as `kube::Client::try_default`
 /// finds it.
 pub async fn infer() -> Result<Client, kube::Error> {
@@ -91,6 +136,8 @@ pub async fn infer() -> Result<Client, kube::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -116,6 +163,108 @@ mod tests {
             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         )
+    }
+
+    /// Serves `GET /version` over TLS for the name `localhost`, offering `alpn` (e.g. `h2`),
+    /// until dropped. Returns the CA certificate (DER), the address, the number of TCP
+    /// connections accepted so far and the HTTP versions of the requests answered.
+    async fn tls_server(
+        alpn: &[&[u8]],
+    ) -> (
+        Vec<u8>,
+        std::net::SocketAddr,
+        Arc<AtomicUsize>,
+        Arc<Mutex<Vec<http::Version>>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+            .expect("a self-signed certificate");
+        let ca = cert.cert.der().to_vec();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .expect("a server config");
+        tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let addr = listener.local_addr().expect("has an address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let versions = Arc::new(Mutex::new(Vec::new()));
+        let (count, seen) = (accepted.clone(), versions.clone());
+        let server = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, seen) = (acceptor.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                        seen.lock().expect("not poisoned").push(req.version());
+                        let body = VERSION_JSON.to_owned();
+                        async move {
+                            http::Response::builder()
+                                .header("content-type", "application/json")
+                                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (ca, addr, accepted, versions, server)
+    }
+
+    const VERSION_JSON: &str = r#"{"major":"1","minor":"36","gitVersion":"v1.36.3","gitCommit":"x",
+        "gitTreeState":"clean","buildDate":"2026-01-01T00:00:00Z","goVersion":"go1.26",
+        "compiler":"gc","platform":"linux/amd64"}"#;
+
+    /// Asks `/version` once, then four times at once, of a TLS server offering `alpn`; returns
+    /// the connections it accepted and the HTTP versions it saw. (Requests that start together
+    /// before any connection exists each open one: the protocol is known only after the TLS
+    /// handshake. The operator's first request is a lone one, before its watches start.)
+    async fn five_requests_over_tls(alpn: &[&[u8]]) -> (usize, Vec<http::Version>) {
+        let (ca, addr, accepted, versions, server) = tls_server(alpn).await;
+        let mut config = Config::new(format!("https://{addr}").parse().expect("a URL"));
+        config.root_cert = Some(vec![ca]);
+        // The certificate names `localhost`, the URL an address: the name must come from here.
+        config.tls_server_name = Some("localhost".to_owned());
+        let client = build(config).expect("builds");
+        let answer = client.apiserver_version().await.expect("answered");
+        assert_eq!(answer.git_version, "v1.36.3");
+        let burst = futures::future::join_all((0..4).map(|_| client.apiserver_version())).await;
+        for answer in burst {
+            assert_eq!(answer.expect("answered").git_version, "v1.36.3");
+        }
+        server.abort();
+        let seen = versions.lock().expect("not poisoned").clone();
+        (accepted.load(Ordering::SeqCst), seen)
+    }
+
+    #[tokio::test]
+    async fn requests_in_flight_together_share_one_http2_connection_when_the_server_offers_h2() {
+        let (connections, versions) = five_requests_over_tls(&[b"h2", b"http/1.1"]).await;
+
+        assert_eq!(versions, vec![http::Version::HTTP_2; 5]);
+        assert_eq!(connections, 1, "four requests at once over one connection");
+    }
+
+    #[tokio::test]
+    async fn a_server_without_h2_is_spoken_to_over_http1_with_a_connection_per_request_in_flight() {
+        let (connections, versions) = five_requests_over_tls(&[b"http/1.1"]).await;
+
+        assert_eq!(versions, vec![http::Version::HTTP_11; 5]);
+        assert!(
+            connections > 1,
+            "HTTP/1.1 cannot carry four requests at once on one connection: {connections}"
+        );
     }
 
     #[test]
