@@ -16,15 +16,25 @@
 //! [`serve_http`] replaces `axum::serve`, which has no limit on how long a client may take to
 //! send its request headers: a client that opens connections and trickles bytes would hold
 //! each for ever.
+//!
+//! [`grpc_incoming`] hands tonic a connection only once its client has sent a byte, within
+//! [`FIRST_BYTE_TIMEOUT`]. hyper's HTTP/2 server has no handshake timeout, and its pings start
+//! after the handshake, so a client that connected and sent nothing held its connection, a
+//! task and a file descriptor for as long as the worker ran (TCP keepalive does not help: the
+//! client's kernel answers the probes).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
+use futures::Stream;
 use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::server::TcpIncoming;
+use tokio::sync::mpsc;
 
 /// Idle time before the first keepalive probe.
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -33,16 +43,107 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes before the kernel closes the connection.
 pub const KEEPALIVE_RETRIES: u32 = 3;
 
-/// Binds `addr` for a tonic server; every accepted connection gets `TCP_NODELAY` and keepalive.
-pub async fn grpc_incoming(addr: SocketAddr, what: &str) -> anyhow::Result<TcpIncoming> {
+/// The longest a gRPC client may take to send the first byte on a new connection (REST's
+/// limit is [`HEADER_READ_TIMEOUT`], for the first byte and then for the whole head).
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pause after an `accept` that failed (e.g. out of file descriptors) before the next one.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Connections that have sent their first byte and wait for tonic to take them.
+const READY_CONNECTIONS: usize = 64;
+
+/// Sets `TCP_NODELAY` and keepalive on an accepted connection.
+fn tune(stream: &TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
+    }
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "could not set TCP keepalive on an accepted connection");
+    }
+}
+
+/// Whether the client sends a byte within `limit`.
+async fn first_byte(stream: &TcpStream, limit: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(limit, stream.peek(&mut byte)).await,
+        Ok(Ok(1))
+    )
+}
+
+/// The connections of a port bound by [`grpc_incoming`], for tonic's
+/// `serve_with_incoming_shutdown`.
+pub struct GrpcIncoming {
+    local_addr: SocketAddr,
+    connections: mpsc::Receiver<std::io::Result<TcpStream>>,
+}
+
+impl GrpcIncoming {
+    /// The bound address (the port the OS chose when asked for 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Stream for GrpcIncoming {
+    type Item = std::io::Result<TcpStream>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.connections.poll_recv(cx)
+    }
+}
+
+/// Binds `addr` for a tonic server. Every accepted connection gets `TCP_NODELAY` and
+/// keepalive, and reaches tonic once its client has sent a byte: a connection silent for
+/// `first_byte_timeout` is closed, and so are those still silent when tonic stops accepting
+/// (it drops the [`GrpcIncoming`] at shutdown, which also closes the port).
+pub async fn grpc_incoming(
+    addr: SocketAddr,
+    what: &str,
+    first_byte_timeout: Duration,
+) -> anyhow::Result<GrpcIncoming> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind {what} {addr}"))?;
-    Ok(TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(KEEPALIVE_IDLE))
-        .with_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .with_keepalive_retries(Some(KEEPALIVE_RETRIES)))
+    let local_addr = listener.local_addr()?;
+    let (ready, connections) = mpsc::channel(READY_CONNECTIONS);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = ready.closed() => break,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
+            tune(&stream);
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                let spoke = tokio::select! {
+                    spoke = first_byte(&stream, first_byte_timeout) => spoke,
+                    () = ready.closed() => false,
+                };
+                if spoke {
+                    // Err: tonic stopped accepting meanwhile; the connection is dropped.
+                    let _ = ready.send(Ok(stream)).await;
+                }
+            });
+        }
+    });
+    Ok(GrpcIncoming {
+        local_addr,
+        connections,
+    })
 }
 
 /// Binds `addr` for [`serve_http`]; every accepted connection gets `TCP_NODELAY` and keepalive.
@@ -53,18 +154,7 @@ pub async fn http_listener(
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind {what} {addr}"))?;
-    Ok(listener.tap_io(|stream: &mut TcpStream| {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
-        }
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(KEEPALIVE_IDLE)
-            .with_interval(KEEPALIVE_INTERVAL)
-            .with_retries(KEEPALIVE_RETRIES);
-        if let Err(e) = socket2::SockRef::from(&*stream).set_tcp_keepalive(&keepalive) {
-            tracing::debug!(error = %e, "could not set TCP keepalive on an accepted connection");
-        }
-    }))
+    Ok(listener.tap_io(|stream: &mut TcpStream| tune(stream)))
 }
 
 /// The longest an HTTP/1 client may take to send a request's headers (hyper's default, which
@@ -108,14 +198,12 @@ pub async fn serve_http<L>(
         tokio::spawn(async move {
             // hyper's timer starts with the request head, after the protocol has been told
             // from the first bytes: a client that sends none is cut off here, or at shutdown.
-            let mut first = [0u8; 1];
-            tokio::select! {
-                r = tokio::time::timeout(header_read_timeout, io.peek(&mut first)) => {
-                    if !matches!(r, Ok(Ok(1))) {
-                        return;
-                    }
-                }
-                _ = stop.wait_for(|s| *s) => return,
+            let spoke = tokio::select! {
+                spoke = first_byte(&io, header_read_timeout) => spoke,
+                _ = stop.wait_for(|s| *s) => false,
+            };
+            if !spoke {
+                return;
             }
             let connection = builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service)
@@ -162,9 +250,11 @@ mod tests {
             KEEPALIVE_INTERVAL,
             KEEPALIVE_RETRIES,
         );
-        let mut incoming = grpc_incoming(loopback(), "gRPC").await.unwrap();
-        let addr = incoming.local_addr().unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
+        let mut incoming = grpc_incoming(loopback(), "gRPC", FIRST_BYTE_TIMEOUT)
+            .await
+            .unwrap();
+        let client = TcpStream::connect(incoming.local_addr()).await.unwrap();
+        client.try_write(b"P").unwrap();
         let accepted = incoming.next().await.unwrap().unwrap();
         assert_eq!(options(&accepted), want, "gRPC connection");
 
@@ -182,6 +272,70 @@ mod tests {
         let (accepted, _) = plain.accept().await.unwrap();
         let (nodelay, keepalive, ..) = options(&accepted);
         assert!(!nodelay && !keepalive);
+    }
+
+    #[tokio::test]
+    async fn a_grpc_connection_reaches_the_server_once_it_has_sent_a_byte_and_a_silent_one_is_closed()
+     {
+        let mut incoming = grpc_incoming(loopback(), "gRPC", Duration::from_millis(200))
+            .await
+            .unwrap();
+        let addr = incoming.local_addr();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), incoming.next())
+                .await
+                .is_err(),
+            "a connection that has sent nothing was handed to the server"
+        );
+        assert!(
+            read_to_close(&mut silent, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "a connection that sent nothing was kept open"
+        );
+        let speaker = TcpStream::connect(addr).await.unwrap();
+        speaker.try_write(b"P").unwrap();
+        let handed = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+            .await
+            .expect("handed over once it spoke")
+            .unwrap()
+            .unwrap();
+        assert_eq!(handed.peer_addr().unwrap(), speaker.local_addr().unwrap());
+        // The byte is still there for the server to read.
+        let mut byte = [0u8; 1];
+        handed.peek(&mut byte).await.unwrap();
+        assert_eq!(&byte, b"P");
+    }
+
+    #[tokio::test]
+    async fn silent_grpc_connections_are_closed_and_the_port_refuses_new_ones_once_the_server_stops_accepting()
+     {
+        let incoming = grpc_incoming(loopback(), "gRPC", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let addr = incoming.local_addr();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        drop(incoming);
+
+        assert!(
+            read_to_close(&mut silent, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "a silent connection outlived the server's accepting"
+        );
+        let mut refused = false;
+        for _ in 0..50 {
+            if TcpStream::connect(addr).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(refused, "the port still accepts");
     }
 
     /// Reads until the server closes the connection; `None` if it has not after `limit`.

@@ -286,7 +286,8 @@ async fn start_servers(
     let oip = GrpcInferenceServiceServer::new(crate::common::oip::Grpc(worker.clone()))
         .max_decoding_message_size(256 << 20)
         .max_encoding_message_size(256 << 20);
-    let grpc_incoming = net::grpc_incoming(addr(args.grpc_port), "gRPC port").await?;
+    let grpc_incoming =
+        net::grpc_incoming(addr(args.grpc_port), "gRPC port", net::FIRST_BYTE_TIMEOUT).await?;
     let s = stop.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
@@ -299,7 +300,12 @@ async fn start_servers(
     }));
 
     let control = WorkerControlServer::new(grpc::Control(worker.clone()));
-    let control_incoming = net::grpc_incoming(addr(args.control_port), "control port").await?;
+    let control_incoming = net::grpc_incoming(
+        addr(args.control_port),
+        "control port",
+        net::FIRST_BYTE_TIMEOUT,
+    )
+    .await?;
     let s = stop.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()

@@ -188,8 +188,9 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Res
     let metrics_addr = SocketAddr::new(bind, ports.metrics);
 
     let http_listener = net::http_listener(http_addr, "HTTP").await?;
-    let grpc_incoming = net::grpc_incoming(grpc_addr, "gRPC").await?;
-    let control_incoming = net::grpc_incoming(control_addr, "control").await?;
+    let grpc_incoming = net::grpc_incoming(grpc_addr, "gRPC", net::FIRST_BYTE_TIMEOUT).await?;
+    let control_incoming =
+        net::grpc_incoming(control_addr, "control", net::FIRST_BYTE_TIMEOUT).await?;
 
     let s = closing.clone();
     let grpc = tonic::transport::Server::builder()
