@@ -29,10 +29,12 @@ import tritonclient.http as httpclient
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "fixtures")
+# Termination logs and configs of the workers started here; removed when the interpreter exits.
+SCRATCH = tempfile.TemporaryDirectory(prefix="tandem-check-")
 
 
 def start(worker, uri, name, base, extra=()):
-    tl = tempfile.NamedTemporaryFile(delete=False)
+    tl = tempfile.NamedTemporaryFile(dir=SCRATCH.name, delete=False)
     cmd = [worker, "inference", "--model-uri", uri, "--model-name", name, "--listen-address", "127.0.0.1",
            "--http-port", str(base), "--grpc-port", str(base + 1), "--metrics-port", str(base + 2),
            "--control-port", str(base + 3), "--cpu-threads", "2", "--termination-log", tl.name, *extra]

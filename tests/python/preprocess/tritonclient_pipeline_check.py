@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "inference"))
 sys.path.insert(0, HERE)
 from gen_image_fixtures import pillow_reference  # noqa: E402
-from tritonclient_check import FIX, cosine, mod_input, mod_output, start, stop, wait_ready  # noqa: E402
+from tritonclient_check import FIX, SCRATCH, cosine, mod_input, mod_output, start, stop, wait_ready  # noqa: E402
 
 # ImageNet class names of the PyTorch reference's top 5 for chelsea (fixtures/efficientnet_chelsea.json).
 IMAGENET_NAMES = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat", 287: "lynx", 782: "screen"}
@@ -55,7 +55,7 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 def start_preprocess(worker, config, base, inference_grpc_port):
-    path = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    path = tempfile.NamedTemporaryFile("w", suffix=".json", dir=SCRATCH.name, delete=False)
     json.dump(config, path)
     path.close()
     cmd = [worker, "preprocess", "--config", path.name, "--bind", "127.0.0.1",
