@@ -235,6 +235,9 @@ async fn tick(
         };
         // Invalid specs are the reconciler's to report; nothing to scale.
         let Ok(v) = validate(p) else { continue };
+        if !reconciled(p) {
+            continue;
+        }
         let key = (ns.clone(), name.clone());
         seen.insert(key.clone());
         let st = state.entry(key.clone()).or_default();
@@ -347,6 +350,17 @@ async fn tick(
         }
     }
     state.retain(|k, _| seen.contains(k));
+}
+
+/// Whether the reconciler has written this pipeline's status at least once. Until then it has
+/// no workers to scale, and that first write sets each stage's desired count (its minimum). In
+/// a burst of new pipelines, writing the counts here as well added one status write per
+/// pipeline, ~1,000 API writes at the start of a 1,000-pipeline burst, each ahead of a
+/// reconcile in the API server's queue (docs/benchmarks.md).
+fn reconciled(p: &InferencePipeline) -> bool {
+    p.status
+        .as_ref()
+        .is_some_and(|s| s.observed_generation.is_some())
 }
 
 /// The count desired so far: this autoscaler's own last decision once it has one (the watch
@@ -553,6 +567,23 @@ mod tests {
         assert_eq!(poll(client, timeout).await, None);
         assert!(started.elapsed() < Duration::from_secs(2));
         assert_eq!(poll(None, timeout).await, None, "no address, no answer");
+    }
+
+    #[test]
+    fn a_pipeline_is_scaled_only_once_the_reconciler_has_written_its_status() {
+        let mut p = crate::test_fixtures::text_pipeline();
+        p.status = None;
+        assert!(!reconciled(&p), "no status yet");
+
+        // Status written by someone else (e.g. `kubectl tandem`) without a generation.
+        p.status = Some(crate::crd::InferencePipelineStatus::default());
+        assert!(!reconciled(&p), "status without observedGeneration");
+
+        p.status = Some(crate::crd::InferencePipelineStatus {
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        assert!(reconciled(&p));
     }
 
     #[test]
