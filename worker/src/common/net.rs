@@ -24,11 +24,11 @@
 //! client's kernel answers the probes).
 
 use std::future::Future;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::time::Duration;
-
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::serve::ListenerExt as _;
@@ -120,8 +120,17 @@ pub async fn grpc_incoming(
             };
             let stream = match accepted {
                 Ok((stream, _)) => stream,
+                // The client gave up before it was accepted: nothing is wrong here.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => {
-                    tracing::debug!(error = %e, "accepting a connection failed");
+                    tracing::warn!(error = %e, "accepting a gRPC connection failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
