@@ -20,6 +20,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Arc::new(AgentConfig::from_args(args)?);
     std::fs::create_dir_all(cfg.args.state_dir.join("pods")).context("creating state dir")?;
     std::fs::create_dir_all(cfg.log_dir()).context("creating log dir")?;
+    // The operator's client: HTTP/2 and `TCP_NODELAY`, as a kubelet's client-go has, where
+    // kube's own client would stall each new connection's TLS handshake for up to 40 ms.
     let client = match &cfg.args.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -29,9 +31,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 &kube::config::KubeConfigOptions::default(),
             )
             .await?;
-            kube::Client::try_from(config)?
+            tandem_operator::client::build(config)?
         }
-        None => kube::Client::try_default().await?,
+        None => tandem_operator::client::infer().await?,
     };
     let ctx = Arc::new(Ctx::new(client.clone(), cfg.clone())?);
 
