@@ -165,21 +165,18 @@ mod tests {
         )
     }
 
-    /// Serves `GET /version` over TLS for the name `localhost`, offering `alpn` (e.g. `h2`),
-    /// until dropped. Returns the CA certificate (DER), the address, the number of TCP
-    /// connections accepted so far and the HTTP versions of the requests answered.
-    async fn tls_server(
-        alpn: &[&[u8]],
-    ) -> (
-        Vec<u8>,
-        std::net::SocketAddr,
-        Arc<AtomicUsize>,
-        Arc<Mutex<Vec<http::Version>>>,
-        tokio::task::JoinHandle<()>,
-    ) {
+    const VERSION_JSON: &str = r#"{"major":"1","minor":"36","gitVersion":"v1.36.3","gitCommit":"x",
+        "gitTreeState":"clean","buildDate":"2026-01-01T00:00:00Z","goVersion":"go1.26",
+        "compiler":"gc","platform":"linux/amd64"}"#;
+
+    /// Asks `/version` once, then four times at once, of a TLS server for the name `localhost`
+    /// offering `alpn` (e.g. `h2`); returns the connections it accepted and the HTTP versions
+    /// it saw. (Requests that start together before any connection exists each open one: the
+    /// protocol is known only after the TLS handshake. The operator's first request is a lone
+    /// one, before its watches start.)
+    async fn five_requests_over_tls(alpn: &[&[u8]]) -> (usize, Vec<http::Version>) {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
             .expect("a self-signed certificate");
-        let ca = cert.cert.der().to_vec();
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
         let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -206,11 +203,12 @@ mod tests {
                     };
                     let service = hyper::service::service_fn(move |req: http::Request<_>| {
                         seen.lock().expect("not poisoned").push(req.version());
-                        let body = VERSION_JSON.to_owned();
-                        async move {
+                        async {
                             http::Response::builder()
                                 .header("content-type", "application/json")
-                                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                    VERSION_JSON.as_bytes(),
+                                )))
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -219,21 +217,9 @@ mod tests {
                 });
             }
         });
-        (ca, addr, accepted, versions, server)
-    }
 
-    const VERSION_JSON: &str = r#"{"major":"1","minor":"36","gitVersion":"v1.36.3","gitCommit":"x",
-        "gitTreeState":"clean","buildDate":"2026-01-01T00:00:00Z","goVersion":"go1.26",
-        "compiler":"gc","platform":"linux/amd64"}"#;
-
-    /// Asks `/version` once, then four times at once, of a TLS server offering `alpn`; returns
-    /// the connections it accepted and the HTTP versions it saw. (Requests that start together
-    /// before any connection exists each open one: the protocol is known only after the TLS
-    /// handshake. The operator's first request is a lone one, before its watches start.)
-    async fn five_requests_over_tls(alpn: &[&[u8]]) -> (usize, Vec<http::Version>) {
-        let (ca, addr, accepted, versions, server) = tls_server(alpn).await;
         let mut config = Config::new(format!("https://{addr}").parse().expect("a URL"));
-        config.root_cert = Some(vec![ca]);
+        config.root_cert = Some(vec![cert.cert.der().to_vec()]);
         // The certificate names `localhost`, the URL an address: the name must come from here.
         config.tls_server_name = Some("localhost".to_owned());
         let client = build(config).expect("builds");
@@ -284,14 +270,11 @@ mod tests {
     async fn the_client_sends_the_token_and_retries_a_503_like_kubes_own() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
         let url = format!("http://{}", listener.local_addr().expect("has an address"));
-        let version = r#"{"major":"1","minor":"36","gitVersion":"v1.36.3","gitCommit":"x",
-            "gitTreeState":"clean","buildDate":"2026-01-01T00:00:00Z","goVersion":"go1.26",
-            "compiler":"gc","platform":"linux/amd64"}"#;
         let server = tokio::spawn(serve(
             listener,
             vec![
                 response("503 Service Unavailable", "{}"),
-                response("200 OK", version),
+                response("200 OK", VERSION_JSON),
             ],
         ));
         let mut config = Config::new(url.parse().expect("a URL"));

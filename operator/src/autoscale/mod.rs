@@ -233,11 +233,11 @@ async fn tick(
         let (Some(ns), name) = (p.namespace(), p.name_any()) else {
             continue;
         };
-        // Invalid specs are the reconciler's to report; nothing to scale.
-        let Ok(v) = validate(p) else { continue };
         if !reconciled(p) {
             continue;
         }
+        // Invalid specs are the reconciler's to report; nothing to scale.
+        let Ok(v) = validate(p) else { continue };
         let key = (ns.clone(), name.clone());
         seen.insert(key.clone());
         let st = state.entry(key.clone()).or_default();

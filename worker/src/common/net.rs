@@ -299,9 +299,7 @@ mod tests {
             "a connection that has sent nothing was handed to the server"
         );
         assert!(
-            read_to_close(&mut silent, Duration::from_secs(5))
-                .await
-                .is_some(),
+            closes(&mut silent).await,
             "a connection that sent nothing was kept open"
         );
         let speaker = TcpStream::connect(addr).await.unwrap();
@@ -331,9 +329,7 @@ mod tests {
         drop(incoming);
 
         assert!(
-            read_to_close(&mut silent, Duration::from_secs(5))
-                .await
-                .is_some(),
+            closes(&mut silent).await,
             "a silent connection outlived the server's accepting"
         );
         let mut refused = false;
@@ -345,6 +341,13 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(refused, "the port still accepts");
+    }
+
+    /// Whether the server closes the connection within 5 s.
+    async fn closes(stream: &mut TcpStream) -> bool {
+        read_to_close(stream, Duration::from_secs(5))
+            .await
+            .is_some()
     }
 
     /// Reads until the server closes the connection; `None` if it has not after `limit`.
@@ -398,9 +401,7 @@ mod tests {
         // Nothing sent, or headers never finished: the connection is closed after the timeout.
         let mut silent = TcpStream::connect(addr).await.unwrap();
         assert!(
-            read_to_close(&mut silent, Duration::from_secs(5))
-                .await
-                .is_some(),
+            closes(&mut silent).await,
             "a connection that sent nothing was kept open"
         );
         let mut slow = TcpStream::connect(addr).await.unwrap();
@@ -408,9 +409,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            read_to_close(&mut slow, Duration::from_secs(5))
-                .await
-                .is_some(),
+            closes(&mut slow).await,
             "a connection with unfinished headers was kept open"
         );
 
