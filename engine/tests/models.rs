@@ -41,34 +41,10 @@ fn minilm_embeddings_match_the_sentence_transformers_reference_to_cosine_0_9999(
     assert_eq!(spec.outputs[0].dims, vec![-1, 384]);
 
     // One padded batch of all sentences: the mask must make padding irrelevant.
-    let ids: Vec<Vec<i64>> = sentences
-        .iter()
-        .map(|s| {
-            s["input_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_i64().unwrap())
-                .collect()
-        })
-        .collect();
+    let ids = fixture_ids(sentences);
     let n = ids.len();
     let l = ids.iter().map(Vec::len).max().unwrap();
-    let mut flat = Vec::new();
-    let mut mask = Vec::new();
-    for row in &ids {
-        flat.extend(
-            row.iter()
-                .copied()
-                .chain(std::iter::repeat_n(0, l - row.len())),
-        );
-        mask.extend(std::iter::repeat_n(1, row.len()).chain(std::iter::repeat_n(0, l - row.len())));
-    }
-    let inputs = [
-        Tensor::i64(vec![n, l], flat),
-        Tensor::i64(vec![n, l], mask),
-        Tensor::i64(vec![n, l], vec![0; n * l]),
-    ];
+    let inputs = padded(&ids, l, 0, 0);
     let out = loaded.engine.forward(&inputs).unwrap();
     assert_eq!(out[0].shape, vec![n, 384]);
     let got = f32s(&out[0]);
@@ -90,6 +66,82 @@ fn minilm_embeddings_match_the_sentence_transformers_reference_to_cosine_0_9999(
             "embedding {i} not normalized: {na}"
         );
     }
+}
+
+/// The fixture sentences' token ids.
+fn fixture_ids(sentences: &[serde_json::Value]) -> Vec<Vec<i64>> {
+    sentences
+        .iter()
+        .map(|s| {
+            s["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// `[n, l]` BERT inputs: each row's ids with mask 1 and type 0, then `l - len` tokens of id
+/// `pad_id` and type `pad_type` with mask 0.
+fn padded(ids: &[Vec<i64>], l: usize, pad_id: i64, pad_type: i64) -> [Tensor; 3] {
+    let n = ids.len();
+    let (mut flat, mut mask, mut types) = (Vec::new(), Vec::new(), Vec::new());
+    for row in ids {
+        let pad = l - row.len();
+        flat.extend(row.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
+        mask.extend(std::iter::repeat_n(1, row.len()).chain(std::iter::repeat_n(0, pad)));
+        types.extend(std::iter::repeat_n(0, row.len()).chain(std::iter::repeat_n(pad_type, pad)));
+    }
+    [
+        Tensor::i64(vec![n, l], flat),
+        Tensor::i64(vec![n, l], mask),
+        Tensor::i64(vec![n, l], types),
+    ]
+}
+
+#[test]
+fn minilm_embeddings_do_not_depend_on_padding_length_or_on_what_the_mask_hides() {
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("minilm_embeddings.json")).unwrap(),
+    )
+    .unwrap();
+    let ids = fixture_ids(fixture["sentences"].as_array().unwrap());
+    let l = ids.iter().map(Vec::len).max().unwrap();
+    let mut loaded = load(&common::model("minilm"));
+    let tight = loaded.engine.forward(&padded(&ids, l, 0, 0)).unwrap();
+    // 40 more positions of real word ids and the other token type, all under mask 0: were
+    // any of them computed as a key or pooled, every embedding would move.
+    let loose = loaded
+        .engine
+        .forward(&padded(&ids, l + 40, 2023, 1))
+        .unwrap();
+    // Each sentence alone, unpadded.
+    let alone: Vec<f32> = ids
+        .iter()
+        .flat_map(|row| {
+            let out = loaded
+                .engine
+                .forward(&padded(std::slice::from_ref(row), row.len(), 0, 0))
+                .unwrap();
+            f32s(&out[0]).to_vec()
+        })
+        .collect();
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let (tight, loose) = (f32s(&tight[0]), f32s(&loose[0]));
+    assert_eq!(tight.len(), ids.len() * 384);
+    assert!(max_diff(tight, loose) < 1e-5, "{}", max_diff(tight, loose));
+    assert!(
+        max_diff(tight, &alone) < 1e-5,
+        "{}",
+        max_diff(tight, &alone)
+    );
 }
 
 #[test]

@@ -94,7 +94,9 @@ impl Bert {
     }
 
     /// Embeds `n` sequences of length `l` (row-major `[n, l]` inputs); returns
-    /// `[n, hidden]` L2-normalized sentence embeddings.
+    /// `[n, hidden]` L2-normalized sentence embeddings. Only the tokens the attention mask
+    /// keeps are computed ([`Packed`]), so a batch padded to its longest row costs what its
+    /// real tokens cost.
     pub fn forward(
         &self,
         ids: &[i64],
@@ -112,11 +114,18 @@ impl Bert {
                 c.max_position_embeddings
             )));
         }
-        let t = n * l;
-        // Embeddings.
-        let mut x = vec![0.0f32; t * h];
-        for (row, dst) in x.chunks_exact_mut(h).enumerate() {
-            let (id, ty) = (ids[row], types[row]);
+        let cells = n.checked_mul(l);
+        if [ids.len(), mask.len(), types.len()]
+            .iter()
+            .any(|&len| Some(len) != cells)
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "input_ids, attention_mask and token_type_ids must each hold {n} x {l} values"
+            )));
+        }
+        // Every id is checked, masked or not: what a request may send does not depend on
+        // which of its tokens are computed.
+        for (&id, &ty) in ids.iter().zip(types) {
             if id < 0 || id as usize >= c.vocab_size {
                 return Err(EngineError::InvalidInput(format!(
                     "input_ids value {id} outside vocabulary 0..{}",
@@ -129,9 +138,15 @@ impl Bert {
                     c.type_vocab_size
                 )));
             }
-            let wv = &self.word[id as usize * h..][..h];
-            let pv = &self.pos[(row % l) * h..][..h];
-            let tv = &self.token_type[ty as usize * h..][..h];
+        }
+        let packed = Packed::new(mask, n, l, c.pooling);
+        let t = packed.src.len();
+        // Embeddings, each token at its position in its row.
+        let mut x = vec![0.0f32; t * h];
+        for (dst, &src) in x.chunks_exact_mut(h).zip(&packed.src) {
+            let wv = &self.word[ids[src] as usize * h..][..h];
+            let pv = &self.pos[(src % l) * h..][..h];
+            let tv = &self.token_type[types[src] as usize * h..][..h];
             for j in 0..h {
                 dst[j] = wv[j] + pv[j] + tv[j];
             }
@@ -155,7 +170,7 @@ impl Bert {
                 threads,
             );
             add_bias(&mut qkv, &layer.qkv_b);
-            attention(&qkv, mask, &mut ctx, l, h, c.num_heads, threads);
+            attention(&qkv, &packed, &mut ctx, h, c.num_heads, threads);
             matmul(
                 &mut tmp,
                 &ctx,
@@ -207,7 +222,7 @@ impl Bert {
             }
             layer_norm(&mut x, h, &layer.ln2_g, &layer.ln2_b, c.layer_norm_eps);
         }
-        Ok(pool_and_normalize(&x, mask, n, l, h, c.pooling))
+        Ok(pool_and_normalize(&x, &packed, h, c.pooling))
     }
 }
 
@@ -228,75 +243,111 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// Multi-head self-attention over `qkv` (`[n*l, 3h]`, Q|K|V), writing `[n*l, h]`.
-/// Keys with mask 0 get no weight; padded query rows produce zeros (they are
-/// never pooled).
-fn attention(
-    qkv: &[f32],
-    mask: &[i64],
-    ctx: &mut [f32],
-    l: usize,
-    h: usize,
-    heads: usize,
-    threads: usize,
-) {
+/// The tokens a forward pass computes, row after row: those the attention mask keeps and,
+/// under CLS pooling, each row's first token. Every layer but attention works token by token,
+/// and attention gives masked keys no weight, so a masked token changes no other token; it is
+/// not pooled either, so leaving it out changes no output.
+#[derive(Debug, PartialEq)]
+struct Packed {
+    /// Index into the `[n, l]` inputs of each packed token.
+    src: Vec<usize>,
+    /// Whether each packed token's mask is set. Only those are keys, are pooled by the mean
+    /// and attend as queries: a masked first token kept for CLS pooling gets no attention
+    /// context, as it would in the padded batch.
+    kept: Vec<bool>,
+    /// Where each row's packed tokens end (exclusive); the next row's start there.
+    ends: Vec<usize>,
+}
+
+impl Packed {
+    fn new(mask: &[i64], n: usize, l: usize, pooling: Pooling) -> Self {
+        let mut p = Packed {
+            src: Vec::with_capacity(mask.len()),
+            kept: Vec::with_capacity(mask.len()),
+            ends: Vec::with_capacity(n),
+        };
+        for (b, row) in mask.chunks_exact(l.max(1)).take(n).enumerate() {
+            for (i, &m) in row.iter().enumerate() {
+                if m != 0 || (i == 0 && pooling == Pooling::Cls) {
+                    p.src.push(b * l + i);
+                    p.kept.push(m != 0);
+                }
+            }
+            p.ends.push(p.src.len());
+        }
+        p.ends.resize(n, p.src.len());
+        p
+    }
+
+    /// Each row's first packed token and how many it has.
+    fn rows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.ends
+            .iter()
+            .scan(0, |start, &end| Some((std::mem::replace(start, end), end)))
+            .map(|(start, end)| (start, end - start))
+    }
+}
+
+/// Multi-head self-attention over `qkv` (`[t, 3h]`, Q|K|V, `t` packed tokens), writing
+/// `[t, h]`. Each row attends within itself; keys with mask 0 get no weight, and queries with
+/// mask 0 get zeros.
+fn attention(qkv: &[f32], p: &Packed, ctx: &mut [f32], h: usize, heads: usize, threads: usize) {
     let d = h / heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let per_seq = |(b, out): (usize, &mut [f32])| {
-        let m = &mask[b * l..(b + 1) * l];
-        let keys: Vec<usize> = (0..l).filter(|&j| m[j] != 0).collect();
+    let per_row = |(start, out): (usize, &mut [f32])| {
+        let kept = &p.kept[start..start + out.len() / h];
+        let keys: Vec<usize> = (0..kept.len()).filter(|&j| kept[j]).collect();
         let mut scores = vec![0.0f32; keys.len()];
         out.fill(0.0);
         for head in 0..heads {
-            for i in 0..l {
-                if m[i] == 0 {
-                    continue;
-                }
-                let q = &qkv[(b * l + i) * 3 * h + head * d..][..d];
+            for (i, _) in kept.iter().enumerate().filter(|(_, k)| **k) {
+                let q = &qkv[(start + i) * 3 * h + head * d..][..d];
                 for (s, &j) in scores.iter_mut().zip(&keys) {
-                    let k = &qkv[(b * l + j) * 3 * h + h + head * d..][..d];
+                    let k = &qkv[(start + j) * 3 * h + h + head * d..][..d];
                     *s = dot(q, k) * scale;
                 }
                 softmax(&mut scores);
                 let o = &mut out[i * h + head * d..][..d];
-                for (&p, &j) in scores.iter().zip(&keys) {
-                    let v = &qkv[(b * l + j) * 3 * h + 2 * h + head * d..][..d];
+                for (&w, &j) in scores.iter().zip(&keys) {
+                    let v = &qkv[(start + j) * 3 * h + 2 * h + head * d..][..d];
                     for (ov, vv) in o.iter_mut().zip(v) {
-                        *ov += p * vv;
+                        *ov += w * vv;
                     }
                 }
             }
         }
     };
+    let mut rows = Vec::with_capacity(p.ends.len());
+    let mut rest = ctx;
+    for (start, len) in p.rows() {
+        let (row, tail) = std::mem::take(&mut rest).split_at_mut(len * h);
+        rows.push((start, row));
+        rest = tail;
+    }
     if threads > 1 {
-        ctx.par_chunks_mut(l * h).enumerate().for_each(per_seq);
+        rows.into_par_iter().for_each(per_row);
     } else {
-        ctx.chunks_mut(l * h).enumerate().for_each(per_seq);
+        rows.into_iter().for_each(per_row);
     }
 }
 
-/// Pools token states into one vector per sequence and L2-normalizes it
+/// Pools each row's packed token states into one vector and L2-normalizes it
 /// (`x / max(‖x‖, 1e-12)`, as `torch.nn.functional.normalize`).
-fn pool_and_normalize(
-    x: &[f32],
-    mask: &[i64],
-    n: usize,
-    l: usize,
-    h: usize,
-    pooling: Pooling,
-) -> Vec<f32> {
-    let mut out = vec![0.0f32; n * h];
-    for (b, dst) in out.chunks_exact_mut(h).enumerate() {
+fn pool_and_normalize(x: &[f32], p: &Packed, h: usize, pooling: Pooling) -> Vec<f32> {
+    let mut out = vec![0.0f32; p.ends.len() * h];
+    for (dst, (start, len)) in out.chunks_exact_mut(h).zip(p.rows()) {
         match pooling {
-            Pooling::Cls => dst.copy_from_slice(&x[b * l * h..][..h]),
+            Pooling::Cls => {
+                if len > 0 {
+                    dst.copy_from_slice(&x[start * h..][..h]);
+                }
+            }
             Pooling::Mean => {
                 let mut count = 0.0f32;
-                for i in 0..l {
-                    if mask[b * l + i] != 0 {
-                        count += 1.0;
-                        for (dv, xv) in dst.iter_mut().zip(&x[(b * l + i) * h..][..h]) {
-                            *dv += xv;
-                        }
+                for i in (start..start + len).filter(|&i| p.kept[i]) {
+                    count += 1.0;
+                    for (dv, xv) in dst.iter_mut().zip(&x[i * h..][..h]) {
+                        *dv += xv;
                     }
                 }
                 let inv = 1.0 / count.max(1e-9);
@@ -314,19 +365,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn packing_drops_masked_tokens_but_keeps_each_rows_first_token_for_cls_pooling() {
+        // two rows of three: [1, 1, 0] and [0, 1, 0]
+        let mask = [1, 1, 0, 0, 1, 0];
+        let mean = Packed::new(&mask, 2, 3, Pooling::Mean);
+        assert_eq!(mean.src, [0, 1, 4]);
+        assert_eq!(mean.kept, [true, true, true]);
+        assert_eq!(mean.ends, [2, 3]);
+        let cls = Packed::new(&mask, 2, 3, Pooling::Cls);
+        assert_eq!(cls.src, [0, 1, 3, 4]);
+        assert_eq!(cls.kept, [true, true, false, true]);
+        assert_eq!(cls.ends, [2, 4]);
+        let empty = Packed::new(&[], 2, 0, Pooling::Cls);
+        assert_eq!(empty.ends, [0, 0]);
+    }
+
+    #[test]
     fn mean_pooling_ignores_masked_tokens_and_normalizes() {
-        // two tokens of width 2; the second is padding and must not count.
-        let x = [3.0, 4.0, 100.0, -100.0];
-        let out = pool_and_normalize(&x, &[1, 0], 1, 2, 2, Pooling::Mean);
+        // one row of two tokens of width 2, packed under CLS pooling so the masked first
+        // token is present; the mean must not count it.
+        let p = Packed::new(&[0, 1], 1, 2, Pooling::Cls);
+        let x = [100.0, -100.0, 3.0, 4.0];
+        let out = pool_and_normalize(&x, &p, 2, Pooling::Mean);
         assert!((out[0] - 0.6).abs() < 1e-6 && (out[1] - 0.8).abs() < 1e-6);
     }
 
     #[test]
-    fn attention_gives_padded_keys_no_weight() {
-        // l = 2, h = 1, one head; key 1 is padding with a huge value.
-        let qkv = [1.0, 1.0, 2.0, 1.0, 50.0, 1000.0];
-        let mut ctx = [0.0; 2];
-        attention(&qkv, &[1, 0], &mut ctx, 2, 1, 1, 1);
-        assert_eq!(ctx, [2.0, 0.0]);
+    fn attention_stays_within_each_row_and_gives_masked_keys_no_weight() {
+        // h = 1, one head. Row 0: a masked first token (kept for CLS pooling) with a huge
+        // value, then a token with value 2. Row 1: one token with value 7.
+        let p = Packed::new(&[0, 1, 1, 0], 2, 2, Pooling::Cls);
+        assert_eq!(p.src, [0, 1, 2]);
+        // q, k, v per packed token
+        let qkv = [1.0, 50.0, 1000.0, 1.0, 1.0, 2.0, 1.0, 1.0, 7.0];
+        for threads in [1, 2] {
+            let mut ctx = [-1.0; 3];
+            attention(&qkv, &p, &mut ctx, 1, 1, threads);
+            assert_eq!(ctx, [0.0, 2.0, 7.0], "threads {threads}");
+        }
     }
 }
