@@ -16,7 +16,7 @@ use tandem_operator::leader::{self, LeaderConfig};
 use tandem_operator::metrics::{self, Metrics};
 use tandem_operator::validate::parse_duration;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -227,23 +227,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(version = VERSION, %identity, namespaces = ?args.namespaces, %lease_namespace, "starting");
 
     let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding {}", args.metrics_addr))?;
+    let listener = tandem_net::http_listener(args.metrics_addr, "metrics address").await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let http = {
         let mut rx = shutdown_rx.clone();
         let app = metrics::router(metrics.clone());
-        tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = served {
-                error!(error = %e, "metrics server failed");
-            }
-        })
+        // A client that connects and sends nothing, or trickles its headers, is cut off after
+        // `HEADER_READ_TIMEOUT` (`axum::serve` would hold it for ever).
+        tokio::spawn(tandem_net::serve_http(
+            listener,
+            app,
+            tandem_net::HEADER_READ_TIMEOUT,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ))
     };
 
     // Signals: SIGTERM (pod deletion) or Ctrl-C.

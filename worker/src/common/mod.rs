@@ -10,7 +10,7 @@
 //! - [`stats`]: latency windows that produce the `WorkerControl` stats shapes.
 
 pub mod metrics;
-pub mod net;
+pub use tandem_net as net;
 pub mod oip;
 pub mod shutdown;
 pub mod stats;

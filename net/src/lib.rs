@@ -1,5 +1,6 @@
 //! Listening sockets whose accepted connections have `TCP_NODELAY` and TCP keepalive set, and
-//! the REST server that runs on them.
+//! the HTTP server that runs on them: the workers' REST, gRPC and `/metrics` ports and the
+//! operator's `/metrics`, `/healthz` and `/readyz`.
 //!
 //! Neither tonic's `serve_with_incoming*` (it ignores `Server::tcp_nodelay` for a stream it
 //! did not bind) nor `axum::serve` sets it on the connections it accepts. Without it, Nagle's
