@@ -132,6 +132,8 @@ mod tests {
             outputs: vec![TensorSpec::new("embedding", DataType::Fp32, &[-1, 2])],
             kind: InputKind::Sequence,
             also_accepts: vec![],
+            value_ranges: vec![],
+            max_sequence_len: None,
         }
     }
 
@@ -175,6 +177,8 @@ mod tests {
             outputs: vec![],
             kind: InputKind::Fixed,
             also_accepts: vec![],
+            value_ranges: vec![],
+            max_sequence_len: None,
         };
         let a = [Tensor::f32(vec![1, 1, 1, 2], vec![1.0, 2.0])];
         let b = [Tensor::f32(vec![1, 1, 1, 2], vec![3.0, 4.0])];

@@ -22,7 +22,7 @@ impl std::fmt::Display for Device {
 }
 
 /// Why a forward pass failed.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     /// The batch's tensors do not fit the model (bad ids, shapes, types).
     #[error("invalid input: {0}")]

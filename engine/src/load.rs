@@ -8,7 +8,7 @@ use crate::config::{self, Architecture, ConfigError};
 use crate::cpu::{CpuBuildError, CpuEngine};
 use crate::engine::{Device, Engine};
 use crate::source::{self, CONFIG_FILE, POOLING_FILE, SourceError};
-use crate::spec::{InputKind, ModelSpec, TensorSpec};
+use crate::spec::{InputKind, ModelSpec, TensorSpec, ValueRange};
 use crate::tensor::DataType;
 use crate::weights::{Weights, WeightsError};
 
@@ -92,6 +92,19 @@ pub fn spec_for(arch: &Architecture, image_input: DataType) -> ModelSpec {
             )],
             kind: InputKind::Sequence,
             also_accepts: vec![],
+            value_ranges: vec![
+                ValueRange {
+                    input: "input_ids".into(),
+                    end: i64::try_from(c.vocab_size).unwrap_or(i64::MAX),
+                    meaning: "the vocabulary",
+                },
+                ValueRange {
+                    input: "token_type_ids".into(),
+                    end: i64::try_from(c.type_vocab_size).unwrap_or(i64::MAX),
+                    meaning: "the token types",
+                },
+            ],
+            max_sequence_len: Some(c.max_position_embeddings),
         },
         Architecture::EfficientNetLite0(v) | Architecture::ResNet { vision: v, .. } => {
             let s = v.image_size as i64;
@@ -114,6 +127,8 @@ pub fn spec_for(arch: &Architecture, image_input: DataType) -> ModelSpec {
                 )],
                 kind: InputKind::Fixed,
                 also_accepts: vec![("input".to_owned(), other)],
+                value_ranges: vec![],
+                max_sequence_len: None,
             }
         }
     }

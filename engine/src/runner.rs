@@ -19,7 +19,8 @@ pub type Reply = Box<dyn FnOnce(Result<Vec<Tensor>, EngineError>) + Send>;
 
 /// One request for the engine thread.
 pub struct Job {
-    /// Inputs in spec order, already validated against the spec.
+    /// Inputs in spec order, already validated against the spec, values included
+    /// ([`ModelSpec::check_values`]).
     pub inputs: Vec<Tensor>,
     /// Called once with the outputs.
     pub reply: Reply,
@@ -254,34 +255,23 @@ fn run_loop(shared: &Shared, mut engine: Box<dyn Engine>) {
 
 fn run_batch(shared: &Shared, engine: &mut dyn Engine, queued: Vec<Queued>) {
     let jobs: Vec<Job> = queued.into_iter().map(|q| q.job).collect();
-    let assembly: Vec<tracing::Span> = jobs
-        .iter()
-        .map(|j| tracing::info_span!(parent: &j.span, "batch_assembly"))
-        .collect();
-    let requests: Vec<&[Tensor]> = jobs.iter().map(|j| j.inputs.as_slice()).collect();
-    let joined = batch::join(&shared.spec, &requests);
-    drop(assembly);
-    let result = joined.and_then(|(inputs, rows)| {
-        let total: usize = rows.iter().sum();
-        let c = &shared.counters;
-        c.batches.fetch_add(1, Ordering::Relaxed);
-        c.batched_rows.fetch_add(total as u64, Ordering::Relaxed);
-        c.max_batch.fetch_max(total as u64, Ordering::Relaxed);
-        if let Some(observe) = &shared.on_batch {
-            observe(total);
-        }
-        let forward: Vec<tracing::Span> = jobs
-            .iter()
-            .map(|j| tracing::info_span!(parent: &j.span, "engine_forward", batch_rows = total))
-            .collect();
-        let out = engine.forward(&inputs);
-        drop(forward);
-        out.map(|o| batch::split(o, &rows))
-    });
-    match result {
+    run_jobs(shared, engine, jobs);
+}
+
+/// Runs `jobs` as one batch and answers each. Requests are checked one by one before they
+/// are queued ([`ModelSpec::check_values`]); should the engine still refuse a batch's input,
+/// each request is run again alone, so that only the one at fault fails.
+fn run_jobs(shared: &Shared, engine: &mut dyn Engine, jobs: Vec<Job>) {
+    match forward(shared, engine, &jobs) {
         Ok(per_request) => {
             for (job, out) in jobs.into_iter().zip(per_request) {
                 (job.reply)(Ok(out));
+            }
+        }
+        Err(EngineError::InvalidInput(e)) if jobs.len() > 1 => {
+            tracing::warn!(error = %e, requests = jobs.len(), "the engine refused a batch; running its requests one by one");
+            for job in jobs {
+                run_jobs(shared, engine, vec![job]);
             }
         }
         Err(e) => {
@@ -296,6 +286,36 @@ fn run_batch(shared: &Shared, engine: &mut dyn Engine, queued: Vec<Queued>) {
     }
 }
 
+/// Joins `jobs` into one batch, runs it, and splits the outputs back per request.
+fn forward(
+    shared: &Shared,
+    engine: &mut dyn Engine,
+    jobs: &[Job],
+) -> Result<Vec<Vec<Tensor>>, EngineError> {
+    let assembly: Vec<tracing::Span> = jobs
+        .iter()
+        .map(|j| tracing::info_span!(parent: &j.span, "batch_assembly"))
+        .collect();
+    let requests: Vec<&[Tensor]> = jobs.iter().map(|j| j.inputs.as_slice()).collect();
+    let (inputs, rows) = batch::join(&shared.spec, &requests)?;
+    drop(assembly);
+    let total: usize = rows.iter().sum();
+    let c = &shared.counters;
+    c.batches.fetch_add(1, Ordering::Relaxed);
+    c.batched_rows.fetch_add(total as u64, Ordering::Relaxed);
+    c.max_batch.fetch_max(total as u64, Ordering::Relaxed);
+    if let Some(observe) = &shared.on_batch {
+        observe(total);
+    }
+    let forward: Vec<tracing::Span> = jobs
+        .iter()
+        .map(|j| tracing::info_span!(parent: &j.span, "engine_forward", batch_rows = total))
+        .collect();
+    let out = engine.forward(&inputs);
+    drop(forward);
+    out.map(|o| batch::split(o, &rows))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,7 +323,7 @@ mod tests {
     use crate::tensor::DataType;
     use std::sync::mpsc;
 
-    /// Doubles its input; records batch sizes.
+    /// Doubles its input, refusing a batch with any negative value; records batch sizes.
     struct Doubler {
         spec: ModelSpec,
         seen: Arc<Mutex<Vec<usize>>>,
@@ -318,6 +338,9 @@ mod tests {
                 unreachable!()
             };
             self.seen.lock().unwrap().push(inputs[0].rows());
+            if let Some(x) = v.iter().find(|x| **x < 0.0) {
+                return Err(EngineError::InvalidInput(format!("negative value {x}")));
+            }
             Ok(vec![Tensor::f32(
                 inputs[0].shape.clone(),
                 v.iter().map(|x| x * 2.0).collect(),
@@ -332,6 +355,8 @@ mod tests {
             outputs: vec![TensorSpec::new("y", DataType::Fp32, &[-1, 1])],
             kind: InputKind::Fixed,
             also_accepts: vec![],
+            value_ranges: vec![],
+            max_sequence_len: None,
         };
         (
             Box::new(Doubler {
@@ -342,43 +367,72 @@ mod tests {
         )
     }
 
-    #[test]
-    fn closing_runs_every_queued_request_before_the_thread_ends() {
+    /// Submits one single-row job per value to a runner that waits an hour for company,
+    /// closes it (so they run at once, as one batch) and returns each job's answer, in
+    /// order, with the batch sizes the engine saw.
+    fn run_closed(values: &[f32]) -> (Vec<Result<f32, EngineError>>, Vec<usize>, Runner) {
         let (engine, seen) = doubler();
-        // A long max_delay: only closing can make these run promptly.
         let cfg = BatcherConfig {
             max_batch_size: 8,
             max_delay: Duration::from_secs(3600),
             max_queue_depth: 16,
         };
         let (runner, handle) = Runner::spawn(engine, cfg).unwrap();
-        let (tx, rx) = mpsc::channel();
-        for i in 0..3 {
-            let tx = tx.clone();
-            let job = Job {
-                inputs: vec![Tensor::f32(vec![1, 1], vec![i as f32])],
-                reply: Box::new(move |r| tx.send(r).unwrap()),
-                span: tracing::Span::none(),
-            };
-            assert!(runner.submit(job).is_ok());
-        }
-        runner.close();
-        handle.join().unwrap();
-        let mut got: Vec<f32> = rx
-            .try_iter()
-            .map(|r| match &r.unwrap()[0].data {
-                crate::tensor::TensorData::F32(v) => v[0],
-                _ => unreachable!(),
+        let receivers: Vec<_> = values
+            .iter()
+            .map(|&x| {
+                let (tx, rx) = mpsc::channel();
+                let job = Job {
+                    inputs: vec![Tensor::f32(vec![1, 1], vec![x])],
+                    reply: Box::new(move |r| tx.send(r).unwrap()),
+                    span: tracing::Span::none(),
+                };
+                assert!(runner.submit(job).is_ok());
+                rx
             })
             .collect();
-        got.sort_by(f32::total_cmp);
-        assert_eq!(got, vec![0.0, 2.0, 4.0]);
-        assert_eq!(seen.lock().unwrap().as_slice(), &[3]);
+        runner.close();
+        handle.join().unwrap();
+        let got = receivers
+            .iter()
+            .map(|rx| {
+                rx.try_recv().unwrap().map(|out| match &out[0].data {
+                    crate::tensor::TensorData::F32(v) => v[0],
+                    _ => unreachable!(),
+                })
+            })
+            .collect();
+        let seen = seen.lock().unwrap().clone();
+        (got, seen, runner)
+    }
+
+    #[test]
+    fn closing_runs_every_queued_request_before_the_thread_ends() {
+        let (got, seen, runner) = run_closed(&[0.0, 1.0, 2.0]);
+        assert_eq!(got, vec![Ok(0.0), Ok(2.0), Ok(4.0)]);
+        assert_eq!(seen, [3]);
         let late = Job {
             inputs: vec![],
             reply: Box::new(|_| {}),
             span: tracing::Span::none(),
         };
         assert!(matches!(runner.submit(late), Err(SubmitError::Closed(_))));
+        assert_eq!(runner.stats().errors, 0);
+    }
+
+    #[test]
+    fn a_request_the_engine_refuses_fails_alone_and_the_rest_of_its_batch_is_answered() {
+        let (got, seen, runner) = run_closed(&[1.0, -1.0, 2.0]);
+        assert_eq!(
+            got,
+            vec![
+                Ok(2.0),
+                Err(EngineError::InvalidInput("negative value -1".into())),
+                Ok(4.0)
+            ]
+        );
+        // the batch of three, then each request alone
+        assert_eq!(seen, [3, 1, 1, 1]);
+        assert_eq!(runner.stats().errors, 1);
     }
 }

@@ -1,7 +1,7 @@
 //! What a model advertises over OIP v2 `ModelMetadata`: input and output
 //! names, datatypes and shapes (`-1` for variable dimensions).
 
-use crate::tensor::DataType;
+use crate::tensor::{DataType, Tensor, TensorData};
 
 /// One input or output of a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +56,21 @@ pub struct ModelSpec {
     /// Data types accepted for each input besides the advertised one (e.g. an
     /// FP32 image model that also takes UINT8 and normalizes on the engine).
     pub also_accepts: Vec<(String, DataType)>,
+    /// Integer inputs whose values must lie in a range, such as token ids in the vocabulary.
+    pub value_ranges: Vec<ValueRange>,
+    /// The longest sequence a sequence model takes (its position embeddings).
+    pub max_sequence_len: Option<usize>,
+}
+
+/// The values an INT64 input may hold: `0..end`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueRange {
+    /// Input name.
+    pub input: String,
+    /// One past the largest value allowed.
+    pub end: i64,
+    /// What the range is, for the error message (`the vocabulary`).
+    pub meaning: &'static str,
 }
 
 impl ModelSpec {
@@ -72,11 +87,111 @@ impl ModelSpec {
                 .iter()
                 .any(|(n, d)| n == name && *d == dtype)
     }
+
+    /// Checks one request's values (`inputs` in spec order, shapes and datatypes already
+    /// checked): sequence length and value ranges. Callers check each request before it is
+    /// batched, so one request's bad values fail that request alone rather than the batch it
+    /// would have joined.
+    pub fn check_values(&self, inputs: &[Tensor]) -> Result<(), String> {
+        if let (Some(max), Some(first)) = (self.max_sequence_len, inputs.first())
+            && let Some(&len) = first.shape.get(1)
+            && len > max
+        {
+            return Err(format!(
+                "sequence length {len} exceeds the model's maximum of {max}"
+            ));
+        }
+        for range in &self.value_ranges {
+            let Some((spec, t)) = self
+                .inputs
+                .iter()
+                .zip(inputs)
+                .find(|(s, _)| s.name == range.input)
+            else {
+                continue;
+            };
+            let TensorData::I64(values) = &t.data else {
+                continue;
+            };
+            if let Some((at, v)) = values
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !(0..range.end).contains(*v))
+            {
+                let row_len = t.shape.get(1).copied().unwrap_or(1).max(1);
+                return Err(format!(
+                    "{} value {v} at [{}, {}] is outside {} (0..{})",
+                    spec.name,
+                    at / row_len,
+                    at % row_len,
+                    range.meaning,
+                    range.end
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bert_spec() -> ModelSpec {
+        ModelSpec {
+            inputs: ["input_ids", "attention_mask", "token_type_ids"]
+                .iter()
+                .map(|n| TensorSpec::new(n, DataType::Int64, &[-1, -1]))
+                .collect(),
+            outputs: vec![TensorSpec::new("embedding", DataType::Fp32, &[-1, 4])],
+            kind: InputKind::Sequence,
+            also_accepts: vec![],
+            value_ranges: vec![
+                ValueRange {
+                    input: "input_ids".into(),
+                    end: 100,
+                    meaning: "the vocabulary",
+                },
+                ValueRange {
+                    input: "token_type_ids".into(),
+                    end: 2,
+                    meaning: "the token types",
+                },
+            ],
+            max_sequence_len: Some(8),
+        }
+    }
+
+    fn request(ids: &[i64], types: &[i64]) -> Vec<Tensor> {
+        let shape = vec![1, ids.len()];
+        vec![
+            Tensor::i64(shape.clone(), ids.to_vec()),
+            Tensor::i64(shape.clone(), vec![1; ids.len()]),
+            Tensor::i64(shape, types.to_vec()),
+        ]
+    }
+
+    #[test]
+    fn values_are_checked_against_the_vocabulary_the_token_types_and_the_longest_sequence() {
+        let spec = bert_spec();
+        assert_eq!(spec.check_values(&request(&[0, 99, 5], &[0, 1, 0])), Ok(()));
+        assert_eq!(
+            spec.check_values(&request(&[0, 100, 5], &[0, 0, 0])),
+            Err("input_ids value 100 at [0, 1] is outside the vocabulary (0..100)".into())
+        );
+        assert_eq!(
+            spec.check_values(&request(&[-1, 1, 5], &[0, 0, 0])),
+            Err("input_ids value -1 at [0, 0] is outside the vocabulary (0..100)".into())
+        );
+        assert_eq!(
+            spec.check_values(&request(&[1, 1, 5], &[0, 0, 2])),
+            Err("token_type_ids value 2 at [0, 2] is outside the token types (0..2)".into())
+        );
+        assert_eq!(
+            spec.check_values(&request(&[1; 9], &[0; 9])),
+            Err("sequence length 9 exceeds the model's maximum of 8".into())
+        );
+    }
 
     #[test]
     fn variable_dims_accept_any_size_but_fixed_dims_must_match() {

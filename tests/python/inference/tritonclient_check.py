@@ -5,9 +5,11 @@ Starts `tandem-worker inference` on loopback for MiniLM and EfficientNet-Lite0
 (models from scripts/fetch-models.sh), and with tritonclient.grpc and
 tritonclient.http: checks ServerLive/Ready, ModelMetadata (names, datatypes,
 shapes), ModelInfer results against the committed PyTorch fixtures, and
-WorkerControl-independent /metrics; then SIGTERM → clean exit 0. Finally a
-bad model source (wrong sha256) must exit non-zero with a clear message in
-the termination log.
+WorkerControl-independent /metrics; then SIGTERM → clean exit 0. A request
+with a token id outside the vocabulary, sent together with valid ones that the
+batcher joins it to, must fail alone with INVALID_ARGUMENT (HTTP 400) naming
+the id. Finally a bad model source (wrong sha256) must exit non-zero with a
+clear message in the termination log.
 
 Usage: $(scripts/python-env.sh)/bin/python tests/python/inference/tritonclient_check.py \
            --worker target/debug/tandem-worker --models "$(scripts/fetch-models.sh)"
@@ -16,16 +18,19 @@ Usage: $(scripts/python-env.sh)/bin/python tests/python/inference/tritonclient_c
 import argparse
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "fixtures")
@@ -145,6 +150,73 @@ def check_efficientnet(worker, models, base):
         stop(proc)
 
 
+def batches_of_several(base):
+    """Batches of two rows or more the worker has run, from its batch-size histogram."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{base + 2}/metrics").read().decode()
+    value = {}
+    for line in text.splitlines():
+        if line.startswith('tandem_inference_batch_size_bucket{le="1.0"}'):
+            value["one"] = float(line.split()[-1])
+        elif line.startswith("tandem_inference_batch_size_count"):
+            value["all"] = float(line.split()[-1])
+    return value["all"] - value["one"]
+
+
+def check_bad_input_fails_alone(worker, models, base):
+    fx = json.load(open(os.path.join(FIX, "minilm_embeddings.json")))["sentences"]
+    # A 300 ms batching window, so requests sent together are joined into one batch.
+    proc, _ = start(worker, f"file://{models}/minilm", "minilm", base, ["--max-delay-ms", "300"])
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{base + 1}")
+    h = httpclient.InferenceServerClient(f"127.0.0.1:{base}")
+
+    def inputs(mod, ids):
+        ids = np.array([ids], dtype=np.int64)
+        return [mod_input(mod, n, a) for n, a in
+                zip(["input_ids", "attention_mask", "token_type_ids"], [ids, np.ones_like(ids), np.zeros_like(ids)])]
+
+    # A copy of the first sentence (9 tokens): the same length bucket as the three valid ones.
+    bad_ids = list(fx[0]["input_ids"])
+    bad_ids[1] = 999999
+    try:
+        wait_ready(g, proc)
+        before = batches_of_several(base)
+        answers = queue.Queue()
+        sent = [("good", s) for s in fx[:3]] + [("bad", None)]
+        for kind, s in sent:
+            ids = s["input_ids"] if s else bad_ids
+            # tritonclient calls back with keyword arguments `result` and `error`.
+            g.async_infer("minilm", inputs("grpc", ids),
+                          partial(lambda kind, s, result, error: answers.put((kind, s, result, error)), kind, s),
+                          outputs=[mod_output("grpc", "embedding")])
+        got = [answers.get(timeout=30) for _ in sent]
+        assert batches_of_several(base) > before, "the four requests were not batched together"
+        for kind, s, result, error in got:
+            if kind == "good":
+                assert error is None, f"a valid request failed beside the bad one: {error}"
+                c = cosine(result.as_numpy("embedding")[0], np.array(s["embedding"]))
+                assert c >= 0.9999, (s["text"], c)
+            else:
+                assert error is not None and error.status() == "StatusCode.INVALID_ARGUMENT", error
+                assert "input_ids value 999999 at [0, 1] is outside the vocabulary" in error.message(), error.message()
+        print("bad token id in a batch: INVALID_ARGUMENT for it alone, the three valid requests answered")
+        try:
+            h.infer("minilm", inputs("http", bad_ids))
+            raise AssertionError("HTTP accepted a token id outside the vocabulary")
+        except InferenceServerException as e:
+            assert e.status() == "400" and "999999" in e.message(), (e.status(), e.message())
+        try:
+            g.infer("minilm", inputs("grpc", [101] * 600))
+            raise AssertionError("gRPC accepted 600 tokens")
+        except InferenceServerException as e:
+            assert e.status() == "StatusCode.INVALID_ARGUMENT", e
+            assert "sequence length 600 exceeds the model's maximum of 512" in e.message(), e.message()
+        out = g.infer("minilm", inputs("grpc", fx[0]["input_ids"]), outputs=[mod_output("grpc", "embedding")])
+        assert cosine(out.as_numpy("embedding")[0], np.array(fx[0]["embedding"])) >= 0.9999
+        print("HTTP 400 for the bad id, INVALID_ARGUMENT for 600 tokens; the next valid request answered")
+    finally:
+        stop(proc)
+
+
 def check_bad_source(worker, models, base):
     proc, tl = start(worker, f"file://{models}/minilm", "minilm", base, ["--model-sha256", "0" * 64])
     rc = proc.wait(timeout=60)
@@ -162,6 +234,7 @@ def main():
     a = ap.parse_args()
     check_minilm(a.worker, a.models, a.base_port)
     check_efficientnet(a.worker, a.models, a.base_port + 10)
+    check_bad_input_fails_alone(a.worker, a.models, a.base_port + 30)
     check_bad_source(a.worker, a.models, a.base_port + 20)
     print("tritonclient check: all ok")
 

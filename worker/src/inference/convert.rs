@@ -62,6 +62,10 @@ pub enum ConvertError {
     /// An empty batch.
     #[error("input {0:?} has no rows")]
     Empty(String),
+    /// A value the model cannot take (a token id outside the vocabulary, a sequence longer
+    /// than the model's positions).
+    #[error("{0}")]
+    Value(String),
 }
 
 /// The typed data of one input before shape checks.
@@ -231,6 +235,9 @@ pub fn to_engine_inputs(
             data: input.data,
         });
     }
+    // Checked here, per request: a bad value found by the engine would fail every request
+    // batched with this one.
+    spec.check_values(&out).map_err(ConvertError::Value)?;
     Ok(out)
 }
 
@@ -304,6 +311,8 @@ mod tests {
             outputs: vec![TensorSpec::new("embedding", DataType::Fp32, &[-1, 384])],
             kind: InputKind::Sequence,
             also_accepts: vec![],
+            value_ranges: vec![],
+            max_sequence_len: None,
         }
     }
 
@@ -403,6 +412,32 @@ mod tests {
         assert_eq!(
             to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap_err(),
             ConvertError::UnknownInput("pixels".into())
+        );
+    }
+
+    #[test]
+    fn a_token_id_outside_the_vocabulary_is_refused_with_where_it_is() {
+        let spec = ModelSpec {
+            value_ranges: vec![tandem_engine::spec::ValueRange {
+                input: "input_ids".into(),
+                end: 30522,
+                meaning: "the vocabulary",
+            }],
+            ..bert_spec()
+        };
+        let req = ModelInferRequest {
+            inputs: vec![
+                input_message("input_ids", "INT64", &[1, 3]),
+                input_message("attention_mask", "INT64", &[1, 3]),
+            ],
+            raw_input_contents: vec![i64_raw(&[101, 999_999, 102]), i64_raw(&[1, 1, 1])],
+            ..Default::default()
+        };
+        assert_eq!(
+            to_engine_inputs(&spec, decode_inputs(&req).unwrap())
+                .unwrap_err()
+                .to_string(),
+            "input_ids value 999999 at [0, 1] is outside the vocabulary (0..30522)"
         );
     }
 }
