@@ -8,7 +8,7 @@ use crate::config::{self, Architecture, ConfigError};
 use crate::cpu::{CpuBuildError, CpuEngine};
 use crate::engine::{Device, Engine};
 use crate::source::{self, CONFIG_FILE, POOLING_FILE, SourceError};
-use crate::spec::{InputKind, ModelSpec, TensorSpec, ValueRange};
+use crate::spec::{InputKind, ModelSpec, TensorSpec};
 use crate::tensor::DataType;
 use crate::weights::{Weights, WeightsError};
 
@@ -80,32 +80,12 @@ pub struct Loaded {
 /// The OIP v2 signature of an architecture.
 pub fn spec_for(arch: &Architecture, image_input: DataType) -> ModelSpec {
     match arch {
-        Architecture::Bert(c) => ModelSpec {
-            inputs: ["input_ids", "attention_mask", "token_type_ids"]
-                .iter()
-                .map(|n| TensorSpec::new(n, DataType::Int64, &[-1, -1]))
-                .collect(),
-            outputs: vec![TensorSpec::new(
-                "embedding",
-                DataType::Fp32,
-                &[-1, c.hidden_size as i64],
-            )],
-            kind: InputKind::Sequence,
-            also_accepts: vec![],
-            value_ranges: vec![
-                ValueRange {
-                    input: "input_ids".into(),
-                    end: i64::try_from(c.vocab_size).unwrap_or(i64::MAX),
-                    meaning: "the vocabulary",
-                },
-                ValueRange {
-                    input: "token_type_ids".into(),
-                    end: i64::try_from(c.type_vocab_size).unwrap_or(i64::MAX),
-                    meaning: "the token types",
-                },
-            ],
-            max_sequence_len: Some(c.max_position_embeddings),
-        },
+        Architecture::Bert(c) => ModelSpec::bert(
+            c.hidden_size,
+            c.vocab_size,
+            c.type_vocab_size,
+            c.max_position_embeddings,
+        ),
         Architecture::EfficientNetLite0(v) | Architecture::ResNet { vision: v, .. } => {
             let s = v.image_size as i64;
             let other = if image_input == DataType::Uint8 {

@@ -74,6 +74,40 @@ pub struct ValueRange {
 }
 
 impl ModelSpec {
+    /// A BERT sentence encoder's signature: `input_ids`, `attention_mask` and
+    /// `token_type_ids`, INT64 `[-1, -1]`, in; `embedding`, FP32 `[-1, hidden]`, out. Token
+    /// ids must lie in `0..vocab`, token types in `0..types`, and sequences hold at most
+    /// `max_len` tokens.
+    pub fn bert(hidden: usize, vocab: usize, types: usize, max_len: usize) -> Self {
+        let end = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        ModelSpec {
+            inputs: ["input_ids", "attention_mask", "token_type_ids"]
+                .iter()
+                .map(|n| TensorSpec::new(n, DataType::Int64, &[-1, -1]))
+                .collect(),
+            outputs: vec![TensorSpec::new(
+                "embedding",
+                DataType::Fp32,
+                &[-1, end(hidden)],
+            )],
+            kind: InputKind::Sequence,
+            also_accepts: vec![],
+            value_ranges: vec![
+                ValueRange {
+                    input: "input_ids".into(),
+                    end: end(vocab),
+                    meaning: "the vocabulary",
+                },
+                ValueRange {
+                    input: "token_type_ids".into(),
+                    end: end(types),
+                    meaning: "the token types",
+                },
+            ],
+            max_sequence_len: Some(max_len),
+        }
+    }
+
     /// The spec of the input called `name`.
     pub fn input(&self, name: &str) -> Option<&TensorSpec> {
         self.inputs.iter().find(|s| s.name == name)
@@ -137,31 +171,6 @@ impl ModelSpec {
 mod tests {
     use super::*;
 
-    fn bert_spec() -> ModelSpec {
-        ModelSpec {
-            inputs: ["input_ids", "attention_mask", "token_type_ids"]
-                .iter()
-                .map(|n| TensorSpec::new(n, DataType::Int64, &[-1, -1]))
-                .collect(),
-            outputs: vec![TensorSpec::new("embedding", DataType::Fp32, &[-1, 4])],
-            kind: InputKind::Sequence,
-            also_accepts: vec![],
-            value_ranges: vec![
-                ValueRange {
-                    input: "input_ids".into(),
-                    end: 100,
-                    meaning: "the vocabulary",
-                },
-                ValueRange {
-                    input: "token_type_ids".into(),
-                    end: 2,
-                    meaning: "the token types",
-                },
-            ],
-            max_sequence_len: Some(8),
-        }
-    }
-
     fn request(ids: &[i64], types: &[i64]) -> Vec<Tensor> {
         let shape = vec![1, ids.len()];
         vec![
@@ -173,7 +182,7 @@ mod tests {
 
     #[test]
     fn values_are_checked_against_the_vocabulary_the_token_types_and_the_longest_sequence() {
-        let spec = bert_spec();
+        let spec = ModelSpec::bert(4, 100, 2, 8);
         assert_eq!(spec.check_values(&request(&[0, 99, 5], &[0, 1, 0])), Ok(()));
         assert_eq!(
             spec.check_values(&request(&[0, 100, 5], &[0, 0, 0])),

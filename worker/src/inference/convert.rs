@@ -300,20 +300,9 @@ pub fn input_message(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_engine::spec::{InputKind, TensorSpec};
 
     fn bert_spec() -> ModelSpec {
-        ModelSpec {
-            inputs: ["input_ids", "attention_mask", "token_type_ids"]
-                .iter()
-                .map(|n| TensorSpec::new(n, DataType::Int64, &[-1, -1]))
-                .collect(),
-            outputs: vec![TensorSpec::new("embedding", DataType::Fp32, &[-1, 384])],
-            kind: InputKind::Sequence,
-            also_accepts: vec![],
-            value_ranges: vec![],
-            max_sequence_len: None,
-        }
+        ModelSpec::bert(384, 30522, 2, 512)
     }
 
     fn i64_raw(v: &[i64]) -> Bytes {
@@ -417,14 +406,7 @@ mod tests {
 
     #[test]
     fn a_token_id_outside_the_vocabulary_is_refused_with_where_it_is() {
-        let spec = ModelSpec {
-            value_ranges: vec![tandem_engine::spec::ValueRange {
-                input: "input_ids".into(),
-                end: 30522,
-                meaning: "the vocabulary",
-            }],
-            ..bert_spec()
-        };
+        let spec = bert_spec();
         let req = ModelInferRequest {
             inputs: vec![
                 input_message("input_ids", "INT64", &[1, 3]),
