@@ -30,6 +30,9 @@ pub enum EngineError {
     /// The device failed (CUDA errors, out of memory...).
     #[error("device error: {0}")]
     Device(String),
+    /// The engine panicked: a bug, answered as an error instead of ending the engine thread.
+    #[error("engine failed: {0}")]
+    Panic(String),
 }
 
 /// A loaded model that runs whole batches, synchronously, on the thread that

@@ -260,15 +260,21 @@ fn run_batch(shared: &Shared, engine: &mut dyn Engine, queued: Vec<Queued>) {
 
 /// Runs `jobs` as one batch and answers each. Requests are checked one by one before they
 /// are queued ([`ModelSpec::check_values`]); should the engine still refuse a batch's input,
-/// each request is run again alone, so that only the one at fault fails.
+/// or panic on it, each request is run again alone, so that only the one at fault fails. A
+/// panic is answered as [`EngineError::Panic`]: were it to end this thread, every later
+/// request would wait for ever while the worker still reported ready.
 fn run_jobs(shared: &Shared, engine: &mut dyn Engine, jobs: Vec<Job>) {
-    match forward(shared, engine, &jobs) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        forward(shared, engine, &jobs)
+    }))
+    .unwrap_or_else(|panic| Err(EngineError::Panic(panic_message(panic.as_ref()))));
+    match result {
         Ok(per_request) => {
             for (job, out) in jobs.into_iter().zip(per_request) {
                 (job.reply)(Ok(out));
             }
         }
-        Err(EngineError::InvalidInput(e)) if jobs.len() > 1 => {
+        Err(EngineError::InvalidInput(e) | EngineError::Panic(e)) if jobs.len() > 1 => {
             tracing::warn!(error = %e, requests = jobs.len(), "the engine refused a batch; running its requests one by one");
             for job in jobs {
                 run_jobs(shared, engine, vec![job]);
@@ -284,6 +290,15 @@ fn run_jobs(shared: &Shared, engine: &mut dyn Engine, jobs: Vec<Job>) {
             }
         }
     }
+}
+
+/// The text a panic was raised with.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic without a message".to_owned())
 }
 
 /// Joins `jobs` into one batch, runs it, and splits the outputs back per request.
@@ -323,7 +338,8 @@ mod tests {
     use crate::tensor::DataType;
     use std::sync::mpsc;
 
-    /// Doubles its input, refusing a batch with any negative value; records batch sizes.
+    /// Doubles its input, refusing a batch with any negative value and panicking on 666;
+    /// records batch sizes.
     struct Doubler {
         spec: ModelSpec,
         seen: Arc<Mutex<Vec<usize>>>,
@@ -338,6 +354,7 @@ mod tests {
                 unreachable!()
             };
             self.seen.lock().unwrap().push(inputs[0].rows());
+            assert!(!v.contains(&666.0), "the engine cannot take 666");
             if let Some(x) = v.iter().find(|x| **x < 0.0) {
                 return Err(EngineError::InvalidInput(format!("negative value {x}")));
             }
@@ -432,6 +449,23 @@ mod tests {
             ]
         );
         // the batch of three, then each request alone
+        assert_eq!(seen, [3, 1, 1, 1]);
+        assert_eq!(runner.stats().errors, 1);
+    }
+
+    #[test]
+    fn an_engine_panic_fails_the_request_that_caused_it_and_the_engine_thread_lives_on() {
+        // run_closed joins the engine thread, which must not have ended in the panic, and the
+        // requests after the panicking batch must be answered.
+        let (got, seen, runner) = run_closed(&[1.0, 666.0, 2.0]);
+        assert_eq!(
+            got,
+            vec![
+                Ok(2.0),
+                Err(EngineError::Panic("the engine cannot take 666".into())),
+                Ok(4.0)
+            ]
+        );
         assert_eq!(seen, [3, 1, 1, 1]);
         assert_eq!(runner.stats().errors, 1);
     }

@@ -59,9 +59,42 @@ pub enum ConvertError {
         /// Raw buffers received.
         got: usize,
     },
-    /// An empty batch.
-    #[error("input {0:?} has no rows")]
-    Empty(String),
+    /// A dimension of 0: no elements, whatever the other dimensions say.
+    #[error("input {name:?} has shape {shape:?}: every dimension must be at least 1")]
+    Empty {
+        /// Input name.
+        name: String,
+        /// Shape received.
+        shape: Vec<i64>,
+    },
+    /// A shape whose element count overflows.
+    #[error("input {name:?} has shape {shape:?}, more elements than any request can carry")]
+    TooLarge {
+        /// Input name.
+        name: String,
+        /// Shape received.
+        shape: Vec<i64>,
+    },
+    /// Raw contents that are not a whole number of elements.
+    #[error(
+        "input {name:?} has {got} bytes of raw contents, not a multiple of {size} (one {datatype})"
+    )]
+    Bytes {
+        /// Input name.
+        name: String,
+        /// Bytes received.
+        got: usize,
+        /// Bytes per element.
+        size: usize,
+        /// The datatype sent.
+        datatype: &'static str,
+    },
+    /// The same input twice.
+    #[error("input {0:?} appears more than once")]
+    Duplicate(String),
+    /// A requested output the model does not have.
+    #[error("unknown output {0:?}")]
+    UnknownOutput(String),
     /// A value the model cannot take (a token id outside the vocabulary, a sequence longer
     /// than the model's positions).
     #[error("{0}")]
@@ -84,10 +117,11 @@ pub struct RawInput {
 fn decode_raw(name: &str, dtype: DataType, bytes: &[u8]) -> Result<TensorData, ConvertError> {
     let size = dtype.size();
     if !bytes.len().is_multiple_of(size) {
-        return Err(ConvertError::Size {
+        return Err(ConvertError::Bytes {
             name: name.into(),
-            expected: bytes.len() / size + 1,
-            got: bytes.len() / size,
+            got: bytes.len(),
+            size,
+            datatype: dtype.as_str(),
         });
     }
     Ok(match dtype {
@@ -130,8 +164,9 @@ fn decode_typed(
     Ok(out)
 }
 
-/// Decodes a request's inputs (raw or typed) without checking them against a model.
-pub fn decode_inputs(req: &ModelInferRequest) -> Result<Vec<RawInput>, ConvertError> {
+/// Decodes a request's inputs (raw or typed); `spec` only names the datatypes an input takes
+/// when it has one no engine knows ([`to_engine_inputs`] checks the rest).
+fn decode_inputs(spec: &ModelSpec, req: &ModelInferRequest) -> Result<Vec<RawInput>, ConvertError> {
     let raw = &req.raw_input_contents;
     if !raw.is_empty() && raw.len() != req.inputs.len() {
         return Err(ConvertError::RawCount {
@@ -146,7 +181,7 @@ pub fn decode_inputs(req: &ModelInferRequest) -> Result<Vec<RawInput>, ConvertEr
             let dtype = DataType::parse(&input.datatype).ok_or_else(|| ConvertError::Datatype {
                 name: input.name.clone(),
                 got: input.datatype.clone(),
-                expected: "FP32, INT64 or UINT8".into(),
+                expected: accepted(spec, &input.name),
             })?;
             let data = match raw.get(i) {
                 Some(bytes) => decode_raw(&input.name, dtype, bytes)?,
@@ -166,15 +201,47 @@ pub fn decode_inputs(req: &ModelInferRequest) -> Result<Vec<RawInput>, ConvertEr
         .collect()
 }
 
+/// A request's inputs as engine tensors in spec order, every check done.
+pub fn engine_inputs(
+    spec: &ModelSpec,
+    req: &ModelInferRequest,
+) -> Result<Vec<Tensor>, ConvertError> {
+    to_engine_inputs(spec, decode_inputs(spec, req)?)
+}
+
+/// The datatypes `spec` takes for input `name`, for an error message.
+fn accepted(spec: &ModelSpec, name: &str) -> String {
+    let mut types: Vec<&str> = spec
+        .input(name)
+        .map(|s| s.datatype.as_str())
+        .into_iter()
+        .chain(
+            spec.also_accepts
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, d)| d.as_str()),
+        )
+        .collect();
+    if types.is_empty() {
+        types = vec!["FP32", "INT64", "UINT8"];
+    }
+    types.join(" or ")
+}
+
 /// Orders and checks decoded inputs against `spec`. A sequence model's
 /// `token_type_ids` may be left out (zeros are used, as BERT tokenizers produce
 /// for single sentences).
-pub fn to_engine_inputs(
+fn to_engine_inputs(
     spec: &ModelSpec,
     mut inputs: Vec<RawInput>,
 ) -> Result<Vec<Tensor>, ConvertError> {
     if let Some(extra) = inputs.iter().find(|i| spec.input(&i.name).is_none()) {
         return Err(ConvertError::UnknownInput(extra.name.clone()));
+    }
+    for (i, input) in inputs.iter().enumerate() {
+        if inputs[..i].iter().any(|earlier| earlier.name == input.name) {
+            return Err(ConvertError::Duplicate(input.name.clone()));
+        }
     }
     let mut out = Vec::with_capacity(spec.inputs.len());
     let mut first_shape: Option<Vec<usize>> = None;
@@ -208,17 +275,26 @@ pub fn to_engine_inputs(
                 expected: s.dims.clone(),
             });
         }
+        // With no zero dimension, the element count bounds every dimension by the data sent.
+        if input.shape.contains(&0) {
+            return Err(ConvertError::Empty {
+                name: s.name.clone(),
+                shape: input.shape,
+            });
+        }
         let shape: Vec<usize> = input.shape.iter().map(|d| *d as usize).collect();
-        let numel: usize = shape.iter().product();
+        let Some(numel) = shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d)) else {
+            return Err(ConvertError::TooLarge {
+                name: s.name.clone(),
+                shape: input.shape,
+            });
+        };
         if numel != input.data.len() {
             return Err(ConvertError::Size {
                 name: s.name.clone(),
                 expected: numel,
                 got: input.data.len(),
             });
-        }
-        if shape.first() == Some(&0) {
-            return Err(ConvertError::Empty(s.name.clone()));
         }
         match &first_shape {
             Some(f) if *f != shape => {
@@ -319,7 +395,7 @@ mod tests {
             raw_input_contents: vec![i64_raw(&[1, 1]), i64_raw(&[101, 102])],
             ..Default::default()
         };
-        let t = to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap();
+        let t = engine_inputs(&bert_spec(), &req).unwrap();
         assert_eq!(t[0], Tensor::i64(vec![1, 2], vec![101, 102]));
         assert_eq!(t[1], Tensor::i64(vec![1, 2], vec![1, 1]));
         assert_eq!(t[2], Tensor::i64(vec![1, 2], vec![0, 0]));
@@ -341,7 +417,7 @@ mod tests {
             inputs: vec![ids, mask],
             ..Default::default()
         };
-        let t = to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap();
+        let t = engine_inputs(&bert_spec(), &req).unwrap();
         assert_eq!(t[0], Tensor::i64(vec![1, 1], vec![7]));
     }
 
@@ -352,7 +428,7 @@ mod tests {
             raw_input_contents: vec![Bytes::from(vec![0u8; 4])],
             ..Default::default()
         };
-        let err = to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap_err();
+        let err = engine_inputs(&bert_spec(), &req).unwrap_err();
         assert_eq!(
             err.to_string(),
             "input \"input_ids\" has datatype FP32, expected INT64"
@@ -370,7 +446,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()),
+            engine_inputs(&bert_spec(), &req),
             Err(ConvertError::Size { .. })
         ));
     }
@@ -386,7 +462,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()),
+            engine_inputs(&bert_spec(), &req),
             Err(ConvertError::Inconsistent(_))
         ));
     }
@@ -399,7 +475,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            to_engine_inputs(&bert_spec(), decode_inputs(&req).unwrap()).unwrap_err(),
+            engine_inputs(&bert_spec(), &req).unwrap_err(),
             ConvertError::UnknownInput("pixels".into())
         );
     }
@@ -416,10 +492,81 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            to_engine_inputs(&spec, decode_inputs(&req).unwrap())
-                .unwrap_err()
-                .to_string(),
+            engine_inputs(&spec, &req).unwrap_err().to_string(),
             "input_ids value 999999 at [0, 1] is outside the vocabulary (0..30522)"
+        );
+    }
+
+    /// The error for one `input_ids` (and a matching mask) of `shape` with `raw` bytes each.
+    fn refusal(shape: &[i64], ids: Bytes, mask: Bytes) -> String {
+        let req = ModelInferRequest {
+            inputs: vec![
+                input_message("input_ids", "INT64", shape),
+                input_message("attention_mask", "INT64", shape),
+            ],
+            raw_input_contents: vec![ids, mask],
+            ..Default::default()
+        };
+        engine_inputs(&bert_spec(), &req).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_zero_dimension_is_refused_whatever_the_other_dimensions_say() {
+        // [2^62, 0] holds no elements, so no byte count can contradict its 2^62 rows.
+        for shape in [[1, 0], [0, 3], [1 << 62, 0]] {
+            assert_eq!(
+                refusal(&shape, Bytes::new(), Bytes::new()),
+                format!(
+                    "input \"input_ids\" has shape {shape:?}: every dimension must be at least 1"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_shape_whose_element_count_overflows_is_refused() {
+        assert_eq!(
+            refusal(&[1 << 32, 1 << 32], i64_raw(&[1]), i64_raw(&[1])),
+            "input \"input_ids\" has shape [4294967296, 4294967296], more elements than any \
+             request can carry"
+        );
+    }
+
+    #[test]
+    fn raw_contents_that_are_not_whole_elements_give_the_byte_count() {
+        assert_eq!(
+            refusal(&[1, 3], Bytes::from(vec![0u8; 25]), i64_raw(&[1, 1, 1])),
+            "input \"input_ids\" has 25 bytes of raw contents, not a multiple of 8 (one INT64)"
+        );
+    }
+
+    #[test]
+    fn an_input_sent_twice_is_refused() {
+        let req = ModelInferRequest {
+            inputs: vec![
+                input_message("input_ids", "INT64", &[1, 1]),
+                input_message("attention_mask", "INT64", &[1, 1]),
+                input_message("input_ids", "INT64", &[1, 1]),
+            ],
+            raw_input_contents: vec![i64_raw(&[1]), i64_raw(&[1]), i64_raw(&[2])],
+            ..Default::default()
+        };
+        assert_eq!(
+            engine_inputs(&bert_spec(), &req).unwrap_err(),
+            ConvertError::Duplicate("input_ids".into())
+        );
+    }
+
+    #[test]
+    fn a_datatype_no_engine_takes_is_answered_with_the_ones_this_input_takes() {
+        let req = ModelInferRequest {
+            inputs: vec![input_message("input_ids", "INT32", &[1, 1])],
+            raw_input_contents: vec![Bytes::from(vec![0u8; 4])],
+            ..Default::default()
+        };
+        assert_eq!(
+            engine_inputs(&bert_spec(), &req).unwrap_err().to_string(),
+            "input \"input_ids\" has datatype INT32, expected INT64"
         );
     }
 }

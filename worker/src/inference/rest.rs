@@ -242,6 +242,12 @@ fn parse_request(
         });
         req.raw_input_contents.push(raw);
     }
+    if !binary.is_empty() {
+        return Err(format!(
+            "{} bytes of binary payload left after the inputs' binary_data_size",
+            binary.len()
+        ));
+    }
     let all_binary = header
         .pointer("/parameters/binary_data_output")
         .and_then(Value::as_bool)
@@ -354,5 +360,18 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(HEADER_LEN, json.len().to_string().parse().unwrap());
         assert!(parse_request("m".into(), String::new(), &h, &Bytes::from(json)).is_err());
+    }
+
+    #[test]
+    fn binary_payload_no_input_claims_is_refused() {
+        let json = r#"{"inputs":[{"name":"input","datatype":"UINT8","shape":[1,3],"parameters":{"binary_data_size":3}}]}"#;
+        let mut b = json.as_bytes().to_vec();
+        b.extend_from_slice(&[1, 2, 3, 4, 5]);
+        let mut h = HeaderMap::new();
+        h.insert(HEADER_LEN, json.len().to_string().parse().unwrap());
+        assert_eq!(
+            parse_request("m".into(), String::new(), &h, &Bytes::from(b)).unwrap_err(),
+            "2 bytes of binary payload left after the inputs' binary_data_size"
+        );
     }
 }

@@ -53,7 +53,9 @@ impl From<InferError> for tonic::Status {
             InferError::Invalid(_) | InferError::Engine(EngineError::InvalidInput(_)) => {
                 tonic::Status::invalid_argument(msg)
             }
-            InferError::Engine(EngineError::Device(_)) => tonic::Status::internal(msg),
+            InferError::Engine(EngineError::Device(_) | EngineError::Panic(_)) => {
+                tonic::Status::internal(msg)
+            }
         }
     }
 }
@@ -68,7 +70,9 @@ impl InferError {
             Self::Invalid(_) | Self::Engine(EngineError::InvalidInput(_)) => {
                 http::StatusCode::BAD_REQUEST
             }
-            Self::Engine(EngineError::Device(_)) => http::StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Engine(EngineError::Device(_) | EngineError::Panic(_)) => {
+                http::StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -194,13 +198,13 @@ impl Worker {
             _ => return Err(InferError::NotReady),
         };
         let spec = runner.spec();
-        let inputs = convert::to_engine_inputs(spec, convert::decode_inputs(&req)?)?;
+        let inputs = convert::engine_inputs(spec, &req)?;
         let requested: Vec<String> = req.outputs.iter().map(|o| o.name.clone()).collect();
         if let Some(unknown) = requested
             .iter()
             .find(|n| !spec.outputs.iter().any(|s| &s.name == *n))
         {
-            return Err(ConvertError::UnknownInput(format!("output {unknown}")).into());
+            return Err(ConvertError::UnknownOutput(unknown.clone()).into());
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job = Job {
