@@ -106,6 +106,31 @@ pub fn effective_config(args: &Args) -> anyhow::Result<PipelineConfig> {
     Ok(cfg)
 }
 
+/// How long a server may still wait for its connections to close once the drain has ended.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits for `server`, but gives up on it [`CLOSE_GRACE`] after `drained` fires (`None`): by
+/// then every accepted request has been answered or the drain time is over, and a connection
+/// still open, such as one stalled half-way through sending a request, must not keep the
+/// process alive until the kubelet's SIGKILL.
+async fn until_drained<T>(
+    server: impl std::future::Future<Output = T>,
+    drained: &Shutdown,
+    what: &str,
+) -> Option<T> {
+    let give_up = async {
+        drained.wait().await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    tokio::select! {
+        done = server => Some(done),
+        () = give_up => {
+            tracing::warn!(server = what, "connections still open after the drain; closing them");
+            None
+        }
+    }
+}
+
 /// Runs the preprocess worker until SIGTERM/SIGINT, then drains and returns.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -216,6 +241,7 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Res
     tracing::info!(%http_addr, %grpc_addr, %control_addr, %metrics_addr, ready = svc.is_ready(), "preprocess worker serving");
     let svc2 = Arc::clone(&svc);
     let s = shutdown.clone();
+    let drain_ended = drained.clone();
     let on_shutdown = async move {
         s.wait().await;
         svc2.begin_shutdown();
@@ -237,12 +263,36 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Res
                 "drain time ran out with requests still in flight"
             );
         }
-        drained.trigger();
+        drain_ended.trigger();
     };
-    let (g, c, (), ()) = tokio::join!(grpc, control, http, on_shutdown);
-    g.context("gRPC server")?;
-    c.context("control server")?;
+    let (g, c, _, ()) = tokio::join!(
+        until_drained(grpc, &drained, "gRPC"),
+        until_drained(control, &drained, "control"),
+        until_drained(http, &drained, "HTTP"),
+        on_shutdown
+    );
+    g.transpose().context("gRPC server")?;
+    c.transpose().context("control server")?;
     metrics_task.await.context("metrics task")??;
     tracing::info!("preprocess worker stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_still_waiting_for_its_connections_is_given_up_after_the_drain() {
+        let drained = Shutdown::new();
+        drained.trigger();
+        let stuck = std::future::pending::<()>();
+        assert_eq!(until_drained(stuck, &drained, "test").await, None);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_ends_by_itself_gives_its_result() {
+        let drained = Shutdown::new();
+        assert_eq!(until_drained(async { 7 }, &drained, "test").await, Some(7));
+    }
 }

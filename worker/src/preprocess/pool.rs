@@ -87,7 +87,8 @@ impl CpuPool {
 
     /// Runs `f` on the pool inside `span`; returns its result and how long it
     /// waited in the queue. The wait is a `queue_wait` child span of `span`, closed when a
-    /// pool thread takes the job.
+    /// pool thread takes the job. If the returned future is dropped before a pool thread takes
+    /// the job (its client went away), `f` is dropped unrun.
     pub async fn run<T, F>(&self, span: tracing::Span, f: F) -> Result<(T, Duration), PoolError>
     where
         T: Send + 'static,
@@ -100,6 +101,9 @@ impl CpuPool {
         queued.fetch_add(1, Ordering::Relaxed);
         let job: Job = Box::new(move || {
             queued.fetch_sub(1, Ordering::Relaxed);
+            if reply.is_closed() {
+                return;
+            }
             drop(waiting);
             let waited = submitted.elapsed();
             let out = span.in_scope(f);
@@ -160,5 +164,36 @@ mod tests {
         block_tx.send(()).unwrap();
         first.await.unwrap().unwrap();
         second.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_caller_went_away_before_it_started_is_dropped_unrun() {
+        let pool = CpuPool::new(1, 4);
+        let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let p = pool.clone();
+        let first = tokio::spawn(async move {
+            p.run(tracing::Span::none(), move || {
+                let _ = started_tx.send(());
+                let _ = block_rx.recv();
+            })
+            .await
+        });
+        started_rx.recv().unwrap();
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        let mut abandoned = Box::pin(pool.run(tracing::Span::none(), move || {
+            flag.store(true, Ordering::SeqCst);
+        }));
+        assert!(futures::poll!(abandoned.as_mut()).is_pending());
+        assert_eq!(pool.queued(), 1);
+        drop(abandoned);
+        block_tx.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        // The pool's one thread takes jobs in order: once this one has run, the abandoned
+        // job has been taken and dropped.
+        pool.run(tracing::Span::none(), || ()).await.unwrap();
+        assert!(!ran.load(Ordering::SeqCst), "the abandoned job ran");
+        assert_eq!(pool.queued(), 0);
     }
 }

@@ -357,14 +357,20 @@ impl Service {
             return Err(RequestError::Unavailable("worker is shutting down".into()));
         }
         let items = self.validate(&req)?;
-        let _permit = Arc::clone(&self.admission)
-            .try_acquire_owned()
-            .map_err(|_| {
-                RequestError::ResourceExhausted(format!(
-                    "queue is full (maxQueueDepth {})",
-                    self.cfg.limits.max_queue_depth
-                ))
-            })?;
+        // Shared with the CPU job: a client that goes away while its items are decoded or
+        // tokenized does not free its place in the queue until that work has ended, so
+        // `maxQueueDepth` bounds the CPU work queued and running.
+        let permit = Arc::new(
+            Arc::clone(&self.admission)
+                .try_acquire_owned()
+                .map_err(|_| {
+                    RequestError::ResourceExhausted(format!(
+                        "queue is full (maxQueueDepth {})",
+                        self.cfg.limits.max_queue_depth
+                    ))
+                })?,
+        );
+        let job_permit = Arc::clone(&permit);
         self.metrics.in_flight.inc();
         let _in_flight = GaugeGuard(&self.metrics.in_flight);
 
@@ -375,6 +381,7 @@ impl Service {
         let (prepared, waited) = self
             .pool
             .run(tracing::info_span!("preprocess", n), move || {
+                let _permit = job_permit;
                 pipeline.prepare(&items)
             })
             .await
