@@ -2,7 +2,8 @@
 //! tensor (`[3, H, W]` or `[H, W, 3]`, FP32 normalized or UINT8).
 //!
 //! Steps: sniff the format, read the header and refuse oversized images before
-//! any pixel buffer is allocated (decompression bombs), decode once (JPEG with
+//! any pixel buffer is allocated (decompression bombs; a JPEG with more than
+//! [`MAX_JPEG_SCANS`] scans is refused too), decode once (JPEG with
 //! libjpeg-turbo straight to RGB8; a JPEG much larger than the output is
 //! decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, like Pillow's `draft`,
 //! see [`JpegDraft`]; CMYK JPEG, PNG and WebP with the `image` crate), apply
@@ -56,6 +57,14 @@ pub enum ImageError {
         width: u32,
         /// Declared height.
         height: u32,
+    },
+    /// A JPEG with more scans than [`MAX_JPEG_SCANS`].
+    #[error(
+        "JPEG with more than {max} scans (a progressive JPEG has about ten); refused as a decompression bomb"
+    )]
+    TooManyScans {
+        /// The limit.
+        max: u32,
     },
     /// The pixel data is truncated or corrupt.
     #[error("cannot decode {format} data (truncated or corrupt): {reason}")]
@@ -350,6 +359,16 @@ pub fn decode_rgb8_for(
             if let Some(rgb) = decode_jpeg_turbo(encoded, max_pixels, target)? {
                 return Ok(rgb);
             }
+            // libjpeg-turbo enforces the scan limit itself; the fallback
+            // decoder caps progressive scans at 100, but not the scans of a
+            // sequential multi-scan JPEG, and it is reached for CMYK and for
+            // files libjpeg-turbo rejects for another reason, which may have
+            // any number of scans too.
+            if jpeg_scan_count(encoded, MAX_JPEG_SCANS) > MAX_JPEG_SCANS {
+                return Err(ImageError::TooManyScans {
+                    max: MAX_JPEG_SCANS,
+                });
+            }
             decode_checked(
                 image::codecs::jpeg::JpegDecoder::new(cursor).map_err(header)?,
                 name,
@@ -384,6 +403,14 @@ pub fn decode_rgb8_for(
     })
 }
 
+/// The most scans a JPEG may have. Each scan of a progressive JPEG makes the
+/// decoder visit every block of its components again, and a scan that only
+/// says "nothing here" costs a few bytes whatever the image size, so a 700 KB
+/// 4096×4096 file repeating one scan 20,000 times costs about half a minute of
+/// CPU. Encoders write about ten scans (libjpeg's default script: 10 for
+/// colour, 6 for grey); 500 is the limit libjpeg-turbo recommends.
+pub const MAX_JPEG_SCANS: u32 = 500;
+
 /// Decodes a JPEG with libjpeg-turbo (tuned Huffman decoder, SIMD IDCT,
 /// upsampling and colour conversion, straight into RGB8), at 1/2, 1/4 or 1/8 scale in the DCT
 /// domain when `target` allows it ([`jpeg_draft_factor`]); the IDCT and
@@ -404,7 +431,9 @@ pub fn decode_rgb8_for(
 ///
 /// Truncation ("Premature end of JPEG file", "premature end of data
 /// segment") is an error here and does not fall back: zune-jpeg would pad
-/// the missing data with grey and succeed.
+/// the missing data with grey and succeed. Neither does a file over
+/// [`MAX_JPEG_SCANS`] scans, which libjpeg-turbo stops reading at the first
+/// scan over the limit.
 fn decode_jpeg_turbo(
     encoded: &[u8],
     max_pixels: u64,
@@ -416,6 +445,9 @@ fn decode_jpeg_turbo(
     let Ok(mut decoder) = Decompressor::new() else {
         return Ok(None);
     };
+    if decoder.set_scan_limit(MAX_JPEG_SCANS).is_err() {
+        return Ok(None);
+    }
     let Ok(header) = decoder.read_header(encoded) else {
         return Ok(None);
     };
@@ -463,7 +495,14 @@ fn decode_jpeg_turbo(
     };
     if let Err(e) = decoder.decompress(encoded, out) {
         let reason = e.to_string();
-        if reason.to_ascii_lowercase().contains("premature end") {
+        let lower = reason.to_ascii_lowercase();
+        // libjpeg-turbo: "Progressive JPEG image has more than 500 scans".
+        if lower.contains("more than") && lower.contains("scans") {
+            return Err(ImageError::TooManyScans {
+                max: MAX_JPEG_SCANS,
+            });
+        }
+        if lower.contains("premature end") {
             return Err(ImageError::Decode {
                 format: "JPEG",
                 reason,
@@ -571,6 +610,45 @@ fn jpeg_exif(data: &[u8]) -> Option<&[u8]> {
         }
         pos += len;
     }
+}
+
+/// The number of scans (SOS markers) in a JPEG, counted up to `stop_after + 1`.
+/// Walks the marker segments, skipping each one's payload by its length; after
+/// a scan's header, its entropy-coded data runs to the next 0xFF that is not a
+/// stuffed byte (0xFF 0x00) or a restart marker. Stops at EOI or the end of
+/// the data.
+fn jpeg_scan_count(data: &[u8], stop_after: u32) -> u32 {
+    let mut scans = 0;
+    let mut pos = 2;
+    while scans <= stop_after {
+        let Some(ff) = data
+            .get(pos..)
+            .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
+        else {
+            break;
+        };
+        pos += ff + 1;
+        // Any number of 0xFF fill bytes may precede a marker code.
+        while data.get(pos) == Some(&0xFF) {
+            pos += 1;
+        }
+        let Some(&marker) = data.get(pos) else {
+            break;
+        };
+        pos += 1;
+        match marker {
+            // A stuffed data byte and the standalone markers (TEM, RSTn, SOI).
+            0x00 | 0x01 | 0xD0..=0xD8 => continue,
+            0xD9 => break,
+            0xDA => scans += 1,
+            _ => {}
+        }
+        let Some(len) = data.get(pos..pos + 2) else {
+            break;
+        };
+        pos += usize::from(u16::from_be_bytes([len[0], len[1]]));
+    }
+    scans
 }
 
 /// libjpeg refuses a stream without EOI only with a warning, but a stream cut
@@ -1131,5 +1209,130 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `jpeg` (a 64×64 progressive JPEG) with `repeats` more scans before its
+    /// EOI, each a valid first AC pass over the first component that codes
+    /// every block as "no more coefficients" (one bit per block), so they
+    /// leave the image unchanged: what scanbomb-style files repeat thousands
+    /// of times. A new AC Huffman table (table 3, one 1-bit code for EOB)
+    /// precedes them.
+    fn with_repeated_scans(jpeg: &[u8], repeats: usize) -> Vec<u8> {
+        let sof = jpeg
+            .windows(2)
+            .position(|w| w == [0xFF, 0xC2])
+            .expect("a progressive JPEG");
+        // FF C2, length (2), precision, height (2), width (2), components, then the first id.
+        let first_id = jpeg[sof + 10];
+        assert_eq!(&jpeg[sof + 5..sof + 9], &[0, 64, 0, 64], "a 64x64 image");
+        let eoi = jpeg.len() - 2;
+        assert_eq!(&jpeg[eoi..], &[0xFF, 0xD9]);
+        let mut out = jpeg[..eoi].to_vec();
+        let mut counts = [0u8; 16];
+        counts[0] = 1;
+        out.extend_from_slice(&[0xFF, 0xC4, 0, 20, 0x13]);
+        out.extend_from_slice(&counts);
+        out.push(0x00);
+        for _ in 0..repeats {
+            // One component; DC table 0, AC table 3; Ss=1, Se=63, Ah=Al=0.
+            out.extend_from_slice(&[0xFF, 0xDA, 0, 8, 1, first_id, 0x03, 1, 63, 0]);
+            // 8×8 blocks, one 0 bit each.
+            out.extend_from_slice(&[0u8; 64 / 8]);
+        }
+        out.extend_from_slice(&[0xFF, 0xD9]);
+        out
+    }
+
+    fn progressive_64(format: turbojpeg::PixelFormat) -> Vec<u8> {
+        turbo_jpeg(64, 64, format, |c| c.set_progressive(true).unwrap())
+    }
+
+    /// libjpeg-turbo's own verdict on an RGB `jpeg` under `scan_limit` (0 = none).
+    fn turbo_verdict(jpeg: &[u8], scan_limit: u32) -> turbojpeg::Result<()> {
+        let mut decompressor = turbojpeg::Decompressor::new()?;
+        decompressor.set_scan_limit(scan_limit)?;
+        let header = decompressor.read_header(jpeg)?;
+        let mut image = turbojpeg::Image {
+            pixels: vec![0u8; header.width * header.height * 3],
+            width: header.width,
+            pitch: header.width * 3,
+            height: header.height,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        decompressor.decompress(jpeg, image.as_deref_mut())
+    }
+
+    #[test]
+    fn a_progressive_jpeg_repeating_a_scan_a_thousand_times_is_refused_as_too_many_scans() {
+        let bomb = with_repeated_scans(&progressive_64(turbojpeg::PixelFormat::RGB), 1000);
+        // A valid file: with no scan limit, libjpeg-turbo decodes it without a warning.
+        turbo_verdict(&bomb, 0).unwrap();
+        for draft in [JpegDraft::Off, JpegDraft::Fast] {
+            let err = decode_rgb8_for(&bomb, 1 << 30, Some(target(draft))).unwrap_err();
+            assert_eq!(err, ImageError::TooManyScans { max: 500 }, "{draft:?}");
+            assert!(err.to_string().contains("more than 500 scans"), "{err}");
+        }
+        let cfg = bilinear_config(
+            (32, 32),
+            ResizeMode::CenterCrop,
+            Layout::Nchw,
+            ImageDtype::Fp32,
+        );
+        let pipeline = ImagePipeline::new(cfg, 1 << 30);
+        assert_eq!(
+            pipeline.process_batch(&[&bomb]).unwrap_err(),
+            (0, ImageError::TooManyScans { max: 500 })
+        );
+    }
+
+    #[test]
+    fn a_progressive_jpeg_with_a_few_extra_scans_decodes_like_the_ordinary_one() {
+        let jpeg = progressive_64(turbojpeg::PixelFormat::RGB);
+        let plain = decode_rgb8(&jpeg, 1 << 30).unwrap();
+        assert_eq!((plain.width, plain.height), (64, 64));
+        // Ten scans of its own, 490 more: at the limit, still decoded by
+        // libjpeg-turbo, to the same pixels.
+        assert_eq!(jpeg_scan_count(&jpeg, MAX_JPEG_SCANS), 10);
+        let at_limit = with_repeated_scans(&jpeg, 490);
+        turbo_verdict(&at_limit, MAX_JPEG_SCANS).unwrap();
+        let decoded = decode_rgb8(&at_limit, 1 << 30).unwrap();
+        assert_eq!(decoded.pixels, plain.pixels);
+        let over = with_repeated_scans(&jpeg, 491);
+        assert_eq!(
+            decode_rgb8(&over, 1 << 30).unwrap_err(),
+            ImageError::TooManyScans { max: 500 }
+        );
+    }
+
+    #[test]
+    fn a_cmyk_jpeg_with_too_many_scans_is_refused_before_the_fallback_decoder() {
+        let jpeg = progressive_64(turbojpeg::PixelFormat::CMYK);
+        let few = with_repeated_scans(&jpeg, 5);
+        let rgb = decode_rgb8(&few, 1 << 30).unwrap();
+        assert_eq!((rgb.width, rgb.height), (64, 64));
+        let bomb = with_repeated_scans(&jpeg, 1000);
+        assert_eq!(
+            decode_rgb8(&bomb, 1 << 30).unwrap_err(),
+            ImageError::TooManyScans { max: 500 }
+        );
+    }
+
+    #[test]
+    fn the_scan_count_skips_segment_payloads_and_stops_after_the_limit() {
+        let jpeg = progressive_64(turbojpeg::PixelFormat::RGB);
+        // A comment segment full of SOS-like bytes right after SOI.
+        let mut commented = jpeg[..2].to_vec();
+        let payload: Vec<u8> = [0xFF, 0xDA].repeat(600);
+        let len = u16::try_from(payload.len() + 2).unwrap();
+        commented.extend_from_slice(&[0xFF, 0xFE]);
+        commented.extend_from_slice(&len.to_be_bytes());
+        commented.extend_from_slice(&payload);
+        commented.extend_from_slice(&jpeg[2..]);
+        assert_eq!(jpeg_scan_count(&commented, MAX_JPEG_SCANS), 10);
+        assert!(decode_rgb8(&commented, 1 << 30).is_ok());
+        let bomb = with_repeated_scans(&jpeg, 20_000);
+        assert_eq!(jpeg_scan_count(&bomb, MAX_JPEG_SCANS), 501);
+        assert_eq!(jpeg_scan_count(b"\xFF\xD8\xFF\xDA", MAX_JPEG_SCANS), 1);
+        assert_eq!(jpeg_scan_count(b"\xFF\xD8", MAX_JPEG_SCANS), 0);
     }
 }
