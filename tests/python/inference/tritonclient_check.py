@@ -101,7 +101,17 @@ def check_minilm(worker, models, base):
                 assert emb.shape == (1, 384), emb.shape
                 c = cosine(emb[0], np.array(s["embedding"]))
                 assert c >= 0.9999, (mod, s["text"], c)
-            print(f"minilm via {mod}: metadata ok, 4 sentences cosine >= 0.9999")
+            # Compressed requests, as tritonclient sends them when asked to.
+            s = fx[0]
+            ids = np.array([s["input_ids"]], dtype=np.int64)
+            inputs = [mod_input(mod, n, a) for n, a in
+                      zip(["input_ids", "attention_mask", "token_type_ids"], [ids, np.ones_like(ids), np.zeros_like(ids)])]
+            for algorithm in ("gzip", "deflate"):
+                kw = ({"compression_algorithm": algorithm} if mod == "grpc"
+                      else {"request_compression_algorithm": algorithm})
+                out = client.infer("minilm", inputs, outputs=[mod_output(mod, "embedding")], **kw)
+                assert cosine(out.as_numpy("embedding")[0], np.array(s["embedding"])) >= 0.9999, (mod, algorithm)
+            print(f"minilm via {mod}: metadata ok, 4 sentences cosine >= 0.9999, gzip and deflate requests too")
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{base + 2}/metrics").read().decode()
         assert "tandem_inference_requests_total" in metrics, metrics[:400]
         print("metrics ok")

@@ -124,6 +124,13 @@ def check_text(worker, models, base):
             assert min(cosine(one[i], ref[i]) for i in range(2)) >= 0.9999, mod
             print(f"text via {mod}: {len(texts)} sentences in one batch, worst cosine against "
                   f"sentence-transformers {worst:.6f}")
+            # Compressed requests, as tritonclient sends them when asked to.
+            for algorithm in ("gzip", "deflate"):
+                kw = ({"compression_algorithm": algorithm} if mod == "grpc"
+                      else {"request_compression_algorithm": algorithm})
+                got = client.infer("minilm", [bytes_input(mod, texts)], **kw).as_numpy("embedding")
+                assert min(cosine(got[i], ref[i]) for i in range(len(texts))) >= 0.9999, (mod, algorithm)
+            print(f"text via {mod}: gzip and deflate requests answered")
 
             refusals = [
                 ([bytes_input(mod, [b"ok \xff\xfe"])], "UTF-8", None),

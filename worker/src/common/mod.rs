@@ -2,6 +2,7 @@
 //!
 //! - [`tensor`]: Open Inference Protocol v2 tensor helpers (datatypes, shapes,
 //!   raw little-endian contents, the BYTES 4-byte-length-prefixed encoding).
+//! - [`body`]: REST request bodies, bounded in size and time, gzip/deflate decoded.
 //! - [`metrics`]: the Prometheus `/metrics` HTTP server.
 //! - [`net`]: client-facing listeners whose connections have `TCP_NODELAY` set.
 //! - [`oip`]: the OIP v2 gRPC service, over what each role serves.
@@ -9,6 +10,7 @@
 //! - [`telemetry`]: tracing subscriber setup and W3C `traceparent` helpers.
 //! - [`stats`]: latency windows that produce the `WorkerControl` stats shapes.
 
+pub mod body;
 pub mod metrics;
 pub use tandem_net as net;
 pub mod oip;

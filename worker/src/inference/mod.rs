@@ -29,6 +29,7 @@ use tandem_engine::{DataType, Device};
 use tandem_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tandem_proto::tandem::v1::worker_control_server::WorkerControlServer;
 use tokio::sync::watch;
+use tonic::codec::CompressionEncoding;
 
 use crate::common::net;
 
@@ -284,8 +285,10 @@ async fn start_servers(
     let mut tasks = Vec::new();
 
     let oip = GrpcInferenceServiceServer::new(crate::common::oip::Grpc(worker.clone()))
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
+        .max_decoding_message_size(rest::MAX_BODY_BYTES)
+        .max_encoding_message_size(rest::MAX_BODY_BYTES)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
     let grpc_incoming =
         net::grpc_incoming(addr(args.grpc_port), "gRPC port", net::FIRST_BYTE_TIMEOUT).await?;
     let s = stop.clone();
@@ -318,7 +321,7 @@ async fn start_servers(
     }));
 
     let http_listener = net::http_listener(addr(args.http_port), "HTTP port").await?;
-    let app = rest::router(worker.clone()).layer(axum::extract::DefaultBodyLimit::max(256 << 20));
+    let app = rest::router(worker.clone());
     let s = stop.clone();
     tasks.push(tokio::spawn(async move {
         net::serve_http(http_listener, app, net::HEADER_READ_TIMEOUT, wait_stop(s)).await;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -13,11 +13,16 @@ use serde_json::{Value, json};
 use tandem_proto::inference::ModelInferRequest;
 use tandem_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 
+use crate::common::body::read_body;
+
 use super::grpc::model_metadata;
 use super::service::{InferError, Worker};
 use super::trace::request_span;
 
 const HEADER_LEN: &str = "inference-header-content-length";
+
+/// The largest request body, compressed or decompressed (the gRPC message limit too).
+pub const MAX_BODY_BYTES: usize = 256 << 20;
 
 /// The REST router.
 pub fn router(w: Arc<Worker>) -> Router {
@@ -109,7 +114,7 @@ async fn infer(
     State(w): State<Arc<Worker>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     infer_common(w, name, String::new(), headers, body).await
 }
@@ -118,7 +123,7 @@ async fn infer_v(
     State(w): State<Arc<Worker>>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     infer_common(w, name, version, headers, body).await
 }
@@ -277,8 +282,12 @@ async fn infer_common(
     name: String,
     version: String,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    let body = match read_body(&headers, body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => return error(e.http_status(), e.to_string()),
+    };
     let (req, binary_out) = match parse_request(name, version, &headers, &body) {
         Ok(r) => r,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),

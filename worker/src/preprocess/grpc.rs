@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tandem_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tandem_proto::inference::{ModelInferRequest, ModelInferResponse, ModelMetadataResponse};
 use tonic::Status;
+use tonic::codec::CompressionEncoding;
 
 use super::service::{Service, trace_from_header};
 use crate::common::oip::{Backend, Grpc};
@@ -23,9 +24,13 @@ pub fn server(service: Arc<Service>) -> GrpcInferenceServiceServer<OipGrpc> {
         .max_request_bytes
         .saturating_add(1 << 20)
         .saturating_mul(2);
+    // Compressed requests (tritonclient's `compression_algorithm`) are decoded up to the same
+    // limit.
     GrpcInferenceServiceServer::new(Grpc(service))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
 }
 
 #[tonic::async_trait]

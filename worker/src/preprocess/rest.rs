@@ -27,6 +27,8 @@ use super::error::RequestError;
 use super::service::{Service, trace_from_header};
 use crate::common::tensor::{self, DataType};
 
+use crate::common::body::{BodyError, read_body};
+
 const HEADER_LEN: &str = "inference-header-content-length";
 
 #[derive(Debug, Deserialize)]
@@ -156,15 +158,18 @@ async fn infer_v(
 ) -> Response {
     // JSON framing adds overhead beyond the tensor bytes that the limit is about.
     let limit = s.config().limits.max_request_bytes.saturating_add(64 << 10);
-    let body = match axum::body::to_bytes(body, limit).await {
+    let body = match read_body(&headers, body, limit).await {
         Ok(b) => b,
-        Err(_) => {
-            let e = RequestError::invalid(format!(
-                "request body is over the limit of {} bytes (limits.maxRequestBytes)",
-                s.config().limits.max_request_bytes
-            ));
+        Err(b) => {
+            let e = RequestError::invalid(match &b {
+                BodyError::TooLarge(_) => format!(
+                    "request body is over the limit of {} bytes (limits.maxRequestBytes)",
+                    s.config().limits.max_request_bytes
+                ),
+                other => other.to_string(),
+            });
             s.infer_rejected("http", &e);
-            return request_error(&e);
+            return error(b.http_status(), e.to_string());
         }
     };
     let (req, binary_out) = match parse_request(&name, &version, &headers, body) {

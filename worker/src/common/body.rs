@@ -1,0 +1,209 @@
+//! Reading a REST request body: bounded in size and in time, and decoded from the
+//! `Content-Encoding` tritonclient.http sends with `request_compression_algorithm` (gzip or
+//! deflate).
+//!
+//! A client that declares more than the limit is refused before anything is read; one that
+//! stops sending half-way is cut off after [`BODY_READ_TIMEOUT`] instead of holding its
+//! buffer until it closes; a compressed body may not expand past the same limit.
+
+use std::io::Read as _;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, StatusCode, header};
+
+/// The longest a client may take to send a request body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a body was not read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BodyError {
+    /// Declared or sent (or decompressed to) more than the limit.
+    #[error("request body is over the limit of {0} bytes")]
+    TooLarge(usize),
+    /// Not all sent within [`BODY_READ_TIMEOUT`].
+    #[error("request body not received within {} s", BODY_READ_TIMEOUT.as_secs())]
+    Timeout,
+    /// A `Content-Encoding` other than gzip, deflate or identity.
+    #[error("unsupported Content-Encoding {0:?} (gzip, deflate or identity)")]
+    Encoding(String),
+    /// The body broke off, or its compressed data is corrupt.
+    #[error("request body could not be read: {0}")]
+    Read(String),
+}
+
+impl BodyError {
+    /// The HTTP status that answers it.
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Encoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Read(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Reads `body` (at most `limit` bytes, within [`BODY_READ_TIMEOUT`]) and decodes its
+/// `Content-Encoding` to at most `limit` bytes.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge(limit));
+    }
+    let encoding = Encoding::of(headers)?;
+    let raw = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| BodyError::Timeout)?
+        .map_err(|e| {
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            {
+                BodyError::TooLarge(limit)
+            } else {
+                BodyError::Read(e.to_string())
+            }
+        })?;
+    match encoding {
+        Encoding::Identity => Ok(raw),
+        // Decompressing up to the limit is CPU work: off the async threads.
+        compressed => tokio::task::spawn_blocking(move || compressed.decode(&raw, limit))
+            .await
+            .map_err(|e| BodyError::Read(e.to_string()))?,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Identity,
+    Gzip,
+    Deflate,
+}
+
+impl Encoding {
+    fn of(headers: &HeaderMap) -> Result<Self, BodyError> {
+        let Some(v) = headers.get(header::CONTENT_ENCODING) else {
+            return Ok(Self::Identity);
+        };
+        let name = v.to_str().unwrap_or_default().trim().to_ascii_lowercase();
+        match name.as_str() {
+            "" | "identity" => Ok(Self::Identity),
+            "gzip" | "x-gzip" => Ok(Self::Gzip),
+            "deflate" => Ok(Self::Deflate),
+            _ => Err(BodyError::Encoding(name)),
+        }
+    }
+
+    /// `raw` decoded, refused once it passes `limit` bytes.
+    fn decode(self, raw: &[u8], limit: usize) -> Result<Bytes, BodyError> {
+        let reader: Box<dyn std::io::Read> = match self {
+            Self::Identity => return Ok(Bytes::copy_from_slice(raw)),
+            Self::Gzip => Box::new(flate2::read::GzDecoder::new(raw)),
+            // HTTP's "deflate" is the zlib format (RFC 9110), which tritonclient sends.
+            Self::Deflate => Box::new(flate2::read::ZlibDecoder::new(raw)),
+        };
+        let mut out = Vec::new();
+        reader
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| BodyError::Read(format!("{self:?} data: {e}")))?;
+        if out.len() > limit {
+            return Err(BodyError::TooLarge(limit));
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(k.clone(), v.parse().unwrap());
+        }
+        h
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[tokio::test]
+    async fn gzip_and_deflate_bodies_are_decoded_and_plain_ones_passed_through() {
+        let data = b"{\"inputs\": []}".repeat(100);
+        for (encoding, body) in [
+            (None, data.clone()),
+            (Some("gzip"), gzip(&data)),
+            (Some("deflate"), zlib(&data)),
+        ] {
+            let h = encoding.map_or_else(HeaderMap::new, |e| {
+                headers(&[(header::CONTENT_ENCODING, e)])
+            });
+            let got = read_body(&h, Body::from(body), 1 << 20).await.unwrap();
+            assert_eq!(got.as_ref(), data.as_slice(), "{encoding:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_that_would_expand_past_the_limit_is_refused() {
+        // 10 MiB of zeros compress to ~10 KiB.
+        let bomb = gzip(&vec![0u8; 10 << 20]);
+        let h = headers(&[(header::CONTENT_ENCODING, "gzip")]);
+        assert_eq!(
+            read_body(&h, Body::from(bomb), 1 << 20).await.unwrap_err(),
+            BodyError::TooLarge(1 << 20)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_is_refused_before_reading() {
+        let h = headers(&[(header::CONTENT_LENGTH, "1000000000000000")]);
+        // A body that never ends: only the declared length can have refused it.
+        let never = Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
+        assert_eq!(
+            read_body(&h, never, 1 << 20).await.unwrap_err(),
+            BodyError::TooLarge(1 << 20)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sent_body_over_the_limit_and_an_unknown_encoding_are_refused() {
+        assert_eq!(
+            read_body(&HeaderMap::new(), Body::from(vec![1u8; 100]), 10)
+                .await
+                .unwrap_err(),
+            BodyError::TooLarge(10)
+        );
+        let h = headers(&[(header::CONTENT_ENCODING, "br")]);
+        assert_eq!(
+            read_body(&h, Body::from("x"), 10).await.unwrap_err(),
+            BodyError::Encoding("br".into())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_is_cut_off() {
+        let stalled =
+            Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
+        assert_eq!(
+            read_body(&HeaderMap::new(), stalled, 1 << 20)
+                .await
+                .unwrap_err(),
+            BodyError::Timeout
+        );
+    }
+}
