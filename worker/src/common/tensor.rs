@@ -150,9 +150,16 @@ where
 
 /// Splits a BYTES raw buffer into its elements without copying.
 pub fn decode_bytes_elements(raw: &Bytes) -> Result<Vec<Bytes>, TensorError> {
+    decode_bytes_elements_up_to(raw, usize::MAX)
+}
+
+/// As [`decode_bytes_elements`], but stops after `max + 1` elements: a caller expecting `max`
+/// learns that there are more without splitting them all (each split element costs 32 bytes,
+/// 6 times a 1-byte element's encoding).
+pub fn decode_bytes_elements_up_to(raw: &Bytes, max: usize) -> Result<Vec<Bytes>, TensorError> {
     let mut out = Vec::new();
     let mut pos = 0usize;
-    while pos < raw.len() {
+    while pos < raw.len() && out.len() <= max {
         let index = out.len();
         let header = raw
             .get(pos..pos + 4)
@@ -286,6 +293,13 @@ pub fn check_raw_size(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn splitting_up_to_a_count_stops_one_element_past_it() {
+        let raw = encode_bytes_elements(["a", "b", "c", "d"]);
+        assert_eq!(decode_bytes_elements_up_to(&raw, 1).unwrap().len(), 2);
+        assert_eq!(decode_bytes_elements_up_to(&raw, 4).unwrap().len(), 4);
+    }
 
     #[test]
     fn bytes_elements_round_trip_including_empty_ones() {

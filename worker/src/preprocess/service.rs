@@ -461,9 +461,15 @@ impl Service {
                 self.cfg.limits.max_request_bytes
             )));
         }
-        let items = tensor::decode_bytes_elements(&raw)
+        let items = tensor::decode_bytes_elements_up_to(&raw, n)
             .map_err(|e| RequestError::invalid(format!("input {:?}: {e}", input.name)))?;
-        if items.len() != n {
+        if items.len() > n {
+            return Err(RequestError::invalid(format!(
+                "input {:?}: shape says {n} elements but the data holds more",
+                input.name
+            )));
+        }
+        if items.len() < n {
             return Err(RequestError::invalid(format!(
                 "input {:?}: shape says {n} elements but the data holds {}",
                 input.name,
