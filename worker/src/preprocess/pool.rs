@@ -137,13 +137,17 @@ mod tests {
         assert_eq!(pool.queued(), 0);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_full_queue_is_refused_not_grown() {
-        let pool = CpuPool::new(1, 1);
+    /// Starts a job that holds the pool's (one) thread until the returned sender sends.
+    fn occupy(
+        pool: &CpuPool,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<((), Duration), PoolError>>,
+    ) {
         let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let p = pool.clone();
-        let first = tokio::spawn(async move {
+        let job = tokio::spawn(async move {
             p.run(tracing::Span::none(), move || {
                 let _ = started_tx.send(());
                 let _ = block_rx.recv();
@@ -151,6 +155,13 @@ mod tests {
             .await
         });
         started_rx.recv().unwrap();
+        (block_tx, job)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_is_refused_not_grown() {
+        let pool = CpuPool::new(1, 1);
+        let (block_tx, first) = occupy(&pool);
         // Polled once here, the second job is in the single queue slot when this returns.
         // (Waiting for `queued() > 0` from another task raced: `run` counts a job before it
         // sends it, so the third job could take the slot first and the test hung.)
@@ -169,17 +180,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_whose_caller_went_away_before_it_started_is_dropped_unrun() {
         let pool = CpuPool::new(1, 4);
-        let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
-        let p = pool.clone();
-        let first = tokio::spawn(async move {
-            p.run(tracing::Span::none(), move || {
-                let _ = started_tx.send(());
-                let _ = block_rx.recv();
-            })
-            .await
-        });
-        started_rx.recv().unwrap();
+        let (block_tx, first) = occupy(&pool);
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = Arc::clone(&ran);
         let mut abandoned = Box::pin(pool.run(tracing::Span::none(), move || {
