@@ -137,13 +137,11 @@ mod tests {
         assert_eq!(pool.queued(), 0);
     }
 
+    /// The job [`occupy`] starts.
+    type Occupying = tokio::task::JoinHandle<Result<((), Duration), PoolError>>;
+
     /// Starts a job that holds the pool's (one) thread until the returned sender sends.
-    fn occupy(
-        pool: &CpuPool,
-    ) -> (
-        std::sync::mpsc::Sender<()>,
-        tokio::task::JoinHandle<Result<((), Duration), PoolError>>,
-    ) {
+    fn occupy(pool: &CpuPool) -> (std::sync::mpsc::Sender<()>, Occupying) {
         let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let p = pool.clone();
