@@ -145,6 +145,28 @@ fn minilm_embeddings_do_not_depend_on_padding_length_or_on_what_the_mask_hides()
 }
 
 #[test]
+fn the_cpu_engine_refuses_ids_outside_the_vocabulary_and_over_long_sequences() {
+    let mut loaded = load(&common::model("minilm"));
+    let mut err = |ids: Vec<i64>| match loaded.engine.forward(&padded(
+        std::slice::from_ref(&ids),
+        ids.len(),
+        0,
+        0,
+    )) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted"),
+    };
+    assert_eq!(
+        err(vec![101, 30522, 102]),
+        "invalid input: input_ids value 30522 at [0, 1] is outside the vocabulary (0..30522)"
+    );
+    assert_eq!(
+        err(vec![101; 513]),
+        "invalid input: sequence length 513 exceeds the model's maximum of 512"
+    );
+}
+
+#[test]
 fn efficientnet_lite0_classifies_chelsea_like_the_pytorch_reference() {
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(common::fixture("efficientnet_chelsea.json")).unwrap(),

@@ -96,7 +96,9 @@ impl Bert {
     /// Embeds `n` sequences of length `l` (row-major `[n, l]` inputs); returns
     /// `[n, hidden]` L2-normalized sentence embeddings. Only the tokens the attention mask
     /// keeps are computed ([`Packed`]), so a batch padded to its longest row costs what its
-    /// real tokens cost.
+    /// real tokens cost. Values (token ids, token types, sequence length) must have passed the
+    /// model's [`ModelSpec::check_values`](crate::spec::ModelSpec::check_values), as
+    /// [`CpuEngine`](super::CpuEngine) does before calling this.
     pub fn forward(
         &self,
         ids: &[i64],
@@ -108,12 +110,6 @@ impl Bert {
     ) -> Result<Vec<f32>, EngineError> {
         let c = &self.cfg;
         let h = c.hidden_size;
-        if l > c.max_position_embeddings {
-            return Err(EngineError::InvalidInput(format!(
-                "sequence length {l} exceeds max_position_embeddings {}",
-                c.max_position_embeddings
-            )));
-        }
         let cells = n.checked_mul(l);
         if [ids.len(), mask.len(), types.len()]
             .iter()
@@ -122,22 +118,6 @@ impl Bert {
             return Err(EngineError::InvalidInput(format!(
                 "input_ids, attention_mask and token_type_ids must each hold {n} x {l} values"
             )));
-        }
-        // Every id is checked, masked or not: what a request may send does not depend on
-        // which of its tokens are computed.
-        for (&id, &ty) in ids.iter().zip(types) {
-            if id < 0 || id as usize >= c.vocab_size {
-                return Err(EngineError::InvalidInput(format!(
-                    "input_ids value {id} outside vocabulary 0..{}",
-                    c.vocab_size
-                )));
-            }
-            if ty < 0 || ty as usize >= c.type_vocab_size {
-                return Err(EngineError::InvalidInput(format!(
-                    "token_type_ids value {ty} outside 0..{}",
-                    c.type_vocab_size
-                )));
-            }
         }
         let packed = Packed::new(mask, n, l, c.pooling);
         let t = packed.src.len();

@@ -105,6 +105,11 @@ impl Engine for CpuEngine {
                     i64s(mask, "attention_mask")?,
                     i64s(types, "token_type_ids")?,
                 );
+                // The checks the worker runs per request, run again here for callers of the
+                // engine alone; one definition of what a request may hold.
+                self.spec
+                    .check_values(inputs)
+                    .map_err(EngineError::InvalidInput)?;
                 let out = self.pool.install(|| m.forward(a, b, c, n, l, threads))?;
                 Ok(vec![Tensor::f32(vec![n, m.hidden_size()], out)])
             }
