@@ -258,6 +258,8 @@ pub struct ServedModels {
     pub base: String,
     /// sha256 of `minilm/model.safetensors`, for a pipeline's `model.sha256`.
     pub minilm_sha256: String,
+    /// sha256 of `efficientnet-lite0/model.safetensors`.
+    pub efficientnet_sha256: String,
 }
 
 impl ServedModels {
@@ -266,14 +268,16 @@ impl ServedModels {
         let models = script_output("scripts/fetch-models.sh", &[])?;
         let base = script_output("tests/kube/cluster", &["serve", &models, "8088"])?;
         let sums = std::fs::read_to_string(Path::new(&models).join("SHA256SUMS"))?;
-        let minilm_sha256 = sums
-            .lines()
-            .find_map(|l| l.strip_suffix("  minilm/model.safetensors"))
-            .context("minilm in SHA256SUMS")?
-            .to_owned();
+        let sha256 = |file: &str| {
+            sums.lines()
+                .find_map(|l| l.strip_suffix(&format!("  {file}")))
+                .map(str::to_owned)
+                .with_context(|| format!("{file} in SHA256SUMS"))
+        };
         Ok(ServedModels {
+            minilm_sha256: sha256("minilm/model.safetensors")?,
+            efficientnet_sha256: sha256("efficientnet-lite0/model.safetensors")?,
             base,
-            minilm_sha256,
         })
     }
 }

@@ -1,6 +1,6 @@
-//! Tier 4: the queue-depth autoscaler with real workers on the local cluster. One MiniLM text
-//! pipeline (CPU), models served over HTTP by `tests/kube/cluster serve`, the operator as a
-//! local process with short windows, real requests from tritonclient:
+//! Tier 4: the queue-depth autoscaler with real workers on the local cluster. One
+//! EfficientNet-Lite0 image pipeline (CPU), models served over HTTP by `tests/kube/cluster
+//! serve`, the operator as a local process with short windows, real requests from tritonclient:
 //!
 //! 1. the inference stage starts at zero (`replicas.min: 0`); a first request is held by the
 //!    preprocess pod while the operator scales inference from zero, then served;
@@ -22,6 +22,10 @@ use anyhow::Context;
 use serde_json::Value;
 use tandem_e2e::{Cluster, Operator, ServedModels, script_output, wait_until};
 
+/// The pipeline's name.
+const PIPELINE: &str = "effnet";
+/// Its model's name, which clients name at the preprocess front door too.
+const MODEL: &str = "efficientnet-lite0";
 /// Scale-down window and idle window given to the operator: short, so the test is quick.
 const SCALE_DOWN_WINDOW_S: u64 = 6;
 const SCALE_TO_ZERO_AFTER_S: u64 = 10;
@@ -118,7 +122,7 @@ fn first_event(
 }
 
 fn stage_status(cluster: &Cluster, ns: &str, stage: &str) -> anyhow::Result<Value> {
-    let p = cluster.get_json(&["ipl", "minilm", "-n", ns])?;
+    let p = cluster.get_json(&["ipl", PIPELINE, "-n", ns])?;
     Ok(p["status"][stage].clone())
 }
 
@@ -128,17 +132,24 @@ fn deployment_replicas(cluster: &Cluster, ns: &str, name: &str) -> anyhow::Resul
 }
 
 /// The load generator: `concurrency` threads, each with its own tritonclient gRPC client,
-/// send `batch` texts of `text_bytes` bytes per request until `seconds` have passed (or
+/// send `batch` PNGs of `side`×`side` pixels per request until `seconds` have passed (or
 /// `requests` requests in total when given). Prints one JSON line with the outcome.
+///
+/// The PNG is smooth, so it is small on the wire (about 80 kB at 4000 px) while its decode
+/// and resize cost what its pixels cost: PNG has no decode-time downscaling.
 const LOADGEN: &str = r#"
-import json, sys, threading, time
+import io, json, sys, threading, time
 import numpy as np
+from PIL import Image
 import tritonclient.grpc as grpcclient
 
 address, model = sys.argv[1], sys.argv[2]
-concurrency, seconds, requests, batch, text_bytes = (int(x) for x in sys.argv[3:8])
-word = "autoscaling pipelines tokenize long sentences quickly "
-text = (word * (text_bytes // len(word) + 1))[:text_bytes].encode()
+concurrency, seconds, requests, batch, side = (int(x) for x in sys.argv[3:8])
+y, x = np.mgrid[0:side, 0:side]
+pixels = np.stack([x * 255 // side, y * 255 // side, (x // 7 + y // 5) % 256], -1)
+png = io.BytesIO()
+Image.fromarray(pixels.astype(np.uint8)).save(png, "PNG")
+image = png.getvalue()
 lock = threading.Lock()
 ok, failed, errors, latencies, sent = 0, 0, [], [], 0
 start = time.time()
@@ -152,12 +163,12 @@ def worker():
             if (requests and sent >= requests) or (not requests and time.time() >= deadline):
                 return
             sent += 1
-        t = grpcclient.InferInput("TEXT", [batch], "BYTES")
-        t.set_data_from_numpy(np.array([text] * batch, dtype=np.object_))
+        t = grpcclient.InferInput("IMAGE", [batch], "BYTES")
+        t.set_data_from_numpy(np.array([image] * batch, dtype=np.object_))
         t0 = time.time()
         try:
             r = client.infer(model, [t], client_timeout=120)
-            assert r.as_numpy("embedding").shape == (batch, 384)
+            assert r.as_numpy("logits").shape == (batch, 1000)
             with lock:
                 ok += 1
                 latencies.append(time.time() - t0)
@@ -188,15 +199,15 @@ impl Load {
         seconds: u32,
         requests: u32,
         batch: u32,
-        text_bytes: u32,
+        side: u32,
     ) -> anyhow::Result<Load> {
         let venv = script_output("scripts/python-env.sh", &[])?;
         let script = std::env::temp_dir().join("tandem-autoscaling-loadgen.py");
         std::fs::write(&script, LOADGEN)?;
         let child = Command::new(PathBuf::from(venv).join("bin/python"))
             .arg(&script)
-            .args([address, "minilm"])
-            .args([concurrency, seconds, requests, batch, text_bytes].map(|n| n.to_string()))
+            .args([address, MODEL])
+            .args([concurrency, seconds, requests, batch, side].map(|n| n.to_string()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -244,7 +255,8 @@ fn inference_scales_from_zero_both_stages_follow_a_load_step_and_idle_goes_back_
     let ns = ns_guard.name().to_owned();
     let ServedModels {
         base,
-        minilm_sha256: sha,
+        efficientnet_sha256: sha,
+        ..
     } = ServedModels::start()?;
 
     let op = start_operator(&cluster, &ns);
@@ -252,15 +264,21 @@ fn inference_scales_from_zero_both_stages_follow_a_load_step_and_idle_goes_back_
         r#"
 apiVersion: tandem.dev/v1alpha1
 kind: InferencePipeline
-metadata: {{name: minilm, namespace: {ns}}}
+metadata: {{name: {PIPELINE}, namespace: {ns}}}
 spec:
   preprocess:
-    text: {{tokenizer: "{base}/minilm/tokenizer.json", maxLength: 32}}
+    image:
+      resize: {{width: 224, height: 224, mode: CenterCrop, filter: Bilinear}}
+      normalize: {{mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}}
     replicas: {{min: 1, max: 3}}
     targetQueueDepth: 2
     resources: {{requests: {{cpu: 10m, memory: 64Mi}}}}
   inference:
-    model: {{name: minilm, version: "1", uri: "{base}/minilm/model.safetensors", sha256: {sha}}}
+    model:
+      name: {MODEL}
+      version: "1"
+      uri: "{base}/efficientnet-lite0/model.safetensors"
+      sha256: {sha}
     device: CPU
     batching: {{maxBatchSize: 16, maxDelay: 2ms}}
     replicas: {{min: 0, max: 3}}
@@ -274,14 +292,14 @@ spec:
     };
 
     // 1. Inference starts at zero; the first request is held, then served.
-    let address = cluster.ready_preprocess_address(&ns, "minilm")?;
+    let address = cluster.ready_preprocess_address(&ns, PIPELINE)?;
     check(wait_until(
         "inference desiredReplicas 0",
         Duration::from_secs(30),
         || Ok((stage_status(&cluster, &ns, "inference")?["desiredReplicas"] == 0).then_some(())),
     ))?;
     assert_eq!(
-        deployment_replicas(&cluster, &ns, "minilm-inference-blue")?,
+        deployment_replicas(&cluster, &ns, &format!("{PIPELINE}-inference-blue"))?,
         0
     );
     let cold = Load::start(&address, 1, 0, 1, 1, 64)?.finish()?;
@@ -307,15 +325,18 @@ spec:
         "one ready inference pod",
         Duration::from_secs(120),
         || {
-            let p = cluster.worker_pods(&ns, "minilm", "inference")?;
+            let p = cluster.worker_pods(&ns, PIPELINE, "inference")?;
             Ok((p.len() == 1 && p[0].ready).then_some(()))
         },
     ))?;
 
-    // 2. A load step: 8 clients, batches of 8 texts of 100 kB. Tokenizing them keeps the
-    //    preprocess pod's threads busy, so its queue builds at once; the inference stage sees
-    //    that backlog fed forward before its own queue builds.
-    let step = Load::start(&address, 8, 25, 0, 8, 100_000)?;
+    // 2. A load step: 8 clients, batches of 8 PNGs of 4000×4000. Decoding and resizing them
+    //    keeps the preprocess pod's threads busy, so its queue builds at once; the inference
+    //    stage sees that backlog fed forward before its own queue builds. The images are that
+    //    large so that preprocess stays the slower stage for the whole step: at 1600 px the
+    //    requests soon waited at inference instead, and preprocess scaled back to one pod
+    //    while the load still ran.
+    let step = Load::start(&address, 8, 25, 0, 8, 4000)?;
     let (pre_up_at, inf_up_at): (f64, f64);
     let load = {
         // Wait for the reactions while the load runs.
@@ -367,7 +388,7 @@ spec:
     let pre_desired = stage_status(&cluster, &ns, "preprocess")?["desiredReplicas"].clone();
     let inf_desired = stage_status(&cluster, &ns, "inference")?["desiredReplicas"].clone();
     println!("desired after the step: preprocess {pre_desired}, inference {inf_desired}");
-    assert!(deployment_replicas(&cluster, &ns, "minilm-preprocess")? >= 2);
+    assert!(deployment_replicas(&cluster, &ns, &format!("{PIPELINE}-preprocess"))? >= 2);
 
     // 3. Load removed: down after the window, then inference to zero after the idle window.
     //    A stage's window runs from the last round its load needed more pods. That can be
@@ -434,13 +455,13 @@ spec:
         Duration::from_secs(60),
         || {
             Ok(cluster
-                .worker_pods(&ns, "minilm", "inference")?
+                .worker_pods(&ns, PIPELINE, "inference")?
                 .is_empty()
                 .then_some(()))
         },
     ))?;
     assert_eq!(
-        deployment_replicas(&cluster, &ns, "minilm-inference-blue")?,
+        deployment_replicas(&cluster, &ns, &format!("{PIPELINE}-inference-blue"))?,
         0
     );
     let inf_status = stage_status(&cluster, &ns, "inference")?;
@@ -460,11 +481,11 @@ spec:
         Duration::from_secs(SCALE_DOWN_WINDOW_S + 60),
         || {
             let desired = stage_status(&cluster, &ns, "preprocess")?["desiredReplicas"] == 1;
-            let pods = cluster.worker_pods(&ns, "minilm", "preprocess")?;
+            let pods = cluster.worker_pods(&ns, PIPELINE, "preprocess")?;
             Ok((desired && pods.len() == 1 && pods[0].ready).then_some(()))
         },
     ))?;
-    let holder = cluster.ready_preprocess_pod(&ns, "minilm")?;
+    let holder = cluster.ready_preprocess_pod(&ns, PIPELINE)?;
     let sent = now_unix();
     let mut held = Load::start(&holder.grpc_address(), 3, 0, 3, 2, 64)?;
     let back = check_event(
@@ -497,7 +518,7 @@ spec:
         back.note
     );
     // Its replacement serves new requests.
-    let address = cluster.ready_preprocess_address(&ns, "minilm")?;
+    let address = cluster.ready_preprocess_address(&ns, PIPELINE)?;
     let after = Load::start(&address, 3, 0, 6, 2, 64)?.finish()?;
     assert_no_failures(&op, "requests to the replacement preprocess pod", &after);
 
@@ -509,7 +530,7 @@ spec:
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
     }
-    let _ = cluster.kubectl(["delete", "ipl", "minilm", "-n", &ns, "--wait=false"]);
+    let _ = cluster.kubectl(["delete", "ipl", PIPELINE, "-n", &ns, "--wait=false"]);
     Ok(())
 }
 

@@ -133,6 +133,7 @@ fn a_client_request_is_one_trace_through_both_worker_pods_and_the_operator_expor
     let ServedModels {
         base,
         minilm_sha256: sha,
+        ..
     } = ServedModels::start()?;
     // Pods reach the host on the bridge address the file server listens on.
     let bridge: IpAddr = base
