@@ -144,3 +144,50 @@ fn minilm_loads_by_the_direct_wordpiece_path_and_encodes_like_the_crates_loader(
         assert_eq!(a.get_type_ids(), b.get_type_ids(), "{:?}", item.text);
     }
 }
+
+#[test]
+fn a_long_text_gives_the_ids_of_the_whole_text_tokenized_then_truncated() {
+    let path = minilm_tokenizer();
+    let max_length = 256;
+    let pipeline = TextPipeline::load(path.to_str().unwrap(), max_length).unwrap();
+    let mut whole = tokenizers::Tokenizer::from_file(&path).unwrap();
+    whole.with_padding(None);
+    whole
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length,
+            ..Default::default()
+        }))
+        .unwrap();
+    let sentences: Vec<String> = fixture().items.into_iter().map(|i| i.text).collect();
+    let sentences = sentences.join(" ") + " ";
+    let repeated = |bytes: usize| sentences.repeat(bytes / sentences.len() + 1);
+    let texts = [
+        repeated(2 << 20),
+        " \t\n\u{3000}".repeat(1 << 18) + &repeated(1 << 16),
+        "Supercalifragilistic".repeat(1 << 16) + " " + &repeated(1 << 16),
+        "你好世界。".repeat(1 << 15),
+    ];
+    for text in &texts {
+        let out = pipeline.process_batch(&[text.as_bytes()]).unwrap();
+        let expect = whole.encode(text.as_str(), true).unwrap();
+        let ids: Vec<i64> = expect.get_ids().iter().map(|&i| i64::from(i)).collect();
+        let types: Vec<i64> = expect
+            .get_type_ids()
+            .iter()
+            .map(|&i| i64::from(i))
+            .collect();
+        let start = &text[..text.char_indices().nth(24).map_or(text.len(), |(i, _)| i)];
+        assert_eq!(out.len, max_length, "{start:?}…");
+        assert_eq!(le_bytes_to_i64(&out.input_ids).unwrap(), ids, "{start:?}…");
+        assert_eq!(
+            le_bytes_to_i64(&out.token_type_ids).unwrap(),
+            types,
+            "{start:?}…"
+        );
+        assert_eq!(
+            le_bytes_to_i64(&out.attention_mask).unwrap(),
+            vec![1; max_length],
+            "{start:?}…"
+        );
+    }
+}

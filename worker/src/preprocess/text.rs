@@ -6,10 +6,17 @@
 //! without the mask, change results); truncation is set to `maxLength`. Each
 //! batch is padded only to its longest sequence (dynamic padding), pad id from
 //! the tokenizer's padding config when it had one, else 0, mask 0 on padding.
+//!
+//! Truncation keeps the first `maxLength` tokens, so for BERT-style tokenizers only a prefix
+//! of each text is tokenized (see [`PrefixRules`]): an item costs what truncation keeps, not
+//! what the client sent.
 
 use std::path::Path;
 
-use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
+use tokenizers::{
+    AddedToken, Encoding, ModelWrapper, NormalizerWrapper, PaddingParams, PreTokenizerWrapper,
+    Tokenizer, TruncationParams,
+};
 
 /// Errors loading the tokenizer.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +80,8 @@ pub struct TextPipeline {
     pad_id: i64,
     pad_type_id: i64,
     max_length: usize,
+    /// `None`: this tokenizer is given whole texts.
+    prefix_rules: Option<PrefixRules>,
 }
 
 impl TextPipeline {
@@ -122,17 +131,61 @@ impl TextPipeline {
                 ..Default::default()
             }))
             .map_err(|e| e.to_string())?;
+        let prefix_rules = PrefixRules::for_tokenizer(&tokenizer);
         Ok(Self {
             tokenizer,
             pad_id,
             pad_type_id,
             max_length,
+            prefix_rules,
         })
     }
 
     /// Configured truncation length.
     pub fn max_length(&self) -> usize {
         self.max_length
+    }
+
+    /// Encodes `text` with the ids, type ids and special-token mask that
+    /// `self.tokenizer.encode(text, true)` gives (offsets aside), tokenizing only about as much
+    /// of it as truncation keeps; also returns how many bytes the tokenizer was given.
+    ///
+    /// A text within the first byte budget is encoded as it is. A longer one is compacted
+    /// ([`Compactor`]) up to the budget and cut at its last cut point; when that prefix gives
+    /// more tokens than truncation keeps (its encoding overflows), its kept tokens are the whole
+    /// text's. Otherwise the budget doubles, ending with the whole (compacted) text, so at most
+    /// about twice the work that suffices is done.
+    fn encode_bounded(&self, text: &str) -> tokenizers::Result<(Encoding, usize)> {
+        let mut budget = self
+            .max_length
+            .max(1)
+            .saturating_mul(PREFIX_BYTES_PER_TOKEN);
+        let Some(rules) = self.prefix_rules.as_ref().filter(|_| text.len() > budget) else {
+            return Ok((self.tokenizer.encode(text, true)?, text.len()));
+        };
+        let mut compact = Compactor {
+            text,
+            rules,
+            read: 0,
+            out: String::new(),
+            last_cut: 0,
+        };
+        let mut tried = 0;
+        loop {
+            if compact.fill(budget) {
+                let enc = self.tokenizer.encode(compact.out.as_str(), true)?;
+                return Ok((enc, compact.out.len()));
+            }
+            let cut = compact.last_cut;
+            if cut > tried {
+                let enc = self.tokenizer.encode(&compact.out[..cut], true)?;
+                if !enc.get_overflowing().is_empty() {
+                    return Ok((enc, cut));
+                }
+                tried = cut;
+            }
+            budget = budget.saturating_mul(2);
+        }
     }
 
     /// Tokenizes a batch. Errors carry the index of the first failing item.
@@ -150,9 +203,8 @@ impl TextPipeline {
                     },
                 )
             })?;
-            let enc = self
-                .tokenizer
-                .encode(text, true)
+            let (enc, _) = self
+                .encode_bounded(text)
                 .map_err(|e| (i, TextError::Tokenize(e.to_string())))?;
             encodings.push(enc);
         }
@@ -186,6 +238,178 @@ impl TextPipeline {
             token_type_ids: types,
         })
     }
+}
+
+/// First prefix tried, in bytes per token that truncation keeps: English text runs 4–6
+/// bytes a token, so the first try is nearly always enough.
+const PREFIX_BYTES_PER_TOKEN: usize = 16;
+
+/// Where a text may be cut, and which runs in it may be shortened, without changing the tokens
+/// that truncation keeps. Only for BERT-style tokenizers (`BertNormalizer`, `BertPreTokenizer`),
+/// which this reasoning is about; others are given whole texts.
+///
+/// Why a prefix gives the same tokens: `BertNormalizer` works char by char (control chars
+/// dropped, whitespace to `' '`, spaces around CJK ideographs, NFD with non-spacing marks
+/// dropped, lowercase; NFD reorders only runs of combining marks, never across another char),
+/// `BertPreTokenizer` splits at whitespace and isolates punctuation, and the model then sees
+/// each word alone. So where the char at `p` always becomes a split (whitespace that is not a
+/// control char, ASCII punctuation, a CJK ideograph with `handle_chinese_chars`), the words of
+/// `text[..p]` are the first words of `text`, and its tokens the first tokens of `text`.
+/// Added tokens (`[CLS]`, `[MASK]`, …) are matched before all that, in the raw text (or, for
+/// `normalized` ones, the lowercased text); a cut char that occurs in no added token cannot be
+/// inside a match, so the matches before `p` are unchanged. A `single_word` added token looks
+/// at the char after it, so with one, cut chars that are word chars (`_`, CJK) are not used.
+///
+/// Why shortening runs is exact: a run of whitespace is dropped by the pre-tokenizer whatever
+/// its length, and a run of control chars is deleted by `clean_text`; each keeps its first
+/// char, so that no added token (none holds either) can match across where it was. A WordPiece
+/// word longer than `max_input_chars_per_word` chars is one unknown token whatever its length,
+/// and ASCII letters and digits stay one char each and never split; so a run of them keeps its
+/// first and last `keep` chars, `keep` being that limit plus the longest added token plus one:
+/// added tokens matched at both ends still leave a word past the limit, and none matches inside
+/// the run (none is only letters and digits, else runs are kept whole).
+///
+/// What this does not bound: a long stretch with no cut point and none of those runs (say
+/// megabytes of `é`) is tokenized whole, as before. And a word past the kept tokens that the
+/// model cannot tokenize (a vocabulary without its unknown token) no longer fails the item.
+#[derive(Debug, Clone)]
+struct PrefixRules {
+    /// Every char of every added token, sorted: never a cut point.
+    in_added_tokens: Vec<char>,
+    /// Cut before CJK ideographs (`handle_chinese_chars`, and no `single_word` added token).
+    cjk: bool,
+    /// Cut before `_` (no `single_word` added token).
+    underscore: bool,
+    /// Keep only the first of a run of control chars (`clean_text`).
+    collapse_controls: bool,
+    /// Keep only this many chars at each end of a longer run of ASCII letters and digits.
+    alnum_keep: Option<usize>,
+}
+
+impl PrefixRules {
+    fn for_tokenizer(tokenizer: &Tokenizer) -> Option<Self> {
+        let Some(NormalizerWrapper::BertNormalizer(normalizer)) = tokenizer.get_normalizer() else {
+            return None;
+        };
+        let Some(PreTokenizerWrapper::BertPreTokenizer(_)) = tokenizer.get_pre_tokenizer() else {
+            return None;
+        };
+        let added: Vec<AddedToken> = tokenizer.get_added_tokens_decoder().into_values().collect();
+        // A normalized ASCII added token is matched as its lowercase, listed below too.
+        if added.iter().any(|t| {
+            t.content.chars().any(char::is_whitespace) || (t.normalized && !t.content.is_ascii())
+        }) {
+            return None;
+        }
+        let mut in_added_tokens: Vec<char> = added
+            .iter()
+            .flat_map(|t| t.content.chars())
+            .flat_map(|c| [c, c.to_ascii_lowercase()])
+            .collect();
+        in_added_tokens.sort_unstable();
+        in_added_tokens.dedup();
+        let longest_added = added
+            .iter()
+            .map(|t| t.content.chars().count())
+            .max()
+            .unwrap_or(0);
+        let alnum_added = added
+            .iter()
+            .any(|t| t.content.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let alnum_keep = match tokenizer.get_model() {
+            ModelWrapper::WordPiece(model) if !alnum_added => {
+                Some(model.max_input_chars_per_word + longest_added + 1)
+            }
+            _ => None,
+        };
+        let single_word = added.iter().any(|t| t.single_word);
+        let collapse_controls =
+            normalizer.clean_text && !in_added_tokens.iter().any(|&c| is_removed_control(c));
+        Some(Self {
+            in_added_tokens,
+            cjk: normalizer.handle_chinese_chars && !single_word,
+            underscore: !single_word,
+            collapse_controls,
+            alnum_keep,
+        })
+    }
+
+    /// Whether a text may be cut just before `c`.
+    fn is_cut(&self, c: char) -> bool {
+        let splits = is_separator(c)
+            || (c.is_ascii_punctuation() && (c != '_' || self.underscore))
+            || (self.cjk && is_cjk_ideograph(c));
+        splits && self.in_added_tokens.binary_search(&c).is_err()
+    }
+}
+
+/// Whitespace that `BertNormalizer` keeps (as `' '`): not a control char, save tab and newlines.
+fn is_separator(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r') || (c.is_whitespace() && !c.is_control())
+}
+
+/// Chars `BertNormalizer`'s `clean_text` deletes (some of them: the Cc ones and U+FFFD).
+fn is_removed_control(c: char) -> bool {
+    c == '\u{fffd}' || (c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+}
+
+/// The main CJK blocks, a subset of the ideographs `BertNormalizer` puts spaces around.
+fn is_cjk_ideograph(c: char) -> bool {
+    matches!(c, '\u{3400}'..='\u{4DBF}' | '\u{4E00}'..='\u{9FFF}')
+}
+
+/// A text with its runs shortened as [`PrefixRules`] allows, produced as far as asked.
+struct Compactor<'a> {
+    text: &'a str,
+    rules: &'a PrefixRules,
+    /// Bytes of `text` consumed.
+    read: usize,
+    out: String,
+    /// The last cut point found in `out`.
+    last_cut: usize,
+}
+
+impl Compactor<'_> {
+    /// Appends until `out` holds `budget` bytes or `text` is used up; true when it is.
+    fn fill(&mut self, budget: usize) -> bool {
+        while self.out.len() < budget {
+            let rest = &self.text[self.read..];
+            let Some(c) = rest.chars().next() else {
+                return true;
+            };
+            if self.rules.is_cut(c) {
+                self.last_cut = self.out.len();
+            }
+            let consumed = if is_separator(c) {
+                self.out.push(c);
+                run_len(rest, is_separator)
+            } else if self.rules.collapse_controls && is_removed_control(c) {
+                self.out.push(c);
+                run_len(rest, is_removed_control)
+            } else if let Some(keep) = self.rules.alnum_keep.filter(|_| c.is_ascii_alphanumeric()) {
+                let run = rest.bytes().take_while(u8::is_ascii_alphanumeric).count();
+                if run > 2 * keep {
+                    self.out.push_str(&rest[..keep]);
+                    self.out.push_str(&rest[run - keep..run]);
+                } else {
+                    self.out.push_str(&rest[..run]);
+                }
+                run
+            } else {
+                self.out.push(c);
+                c.len_utf8()
+            };
+            self.read += consumed;
+        }
+        self.read == self.text.len()
+    }
+}
+
+/// Length in bytes of the run of chars at the start of `s` that satisfy `f`.
+fn run_len(s: &str, f: fn(char) -> bool) -> usize {
+    s.char_indices()
+        .find(|&(_, c)| !f(c))
+        .map_or(s.len(), |(i, _)| i)
 }
 
 /// Builds a tokenizer from `tokenizer.json` bytes.
@@ -411,6 +635,185 @@ mod tests {
         let err = parse_tokenizer(b"{\"model\": 3").expect_err("truncated JSON");
         assert!(!err.is_empty());
         assert!(wordpiece_direct(br#"{"version":"2.0","model":{}}"#).is_none());
+    }
+
+    /// A change to a `tokenizer.json`.
+    type JsonEdit = fn(String) -> String;
+
+    /// `BERT_STYLE` with `edit` applied to its JSON, as a pipeline truncating at `max_length`.
+    fn bert_style(max_length: usize, edit: impl Fn(String) -> String) -> TextPipeline {
+        let json = edit(BERT_STYLE.to_owned());
+        let tokenizer = parse_tokenizer(json.as_bytes()).expect("tokenizer loads");
+        TextPipeline::from_tokenizer(tokenizer, max_length).expect("pipeline")
+    }
+
+    /// Asserts that the bounded encoding of `text` is the whole text's, truncated; returns how
+    /// many bytes the bounded one tokenized.
+    fn assert_bounded_is_exact(pipeline: &TextPipeline, text: &str) -> usize {
+        let whole = pipeline
+            .tokenizer
+            .encode(text, true)
+            .expect("whole encodes");
+        let (bounded, bytes) = pipeline.encode_bounded(text).expect("bounded encodes");
+        let shown = || text.chars().take(200).collect::<String>();
+        assert_eq!(bounded.get_ids(), whole.get_ids(), "ids of {:?}", shown());
+        assert_eq!(
+            bounded.get_type_ids(),
+            whole.get_type_ids(),
+            "{:?}",
+            shown()
+        );
+        assert_eq!(
+            bounded.get_attention_mask(),
+            whole.get_attention_mask(),
+            "{:?}",
+            shown()
+        );
+        assert_eq!(
+            bounded.get_special_tokens_mask(),
+            whole.get_special_tokens_mask(),
+            "{:?}",
+            shown()
+        );
+        bytes
+    }
+
+    #[test]
+    fn a_bounded_encoding_has_the_ids_of_the_whole_text_truncated_for_random_tricky_texts() {
+        let long_alnum = "Z".repeat(300);
+        let digits = "0123456789".repeat(5);
+        let long_accented = "é".repeat(120);
+        let mut pieces: Vec<&str> = concat!(
+            "the|cat|sat|tokenizers|token|sssssssssssssssssssss|CAFÉ|café|e\u{301}|\u{301}|\u{327}|",
+            " |   |\t|\n|\u{3000}|\u{a0}|\u{2000}|\u{0B}|\u{85}|\0|\u{fffd}|\u{200b}|",
+            ",|.|_|[|]|«|Σ|[CLS]|[SEP]|[UNK]|<m>|<M>|中|文字|\u{F900}|ab|x.y",
+        )
+        .split('|')
+        .collect();
+        pieces.extend([long_alnum.as_str(), &digits, &long_accented]);
+        // A: as loaded. B: words of at most 5 chars and a single-word, stripping, normalized
+        // added token. C: no text cleaning or CJK spacing, and an added token holding '.' that
+        // can overlap a run of letters at either end. D: an all-alphanumeric added token.
+        let variants: [(&str, JsonEdit); 4] = [
+            ("A", |j| j),
+            ("B", |j| {
+                with_added(
+                    &short_words(j),
+                    r#""content":"<m>","single_word":true,"lstrip":true,"rstrip":true,"normalized":true"#,
+                )
+            }),
+            ("C", |j| {
+                let j = j.replace(
+                    r#""clean_text":true,"handle_chinese_chars":true"#,
+                    r#""clean_text":false,"handle_chinese_chars":false"#,
+                );
+                with_added(
+                    &j,
+                    r#""content":"x.y","single_word":false,"lstrip":false,"rstrip":true,"normalized":false"#,
+                )
+            }),
+            ("D", |j| {
+                with_added(
+                    &short_words(j),
+                    r#""content":"ab","single_word":false,"lstrip":false,"rstrip":false,"normalized":false"#,
+                )
+            }),
+        ];
+        // A word WordPiece can split ("token", "##s", …) when not too long.
+        let long_word = format!("token{}", "s".repeat(300));
+        let fixed = [
+            format!("x.y{long_word}x.y the cat"),
+            format!("[CLS]{long_word}[SEP] the cat"),
+            format!("<m>{long_word}<m> the cat"),
+            format!("{}the cat", " ".repeat(500)),
+            "ab".repeat(200),
+        ];
+        // xorshift64: deterministic, no dependency.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move |below: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % below as u64) as usize
+        };
+        for (name, edit) in variants {
+            for max_length in [2, 3, 5, 8, 20] {
+                let pipeline = bert_style(max_length, edit);
+                assert!(
+                    pipeline.prefix_rules.is_some(),
+                    "variant {name} is BERT-style"
+                );
+                for text in &fixed {
+                    assert_bounded_is_exact(&pipeline, text);
+                }
+                for _ in 0..150 {
+                    let text: String = (0..next(300)).map(|_| pieces[next(pieces.len())]).collect();
+                    assert_bounded_is_exact(&pipeline, &text);
+                }
+            }
+        }
+    }
+
+    /// `json` with words of more than 5 chars unknown.
+    fn short_words(json: String) -> String {
+        json.replace(
+            r#""max_input_chars_per_word":100"#,
+            r#""max_input_chars_per_word":5"#,
+        )
+    }
+
+    /// `json` with one more added token (id 15, not special), `fields` its other fields.
+    fn with_added(json: &str, fields: &str) -> String {
+        let token = format!(r#"{{"id":15,{fields},"special":false}},"#);
+        json.replacen(
+            r#""added_tokens":["#,
+            &format!(r#""added_tokens":[{token}"#),
+            1,
+        )
+    }
+
+    #[test]
+    fn only_a_prefix_of_a_long_text_is_tokenized() {
+        let pipeline = bert_style(8, |j| j);
+        // The first budget, or a doubling or two where a shortened run of 214 letters fills it.
+        let bound = 4 * 8 * PREFIX_BYTES_PER_TOKEN;
+        let sentences = "The cat sat on the mat, tokenizers. ".repeat(60_000);
+        let texts = [
+            sentences.clone(),
+            " \t\n\u{3000}".repeat(500_000) + &sentences,
+            "a".repeat(2_000_000) + " " + &sentences,
+            "\0".repeat(2_000_000) + "cat " + &sentences,
+            "中文".repeat(500_000),
+            ".".repeat(2_000_000),
+        ];
+        for text in &texts {
+            let bytes = assert_bounded_is_exact(&pipeline, text);
+            assert!(
+                bytes <= bound,
+                "{bytes} bytes of {} tokenized for {:?}",
+                text.len(),
+                &text[..12]
+            );
+        }
+    }
+
+    #[test]
+    fn a_tokenizer_that_is_not_bert_style_gets_the_whole_text() {
+        let tiny = parse_tokenizer(TINY_TOKENIZER.as_bytes()).expect("tiny loads");
+        let spaced = bert_style(8, |j| {
+            with_added(
+                &j,
+                r#""content":"the cat","single_word":false,"lstrip":false,"rstrip":false,"normalized":false"#,
+            )
+        });
+        for pipeline in [
+            TextPipeline::from_tokenizer(tiny, 3).expect("pipeline"),
+            spaced,
+        ] {
+            assert!(pipeline.prefix_rules.is_none());
+            let text = "hello world the cat ".repeat(1000);
+            assert_eq!(assert_bounded_is_exact(&pipeline, &text), text.len());
+        }
     }
 
     async fn serve(status: axum::http::StatusCode, body: &'static str) -> std::net::SocketAddr {
