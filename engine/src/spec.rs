@@ -76,8 +76,8 @@ pub struct ValueRange {
 impl ModelSpec {
     /// A BERT sentence encoder's signature: `input_ids`, `attention_mask` and
     /// `token_type_ids`, INT64 `[-1, -1]`, in; `embedding`, FP32 `[-1, hidden]`, out. Token
-    /// ids must lie in `0..vocab`, token types in `0..types`, and sequences hold at most
-    /// `max_len` tokens.
+    /// ids must lie in `0..vocab`, token types in `0..types`, mask values are 0 or 1, and
+    /// sequences hold at most `max_len` tokens.
     pub fn bert(hidden: usize, vocab: usize, types: usize, max_len: usize) -> Self {
         let end = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         ModelSpec {
@@ -102,6 +102,13 @@ impl ModelSpec {
                     input: "token_type_ids".into(),
                     end: end(types),
                     meaning: "the token types",
+                },
+                // The engines keep a token where its mask is not 0; refusing other values
+                // keeps a request from meaning something else here than in the reference.
+                ValueRange {
+                    input: "attention_mask".into(),
+                    end: 2,
+                    meaning: "the mask values",
                 },
             ],
             max_sequence_len: Some(max_len),
@@ -181,7 +188,8 @@ mod tests {
     }
 
     #[test]
-    fn values_are_checked_against_the_vocabulary_the_token_types_and_the_longest_sequence() {
+    fn values_are_checked_against_the_vocabulary_the_token_types_the_mask_and_the_longest_sequence()
+    {
         let spec = ModelSpec::bert(4, 100, 2, 8);
         assert_eq!(spec.check_values(&request(&[0, 99, 5], &[0, 1, 0])), Ok(()));
         assert_eq!(
@@ -195,6 +203,12 @@ mod tests {
         assert_eq!(
             spec.check_values(&request(&[1, 1, 5], &[0, 0, 2])),
             Err("token_type_ids value 2 at [0, 2] is outside the token types (0..2)".into())
+        );
+        let mut two_in_mask = request(&[1, 1, 5], &[0, 0, 0]);
+        two_in_mask[1] = Tensor::i64(vec![1, 3], vec![1, 2, 1]);
+        assert_eq!(
+            spec.check_values(&two_in_mask),
+            Err("attention_mask value 2 at [0, 1] is outside the mask values (0..2)".into())
         );
         assert_eq!(
             spec.check_values(&request(&[1; 9], &[0; 9])),
