@@ -13,7 +13,7 @@ use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceService
 use tandem_proto::inference::grpc_inference_service_server::{
     GrpcInferenceService, GrpcInferenceServiceServer,
 };
-use tandem_proto::inference::model_infer_request::InferInputTensor;
+use tandem_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use tandem_proto::inference::model_infer_response::InferOutputTensor;
 use tandem_proto::inference::*;
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
@@ -316,6 +316,10 @@ async fn hostile_inputs_get_invalid_argument_naming_the_problem_and_the_next_req
     wrong_shape.inputs[0].shape = vec![1, 3];
     let mut count_mismatch = request("effnet", &[&img]);
     count_mismatch.inputs[0].shape = vec![2];
+    let mut extra_raw = request("effnet", &[&img]);
+    extra_raw
+        .raw_input_contents
+        .push(extra_raw.raw_input_contents[0].clone());
     let cases: Vec<(ModelInferRequest, &str)> = vec![
         (request("effnet", &[&truncated]), "truncated"),
         (request("effnet", &[b""]), "empty"),
@@ -328,6 +332,7 @@ async fn hostile_inputs_get_invalid_argument_naming_the_problem_and_the_next_req
         (wrong_type, "expected BYTES"),
         (wrong_shape, "shape"),
         (count_mismatch, "2 elements"),
+        (extra_raw, "one entry per input (1), got 2"),
     ];
     for (req, needle) in cases {
         let err = infer(&svc, req).await.unwrap_err();
@@ -348,6 +353,34 @@ async fn hostile_inputs_get_invalid_argument_naming_the_problem_and_the_next_req
     }
     let err = infer(&svc, request("nope", &[&img])).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn an_unknown_output_is_refused_before_any_work_reaches_inference() {
+    let (addr, fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
+    let svc = image_service("");
+    set_routes(&svc, table(1, &[("blue", 100, &[&addr])], None)).await;
+    let img = jpeg();
+    let mut req = request("effnet", &[&img]);
+    req.outputs = vec![InferRequestedOutputTensor {
+        name: "embedding".into(),
+        ..Default::default()
+    }];
+    let err = infer(&svc, req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "requested output \"embedding\" does not exist; available: [\"probabilities\", \"labels\", \"logits\"]"
+    );
+    assert_eq!(fake.hits.load(Ordering::SeqCst), 0);
+    let mut req = request("effnet", &[&img]);
+    req.outputs = vec![InferRequestedOutputTensor {
+        name: "labels".into(),
+        ..Default::default()
+    }];
+    let resp = infer(&svc, req).await.unwrap();
+    assert_eq!(resp.outputs.len(), 1);
+    assert_eq!(fake.hits.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

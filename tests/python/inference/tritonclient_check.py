@@ -111,7 +111,15 @@ def check_minilm(worker, models, base):
                       else {"request_compression_algorithm": algorithm})
                 out = client.infer("minilm", inputs, outputs=[mod_output(mod, "embedding")], **kw)
                 assert cosine(out.as_numpy("embedding")[0], np.array(s["embedding"])) >= 0.9999, (mod, algorithm)
-            print(f"minilm via {mod}: metadata ok, 4 sentences cosine >= 0.9999, gzip and deflate requests too")
+            json_too = ""
+            if mod == "http":
+                # Values as JSON both ways (tritonclient's binary_data=False).
+                inputs = [mod_input(mod, n, a, binary=False) for n, a in
+                          zip(["input_ids", "attention_mask", "token_type_ids"], [ids, np.ones_like(ids), np.zeros_like(ids)])]
+                out = client.infer("minilm", inputs, outputs=[mod_output(mod, "embedding", binary=False)])
+                assert cosine(out.as_numpy("embedding")[0], np.array(s["embedding"])) >= 0.9999
+                json_too = ", JSON data both ways too"
+            print(f"minilm via {mod}: metadata ok, 4 sentences cosine >= 0.9999, gzip and deflate requests too{json_too}")
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{base + 2}/metrics").read().decode()
         assert "tandem_inference_requests_total" in metrics, metrics[:400]
         print("metrics ok")
@@ -120,16 +128,22 @@ def check_minilm(worker, models, base):
     print("minilm: SIGTERM -> exit 0")
 
 
-def mod_input(mod, name, arr):
+def mod_input(mod, name, arr, binary=True):
+    """An input; over HTTP `binary=False` sends its values as JSON instead of binary data."""
     m = grpcclient if mod == "grpc" else httpclient
     dt = {np.int64: "INT64", np.uint8: "UINT8", np.float32: "FP32"}[arr.dtype.type]
     i = m.InferInput(name, list(arr.shape), dt)
-    i.set_data_from_numpy(arr)
+    if mod == "http":
+        i.set_data_from_numpy(arr, binary_data=binary)
+    else:
+        i.set_data_from_numpy(arr)
     return i
 
 
-def mod_output(mod, name):
-    return (grpcclient if mod == "grpc" else httpclient).InferRequestedOutput(name)
+def mod_output(mod, name, binary=True):
+    if mod == "http":
+        return httpclient.InferRequestedOutput(name, binary_data=binary)
+    return grpcclient.InferRequestedOutput(name)
 
 
 def check_efficientnet(worker, models, base):
@@ -149,13 +163,17 @@ def check_efficientnet(worker, models, base):
         std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
         f32 = ((img.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
         for mod, client in (("grpc", g), ("http", h)):
-            for arr in (img, f32):
-                out = client.infer("effnet", [mod_input(mod, "input", arr)])
+            # Over HTTP the UINT8 pixels also go as JSON numbers, and the logits come back so.
+            sends = [(img, True), (f32, True)] + ([(img, False)] if mod == "http" else [])
+            for arr, binary in sends:
+                out = client.infer("effnet", [mod_input(mod, "input", arr, binary)],
+                                   outputs=[mod_output(mod, "logits", binary)])
                 logits = out.as_numpy("logits")[0]
                 top5 = list(np.argsort(-logits)[:5])
-                assert top5 == fx["top5"], (mod, top5)
+                assert top5 == fx["top5"], (mod, binary, top5)
                 assert np.max(np.abs(logits - np.array(fx["logits"]))) < 2e-3
-            print(f"efficientnet via {mod}: UINT8 and FP32 top-5 {top5} match the reference")
+            also = ", UINT8 as JSON numbers too" if mod == "http" else ""
+            print(f"efficientnet via {mod}: UINT8 and FP32 top-5 {top5} match the reference{also}")
     finally:
         stop(proc)
 

@@ -3,6 +3,7 @@
 //! - [`tensor`]: Open Inference Protocol v2 tensor helpers (datatypes, shapes,
 //!   raw little-endian contents, the BYTES 4-byte-length-prefixed encoding).
 //! - [`body`]: REST request bodies, bounded in size and time, gzip/deflate decoded.
+//! - [`rest`]: OIP v2 REST infer bodies (JSON and binary tensor data) in and out.
 //! - [`metrics`]: the Prometheus `/metrics` HTTP server.
 //! - [`net`]: client-facing listeners whose connections have `TCP_NODELAY` set.
 //! - [`oip`]: the OIP v2 gRPC service, over what each role serves.
@@ -14,6 +15,7 @@ pub mod body;
 pub mod metrics;
 pub use tandem_net as net;
 pub mod oip;
+pub mod rest;
 pub mod shutdown;
 pub mod stats;
 pub mod telemetry;

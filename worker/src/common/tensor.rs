@@ -46,6 +46,17 @@ pub enum TensorError {
     /// The request names no contents for an input.
     #[error("input {0:?} has no data (neither raw_input_contents nor contents)")]
     MissingContents(String),
+    /// `raw_input_contents` is used but does not hold one entry per input.
+    #[error("raw_input_contents must hold one entry per input ({expected}), got {got}")]
+    RawCount {
+        /// Inputs in the request.
+        expected: usize,
+        /// Raw buffers received.
+        got: usize,
+    },
+    /// An input sent both as `raw_input_contents` and as typed `contents`.
+    #[error("input {0:?} has typed contents beside raw_input_contents; send one form")]
+    BothForms(String),
 }
 
 /// OIP v2 datatypes.
@@ -219,18 +230,25 @@ pub fn le_bytes_to_i64(raw: &[u8]) -> Option<Vec<i64>> {
 }
 
 /// The raw bytes of input `index` of `req`: from `raw_input_contents` when the
-/// request uses it, otherwise re-encoded from the typed `contents`.
+/// request uses it (one entry per input, and no typed contents beside it), otherwise
+/// re-encoded from the typed `contents`.
 pub fn input_raw(req: &ModelInferRequest, index: usize) -> Result<Bytes, TensorError> {
     let input = req
         .inputs
         .get(index)
         .ok_or_else(|| TensorError::MissingContents(format!("#{index}")))?;
-    if !req.raw_input_contents.is_empty() {
-        return req
-            .raw_input_contents
-            .get(index)
-            .cloned()
-            .ok_or_else(|| TensorError::MissingContents(input.name.clone()));
+    let raw = &req.raw_input_contents;
+    if !raw.is_empty() {
+        if raw.len() != req.inputs.len() {
+            return Err(TensorError::RawCount {
+                expected: req.inputs.len(),
+                got: raw.len(),
+            });
+        }
+        if input.contents.is_some() {
+            return Err(TensorError::BothForms(input.name.clone()));
+        }
+        return Ok(raw[index].clone());
     }
     let contents = input
         .contents
@@ -293,6 +311,45 @@ pub fn check_raw_size(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_proto::inference::model_infer_request::InferInputTensor;
+
+    fn bytes_input(name: &str, contents: Option<InferTensorContents>) -> InferInputTensor {
+        InferInputTensor {
+            name: name.into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            contents,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn raw_contents_must_be_one_per_input_and_alone() {
+        let raw = encode_bytes_elements(["a"]);
+        let mut req = ModelInferRequest {
+            inputs: vec![bytes_input("TEXT", None)],
+            raw_input_contents: vec![raw.clone()],
+            ..Default::default()
+        };
+        assert_eq!(input_raw(&req, 0), Ok(raw.clone()));
+        req.raw_input_contents.push(raw.clone());
+        assert_eq!(
+            input_raw(&req, 0).unwrap_err().to_string(),
+            "raw_input_contents must hold one entry per input (1), got 2"
+        );
+        req.raw_input_contents.pop();
+        let typed = InferTensorContents {
+            bytes_contents: vec![Bytes::from_static(b"b")],
+            ..Default::default()
+        };
+        req.inputs[0] = bytes_input("TEXT", Some(typed.clone()));
+        assert_eq!(
+            input_raw(&req, 0),
+            Err(TensorError::BothForms("TEXT".into()))
+        );
+        req.raw_input_contents.clear();
+        assert_eq!(input_raw(&req, 0), Ok(encode_bytes_elements(["b"])));
+    }
 
     #[test]
     fn splitting_up_to_a_count_stops_one_element_past_it() {

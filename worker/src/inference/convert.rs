@@ -59,6 +59,9 @@ pub enum ConvertError {
         /// Raw buffers received.
         got: usize,
     },
+    /// An input sent both as `raw_input_contents` and as typed `contents`.
+    #[error("input {0:?} has typed contents beside raw_input_contents; send one form")]
+    BothForms(String),
     /// A dimension of 0: no elements, whatever the other dimensions say.
     #[error("input {name:?} has shape {shape:?}: every dimension must be at least 1")]
     Empty {
@@ -184,6 +187,9 @@ fn decode_inputs(spec: &ModelSpec, req: &ModelInferRequest) -> Result<Vec<RawInp
                 expected: accepted(spec, &input.name),
             })?;
             let data = match raw.get(i) {
+                Some(_) if input.contents.is_some() => {
+                    return Err(ConvertError::BothForms(input.name.clone()));
+                }
                 Some(bytes) => decode_raw(&input.name, dtype, bytes)?,
                 None => decode_typed(
                     &input.name,
@@ -537,6 +543,24 @@ mod tests {
         assert_eq!(
             refusal(&[1, 3], Bytes::from(vec![0u8; 25]), i64_raw(&[1, 1, 1])),
             "input \"input_ids\" has 25 bytes of raw contents, not a multiple of 8 (one INT64)"
+        );
+    }
+
+    #[test]
+    fn an_input_with_both_raw_and_typed_contents_is_refused() {
+        let mut ids = input_message("input_ids", "INT64", &[1, 1]);
+        ids.contents = Some(InferTensorContents {
+            int64_contents: vec![7],
+            ..Default::default()
+        });
+        let req = ModelInferRequest {
+            inputs: vec![ids, input_message("attention_mask", "INT64", &[1, 1])],
+            raw_input_contents: vec![i64_raw(&[1]), i64_raw(&[1])],
+            ..Default::default()
+        };
+        assert_eq!(
+            engine_inputs(&bert_spec(), &req).unwrap_err().to_string(),
+            "input \"input_ids\" has typed contents beside raw_input_contents; send one form"
         );
     }
 

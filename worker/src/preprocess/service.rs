@@ -424,8 +424,32 @@ impl Service {
         Ok(resp)
     }
 
+    /// The outputs this pipeline answers with, when its post-processing fixes them (`None`
+    /// passes the model's outputs through, which only the inference answer names).
+    fn known_outputs(&self) -> Option<&'static [&'static str]> {
+        match &self.cfg.postprocess {
+            Postprocess::None => None,
+            Postprocess::Embedding => Some(&[names::EMBEDDING]),
+            Postprocess::Classification { .. } => {
+                Some(&[names::PROBABILITIES, names::LABELS, names::LOGITS])
+            }
+        }
+    }
+
     /// Checks the client input and splits its BYTES elements.
     fn validate(&self, req: &ModelInferRequest) -> Result<Vec<Bytes>, RequestError> {
+        // An unknown output is refused before any work, where the outputs are known.
+        if let Some(known) = self.known_outputs()
+            && let Some(o) = req
+                .outputs
+                .iter()
+                .find(|o| !known.contains(&o.name.as_str()))
+        {
+            return Err(RequestError::invalid(format!(
+                "requested output {:?} does not exist; available: {known:?}",
+                o.name
+            )));
+        }
         let [input] = req.inputs.as_slice() else {
             return Err(RequestError::invalid(format!(
                 "expected exactly 1 input (BYTES, shape [N] or [N,1]), got {}",

@@ -1,0 +1,806 @@
+//! The OIP v2 REST infer request and response bodies, read and written the same way by both
+//! worker roles: JSON, or JSON followed by binary tensor data (the binary tensor extension
+//! `tritonclient.http` uses: header `Inference-Header-Content-Length`, per-input
+//! `binary_data_size`, per-output `binary_data` or the request's `binary_data_output`).
+//!
+//! JSON tensor data is decoded straight into the raw little-endian encoding the gRPC form
+//! carries ([`decode_json_data`]), never into a `serde_json::Value` tree: as a tree, a body of
+//! small numbers took about 17 times its size in memory, and of short strings about 33 times.
+//! Every error is a message for the client (HTTP 400).
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut as _, Bytes, BytesMut};
+use serde::de::{DeserializeSeed, Deserializer, Error as _, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+use tandem_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use tandem_proto::inference::{ModelInferRequest, ModelInferResponse};
+
+use super::tensor::{self, DataType};
+
+/// The header that splits a body into its JSON part and its binary part.
+pub const HEADER_LEN: &str = "inference-header-content-length";
+
+#[derive(Debug, Deserialize)]
+struct RestRequest<'a> {
+    #[serde(default, deserialize_with = "string_id")]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    #[serde(borrow)]
+    inputs: Vec<RestInput<'a>>,
+    #[serde(default)]
+    outputs: Option<Vec<RestOutput>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RestInput<'a> {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+    /// Left as JSON text and decoded by [`decode_json_data`].
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RestOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Option<Map<String, Value>>,
+}
+
+/// The protocol's `id` is a string; anything else is refused rather than dropped.
+fn string_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(D::Error::custom(format!(
+            "\"id\" must be a string, got {other}"
+        ))),
+    }
+}
+
+/// Which outputs the client wants as binary data after the JSON header.
+#[derive(Debug, Default)]
+pub struct BinaryOutputs {
+    all: bool,
+    names: Vec<String>,
+}
+
+impl BinaryOutputs {
+    /// Whether output `name` goes in the binary part.
+    pub fn wants(&self, name: &str) -> bool {
+        self.all || self.names.iter().any(|n| n == name)
+    }
+}
+
+fn flag(params: Option<&Map<String, Value>>, key: &str) -> bool {
+    params
+        .and_then(|p| p.get(key))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// Parses a REST infer body into the gRPC request form (every input as
+/// `raw_input_contents`) and the outputs wanted in binary. JSON data may decode to at most
+/// `max_tensor_bytes` over all inputs (numbers take more room decoded than as text: `0,` is
+/// 2 bytes of JSON and 8 of INT64).
+pub fn parse_infer_request(
+    model_name: &str,
+    model_version: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+    max_tensor_bytes: usize,
+) -> Result<(ModelInferRequest, BinaryOutputs), String> {
+    let json_len = match headers.get(HEADER_LEN) {
+        Some(v) => {
+            let n: usize = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or("Inference-Header-Content-Length is not a number")?;
+            if n > body.len() {
+                return Err(format!(
+                    "Inference-Header-Content-Length {n} is larger than the body ({} bytes)",
+                    body.len()
+                ));
+            }
+            n
+        }
+        None => body.len(),
+    };
+    let header: RestRequest = serde_json::from_slice(&body[..json_len])
+        .map_err(|e| format!("request JSON is invalid: {e}"))?;
+    let mut binary = body.slice(json_len..);
+    let mut budget = max_tensor_bytes;
+    let mut inputs = Vec::with_capacity(header.inputs.len());
+    let mut raw = Vec::with_capacity(header.inputs.len());
+    for input in header.inputs {
+        let name = &input.name;
+        let size = match input
+            .parameters
+            .as_ref()
+            .and_then(|p| p.get("binary_data_size"))
+        {
+            None => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "input {name:?}: binary_data_size must be a non-negative integer, got {v}"
+                        )
+                    })?,
+            ),
+        };
+        let contents = match (size, input.data) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "input {name:?} has both data and binary_data_size; send one"
+                ));
+            }
+            (Some(size), None) => {
+                if size > binary.len() {
+                    return Err(format!(
+                        "input {name:?}: binary_data_size {size} exceeds the {} binary bytes left in the body",
+                        binary.len()
+                    ));
+                }
+                binary.split_to(size)
+            }
+            (None, Some(data)) => {
+                let datatype =
+                    DataType::parse(&input.datatype).map_err(|e| format!("input {name:?}: {e}"))?;
+                let limit = Limit {
+                    left: budget,
+                    total: max_tensor_bytes,
+                };
+                let raw = decode_json_data(datatype, data, limit)
+                    .map_err(|e| format!("input {name:?}: {e}"))?;
+                budget -= raw.len();
+                raw
+            }
+            (None, None) => {
+                return Err(format!(
+                    "input {name:?} has neither data nor parameters.binary_data_size"
+                ));
+            }
+        };
+        raw.push(contents);
+        inputs.push(InferInputTensor {
+            name: input.name,
+            datatype: input.datatype,
+            shape: input.shape,
+            ..Default::default()
+        });
+    }
+    if !binary.is_empty() {
+        return Err(format!(
+            "{} bytes of binary data left after the inputs' binary_data_size",
+            binary.len()
+        ));
+    }
+    let mut bin = BinaryOutputs {
+        all: flag(header.parameters.as_ref(), "binary_data_output"),
+        names: vec![],
+    };
+    let outputs = header
+        .outputs
+        .unwrap_or_default()
+        .into_iter()
+        .map(|o| {
+            if flag(o.parameters.as_ref(), "binary_data") {
+                bin.names.push(o.name.clone());
+            }
+            InferRequestedOutputTensor {
+                name: o.name,
+                ..Default::default()
+            }
+        })
+        .collect();
+    Ok((
+        ModelInferRequest {
+            model_name: model_name.to_owned(),
+            model_version: model_version.to_owned(),
+            id: header.id.unwrap_or_default(),
+            parameters: Default::default(),
+            inputs,
+            outputs,
+            raw_input_contents: raw,
+        },
+        bin,
+    ))
+}
+
+/// How many decoded bytes an input's JSON data may take: `left` of the request's `total`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    /// What this input may take.
+    pub left: usize,
+    /// The request's limit, for the message.
+    pub total: usize,
+}
+
+/// Decodes an input's JSON `data` (nested arrays or a single value) into its raw little-endian
+/// form, within `max`: BYTES elements as 4-byte lengths then bytes, numbers as `datatype`'s
+/// elements.
+pub fn decode_json_data(datatype: DataType, data: &RawValue, max: Limit) -> Result<Bytes, String> {
+    let mut json = serde_json::Deserializer::from_str(data.get());
+    if datatype == DataType::Bytes {
+        let mut out = BytesMut::new();
+        BytesElements { out: &mut out, max }
+            .deserialize(&mut json)
+            .map_err(|e| e.to_string())?;
+        return Ok(out.freeze());
+    }
+    if datatype == DataType::Fp16 {
+        return Err("FP16 data has no JSON form here; send it as binary data".into());
+    }
+    let mut out = Vec::new();
+    Numbers {
+        datatype,
+        out: &mut out,
+        max,
+    }
+    .deserialize(&mut json)
+    .map_err(|e| e.to_string())?;
+    Ok(Bytes::from(out))
+}
+
+fn over_limit<E: serde::de::Error>(max: Limit) -> E {
+    E::custom(format!(
+        "the request's data decodes to more than its limit of {} tensor bytes",
+        max.total
+    ))
+}
+
+/// Decodes a JSON string, or nested arrays of them, into the BYTES encoding as it reads.
+struct BytesElements<'o> {
+    out: &'o mut BytesMut,
+    max: Limit,
+}
+
+impl<'de> DeserializeSeed<'de> for BytesElements<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BytesElements<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("BYTES data: strings, or arrays of them")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        if self.out.len() + 4 + v.len() > self.max.left {
+            return Err(over_limit(self.max));
+        }
+        let len = u32::try_from(v.len()).map_err(|_| E::custom("a BYTES element over 4 GiB"))?;
+        self.out.put_u32_le(len);
+        self.out.put_slice(v.as_bytes());
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let max = self.max;
+        while seq
+            .next_element_seed(BytesElements {
+                out: &mut *self.out,
+                max,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+/// Decodes a JSON number (a boolean for BOOL), or nested arrays of them, into `datatype`'s
+/// little-endian elements as it reads; a value the datatype cannot hold is refused.
+struct Numbers<'o> {
+    datatype: DataType,
+    out: &'o mut Vec<u8>,
+    max: Limit,
+}
+
+impl Numbers<'_> {
+    /// Appends one element, within the limit.
+    fn put<E: serde::de::Error>(self, bytes: &[u8]) -> Result<(), E> {
+        if self.out.len() + bytes.len() > self.max.left {
+            return Err(over_limit(self.max));
+        }
+        self.out.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn out_of_range<E: serde::de::Error>(&self, v: impl std::fmt::Display) -> E {
+        E::custom(format!("{v} is not a {} value", self.datatype.as_str()))
+    }
+
+    fn integer<E: serde::de::Error>(self, v: i128) -> Result<(), E> {
+        macro_rules! put {
+            ($t:ty) => {
+                match <$t>::try_from(v) {
+                    Ok(x) => self.put(&x.to_le_bytes()),
+                    Err(_) => Err(self.out_of_range(v)),
+                }
+            };
+        }
+        match self.datatype {
+            DataType::Uint8 => put!(u8),
+            DataType::Uint16 => put!(u16),
+            DataType::Uint32 => put!(u32),
+            DataType::Uint64 => put!(u64),
+            DataType::Int8 => put!(i8),
+            DataType::Int16 => put!(i16),
+            DataType::Int32 => put!(i32),
+            DataType::Int64 => put!(i64),
+            // Integers in JSON are valid floats; precision follows the datatype.
+            DataType::Fp32 => self.put(&(v as f32).to_le_bytes()),
+            DataType::Fp64 => self.put(&(v as f64).to_le_bytes()),
+            DataType::Bool | DataType::Fp16 | DataType::Bytes => Err(self.out_of_range(v)),
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Numbers<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Numbers<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self.datatype {
+            DataType::Bool => f.write_str("BOOL data: true or false, or arrays of them"),
+            d => write!(f, "{} data: numbers, or arrays of them", d.as_str()),
+        }
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        if self.datatype != DataType::Bool {
+            return Err(self.out_of_range(v));
+        }
+        self.put(&[u8::from(v)])
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.integer(i128::from(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.integer(i128::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        match self.datatype {
+            DataType::Fp32 => self.put(&(v as f32).to_le_bytes()),
+            DataType::Fp64 => self.put(&v.to_le_bytes()),
+            _ => Err(self.out_of_range(v)),
+        }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let (datatype, max) = (self.datatype, self.max);
+        while seq
+            .next_element_seed(Numbers {
+                datatype,
+                out: &mut *self.out,
+                max,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+/// An output tensor in the JSON part of a response.
+#[derive(Serialize)]
+struct RestOutputTensor<'a> {
+    name: &'a str,
+    datatype: &'a str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct RestResponse<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    id: &'a str,
+    outputs: Vec<RestOutputTensor<'a>>,
+}
+
+/// Renders a response: the outputs `bin` wants as binary data after the JSON header (with
+/// `Inference-Header-Content-Length`), the others as JSON arrays.
+pub fn infer_response(resp: &ModelInferResponse, bin: &BinaryOutputs) -> Response {
+    let mut outputs = Vec::with_capacity(resp.outputs.len());
+    let mut tail: Vec<&Bytes> = Vec::new();
+    for (o, raw) in resp.outputs.iter().zip(&resp.raw_output_contents) {
+        let (parameters, data) = if bin.wants(&o.name) {
+            tail.push(raw);
+            (Some(json!({"binary_data_size": raw.len()})), None)
+        } else {
+            (None, Some(json_data(&o.datatype, raw)))
+        };
+        outputs.push(RestOutputTensor {
+            name: &o.name,
+            datatype: &o.datatype,
+            shape: &o.shape,
+            parameters,
+            data,
+        });
+    }
+    let header = RestResponse {
+        model_name: &resp.model_name,
+        model_version: &resp.model_version,
+        id: &resp.id,
+        outputs,
+    };
+    let header = match serde_json::to_vec(&header) {
+        Ok(h) => h,
+        Err(e) => {
+            let body = json!({"error": format!("rendering the response: {e}")});
+            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response();
+        }
+    };
+    if tail.is_empty() {
+        return ([(header::CONTENT_TYPE, "application/json")], header).into_response();
+    }
+    let header_len = header.len();
+    let mut body = header;
+    body.reserve(tail.iter().map(|t| t.len()).sum());
+    for t in tail {
+        body.extend_from_slice(t);
+    }
+    let mut r = body.into_response();
+    r.headers_mut()
+        .insert(HEADER_LEN, HeaderValue::from(header_len));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    r
+}
+
+/// An output's raw little-endian contents as a flat JSON array (the shape travels beside it).
+fn json_data(datatype: &str, raw: &[u8]) -> Value {
+    fn each<const N: usize, T: Into<Value>>(raw: &[u8], f: fn([u8; N]) -> T) -> Value {
+        Value::Array(
+            raw.chunks_exact(N)
+                .map(|c| {
+                    let mut a = [0u8; N];
+                    a.copy_from_slice(c);
+                    f(a).into()
+                })
+                .collect(),
+        )
+    }
+    match DataType::parse(datatype) {
+        Ok(DataType::Bool) => Value::Array(raw.iter().map(|&b| Value::Bool(b != 0)).collect()),
+        Ok(DataType::Uint8) => each(raw, u8::from_le_bytes),
+        Ok(DataType::Uint16) => each(raw, u16::from_le_bytes),
+        Ok(DataType::Uint32) => each(raw, u32::from_le_bytes),
+        Ok(DataType::Uint64) => each(raw, u64::from_le_bytes),
+        Ok(DataType::Int8) => each(raw, i8::from_le_bytes),
+        Ok(DataType::Int16) => each(raw, i16::from_le_bytes),
+        Ok(DataType::Int32) => each(raw, i32::from_le_bytes),
+        Ok(DataType::Int64) => each(raw, i64::from_le_bytes),
+        Ok(DataType::Fp16) => each(raw, |b| f16_to_f32(u16::from_le_bytes(b))),
+        Ok(DataType::Fp32) => each(raw, f32::from_le_bytes),
+        Ok(DataType::Fp64) => each(raw, f64::from_le_bytes),
+        Ok(DataType::Bytes) => Value::Array(
+            tensor::decode_bytes_elements(&Bytes::copy_from_slice(raw))
+                .unwrap_or_default()
+                .iter()
+                .map(|b| Value::String(String::from_utf8_lossy(b).into_owned()))
+                .collect(),
+        ),
+        Err(_) => Value::Null,
+    }
+}
+
+/// IEEE 754 half precision to single (exact: every half is a single).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let frac = u32::from(h & 0x3ff);
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        // Subnormal: value frac × 2^-24, exact in f32.
+        (0, f) => return sign_of(h) * (f as f32) * 2f32.powi(-24),
+        (0x1f, 0) => sign | 0x7f80_0000,
+        (0x1f, f) => sign | 0x7fc0_0000 | (f << 13),
+        (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+fn sign_of(h: u16) -> f32 {
+    if h >> 15 == 1 { -1.0 } else { 1.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(datatype: DataType, json: &str) -> Result<Bytes, String> {
+        let v: Box<RawValue> = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        let max = Limit {
+            left: 1 << 20,
+            total: 1 << 20,
+        };
+        decode_json_data(datatype, &v, max)
+    }
+
+    fn parse(json: &str, binary: &[u8]) -> Result<(ModelInferRequest, BinaryOutputs), String> {
+        let mut body = json.as_bytes().to_vec();
+        body.extend_from_slice(binary);
+        let mut h = HeaderMap::new();
+        if !binary.is_empty() {
+            h.insert(HEADER_LEN, HeaderValue::from(json.len()));
+        }
+        parse_infer_request("m", "", &h, &Bytes::from(body), 64)
+    }
+
+    #[test]
+    fn json_strings_nested_or_not_become_the_bytes_encoding_with_escapes_decoded() {
+        assert_eq!(
+            raw(DataType::Bytes, r#"[["ab", "\u00e9"], ["\"q\""]]"#).unwrap(),
+            tensor::encode_bytes_elements(["ab", "é", "\"q\""])
+        );
+        assert_eq!(
+            raw(DataType::Bytes, r#""one""#).unwrap(),
+            tensor::encode_bytes_elements(["one"])
+        );
+        assert_eq!(raw(DataType::Bytes, "[]").unwrap(), Bytes::new());
+    }
+
+    #[test]
+    fn bytes_data_that_is_not_strings_is_refused() {
+        for bad in ["[1, 2]", r#"["a", null]"#, r#"{"a": "b"}"#, "true"] {
+            let err = raw(DataType::Bytes, bad).unwrap_err();
+            assert!(
+                err.contains("expected BYTES data: strings, or arrays of them"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_numbers_become_little_endian_elements_of_each_datatype() {
+        assert_eq!(
+            raw(DataType::Int64, "[[101, -2]]").unwrap().as_ref(),
+            [101i64.to_le_bytes(), (-2i64).to_le_bytes()].concat()
+        );
+        assert_eq!(
+            raw(DataType::Fp32, "[1.5, 2, -3]").unwrap().as_ref(),
+            [1.5f32, 2.0, -3.0].map(f32::to_le_bytes).concat()
+        );
+        assert_eq!(raw(DataType::Uint8, "[0, 255]").unwrap().as_ref(), [0, 255]);
+        assert_eq!(raw(DataType::Int8, "[-128]").unwrap().as_ref(), [0x80]);
+        assert_eq!(
+            raw(DataType::Uint16, "[65535]").unwrap().as_ref(),
+            [0xff, 0xff]
+        );
+        assert_eq!(
+            raw(DataType::Int32, "[-1]").unwrap().as_ref(),
+            (-1i32).to_le_bytes()
+        );
+        assert_eq!(
+            raw(DataType::Uint64, "[18446744073709551615]")
+                .unwrap()
+                .as_ref(),
+            u64::MAX.to_le_bytes()
+        );
+        assert_eq!(
+            raw(DataType::Fp64, "[0.1]").unwrap().as_ref(),
+            0.1f64.to_le_bytes()
+        );
+        assert_eq!(
+            raw(DataType::Bool, "[[true], [false]]").unwrap().as_ref(),
+            [1, 0]
+        );
+        assert_eq!(raw(DataType::Int64, "7").unwrap().len(), 8);
+    }
+
+    #[test]
+    fn json_numbers_a_datatype_cannot_hold_are_refused_by_value() {
+        for (dt, json, says) in [
+            (DataType::Uint8, "[256]", "256 is not a UINT8 value"),
+            (DataType::Uint8, "[-1]", "-1 is not a UINT8 value"),
+            (DataType::Int64, "[1.5]", "1.5 is not a INT64 value"),
+            (
+                DataType::Int64,
+                "[9223372036854775808]",
+                "9223372036854775808 is not a INT64 value",
+            ),
+            (DataType::Int8, "[true]", "true is not a INT8 value"),
+            (DataType::Bool, "[1]", "1 is not a BOOL value"),
+            (
+                DataType::Fp32,
+                r#"["1"]"#,
+                "expected FP32 data: numbers, or arrays of them",
+            ),
+            (
+                DataType::Fp32,
+                "[null]",
+                "expected FP32 data: numbers, or arrays of them",
+            ),
+            (DataType::Fp16, "[1]", "FP16 data has no JSON form here"),
+        ] {
+            let err = raw(dt, json).unwrap_err();
+            assert!(err.contains(says), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn json_data_may_decode_to_at_most_the_tensor_byte_limit_over_all_inputs() {
+        // 64 bytes in all: 8 INT64 values fit, a 9th does not, nor 7 more in a second input.
+        let ints = |n: usize| vec!["0"; n].join(",");
+        let one = |n: usize| {
+            format!(
+                r#"{{"name":"a","datatype":"INT64","shape":[{n}],"data":[{}]}}"#,
+                ints(n)
+            )
+        };
+        assert!(parse(&format!(r#"{{"inputs":[{}]}}"#, one(8)), &[]).is_ok());
+        for json in [
+            format!(r#"{{"inputs":[{}]}}"#, one(9)),
+            format!(r#"{{"inputs":[{}, {}]}}"#, one(1), one(8)),
+            r#"{"inputs":[{"name":"s","datatype":"BYTES","shape":[2],"data":["a", "01234567890123456789012345678901234567890123456789012345"]}]}"#.to_owned(),
+        ] {
+            let err = parse(&json, &[]).map(|_| ()).unwrap_err();
+            assert!(
+                err.contains("decodes to more than its limit of 64 tensor bytes"),
+                "{json}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn binary_inputs_are_cut_from_the_data_after_the_json_header() {
+        let (req, bin) = parse(
+            r#"{"id": "r1", "inputs":[{"name":"input","datatype":"UINT8","shape":[1,3],"parameters":{"binary_data_size":3}}],"outputs":[{"name":"logits","parameters":{"binary_data":true}}, {"name":"other"}]}"#,
+            &[1, 2, 3],
+        )
+        .unwrap();
+        assert_eq!(req.id, "r1");
+        assert_eq!(req.raw_input_contents[0].as_ref(), &[1, 2, 3]);
+        assert_eq!(req.outputs.len(), 2);
+        assert!(bin.wants("logits"));
+        assert!(!bin.wants("other"));
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused_with_a_message_naming_the_problem() {
+        let bin =
+            r#"{"name":"x","datatype":"UINT8","shape":[3],"parameters":{"binary_data_size":3}}"#;
+        for (json, binary, says) in [
+            (
+                r#"{"id": 7, "inputs": []}"#.to_owned(),
+                &[][..],
+                "\"id\" must be a string, got 7",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","datatype":"UINT8","shape":[3],"parameters":{"binary_data_size":-3}}]}"#.to_owned(),
+                &[1, 2, 3][..],
+                "input \"x\": binary_data_size must be a non-negative integer, got -3",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","datatype":"UINT8","shape":[3],"data":[1,2,3],"parameters":{"binary_data_size":3}}]}"#.to_owned(),
+                &[1, 2, 3][..],
+                "input \"x\" has both data and binary_data_size",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","datatype":"UINT8","shape":[3]}]}"#.to_owned(),
+                &[][..],
+                "input \"x\" has neither data nor parameters.binary_data_size",
+            ),
+            (
+                format!(r#"{{"inputs":[{bin}]}}"#),
+                &[1, 2][..],
+                "binary_data_size 3 exceeds the 2 binary bytes left in the body",
+            ),
+            (
+                format!(r#"{{"inputs":[{bin}]}}"#),
+                &[1, 2, 3, 4, 5][..],
+                "2 bytes of binary data left after the inputs' binary_data_size",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","datatype":"INT4","shape":[1],"data":[1]}]}"#.to_owned(),
+                &[][..],
+                "input \"x\": unknown datatype \"INT4\"",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","datatype":"UINT8","shape":[1],"data":[300]}]}"#.to_owned(),
+                &[][..],
+                "input \"x\": 300 is not a UINT8 value",
+            ),
+            (r#"{"inputs": "#.to_owned(), &[][..], "request JSON is invalid"),
+        ] {
+            let err = parse(&json, binary).map(|_| ()).unwrap_err();
+            assert!(err.contains(says), "{json}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn responses_put_the_outputs_asked_for_in_binary_after_the_json_header() {
+        let resp = ModelInferResponse {
+            model_name: "m".into(),
+            id: "r1".into(),
+            outputs: vec![
+                tandem_proto::inference::model_infer_response::InferOutputTensor {
+                    name: "logits".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![1, 2],
+                    ..Default::default()
+                },
+                tandem_proto::inference::model_infer_response::InferOutputTensor {
+                    name: "ids".into(),
+                    datatype: "INT64".into(),
+                    shape: vec![1],
+                    ..Default::default()
+                },
+            ],
+            raw_output_contents: vec![tensor::f32_to_le_bytes(&[0.5, -1.0]), {
+                tensor::i64_to_le_bytes(&[-7])
+            }],
+            ..Default::default()
+        };
+        let bin = BinaryOutputs {
+            all: false,
+            names: vec!["logits".into()],
+        };
+        let r = infer_response(&resp, &bin);
+        let header_len: usize = r.headers()[HEADER_LEN].to_str().unwrap().parse().unwrap();
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let json: Value = serde_json::from_slice(&body[..header_len]).unwrap();
+        assert_eq!(json["id"], "r1");
+        assert_eq!(json["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert_eq!(json["outputs"][1]["data"], json!([-7]));
+        assert_eq!(&body[header_len..], tensor::f32_to_le_bytes(&[0.5, -1.0]));
+
+        let r = infer_response(&resp, &BinaryOutputs::default());
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["outputs"][0]["data"], json!([0.5, -1.0]));
+    }
+
+    #[test]
+    fn half_precision_values_convert_exactly() {
+        for (bits, v) in [
+            (0x3c00u16, 1.0f32),
+            (0xc000, -2.0),
+            (0x0000, 0.0),
+            (0x7bff, 65504.0),
+            (0x0001, 2f32.powi(-24)),
+            (0x8001, -(2f32.powi(-24))),
+            (0x3555, 0.333_251_95),
+        ] {
+            assert_eq!(f16_to_f32(bits), v, "{bits:#06x}");
+        }
+        assert!(f16_to_f32(0x7c00).is_infinite());
+        assert!(f16_to_f32(0x7e00).is_nan());
+    }
+}
