@@ -186,13 +186,27 @@ impl ImagePipeline {
         &self,
         items: &[T],
     ) -> Result<Vec<u8>, (usize, ImageError)> {
+        self.process_batch_while(items, || true)
+            .map(Option::unwrap_or_default)
+    }
+
+    /// [`Self::process_batch`], asking `go_on` before each image: `Ok(None)` when it said no
+    /// (the client went away, say), so that the rest of the batch costs nothing.
+    pub fn process_batch_while<T: AsRef<[u8]>>(
+        &self,
+        items: &[T],
+        go_on: impl Fn() -> bool,
+    ) -> Result<Option<Vec<u8>>, (usize, ImageError)> {
         let item = self.item_bytes();
         let mut out = vec![0u8; item * items.len()];
         for (i, (encoded, slot)) in items.iter().zip(out.chunks_exact_mut(item)).enumerate() {
+            if !go_on() {
+                return Ok(None);
+            }
             self.process_into(encoded.as_ref(), slot)
                 .map_err(|e| (i, e))?;
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Decodes, resizes and normalizes one image into `out`
@@ -1282,6 +1296,30 @@ mod tests {
         assert_eq!(
             pipeline.process_batch(&[&bomb]).unwrap_err(),
             (0, ImageError::TooManyScans { max: 500 })
+        );
+    }
+
+    #[test]
+    fn a_batch_stops_before_the_next_image_once_told_to_and_otherwise_matches_process_batch() {
+        let jpeg = progressive_64(turbojpeg::PixelFormat::RGB);
+        let cfg = bilinear_config(
+            (32, 32),
+            ResizeMode::CenterCrop,
+            Layout::Nchw,
+            ImageDtype::Fp32,
+        );
+        let pipeline = ImagePipeline::new(cfg, 1 << 30);
+        let items = [&jpeg, &jpeg, &jpeg];
+        let asked = std::cell::Cell::new(0);
+        let stopped = pipeline.process_batch_while(&items, || {
+            asked.set(asked.get() + 1);
+            asked.get() < 2
+        });
+        assert_eq!(stopped, Ok(None));
+        assert_eq!(asked.get(), 2, "asked before the first and second image only");
+        assert_eq!(
+            pipeline.process_batch_while(&items, || true),
+            Ok(Some(pipeline.process_batch(&items).unwrap()))
         );
     }
 

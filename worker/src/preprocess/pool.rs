@@ -25,6 +25,17 @@ pub enum PoolError {
     Stopped,
 }
 
+/// Handed to a running job: whether its caller has gone away, so that a job of several items
+/// can stop between them rather than finish work nobody will read.
+pub struct Abandoned<'a>(&'a dyn Fn() -> bool);
+
+impl Abandoned<'_> {
+    /// Whether the caller dropped its future (its client went away).
+    pub fn now(&self) -> bool {
+        (self.0)()
+    }
+}
+
 /// Fixed-size thread pool fed by a bounded channel.
 #[derive(Debug, Clone)]
 pub struct CpuPool {
@@ -88,11 +99,12 @@ impl CpuPool {
     /// Runs `f` on the pool inside `span`; returns its result and how long it
     /// waited in the queue. The wait is a `queue_wait` child span of `span`, closed when a
     /// pool thread takes the job. If the returned future is dropped before a pool thread takes
-    /// the job (its client went away), `f` is dropped unrun.
+    /// the job (its client went away), `f` is dropped unrun; once it runs, `f` can ask
+    /// [`Abandoned::now`] between steps.
     pub async fn run<T, F>(&self, span: tracing::Span, f: F) -> Result<(T, Duration), PoolError>
     where
         T: Send + 'static,
-        F: FnOnce() -> T + Send + 'static,
+        F: FnOnce(&Abandoned) -> T + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
         let queued = Arc::clone(&self.queued);
@@ -106,7 +118,8 @@ impl CpuPool {
             }
             drop(waiting);
             let waited = submitted.elapsed();
-            let out = span.in_scope(f);
+            let gone = || reply.is_closed();
+            let out = span.in_scope(|| f(&Abandoned(&gone)));
             let _ = reply.send((out, waited));
         });
         if let Err(e) = self.tx.try_send(job) {
@@ -128,7 +141,7 @@ mod tests {
     async fn jobs_run_on_pool_threads_and_return_results() {
         let pool = CpuPool::new(2, 8);
         let (name, _) = pool
-            .run(tracing::Span::none(), || {
+            .run(tracing::Span::none(), |_| {
                 std::thread::current().name().map(str::to_owned)
             })
             .await
@@ -146,7 +159,7 @@ mod tests {
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let p = pool.clone();
         let job = tokio::spawn(async move {
-            p.run(tracing::Span::none(), move || {
+            p.run(tracing::Span::none(), move |_| {
                 let _ = started_tx.send(());
                 let _ = block_rx.recv();
             })
@@ -163,11 +176,11 @@ mod tests {
         // Polled once here, the second job is in the single queue slot when this returns.
         // (Waiting for `queued() > 0` from another task raced: `run` counts a job before it
         // sends it, so the third job could take the slot first and the test hung.)
-        let mut second = Box::pin(pool.run(tracing::Span::none(), || ()));
+        let mut second = Box::pin(pool.run(tracing::Span::none(), |_| ()));
         assert!(futures::poll!(second.as_mut()).is_pending());
         assert_eq!(pool.queued(), 1);
         assert_eq!(
-            pool.run(tracing::Span::none(), || ()).await.unwrap_err(),
+            pool.run(tracing::Span::none(), |_| ()).await.unwrap_err(),
             PoolError::Full
         );
         block_tx.send(()).unwrap();
@@ -176,12 +189,31 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_running_job_sees_that_its_caller_went_away_and_can_stop_between_steps() {
+        let pool = CpuPool::new(1, 4);
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (left_tx, left_rx) = std::sync::mpsc::channel::<()>();
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel::<(bool, bool)>();
+        let mut job = Box::pin(pool.run(tracing::Span::none(), move |gone| {
+            let before = gone.now();
+            let _ = started_tx.send(());
+            let _ = left_rx.recv();
+            let _ = seen_tx.send((before, gone.now()));
+        }));
+        assert!(futures::poll!(job.as_mut()).is_pending());
+        started_rx.recv().unwrap();
+        drop(job);
+        left_tx.send(()).unwrap();
+        assert_eq!(seen_rx.recv().unwrap(), (false, true));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_job_whose_caller_went_away_before_it_started_is_dropped_unrun() {
         let pool = CpuPool::new(1, 4);
         let (block_tx, first) = occupy(&pool);
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = Arc::clone(&ran);
-        let mut abandoned = Box::pin(pool.run(tracing::Span::none(), move || {
+        let mut abandoned = Box::pin(pool.run(tracing::Span::none(), move |_| {
             flag.store(true, Ordering::SeqCst);
         }));
         assert!(futures::poll!(abandoned.as_mut()).is_pending());
@@ -191,7 +223,7 @@ mod tests {
         first.await.unwrap().unwrap();
         // The pool's one thread takes jobs in order: once this one has run, the abandoned
         // job has been taken and dropped.
-        pool.run(tracing::Span::none(), || ()).await.unwrap();
+        pool.run(tracing::Span::none(), |_| ()).await.unwrap();
         assert!(!ran.load(Ordering::SeqCst), "the abandoned job ran");
         assert_eq!(pool.queued(), 0);
     }

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use super::error::RequestError;
 use super::image::ImagePipeline;
 use super::metrics::{Metrics, RequestLabels};
-use super::pool::{CpuPool, PoolError};
+use super::pool::{Abandoned, CpuPool, PoolError};
 use super::postprocess::classify;
 use super::router::{Router, RouterConfig};
 use super::text::TextPipeline;
@@ -79,7 +79,10 @@ fn tensor_desc(name: &str, datatype: &str, shape: Vec<i64>) -> InferInputTensor 
 
 impl Pipeline {
     /// Runs the transform on a batch (CPU-bound; call it on the pool).
-    pub fn prepare(&self, items: &[Bytes]) -> Result<Prepared, RequestError> {
+    /// Decodes or tokenizes a request's items into the tensors forwarded to inference. An
+    /// image batch stops between images once its client has gone away (`gone`); a text batch
+    /// is tokenized whole (each text costs what truncation keeps).
+    pub fn prepare(&self, items: &[Bytes], gone: &Abandoned) -> Result<Prepared, RequestError> {
         match self {
             Pipeline::Text(t) => {
                 let _span = tracing::info_span!("tokenize", n = items.len()).entered();
@@ -102,8 +105,9 @@ impl Pipeline {
             }
             Pipeline::Image(p) => {
                 let buf = p
-                    .process_batch(items)
-                    .map_err(|(i, e)| RequestError::invalid(format!("image {i}: {e}")))?;
+                    .process_batch_while(items, || !gone.now())
+                    .map_err(|(i, e)| RequestError::invalid(format!("image {i}: {e}")))?
+                    .ok_or_else(|| RequestError::Unavailable("the client went away".into()))?;
                 Ok(Prepared {
                     inputs: vec![tensor_desc(
                         names::IMAGE_INPUT,
@@ -380,9 +384,9 @@ impl Service {
         let cpu_started = Instant::now();
         let (prepared, waited) = self
             .pool
-            .run(tracing::info_span!("preprocess", n), move || {
+            .run(tracing::info_span!("preprocess", n), move |gone| {
                 let _permit = job_permit;
-                pipeline.prepare(&items)
+                pipeline.prepare(&items, gone)
             })
             .await
             .map_err(|e| match e {
