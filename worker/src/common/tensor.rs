@@ -229,6 +229,25 @@ pub fn le_bytes_to_i64(raw: &[u8]) -> Option<Vec<i64>> {
     )
 }
 
+/// Checks how a request carries its inputs: either `raw_input_contents`, one entry per input
+/// and no typed `contents` beside it, or typed `contents` alone.
+pub fn check_input_forms(req: &ModelInferRequest) -> Result<(), TensorError> {
+    let raw = &req.raw_input_contents;
+    if raw.is_empty() {
+        return Ok(());
+    }
+    if raw.len() != req.inputs.len() {
+        return Err(TensorError::RawCount {
+            expected: req.inputs.len(),
+            got: raw.len(),
+        });
+    }
+    match req.inputs.iter().find(|i| i.contents.is_some()) {
+        Some(input) => Err(TensorError::BothForms(input.name.clone())),
+        None => Ok(()),
+    }
+}
+
 /// The raw bytes of input `index` of `req`: from `raw_input_contents` when the
 /// request uses it (one entry per input, and no typed contents beside it), otherwise
 /// re-encoded from the typed `contents`.
@@ -237,18 +256,9 @@ pub fn input_raw(req: &ModelInferRequest, index: usize) -> Result<Bytes, TensorE
         .inputs
         .get(index)
         .ok_or_else(|| TensorError::MissingContents(format!("#{index}")))?;
-    let raw = &req.raw_input_contents;
-    if !raw.is_empty() {
-        if raw.len() != req.inputs.len() {
-            return Err(TensorError::RawCount {
-                expected: req.inputs.len(),
-                got: raw.len(),
-            });
-        }
-        if input.contents.is_some() {
-            return Err(TensorError::BothForms(input.name.clone()));
-        }
-        return Ok(raw[index].clone());
+    check_input_forms(req)?;
+    if let Some(raw) = req.raw_input_contents.get(index) {
+        return Ok(raw.clone());
     }
     let contents = input
         .contents

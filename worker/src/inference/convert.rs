@@ -9,6 +9,8 @@ use tandem_engine::{DataType, ModelSpec, Tensor, TensorData};
 use tandem_proto::inference::model_infer_response::InferOutputTensor;
 use tandem_proto::inference::{InferTensorContents, ModelInferRequest};
 
+use crate::common::tensor::{self, TensorError};
+
 /// A request the model cannot take; the message is for the client.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConvertError {
@@ -51,17 +53,9 @@ pub enum ConvertError {
         /// Elements received.
         got: usize,
     },
-    /// Mixed raw and typed contents.
-    #[error("raw_input_contents must hold one entry per input ({expected}), got {got}")]
-    RawCount {
-        /// Inputs in the request.
-        expected: usize,
-        /// Raw buffers received.
-        got: usize,
-    },
-    /// An input sent both as `raw_input_contents` and as typed `contents`.
-    #[error("input {0:?} has typed contents beside raw_input_contents; send one form")]
-    BothForms(String),
+    /// Raw contents that are not one per input, or typed contents beside them.
+    #[error(transparent)]
+    Form(#[from] TensorError),
     /// A dimension of 0: no elements, whatever the other dimensions say.
     #[error("input {name:?} has shape {shape:?}: every dimension must be at least 1")]
     Empty {
@@ -170,13 +164,8 @@ fn decode_typed(
 /// Decodes a request's inputs (raw or typed); `spec` only names the datatypes an input takes
 /// when it has one no engine knows ([`to_engine_inputs`] checks the rest).
 fn decode_inputs(spec: &ModelSpec, req: &ModelInferRequest) -> Result<Vec<RawInput>, ConvertError> {
+    tensor::check_input_forms(req)?;
     let raw = &req.raw_input_contents;
-    if !raw.is_empty() && raw.len() != req.inputs.len() {
-        return Err(ConvertError::RawCount {
-            expected: req.inputs.len(),
-            got: raw.len(),
-        });
-    }
     req.inputs
         .iter()
         .enumerate()
@@ -187,9 +176,6 @@ fn decode_inputs(spec: &ModelSpec, req: &ModelInferRequest) -> Result<Vec<RawInp
                 expected: accepted(spec, &input.name),
             })?;
             let data = match raw.get(i) {
-                Some(_) if input.contents.is_some() => {
-                    return Err(ConvertError::BothForms(input.name.clone()));
-                }
                 Some(bytes) => decode_raw(&input.name, dtype, bytes)?,
                 None => decode_typed(
                     &input.name,

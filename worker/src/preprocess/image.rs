@@ -1276,6 +1276,17 @@ mod tests {
         decompressor.decompress(jpeg, image.as_deref_mut())
     }
 
+    /// A bilinear center crop to 32×32, FP32 NCHW.
+    fn small_crop_pipeline() -> ImagePipeline {
+        let cfg = bilinear_config(
+            (32, 32),
+            ResizeMode::CenterCrop,
+            Layout::Nchw,
+            ImageDtype::Fp32,
+        );
+        ImagePipeline::new(cfg, 1 << 30)
+    }
+
     #[test]
     fn a_progressive_jpeg_repeating_a_scan_a_thousand_times_is_refused_as_too_many_scans() {
         let bomb = with_repeated_scans(&progressive_64(turbojpeg::PixelFormat::RGB), 1000);
@@ -1286,13 +1297,7 @@ mod tests {
             assert_eq!(err, ImageError::TooManyScans { max: 500 }, "{draft:?}");
             assert!(err.to_string().contains("more than 500 scans"), "{err}");
         }
-        let cfg = bilinear_config(
-            (32, 32),
-            ResizeMode::CenterCrop,
-            Layout::Nchw,
-            ImageDtype::Fp32,
-        );
-        let pipeline = ImagePipeline::new(cfg, 1 << 30);
+        let pipeline = small_crop_pipeline();
         assert_eq!(
             pipeline.process_batch(&[&bomb]).unwrap_err(),
             (0, ImageError::TooManyScans { max: 500 })
@@ -1302,13 +1307,7 @@ mod tests {
     #[test]
     fn a_batch_stops_before_the_next_image_once_told_to_and_otherwise_matches_process_batch() {
         let jpeg = progressive_64(turbojpeg::PixelFormat::RGB);
-        let cfg = bilinear_config(
-            (32, 32),
-            ResizeMode::CenterCrop,
-            Layout::Nchw,
-            ImageDtype::Fp32,
-        );
-        let pipeline = ImagePipeline::new(cfg, 1 << 30);
+        let pipeline = small_crop_pipeline();
         let items = [&jpeg, &jpeg, &jpeg];
         let asked = std::cell::Cell::new(0);
         let stopped = pipeline.process_batch_while(&items, || {
@@ -1316,7 +1315,11 @@ mod tests {
             asked.get() < 2
         });
         assert_eq!(stopped, Ok(None));
-        assert_eq!(asked.get(), 2, "asked before the first and second image only");
+        assert_eq!(
+            asked.get(),
+            2,
+            "asked before the first and second image only"
+        );
         assert_eq!(
             pipeline.process_batch_while(&items, || true),
             Ok(Some(pipeline.process_batch(&items).unwrap()))
