@@ -1,6 +1,9 @@
 //! gRPC types and services for Tandem: the Open Inference Protocol v2
 //! (`inference.GRPCInferenceService`, wire-compatible with KServe and Triton)
-//! and Tandem's own `tandem.v1.WorkerControl`. Generated code only.
+//! and Tandem's own `tandem.v1.WorkerControl`: generated code, and the codec it uses
+//! ([`codec`]), which refuses a `ModelInferRequest` too costly to decode.
+
+pub mod codec;
 
 /// Open Inference Protocol v2 (`inference` package).
 pub mod inference {

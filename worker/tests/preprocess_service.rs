@@ -355,6 +355,45 @@ async fn hostile_inputs_get_invalid_argument_naming_the_problem_and_the_next_req
     assert_eq!(err.code(), Code::NotFound);
 }
 
+/// Prost allocates about 300 bytes per `inputs` entry, which is 2 bytes on the wire when
+/// empty: a request of 2^18 empty inputs is 512 KiB sent and would be 80 MB decoded.
+#[tokio::test]
+async fn a_request_too_costly_to_decode_is_refused_before_decoding_and_the_next_is_served() {
+    let (addr, _fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
+    let svc = image_service("");
+    set_routes(&svc, table(1, &[("blue", 100, &[&addr])], None)).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tandem_worker::preprocess::grpc::server(Arc::clone(&svc));
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+    let mut client = GrpcInferenceServiceClient::connect(url)
+        .await
+        .unwrap()
+        .max_encoding_message_size(usize::MAX);
+    let costly = ModelInferRequest {
+        model_name: "effnet".into(),
+        inputs: vec![InferInputTensor::default(); 1 << 18],
+        ..Default::default()
+    };
+    let err = client.model_infer(costly).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("262144 inputs") && err.message().contains("to decode"),
+        "{}",
+        err.message()
+    );
+    let img = jpeg();
+    client
+        .model_infer(request("effnet", &[&img]))
+        .await
+        .expect("a valid request after the costly one");
+}
+
 #[tokio::test]
 async fn an_unknown_output_is_refused_before_any_work_reaches_inference() {
     let (addr, fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
