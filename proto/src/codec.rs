@@ -13,7 +13,6 @@
 //! limit.
 
 use std::any::TypeId;
-use std::marker::PhantomData;
 
 use bytes::Buf as _;
 use prost::Message;
@@ -35,11 +34,11 @@ const PER_PARAMETER: u64 = 128;
 
 /// [`ProstCodec`] with [`decode_overhead`] checked for `ModelInferRequest`.
 #[derive(Debug)]
-pub struct BoundedCodec<T, U>(ProstCodec<T, U>, PhantomData<(T, U)>);
+pub struct BoundedCodec<T, U>(ProstCodec<T, U>);
 
 impl<T, U> Default for BoundedCodec<T, U> {
     fn default() -> Self {
-        Self(ProstCodec::default(), PhantomData)
+        Self(ProstCodec::default())
     }
 }
 

@@ -12,8 +12,10 @@ use std::marker::PhantomData;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut as _, Bytes, BytesMut};
-use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use bytes::Bytes;
+use serde::de::{
+    DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Unexpected, Visitor,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
@@ -194,15 +196,26 @@ impl<'de> Visitor<'de> for Scalar {
     }
 }
 
-/// The protocol's `id` is a string; anything else is refused rather than dropped.
+/// The protocol's `id` is a string; anything else is refused rather than dropped (and read
+/// without building a `Value` of it: an id can be as long as the body).
 fn string_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    match Option::<Value>::deserialize(d)? {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(D::Error::custom(format!(
-            "\"id\" must be a string, got {other}"
-        ))),
+    struct Id;
+    impl<'de> Visitor<'de> for Id {
+        type Value = Option<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("\"id\" as a string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_owned()))
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
     }
+    d.deserialize_any(Id)
 }
 
 /// Which outputs the client wants as binary data after the JSON header.
@@ -359,30 +372,23 @@ pub fn parse_infer_request(
 
 /// How many decoded bytes an input's JSON data may take: `left` of the request's `total`.
 #[derive(Debug, Clone, Copy)]
-pub struct Limit {
+struct Limit {
     /// What this input may take.
-    pub left: usize,
+    left: usize,
     /// The request's limit, for the message.
-    pub total: usize,
+    total: usize,
 }
 
 /// Decodes an input's JSON `data` (nested arrays or a single value) into its raw little-endian
 /// form, within `max`: BYTES elements as 4-byte lengths then bytes, numbers as `datatype`'s
 /// elements.
-pub fn decode_json_data(datatype: DataType, data: &RawValue, max: Limit) -> Result<Bytes, String> {
-    let mut json = serde_json::Deserializer::from_str(data.get());
-    if datatype == DataType::Bytes {
-        let mut out = BytesMut::new();
-        BytesElements { out: &mut out, max }
-            .deserialize(&mut json)
-            .map_err(|e| e.to_string())?;
-        return Ok(out.freeze());
-    }
+fn decode_json_data(datatype: DataType, data: &RawValue, max: Limit) -> Result<Bytes, String> {
     if datatype == DataType::Fp16 {
         return Err("FP16 data has no JSON form here; send it as binary data".into());
     }
     let mut out = Vec::new();
-    Numbers {
+    let mut json = serde_json::Deserializer::from_str(data.get());
+    Elements {
         datatype,
         out: &mut out,
         max,
@@ -399,77 +405,41 @@ fn over_limit<E: serde::de::Error>(max: Limit) -> E {
     ))
 }
 
-/// Decodes a JSON string, or nested arrays of them, into the BYTES encoding as it reads.
-struct BytesElements<'o> {
-    out: &'o mut BytesMut,
-    max: Limit,
-}
-
-impl<'de> DeserializeSeed<'de> for BytesElements<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for BytesElements<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("BYTES data: strings, or arrays of them")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
-        if self.out.len() + 4 + v.len() > self.max.left {
-            return Err(over_limit(self.max));
-        }
-        let len = u32::try_from(v.len()).map_err(|_| E::custom("a BYTES element over 4 GiB"))?;
-        self.out.put_u32_le(len);
-        self.out.put_slice(v.as_bytes());
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let max = self.max;
-        while seq
-            .next_element_seed(BytesElements {
-                out: &mut *self.out,
-                max,
-            })?
-            .is_some()
-        {}
-        Ok(())
-    }
-}
-
-/// Decodes a JSON number (a boolean for BOOL), or nested arrays of them, into `datatype`'s
-/// little-endian elements as it reads; a value the datatype cannot hold is refused.
-struct Numbers<'o> {
+/// Decodes a JSON value, or nested arrays of them, into `datatype`'s raw encoding as it reads:
+/// strings for BYTES, booleans for BOOL, numbers otherwise; a value the datatype cannot hold
+/// is refused.
+struct Elements<'o> {
     datatype: DataType,
     out: &'o mut Vec<u8>,
     max: Limit,
 }
 
-impl Numbers<'_> {
-    /// Appends one element, within the limit.
-    fn put<E: serde::de::Error>(self, bytes: &[u8]) -> Result<(), E> {
-        if self.out.len() + bytes.len() > self.max.left {
+impl Elements<'_> {
+    /// Appends `parts` as one element, within the limit.
+    fn put<E: serde::de::Error>(self, parts: &[&[u8]]) -> Result<(), E> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if self.out.len() + len > self.max.left {
             return Err(over_limit(self.max));
         }
-        self.out.extend_from_slice(bytes);
+        parts.iter().for_each(|p| self.out.extend_from_slice(p));
         Ok(())
+    }
+
+    /// The error for a value of the wrong kind: a string where numbers go, a number where
+    /// strings go.
+    fn wrong_kind<E: serde::de::Error>(&self, v: Unexpected) -> E {
+        E::invalid_type(v, self)
     }
 
     fn out_of_range<E: serde::de::Error>(&self, v: impl std::fmt::Display) -> E {
         E::custom(format!("{v} is not a {} value", self.datatype.as_str()))
     }
 
-    fn integer<E: serde::de::Error>(self, v: i128) -> Result<(), E> {
+    fn integer<E: serde::de::Error>(self, v: i128, kind: Unexpected) -> Result<(), E> {
         macro_rules! put {
             ($t:ty) => {
                 match <$t>::try_from(v) {
-                    Ok(x) => self.put(&x.to_le_bytes()),
+                    Ok(x) => self.put(&[&x.to_le_bytes()]),
                     Err(_) => Err(self.out_of_range(v)),
                 }
             };
@@ -484,14 +454,15 @@ impl Numbers<'_> {
             DataType::Int32 => put!(i32),
             DataType::Int64 => put!(i64),
             // Integers in JSON are valid floats; precision follows the datatype.
-            DataType::Fp32 => self.put(&(v as f32).to_le_bytes()),
-            DataType::Fp64 => self.put(&(v as f64).to_le_bytes()),
-            DataType::Bool | DataType::Fp16 | DataType::Bytes => Err(self.out_of_range(v)),
+            DataType::Fp32 => self.put(&[&(v as f32).to_le_bytes()]),
+            DataType::Fp64 => self.put(&[&(v as f64).to_le_bytes()]),
+            DataType::Bytes => Err(self.wrong_kind(kind)),
+            DataType::Bool | DataType::Fp16 => Err(self.out_of_range(v)),
         }
     }
 }
 
-impl<'de> DeserializeSeed<'de> for Numbers<'_> {
+impl<'de> DeserializeSeed<'de> for Elements<'_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -499,35 +470,46 @@ impl<'de> DeserializeSeed<'de> for Numbers<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for Numbers<'_> {
+impl<'de> Visitor<'de> for Elements<'_> {
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self.datatype {
+            DataType::Bytes => f.write_str("BYTES data: strings, or arrays of them"),
             DataType::Bool => f.write_str("BOOL data: true or false, or arrays of them"),
             d => write!(f, "{} data: numbers, or arrays of them", d.as_str()),
         }
     }
 
-    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
-        if self.datatype != DataType::Bool {
-            return Err(self.out_of_range(v));
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        if self.datatype != DataType::Bytes {
+            return Err(self.wrong_kind(Unexpected::Str(v)));
         }
-        self.put(&[u8::from(v)])
+        let len = u32::try_from(v.len()).map_err(|_| E::custom("a BYTES element over 4 GiB"))?;
+        self.put(&[&len.to_le_bytes(), v.as_bytes()])
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        match self.datatype {
+            DataType::Bool => self.put(&[&[u8::from(v)]]),
+            DataType::Bytes => Err(self.wrong_kind(Unexpected::Bool(v))),
+            _ => Err(self.out_of_range(v)),
+        }
     }
 
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
-        self.integer(i128::from(v))
+        self.integer(i128::from(v), Unexpected::Unsigned(v))
     }
 
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
-        self.integer(i128::from(v))
+        self.integer(i128::from(v), Unexpected::Signed(v))
     }
 
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
         match self.datatype {
-            DataType::Fp32 => self.put(&(v as f32).to_le_bytes()),
-            DataType::Fp64 => self.put(&v.to_le_bytes()),
+            DataType::Fp32 => self.put(&[&(v as f32).to_le_bytes()]),
+            DataType::Fp64 => self.put(&[&v.to_le_bytes()]),
+            DataType::Bytes => Err(self.wrong_kind(Unexpected::Float(v))),
             _ => Err(self.out_of_range(v)),
         }
     }
@@ -535,7 +517,7 @@ impl<'de> Visitor<'de> for Numbers<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let (datatype, max) = (self.datatype, self.max);
         while seq
-            .next_element_seed(Numbers {
+            .next_element_seed(Elements {
                 datatype,
                 out: &mut *self.out,
                 max,
@@ -619,7 +601,7 @@ pub fn infer_response(resp: &ModelInferResponse, bin: &BinaryOutputs) -> Respons
 }
 
 /// An output's raw little-endian contents as a flat JSON array (the shape travels beside it).
-fn json_data(datatype: &str, raw: &[u8]) -> Value {
+fn json_data(datatype: &str, raw: &Bytes) -> Value {
     fn each<const N: usize, T: Into<Value>>(raw: &[u8], f: fn([u8; N]) -> T) -> Value {
         Value::Array(
             raw.chunks_exact(N)
@@ -645,7 +627,7 @@ fn json_data(datatype: &str, raw: &[u8]) -> Value {
         Ok(DataType::Fp32) => each(raw, f32::from_le_bytes),
         Ok(DataType::Fp64) => each(raw, f64::from_le_bytes),
         Ok(DataType::Bytes) => Value::Array(
-            tensor::decode_bytes_elements(&Bytes::copy_from_slice(raw))
+            tensor::decode_bytes_elements(raw)
                 .unwrap_or_default()
                 .iter()
                 .map(|b| Value::String(String::from_utf8_lossy(b).into_owned()))
@@ -663,16 +645,15 @@ fn f16_to_f32(h: u16) -> f32 {
     let bits = match (exp, frac) {
         (0, 0) => sign,
         // Subnormal: value frac × 2^-24, exact in f32.
-        (0, f) => return sign_of(h) * (f as f32) * 2f32.powi(-24),
+        (0, f) => {
+            let v = (f as f32) * 2f32.powi(-24);
+            return if sign == 0 { v } else { -v };
+        }
         (0x1f, 0) => sign | 0x7f80_0000,
         (0x1f, f) => sign | 0x7fc0_0000 | (f << 13),
         (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
     };
     f32::from_bits(bits)
-}
-
-fn sign_of(h: u16) -> f32 {
-    if h >> 15 == 1 { -1.0 } else { 1.0 }
 }
 
 #[cfg(test)]
@@ -894,7 +875,12 @@ mod tests {
             (
                 r#"{"id": 7, "inputs": []}"#.to_owned(),
                 &[][..],
-                "\"id\" must be a string, got 7",
+                "invalid type: integer `7`, expected \"id\" as a string",
+            ),
+            (
+                r#"{"id": [7], "inputs": []}"#.to_owned(),
+                &[][..],
+                "invalid type: sequence, expected \"id\" as a string",
             ),
             (
                 r#"{"inputs":[{"name":"x","datatype":"UINT8","shape":[3],"parameters":{"binary_data_size":-3}}]}"#.to_owned(),
