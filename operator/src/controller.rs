@@ -1117,6 +1117,7 @@ mod tests {
                 build: BuildConfig {
                     worker_image: "tandem-worker:test".into(),
                     image_pull_policy: None,
+                    image_pull_secrets: Vec::new(),
                     operator_version: "test".into(),
                     worker_tracing: None,
                 },

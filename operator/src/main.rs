@@ -49,6 +49,15 @@ struct RunArgs {
     /// `imagePullPolicy` for worker containers (cluster default when unset).
     #[arg(long, env = "TANDEM_WORKER_IMAGE_PULL_POLICY")]
     worker_image_pull_policy: Option<String>,
+    /// Secrets worker pods pull their image with (repeat the flag or separate with commas).
+    /// Each must exist in every namespace where pipelines live.
+    #[arg(
+        long = "worker-image-pull-secret",
+        env = "TANDEM_WORKER_IMAGE_PULL_SECRETS",
+        value_delimiter = ',',
+        value_name = "SECRET"
+    )]
+    worker_image_pull_secrets: Vec<String>,
     /// OTLP/gRPC collector for the worker pods' spans (sets `OTEL_EXPORTER_OTLP_ENDPOINT` in
     /// every worker container); workers export nothing when unset.
     #[arg(long, env = "TANDEM_WORKER_OTLP_ENDPOINT")]
@@ -313,6 +322,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         .clone()
                         .unwrap_or_else(|| format!("tandem-worker:{VERSION}")),
                     image_pull_policy: args.worker_image_pull_policy.clone(),
+                    image_pull_secrets: args.worker_image_pull_secrets.clone(),
                     operator_version: VERSION.to_owned(),
                     worker_tracing: args.worker_otlp_endpoint.clone().map(|endpoint| {
                         WorkerTracing {

@@ -121,6 +121,8 @@ pub struct BuildConfig {
     pub worker_image: String,
     /// `imagePullPolicy` for workers; the cluster default when `None`.
     pub image_pull_policy: Option<String>,
+    /// Secrets (in the pipeline's namespace) worker pods pull their image with.
+    pub image_pull_secrets: Vec<String>,
     /// Operator version, recorded in `app.kubernetes.io/version`.
     pub operator_version: String,
     /// Where workers export their spans (OTLP/gRPC); no tracing on workers when `None`.
@@ -281,6 +283,7 @@ pub(crate) mod tests {
         BuildConfig {
             worker_image: "tandem-worker:0.1.0".into(),
             image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
             operator_version: "0.1.0".into(),
             worker_tracing: None,
         }

@@ -7,8 +7,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    EnvVarSource, HTTPGetAction, LocalObjectReference, ObjectFieldSelector, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -90,7 +91,13 @@ pub fn preprocess_deployment(
         Stage::Preprocess,
         None,
         v.preprocess.replicas.clamp(desired),
-        pod_spec(&v.meta.name, container, volumes, PREPROCESS_GRACE_SECONDS),
+        pod_spec(
+            cfg,
+            &v.meta.name,
+            container,
+            volumes,
+            PREPROCESS_GRACE_SECONDS,
+        ),
         annotations,
     )
 }
@@ -152,6 +159,7 @@ pub fn inference_deployment(
         Some(plan.color),
         inf.replicas.clamp(plan.desired_replicas),
         pod_spec(
+            cfg,
             &v.meta.name,
             container,
             vec![tmp_volume()],
@@ -203,10 +211,22 @@ fn deployment(
     }
 }
 
-fn pod_spec(pipeline: &str, container: Container, volumes: Vec<Volume>, grace: i64) -> PodSpec {
+fn pod_spec(
+    cfg: &BuildConfig,
+    pipeline: &str,
+    container: Container,
+    volumes: Vec<Volume>,
+    grace: i64,
+) -> PodSpec {
+    let pull_secrets = cfg
+        .image_pull_secrets
+        .iter()
+        .map(|name| LocalObjectReference { name: name.clone() })
+        .collect::<Vec<_>>();
     PodSpec {
         containers: vec![container],
         volumes: Some(volumes),
+        image_pull_secrets: (!pull_secrets.is_empty()).then_some(pull_secrets),
         service_account_name: Some(names::service_account(pipeline)),
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
@@ -506,6 +526,31 @@ mod tests {
         for env in envs {
             assert_eq!(env, want);
         }
+    }
+
+    #[test]
+    fn worker_pods_pull_with_the_configured_secrets_and_none_by_default() {
+        let v = validate(&text_pipeline()).unwrap();
+        let secrets_of = |cfg: &BuildConfig| -> Vec<Option<Vec<String>>> {
+            build(&v, &blue(&v), cfg)
+                .unwrap()
+                .deployments
+                .iter()
+                .map(|d| {
+                    pod(d)
+                        .image_pull_secrets
+                        .as_ref()
+                        .map(|s| s.iter().map(|r| r.name.clone()).collect())
+                })
+                .collect()
+        };
+        assert_eq!(secrets_of(&cfg()), vec![None, None]);
+        let with = BuildConfig {
+            image_pull_secrets: vec!["regcred".into(), "mirror".into()],
+            ..cfg()
+        };
+        let want = Some(vec!["regcred".to_owned(), "mirror".to_owned()]);
+        assert_eq!(secrets_of(&with), vec![want.clone(), want]);
     }
 
     #[test]

@@ -147,6 +147,11 @@ fn bad_values_fail_at_render_time_with_a_message_naming_the_value() -> anyhow::R
             "/worker/image/pullPolicy",
         ),
         ("replicas=3", "additional properties 'replicas'"),
+        ("tracing.samplingRatio=1.5", "/tracing/samplingRatio"),
+        (
+            "worker.imagePullSecrets[0].secret=regcred",
+            "/worker/imagePullSecrets/0",
+        ),
     ];
     for (set, expected) in cases {
         let out = helm([
@@ -949,6 +954,42 @@ pods                                            []                  []          
         ("[/healthz]", "", &["get"]),
     ]);
     assert_eq!(got, want);
+    Ok(())
+}
+
+/// `--set` gives a fraction as a string and a whole number as a number: the values the docs
+/// show on the command line must render.
+#[test]
+fn command_line_values_render_into_the_operators_flags_and_env() -> anyhow::Result<()> {
+    let chart = chart_dir();
+    let rendered = helm_ok([
+        "template".as_ref(),
+        RELEASE.as_ref(),
+        chart.as_os_str(),
+        "--show-only".as_ref(),
+        "templates/deployment.yaml".as_ref(),
+        "--set".as_ref(),
+        "tracing.otlpEndpoint=http://otel-collector.observability:4317".as_ref(),
+        "--set".as_ref(),
+        "tracing.samplingRatio=0.1".as_ref(),
+        "--set".as_ref(),
+        "resources.limits.cpu=1".as_ref(),
+        "--set".as_ref(),
+        "worker.imagePullSecrets[0].name=regcred".as_ref(),
+        "--set".as_ref(),
+        "worker.imagePullSecrets[1].name=mirror".as_ref(),
+    ])?;
+    for needle in [
+        "- --worker-image-pull-secret=regcred",
+        "- --worker-image-pull-secret=mirror",
+        "value: \"0.1\"",
+        "cpu: 1\n",
+    ] {
+        assert!(
+            rendered.contains(needle),
+            "the operator Deployment lacks {needle:?}:\n{rendered}"
+        );
+    }
     Ok(())
 }
 
