@@ -118,20 +118,25 @@ pub struct TextPreprocess {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ImagePreprocess {
-    /// Target size and method.
+    /// Target size and method. It must be the model's input size: 224×224 for Tandem's
+    /// EfficientNet-Lite0 and ResNet-50 (other sizes are refused per request by the inference
+    /// worker).
     pub resize: Resize,
     /// Per-channel normalization applied after scaling pixels to [0, 1]: `(x - mean) / std`.
     #[serde(default)]
     pub normalize: Normalize,
-    /// Memory layout of the input tensor.
+    /// Memory layout of the input tensor. Tandem's own vision models take `NCHW`; `NHWC`
+    /// tensors are refused per request by the inference worker.
     #[serde(default)]
     pub layout: TensorLayout,
     /// Element type of the tensor sent to inference: `FP32` (normalized here) or `UINT8` (raw
-    /// pixels, a quarter of the bytes on the wire; the model normalizes on the device).
+    /// pixels, a quarter of the bytes on the wire; the inference worker normalizes them with
+    /// the model's own mean and std, and `normalize` is not used).
     #[serde(default)]
     pub dtype: ImageDtype,
-    /// Where class names come from: `imagenet` (built in) or a file path with one label per
-    /// line. Without labels, classes are reported by index.
+    /// Where class names come from: `imagenet` (built in) or the path of a file with one label
+    /// per line inside the worker container (the operator mounts no volume for it, so the file
+    /// must be in the worker image). Without labels, classes are reported by index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     pub labels: Option<String>,
@@ -587,7 +592,9 @@ pub struct InferencePipelineStatus {
     /// Pods of the preprocess stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preprocess: Option<StageStatus>,
-    /// Pods of the inference stage's active color.
+    /// Pods of the inference stage. `replicas` and `readyReplicas` count the active color's
+    /// pods; while a rollout runs two colors, `desiredReplicas` is the total split between them
+    /// and `queueDepth` covers both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inference: Option<StageStatus>,
     /// Human-readable summaries shown by `kubectl get ipl`, derived from the fields above.

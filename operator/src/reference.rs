@@ -77,7 +77,10 @@ pub fn crd_reference() -> Result<String, ReferenceError> {
             out,
             "| Field | Type | Default | Description |\n|---|---|---|---|"
         );
-        walk(&mut out, section, &schema["properties"][section], true);
+        let required = schema["required"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|f| f == section));
+        walk(&mut out, section, &schema["properties"][section], required);
     }
     Ok(out)
 }
