@@ -364,7 +364,8 @@ pub fn decode_rgb8_for(
     let cursor = Cursor::new(encoded);
     let decoded = match format {
         ImageFormat::Jpeg => {
-            if !jpeg_has_end_marker(encoded) {
+            let markers = jpeg_markers(encoded);
+            if !markers.ends {
                 return Err(ImageError::Decode {
                     format: name,
                     reason: "missing end-of-image marker".into(),
@@ -378,7 +379,7 @@ pub fn decode_rgb8_for(
             // sequential multi-scan JPEG, and it is reached for CMYK and for
             // files libjpeg-turbo rejects for another reason, which may have
             // any number of scans too.
-            if jpeg_scan_count(encoded, MAX_JPEG_SCANS) > MAX_JPEG_SCANS {
+            if markers.scans > MAX_JPEG_SCANS {
                 return Err(ImageError::TooManyScans {
                     max: MAX_JPEG_SCANS,
                 });
@@ -626,21 +627,31 @@ fn jpeg_exif(data: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// The number of scans (SOS markers) in a JPEG, counted up to `stop_after + 1`.
-/// Walks the marker segments, skipping each one's payload by its length; after
-/// a scan's header, its entropy-coded data runs to the next 0xFF that is not a
-/// stuffed byte (0xFF 0x00) or a restart marker. Stops at EOI or the end of
-/// the data.
-fn jpeg_scan_count(data: &[u8], stop_after: u32) -> u32 {
-    let mut scans = 0;
+/// What a walk over a JPEG's markers found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct JpegMarkers {
+    /// Start-of-scan markers before the end (or before the data ran out).
+    scans: u32,
+    /// Whether an end-of-image marker closes the frame. Bytes after it (camera makers'
+    /// trailers, a Motion Photo's video) are not the image's and are ignored.
+    ends: bool,
+}
+
+/// Walks a JPEG's markers from SOI: segments are skipped by their length (so an EXIF
+/// thumbnail's own markers are not seen), entropy-coded data byte by byte (a 0xFF there is
+/// followed by a stuffed 0x00 or an RSTn, so any other marker is real).
+///
+/// libjpeg refuses a stream without EOI only with a warning, but a stream cut short is the
+/// common failure (truncated upload), and zune-jpeg pads missing data silently: the decoder
+/// requires `ends`. The fallback decoder caps progressive scans but not the scans of a
+/// sequential multi-scan JPEG, so it also checks `scans`.
+fn jpeg_markers(data: &[u8]) -> JpegMarkers {
+    let mut found = JpegMarkers {
+        scans: 0,
+        ends: false,
+    };
     let mut pos = 2;
-    while scans <= stop_after {
-        let Some(ff) = data
-            .get(pos..)
-            .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
-        else {
-            break;
-        };
+    while let Some(ff) = data.get(pos..).and_then(|rest| memchr::memchr(0xFF, rest)) {
         pos += ff + 1;
         // Any number of 0xFF fill bytes may precede a marker code.
         while data.get(pos) == Some(&0xFF) {
@@ -653,8 +664,11 @@ fn jpeg_scan_count(data: &[u8], stop_after: u32) -> u32 {
         match marker {
             // A stuffed data byte and the standalone markers (TEM, RSTn, SOI).
             0x00 | 0x01 | 0xD0..=0xD8 => continue,
-            0xD9 => break,
-            0xDA => scans += 1,
+            0xD9 => {
+                found.ends = true;
+                break;
+            }
+            0xDA => found.scans = found.scans.saturating_add(1),
             _ => {}
         }
         let Some(len) = data.get(pos..pos + 2) else {
@@ -662,15 +676,7 @@ fn jpeg_scan_count(data: &[u8], stop_after: u32) -> u32 {
         };
         pos += usize::from(u16::from_be_bytes([len[0], len[1]]));
     }
-    scans
-}
-
-/// libjpeg refuses a stream without EOI only with a warning, but a stream cut
-/// short is the common failure (truncated upload), and zune-jpeg pads missing
-/// data silently; require the marker (trailing padding bytes tolerated).
-fn jpeg_has_end_marker(data: &[u8]) -> bool {
-    let tail = &data[data.len().saturating_sub(64)..];
-    tail.windows(2).any(|w| w == [0xFF, 0xD9])
+    found
 }
 
 /// Width and height from a PNG's IHDR chunk (always the first chunk).
@@ -1094,6 +1100,50 @@ mod tests {
         }
     }
 
+    #[test]
+    fn bytes_after_the_end_marker_are_ignored_like_a_cameras_trailer() {
+        let jpeg = gradient_jpeg(960, 540);
+        let want = decode_rgb8_for(&jpeg, 1 << 30, Some(target(JpegDraft::Fast))).unwrap();
+        // A Motion Photo appends a video, markers and all; other cameras a metadata block.
+        let mut trailer = b"\0\0\0\x18ftypmp42".to_vec();
+        trailer.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0xDA, 0xFF, 0xD9, 0xFF]);
+        trailer.extend((0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8));
+        let mut trailed = jpeg.clone();
+        trailed.extend_from_slice(&trailer);
+        for draft in [JpegDraft::Off, JpegDraft::Fast] {
+            let got = decode_rgb8_for(&trailed, 1 << 30, Some(target(draft))).unwrap();
+            let plain = decode_rgb8_for(&jpeg, 1 << 30, Some(target(draft))).unwrap();
+            assert_eq!(got.pixels, plain.pixels, "{draft:?}");
+        }
+        assert_eq!(
+            decode_rgb8_for(&trailed, 1 << 30, Some(target(JpegDraft::Fast)))
+                .unwrap()
+                .pixels,
+            want.pixels
+        );
+    }
+
+    #[test]
+    fn an_end_marker_inside_a_segment_does_not_hide_a_cut() {
+        // An APP segment holding a whole small JPEG (as an EXIF thumbnail does), then the
+        // frame cut in half: the thumbnail's end marker is not the frame's.
+        let jpeg = gradient_jpeg(960, 540);
+        let thumb = gradient_jpeg(16, 16);
+        let mut with_thumb = jpeg[..2].to_vec();
+        with_thumb.extend_from_slice(&[0xFF, 0xE2]);
+        with_thumb.extend_from_slice(&u16::try_from(thumb.len() + 2).unwrap().to_be_bytes());
+        with_thumb.extend_from_slice(&thumb);
+        with_thumb.extend_from_slice(&jpeg[2..]);
+        assert!(jpeg_markers(&with_thumb).ends);
+        let cut = &with_thumb[..with_thumb.len() / 2];
+        assert!(!jpeg_markers(cut).ends);
+        let err = decode_rgb8_for(cut, 1 << 30, Some(target(JpegDraft::Fast))).unwrap_err();
+        assert!(
+            err.to_string().contains("missing end-of-image marker"),
+            "{err}"
+        );
+    }
+
     /// The gradient frame encoded by libjpeg-turbo with the given settings.
     fn turbo_jpeg(
         w: u32,
@@ -1333,7 +1383,7 @@ mod tests {
         assert_eq!((plain.width, plain.height), (64, 64));
         // Ten scans of its own, 490 more: at the limit, still decoded by
         // libjpeg-turbo, to the same pixels.
-        assert_eq!(jpeg_scan_count(&jpeg, MAX_JPEG_SCANS), 10);
+        assert_eq!(jpeg_markers(&jpeg).scans, 10);
         let at_limit = with_repeated_scans(&jpeg, 490);
         turbo_verdict(&at_limit, MAX_JPEG_SCANS).unwrap();
         let decoded = decode_rgb8(&at_limit, 1 << 30).unwrap();
@@ -1359,7 +1409,7 @@ mod tests {
     }
 
     #[test]
-    fn the_scan_count_skips_segment_payloads_and_stops_after_the_limit() {
+    fn the_marker_walk_skips_segment_payloads_and_counts_every_scan() {
         let jpeg = progressive_64(turbojpeg::PixelFormat::RGB);
         // A comment segment full of SOS-like bytes right after SOI.
         let mut commented = jpeg[..2].to_vec();
@@ -1369,11 +1419,23 @@ mod tests {
         commented.extend_from_slice(&len.to_be_bytes());
         commented.extend_from_slice(&payload);
         commented.extend_from_slice(&jpeg[2..]);
-        assert_eq!(jpeg_scan_count(&commented, MAX_JPEG_SCANS), 10);
+        assert_eq!(jpeg_markers(&commented).scans, 10);
         assert!(decode_rgb8(&commented, 1 << 30).is_ok());
         let bomb = with_repeated_scans(&jpeg, 20_000);
-        assert_eq!(jpeg_scan_count(&bomb, MAX_JPEG_SCANS), 501);
-        assert_eq!(jpeg_scan_count(b"\xFF\xD8\xFF\xDA", MAX_JPEG_SCANS), 1);
-        assert_eq!(jpeg_scan_count(b"\xFF\xD8", MAX_JPEG_SCANS), 0);
+        assert_eq!(jpeg_markers(&bomb).scans, 20_010);
+        assert_eq!(
+            jpeg_markers(b"\xFF\xD8\xFF\xDA"),
+            JpegMarkers {
+                scans: 1,
+                ends: false
+            }
+        );
+        assert_eq!(
+            jpeg_markers(b"\xFF\xD8"),
+            JpegMarkers {
+                scans: 0,
+                ends: false
+            }
+        );
     }
 }
