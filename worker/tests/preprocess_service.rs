@@ -4,7 +4,7 @@
 //! (test doubles for wiring only: they return deterministic outputs, not model
 //! results).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +51,9 @@ struct Fake {
     hits: Arc<AtomicU64>,
     traces: Arc<Mutex<Vec<String>>>,
     shapes: Arc<Mutex<Vec<SeenInput>>>,
+    /// When set, each call records the flag's value as it arrives.
+    probe: Arc<Mutex<Option<Arc<AtomicBool>>>>,
+    probed: Arc<Mutex<Vec<bool>>>,
 }
 
 /// Serves any model; answers ModelInfer per its [`Behaviour`].
@@ -76,6 +79,12 @@ impl Backend for Fake {
         traceparent: Option<String>,
     ) -> Result<ModelInferResponse, Status> {
         self.hits.fetch_add(1, Ordering::SeqCst);
+        if let Some(flag) = self.probe.lock().unwrap().as_ref() {
+            self.probed
+                .lock()
+                .unwrap()
+                .push(flag.load(Ordering::SeqCst));
+        }
         if let Some(t) = traceparent {
             self.traces.lock().unwrap().push(t);
         }
@@ -121,6 +130,8 @@ async fn start_fake(behaviour: Behaviour) -> (String, Fake) {
         hits: Arc::default(),
         traces: Arc::default(),
         shapes: Arc::default(),
+        probe: Arc::default(),
+        probed: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -449,6 +460,47 @@ async fn text_is_tokenized_forwarded_as_int64_and_invalid_utf8_is_refused() {
         err.message().contains("text item 1") && err.message().contains("UTF-8"),
         "{}",
         err.message()
+    );
+}
+
+/// The upload's bytes, which tells when the last reference to them is dropped.
+struct TrackedUpload {
+    data: Vec<u8>,
+    dropped: Arc<AtomicBool>,
+}
+
+impl AsRef<[u8]> for TrackedUpload {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for TrackedUpload {
+    fn drop(&mut self) {
+        self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_requests_own_bytes_are_released_before_the_inference_call() {
+    // An upload can be 64 MiB of text of which 8 tokens are forwarded: it must not stay in
+    // memory while the inference pod works on them.
+    let (addr, fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
+    let svc = text_service();
+    set_routes(&svc, table(1, &[("blue", 100, &[&addr])], None)).await;
+    let dropped = Arc::new(AtomicBool::new(false));
+    *fake.probe.lock().unwrap() = Some(Arc::clone(&dropped));
+    let mut req = request("minilm", &[b"hello world hello"]);
+    req.raw_input_contents[0] = Bytes::from_owner(TrackedUpload {
+        data: req.raw_input_contents[0].to_vec(),
+        dropped: Arc::clone(&dropped),
+    });
+    let resp = infer(&svc, req).await.unwrap();
+    assert_eq!(resp.outputs[0].name, "embedding");
+    assert_eq!(
+        *fake.probed.lock().unwrap(),
+        [true],
+        "the upload was still held when the inference call arrived"
     );
 }
 

@@ -147,6 +147,9 @@ async fn infer_v(
             return request_error(&e);
         }
     };
+    // The request holds what it needs (the tensor bytes it refers to are shared, not copied);
+    // the rest of the body is not kept while the request is served.
+    drop(body);
     let trace = trace_from_header(headers.get("traceparent").and_then(|v| v.to_str().ok()));
     match s.infer(req, trace, "http").await {
         Ok(resp) => rest::infer_response(&resp, &binary_out),

@@ -351,7 +351,7 @@ impl Service {
 
     async fn infer_inner(
         self: &Arc<Self>,
-        req: ModelInferRequest,
+        mut req: ModelInferRequest,
         trace: Option<TraceContext>,
     ) -> Result<ModelInferResponse, RequestError> {
         if !self.serves(&req.model_name, &req.model_version) {
@@ -361,6 +361,15 @@ impl Service {
             return Err(RequestError::Unavailable("worker is shutting down".into()));
         }
         let items = self.validate(&req)?;
+        // Only the id and the requested outputs are needed from here on: the request's own
+        // bytes (an upload can be 64 MiB of text of which 256 tokens are forwarded) are not
+        // kept while the inference call runs.
+        // (A `..` pattern would leave the other fields in `req` until the function returns.)
+        let (id, outputs) = (
+            std::mem::take(&mut req.id),
+            std::mem::take(&mut req.outputs),
+        );
+        drop(req);
         // Shared with the CPU job: a client that goes away while its items are decoded or
         // tokenized does not free its place in the queue until that work has ended, so
         // `maxQueueDepth` bounds the CPU work queued and running.
@@ -402,7 +411,7 @@ impl Service {
         let forward = ModelInferRequest {
             model_name: String::new(),
             model_version: String::new(),
-            id: req.id.clone(),
+            id: id.clone(),
             parameters: Default::default(),
             inputs: prepared.inputs,
             outputs: vec![],
@@ -417,13 +426,10 @@ impl Service {
         self.metrics.observe("postprocess", post_started.elapsed());
         resp.model_name = self.cfg.model.name.clone();
         resp.model_version = self.cfg.model.version.clone();
-        resp.id = req.id;
+        resp.id = id;
         filter_outputs(
             &mut resp,
-            &req.outputs
-                .iter()
-                .map(|o| o.name.as_str())
-                .collect::<Vec<_>>(),
+            &outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
         )?;
         Ok(resp)
     }
