@@ -11,7 +11,8 @@
 //! - A group is dispatched when its queued rows reach `max_batch_size`, or when
 //!   its oldest request has waited `max_delay`. Groups are served oldest first.
 //! - A batch holds at most `max_batch_size` rows, except that a single request
-//!   larger than that is dispatched alone (never split, never refused).
+//!   larger than that is dispatched alone (never refused; the runner gives it to
+//!   the engine `max_batch_size` rows at a time).
 //! - At most `max_queue_depth` requests wait; beyond that `push` refuses
 //!   (the server answers `RESOURCE_EXHAUSTED`).
 

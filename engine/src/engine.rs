@@ -30,7 +30,8 @@ pub enum EngineError {
     /// The device failed (CUDA errors, out of memory...).
     #[error("device error: {0}")]
     Device(String),
-    /// The engine panicked: a bug, answered as an error instead of ending the engine thread.
+    /// The engine panicked or broke its contract: a bug, answered as an error instead of
+    /// ending the engine thread.
     #[error("engine failed: {0}")]
     Panic(String),
 }

@@ -84,6 +84,8 @@ struct Shared {
     wake: Condvar,
     counters: Counters,
     spec: ModelSpec,
+    /// Most rows the engine is given at once (`max_batch_size`).
+    max_rows: usize,
     on_batch: Option<BatchObserver>,
 }
 
@@ -126,6 +128,7 @@ impl Runner {
             wake: Condvar::new(),
             counters: Counters::default(),
             spec: engine.spec().clone(),
+            max_rows: cfg.max_batch_size.max(1),
             on_batch,
         });
         let s = shared.clone();
@@ -326,9 +329,42 @@ fn forward(
         .iter()
         .map(|j| tracing::info_span!(parent: &j.span, "engine_forward", batch_rows = total))
         .collect();
-    let out = engine.forward(&inputs);
+    let out = forward_in_chunks(engine, &inputs, total, shared.max_rows);
     drop(forward);
     out.map(|o| batch::split(o, &rows))
+}
+
+/// Runs `inputs` (`total` rows) through the engine at most `max_rows` rows at a time. Only a
+/// single request larger than `max_batch_size` is ever split: the engine's working memory
+/// grows with the rows it is given (a BERT's attention with rows × length²), so one request
+/// of 2,048 rows of 512 tokens would otherwise need 5 GB, where a full batch needs what
+/// `max_batch_size` allows.
+fn forward_in_chunks(
+    engine: &mut dyn Engine,
+    inputs: &[Tensor],
+    total: usize,
+    max_rows: usize,
+) -> Result<Vec<Tensor>, EngineError> {
+    if total <= max_rows {
+        return engine.forward(inputs);
+    }
+    let mut outputs: Option<Vec<Tensor>> = None;
+    for start in (0..total).step_by(max_rows) {
+        let end = (start + max_rows).min(total);
+        let chunk: Vec<Tensor> = inputs.iter().map(|t| t.rows_range(start, end)).collect();
+        let out = engine.forward(&chunk)?;
+        match outputs.as_mut() {
+            None => outputs = Some(out),
+            Some(acc) => {
+                for (a, o) in acc.iter_mut().zip(out) {
+                    a.append_rows(o).map_err(|e| {
+                        EngineError::Panic(format!("the outputs of a request's chunks differ: {e}"))
+                    })?;
+                }
+            }
+        }
+    }
+    Ok(outputs.unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -435,6 +471,54 @@ mod tests {
         };
         assert!(matches!(runner.submit(late), Err(SubmitError::Closed(_))));
         assert_eq!(runner.stats().errors, 0);
+    }
+
+    #[test]
+    fn a_request_larger_than_max_batch_size_reaches_the_engine_in_chunks_and_is_answered_whole() {
+        let (engine, seen) = doubler();
+        let cfg = BatcherConfig {
+            max_batch_size: 8,
+            max_delay: Duration::from_millis(1),
+            max_queue_depth: 4,
+        };
+        let (runner, handle) = Runner::spawn(engine, cfg).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let values: Vec<f32> = (0..20u8).map(f32::from).collect();
+        let job = Job {
+            inputs: vec![Tensor::f32(vec![20, 1], values.clone())],
+            reply: Box::new(move |r| tx.send(r).unwrap()),
+            span: tracing::Span::none(),
+        };
+        assert!(runner.submit(job).is_ok());
+        let out = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        runner.close();
+        handle.join().unwrap();
+        let doubled: Vec<f32> = values.iter().map(|x| x * 2.0).collect();
+        assert_eq!(out, vec![Tensor::f32(vec![20, 1], doubled)]);
+        assert_eq!(*seen.lock().unwrap(), [8, 8, 4]);
+    }
+
+    #[test]
+    fn rows_are_cut_and_appended_back_for_every_datatype() {
+        let t = Tensor::i64(vec![3, 2], vec![1, 2, 3, 4, 5, 6]);
+        let mut head = t.rows_range(0, 2);
+        assert_eq!(head, Tensor::i64(vec![2, 2], vec![1, 2, 3, 4]));
+        assert_eq!(t.rows_range(2, 9), Tensor::i64(vec![1, 2], vec![5, 6]));
+        assert_eq!(t.rows_range(5, 9), Tensor::i64(vec![0, 2], vec![]));
+        head.append_rows(t.rows_range(2, 3)).unwrap();
+        assert_eq!(head, t);
+        let mut u = Tensor::u8(vec![1, 2], vec![1, 2]);
+        assert!(
+            u.append_rows(Tensor::u8(vec![1, 3], vec![1, 2, 3]))
+                .is_err()
+        );
+        assert!(
+            u.append_rows(Tensor::f32(vec![1, 2], vec![1.0, 2.0]))
+                .is_err()
+        );
+        u.append_rows(Tensor::u8(vec![2, 2], vec![3, 4, 5, 6]))
+            .unwrap();
+        assert_eq!(u, Tensor::u8(vec![3, 2], vec![1, 2, 3, 4, 5, 6]));
     }
 
     #[test]

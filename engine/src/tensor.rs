@@ -130,4 +130,48 @@ impl Tensor {
     pub fn rows(&self) -> usize {
         self.shape.first().copied().unwrap_or(0)
     }
+
+    /// A copy of rows `start..end` (clamped to the rows there are).
+    pub fn rows_range(&self, start: usize, end: usize) -> Self {
+        let rows = self.rows();
+        let (start, end) = (start.min(rows), end.min(rows).max(start.min(rows)));
+        let width: usize = self.shape.iter().skip(1).product();
+        let span = start * width..end * width;
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = end - start;
+        }
+        let data = match &self.data {
+            TensorData::F32(v) => TensorData::F32(v.get(span).unwrap_or_default().to_vec()),
+            TensorData::I64(v) => TensorData::I64(v.get(span).unwrap_or_default().to_vec()),
+            TensorData::U8(v) => TensorData::U8(v.get(span).unwrap_or_default().to_vec()),
+        };
+        Self { shape, data }
+    }
+
+    /// Appends `other`'s rows (same datatype and row shape) to this tensor's.
+    pub fn append_rows(&mut self, other: Tensor) -> Result<(), String> {
+        if self.shape.get(1..) != other.shape.get(1..) {
+            return Err(format!(
+                "cannot append rows of shape {:?} to {:?}",
+                other.shape, self.shape
+            ));
+        }
+        match (&mut self.data, other.data) {
+            (TensorData::F32(a), TensorData::F32(b)) => a.extend(b),
+            (TensorData::I64(a), TensorData::I64(b)) => a.extend(b),
+            (TensorData::U8(a), TensorData::U8(b)) => a.extend(b),
+            (a, b) => {
+                return Err(format!(
+                    "cannot append {} rows to {} rows",
+                    b.dtype().as_str(),
+                    a.dtype().as_str()
+                ));
+            }
+        }
+        if let Some(first) = self.shape.first_mut() {
+            *first += other.shape.first().copied().unwrap_or(0);
+        }
+        Ok(())
+    }
 }
