@@ -444,7 +444,9 @@ pub struct RolloutSpec {
     #[x_kube(
         validation = Rule::new("self.all(s, s >= 1 && s <= 100)").message("rollout.steps must be percentages between 1 and 100"),
         validation = Rule::new("self.isSorted() && self.all(s, self.indexOf(s) == self.lastIndexOf(s))").message("rollout.steps must be strictly ascending, e.g. [10, 50, 100]"),
-        validation = Rule::new("self[size(self) - 1] == 100").message("rollout.steps must end at 100")
+        // Guarded: the API server evaluates rules even when `minItems` already failed, and
+        // `self[-1]` is then an evaluation error instead of an answer.
+        validation = Rule::new("size(self) == 0 || self[size(self) - 1] == 100").message("rollout.steps must end at 100")
     )]
     pub steps: Vec<i32>,
     /// How long each traffic step lasts before the next, as a duration such as `30s`.

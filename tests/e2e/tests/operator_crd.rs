@@ -44,6 +44,13 @@ fn invalid_examples_are_rejected_by_the_api_server_with_their_cel_message() {
             "{}: rejected, but without the expected message\n  expected: {expect}\n  got: {stderr}",
             file.display()
         );
+        // A rule that errors (`index out of bounds`, `no such key`) instead of answering puts
+        // CEL internals in front of the user, beside or instead of its message.
+        assert!(
+            !stderr.contains("evaluating rule"),
+            "{}: a CEL rule failed to evaluate instead of answering\n  got: {stderr}",
+            file.display()
+        );
     }
 }
 
