@@ -432,7 +432,11 @@ impl Elements<'_> {
     }
 
     fn out_of_range<E: serde::de::Error>(&self, v: impl std::fmt::Display) -> E {
-        E::custom(format!("{v} is not a {} value", self.datatype.as_str()))
+        E::custom(format!(
+            "{v} is not {} {} value",
+            self.datatype.article(),
+            self.datatype.as_str()
+        ))
     }
 
     fn integer<E: serde::de::Error>(self, v: i128, kind: Unexpected) -> Result<(), E> {
@@ -510,7 +514,13 @@ impl<'de> Visitor<'de> for Elements<'_> {
             DataType::Fp32 => self.put(&[&(v as f32).to_le_bytes()]),
             DataType::Fp64 => self.put(&[&v.to_le_bytes()]),
             DataType::Bytes => Err(self.wrong_kind(Unexpected::Float(v))),
-            _ => Err(self.out_of_range(v)),
+            DataType::Bool | DataType::Fp16 => Err(self.out_of_range(v)),
+            // An integer datatype: `101.0` and `1e3` are read as floats, and are refused as
+            // such, whatever their value (`{:?}` keeps the fraction: "101.0", not "101").
+            d => Err(E::custom(format!(
+                "{v:?} is not an integer, as {} data must be",
+                d.as_str()
+            ))),
         }
     }
 
@@ -745,13 +755,13 @@ mod tests {
         for (dt, json, says) in [
             (DataType::Uint8, "[256]", "256 is not a UINT8 value"),
             (DataType::Uint8, "[-1]", "-1 is not a UINT8 value"),
-            (DataType::Int64, "[1.5]", "1.5 is not a INT64 value"),
             (
                 DataType::Int64,
                 "[9223372036854775808]",
-                "9223372036854775808 is not a INT64 value",
+                "9223372036854775808 is not an INT64 value",
             ),
-            (DataType::Int8, "[true]", "true is not a INT8 value"),
+            (DataType::Int8, "[true]", "true is not an INT8 value"),
+            (DataType::Bool, "[0.5]", "0.5 is not a BOOL value"),
             (DataType::Bool, "[1]", "1 is not a BOOL value"),
             (
                 DataType::Fp32,
@@ -764,6 +774,30 @@ mod tests {
                 "expected FP32 data: numbers, or arrays of them",
             ),
             (DataType::Fp16, "[1]", "FP16 data has no JSON form here"),
+        ] {
+            let err = raw(dt, json).unwrap_err();
+            assert!(err.contains(says), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn json_floats_for_an_integer_datatype_are_refused_as_not_integers_even_when_whole() {
+        for (dt, json, says) in [
+            (
+                DataType::Int64,
+                "[1.5]",
+                "1.5 is not an integer, as INT64 data must be",
+            ),
+            (
+                DataType::Int64,
+                "[101.0]",
+                "101.0 is not an integer, as INT64 data must be",
+            ),
+            (
+                DataType::Uint32,
+                "[1e3]",
+                "1000.0 is not an integer, as UINT32 data must be",
+            ),
         ] {
             let err = raw(dt, json).unwrap_err();
             assert!(err.contains(says), "{json}: {err}");

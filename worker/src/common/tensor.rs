@@ -118,6 +118,16 @@ impl DataType {
         }
     }
 
+    /// The indefinite article before the datatype's name as it is read: "an INT64", "an
+    /// FP32", "a UINT8", "a BOOL".
+    pub fn article(self) -> &'static str {
+        match self {
+            Self::Int8 | Self::Int16 | Self::Int32 | Self::Int64 => "an",
+            Self::Fp16 | Self::Fp32 | Self::Fp64 => "an",
+            _ => "a",
+        }
+    }
+
     /// Bytes per element; `None` for BYTES (variable length).
     pub fn element_size(self) -> Option<usize> {
         Some(match self {

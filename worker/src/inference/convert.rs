@@ -152,7 +152,9 @@ fn decode_typed(
                 .iter()
                 .map(|v| {
                     u8::try_from(*v).map_err(|_| {
-                        ConvertError::Inconsistent(format!("input {name:?}: UINT8 value {v} > 255"))
+                        ConvertError::Value(format!(
+                            "input {name:?}: {v} in uint_contents is not a UINT8 value (0 to 255)"
+                        ))
                     })
                 })
                 .collect::<Result<_, _>>()?,
@@ -411,6 +413,23 @@ mod tests {
         };
         let t = engine_inputs(&bert_spec(), &req).unwrap();
         assert_eq!(t[0], Tensor::i64(vec![1, 1], vec![7]));
+    }
+
+    #[test]
+    fn a_typed_uint8_value_over_255_is_refused_by_value_not_as_a_disagreement() {
+        let mut pixels = input_message("input", "UINT8", &[1, 2]);
+        pixels.contents = Some(InferTensorContents {
+            uint_contents: vec![7, 300],
+            ..Default::default()
+        });
+        let req = ModelInferRequest {
+            inputs: vec![pixels],
+            ..Default::default()
+        };
+        assert_eq!(
+            engine_inputs(&bert_spec(), &req).unwrap_err().to_string(),
+            "input \"input\": 300 in uint_contents is not a UINT8 value (0 to 255)"
+        );
     }
 
     #[test]
