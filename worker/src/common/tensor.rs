@@ -57,6 +57,32 @@ pub enum TensorError {
     /// An input sent both as `raw_input_contents` and as typed `contents`.
     #[error("input {0:?} has typed contents beside raw_input_contents; send one form")]
     BothForms(String),
+    /// Typed contents in a field other than the one for the input's datatype.
+    #[error(
+        "input {name:?} is {datatype}, whose typed contents go in contents.{expected}, but it has contents.{found}"
+    )]
+    WrongTypedField {
+        /// Tensor name.
+        name: String,
+        /// The input's datatype.
+        datatype: &'static str,
+        /// The field for that datatype.
+        expected: &'static str,
+        /// The field the contents were in.
+        found: &'static str,
+    },
+    /// Typed contents for a datatype that has no typed field (FP16).
+    #[error(
+        "input {name:?} is {datatype}, which has no typed contents field (send raw_input_contents), but it has contents.{found}"
+    )]
+    NoTypedField {
+        /// Tensor name.
+        name: String,
+        /// The input's datatype.
+        datatype: &'static str,
+        /// The field the contents were in.
+        found: &'static str,
+    },
 }
 
 /// OIP v2 datatypes.
@@ -274,10 +300,69 @@ pub fn input_raw(req: &ModelInferRequest, index: usize) -> Result<Bytes, TensorE
         .contents
         .as_ref()
         .ok_or_else(|| TensorError::MissingContents(input.name.clone()))?;
+    check_typed_field(&input.name, &input.datatype, contents)?;
     Ok(contents_to_raw(contents))
 }
 
-/// Converts typed contents to their raw little-endian form.
+/// The typed `contents` field that carries `datatype`'s elements, as the protocol assigns
+/// them; `None` for FP16, which travels only as raw contents.
+pub fn typed_field(datatype: DataType) -> Option<&'static str> {
+    Some(match datatype {
+        DataType::Bool => "bool_contents",
+        DataType::Int8 | DataType::Int16 | DataType::Int32 => "int_contents",
+        DataType::Int64 => "int64_contents",
+        DataType::Uint8 | DataType::Uint16 | DataType::Uint32 => "uint_contents",
+        DataType::Uint64 => "uint64_contents",
+        DataType::Fp32 => "fp32_contents",
+        DataType::Fp64 => "fp64_contents",
+        DataType::Bytes => "bytes_contents",
+        DataType::Fp16 => return None,
+    })
+}
+
+/// Checks that input `name`'s typed contents are all in the field for its datatype: a value
+/// in another field would otherwise be reinterpreted (INT64 values read as BYTES length
+/// prefixes) or dropped.
+pub fn check_typed_field(
+    name: &str,
+    datatype: &str,
+    c: &InferTensorContents,
+) -> Result<(), TensorError> {
+    let datatype = DataType::parse(datatype)?;
+    let filled = [
+        ("bool_contents", c.bool_contents.is_empty()),
+        ("int_contents", c.int_contents.is_empty()),
+        ("int64_contents", c.int64_contents.is_empty()),
+        ("uint_contents", c.uint_contents.is_empty()),
+        ("uint64_contents", c.uint64_contents.is_empty()),
+        ("fp32_contents", c.fp32_contents.is_empty()),
+        ("fp64_contents", c.fp64_contents.is_empty()),
+        ("bytes_contents", c.bytes_contents.is_empty()),
+    ];
+    let expected = typed_field(datatype);
+    let Some((found, _)) = filled
+        .into_iter()
+        .find(|(field, empty)| !empty && Some(*field) != expected)
+    else {
+        return Ok(());
+    };
+    Err(match expected {
+        Some(expected) => TensorError::WrongTypedField {
+            name: name.to_owned(),
+            datatype: datatype.as_str(),
+            expected,
+            found,
+        },
+        None => TensorError::NoTypedField {
+            name: name.to_owned(),
+            datatype: datatype.as_str(),
+            found,
+        },
+    })
+}
+
+/// Converts typed contents to their raw little-endian form (every field, in the order of the
+/// message: callers reading a client's input check [`check_typed_field`] first).
 pub fn contents_to_raw(c: &InferTensorContents) -> Bytes {
     if !c.bytes_contents.is_empty() {
         return encode_bytes_elements(c.bytes_contents.iter());
@@ -369,6 +454,54 @@ mod tests {
         );
         req.raw_input_contents.clear();
         assert_eq!(input_raw(&req, 0), Ok(encode_bytes_elements(["b"])));
+    }
+
+    #[test]
+    fn typed_contents_in_a_field_other_than_the_datatypes_are_refused_naming_both() {
+        let int64s = InferTensorContents {
+            // A length prefix of 4 then "abcd": read as BYTES, a well-formed element.
+            int64_contents: vec![4, 0x6463_6261],
+            ..Default::default()
+        };
+        let req = ModelInferRequest {
+            inputs: vec![bytes_input("TEXT", Some(int64s.clone()))],
+            ..Default::default()
+        };
+        assert_eq!(
+            input_raw(&req, 0).unwrap_err().to_string(),
+            "input \"TEXT\" is BYTES, whose typed contents go in contents.bytes_contents, \
+             but it has contents.int64_contents"
+        );
+        let bytes = InferTensorContents {
+            bytes_contents: vec![Bytes::from_static(b"a")],
+            ..Default::default()
+        };
+        assert_eq!(
+            check_typed_field("x", "FP32", &bytes)
+                .unwrap_err()
+                .to_string(),
+            "input \"x\" is FP32, whose typed contents go in contents.fp32_contents, \
+             but it has contents.bytes_contents"
+        );
+        let fp32s = InferTensorContents {
+            fp32_contents: vec![1.0],
+            ..Default::default()
+        };
+        assert!(check_typed_field("x", "FP32", &fp32s).is_ok());
+        assert!(check_typed_field("x", "INT64", &int64s).is_ok());
+        assert_eq!(
+            check_typed_field("x", "FP16", &fp32s)
+                .unwrap_err()
+                .to_string(),
+            "input \"x\" is FP16, which has no typed contents field (send raw_input_contents), \
+             but it has contents.fp32_contents"
+        );
+        let small = InferTensorContents {
+            int_contents: vec![-1],
+            ..Default::default()
+        };
+        assert!(check_typed_field("x", "INT8", &small).is_ok());
+        assert!(check_typed_field("x", "UINT8", &small).is_err());
     }
 
     #[test]

@@ -143,6 +143,8 @@ fn decode_typed(
     dtype: DataType,
     c: &InferTensorContents,
 ) -> Result<TensorData, ConvertError> {
+    // Values in another datatype's field would be ignored, and the input reported short.
+    tensor::check_typed_field(name, dtype.as_str(), c)?;
     let out = match dtype {
         DataType::Fp32 => TensorData::F32(c.fp32_contents.clone()),
         DataType::Int64 => TensorData::I64(c.int64_contents.clone()),
@@ -413,6 +415,40 @@ mod tests {
         };
         let t = engine_inputs(&bert_spec(), &req).unwrap();
         assert_eq!(t[0], Tensor::i64(vec![1, 1], vec![7]));
+    }
+
+    #[test]
+    fn typed_values_in_another_datatypes_field_are_refused_naming_the_field() {
+        let mut ids = input_message("input_ids", "INT64", &[1, 1]);
+        ids.contents = Some(InferTensorContents {
+            fp32_contents: vec![7.0],
+            ..Default::default()
+        });
+        let req = ModelInferRequest {
+            inputs: vec![ids],
+            ..Default::default()
+        };
+        assert_eq!(
+            engine_inputs(&bert_spec(), &req).unwrap_err().to_string(),
+            "input \"input_ids\" is INT64, whose typed contents go in contents.int64_contents, \
+             but it has contents.fp32_contents"
+        );
+        let mut pixels = input_message("input", "FP32", &[1, 1]);
+        pixels.contents = Some(InferTensorContents {
+            fp32_contents: vec![0.5],
+            int64_contents: vec![1],
+            ..Default::default()
+        });
+        let req = ModelInferRequest {
+            inputs: vec![pixels],
+            ..Default::default()
+        };
+        assert!(
+            engine_inputs(&bert_spec(), &req)
+                .unwrap_err()
+                .to_string()
+                .contains("but it has contents.int64_contents")
+        );
     }
 
     #[test]
