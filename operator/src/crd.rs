@@ -26,6 +26,9 @@ pub const MAX_PIPELINE_NAME_LEN: usize = 47;
 // CEL fragments reused by several fields. Kubernetes' CEL cost estimator needs bounded string
 // lengths, which is one more reason every string below carries a `maxLength`.
 const DURATION_RULE: &str = "self.matches('^([0-9]+(ms|s|m|h))+$')";
+// A URI the workers can fetch: a path after `file://`, a host after `http://` or `https://`
+// (the scheme alone passed a prefix check, then failed in the operator and the pods).
+const URI_RULE: &str = "self.matches('^(file://.+|https?://[^/].*)$')";
 
 /// A two-stage AI inference pipeline: CPU preprocess workers in front of (GPU) inference workers,
 /// each stage autoscaled on its own queue depth, with blue-green model rollouts.
@@ -104,9 +107,10 @@ pub struct PreprocessSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TextPreprocess {
-    /// Where the Hugging Face `tokenizer.json` comes from: `file://`, `http://` or `https://`.
+    /// Where the Hugging Face `tokenizer.json` comes from: a `file://` path, or an `http://` or
+    /// `https://` URL.
     #[schemars(length(min = 1, max = 2048))]
-    #[x_kube(validation = Rule::new("self.startsWith('file://') || self.startsWith('http://') || self.startsWith('https://')").message("preprocess.text.tokenizer must be a file://, http:// or https:// URI"))]
+    #[x_kube(validation = Rule::new(URI_RULE).message("preprocess.text.tokenizer must be a file://, http:// or https:// URI with a path after file:// or a host after http(s)://, e.g. file:///models/minilm/tokenizer.json"))]
     pub tokenizer: String,
     /// Longest input in tokens; longer inputs are truncated.
     #[serde(default = "default_text_max_length")]
@@ -372,10 +376,10 @@ pub struct ModelSpec {
     #[schemars(length(min = 1, max = 63))]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9]([-A-Za-z0-9._]*[A-Za-z0-9])?$')").message("inference.model.version must be letters, digits, '-', '.' or '_', starting and ending with a letter or digit"))]
     pub version: String,
-    /// Where the weights (`model.safetensors`) come from: `file://`, `http://` or `https://`.
-    /// Downloaded when the pod starts and checked against `sha256`.
+    /// Where the weights (`model.safetensors`) come from: a `file://` path, or an `http://` or
+    /// `https://` URL. Downloaded when the pod starts and checked against `sha256`.
     #[schemars(length(min = 1, max = 2048))]
-    #[x_kube(validation = Rule::new("self.startsWith('file://') || self.startsWith('http://') || self.startsWith('https://')").message("inference.model.uri must be a file://, http:// or https:// URI"))]
+    #[x_kube(validation = Rule::new(URI_RULE).message("inference.model.uri must be a file://, http:// or https:// URI with a path after file:// or a host after http(s)://, e.g. file:///models/minilm/model.safetensors"))]
     pub uri: String,
     /// SHA-256 of the weights file, 64 hexadecimal characters; a pod refuses weights that do
     /// not match.

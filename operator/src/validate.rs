@@ -80,6 +80,18 @@ pub enum ValidateError {
         /// Given value.
         value: String,
     },
+    /// A URI that is only its scheme, or an `http(s)://` URI without a host.
+    #[error("{field} names no {what} after {scheme} (got {value:?})")]
+    UriIncomplete {
+        /// Field path.
+        field: &'static str,
+        /// The scheme it starts with.
+        scheme: &'static str,
+        /// What is missing: `path` for `file://`, `host` for `http(s)://`.
+        what: &'static str,
+        /// Given value.
+        value: String,
+    },
     /// Not a SHA-256 hex digest.
     #[error("inference.model.sha256 must be exactly 64 hexadecimal characters")]
     Sha256,
@@ -357,17 +369,30 @@ fn target_within_max(stage: &'static str, target: i32, max: i32) -> Result<(), V
 }
 
 fn check_uri(field: &'static str, value: &str) -> Result<(), ValidateError> {
-    let ok = ["file://", "http://", "https://"]
-        .iter()
-        .any(|scheme| value.len() > scheme.len() && value.starts_with(scheme));
-    if ok {
-        Ok(())
-    } else {
-        Err(ValidateError::UriScheme {
-            field,
-            value: value.to_owned(),
-        })
+    // The same test as the CRD's URI rule: a path after file://, a host after http(s)://.
+    for (scheme, what) in [
+        ("file://", "path"),
+        ("http://", "host"),
+        ("https://", "host"),
+    ] {
+        if let Some(rest) = value.strip_prefix(scheme) {
+            let named = !rest.is_empty() && (what == "path" || !rest.starts_with('/'));
+            return if named {
+                Ok(())
+            } else {
+                Err(ValidateError::UriIncomplete {
+                    field,
+                    scheme,
+                    what,
+                    value: value.to_owned(),
+                })
+            };
+        }
     }
+    Err(ValidateError::UriScheme {
+        field,
+        value: value.to_owned(),
+    })
 }
 
 fn steps(steps: &[i32]) -> Result<Vec<u8>, ValidateError> {
@@ -501,9 +526,44 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_uri_that_is_only_its_scheme_is_rejected_saying_what_is_missing() {
+        for (uri, message) in [
+            (
+                "file://",
+                r#"inference.model.uri names no path after file:// (got "file://")"#,
+            ),
+            (
+                "http://",
+                r#"inference.model.uri names no host after http:// (got "http://")"#,
+            ),
+            (
+                "https:///model.safetensors",
+                r#"inference.model.uri names no host after https:// (got "https:///model.safetensors")"#,
+            ),
+        ] {
+            let mut p = text_pipeline();
+            p.spec.inference.model.uri = uri.into();
+            let err = validate(&p).expect_err(uri);
+            assert_eq!(err.to_string(), message);
+        }
         let mut p = text_pipeline();
-        p.spec.inference.model.uri = "https://".into();
-        assert!(validate(&p).is_err());
+        p.spec.preprocess.text.as_mut().expect("text").tokenizer = "file://".into();
+        assert!(matches!(
+            validate(&p),
+            Err(ValidateError::UriIncomplete {
+                field: "preprocess.text.tokenizer",
+                what: "path",
+                ..
+            })
+        ));
+        let mut p = text_pipeline();
+        p.spec.inference.model.uri = "file:///m/model.safetensors".into();
+        p.spec.preprocess.text.as_mut().expect("text").tokenizer =
+            "https://h/tokenizer.json".into();
+        assert!(validate(&p).is_ok());
     }
 
     #[test]
