@@ -134,17 +134,80 @@ async fn infer_common(
 ) -> Response {
     let body = match read_body(&headers, body, MAX_BODY_BYTES).await {
         Ok(b) => b,
-        Err(e) => return error(e.http_status(), e.to_string()),
+        Err(e) => {
+            w.infer_rejected();
+            return error(e.http_status(), e.to_string());
+        }
     };
     let (req, binary_out) =
         match rest::parse_infer_request(&name, &version, &headers, &body, MAX_BODY_BYTES) {
             Ok(r) => r,
-            Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+            Err(msg) => {
+                w.infer_rejected();
+                return error(StatusCode::BAD_REQUEST, msg);
+            }
         };
     let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
     let span = request_span(&req.model_name, traceparent);
     match w.infer(req, span).await {
         Ok(resp) => rest::infer_response(&resp, &binary_out),
         Err(e) => error(e.http_status(), e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{Request, header};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn worker() -> Arc<Worker> {
+        Arc::new(Worker::new("m".into(), "1".into(), String::new()))
+    }
+
+    async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn malformed_rest_bodies_are_counted_as_invalid_requests_and_errors() {
+        let w = worker();
+        let app = router(Arc::clone(&w));
+        let not_json = Request::post("/v2/models/m/infer")
+            .body(Body::from("not json"))
+            .unwrap();
+        let (status, body) = send(&app, not_json).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("request JSON is invalid")
+        );
+        let brotli = Request::post("/v2/models/m/versions/1/infer")
+            .header(header::CONTENT_ENCODING, "br")
+            .body(Body::from("{}"))
+            .unwrap();
+        let (status, _) = send(&app, brotli).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+        let stats = w.stats();
+        assert_eq!((stats.requests_total, stats.errors_total), (2, 2));
+        assert!(
+            w.metrics
+                .encode()
+                .contains("tandem_inference_requests_total{outcome=\"invalid\"} 2"),
+            "{}",
+            w.metrics.encode()
+        );
     }
 }

@@ -182,6 +182,17 @@ impl Worker {
         result
     }
 
+    /// Counts a request refused before it reached [`Self::infer`] (a REST body that could not
+    /// be read or parsed), as [`Self::infer`] counts an invalid one.
+    pub fn infer_rejected(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .requests
+            .get_or_create(&OutcomeLabel { outcome: "invalid" })
+            .inc();
+    }
+
     async fn infer_inner(
         &self,
         req: ModelInferRequest,
