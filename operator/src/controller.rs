@@ -82,6 +82,24 @@ pub enum Error {
 }
 
 impl Error {
+    /// What to tell the user when the API server refused an owned object (400, 403, 404, 422:
+    /// a value it does not accept, a permission missing, a field another manager owns), which
+    /// retrying alone will not fix. `None` for everything else, transient errors included.
+    fn refusal(&self) -> Option<String> {
+        let (verb, kind, name, source) = match self {
+            Self::Apply { kind, name, source } => ("apply", kind, name, source),
+            Self::Prune { kind, name, source } => ("delete", kind, name, source),
+            _ => return None,
+        };
+        match source {
+            kube::Error::Api(s) if matches!(s.code, 400 | 403 | 404 | 422) => Some(format!(
+                "the API server refused to {verb} {kind} {name}: {}",
+                s.message
+            )),
+            _ => None,
+        }
+    }
+
     fn kind(&self) -> ErrorKind {
         match self {
             Self::InvalidSpec(_) => ErrorKind::InvalidSpec,
@@ -586,7 +604,7 @@ pub async fn reconcile(
 
 /// Maps a failed reconcile to its retry: an invalid spec waits for the object to change;
 /// anything else (API errors) backs off exponentially per object.
-pub fn error_policy(p: &InferencePipeline, key: &Key, err: &Error, ctx: &Context) -> Requeue {
+pub fn error_policy(_p: &InferencePipeline, key: &Key, err: &Error, ctx: &Context) -> Requeue {
     ctx.metrics.count_error(err.kind());
     if let Error::InvalidSpec(_) = err {
         return Requeue::OnChange;
@@ -600,7 +618,8 @@ pub fn error_policy(p: &InferencePipeline, key: &Key, err: &Error, ctx: &Context
         Err(_) => 1,
     };
     let delay = backoff(failures);
-    warn!(pipeline = %p.name_any(), error = %err, source = ?std::error::Error::source(err).map(ToString::to_string), failures, retry_in_s = delay.as_secs(), "reconcile failed");
+    let cause = std::error::Error::source(err).map_or_else(String::new, ToString::to_string);
+    warn!(pipeline = %key, error = %err, cause, failures, retry_in_s = delay.as_secs(), "reconcile failed");
     Requeue::After(delay)
 }
 
@@ -623,8 +642,18 @@ async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Requeue
     let desired = build::build(&v, &observed, &ctx.cfg.build).map_err(Error::Build)?;
 
     // apply
-    let applied = apply_all(ctx, &v, &desired).await?;
-    prune(ctx, &v, &desired).await?;
+    let applied = match apply_owned(ctx, &v, &desired).await {
+        Ok(applied) => applied,
+        Err(e) => {
+            // Say why in status, where `kubectl describe` shows it; retried with backoff all
+            // the same (a missing permission can be granted meanwhile).
+            if let Some(message) = e.refusal() {
+                let next = status::refused(prev, p.metadata.generation, message, &now);
+                write_status(p, ctx, prev, &next).await?;
+            }
+            return Err(e);
+        }
+    };
 
     // status
     let active = observed
@@ -749,6 +778,17 @@ fn owned_kind(kind: &str) -> Option<&'static str> {
         "PodDisruptionBudget" => "PodDisruptionBudget",
         _ => return None,
     })
+}
+
+/// [`apply_all`], then [`prune`].
+async fn apply_owned(
+    ctx: &Context,
+    v: &ValidatedPipeline,
+    d: &Desired,
+) -> Result<Vec<DeploymentSummary>, Error> {
+    let applied = apply_all(ctx, v, d).await?;
+    prune(ctx, v, d).await?;
+    Ok(applied)
 }
 
 /// Applies the desired objects that changed; returns the Deployments as the server now has
@@ -1245,6 +1285,39 @@ mod tests {
         let k = key("ml", "embed");
         assert_eq!(&*k, "ml/embed");
         assert!(cache.get_key(&k).is_some());
+    }
+
+    #[test]
+    fn only_objects_the_api_server_refuses_are_reported_as_refusals() {
+        let api = |code: u16| {
+            kube::Error::Api(
+                kube::core::Status::failure(&format!("refused with {code}"), "Invalid")
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        let apply = |code| Error::Apply {
+            kind: "Service",
+            name: "m".into(),
+            source: api(code),
+        };
+        assert_eq!(
+            apply(422).refusal().as_deref(),
+            Some("the API server refused to apply Service m: refused with 422")
+        );
+        let prune = Error::Prune {
+            kind: "Deployment",
+            name: "m-inference-green".into(),
+            source: api(403),
+        };
+        assert_eq!(
+            prune.refusal().as_deref(),
+            Some("the API server refused to delete Deployment m-inference-green: refused with 403")
+        );
+        for transient in [409, 429, 500, 503] {
+            assert_eq!(apply(transient).refusal(), None, "{transient}");
+        }
+        assert_eq!(Error::Timeout(Duration::from_secs(30)).refusal(), None);
     }
 
     #[test]

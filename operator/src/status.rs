@@ -267,6 +267,58 @@ pub fn invalid(
     next
 }
 
+/// Status when the API server refused one of the pipeline's objects: `Degraded` and
+/// `Progressing` say why; `Ready` is left as it was (the objects applied before keep serving).
+pub fn refused(
+    prev: Option<&InferencePipelineStatus>,
+    generation: Option<i64>,
+    message: String,
+    now: &Time,
+) -> InferencePipelineStatus {
+    let mut next = prev.cloned().unwrap_or_default();
+    let prev_conditions = std::mem::take(&mut next.conditions);
+    let ready = prev_conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .cloned()
+        .unwrap_or_else(|| {
+            condition(
+                &prev_conditions,
+                READY,
+                false,
+                "ApplyRejected",
+                message.clone(),
+                generation,
+                now,
+            )
+        });
+    next.conditions = vec![
+        ready,
+        condition(
+            &prev_conditions,
+            PROGRESSING,
+            false,
+            "ApplyRejected",
+            "waiting for a spec (or permissions) the API server accepts; retried with backoff"
+                .to_owned(),
+            generation,
+            now,
+        ),
+        condition(
+            &prev_conditions,
+            DEGRADED,
+            true,
+            "ApplyRejected",
+            message,
+            generation,
+            now,
+        ),
+    ];
+    next.observed_generation = generation;
+    next.phase = Some(Phase::Degraded);
+    next
+}
+
 /// Condition changes between two statuses that deserve an Event.
 pub fn transitions(
     prev: Option<&InferencePipelineStatus>,
@@ -666,6 +718,40 @@ mod tests {
             "invalid spec: preprocess must set exactly one of text or image"
         );
         assert_eq!(s.summary, ready.summary);
+    }
+
+    #[test]
+    fn an_object_the_api_server_refuses_degrades_the_pipeline_with_its_message_and_keeps_ready() {
+        let ready = compute(None, &obs(dep(1, 1), dep(1, 1)), &t(100));
+        let msg = "the API server refused to apply Deployment m-inference-blue: quantities must \
+                   match the regular expression";
+        let s = refused(Some(&ready), Some(6), msg.to_owned(), &t(200));
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        assert_eq!(s.observed_generation, Some(6));
+        let d = cond(&s, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str(), d.message.as_str()),
+            ("True", "ApplyRejected", msg)
+        );
+        assert_eq!(
+            cond(&s, READY),
+            cond(&ready, READY),
+            "the old objects still serve"
+        );
+        assert_eq!(cond(&s, PROGRESSING).reason, "ApplyRejected");
+        let ev = transitions(Some(&ready), &s);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            (ev[0].reason.as_str(), ev[0].warning, ev[0].note.as_str()),
+            ("ApplyRejected", true, msg)
+        );
+        // A new pipeline has no Ready condition yet: it is not ready, for the same reason.
+        let fresh = refused(None, Some(1), msg.to_owned(), &t(200));
+        let r = cond(&fresh, READY);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", "ApplyRejected")
+        );
     }
 
     #[test]

@@ -435,6 +435,90 @@ fn a_second_reconcile_changes_nothing_and_spec_edits_flow_through() {
 }
 
 #[test]
+fn an_object_the_api_server_refuses_degrades_the_pipeline_with_its_message_until_fixed() {
+    let cluster = Cluster::connect();
+    cluster.ensure_crd().expect("the CRD is served");
+    let ns = cluster.namespace("op-refused").expect("namespace");
+    let ns = ns.name();
+    let op = Operator::start(&cluster, ns, "a");
+    // The CRD cannot see that a request exceeds its limit; the API server refuses the
+    // preprocess Deployment.
+    let refused = UNSCHEDULABLE.replace(
+        "resources: {requests: {cpu: \"1000\", memory: 64Mi}}\n  inference:",
+        "resources: {requests: {cpu: \"1000\", memory: 2Gi}, limits: {memory: 1Gi}}\n  inference:",
+    );
+    assert_ne!(refused, UNSCHEDULABLE);
+    cluster
+        .kubectl_stdin(&["apply", "-n", ns], &refused)
+        .expect("apply");
+    let p = wait_for_status(
+        &cluster,
+        ns,
+        "parked",
+        &op,
+        "Degraded=True ApplyRejected",
+        |p| condition(p, "Degraded")["reason"] == "ApplyRejected",
+    );
+    let message = condition(&p, "Degraded")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.starts_with("the API server refused to apply Deployment parked-preprocess: ")
+            && message.contains("must be less than or equal to memory limit"),
+        "{message}"
+    );
+    assert_eq!(condition(&p, "Degraded")["status"], "True");
+    assert_eq!(condition(&p, "Progressing")["reason"], "ApplyRejected");
+    assert_eq!(p["status"]["phase"], "Degraded");
+    assert_eq!(
+        p["status"]["observedGeneration"],
+        p["metadata"]["generation"]
+    );
+    wait_until(
+        "a Warning Event ApplyRejected",
+        Duration::from_secs(30),
+        || {
+            let events = cluster.get_json(&["events.events.k8s.io", "-n", ns])?;
+            Ok(events["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["reason"] == "ApplyRejected" && e["type"] == "Warning")
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+
+    // Fixed, the objects are applied and the status moves on to the real state.
+    cluster
+        .kubectl_ok([
+            "patch",
+            "ipl",
+            "parked",
+            "-n",
+            ns,
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/preprocess/resources/limits"}]"#,
+        ])
+        .expect("patch");
+    let p = wait_for_status(
+        &cluster,
+        ns,
+        "parked",
+        &op,
+        "the scheduler's reason instead of the refusal",
+        |p| condition(p, "Degraded")["reason"] == "PodsUnschedulable",
+    );
+    assert_ne!(condition(&p, "Progressing")["reason"], "ApplyRejected");
+    assert_eq!(
+        names(&get(&cluster, ns, "deployments")),
+        ["parked-inference-blue", "parked-preprocess"]
+    );
+}
+
+#[test]
 fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up() {
     let cluster = Cluster::connect();
     cluster.ensure_crd().expect("the CRD is served");
