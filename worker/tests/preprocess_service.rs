@@ -22,7 +22,7 @@ use tandem_proto::tandem::v1::{
     ColorRoute, Endpoint, GetStatsRequest, ParityTolerance, RoutingTable, SetRoutesRequest,
     ShadowPolicy,
 };
-use tandem_worker::common::oip::{Backend, Grpc};
+use tandem_worker::common::oip::{Backend, Grpc, NotServed};
 use tandem_worker::common::tensor::{
     decode_bytes_elements, encode_bytes_elements, le_bytes_to_f32,
 };
@@ -65,8 +65,8 @@ impl Backend for Fake {
         true
     }
 
-    fn serves(&self, _: &str, _: &str) -> bool {
-        true
+    fn check_served(&self, _: &str, _: &str) -> Result<(), NotServed> {
+        Ok(())
     }
 
     fn model_metadata(&self) -> Result<ModelMetadataResponse, Status> {
@@ -926,4 +926,93 @@ async fn rest_health_infer_and_errors_follow_the_oip_v2_http_form() {
     let head: serde_json::Value = serde_json::from_slice(&bytes[..json_len]).unwrap();
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 20);
     assert_eq!(bytes.len() - json_len, 20);
+}
+
+async fn worker_stats(svc: &Arc<Service>) -> tandem_proto::tandem::v1::WorkerStats {
+    Control(Arc::clone(svc))
+        .get_stats(Request::new(GetStatsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn rest_call(
+    app: &axum::Router,
+    req: axum::http::Request<axum::body::Body>,
+) -> (u16, serde_json::Value) {
+    use tower::ServiceExt;
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn a_version_not_served_is_refused_naming_the_version_asked_and_the_one_served() {
+    use axum::body::Body;
+    let svc = image_service("");
+    let says = |v: &str| {
+        format!(
+            "model \"effnet\" version \"{v}\" is not served here (this worker serves version \"1\")"
+        )
+    };
+    let mut req = request("effnet", &[&jpeg()]);
+    req.model_version = "7".into();
+    let err = infer(&svc, req).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), says("7"));
+    let oip = Grpc(Arc::clone(&svc));
+    let err = oip
+        .model_metadata(Request::new(ModelMetadataRequest {
+            name: "effnet".into(),
+            version: "7".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::NotFound, says("7").as_str())
+    );
+    let err = oip
+        .model_ready(Request::new(ModelReadyRequest {
+            name: "effnet".into(),
+            version: "7".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::NotFound, says("7").as_str())
+    );
+
+    let app = tandem_worker::preprocess::rest::router(Arc::clone(&svc));
+    let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
+    for uri in [
+        "/v2/models/effnet/versions/2",
+        "/v2/models/effnet/versions/2/ready",
+    ] {
+        let (status, body) = rest_call(&app, get(uri)).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (404, Some(says("2").as_str()))
+        );
+    }
+    let post = axum::http::Request::post("/v2/models/effnet/versions/2/infer")
+        .body(Body::from(
+            r#"{"inputs":[{"name":"INPUT","shape":[1],"datatype":"BYTES","data":["x"]}]}"#,
+        ))
+        .unwrap();
+    let (status, body) = rest_call(&app, post).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some(says("2").as_str()))
+    );
+    // Both infer calls are counted, as errors.
+    let stats = worker_stats(&svc).await;
+    assert_eq!((stats.requests_total, stats.errors_total), (2, 2));
 }

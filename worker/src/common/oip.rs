@@ -1,7 +1,8 @@
 //! The OIP v2 gRPC service (`inference.GRPCInferenceService`), written once for both worker
 //! roles: each role says what it serves through [`Backend`], and [`Grpc`] answers the six
-//! calls the same way for both (liveness, readiness, `NOT_FOUND` for a model served elsewhere,
-//! the request's W3C `traceparent` handed to the inference call).
+//! calls the same way for both (liveness, readiness, `NOT_FOUND` for a model or version served
+//! elsewhere, naming the version served, the request's W3C `traceparent` handed to the
+//! inference call).
 
 use std::sync::Arc;
 
@@ -13,6 +14,56 @@ use tandem_proto::inference::{
 };
 use tonic::{Request, Response, Status};
 
+/// A request for a model, or a version of it, that this worker does not serve.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotServed {
+    /// Another model.
+    #[error("model {0:?} is not served here")]
+    Model(String),
+    /// The served model, at another version.
+    #[error(
+        "model {name:?} version {version:?} is not served here (this worker serves {})",
+        served_version(served)
+    )]
+    Version {
+        /// The model asked for (the one served here).
+        name: String,
+        /// The version asked for.
+        version: String,
+        /// The version served here; empty when the model is served without one.
+        served: String,
+    },
+}
+
+fn served_version(served: &str) -> String {
+    if served.is_empty() {
+        "it without a version; leave the version out".into()
+    } else {
+        format!("version {served:?}")
+    }
+}
+
+/// Whether a request for model `name` at `version` (any version when empty) is for the model
+/// served here, `served_name` at `served_version`.
+pub fn check_served(
+    served_name: &str,
+    served_version: &str,
+    name: &str,
+    version: &str,
+) -> Result<(), NotServed> {
+    if name != served_name {
+        Err(NotServed::Model(name.to_owned()))
+    } else if !version.is_empty() && version != served_version {
+        Err(NotServed::Version {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            served: served_version.to_owned(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
 /// What a worker role serves over OIP v2.
 #[tonic::async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -22,8 +73,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether requests are served now (ServerReady and ModelReady).
     fn is_ready(&self) -> bool;
 
-    /// Whether this worker serves model `name` at `version` (any version when it is empty).
-    fn serves(&self, name: &str, version: &str) -> bool;
+    /// Whether this worker serves model `name` at `version` (any version when it is empty);
+    /// [`check_served`] over the served model's name and version.
+    fn check_served(&self, name: &str, version: &str) -> Result<(), NotServed>;
 
     /// The served model's metadata; an error status while it cannot be given yet.
     fn model_metadata(&self) -> Result<ModelMetadataResponse, Status>;
@@ -47,14 +99,10 @@ impl<B> Clone for Grpc<B> {
 }
 
 impl<B: Backend> Grpc<B> {
-    fn check_model(&self, name: String, version: &str) -> Result<(), Status> {
-        if self.0.serves(&name, version) {
-            Ok(())
-        } else {
-            Err(Status::not_found(format!(
-                "model {name:?} is not served here"
-            )))
-        }
+    fn check_model(&self, name: &str, version: &str) -> Result<(), Status> {
+        self.0
+            .check_served(name, version)
+            .map_err(|e| Status::not_found(e.to_string()))
     }
 }
 
@@ -81,7 +129,7 @@ impl<B: Backend> GrpcInferenceService for Grpc<B> {
         req: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        self.check_model(r.name, &r.version)?;
+        self.check_model(&r.name, &r.version)?;
         Ok(Response::new(ModelReadyResponse {
             ready: self.0.is_ready(),
         }))
@@ -103,7 +151,7 @@ impl<B: Backend> GrpcInferenceService for Grpc<B> {
         req: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let r = req.into_inner();
-        self.check_model(r.name, &r.version)?;
+        self.check_model(&r.name, &r.version)?;
         self.0.model_metadata().map(Response::new)
     }
 
@@ -147,8 +195,8 @@ mod tests {
             self.ready
         }
 
-        fn serves(&self, name: &str, version: &str) -> bool {
-            name == "m" && (version.is_empty() || version == "1")
+        fn check_served(&self, name: &str, version: &str) -> Result<(), NotServed> {
+            check_served("m", "1", name, version)
         }
 
         fn model_metadata(&self) -> Result<ModelMetadataResponse, Status> {
@@ -186,10 +234,18 @@ mod tests {
             ready: true,
             ..Fake::default()
         }));
-        for (name, version) in [("other", ""), ("m", "2")] {
+        for (name, version, says) in [
+            ("other", "", "model \"other\" is not served here"),
+            ("other", "1", "model \"other\" is not served here"),
+            (
+                "m",
+                "2",
+                "model \"m\" version \"2\" is not served here (this worker serves version \"1\")",
+            ),
+        ] {
             let err = svc.model_ready(ready_req(name, version)).await.unwrap_err();
             assert_eq!(err.code(), Code::NotFound);
-            assert_eq!(err.message(), format!("model {name:?} is not served here"));
+            assert_eq!(err.message(), says);
             let err = svc
                 .model_metadata(Request::new(ModelMetadataRequest {
                     name: name.into(),
@@ -198,6 +254,7 @@ mod tests {
                 .await
                 .unwrap_err();
             assert_eq!(err.code(), Code::NotFound);
+            assert_eq!(err.message(), says);
         }
         assert!(
             svc.model_ready(ready_req("m", "1"))
@@ -235,6 +292,22 @@ mod tests {
                 .await
                 .unwrap()
         ));
+    }
+
+    #[test]
+    fn a_version_not_served_is_named_with_the_version_served() {
+        assert_eq!(check_served("m", "1", "m", ""), Ok(()));
+        assert_eq!(check_served("m", "1", "m", "1"), Ok(()));
+        assert_eq!(check_served("m", "", "m", ""), Ok(()));
+        assert_eq!(
+            check_served("m", "1", "m", "7").unwrap_err().to_string(),
+            "model \"m\" version \"7\" is not served here (this worker serves version \"1\")"
+        );
+        assert_eq!(
+            check_served("m", "", "m", "7").unwrap_err().to_string(),
+            "model \"m\" version \"7\" is not served here \
+             (this worker serves it without a version; leave the version out)"
+        );
     }
 
     #[tokio::test]

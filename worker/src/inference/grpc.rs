@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::service::Worker;
 use super::trace::request_span;
-use crate::common::oip::Backend;
+use crate::common::oip::{Backend, NotServed};
 
 fn tensor_meta(specs: &[tandem_engine::TensorSpec]) -> Vec<TensorMetadata> {
     specs
@@ -45,8 +45,8 @@ impl Backend for Worker {
         Worker::is_ready(self)
     }
 
-    fn serves(&self, name: &str, version: &str) -> bool {
-        Worker::serves(self, name, version)
+    fn check_served(&self, name: &str, version: &str) -> Result<(), NotServed> {
+        Worker::check_served(self, name, version)
     }
 
     fn model_metadata(&self) -> Result<ModelMetadataResponse, Status> {

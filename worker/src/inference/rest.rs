@@ -57,11 +57,8 @@ async fn server_metadata() -> Response {
 }
 
 fn metadata_for(w: &Worker, name: &str, version: &str) -> Response {
-    if !w.serves(name, version) {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("model {name:?} is not served here"),
-        );
+    if let Err(e) = w.check_served(name, version) {
+        return error(StatusCode::NOT_FOUND, e.to_string());
     }
     let Some(m) = model_metadata(w) else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "model is not loaded yet");
@@ -86,24 +83,26 @@ async fn metadata_v(
     metadata_for(&w, &name, &version)
 }
 
-fn ready_for(w: &Worker, name: &str, version: &str) -> StatusCode {
-    if !w.serves(name, version) {
-        StatusCode::NOT_FOUND
+/// The status code alone, as the protocol's health answers are, or a 404 naming what is
+/// served.
+fn ready_for(w: &Worker, name: &str, version: &str) -> Response {
+    if let Err(e) = w.check_served(name, version) {
+        error(StatusCode::NOT_FOUND, e.to_string())
     } else if w.is_ready() {
-        StatusCode::OK
+        StatusCode::OK.into_response()
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        StatusCode::SERVICE_UNAVAILABLE.into_response()
     }
 }
 
-async fn model_ready(State(w): State<Arc<Worker>>, Path(name): Path<String>) -> StatusCode {
+async fn model_ready(State(w): State<Arc<Worker>>, Path(name): Path<String>) -> Response {
     ready_for(&w, &name, "")
 }
 
 async fn model_ready_v(
     State(w): State<Arc<Worker>>,
     Path((name, version)): Path<(String, String)>,
-) -> StatusCode {
+) -> Response {
     ready_for(&w, &name, &version)
 }
 
@@ -158,6 +157,7 @@ async fn infer_common(
 #[cfg(test)]
 mod tests {
     use axum::http::{Request, header};
+    use tandem_proto::inference::ModelInferRequest;
     use tower::ServiceExt;
 
     use super::*;
@@ -176,6 +176,46 @@ mod tests {
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
+    }
+
+    #[tokio::test]
+    async fn a_version_not_served_is_refused_naming_the_version_asked_and_the_one_served() {
+        let w = worker();
+        let app = router(Arc::clone(&w));
+        let says =
+            "model \"m\" version \"2\" is not served here (this worker serves version \"1\")";
+        for req in [
+            Request::get("/v2/models/m/versions/2").body(Body::empty()),
+            Request::get("/v2/models/m/versions/2/ready").body(Body::empty()),
+            Request::post("/v2/models/m/versions/2/infer").body(Body::from(r#"{"inputs":[]}"#)),
+        ] {
+            let (status, body) = send(&app, req.unwrap()).await;
+            assert_eq!(status, StatusCode::NOT_FOUND);
+            assert_eq!(body["error"], says);
+        }
+        let err = w
+            .infer(
+                ModelInferRequest {
+                    model_name: "m".into(),
+                    model_version: "7".into(),
+                    ..Default::default()
+                },
+                tracing::Span::none(),
+            )
+            .await
+            .unwrap_err();
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(status.message(), says.replace("\"2\"", "\"7\""));
+        let (status, body) = send(
+            &app,
+            Request::get("/v2/models/other/ready")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "model \"other\" is not served here");
     }
 
     #[tokio::test]

@@ -14,13 +14,14 @@ use tandem_proto::tandem::v1::{BatchStats, LatencySummary, WorkerStats};
 use super::convert::{self, ConvertError};
 use super::metrics::{Metrics, OutcomeLabel};
 use super::stats::LatencyWindow;
+use crate::common::oip::{self, NotServed};
 
 /// Why an inference request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
     /// The request names another model or version.
-    #[error("model {0:?} is not served here")]
-    UnknownModel(String),
+    #[error(transparent)]
+    UnknownModel(#[from] NotServed),
     /// The model is still loading or warming up.
     #[error("model is not ready yet")]
     NotReady,
@@ -147,8 +148,8 @@ impl Worker {
     }
 
     /// Whether `name`/`version` designate the served model (empty version = any).
-    pub fn serves(&self, name: &str, version: &str) -> bool {
-        name == self.model_name && (version.is_empty() || version == self.model_version)
+    pub fn check_served(&self, name: &str, version: &str) -> Result<(), NotServed> {
+        oip::check_served(&self.model_name, &self.model_version, name, version)
     }
 
     /// Runs one OIP v2 inference request through the batcher.
@@ -198,9 +199,7 @@ impl Worker {
         req: ModelInferRequest,
         span: tracing::Span,
     ) -> Result<ModelInferResponse, InferError> {
-        if !self.serves(&req.model_name, &req.model_version) {
-            return Err(InferError::UnknownModel(req.model_name));
-        }
+        self.check_served(&req.model_name, &req.model_version)?;
         if self.draining.load(Ordering::SeqCst) {
             return Err(InferError::Draining);
         }

@@ -2,12 +2,18 @@
 
 use axum::http::StatusCode;
 
+use crate::common::oip::NotServed;
+
 /// Why a client request failed. Messages are meant for the client.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
     /// The request names a model this worker does not serve.
     #[error("model {0:?} is not served here")]
     ModelNotFound(String),
+    /// The request names a model, or a version of it, that this worker does not serve; the
+    /// message names the version served.
+    #[error(transparent)]
+    NotServed(#[from] NotServed),
     /// The request is malformed or holds unusable data.
     #[error("{0}")]
     InvalidArgument(String),
@@ -42,7 +48,7 @@ impl RequestError {
     /// The gRPC code.
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
-            Self::ModelNotFound(_) => tonic::Code::NotFound,
+            Self::ModelNotFound(_) | Self::NotServed(_) => tonic::Code::NotFound,
             Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
             Self::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             Self::Unavailable(_) => tonic::Code::Unavailable,
