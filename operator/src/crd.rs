@@ -25,7 +25,28 @@ pub const MAX_PIPELINE_NAME_LEN: usize = 47;
 
 // CEL fragments reused by several fields. Kubernetes' CEL cost estimator needs bounded string
 // lengths, which is one more reason every string below carries a `maxLength`.
-const DURATION_RULE: &str = "self.matches('^([0-9]+(ms|s|m|h))+$')";
+macro_rules! duration_pattern {
+    () => {
+        "^([0-9]+(ms|s|m|h))+$"
+    };
+}
+const DURATION_RULE: &str = concat!("self.matches('", duration_pattern!(), "')");
+// An upper bound for a duration field, in a rule of its own so a malformed value gets only the
+// format message. CEL's `duration()` fails to evaluate past Go's ~2,562,047h, which would put an
+// evaluation error in front of the user instead of the message, so the value is first held to
+// digit counts whose sum cannot overflow in 32 characters (at most ~0.9M hours); anything with
+// more digits is far above every bound here anyway.
+macro_rules! duration_at_most {
+    ($max:literal) => {
+        concat!(
+            "!self.matches('",
+            duration_pattern!(),
+            "') || (self.matches('^(0*[0-9]{1,5}h|0*[0-9]{1,7}m|0*[0-9]{1,9}s|0*[0-9]{1,12}ms)+$') && duration(self) <= duration('",
+            $max,
+            "'))"
+        )
+    };
+}
 // A URI the workers can fetch: a path after `file://`, a host after `http://` or `https://`
 // (the scheme alone passed a prefix check, then failed in the operator and the pods).
 const URI_RULE: &str = "self.matches('^(file://.+|https?://[^/].*)$')";
@@ -408,10 +429,19 @@ pub struct Batching {
     #[serde(default = "default_max_batch_size")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 4096").message("inference.batching.maxBatchSize must be between 1 and 4096"))]
     pub max_batch_size: i32,
-    /// Longest a request waits for others to fill a batch, as a duration such as `2ms`.
+    /// Longest a request waits for others to fill a batch, as a duration such as `2ms`; at most
+    /// `1s`. A request that arrives alone waits this long before its model call, so at low load
+    /// every request pays it: a few milliseconds is typical (Triton's
+    /// `max_queue_delay_microseconds` is usually 100 µs to a few ms).
+    // Bounded at 1s: past it the wait alone exceeds common client deadlines and dwarfs the model
+    // call it is meant to amortize; a throughput job fills its batches by `maxBatchSize` long
+    // before, and `20s` or `100000h` is a typo, not a tuning.
     #[serde(default = "default_max_delay")]
     #[schemars(length(min = 1, max = 32))]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message("inference.batching.maxDelay must be a duration such as 2ms, 1s or 1m"))]
+    #[x_kube(
+        validation = Rule::new(DURATION_RULE).message("inference.batching.maxDelay must be a duration such as 2ms, 10ms or 1s"),
+        validation = Rule::new(duration_at_most!("1s")).message("inference.batching.maxDelay must be at most 1s: a lone request waits this long for a batch to fill, so every request at low load pays it (a few ms is typical)")
+    )]
     pub max_delay: String,
 }
 
@@ -453,10 +483,14 @@ pub struct RolloutSpec {
         validation = Rule::new("size(self) == 0 || self[size(self) - 1] == 100").message("rollout.steps must end at 100")
     )]
     pub steps: Vec<i32>,
-    /// How long each traffic step lasts before the next, as a duration such as `30s`.
+    /// How long each traffic step lasts before the next, as a duration such as `30s`; at most
+    /// `24h`.
     #[serde(default = "default_step_duration")]
     #[schemars(length(min = 1, max = 32))]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message("rollout.stepDuration must be a duration such as 30s, 5m or 1h"))]
+    #[x_kube(
+        validation = Rule::new(DURATION_RULE).message("rollout.stepDuration must be a duration such as 30s, 5m or 1h"),
+        validation = Rule::new(duration_at_most!("24h")).message("rollout.stepDuration must be at most 24h")
+    )]
     pub step_duration: String,
     /// Shadow phase before any live traffic moves: requests are copied to the candidate and
     /// the outputs compared with the serving model's.
@@ -465,10 +499,14 @@ pub struct RolloutSpec {
     /// Return all traffic to the serving color when the candidate fails (parity, errors).
     #[serde(default = "default_true")]
     pub auto_rollback: bool,
-    /// How long the old color keeps running after promotion, for an instant rollback.
+    /// How long the old color keeps running after promotion, for an instant rollback; at most
+    /// `24h`.
     #[serde(default = "default_scale_down_delay")]
     #[schemars(length(min = 1, max = 32))]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message("rollout.scaleDownDelay must be a duration such as 30s, 5m or 1h"))]
+    #[x_kube(
+        validation = Rule::new(DURATION_RULE).message("rollout.scaleDownDelay must be a duration such as 30s, 5m or 1h"),
+        validation = Rule::new(duration_at_most!("24h")).message("rollout.scaleDownDelay must be at most 24h")
+    )]
     pub scale_down_delay: String,
     /// Hold the rollout where it is: no shadow verdict, no next step, no promotion. Traffic
     /// stays as it is until this is false again.
@@ -490,10 +528,13 @@ pub struct RolloutSpec {
     #[x_kube(validation = Rule::new("self == 0.0 || (self >= 1.0 && self <= 100.0)").message("rollout.maxLatencyRatio must be 0 (off) or between 1 and 100"))]
     pub max_latency_ratio: f64,
     /// How long candidate pods may take to load the model and become ready before the rollout
-    /// fails (for example a wrong URI or checksum).
+    /// fails (for example a wrong URI or checksum); at most `24h`.
     #[serde(default = "default_progress_deadline")]
     #[schemars(length(min = 1, max = 32))]
-    #[x_kube(validation = Rule::new(DURATION_RULE).message("rollout.progressDeadline must be a duration such as 30s, 5m or 1h"))]
+    #[x_kube(
+        validation = Rule::new(DURATION_RULE).message("rollout.progressDeadline must be a duration such as 30s, 5m or 1h"),
+        validation = Rule::new(duration_at_most!("24h")).message("rollout.progressDeadline must be at most 24h")
+    )]
     pub progress_deadline: String,
 }
 

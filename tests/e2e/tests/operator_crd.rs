@@ -133,6 +133,71 @@ spec:
 }
 
 #[test]
+fn duration_bounds_are_enforced_by_the_api_server_at_the_edge_and_without_evaluation_errors() {
+    let cluster = Cluster::connect();
+    cluster.ensure_crd().expect("the CRD is served");
+    let ns = cluster.namespace("op-durations").expect("namespace");
+    // (field under spec, value, accepted): at the bound in several spellings, just past it,
+    // and past what CEL's duration() can hold without failing to evaluate.
+    let cases = [
+        ("rollout", "stepDuration", "24h", true),
+        ("rollout", "stepDuration", "23h59m60s", true),
+        ("rollout", "stepDuration", "86400000ms", true),
+        ("rollout", "stepDuration", "86400001ms", false),
+        ("rollout", "scaleDownDelay", "25h", false),
+        (
+            "rollout",
+            "progressDeadline",
+            "999999999s999999999s999999999s",
+            false,
+        ),
+        (
+            "rollout",
+            "progressDeadline",
+            "9999999999999999999999999999h",
+            false,
+        ),
+        ("inference.batching", "maxDelay", "1s", true),
+        ("inference.batching", "maxDelay", "0ms", true),
+        ("inference.batching", "maxDelay", "1001ms", false),
+        ("inference.batching", "maxDelay", "100000h", false),
+    ];
+    for (parent, field, value, accepted) in cases {
+        let mut spec = serde_json::json!({
+            "preprocess": {"text": {"tokenizer": "file:///m/tokenizer.json"}},
+            "inference": {"model": {"name": "m", "version": "1",
+                "uri": "https://example.invalid/m.safetensors", "sha256": "0".repeat(64)}},
+        });
+        let mut at = &mut spec;
+        for key in parent.split('.') {
+            at = &mut at[key];
+        }
+        at[field] = value.into();
+        let obj = serde_json::json!({"apiVersion": "tandem.dev/v1alpha1",
+            "kind": "InferencePipeline", "metadata": {"name": "durations"}, "spec": spec});
+        let out = cluster
+            .kubectl_stdin(
+                &["create", "--dry-run=server", "-n", ns.name()],
+                &obj.to_string(),
+            )
+            .expect("running kubectl");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), accepted, "{field}: {value}: {stderr}");
+        if !accepted {
+            let bound = if field == "maxDelay" { "1s" } else { "24h" };
+            assert!(
+                stderr.contains(&format!("{parent}.{field} must be at most {bound}")),
+                "{field}: {value}: {stderr}"
+            );
+            assert!(
+                !stderr.contains("evaluating rule"),
+                "{field}: {value}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
 fn kubectl_explain_shows_the_field_documentation() {
     let cluster = Cluster::connect();
     cluster.ensure_crd().expect("the CRD is served");
