@@ -1016,3 +1016,47 @@ async fn a_version_not_served_is_refused_naming_the_version_asked_and_the_one_se
     let stats = worker_stats(&svc).await;
     assert_eq!((stats.requests_total, stats.errors_total), (2, 2));
 }
+
+#[tokio::test]
+async fn an_output_asking_for_the_classification_extension_is_refused_pointing_at_the_pipelines_own()
+ {
+    use axum::body::Body;
+    let svc = image_service("");
+    let mut req = request("effnet", &[&jpeg()]);
+    req.outputs = vec![InferRequestedOutputTensor {
+        name: "logits".into(),
+        parameters: [(
+            "classification".to_owned(),
+            InferParameter {
+                parameter_choice: Some(infer_parameter::ParameterChoice::Int64Param(3)),
+            },
+        )]
+        .into(),
+    }];
+    let err = infer(&svc, req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("asks for the classification extension")
+            && err.message().contains("`postprocess: Classification`"),
+        "{}",
+        err.message()
+    );
+    let app = tandem_worker::preprocess::rest::router(Arc::clone(&svc));
+    let post = axum::http::Request::post("/v2/models/effnet/infer")
+        .body(Body::from(
+            r#"{"inputs":[{"name":"INPUT","shape":[1],"datatype":"BYTES","data":["x"]}],"outputs":[{"name":"logits","parameters":{"classification":3}}]}"#,
+        ))
+        .unwrap();
+    let (status, body) = rest_call(&app, post).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("classification extension"),
+        "{body}"
+    );
+    let stats = worker_stats(&svc).await;
+    assert_eq!((stats.requests_total, stats.errors_total), (2, 2));
+}

@@ -64,6 +64,29 @@ pub fn check_served(
     }
 }
 
+/// The requested-output parameter of Triton's classification extension
+/// (`InferRequestedOutput(name, class_count=k)` in tritonclient).
+pub const CLASSIFICATION: &str = "classification";
+
+/// Refuses a request whose outputs ask for a protocol extension Tandem does not implement
+/// (Triton's classification extension: answering the plain tensor would silently ignore
+/// it). The message is for the client.
+pub fn check_requested_outputs(req: &ModelInferRequest) -> Result<(), String> {
+    match req
+        .outputs
+        .iter()
+        .find(|o| o.parameters.contains_key(CLASSIFICATION))
+    {
+        Some(o) => Err(format!(
+            "output {:?} asks for the classification extension (parameter \"{CLASSIFICATION}\", \
+             class_count in tritonclient), which Tandem does not support; request the output \
+             without it",
+            o.name
+        )),
+        None => Ok(()),
+    }
+}
+
 /// What a worker role serves over OIP v2.
 #[tonic::async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -292,6 +315,37 @@ mod tests {
                 .await
                 .unwrap()
         ));
+    }
+
+    #[test]
+    fn an_output_asking_for_the_classification_extension_is_refused() {
+        use tandem_proto::inference::InferParameter;
+        use tandem_proto::inference::infer_parameter::ParameterChoice;
+        use tandem_proto::inference::model_infer_request::InferRequestedOutputTensor;
+        let output = |params: &[&str]| InferRequestedOutputTensor {
+            name: "logits".into(),
+            parameters: params
+                .iter()
+                .map(|k| {
+                    let v = InferParameter {
+                        parameter_choice: Some(ParameterChoice::Int64Param(3)),
+                    };
+                    ((*k).to_owned(), v)
+                })
+                .collect(),
+        };
+        let mut req = ModelInferRequest {
+            outputs: vec![output(&[]), output(&["binary_data"])],
+            ..Default::default()
+        };
+        assert_eq!(check_requested_outputs(&req), Ok(()));
+        req.outputs.push(output(&["classification"]));
+        let err = check_requested_outputs(&req).unwrap_err();
+        assert!(
+            err.starts_with("output \"logits\" asks for the classification extension"),
+            "{err}"
+        );
+        assert!(err.contains("which Tandem does not support"), "{err}");
     }
 
     #[test]

@@ -19,8 +19,9 @@ use serde::de::{
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use tandem_proto::inference::infer_parameter::ParameterChoice;
 use tandem_proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
-use tandem_proto::inference::{ModelInferRequest, ModelInferResponse};
+use tandem_proto::inference::{InferParameter, ModelInferRequest, ModelInferResponse};
 
 use super::tensor::{self, DataType};
 
@@ -239,6 +240,23 @@ fn flag(params: Option<&Map<String, Value>>, key: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// A JSON parameter value (a scalar, see [`Scalar`]) in the gRPC form; `None` for null.
+fn parameter(v: Value) -> Option<InferParameter> {
+    let choice = match v {
+        Value::Bool(b) => ParameterChoice::BoolParam(b),
+        Value::String(s) => ParameterChoice::StringParam(s),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => ParameterChoice::Int64Param(i),
+            (None, Some(u)) => ParameterChoice::Uint64Param(u),
+            _ => ParameterChoice::DoubleParam(n.as_f64()?),
+        },
+        Value::Null | Value::Array(_) | Value::Object(_) => return None,
+    };
+    Some(InferParameter {
+        parameter_choice: Some(choice),
+    })
+}
+
 /// Parses a REST infer body into the gRPC request form (every input as
 /// `raw_input_contents`) and the outputs wanted in binary. JSON data may decode to at most
 /// `max_tensor_bytes` over all inputs (numbers take more room decoded than as text: `0,` is
@@ -352,7 +370,13 @@ pub fn parse_infer_request(
             }
             InferRequestedOutputTensor {
                 name: o.name,
-                ..Default::default()
+                parameters: o
+                    .parameters
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(k, _)| k != "binary_data")
+                    .filter_map(|(k, v)| Some((k, parameter(v)?)))
+                    .collect(),
             }
         })
         .collect();
@@ -885,6 +909,22 @@ mod tests {
             let err = parse(&json, &[]).map(|_| ()).unwrap_err();
             assert!(err.contains(says), "{}: {err}", &json[..json.len().min(80)]);
         }
+    }
+
+    #[test]
+    fn requested_output_parameters_are_carried_into_the_grpc_form_but_binary_data() {
+        let (req, bin) = parse(
+            r#"{"inputs":[],"outputs":[{"name":"logits","parameters":{"classification":3,"binary_data":true,"x":null}}]}"#,
+            &[],
+        )
+        .unwrap();
+        assert!(bin.wants("logits"));
+        let params = &req.outputs[0].parameters;
+        assert_eq!(params.len(), 1, "{params:?}");
+        assert_eq!(
+            params["classification"].parameter_choice,
+            Some(ParameterChoice::Int64Param(3))
+        );
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub enum ConvertError {
     /// The same input twice.
     #[error("input {0:?} appears more than once")]
     Duplicate(String),
+    /// A protocol extension Tandem does not implement.
+    #[error("{0}")]
+    Unsupported(String),
     /// A requested output the model does not have.
     #[error("unknown output {0:?}")]
     UnknownOutput(String),

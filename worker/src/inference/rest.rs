@@ -219,6 +219,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_output_asking_for_classification_is_refused_over_rest_and_grpc() {
+        let w = worker();
+        let app = router(Arc::clone(&w));
+        let post = Request::post("/v2/models/m/infer")
+            .body(Body::from(
+                r#"{"inputs":[],"outputs":[{"name":"logits","parameters":{"classification":3}}]}"#,
+            ))
+            .unwrap();
+        let (status, body) = send(&app, post).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let says = body["error"].as_str().unwrap();
+        assert!(
+            says.contains("asks for the classification extension") && says.contains("Tandem"),
+            "{says}"
+        );
+        let (rest_req, _) = rest::parse_infer_request(
+            "m",
+            "",
+            &HeaderMap::new(),
+            &bytes::Bytes::from_static(
+                br#"{"inputs":[],"outputs":[{"name":"logits","parameters":{"classification":1}}]}"#,
+            ),
+            1 << 10,
+        )
+        .unwrap();
+        let status =
+            tonic::Status::from(w.infer(rest_req, tracing::Span::none()).await.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(w.stats().errors_total, 2);
+    }
+
+    #[tokio::test]
     async fn malformed_rest_bodies_are_counted_as_invalid_requests_and_errors() {
         let w = worker();
         let app = router(Arc::clone(&w));

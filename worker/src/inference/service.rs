@@ -200,6 +200,7 @@ impl Worker {
         span: tracing::Span,
     ) -> Result<ModelInferResponse, InferError> {
         self.check_served(&req.model_name, &req.model_version)?;
+        oip::check_requested_outputs(&req).map_err(ConvertError::Unsupported)?;
         if self.draining.load(Ordering::SeqCst) {
             return Err(InferError::Draining);
         }

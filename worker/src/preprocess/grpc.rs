@@ -72,8 +72,14 @@ pub fn check_served(s: &Service, name: &str, version: &str) -> Result<(), NotSer
 }
 
 /// What is refused before a request reaches [`Service::infer`], over gRPC and REST: a model
-/// version not served here is answered naming the version that is.
+/// version not served here is answered naming the version that is, and an output asking for
+/// Triton's classification extension is refused, pointing at the pipeline's own.
 pub fn refuse_early(s: &Service, req: &ModelInferRequest) -> Result<(), RequestError> {
     check_served(s, &req.model_name, &req.model_version)?;
-    Ok(())
+    oip::check_requested_outputs(req).map_err(|e| {
+        RequestError::invalid(format!(
+            "{e}; `postprocess: Classification` in the pipeline returns the top-k labels \
+             (outputs \"labels\" and \"probabilities\")"
+        ))
+    })
 }
