@@ -8,7 +8,7 @@ use crate::crd::{
     Color, InferencePipelineStatus, ModelRef, Phase, RolloutPhase, RolloutStatus, StageStatus,
     StatusSummary,
 };
-use crate::summary::PodSummary;
+use crate::summary::{ContainerStatusSummary, PodSummary};
 use crate::validate::ValidateError;
 
 /// Condition type: every stage has its desired pods ready.
@@ -399,20 +399,9 @@ pub fn pod_problem<'a>(pods: impl IntoIterator<Item = &'a PodSummary>) -> Option
                     if reason == "CrashLoopBackOff" {
                         // The waiting message carries the back-off delay and pod name, which
                         // change on every restart; the last exit says why and stays stable.
-                        if let Some(t) = &cs.last_state.terminated {
-                            msg.push_str(&format!(
-                                ": container {} exited with code {}",
-                                cs.name, t.exit_code
-                            ));
-                            if let Some(m) = t
-                                .message
-                                .as_deref()
-                                .map(str::trim)
-                                .filter(|m| !m.is_empty())
-                            {
-                                msg.push_str(": ");
-                                msg.push_str(&truncate(m, 200));
-                            }
+                        if let Some(exit) = last_exit(cs) {
+                            msg.push_str(": ");
+                            msg.push_str(&exit);
                         }
                     } else if let Some(m) = w.message.as_deref().filter(|m| !m.is_empty()) {
                         msg.push_str(": ");
@@ -424,9 +413,51 @@ pub fn pod_problem<'a>(pods: impl IntoIterator<Item = &'a PodSummary>) -> Option
                     });
                 }
             }
+            // Between two crashes the container runs again (loading its model, say) and is
+            // not waiting: without this the pipeline would read as healthy for that while,
+            // and its Degraded condition flap with every restart.
+            if is_running(cs)
+                && !cs.ready
+                && cs.restart_count > 0
+                && let Some(exit) = last_exit(cs).filter(|_| last_exit_failed(cs))
+            {
+                return Some(Problem {
+                    reason: "PodsFailing",
+                    message: format!("restarted {} times: {exit}", cs.restart_count),
+                });
+            }
         }
     }
     None
+}
+
+/// Neither waiting nor terminated: running (or about to).
+fn is_running(cs: &ContainerStatusSummary) -> bool {
+    cs.state.waiting.is_none() && cs.state.terminated.is_none()
+}
+
+fn last_exit_failed(cs: &ContainerStatusSummary) -> bool {
+    cs.last_state
+        .terminated
+        .as_ref()
+        .is_some_and(|t| t.exit_code != 0)
+}
+
+/// `container X exited with code N: <its termination message>`, from the last termination.
+/// Of a message of several lines (the end of the log, under `FallbackToLogsOnError`), the last
+/// one: a panic's or the final error's.
+fn last_exit(cs: &ContainerStatusSummary) -> Option<String> {
+    let t = cs.last_state.terminated.as_ref()?;
+    let mut msg = format!("container {} exited with code {}", cs.name, t.exit_code);
+    if let Some(m) = t
+        .message
+        .as_deref()
+        .and_then(|m| m.lines().map(str::trim).rfind(|l| !l.is_empty()))
+    {
+        msg.push_str(": ");
+        msg.push_str(&truncate(m, 300));
+    }
+    Some(msg)
 }
 
 /// Shortens a scheduler message such as
@@ -846,6 +877,50 @@ mod tests {
                 "CrashLoopBackOff: container inference exited with code 1: model sha256 mismatch"
             )
         );
+    }
+
+    #[test]
+    fn a_container_running_again_between_crashes_is_still_failing_with_its_last_exit() {
+        let status = |ready: bool, restarts: i32, exit_code: i32| {
+            let pod = Pod {
+                status: Some(PodStatus {
+                    container_statuses: Some(vec![ContainerStatus {
+                        name: "inference".into(),
+                        ready,
+                        restart_count: restarts,
+                        state: Some(ContainerState::default()),
+                        last_state: Some(ContainerState {
+                            terminated: Some(ContainerStateTerminated {
+                                exit_code,
+                                // The end of the log, as FallbackToLogsOnError gives it.
+                                message: Some(
+                                    "loading model\nsha256 mismatch: expected 00…, got 53…\n\n"
+                                        .into(),
+                                ),
+                                ..ContainerStateTerminated::default()
+                            }),
+                            ..ContainerState::default()
+                        }),
+                        ..ContainerStatus::default()
+                    }]),
+                    ..PodStatus::default()
+                }),
+                ..Pod::default()
+            };
+            pod_problem(&[PodSummary::of(&pod).expect("summarises")])
+        };
+        let p = status(false, 3, 1).expect("a problem");
+        assert_eq!(
+            (p.reason, p.message.as_str()),
+            (
+                "PodsFailing",
+                "restarted 3 times: container inference exited with code 1: sha256 mismatch: \
+                 expected 00…, got 53…"
+            )
+        );
+        assert_eq!(status(true, 3, 1), None, "ready again: recovered");
+        assert_eq!(status(false, 1, 0), None, "a clean exit is not a failure");
+        assert_eq!(status(false, 0, 1), None, "never restarted");
     }
 
     #[test]

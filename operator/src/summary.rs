@@ -326,6 +326,8 @@ pub struct ContainerStatusSummary {
     pub name: String,
     /// Restarts so far.
     pub restart_count: i32,
+    /// Passes its readiness probe.
+    pub ready: bool,
     /// Now.
     pub state: ContainerStateSummary,
     /// Before the last restart.

@@ -281,6 +281,10 @@ fn worker_container(
         ]),
         readiness_probe: Some(http_probe("/v2/health/ready", 2, 3)),
         liveness_probe: Some(http_probe("/v2/health/live", 10, 3)),
+        // Workers write why they failed (a checksum mismatch, a missing file) to the
+        // termination log; a crash before that leaves the end of the log as the message. The
+        // pipeline's status quotes it (`status::pod_problem`).
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -438,6 +442,10 @@ mod tests {
             );
             assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
             assert!(p.termination_grace_period_seconds.unwrap() >= 60);
+            assert_eq!(
+                c.termination_message_policy.as_deref(),
+                Some("FallbackToLogsOnError")
+            );
         }
     }
 
