@@ -745,7 +745,9 @@ pub struct RolloutStatus {
     /// Index into `spec.rollout.steps` of the current traffic step; absent before the first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<i32>,
-    /// Percentage of live traffic on the candidate.
+    /// Percentage of live traffic on the candidate model: 0 while it starts and shadows, the
+    /// current step's share while traffic shifts, 100 once it is promoted (and after), 0 again
+    /// after a rollback or an abort.
     #[serde(default)]
     pub traffic_percent: i32,
     /// When the rollout began.

@@ -515,7 +515,8 @@ fn promote(inp: &Inputs<'_>, r: &RolloutStatus, d: &mut Decision, why: &str) {
     next.previous_model = Some(inp.active_model.clone());
     next.candidate_color = None;
     next.step = None;
-    next.traffic_percent = 0;
+    // The candidate model is now the active one and takes all live traffic.
+    next.traffic_percent = 100;
     next.halted = false;
     next.step_started_at = Some(time(inp.now));
     next.message = Some(format!(

@@ -298,7 +298,10 @@ fn traffic_steps_advance_only_when_held_and_acknowledged_then_the_candidate_is_p
     assert_eq!(r.previous_color, Some(Color::Blue));
     assert_eq!(r.previous_model, Some(model("v1")));
     assert_eq!(r.candidate_color, None);
-    assert_eq!(r.traffic_percent, 0);
+    assert_eq!(
+        r.traffic_percent, 100,
+        "the promoted model serves all live traffic"
+    );
 }
 
 #[test]
@@ -315,6 +318,7 @@ fn the_previous_color_is_retired_after_the_scale_down_delay() {
     assert_eq!(w.phase(), Some(RolloutPhase::Complete));
     assert_eq!(w.r().previous_color, None);
     assert_eq!(w.r().previous_model, Some(model("v1")), "kept for an undo");
+    assert_eq!(w.r().traffic_percent, 100);
 }
 
 #[test]
@@ -444,6 +448,7 @@ fn promote_skips_the_remaining_steps() {
     assert_eq!(reasons(&w.tick(6, Some(UserAction::Promote))), ["Promoted"]);
     assert_eq!(w.active_color, Color::Green);
     assert_eq!(w.active_model, model("v2"));
+    assert_eq!(w.r().traffic_percent, 100, "promoted from 0%, it takes all");
 }
 
 #[test]
