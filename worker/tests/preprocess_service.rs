@@ -1060,3 +1060,43 @@ async fn an_output_asking_for_the_classification_extension_is_refused_pointing_a
     let stats = worker_stats(&svc).await;
     assert_eq!((stats.requests_total, stats.errors_total), (2, 2));
 }
+
+#[tokio::test]
+async fn rest_paths_and_methods_not_served_get_a_json_error_naming_them() {
+    use axum::body::Body;
+    let app = tandem_worker::preprocess::rest::router(text_service());
+    let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
+    for (req, status, says) in [
+        (get("/unknown"), 404, "no such endpoint: GET /unknown"),
+        (
+            get("/v2/models/minilm/config"),
+            404,
+            "model configuration (GET /v2/models/minilm/config) is not supported by Tandem",
+        ),
+        (
+            get("/v2/models/minilm/stats"),
+            404,
+            "model statistics (GET /v2/models/minilm/stats) is not supported by Tandem",
+        ),
+        (
+            get("/v2/models/stats"),
+            404,
+            "model statistics (GET /v2/models/stats) is not supported by Tandem",
+        ),
+        (
+            axum::http::Request::post("/v2/repository/index")
+                .body(Body::empty())
+                .unwrap(),
+            404,
+            "the model repository extension (POST /v2/repository/index) is not supported by Tandem",
+        ),
+        (
+            get("/v2/models/minilm/infer"),
+            405,
+            "method GET is not allowed on /v2/models/minilm/infer; use POST",
+        ),
+    ] {
+        let (got, body) = rest_call(&app, req).await;
+        assert_eq!((got, body["error"].as_str()), (status, Some(says)));
+    }
+}

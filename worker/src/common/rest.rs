@@ -7,11 +7,18 @@
 //! carries ([`decode_json_data`]), never into a `serde_json::Value` tree: as a tree, a body of
 //! small numbers took about 17 times its size in memory, and of short strings about 33 times.
 //! Every error is a message for the client (HTTP 400).
+//!
+//! Both roles' routers also answer, through [`with_fallbacks`], a path they do not serve (404)
+//! and a method a path does not take (405) with the protocol's `{"error": "..."}` body, naming
+//! the path and method, and saying so when it is a part of Triton's API Tandem does not
+//! implement (model configuration, statistics, the model repository).
 
 use std::marker::PhantomData;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::Router;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::any;
 use bytes::Bytes;
 use serde::de::{
     DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Unexpected, Visitor,
@@ -392,6 +399,67 @@ pub fn parse_infer_request(
         },
         bin,
     ))
+}
+
+/// The part of Triton's REST API, beyond the OIP v2 core, that `path` belongs to, where
+/// Tandem does not implement it.
+fn unsupported_part(path: &str) -> Option<&'static str> {
+    let path = path.trim_end_matches('/');
+    let model = path.starts_with("/v2/models/");
+    if path.starts_with("/v2/repository") {
+        Some("the model repository extension")
+    } else if model && path.ends_with("/config") {
+        Some("model configuration")
+    } else if model && path.ends_with("/stats") {
+        Some("model statistics")
+    } else if path.starts_with("/v2/systemsharedmemory") || path.starts_with("/v2/cudasharedmemory")
+    {
+        Some("the shared-memory extension")
+    } else if path.starts_with("/v2/trace") {
+        Some("trace settings")
+    } else if path.starts_with("/v2/logging") {
+        Some("log settings")
+    } else {
+        None
+    }
+}
+
+fn error_json(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(json!({ "error": message }))).into_response()
+}
+
+/// A path the REST router does not serve: 404 naming it.
+async fn no_route(method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    let message = match unsupported_part(path) {
+        Some(part) => format!("{part} ({method} {path}) is not supported by Tandem"),
+        None => format!("no such endpoint: {method} {path}"),
+    };
+    error_json(StatusCode::NOT_FOUND, message)
+}
+
+/// A path served with another method: 405 naming both (axum adds the `Allow` header).
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    let expected = if path.ends_with("/infer") {
+        "POST"
+    } else {
+        "GET"
+    };
+    error_json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {path}; use {expected}"),
+    )
+}
+
+/// Completes a role's REST router (call it last): JSON errors for unknown paths and methods,
+/// and `/v2/models/stats` (Triton's statistics of every model) refused as not supported
+/// rather than taken by `/v2/models/{name}` for a model called "stats".
+pub fn with_fallbacks(router: Router) -> Router {
+    router
+        .route("/v2/models/stats", any(no_route))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
 }
 
 /// How many decoded bytes an input's JSON data may take: `left` of the request's `total`.

@@ -23,7 +23,7 @@ pub const MAX_BODY_BYTES: usize = 256 << 20;
 
 /// The REST router.
 pub fn router(w: Arc<Worker>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
         .route("/v2", get(server_metadata))
@@ -36,7 +36,8 @@ pub fn router(w: Arc<Worker>) -> Router {
         )
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
-        .with_state(w)
+        .with_state(w);
+    rest::with_fallbacks(router)
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -248,6 +249,45 @@ mod tests {
             tonic::Status::from(w.infer(rest_req, tracing::Span::none()).await.unwrap_err());
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert_eq!(w.stats().errors_total, 2);
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_methods_get_a_json_error_naming_them() {
+        let app = router(worker());
+        let get = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
+        for (req, status, says) in [
+            (get("/unknown"), 404, "no such endpoint: GET /unknown"),
+            (
+                get("/v2/models/m/config"),
+                404,
+                "model configuration (GET /v2/models/m/config) is not supported by Tandem",
+            ),
+            (
+                get("/v2/models/m/versions/1/stats"),
+                404,
+                "model statistics (GET /v2/models/m/versions/1/stats) is not supported by Tandem",
+            ),
+            (
+                get("/v2/models/stats"),
+                404,
+                "model statistics (GET /v2/models/stats) is not supported by Tandem",
+            ),
+            (
+                Request::post("/v2/repository/index")
+                    .body(Body::empty())
+                    .unwrap(),
+                404,
+                "the model repository extension (POST /v2/repository/index) is not supported by Tandem",
+            ),
+            (
+                get("/v2/models/m/infer"),
+                405,
+                "method GET is not allowed on /v2/models/m/infer; use POST",
+            ),
+        ] {
+            let (got, body) = send(&app, req).await;
+            assert_eq!((got.as_u16(), body["error"].as_str()), (status, Some(says)));
+        }
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use crate::common::rest;
 
 /// The REST router.
 pub fn router(service: Arc<Service>) -> axum::Router {
-    axum::Router::new()
+    let router = axum::Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
         .route("/v2", get(server_metadata))
@@ -41,7 +41,8 @@ pub fn router(service: Arc<Service>) -> axum::Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
         .layer(DefaultBodyLimit::disable())
-        .with_state(service)
+        .with_state(service);
+    rest::with_fallbacks(router)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
