@@ -77,3 +77,35 @@ pub fn image_pipeline() -> InferencePipeline {
     p.spec.inference.model.name = "efficientnet-lite0".into();
     p
 }
+
+/// The log lines `f` emits, as the operator writes them with `logging.format: json` (fields
+/// flattened beside `message`, `main.rs`), each still raw so duplicate keys stay visible.
+pub fn json_log_lines(f: impl FnOnce()) -> Vec<String> {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = buf.0.lock().expect("log buffer").clone();
+    String::from_utf8(bytes)
+        .expect("UTF-8 logs")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}

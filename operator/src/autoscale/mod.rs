@@ -320,16 +320,7 @@ async fn tick(
                 patch.insert(stage.as_str().to_owned(), Value::Object(fields));
             }
             if decision.change != Change::Steady {
-                info!(
-                    pipeline = %format!("{ns}/{name}"),
-                    stage = stage.as_str(),
-                    desired = decision.desired,
-                    queue,
-                    held = demand.held,
-                    reason = decision.change.reason().unwrap_or_default(),
-                    message = %decision.message,
-                    "scaling"
-                );
+                log_scaling(&ns, &name, stage, decision, queue, demand.held);
             }
         }
         if patch.is_empty() {
@@ -350,6 +341,22 @@ async fn tick(
         }
     }
     state.retain(|k, _| seen.contains(k));
+}
+
+/// The `scaling` log line of one stage's change. The explanation goes in `why`: logs are JSON
+/// with the event's fields flattened beside its `message`, so a field named `message` gave the
+/// line two `"message"` keys, and JSON parsers keep only the last.
+fn log_scaling(ns: &str, name: &str, stage: Stage, decision: &Decision, queue: u64, held: u64) {
+    info!(
+        pipeline = %format!("{ns}/{name}"),
+        stage = stage.as_str(),
+        desired = decision.desired,
+        queue,
+        held,
+        reason = decision.change.reason().unwrap_or_default(),
+        why = %decision.message,
+        "scaling"
+    );
 }
 
 /// Whether the reconciler has written this pipeline's status at least once. Until then it has
@@ -673,6 +680,24 @@ mod tests {
         assert_eq!(current(Some(&st), r, &w), 4);
         assert_eq!(current(Some(&st), r, &Written::default()), 2, "first sight");
         assert_eq!(current(None, r, &Written::default()), 1, "nothing yet: min");
+    }
+
+    #[test]
+    fn the_scaling_log_line_has_one_message_key_and_the_explanation_under_why() {
+        let d = Decision {
+            desired: 3,
+            change: Change::Up,
+            message: "queue 48 > 16 per pod: 1 → 3".into(),
+        };
+        let lines = crate::test_fixtures::json_log_lines(|| {
+            log_scaling("ml", "minilm", Stage::Preprocess, &d, 48, 0);
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0].matches("\"message\":").count(), 1, "{}", lines[0]);
+        let v: Value = serde_json::from_str(&lines[0]).expect("a JSON line");
+        assert_eq!(v["message"], "scaling");
+        assert_eq!(v["why"], "queue 48 > 16 per pod: 1 → 3");
+        assert_eq!(v["pipeline"], "ml/minilm");
     }
 
     #[test]
