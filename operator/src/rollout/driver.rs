@@ -29,6 +29,7 @@ use crate::events::Publisher;
 use crate::metrics::Metrics;
 use crate::router::Published;
 use crate::routing::{WorkerPod, desired_table, namespaced_name, same_routes, workers_by_pipeline};
+use crate::status::Transition;
 use crate::summary::PodSummary;
 use crate::validate::validate;
 
@@ -278,7 +279,7 @@ async fn drive(
         Ok(_) => {
             mem.last_write = Some(Instant::now());
             for e in &d.events {
-                info!(pipeline = %format!("{}/{}", v.meta.namespace, v.meta.name), reason = %e.reason, "{}", e.note);
+                log_transition(&v.meta.namespace, &v.meta.name, e);
                 metrics.count_rollout_transition(&e.reason);
                 let note = crate::events::Note {
                     action: "Rollout",
@@ -295,6 +296,17 @@ async fn drive(
             debug!(pipeline = %v.meta.name, "rollout status write conflicted; retrying next tick")
         }
         Err(e) => warn!(pipeline = %v.meta.name, error = %e, "writing rollout status failed"),
+    }
+}
+
+/// Logs a rollout transition at the level of its Event: a rollback, a halt or an abort (a
+/// `Warning` Event) at WARN, so alerting on operator warnings sees failed rollouts.
+pub(super) fn log_transition(namespace: &str, name: &str, t: &Transition) {
+    let pipeline = format!("{namespace}/{name}");
+    if t.warning {
+        warn!(pipeline = %pipeline, reason = %t.reason, "{}", t.note);
+    } else {
+        info!(pipeline = %pipeline, reason = %t.reason, "{}", t.note);
     }
 }
 

@@ -452,6 +452,51 @@ fn promote_skips_the_remaining_steps() {
 }
 
 #[test]
+fn rollbacks_and_halts_are_logged_at_warn_and_progress_at_info() {
+    let level = |events: &[Transition]| {
+        let lines = crate::test_fixtures::json_log_lines(|| {
+            for e in events {
+                driver::log_transition("ml", "minilm", e);
+            }
+        });
+        lines
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+                format!("{} {}", v["level"].as_str().unwrap_or("?"), v["reason"])
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.obs.shadow = ShadowCounts {
+        compared: 20,
+        mismatches: 2,
+        ..ShadowCounts::default()
+    };
+    assert_eq!(
+        level(&w.tick(10, None)),
+        ["WARN \"ShadowParityFailed\""],
+        "a rollback"
+    );
+
+    let mut w = World::serving_v1();
+    w.policy.auto_rollback = false;
+    w.shadowing_v2();
+    w.obs.shadow = ShadowCounts {
+        compared: 100,
+        ..ShadowCounts::default()
+    };
+    assert_eq!(level(&w.tick(10, None)), ["INFO \"ShadowPassed\""]);
+    w.obs.candidate_window = ColorWindow {
+        requests: 100,
+        errors: 50,
+        p99_ms: 20.0,
+    };
+    assert_eq!(level(&w.tick(15, None)), ["WARN \"RolloutHalted\""]);
+}
+
+#[test]
 fn without_auto_rollback_a_failure_halts_and_holds_traffic() {
     let mut w = World::serving_v1();
     w.policy.auto_rollback = false;
