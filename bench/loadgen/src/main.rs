@@ -388,6 +388,43 @@ impl GrpcInferenceService for Stub {
             ..Default::default()
         }))
     }
+    type ModelStreamInferStream = tonic::codegen::tokio_stream::Empty<
+        Result<tandem_proto::inference::ModelStreamInferResponse, tonic::Status>,
+    >;
+    async fn model_stream_infer(
+        &self,
+        _: tonic::Request<tonic::Streaming<ModelInferRequest>>,
+    ) -> Result<tonic::Response<Self::ModelStreamInferStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the stub answers ModelInfer only",
+        ))
+    }
+    async fn model_config(
+        &self,
+        _: tonic::Request<tandem_proto::inference::ModelConfigRequest>,
+    ) -> Result<tonic::Response<tandem_proto::inference::ModelConfigResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented(
+            "the stub answers ModelInfer only",
+        ))
+    }
+    async fn model_statistics(
+        &self,
+        _: tonic::Request<tandem_proto::inference::ModelStatisticsRequest>,
+    ) -> Result<tonic::Response<tandem_proto::inference::ModelStatisticsResponse>, tonic::Status>
+    {
+        Err(tonic::Status::unimplemented(
+            "the stub answers ModelInfer only",
+        ))
+    }
+    async fn repository_index(
+        &self,
+        _: tonic::Request<tandem_proto::inference::RepositoryIndexRequest>,
+    ) -> Result<tonic::Response<tandem_proto::inference::RepositoryIndexResponse>, tonic::Status>
+    {
+        Err(tonic::Status::unimplemented(
+            "the stub answers ModelInfer only",
+        ))
+    }
     async fn model_infer(
         &self,
         req: tonic::Request<ModelInferRequest>,

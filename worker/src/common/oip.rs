@@ -8,11 +8,14 @@ use std::sync::Arc;
 
 use tandem_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use tandem_proto::inference::{
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
-    ModelReadyRequest, ModelReadyResponse, ServerLiveRequest, ServerLiveResponse,
+    ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
+    ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse,
+    RepositoryIndexRequest, RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse,
     ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
-use tonic::{Request, Response, Status};
+use tonic::codegen::tokio_stream;
+use tonic::{Request, Response, Status, Streaming};
 
 /// A request for a model, or a version of it, that this worker does not serve.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +88,14 @@ pub fn check_requested_outputs(req: &ModelInferRequest) -> Result<(), String> {
         )),
         None => Ok(()),
     }
+}
+
+/// The answer to a Triton RPC Tandem does not implement: UNIMPLEMENTED, saying so and what
+/// to use instead.
+pub fn unimplemented(rpc: &str, instead: &str) -> Status {
+    Status::unimplemented(format!(
+        "Tandem does not implement {rpc} (a Triton extension of the protocol); {instead}"
+    ))
 }
 
 /// What a worker role serves over OIP v2.
@@ -176,6 +187,48 @@ impl<B: Backend> GrpcInferenceService for Grpc<B> {
         let r = req.into_inner();
         self.check_model(&r.name, &r.version)?;
         self.0.model_metadata().map(Response::new)
+    }
+
+    type ModelStreamInferStream = tokio_stream::Empty<Result<ModelStreamInferResponse, Status>>;
+
+    async fn model_stream_infer(
+        &self,
+        _: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        Err(unimplemented(
+            "ModelStreamInfer",
+            "send each request with ModelInfer",
+        ))
+    }
+
+    async fn model_config(
+        &self,
+        _: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        Err(unimplemented(
+            "ModelConfig",
+            "ModelMetadata gives the model's inputs and outputs",
+        ))
+    }
+
+    async fn model_statistics(
+        &self,
+        _: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        Err(unimplemented(
+            "ModelStatistics",
+            "the worker's Prometheus /metrics has its request counts and latencies",
+        ))
+    }
+
+    async fn repository_index(
+        &self,
+        _: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        Err(unimplemented(
+            "RepositoryIndex",
+            "each worker serves one model, named by ServerMetadata and ModelMetadata",
+        ))
     }
 
     async fn model_infer(
@@ -346,6 +399,76 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("which Tandem does not support"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn triton_rpcs_tandem_lacks_are_unimplemented_with_a_message_saying_so() {
+        let svc = Grpc(Arc::new(Fake::default()));
+        let config = svc
+            .model_config(Request::new(ModelConfigRequest::default()))
+            .await
+            .unwrap_err();
+        let stats = svc
+            .model_statistics(Request::new(ModelStatisticsRequest::default()))
+            .await
+            .unwrap_err();
+        let index = svc
+            .repository_index(Request::new(RepositoryIndexRequest::default()))
+            .await
+            .unwrap_err();
+        for (err, rpc) in [
+            (config, "ModelConfig"),
+            (stats, "ModelStatistics"),
+            (index, "RepositoryIndex"),
+        ] {
+            assert_eq!(err.code(), Code::Unimplemented);
+            assert!(
+                err.message()
+                    .starts_with(&format!("Tandem does not implement {rpc} ")),
+                "{}",
+                err.message()
+            );
+        }
+    }
+
+    /// Over a real connection: the generated server routes every declared RPC to the service,
+    /// the streaming one included.
+    #[tokio::test]
+    async fn a_client_calling_model_config_or_stream_infer_is_told_tandem_lacks_it() {
+        use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+        use tandem_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = GrpcInferenceServiceServer::new(Grpc(Arc::new(Fake::default())));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(::tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client = GrpcInferenceServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let err = client
+            .model_config(ModelConfigRequest {
+                name: "m".into(),
+                version: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented);
+        assert!(
+            err.message()
+                .contains("Tandem does not implement ModelConfig")
+        );
+        let err = client
+            .model_stream_infer(::tokio_stream::iter(vec![ModelInferRequest::default()]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented);
+        assert!(
+            err.message()
+                .contains("Tandem does not implement ModelStreamInfer")
+        );
     }
 
     #[test]
