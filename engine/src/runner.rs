@@ -4,7 +4,7 @@
 //! a full queue is refused at once. Closing stops intake, runs what is queued
 //! without waiting for `max_delay`, then ends the thread.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,17 @@ pub struct Job {
     /// The request's tracing span; queue wait, batch assembly and engine
     /// forward spans become its children.
     pub span: tracing::Span,
+    /// Set once nobody waits for the answer any more (the client went away): a job
+    /// that has not started by then is dropped instead of run.
+    pub abandoned: Option<Arc<AtomicBool>>,
+}
+
+impl Job {
+    fn is_abandoned(&self) -> bool {
+        self.abandoned
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::Relaxed))
+    }
 }
 
 struct Queued {
@@ -51,6 +62,7 @@ struct Counters {
     max_batch: AtomicU64,
     rejected: AtomicU64,
     errors: AtomicU64,
+    abandoned: AtomicU64,
 }
 
 /// A snapshot of the runner's load.
@@ -70,6 +82,8 @@ pub struct RunnerStats {
     pub rejected: u64,
     /// Requests answered with an engine error.
     pub errors: u64,
+    /// Requests dropped unrun because their clients had gone away.
+    pub abandoned: u64,
     /// The configured queue bound.
     pub max_queue_depth: u64,
 }
@@ -214,6 +228,7 @@ impl Runner {
             max_batch_size: c.max_batch.load(Ordering::Relaxed),
             rejected: c.rejected.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
+            abandoned: c.abandoned.load(Ordering::Relaxed),
             max_queue_depth,
         }
     }
@@ -257,8 +272,25 @@ fn run_loop(shared: &Shared, mut engine: Box<dyn Engine>) {
 }
 
 fn run_batch(shared: &Shared, engine: &mut dyn Engine, queued: Vec<Queued>) {
-    let jobs: Vec<Job> = queued.into_iter().map(|q| q.job).collect();
-    run_jobs(shared, engine, jobs);
+    let (gone, jobs): (Vec<Job>, Vec<Job>) = queued
+        .into_iter()
+        .map(|q| q.job)
+        .partition(Job::is_abandoned);
+    if !gone.is_empty() {
+        shared
+            .counters
+            .abandoned
+            .fetch_add(gone.len() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            requests = gone.len(),
+            "skipped requests whose clients went away"
+        );
+    }
+    // Their replies are dropped unsent: nobody waits for them.
+    drop(gone);
+    if !jobs.is_empty() {
+        run_jobs(shared, engine, jobs);
+    }
 }
 
 /// Runs `jobs` as one batch and answers each. Requests are checked one by one before they
@@ -439,6 +471,7 @@ mod tests {
                     inputs: vec![Tensor::f32(vec![1, 1], vec![x])],
                     reply: Box::new(move |r| tx.send(r).unwrap()),
                     span: tracing::Span::none(),
+                    abandoned: None,
                 };
                 assert!(runner.submit(job).is_ok());
                 rx
@@ -468,6 +501,7 @@ mod tests {
             inputs: vec![],
             reply: Box::new(|_| {}),
             span: tracing::Span::none(),
+            abandoned: None,
         };
         assert!(matches!(runner.submit(late), Err(SubmitError::Closed(_))));
         assert_eq!(runner.stats().errors, 0);
@@ -488,6 +522,7 @@ mod tests {
             inputs: vec![Tensor::f32(vec![20, 1], values.clone())],
             reply: Box::new(move |r| tx.send(r).unwrap()),
             span: tracing::Span::none(),
+            abandoned: None,
         };
         assert!(runner.submit(job).is_ok());
         let out = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
@@ -496,6 +531,38 @@ mod tests {
         let doubled: Vec<f32> = values.iter().map(|x| x * 2.0).collect();
         assert_eq!(out, vec![Tensor::f32(vec![20, 1], doubled)]);
         assert_eq!(*seen.lock().unwrap(), [8, 8, 4]);
+    }
+
+    #[test]
+    fn a_queued_request_whose_client_went_away_is_not_run() {
+        let (engine, seen) = doubler();
+        let cfg = BatcherConfig {
+            max_batch_size: 8,
+            max_delay: Duration::from_secs(3600),
+            max_queue_depth: 16,
+        };
+        let (runner, handle) = Runner::spawn(engine, cfg).unwrap();
+        let gone = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        for (x, abandoned) in [(1.0, Some(Arc::clone(&gone))), (2.0, None)] {
+            let tx = tx.clone();
+            let job = Job {
+                inputs: vec![Tensor::f32(vec![1, 1], vec![x])],
+                reply: Box::new(move |r| tx.send((x, r)).unwrap()),
+                span: tracing::Span::none(),
+                abandoned,
+            };
+            assert!(runner.submit(job).is_ok());
+        }
+        drop(tx);
+        gone.store(true, Ordering::Relaxed);
+        runner.close();
+        handle.join().unwrap();
+        let answered: Vec<f32> = rx.iter().map(|(x, _)| x).collect();
+        assert_eq!(answered, [2.0], "only the request still wanted is answered");
+        assert_eq!(*seen.lock().unwrap(), [1], "the engine ran one row");
+        assert_eq!(runner.stats().abandoned, 1);
+        assert_eq!(runner.stats().errors, 0);
     }
 
     #[test]

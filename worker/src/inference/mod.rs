@@ -78,8 +78,8 @@ pub struct Args {
     /// Most rows in one engine batch.
     #[arg(long, env = "TANDEM_MAX_BATCH_SIZE", default_value_t = 32)]
     pub max_batch_size: usize,
-    /// Longest wait (ms) for a batch to fill.
-    #[arg(long, env = "TANDEM_MAX_DELAY_MS", default_value_t = 2.0)]
+    /// Longest wait (ms) for a batch to fill, 0 to 60000.
+    #[arg(long, env = "TANDEM_MAX_DELAY_MS", default_value_t = 2.0, value_parser = delay_ms)]
     pub max_delay_ms: f64,
     /// Most requests waiting; beyond it requests get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_MAX_QUEUE_DEPTH", default_value_t = 256)]
@@ -127,6 +127,15 @@ pub struct Args {
     pub pod_name: String,
 }
 
+/// A batching delay in milliseconds: finite, 0 to a minute (a request would wait that long
+/// for company).
+fn delay_ms(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(ms) if (0.0..=60_000.0).contains(&ms) => Ok(ms),
+        _ => Err(format!("{s:?} is not a delay between 0 and 60000 ms")),
+    }
+}
+
 /// Runs the inference worker until shutdown.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -138,8 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let _rt = rt.enter();
         tandem_worker::common::telemetry::init("tandem-inference")
     };
-    let termination_log = args.termination_log.clone();
-    let result = rt.block_on(serve(termination_log, args));
+    let result = rt.block_on(serve(args));
     if let Err(e) = &result {
         tracing::error!(error = %format!("{e:#}"), "inference worker failed");
     }
@@ -147,17 +155,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let _rt = rt.enter();
         telemetry.shutdown();
     }
+    // Dropping the runtime would wait for its blocking tasks, among them the join of an engine
+    // thread the drain gave up on.
+    rt.shutdown_timeout(Duration::from_millis(500));
     result
 }
 
-/// Writes the fatal message where Kubernetes surfaces it in the pod status.
-fn write_termination_message(path: &std::path::Path, msg: &str) {
-    if let Err(e) = std::fs::write(path, msg) {
-        tracing::debug!(path = %path.display(), error = %e, "termination log not written");
-    }
-}
-
-async fn serve(termination_log: PathBuf, args: Args) -> anyhow::Result<()> {
+async fn serve(args: Args) -> anyhow::Result<()> {
     let worker = Arc::new(Worker::new(
         args.model_name.clone(),
         args.model_version.clone(),
@@ -206,10 +210,9 @@ async fn serve(termination_log: PathBuf, args: Args) -> anyhow::Result<()> {
     let loaded = match loaded {
         Ok(l) => l,
         Err(e) => {
-            let msg = format!("model {} from {}: {e:#}", args.model_name, args.model_uri);
-            write_termination_message(&termination_log, &msg);
+            // `main` writes this to the termination log.
             let _ = stop_tx.send(true);
-            return Err(anyhow::anyhow!(msg));
+            return Err(e.context(format!("model {} from {}", args.model_name, args.model_uri)));
         }
     };
     if let Some(reason) = &loaded.fallback_reason {
@@ -218,7 +221,7 @@ async fn serve(termination_log: PathBuf, args: Args) -> anyhow::Result<()> {
     tracing::info!(architecture = loaded.architecture.name(), device = %loaded.engine.device(), "model loaded and warmed up");
     let cfg = BatcherConfig {
         max_batch_size: args.max_batch_size,
-        max_delay: Duration::from_secs_f64(args.max_delay_ms.max(0.0) / 1e3),
+        max_delay: Duration::from_secs_f64(args.max_delay_ms / 1e3),
         max_queue_depth: args.max_queue_depth,
     };
     let batch_hist = worker.metrics.batch_size.clone();
@@ -238,17 +241,40 @@ async fn serve(termination_log: PathBuf, args: Args) -> anyhow::Result<()> {
             let _ = s.await;
         }
     };
-    if tokio::time::timeout(Duration::from_secs(args.drain_timeout_s), drain)
-        .await
-        .is_err()
-    {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout_s);
+    if tokio::time::timeout_at(deadline, drain).await.is_err() {
         tracing::warn!("drain timeout reached with requests still in flight");
     }
+    // The engine finishes what it has (requests whose clients left are skipped), within the
+    // drain timeout; past it the process exits without it.
     runner.close();
-    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    let stats = runner.stats();
+    if stats.queue_depth + stats.in_flight > 0 {
+        tracing::info!(
+            queued = stats.queue_depth,
+            in_flight = stats.in_flight,
+            "waiting for the engine"
+        );
+    }
+    let joined = tokio::task::spawn_blocking(move || engine_thread.join());
+    let grace = deadline.max(tokio::time::Instant::now() + ENGINE_GRACE);
+    if tokio::time::timeout_at(grace, joined).await.is_err() {
+        let stats = runner.stats();
+        tracing::warn!(
+            queued = stats.queue_depth,
+            in_flight = stats.in_flight,
+            drain_timeout_s = args.drain_timeout_s,
+            "the engine is still busy after the drain timeout; exiting without it"
+        );
+        return Ok(());
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }
+
+/// How long the engine may still finish its batch once the servers have drained, when the
+/// drain timeout has already passed.
+const ENGINE_GRACE: Duration = Duration::from_secs(2);
 
 /// Completes on SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
@@ -358,4 +384,19 @@ async fn start_servers(
         .await;
     }));
     Ok(tasks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::delay_ms;
+
+    #[test]
+    fn a_batching_delay_must_be_finite_and_at_most_a_minute() {
+        assert_eq!(delay_ms("2"), Ok(2.0));
+        assert_eq!(delay_ms("0"), Ok(0.0));
+        assert_eq!(delay_ms("60000"), Ok(60_000.0));
+        for bad in ["inf", "NaN", "-1", "1e20", "60001", "soon"] {
+            assert!(delay_ms(bad).is_err(), "{bad}");
+        }
+    }
 }

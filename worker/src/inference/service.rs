@@ -3,7 +3,7 @@
 //! adapters over [`Worker::infer`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tandem_engine::runner::{Job, Runner, SubmitError};
@@ -218,10 +218,15 @@ impl Worker {
             return Err(ConvertError::UnknownOutput(unknown.clone()).into());
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
+        // Set when this future is dropped (the client went away, or it has its answer): the
+        // engine skips a job still queued by then.
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let _on_drop = SetOnDrop(Arc::clone(&abandoned));
         let job = Job {
             inputs,
             reply: Box::new(move |r| drop(tx.send(r))),
             span,
+            abandoned: Some(abandoned),
         };
         match runner.submit(job) {
             Ok(()) => {}
@@ -286,5 +291,14 @@ impl Worker {
             }),
             ..Default::default()
         }
+    }
+}
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
