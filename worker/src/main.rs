@@ -27,8 +27,18 @@ enum Role {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.role {
-        Role::Preprocess(args) => preprocess::run(args),
-        Role::Inference(args) => inference::run(args),
+    let (result, termination_log) = match cli.role {
+        Role::Preprocess(args) => {
+            let path = args.termination_log.clone();
+            (preprocess::run(args), path)
+        }
+        Role::Inference(args) => {
+            let path = args.termination_log.clone();
+            (inference::run(args), path)
+        }
+    };
+    if let Err(e) = &result {
+        common::write_termination_message(&termination_log, &format!("{e:#}"));
     }
+    result
 }

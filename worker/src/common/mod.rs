@@ -10,6 +10,7 @@
 //! - [`shutdown`]: SIGTERM/SIGINT handling as a cloneable shutdown signal.
 //! - [`telemetry`]: tracing subscriber setup and W3C `traceparent` helpers.
 //! - [`stats`]: latency windows that produce the `WorkerControl` stats shapes.
+//! - [`write_termination_message`]: why a worker failed, where Kubernetes shows it.
 
 pub mod body;
 pub mod metrics;
@@ -20,3 +21,12 @@ pub mod shutdown;
 pub mod stats;
 pub mod telemetry;
 pub mod tensor;
+
+/// Writes why the worker failed to `path` (the container's `terminationMessagePath`), where
+/// the kubelet picks it up for the pod's status and the operator quotes it in the pipeline's
+/// `Degraded` condition. A path that cannot be written (outside a pod) is skipped.
+pub fn write_termination_message(path: &std::path::Path, msg: &str) {
+    if let Err(e) = std::fs::write(path, msg) {
+        tracing::debug!(path = %path.display(), error = %e, "termination log not written");
+    }
+}

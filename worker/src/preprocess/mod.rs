@@ -76,6 +76,13 @@ pub struct Args {
     /// longest a request held for an inference stage scaling from zero may still take.
     #[arg(long, env = "TANDEM_DRAIN_SECONDS")]
     pub drain_seconds: Option<u64>,
+    /// File that receives the fatal error message (Kubernetes terminationMessagePath).
+    #[arg(
+        long,
+        env = "TANDEM_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    pub termination_log: PathBuf,
 }
 
 /// Loads the config file and applies the flag overrides.
