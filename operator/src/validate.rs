@@ -103,6 +103,16 @@ pub enum ValidateError {
         /// Given value.
         value: String,
     },
+    /// A duration above its field's bound (or too long to represent at all).
+    #[error("{field} must be at most {max} (got {value:?})")]
+    DurationTooLong {
+        /// Field path.
+        field: &'static str,
+        /// The bound, as the CRD writes it.
+        max: &'static str,
+        /// Given value.
+        value: String,
+    },
     /// Rollout steps not strictly ascending, out of range or not ending at 100.
     #[error(
         "rollout.steps must be strictly ascending percentages between 1 and 100 ending at 100 (got {0:?})"
@@ -302,7 +312,7 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
             "inference.batching.maxBatchSize",
             inf.batching.max_batch_size.into(),
         )?,
-        max_delay: duration("inference.batching.maxDelay", &inf.batching.max_delay)?,
+        max_delay: duration("inference.batching.maxDelay", &inf.batching.max_delay, "1s")?,
         replicas: replicas("inference", inf.replicas)?,
         target_queue_depth: positive("inference.targetQueueDepth", inf.target_queue_depth.into())?,
         max_queue_depth: positive("inference.maxQueueDepth", inf.max_queue_depth.into())?,
@@ -312,7 +322,7 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
     let r = &spec.rollout;
     let rollout = ValidRollout {
         steps: steps(&r.steps)?,
-        step_duration: duration("rollout.stepDuration", &r.step_duration)?,
+        step_duration: duration("rollout.stepDuration", &r.step_duration, "24h")?,
         shadow_requests: u32::try_from(r.shadow.requests).map_err(|_| {
             ValidateError::NotPositive {
                 field: "rollout.shadow.requests",
@@ -322,14 +332,14 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
         max_mismatch_rate: r.shadow.max_mismatch_rate.clamp(0.0, 1.0),
         cosine_tolerance: r.shadow.tolerance.cosine.clamp(-1.0, 1.0),
         auto_rollback: r.auto_rollback,
-        scale_down_delay: duration("rollout.scaleDownDelay", &r.scale_down_delay)?,
+        scale_down_delay: duration("rollout.scaleDownDelay", &r.scale_down_delay, "24h")?,
         max_abs_diff: r.shadow.tolerance.max_abs_diff.max(0.0),
         top1: r.shadow.tolerance.top1,
         paused: r.paused,
         max_surge: u32::try_from(r.max_surge.max(1)).unwrap_or(1),
         max_error_rate: r.max_error_rate.clamp(0.0, 1.0),
         max_latency_ratio: r.max_latency_ratio.max(0.0),
-        progress_deadline: duration("rollout.progressDeadline", &r.progress_deadline)?,
+        progress_deadline: duration("rollout.progressDeadline", &r.progress_deadline, "24h")?,
     };
 
     Ok(ValidatedPipeline {
@@ -407,11 +417,35 @@ fn steps(steps: &[i32]) -> Result<Vec<u8>, ValidateError> {
         .collect()
 }
 
-fn duration(field: &'static str, value: &str) -> Result<Duration, ValidateError> {
-    parse_duration(value).ok_or_else(|| ValidateError::Duration {
+/// Parses a duration field and holds it to the CRD's bound `max` (a duration literal).
+fn duration(
+    field: &'static str,
+    value: &str,
+    max: &'static str,
+) -> Result<Duration, ValidateError> {
+    let too_long = || ValidateError::DurationTooLong {
         field,
+        max,
         value: value.to_owned(),
-    })
+    };
+    match parse_duration(value) {
+        Some(d) if parse_duration(max).is_some_and(|m| d <= m) => Ok(d),
+        Some(_) => Err(too_long()),
+        // Well-formed but past what a Duration holds: too long, not malformed.
+        None if !value.is_empty()
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b"mhs".contains(&b))
+            && value.as_bytes()[0].is_ascii_digit()
+            && parse_duration(&value.replace(|c: char| c.is_ascii_digit(), "0")).is_some() =>
+        {
+            Err(too_long())
+        }
+        None => Err(ValidateError::Duration {
+            field,
+            value: value.to_owned(),
+        }),
+    }
 }
 
 /// Parses the duration grammar the CRD accepts: one or more `<digits><unit>` with unit `ms`,
@@ -606,6 +640,34 @@ mod tests {
         for bad in ["", "5", "s", "1.5s", "1d", "-1s", "99999999999999999999h"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn durations_above_their_bound_are_rejected_with_the_bound() {
+        let mut p = text_pipeline();
+        p.spec.inference.batching.max_delay = "20s".into();
+        assert_eq!(
+            validate(&p).map(|_| ()).unwrap_err().to_string(),
+            r#"inference.batching.maxDelay must be at most 1s (got "20s")"#
+        );
+        p.spec.inference.batching.max_delay = "1s".into();
+        assert!(validate(&p).is_ok());
+        p.spec.rollout.step_duration = "99999999999999999999h".into();
+        assert_eq!(
+            validate(&p).map(|_| ()).unwrap_err().to_string(),
+            r#"rollout.stepDuration must be at most 24h (got "99999999999999999999h")"#
+        );
+        p.spec.rollout.step_duration = "24h".into();
+        p.spec.rollout.scale_down_delay = "1441m".into();
+        assert!(matches!(
+            validate(&p),
+            Err(ValidateError::DurationTooLong {
+                field: "rollout.scaleDownDelay",
+                ..
+            })
+        ));
+        p.spec.rollout.scale_down_delay = "5x".into();
+        assert!(matches!(validate(&p), Err(ValidateError::Duration { .. })));
     }
 
     #[test]
