@@ -465,7 +465,10 @@ fn last_exit(cs: &ContainerStatusSummary) -> Option<String> {
 /// to its reasons: `node(s) had untolerated taint {x: y}, Insufficient nvidia.com/gpu`.
 pub fn scheduler_reasons(message: &str) -> String {
     let body = message.split_once(": ").map(|(_, b)| b).unwrap_or(message);
-    let body = body.split(". preemption:").next().unwrap_or(body);
+    // The reasons end at the first sentence's full stop; what follows is the scheduler's
+    // preemption and dynamic resource allocation chatter (`. preemption: …`, `. no new claims
+    // to deallocate, …` on Kubernetes 1.36).
+    let body = body.split(". ").next().unwrap_or(body);
     let body = body.trim().trim_end_matches('.');
     body.split(", ")
         .map(|part| {
@@ -817,6 +820,13 @@ mod tests {
         );
         assert_eq!(
             scheduler_reasons("0/1 nodes are available: 1 Insufficient nvidia.com/gpu."),
+            "Insufficient nvidia.com/gpu"
+        );
+        // Kubernetes 1.36, with dynamic resource allocation on.
+        assert_eq!(
+            scheduler_reasons(
+                "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. no new claims to deallocate, preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling."
+            ),
             "Insufficient nvidia.com/gpu"
         );
     }
