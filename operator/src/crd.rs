@@ -890,8 +890,88 @@ pub struct StatusSummary {
 
 /// The CRD as YAML, exactly as committed in `crds/` (the drift test compares the two).
 pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    let mut crd = serde_yaml_ng::to_value(InferencePipeline::crd())?;
+    for version in crd["spec"]["versions"]
+        .as_sequence_mut()
+        .into_iter()
+        .flatten()
+    {
+        if let Some(schema) = version
+            .get_mut("schema")
+            .and_then(|s| s.get_mut("openAPIV3Schema"))
+        {
+            for_explain(schema);
+        }
+    }
     // serde_yaml is archived upstream; serde_yaml_ng is its maintained fork with the same API.
-    serde_yaml_ng::to_string(&InferencePipeline::crd())
+    serde_yaml_ng::to_string(&crd)
+}
+
+/// Makes a schema's descriptions read well in `kubectl explain`, which prints them as they are:
+/// each paragraph on one line (doc comments are wrapped at 100 columns, and those breaks
+/// showed up mid-sentence), and a field with a default says so at the end, since explain does
+/// not show `default:` (Kubernetes 1.36).
+fn for_explain(schema: &mut serde_yaml_ng::Value) {
+    use serde_yaml_ng::Value;
+    let Some(map) = schema.as_mapping_mut() else {
+        return;
+    };
+    let mut text = map
+        .get("description")
+        .and_then(Value::as_str)
+        .map(single_spaced)
+        .unwrap_or_default();
+    // An object whose every field carries the same default itself says nothing new (the
+    // whole `rollout` default was a 280-character blob); one such as `replicas`, whose fields
+    // have none of their own, does.
+    let own_defaults = map
+        .get("default")
+        .and_then(Value::as_mapping)
+        .is_some_and(|d| {
+            d.iter().all(|(k, v)| {
+                map.get("properties")
+                    .and_then(|p| p.get(k))
+                    .and_then(|f| f.get("default"))
+                    == Some(v)
+            })
+        });
+    if let Some(default) = map.get("default").filter(|_| !own_defaults) {
+        // A string as itself (`2ms`), anything else as compact JSON (`[10,50,100]`).
+        let default = match default.as_str() {
+            Some(s) => s.to_owned(),
+            None => serde_json::to_string(default).unwrap_or_default(),
+        };
+        let sep = if text.is_empty() { "" } else { " " };
+        text = format!("{text}{sep}Defaults to `{default}`.");
+    }
+    if !text.is_empty() {
+        map.insert("description".into(), Value::String(text));
+    }
+    for key in ["properties", "patternProperties"] {
+        if let Some(props) = map.get_mut(key).and_then(Value::as_mapping_mut) {
+            props.values_mut().for_each(for_explain);
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(sub) = map.get_mut(key) {
+            for_explain(sub);
+        }
+    }
+}
+
+/// Joins the lines of each paragraph with one space; blank lines still separate paragraphs.
+fn single_spaced(text: &str) -> String {
+    text.split("\n\n")
+        .map(|para| {
+            para.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 fn default_true() -> bool {
@@ -997,6 +1077,66 @@ mod tests {
             k8s.get("additionalProperties")
         );
         assert_eq!(ours.get("type"), k8s.get("type"));
+    }
+
+    #[test]
+    fn crd_descriptions_are_single_spaced_paragraphs_that_name_their_defaults() {
+        let crd: serde_json::Value =
+            serde_yaml_ng::from_str(&crd_yaml().expect("yaml")).expect("parses");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        let steps = spec["rollout"]["properties"]["steps"]["description"]
+            .as_str()
+            .expect("steps");
+        assert_eq!(
+            steps,
+            "Percentages of live traffic sent to the candidate, one step after another; strictly \
+             ascending and ending at 100 (full promotion). Defaults to `[10,50,100]`."
+        );
+        assert!(
+            spec["inference"]["properties"]["device"]["description"]
+                .as_str()
+                .is_some_and(|d| d.ends_with("each. Defaults to `CUDA`.")),
+            "{}",
+            spec["inference"]["properties"]["device"]
+        );
+        // Everywhere: no line break inside a paragraph, and every default named.
+        fn check(s: &serde_json::Value, path: &str) {
+            let d = s["description"].as_str().unwrap_or_default();
+            assert!(
+                !d.replace("\n\n", "").contains('\n'),
+                "{path}: a line break inside a paragraph: {d:?}"
+            );
+            let own = s["default"].as_object().is_some_and(|d| {
+                d.iter()
+                    .all(|(k, v)| s["properties"][k.as_str()]["default"] == *v)
+            });
+            if !s["default"].is_null() && !own {
+                assert!(
+                    d.contains("Defaults to `"),
+                    "{path}: default not named: {d:?}"
+                );
+            }
+            for (name, sub) in s["properties"].as_object().into_iter().flatten() {
+                check(sub, &format!("{path}.{name}"));
+            }
+            check_opt(&s["items"], &format!("{path}[]"));
+            check_opt(&s["additionalProperties"], &format!("{path}{{}}"));
+        }
+        fn check_opt(s: &serde_json::Value, path: &str) {
+            if s.is_object() {
+                check(s, path);
+            }
+        }
+        check(&crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "");
+        // Paragraphs stay apart (the Quantity docs have several).
+        let quantity = spec["inference"]["properties"]["resources"]["properties"]["limits"]
+            ["additionalProperties"]["description"]
+            .as_str()
+            .expect("quantity");
+        assert!(
+            quantity.contains("\n\nThe serialization format is:\n\n"),
+            "{quantity}"
+        );
     }
 
     #[test]

@@ -218,5 +218,23 @@ fn kubectl_explain_shows_the_field_documentation() {
     let text = cluster
         .kubectl_ok(["explain", "ipl.spec.rollout.steps"])
         .expect("explain");
-    assert!(text.contains("strictly"), "{text}");
+    // One paragraph per line: not the doc comment's 100-column wrapping (`strictly\n
+    // ascending`); kubectl explain wraps it to the terminal itself.
+    let description = text
+        .split_once("DESCRIPTION:")
+        .map_or(text.as_str(), |(_, d)| d);
+    let joined = description.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        joined.contains("strictly ascending and ending at 100 (full promotion)"),
+        "{text}"
+    );
+    assert!(
+        !description.contains("strictly\n"),
+        "the source's line break survived: {text}"
+    );
+    // kubectl explain prints no `default:`; the description names it.
+    let text = cluster
+        .kubectl_ok(["explain", "ipl.spec.inference.device"])
+        .expect("explain");
+    assert!(text.contains("Defaults to `CUDA`."), "{text}");
 }
