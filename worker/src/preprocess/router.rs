@@ -568,6 +568,7 @@ impl Router {
                     code => RequestError::Upstream {
                         code,
                         message: status.message().to_owned(),
+                        endpoint: target.endpoint.address.clone(),
                     },
                 })
             }
