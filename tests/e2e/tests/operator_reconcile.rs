@@ -518,6 +518,64 @@ fn an_object_the_api_server_refuses_degrades_the_pipeline_with_its_message_until
     );
 }
 
+/// Runnable pods whose inference worker cannot load its model: the file does not exist.
+const MISSING_MODEL: &str = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: InferencePipeline
+metadata: {name: broken}
+spec:
+  preprocess:
+    text: {tokenizer: "file:///nonexistent/tokenizer.json"}
+    replicas: {min: 1, max: 1}
+    resources: {requests: {cpu: 10m, memory: 64Mi}}
+  inference:
+    model: {name: minilm, version: "1", uri: "file:///nonexistent/minilm/model.safetensors",
+            sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"}
+    device: CPU
+    replicas: {min: 1, max: 1}
+    resources: {requests: {cpu: 10m, memory: 64Mi}}
+"#;
+
+#[test]
+fn a_crashing_stage_is_degraded_with_the_reason_its_worker_gave() {
+    let cluster = Cluster::connect();
+    cluster.ensure_crd().expect("the CRD is served");
+    let ns = cluster.namespace("op-crash").expect("namespace");
+    let ns = ns.name();
+    let op = Operator::start(&cluster, ns, "a");
+    cluster
+        .kubectl_stdin(&["apply", "-n", ns], MISSING_MODEL)
+        .expect("apply");
+    // The worker writes why it failed to its termination log; the pod status carries it and
+    // the pipeline's Degraded condition quotes it, also while the container runs again.
+    let p = wait_for_status(
+        &cluster,
+        ns,
+        "broken",
+        &op,
+        "Degraded=True PodsFailing quoting the missing model file",
+        |p| {
+            condition(p, "Degraded")["reason"] == "PodsFailing"
+                && condition(p, "Degraded")["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("/nonexistent/"))
+        },
+    );
+    let message = condition(&p, "Degraded")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains("exited with code 1: ") && message.contains("/nonexistent/"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("{\""),
+        "the worker's own message, not a JSON log line: {message}"
+    );
+    assert_eq!(p["status"]["phase"], "Degraded");
+}
+
 #[test]
 fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up() {
     let cluster = Cluster::connect();

@@ -229,7 +229,15 @@ impl ContainerCtx {
             .map(|s| expand(s, &env))
             .collect();
         let argv = build_argv(&mapped, &command, &args);
-        for b in &self.binds {
+        let mut binds = self.binds.clone();
+        binds.push(self.fresh_termination_log().map_err(|e| {
+            (
+                "CreateContainerError",
+                format!("termination log: {e}"),
+                true,
+            )
+        })?);
+        for b in &binds {
             self.ctx
                 .ensure_mountpoint(&b.target, b.source.is_file())
                 .map_err(|e| {
@@ -245,7 +253,7 @@ impl ContainerCtx {
             ip: cfg.ip.clone(),
             self_exe: cfg.self_exe.clone(),
             netns: self.netns.clone(),
-            binds: self.binds.clone(),
+            binds,
             uid: self.user.0,
             gid: self.user.1,
             workdir: self.workdir.clone(),
@@ -253,6 +261,67 @@ impl ContainerCtx {
             env,
             log: self.log_path(),
         })
+    }
+
+    /// The host file behind the container's `terminationMessagePath`.
+    fn termination_log_path(&self) -> PathBuf {
+        let uid = self.pod.metadata.uid.as_deref().unwrap_or_default();
+        self.ctx.cfg.pod_dir(uid).join("termination").join(format!(
+            "{}-{}",
+            if self.init { "init" } else { "main" },
+            self.index
+        ))
+    }
+
+    /// An empty termination log the container's user may write, bound at its
+    /// `terminationMessagePath` (default `/dev/termination-log`), as the kubelet provides.
+    fn fresh_termination_log(&self) -> std::io::Result<Bind> {
+        let source = self.termination_log_path();
+        if let Some(dir) = source.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&source, b"")?;
+        if let (Some(uid), gid) = self.user {
+            std::os::unix::fs::chown(&source, Some(uid), gid)?;
+        }
+        let target = self
+            .container
+            .termination_message_path
+            .clone()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| "/dev/termination-log".to_owned());
+        Ok(Bind {
+            source,
+            target: PathBuf::from(target),
+            read_only: false,
+        })
+    }
+
+    /// The termination message after an exit with `code`, as the kubelet makes it: what the
+    /// container wrote to its termination log (at most 4 KiB), or, under
+    /// `FallbackToLogsOnError` after a failure, the end of its log (80 lines, 2 KiB at most).
+    fn termination_message(&self, log: &std::path::Path, code: i32) -> Option<String> {
+        let written = std::fs::read(self.termination_log_path()).unwrap_or_default();
+        let written = String::from_utf8_lossy(&written[..written.len().min(4096)]);
+        if !written.trim().is_empty() {
+            return Some(written.into_owned());
+        }
+        if code == 0
+            || self.container.termination_message_policy.as_deref() != Some("FallbackToLogsOnError")
+        {
+            return None;
+        }
+        let text = std::fs::read(log).ok()?;
+        let text = String::from_utf8_lossy(&text[text.len().saturating_sub(2048)..]).into_owned();
+        // The container's own lines since the agent's last marker.
+        let own = text
+            .rsplit("---- tandem-node-agent: ")
+            .next()
+            .unwrap_or(&text);
+        let own = own.split_once('\n').map_or("", |(_, rest)| rest);
+        let lines: Vec<&str> = own.lines().collect();
+        let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+        (!tail.trim().is_empty()).then_some(tail)
     }
 
     /// Runs the container until it completes for good or is stopped.
@@ -314,6 +383,7 @@ impl ContainerCtx {
                     self.run_process(child, &spec, &mut stop).await
                 }
             };
+            let message = message.or_else(|| self.termination_message(&spec.log, code));
             let termination = Termination {
                 exit_code: code,
                 signal,
