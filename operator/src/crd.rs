@@ -370,14 +370,28 @@ impl<'de> Deserialize<'de> for ResourceList {
     }
 }
 
+/// A Kubernetes quantity as a string: a signed decimal number with an optional binary,
+/// decimal or exponent suffix (`crate::validate::is_quantity` checks the same).
+pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+
 impl JsonSchema for ResourceList {
     fn schema_name() -> std::borrow::Cow<'static, str> {
         "ResourceList".into()
     }
 
-    /// The schema of a container's resource map: quantities, integer or string.
-    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        <BTreeMap<String, Quantity>>::json_schema(generator)
+    /// The schema of a container's resource map: quantities, integer or string, the strings
+    /// checked against [`QUANTITY_PATTERN`] (Kubernetes' own schemas for quantities carry
+    /// the same pattern) so that `cpu: lots` is refused when applied.
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "additionalProperties": {
+                "description": "An amount such as 500m, 2 or 1Gi (a Kubernetes quantity).",
+                "anyOf": [{"type": "integer"}, {"type": "string"}],
+                "pattern": QUANTITY_PATTERN,
+                "x-kubernetes-int-or-string": true
+            }
+        })
     }
 
     fn inline_schema() -> bool {

@@ -92,6 +92,16 @@ pub enum ValidateError {
         /// Given value.
         value: String,
     },
+    /// A resource amount that is not a Kubernetes quantity.
+    #[error("{field}.{resource} must be a quantity such as 500m, 2 or 1Gi (got {value:?})")]
+    Quantity {
+        /// `preprocess.resources.requests` and so on.
+        field: String,
+        /// The resource name.
+        resource: String,
+        /// Given value.
+        value: String,
+    },
     /// Not a SHA-256 hex digest.
     #[error("inference.model.sha256 must be exactly 64 hexadecimal characters")]
     Sha256,
@@ -244,6 +254,56 @@ pub struct ValidatedPipeline {
     pub rollout: ValidRollout,
 }
 
+/// A stage's resources, each amount checked to be a quantity (the API server would refuse
+/// the Deployment with a message about the Deployment, not the pipeline).
+fn resources(
+    stage: &str,
+    r: Option<&crate::crd::Resources>,
+) -> Result<Option<ResourceRequirements>, ValidateError> {
+    let Some(r) = r else { return Ok(None) };
+    for (kind, list) in [("requests", &r.requests), ("limits", &r.limits)] {
+        for (resource, q) in list.to_map() {
+            if !is_quantity(&q.0) {
+                return Err(ValidateError::Quantity {
+                    field: format!("{stage}.resources.{kind}"),
+                    resource,
+                    value: q.0,
+                });
+            }
+        }
+    }
+    Ok(Some(ResourceRequirements::from(r)))
+}
+
+/// Whether `s` is a Kubernetes quantity: a signed decimal number with an optional binary
+/// (`Ki` … `Ei`), decimal (`n u m k M G T P E`) or exponent (`e3`, `E-2`) suffix — the CRD's
+/// [`crate::crd::QUANTITY_PATTERN`].
+pub fn is_quantity(s: &str) -> bool {
+    fn number(s: &str) -> Option<&str> {
+        let digits = |s: &str| s.bytes().take_while(u8::is_ascii_digit).count();
+        let whole = digits(s);
+        let rest = &s[whole..];
+        let (frac, rest) = match rest.strip_prefix('.') {
+            Some(r) => (digits(r), &r[digits(r)..]),
+            None => (0, rest),
+        };
+        (whole + frac > 0).then_some(rest)
+    }
+    let unsigned = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let Some(suffix) = number(unsigned) else {
+        return false;
+    };
+    match suffix {
+        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T"
+        | "P" | "E" => true,
+        exp => exp
+            .strip_prefix(['e', 'E'])
+            .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
+            .and_then(number)
+            .is_some_and(str::is_empty),
+    }
+}
+
 /// Validates a pipeline, returning the first problem found.
 pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateError> {
     let name = p.name_any();
@@ -295,7 +355,7 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
         replicas: pre_replicas,
         target_queue_depth: positive("preprocess.targetQueueDepth", pre.target_queue_depth.into())?,
         max_queue_depth: positive("preprocess.maxQueueDepth", pre.max_queue_depth.into())?,
-        resources: pre.resources.as_ref().map(ResourceRequirements::from),
+        resources: resources("preprocess", pre.resources.as_ref())?,
     };
     target_within_max("preprocess", pre.target_queue_depth, pre.max_queue_depth)?;
 
@@ -316,7 +376,7 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
         replicas: replicas("inference", inf.replicas)?,
         target_queue_depth: positive("inference.targetQueueDepth", inf.target_queue_depth.into())?,
         max_queue_depth: positive("inference.maxQueueDepth", inf.max_queue_depth.into())?,
-        resources: inf.resources.as_ref().map(ResourceRequirements::from),
+        resources: resources("inference", inf.resources.as_ref())?,
     };
 
     let r = &spec.rollout;
@@ -484,6 +544,61 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 mod tests {
     use super::*;
     use crate::test_fixtures::text_pipeline;
+
+    #[test]
+    fn quantities_follow_the_kubernetes_grammar() {
+        for ok in [
+            "1",
+            "500m",
+            "1Gi",
+            "0.5",
+            ".5",
+            "1.",
+            "+2",
+            "-1",
+            "1e3",
+            "1E-2",
+            "2.5e+1",
+            "100k",
+            "1E",
+            "128974848",
+        ] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in [
+            "lots", "", "1 Gi", "1gi", "1GiB", "e3", "1e", "1.2.3", "--1", "Gi",
+        ] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+        let pattern = regex::Regex::new(crate::crd::QUANTITY_PATTERN).unwrap();
+        for s in [
+            "1", "500m", "1Gi", ".5", "1e3", "1E", "lots", "1gi", "1e", "Gi", "1.2.3",
+        ] {
+            assert_eq!(
+                is_quantity(s),
+                pattern.is_match(s),
+                "{s}: the CRD and the operator agree"
+            );
+        }
+    }
+
+    #[test]
+    fn a_resource_amount_that_is_not_a_quantity_is_named_with_its_stage() {
+        let mut p = text_pipeline();
+        p.spec.inference.resources = Some(crate::crd::Resources {
+            requests: [(
+                "cpu",
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity("lots".into()),
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        });
+        assert_eq!(
+            validate(&p).unwrap_err().to_string(),
+            "inference.resources.requests.cpu must be a quantity such as 500m, 2 or 1Gi (got \"lots\")"
+        );
+    }
 
     #[test]
     fn a_valid_text_pipeline_validates_with_parsed_durations() {
