@@ -1082,15 +1082,16 @@ mod tests {
     }
 
     #[test]
-    fn a_resource_list_has_the_schema_of_a_container_resource_map() {
+    fn a_resource_list_is_a_map_of_quantities_integer_or_patterned_string() {
         let ours = schemars::SchemaGenerator::default().into_root_schema_for::<ResourceList>();
-        let k8s = schemars::SchemaGenerator::default()
-            .into_root_schema_for::<BTreeMap<String, Quantity>>();
+        assert_eq!(ours.get("type"), Some(&serde_json::json!("object")));
+        let value = ours.get("additionalProperties").expect("values");
+        assert_eq!(value["x-kubernetes-int-or-string"], true);
         assert_eq!(
-            ours.get("additionalProperties"),
-            k8s.get("additionalProperties")
+            value["anyOf"],
+            serde_json::json!([{"type": "integer"}, {"type": "string"}])
         );
-        assert_eq!(ours.get("type"), k8s.get("type"));
+        assert_eq!(value["pattern"], QUANTITY_PATTERN);
     }
 
     #[test]
@@ -1142,14 +1143,10 @@ mod tests {
             }
         }
         check(&crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], "");
-        // Paragraphs stay apart (the Quantity docs have several).
-        let quantity = spec["inference"]["properties"]["resources"]["properties"]["limits"]
-            ["additionalProperties"]["description"]
-            .as_str()
-            .expect("quantity");
-        assert!(
-            quantity.contains("\n\nThe serialization format is:\n\n"),
-            "{quantity}"
+        // Paragraphs stay apart, lines within one are joined.
+        assert_eq!(
+            single_spaced("First line\nwraps here.\n\nSecond paragraph\n  too."),
+            "First line wraps here.\n\nSecond paragraph too."
         );
     }
 
