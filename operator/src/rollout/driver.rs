@@ -94,6 +94,7 @@ pub async fn run(
             let key = (ns.to_owned(), name.to_owned());
             let tick = Tick {
                 workers: &workers,
+                pods: &all_pods,
                 published: &published,
                 memory: &mut memory,
                 key: &key,
@@ -110,6 +111,8 @@ pub async fn run(
 /// a pipeline with something to drive.
 struct Tick<'a> {
     workers: &'a [WorkerPod],
+    /// Every watched worker pod, for why a candidate's pods are not ready.
+    pods: &'a [Arc<PodSummary>],
     published: &'a Published,
     memory: &'a mut HashMap<(String, String), Memory>,
     key: &'a (String, String),
@@ -154,6 +157,7 @@ async fn drive(
     let spec_model = ModelRef::from(&v.inference.model);
     let Tick {
         workers,
+        pods,
         published,
         memory,
         key,
@@ -191,6 +195,9 @@ async fn drive(
             .count()
             .try_into()
             .unwrap_or(u32::MAX);
+        if obs.candidate_ready < obs.candidate_wanted.max(1) {
+            obs.candidate_problem = candidate_problem(pods, &key.0, &key.1, *color);
+        }
     }
 
     let pre = poll(workers, Stage::Preprocess, None, cfg.stats_timeout).await;
@@ -328,6 +335,22 @@ fn shape(r: Option<&RolloutStatus>) -> Option<Shape> {
         traffic: r.traffic_percent,
         halted: r.halted,
     })
+}
+
+/// Why the candidate color's pods are not running (crash loop, unschedulable...), if known.
+fn candidate_problem(
+    pods: &[Arc<PodSummary>],
+    ns: &str,
+    pipeline: &str,
+    color: Color,
+) -> Option<String> {
+    crate::status::pod_problem(pods.iter().map(AsRef::as_ref).filter(|p| {
+        &*p.namespace == ns
+            && p.labels.instance.as_deref() == Some(pipeline)
+            && p.labels.component.as_deref() == Some(Stage::Inference.as_str())
+            && p.labels.color.as_deref() == Some(color.as_str())
+    }))
+    .map(|p| p.message)
 }
 
 fn count_ready(workers: &[WorkerPod], stage: Stage, color: Option<Color>) -> u32 {

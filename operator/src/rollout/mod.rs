@@ -84,6 +84,8 @@ pub struct Observations {
     pub candidate_ready: u32,
     /// Candidate pods wanted before traffic moves.
     pub candidate_wanted: u32,
+    /// Why candidate pods are not ready, when their status says (`status::pod_problem`).
+    pub candidate_problem: Option<String>,
     /// The routing generation for the current status, once every ready preprocess pod holds
     /// it; `None` while any pod lags (or no table has been published yet).
     pub routes_acked: Option<u64>,
@@ -333,7 +335,7 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
                     ));
                 }
             } else if waited >= millis(policy.progress_deadline) {
-                let msg = format!(
+                let mut msg = format!(
                     "candidate {} on {} had {}/{} pods ready with the model loaded after {}s (progressDeadline {}s)",
                     version(inp.spec_model),
                     candidate.as_str(),
@@ -342,6 +344,10 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
                     waited / 1000,
                     policy.progress_deadline.as_secs()
                 );
+                if let Some(why) = &obs.candidate_problem {
+                    msg.push_str(": ");
+                    msg.push_str(why);
+                }
                 fail(inp, next, d, "ProgressDeadlineExceeded", msg);
                 return;
             } else {
@@ -349,12 +355,17 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
                     "candidate ready; waiting for every preprocess pod to apply the routing table"
                         .to_owned()
                 } else {
-                    format!(
+                    let mut msg = format!(
                         "waiting for candidate pods to load {}: {}/{} ready",
                         version(inp.spec_model),
                         obs.candidate_ready,
                         obs.candidate_wanted.max(1)
-                    )
+                    );
+                    if let Some(why) = &obs.candidate_problem {
+                        msg.push_str("; ");
+                        msg.push_str(why);
+                    }
+                    msg
                 });
             }
         }

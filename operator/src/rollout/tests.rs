@@ -187,6 +187,27 @@ fn candidate_pods_that_never_become_ready_roll_back_at_the_progress_deadline() {
 }
 
 #[test]
+fn a_crashing_candidate_says_why_while_provisioning_and_when_rolled_back() {
+    let mut w = World::serving_v1();
+    w.spec = model("v2");
+    w.tick(0, None);
+    let why = "CrashLoopBackOff: container inference exited with code 1: sha256 mismatch";
+    w.obs.candidate_problem = Some(why.to_owned());
+    w.tick(30, None);
+    assert_eq!(
+        w.r().message.as_deref(),
+        Some(format!("waiting for candidate pods to load minilm:v2: 0/1 ready; {why}").as_str())
+    );
+    let ev = w.tick(600, None);
+    assert_eq!(reasons(&ev), ["ProgressDeadlineExceeded"]);
+    let msg = w.r().message.clone().unwrap();
+    assert!(
+        msg.contains(&format!("(progressDeadline 600s): {why}; rolled back")),
+        "{msg}"
+    );
+}
+
+#[test]
 fn shadow_counts_accumulate_and_a_clean_shadow_moves_the_first_step_of_traffic() {
     let mut w = World::serving_v1();
     w.shadowing_v2();
