@@ -231,9 +231,10 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 struct Packed {
     /// Index into the `[n, l]` inputs of each packed token.
     src: Vec<usize>,
-    /// Whether each packed token's mask is set. Only those are keys, are pooled by the mean
-    /// and attend as queries: a masked first token kept for CLS pooling gets no attention
-    /// context, as it would in the padded batch.
+    /// Whether each packed token's mask is set. Only those are keys and are pooled by the
+    /// mean; every packed token attends as a query, so a masked first token kept for CLS
+    /// pooling attends to the row's unmasked tokens, as it does in the padded batch (the mask
+    /// hides keys, not queries).
     kept: Vec<bool>,
     /// Where each row's packed tokens end (exclusive); the next row's start there.
     ends: Vec<usize>,
@@ -269,8 +270,8 @@ impl Packed {
 }
 
 /// Multi-head self-attention over `qkv` (`[t, 3h]`, Q|K|V, `t` packed tokens), writing
-/// `[t, h]`. Each row attends within itself; keys with mask 0 get no weight, and queries with
-/// mask 0 get zeros.
+/// `[t, h]`. Each row attends within itself; keys with mask 0 get no weight (a row without
+/// any unmasked key gets zeros).
 fn attention(qkv: &[f32], p: &Packed, ctx: &mut [f32], h: usize, heads: usize, threads: usize) {
     let d = h / heads;
     let scale = 1.0 / (d as f32).sqrt();
@@ -280,7 +281,7 @@ fn attention(qkv: &[f32], p: &Packed, ctx: &mut [f32], h: usize, heads: usize, t
         let mut scores = vec![0.0f32; keys.len()];
         out.fill(0.0);
         for head in 0..heads {
-            for (i, _) in kept.iter().enumerate().filter(|(_, k)| **k) {
+            for i in 0..kept.len() {
                 let q = &qkv[(start + i) * 3 * h + head * d..][..d];
                 for (s, &j) in scores.iter_mut().zip(&keys) {
                     let k = &qkv[(start + j) * 3 * h + h + head * d..][..d];
@@ -373,7 +374,8 @@ mod tests {
     #[test]
     fn attention_stays_within_each_row_and_gives_masked_keys_no_weight() {
         // h = 1, one head. Row 0: a masked first token (kept for CLS pooling) with a huge
-        // value, then a token with value 2. Row 1: one token with value 7.
+        // value, then a token with value 2. Row 1: one token with value 7. The masked token
+        // is no key, but as a query it attends to its row's unmasked token.
         let p = Packed::new(&[0, 1, 1, 0], 2, 2, Pooling::Cls);
         assert_eq!(p.src, [0, 1, 2]);
         // q, k, v per packed token
@@ -381,7 +383,7 @@ mod tests {
         for threads in [1, 2] {
             let mut ctx = [-1.0; 3];
             attention(&qkv, &p, &mut ctx, 1, 1, threads);
-            assert_eq!(ctx, [0.0, 2.0, 7.0], "threads {threads}");
+            assert_eq!(ctx, [2.0, 2.0, 7.0], "threads {threads}");
         }
     }
 }
