@@ -256,7 +256,11 @@ pub async fn run(
     // Deletions too: the queue then forgets the pipeline.
     .touched_objects();
 
-    // What triggers a reconcile: a change to the pipeline or to an object it owns. Creating a
+    // Pods that start failing (see `router::watch_pods`).
+    let (failing_tx, failing_rx) = tokio::sync::mpsc::channel(1024);
+
+    // What triggers a reconcile: a change to the pipeline or to an object it owns, or a worker
+    // pod that starts failing. Creating a
     // pipeline's seven objects fires seven watch events; the queue's debounce folds them (and
     // Deployment status churn) into one follow-up reconcile.
     let triggers = futures::stream::select_all([
@@ -271,6 +275,11 @@ pub async fn run(
             owned_watch.stream::<PodDisruptionBudget>(),
             "PodDisruptionBudget",
         ),
+        futures::stream::unfold(failing_rx, |mut rx| async move {
+            let (ns, name): (String, String) = rx.recv().await?;
+            Some((key(&ns, &name), rx))
+        })
+        .boxed(),
     ]);
 
     // Worker pods: the router's routing tables, the rollout driver, the autoscaler and the
@@ -280,6 +289,7 @@ pub async fn run(
         cfg.namespace.as_deref(),
         cfg.page_size,
         cache_changes.clone(),
+        failing_tx,
     );
     let pod_watch = tokio::spawn(pod_watch);
     let (events, events_task) =

@@ -80,12 +80,16 @@ impl CacheChanges {
 
 /// A cache of the operator's worker pods (labels, status and deletion only) and the watch that
 /// fills it; spawn the future. Shared by the router, the rollout driver and the autoscaler.
-/// Every event is noted in `changes` once the cache holds it.
+/// Every event is noted in `changes` once the cache holds it. A pod whose containers start
+/// failing, or fail differently (a crash loop, an image that cannot be pulled), sends its
+/// pipeline's `(namespace, name)` to `failing`: nothing else about the pipeline changes then,
+/// and its status should say so without waiting for the next periodic reconcile.
 pub fn watch_pods(
     client: Client,
     namespace: Option<&str>,
     page_size: u32,
     changes: CacheChanges,
+    failing: tokio::sync::mpsc::Sender<(String, String)>,
 ) -> (
     Cache<PodSummary>,
     impl std::future::Future<Output = ()> + Send + 'static,
@@ -105,6 +109,17 @@ pub fn watch_pods(
     // Only the name, selector labels, status and deletion matter here (the watched form skips
     // the spec while decoding, the summary keeps no metadata): keep the cache small.
     .default_backoff()
+    .inspect({
+        let store = store.clone();
+        move |ev| {
+            if let Ok(watcher::Event::Apply(pod)) = ev
+                && let Some(pipeline) = newly_failing(&store, &PodSummary::from(pod))
+            {
+                // A full queue drops it: the periodic reconcile still comes.
+                let _ = failing.try_send(pipeline);
+            }
+        }
+    })
     .inspect(store.writer(|p| PodSummary::from(p)))
     .for_each(move |event| {
         match event {
@@ -115,6 +130,25 @@ pub fn watch_pods(
         futures::future::ready(())
     });
     (store, watch)
+}
+
+/// The pod's pipeline, when the pod now has a `PodsFailing` problem it did not have (with this
+/// message) in `store`.
+fn newly_failing(store: &Cache<PodSummary>, pod: &PodSummary) -> Option<(String, String)> {
+    let failing = |p: &PodSummary| {
+        crate::status::pod_problem([p])
+            .filter(|problem| problem.reason == "PodsFailing")
+            .map(|problem| problem.message)
+    };
+    let now = failing(pod)?;
+    let before = store
+        .get(&pod.namespace, &pod.name)
+        .and_then(|old| failing(&old));
+    if before.as_deref() == Some(now.as_str()) {
+        return None;
+    }
+    let pipeline = pod.labels.instance.as_deref()?;
+    Some((pod.namespace.to_string(), pipeline.to_owned()))
 }
 
 /// Runs until the task is dropped or aborted.
@@ -308,6 +342,70 @@ enum PushError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker pod of pipeline `minilm` in `ml`, its container waiting for `waiting`.
+    fn worker_pod(waiting: Option<(&str, i32)>) -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "minilm-inference-blue-x", "namespace": "ml",
+                         "labels": {"app.kubernetes.io/instance": "minilm",
+                                    "app.kubernetes.io/component": "inference"}},
+            "status": {"containerStatuses": [{
+                "name": "inference", "image": "w", "imageID": "", "ready": false,
+                "restartCount": 2,
+                "state": match waiting {
+                    Some((reason, _)) => serde_json::json!({"waiting": {"reason": reason}}),
+                    None => serde_json::json!({"running": {}}),
+                },
+                "lastState": match waiting {
+                    Some((_, code)) => serde_json::json!({"terminated": {"exitCode": code}}),
+                    None => serde_json::json!({}),
+                },
+            }]}
+        }))
+        .expect("a pod")
+    }
+
+    #[test]
+    fn a_pod_that_starts_failing_names_its_pipeline_once_per_new_failure() {
+        let store = Cache::<PodSummary>::default();
+        let summary = |p: &k8s_openapi::api::core::v1::Pod| PodSummary::of(p).expect("summary");
+        let starting = worker_pod(None);
+        store.apply(&watcher::Event::Apply(starting.clone()), summary);
+        let crashing = worker_pod(Some(("CrashLoopBackOff", 1)));
+        assert_eq!(
+            newly_failing(&store, &summary(&crashing)),
+            Some(("ml".to_owned(), "minilm".to_owned()))
+        );
+        store.apply(&watcher::Event::Apply(crashing.clone()), summary);
+        assert_eq!(
+            newly_failing(&store, &summary(&crashing)),
+            None,
+            "the same failure again"
+        );
+        let other = worker_pod(Some(("CrashLoopBackOff", 137)));
+        assert!(
+            newly_failing(&store, &summary(&other)).is_some(),
+            "a new exit"
+        );
+        assert_eq!(
+            newly_failing(&store, &summary(&starting)),
+            None,
+            "not failing"
+        );
+        let unschedulable: k8s_openapi::api::core::v1::Pod =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "ml",
+                             "labels": {"app.kubernetes.io/instance": "minilm"}},
+                "status": {"conditions": [{"type": "PodScheduled", "status": "False",
+                                           "reason": "Unschedulable", "message": "0/1 nodes"}]}
+            }))
+            .expect("a pod");
+        assert_eq!(
+            newly_failing(&store, &summary(&unschedulable)),
+            None,
+            "a Pending pod is reported by the Deployment's reconcile, not per pod event"
+        );
+    }
 
     #[test]
     fn a_pass_is_skipped_only_when_nothing_changed_nothing_is_outstanding_and_no_refresh_is_due() {
