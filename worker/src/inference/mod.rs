@@ -167,7 +167,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         args.model_version.clone(),
         args.pod_name.clone(),
     ));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(Shutdown::Running);
     let servers = start_servers(&args, worker.clone(), stop_rx).await?;
 
     // Load + warm up on a blocking thread while the servers answer probes.
@@ -203,7 +203,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let loaded = tokio::select! {
         l = loaded => l,
         () = &mut stop_signal => {
-            let _ = stop_tx.send(true);
+            let _ = stop_tx.send(Shutdown::All);
             return Ok(());
         }
     };
@@ -211,7 +211,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Ok(l) => l,
         Err(e) => {
             // `main` writes this to the termination log.
-            let _ = stop_tx.send(true);
+            let _ = stop_tx.send(Shutdown::All);
             return Err(e.context(format!("model {} from {}", args.model_name, args.model_uri)));
         }
     };
@@ -235,9 +235,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     stop_signal.await;
     tracing::info!("SIGTERM: draining");
     worker.start_drain();
-    let _ = stop_tx.send(true);
+    let _ = stop_tx.send(Shutdown::ClientPorts);
+    let (clients, side): (Vec<_>, Vec<_>) = servers
+        .into_iter()
+        .partition(|(at, _)| *at == Shutdown::ClientPorts);
     let drain = async {
-        for s in servers {
+        for (_, s) in clients {
             let _ = s.await;
         }
     };
@@ -258,7 +261,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     let joined = tokio::task::spawn_blocking(move || engine_thread.join());
     let grace = deadline.max(tokio::time::Instant::now() + ENGINE_GRACE);
-    if tokio::time::timeout_at(grace, joined).await.is_err() {
+    let finished = tokio::time::timeout_at(grace, joined).await.is_ok();
+    if !finished {
         let stats = runner.stats();
         tracing::warn!(
             queued = stats.queue_depth,
@@ -266,9 +270,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             drain_timeout_s = args.drain_timeout_s,
             "the engine is still busy after the drain timeout; exiting without it"
         );
-        return Ok(());
     }
-    tracing::info!("drained; exiting");
+    let _ = stop_tx.send(Shutdown::All);
+    let side = async {
+        for (_, s) in side {
+            let _ = s.await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), side).await;
+    if finished {
+        tracing::info!("drained; exiting");
+    }
     Ok(())
 }
 
@@ -298,15 +310,26 @@ async fn shutdown_signal() {
     }
 }
 
-async fn wait_stop(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await;
+/// How far shutdown has gone; each server stops at its own step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Shutdown {
+    Running,
+    /// The client ports (gRPC, REST) close: not ready, no new requests.
+    ClientPorts,
+    /// Everything closes, `/metrics` and `WorkerControl` too (they stay up through the drain,
+    /// so the drain itself can be scraped and polled).
+    All,
+}
+
+async fn wait_stop(mut rx: watch::Receiver<Shutdown>, at: Shutdown) {
+    let _ = rx.wait_for(|v| *v >= at).await;
 }
 
 async fn start_servers(
     args: &Args,
     worker: Arc<Worker>,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    stop: watch::Receiver<Shutdown>,
+) -> anyhow::Result<Vec<(Shutdown, tokio::task::JoinHandle<()>)>> {
     let addr = |port| SocketAddr::new(args.listen_address, port);
     let mut tasks = Vec::new();
 
@@ -318,15 +341,18 @@ async fn start_servers(
     let grpc_incoming =
         net::grpc_incoming(addr(args.grpc_port), "gRPC port", net::FIRST_BYTE_TIMEOUT).await?;
     let s = stop.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(oip)
-            .serve_with_incoming_shutdown(grpc_incoming, wait_stop(s))
-            .await
-        {
-            tracing::error!(error = %e, "gRPC server failed");
-        }
-    }));
+    tasks.push((
+        Shutdown::ClientPorts,
+        tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(oip)
+                .serve_with_incoming_shutdown(grpc_incoming, wait_stop(s, Shutdown::ClientPorts))
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }),
+    ));
 
     let control = WorkerControlServer::new(grpc::Control(worker.clone()));
     let control_incoming = net::grpc_incoming(
@@ -336,22 +362,34 @@ async fn start_servers(
     )
     .await?;
     let s = stop.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(control)
-            .serve_with_incoming_shutdown(control_incoming, wait_stop(s))
-            .await
-        {
-            tracing::error!(error = %e, "control server failed");
-        }
-    }));
+    tasks.push((
+        Shutdown::All,
+        tokio::spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(control)
+                .serve_with_incoming_shutdown(control_incoming, wait_stop(s, Shutdown::All))
+                .await
+            {
+                tracing::error!(error = %e, "control server failed");
+            }
+        }),
+    ));
 
     let http_listener = net::http_listener(addr(args.http_port), "HTTP port").await?;
     let app = rest::router(worker.clone());
     let s = stop.clone();
-    tasks.push(tokio::spawn(async move {
-        net::serve_http(http_listener, app, net::HEADER_READ_TIMEOUT, wait_stop(s)).await;
-    }));
+    tasks.push((
+        Shutdown::ClientPorts,
+        tokio::spawn(async move {
+            net::serve_http(
+                http_listener,
+                app,
+                net::HEADER_READ_TIMEOUT,
+                wait_stop(s, Shutdown::ClientPorts),
+            )
+            .await;
+        }),
+    ));
 
     let metrics_listener = tokio::net::TcpListener::bind(addr(args.metrics_port))
         .await
@@ -374,15 +412,18 @@ async fn start_servers(
         }),
     );
     let s = stop;
-    tasks.push(tokio::spawn(async move {
-        net::serve_http(
-            metrics_listener,
-            metrics_app,
-            net::HEADER_READ_TIMEOUT,
-            wait_stop(s),
-        )
-        .await;
-    }));
+    tasks.push((
+        Shutdown::All,
+        tokio::spawn(async move {
+            net::serve_http(
+                metrics_listener,
+                metrics_app,
+                net::HEADER_READ_TIMEOUT,
+                wait_stop(s, Shutdown::All),
+            )
+            .await;
+        }),
+    ));
     Ok(tasks)
 }
 
