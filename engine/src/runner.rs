@@ -452,17 +452,25 @@ mod tests {
         )
     }
 
+    /// A runner over the [`Doubler`] with batches of at most 8 rows, 16 requests queued.
+    fn spawn_doubler(
+        max_delay: Duration,
+    ) -> (Runner, std::thread::JoinHandle<()>, Arc<Mutex<Vec<usize>>>) {
+        let (engine, seen) = doubler();
+        let cfg = BatcherConfig {
+            max_batch_size: 8,
+            max_delay,
+            max_queue_depth: 16,
+        };
+        let (runner, handle) = Runner::spawn(engine, cfg).unwrap();
+        (runner, handle, seen)
+    }
+
     /// Submits one single-row job per value to a runner that waits an hour for company,
     /// closes it (so they run at once, as one batch) and returns each job's answer, in
     /// order, with the batch sizes the engine saw.
     fn run_closed(values: &[f32]) -> (Vec<Result<f32, EngineError>>, Vec<usize>, Runner) {
-        let (engine, seen) = doubler();
-        let cfg = BatcherConfig {
-            max_batch_size: 8,
-            max_delay: Duration::from_secs(3600),
-            max_queue_depth: 16,
-        };
-        let (runner, handle) = Runner::spawn(engine, cfg).unwrap();
+        let (runner, handle, seen) = spawn_doubler(Duration::from_secs(3600));
         let receivers: Vec<_> = values
             .iter()
             .map(|&x| {
@@ -509,13 +517,7 @@ mod tests {
 
     #[test]
     fn a_request_larger_than_max_batch_size_reaches_the_engine_in_chunks_and_is_answered_whole() {
-        let (engine, seen) = doubler();
-        let cfg = BatcherConfig {
-            max_batch_size: 8,
-            max_delay: Duration::from_millis(1),
-            max_queue_depth: 4,
-        };
-        let (runner, handle) = Runner::spawn(engine, cfg).unwrap();
+        let (runner, handle, seen) = spawn_doubler(Duration::from_millis(1));
         let (tx, rx) = mpsc::channel();
         let values: Vec<f32> = (0..20u8).map(f32::from).collect();
         let job = Job {
@@ -535,13 +537,7 @@ mod tests {
 
     #[test]
     fn a_queued_request_whose_client_went_away_is_not_run() {
-        let (engine, seen) = doubler();
-        let cfg = BatcherConfig {
-            max_batch_size: 8,
-            max_delay: Duration::from_secs(3600),
-            max_queue_depth: 16,
-        };
-        let (runner, handle) = Runner::spawn(engine, cfg).unwrap();
+        let (runner, handle, seen) = spawn_doubler(Duration::from_secs(3600));
         let gone = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         for (x, abandoned) in [(1.0, Some(Arc::clone(&gone))), (2.0, None)] {

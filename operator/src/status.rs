@@ -230,41 +230,14 @@ pub fn invalid(
     err: &ValidateError,
     now: &Time,
 ) -> InferencePipelineStatus {
-    let mut next = prev.cloned().unwrap_or_default();
-    let prev_conditions = std::mem::take(&mut next.conditions);
     let message = format!("invalid spec: {err}");
-    next.conditions = vec![
-        condition(
-            &prev_conditions,
-            READY,
-            false,
-            "InvalidSpec",
-            message.clone(),
-            generation,
-            now,
-        ),
-        condition(
-            &prev_conditions,
-            PROGRESSING,
-            false,
-            "InvalidSpec",
-            "waiting for a corrected spec".to_owned(),
-            generation,
-            now,
-        ),
-        condition(
-            &prev_conditions,
-            DEGRADED,
-            true,
-            "InvalidSpec",
-            message,
-            generation,
-            now,
-        ),
-    ];
-    next.observed_generation = generation;
-    next.phase = Some(Phase::Invalid);
-    next
+    Stuck {
+        reason: "InvalidSpec",
+        waiting_for: "waiting for a corrected spec",
+        keep_ready: false,
+        phase: Phase::Invalid,
+    }
+    .status(prev, generation, message, now)
 }
 
 /// Status when the API server refused one of the pipeline's objects: `Degraded` and
@@ -275,48 +248,76 @@ pub fn refused(
     message: String,
     now: &Time,
 ) -> InferencePipelineStatus {
-    let mut next = prev.cloned().unwrap_or_default();
-    let prev_conditions = std::mem::take(&mut next.conditions);
-    let ready = prev_conditions
-        .iter()
-        .find(|c| c.type_ == READY)
-        .cloned()
-        .unwrap_or_else(|| {
+    Stuck {
+        reason: "ApplyRejected",
+        waiting_for: "waiting for a spec (or permissions) the API server accepts; retried with backoff",
+        keep_ready: true,
+        phase: Phase::Degraded,
+    }
+    .status(prev, generation, message, now)
+}
+
+/// A pipeline the operator cannot move forward until someone acts.
+struct Stuck {
+    reason: &'static str,
+    /// The `Progressing=False` message.
+    waiting_for: &'static str,
+    /// Keep an existing `Ready` condition (the objects applied before still serve) rather than
+    /// setting it false with the message.
+    keep_ready: bool,
+    phase: Phase,
+}
+
+impl Stuck {
+    fn status(
+        &self,
+        prev: Option<&InferencePipelineStatus>,
+        generation: Option<i64>,
+        message: String,
+        now: &Time,
+    ) -> InferencePipelineStatus {
+        let mut next = prev.cloned().unwrap_or_default();
+        let prev_conditions = std::mem::take(&mut next.conditions);
+        let kept_ready = self
+            .keep_ready
+            .then(|| prev_conditions.iter().find(|c| c.type_ == READY).cloned())
+            .flatten();
+        let ready = kept_ready.unwrap_or_else(|| {
             condition(
                 &prev_conditions,
                 READY,
                 false,
-                "ApplyRejected",
+                self.reason,
                 message.clone(),
                 generation,
                 now,
             )
         });
-    next.conditions = vec![
-        ready,
-        condition(
-            &prev_conditions,
-            PROGRESSING,
-            false,
-            "ApplyRejected",
-            "waiting for a spec (or permissions) the API server accepts; retried with backoff"
-                .to_owned(),
-            generation,
-            now,
-        ),
-        condition(
-            &prev_conditions,
-            DEGRADED,
-            true,
-            "ApplyRejected",
-            message,
-            generation,
-            now,
-        ),
-    ];
-    next.observed_generation = generation;
-    next.phase = Some(Phase::Degraded);
-    next
+        next.conditions = vec![
+            ready,
+            condition(
+                &prev_conditions,
+                PROGRESSING,
+                false,
+                self.reason,
+                self.waiting_for.to_owned(),
+                generation,
+                now,
+            ),
+            condition(
+                &prev_conditions,
+                DEGRADED,
+                true,
+                self.reason,
+                message,
+                generation,
+                now,
+            ),
+        ];
+        next.observed_generation = generation;
+        next.phase = Some(self.phase);
+        next
+    }
 }
 
 /// Condition changes between two statuses that deserve an Event.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tandem_e2e::{Cluster, Operator, repo_root, wait_until};
+use tandem_e2e::{Cluster, Operator, TestNamespace, repo_root, wait_until};
 
 // ---- helpers of this file (shared ones live in tests/e2e/src/lib.rs) ----
 
@@ -117,6 +117,22 @@ spec:
     replicas: {min: 1, max: 4}
     resources: {requests: {cpu: "1000", memory: 64Mi}}
 "#;
+
+/// A namespace of its own (deleted when dropped), an operator watching only it, and
+/// `manifest` applied there.
+fn pipeline_in_own_namespace(
+    cluster: &Cluster,
+    prefix: &str,
+    manifest: &str,
+) -> (TestNamespace, Operator) {
+    cluster.ensure_crd().expect("the CRD is served");
+    let ns = cluster.namespace(prefix).expect("namespace");
+    let op = Operator::start(cluster, ns.name(), "a");
+    cluster
+        .kubectl_stdin(&["apply", "-n", ns.name()], manifest)
+        .expect("apply");
+    (ns, op)
+}
 
 // ---- tests ----
 
@@ -331,13 +347,8 @@ fn each_example_becomes_exactly_the_expected_objects_with_the_expected_fields() 
 #[test]
 fn a_second_reconcile_changes_nothing_and_spec_edits_flow_through() {
     let cluster = Cluster::connect();
-    cluster.ensure_crd().expect("the CRD is served");
-    let ns = cluster.namespace("op-idem").expect("namespace");
+    let (ns, op) = pipeline_in_own_namespace(&cluster, "op-idem", UNSCHEDULABLE);
     let ns = ns.name();
-    let op = Operator::start(&cluster, ns, "a");
-    cluster
-        .kubectl_stdin(&["apply", "-n", ns], UNSCHEDULABLE)
-        .expect("apply");
 
     // The status says why nothing runs.
     let p = wait_for_status(
@@ -436,11 +447,6 @@ fn a_second_reconcile_changes_nothing_and_spec_edits_flow_through() {
 
 #[test]
 fn an_object_the_api_server_refuses_degrades_the_pipeline_with_its_message_until_fixed() {
-    let cluster = Cluster::connect();
-    cluster.ensure_crd().expect("the CRD is served");
-    let ns = cluster.namespace("op-refused").expect("namespace");
-    let ns = ns.name();
-    let op = Operator::start(&cluster, ns, "a");
     // The CRD cannot see that a request exceeds its limit; the API server refuses the
     // preprocess Deployment.
     let refused = UNSCHEDULABLE.replace(
@@ -448,9 +454,9 @@ fn an_object_the_api_server_refuses_degrades_the_pipeline_with_its_message_until
         "resources: {requests: {cpu: \"1000\", memory: 2Gi}, limits: {memory: 1Gi}}\n  inference:",
     );
     assert_ne!(refused, UNSCHEDULABLE);
-    cluster
-        .kubectl_stdin(&["apply", "-n", ns], &refused)
-        .expect("apply");
+    let cluster = Cluster::connect();
+    let (ns, op) = pipeline_in_own_namespace(&cluster, "op-refused", &refused);
+    let ns = ns.name();
     let p = wait_for_status(
         &cluster,
         ns,
@@ -539,13 +545,8 @@ spec:
 #[test]
 fn a_crashing_stage_is_degraded_with_the_reason_its_worker_gave() {
     let cluster = Cluster::connect();
-    cluster.ensure_crd().expect("the CRD is served");
-    let ns = cluster.namespace("op-crash").expect("namespace");
+    let (ns, op) = pipeline_in_own_namespace(&cluster, "op-crash", MISSING_MODEL);
     let ns = ns.name();
-    let op = Operator::start(&cluster, ns, "a");
-    cluster
-        .kubectl_stdin(&["apply", "-n", ns], MISSING_MODEL)
-        .expect("apply");
     // The worker writes why it failed to its termination log; the pod status carries it and
     // the pipeline's Degraded condition quotes it, also while the container runs again.
     let p = wait_for_status(
@@ -579,13 +580,8 @@ fn a_crashing_stage_is_degraded_with_the_reason_its_worker_gave() {
 #[test]
 fn a_deleted_deployment_is_recreated_a_retired_color_is_removed_and_gc_cleans_up() {
     let cluster = Cluster::connect();
-    cluster.ensure_crd().expect("the CRD is served");
-    let ns = cluster.namespace("op-gc").expect("namespace");
+    let (ns, op) = pipeline_in_own_namespace(&cluster, "op-gc", UNSCHEDULABLE);
     let ns = ns.name();
-    let op = Operator::start(&cluster, ns, "a");
-    cluster
-        .kubectl_stdin(&["apply", "-n", ns], UNSCHEDULABLE)
-        .expect("apply");
     let first = wait_until("the preprocess Deployment", Duration::from_secs(60), || {
         let out = cluster.kubectl([
             "get",
