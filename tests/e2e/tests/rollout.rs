@@ -547,8 +547,9 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
         &mut seen,
         |p| rollout_phase(p) == "RolledBack",
     );
+    // (The first state seen can be v2's finished rollout, at 100% since ae83618.)
     assert!(
-        seen.iter().all(|s| s.1 == 0),
+        seen.iter().filter(|s| s.0 != "Complete").all(|s| s.1 == 0),
         "no live traffic moved to v3: {seen:?}"
     );
     assert_eq!(p["status"]["activeColor"], "green");
