@@ -133,8 +133,8 @@ impl Tensor {
 
     /// A copy of rows `start..end` (clamped to the rows there are).
     pub fn rows_range(&self, start: usize, end: usize) -> Self {
-        let rows = self.rows();
-        let (start, end) = (start.min(rows), end.min(rows).max(start.min(rows)));
+        let start = start.min(self.rows());
+        let end = end.clamp(start, self.rows());
         let width: usize = self.shape.iter().skip(1).product();
         let span = start * width..end * width;
         let mut shape = self.shape.clone();

@@ -938,7 +938,7 @@ fn for_explain(schema: &mut serde_yaml_ng::Value) {
     // An object whose every field carries the same default itself says nothing new (the
     // whole `rollout` default was a 280-character blob); one such as `replicas`, whose fields
     // have none of their own, does.
-    let own_defaults = map
+    let fields_carry_it = map
         .get("default")
         .and_then(Value::as_mapping)
         .is_some_and(|d| {
@@ -949,7 +949,7 @@ fn for_explain(schema: &mut serde_yaml_ng::Value) {
                     == Some(v)
             })
         });
-    if let Some(default) = map.get("default").filter(|_| !own_defaults) {
+    if let Some(default) = map.get("default").filter(|_| !fields_carry_it) {
         // A string as itself (`2ms`), anything else as compact JSON (`[10,50,100]`).
         let default = match default.as_str() {
             Some(s) => s.to_owned(),

@@ -26,7 +26,7 @@ pub enum NotServed {
     /// The served model, at another version.
     #[error(
         "model {name:?} version {version:?} is not served here (this worker serves {})",
-        served_version(served)
+        served_phrase(served)
     )]
     Version {
         /// The model asked for (the one served here).
@@ -38,7 +38,8 @@ pub enum NotServed {
     },
 }
 
-fn served_version(served: &str) -> String {
+/// "version \"1\"", or how to ask for a model served without a version.
+fn served_phrase(served: &str) -> String {
     if served.is_empty() {
         "it without a version; leave the version out".into()
     } else {

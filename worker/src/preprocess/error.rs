@@ -7,9 +7,6 @@ use crate::common::oip::NotServed;
 /// Why a client request failed. Messages are meant for the client.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
-    /// The request names a model this worker does not serve.
-    #[error("model {0:?} is not served here")]
-    ModelNotFound(String),
     /// The request names a model, or a version of it, that this worker does not serve; the
     /// message names the version served.
     #[error(transparent)]
@@ -53,7 +50,7 @@ impl RequestError {
     /// The gRPC code.
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
-            Self::ModelNotFound(_) | Self::NotServed(_) => tonic::Code::NotFound,
+            Self::NotServed(_) => tonic::Code::NotFound,
             Self::InvalidArgument(_) => tonic::Code::InvalidArgument,
             Self::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             Self::Unavailable(_) => tonic::Code::Unavailable,

@@ -8,9 +8,8 @@ use tandem_proto::inference::{ModelInferRequest, ModelInferResponse, ModelMetada
 use tonic::Status;
 use tonic::codec::CompressionEncoding;
 
-use super::error::RequestError;
 use super::service::{Service, trace_from_header};
-use crate::common::oip::{self, Backend, Grpc, NotServed};
+use crate::common::oip::{Backend, Grpc, NotServed};
 
 /// The gRPC adapter.
 pub type OipGrpc = Grpc<Service>;
@@ -43,7 +42,7 @@ impl Backend for Service {
     }
 
     fn check_served(&self, name: &str, version: &str) -> Result<(), NotServed> {
-        check_served(self, name, version)
+        Service::check_served(self, name, version)
     }
 
     fn model_metadata(&self) -> Result<ModelMetadataResponse, Status> {
@@ -55,31 +54,7 @@ impl Backend for Service {
         req: ModelInferRequest,
         traceparent: Option<String>,
     ) -> Result<ModelInferResponse, Status> {
-        if let Err(e) = refuse_early(&self, &req) {
-            self.infer_rejected("grpc", &e);
-            return Err(e.into());
-        }
         let trace = trace_from_header(traceparent.as_deref());
         Ok(Service::infer(&self, req, trace, "grpc").await?)
     }
-}
-
-/// Whether `name`/`version` address the model served here, [`oip::check_served`] over the
-/// pipeline's `model`.
-pub fn check_served(s: &Service, name: &str, version: &str) -> Result<(), NotServed> {
-    let model = &s.config().model;
-    oip::check_served(&model.name, &model.version, name, version)
-}
-
-/// What is refused before a request reaches [`Service::infer`], over gRPC and REST: a model
-/// version not served here is answered naming the version that is, and an output asking for
-/// Triton's classification extension is refused, pointing at the pipeline's own.
-pub fn refuse_early(s: &Service, req: &ModelInferRequest) -> Result<(), RequestError> {
-    check_served(s, &req.model_name, &req.model_version)?;
-    oip::check_requested_outputs(req).map_err(|e| {
-        RequestError::invalid(format!(
-            "{e}; `postprocess: Classification` in the pipeline returns the top-k labels \
-             (outputs \"labels\" and \"probabilities\")"
-        ))
-    })
 }

@@ -17,7 +17,6 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::error::RequestError;
-use super::grpc;
 use super::service::{Service, trace_from_header};
 use crate::common::body::{BodyError, read_body};
 use crate::common::rest;
@@ -84,7 +83,7 @@ async fn model_metadata_v(
     State(s): State<Arc<Service>>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
-    if let Err(e) = grpc::check_served(&s, &name, &version) {
+    if let Err(e) = s.check_served(&name, &version) {
         return request_error(&e.into());
     }
     Json(metadata_json(&s)).into_response()
@@ -98,7 +97,7 @@ async fn model_ready_v(
     State(s): State<Arc<Service>>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
-    if let Err(e) = grpc::check_served(&s, &name, &version) {
+    if let Err(e) = s.check_served(&name, &version) {
         return request_error(&e.into());
     }
     ready(State(s)).await.into_response()
@@ -152,10 +151,6 @@ async fn infer_v(
     // The request holds what it needs (the tensor bytes it refers to are shared, not copied);
     // the rest of the body is not kept while the request is served.
     drop(body);
-    if let Err(e) = grpc::refuse_early(&s, &req) {
-        s.infer_rejected("http", &e);
-        return request_error(&e);
-    }
     let trace = trace_from_header(headers.get("traceparent").and_then(|v| v.to_str().ok()));
     match s.infer(req, trace, "http").await {
         Ok(resp) => rest::infer_response(&resp, &binary_out),

@@ -23,6 +23,7 @@ use super::pool::{Abandoned, CpuPool, PoolError};
 use super::postprocess::classify;
 use super::router::{Router, RouterConfig};
 use super::text::TextPipeline;
+use crate::common::oip::{self, NotServed};
 use crate::common::stats::LatencyWindow;
 use crate::common::telemetry::TraceContext;
 use crate::common::tensor::{self, DataType};
@@ -289,9 +290,24 @@ impl Service {
         }
     }
 
-    /// Whether `name`/`version` address the model served here.
-    pub fn serves(&self, name: &str, version: &str) -> bool {
-        name == self.cfg.model.name && (version.is_empty() || version == self.cfg.model.version)
+    /// Whether `name`/`version` address the model served here, [`oip::check_served`] over the
+    /// pipeline's `model`.
+    pub fn check_served(&self, name: &str, version: &str) -> Result<(), NotServed> {
+        let model = &self.cfg.model;
+        oip::check_served(&model.name, &model.version, name, version)
+    }
+
+    /// What is refused before any work: a model or version not served here (the answer names
+    /// the version that is), and an output asking for Triton's classification extension,
+    /// pointing at the pipeline's own.
+    fn refuse_early(&self, req: &ModelInferRequest) -> Result<(), RequestError> {
+        self.check_served(&req.model_name, &req.model_version)?;
+        oip::check_requested_outputs(req).map_err(|e| {
+            RequestError::invalid(format!(
+                "{e}; `postprocess: Classification` in the pipeline returns the top-k labels \
+                 (outputs \"labels\" and \"probabilities\")"
+            ))
+        })
     }
 
     /// Handles one inference request end to end and records its outcome.
@@ -354,9 +370,7 @@ impl Service {
         mut req: ModelInferRequest,
         trace: Option<TraceContext>,
     ) -> Result<ModelInferResponse, RequestError> {
-        if !self.serves(&req.model_name, &req.model_version) {
-            return Err(RequestError::ModelNotFound(req.model_name));
-        }
+        self.refuse_early(&req)?;
         if self.stopping.load(Ordering::Relaxed) {
             return Err(RequestError::Unavailable("worker is shutting down".into()));
         }
