@@ -11,6 +11,12 @@
 //!
 //! Selection logic is in pure functions ([`smooth_wrr`], [`least_loaded`],
 //! [`mirror_this_one`], [`judge`]); the rest is the async edge.
+//!
+//! When a table names a color (or a model) not seen before, one of its pods is asked for the
+//! model's `ModelMetadata`, which is checked against what this worker sends
+//! ([`contract`]); mismatches are reported in `GetStats`.
+
+pub mod contract;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use tandem_proto::inference::{ModelInferRequest, ModelInferResponse};
-use tandem_proto::tandem::v1::{ColorStats, RoutingTable, ShadowStats};
+use tandem_proto::inference::{ModelInferRequest, ModelInferResponse, ModelMetadataRequest};
+use tandem_proto::tandem::v1::{ColorStats, ModelMismatch, RoutingTable, ShadowStats};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
@@ -29,6 +35,7 @@ use super::postprocess::{Comparison, compare};
 use crate::common::stats::LatencyWindow;
 use crate::common::telemetry::TraceContext;
 use crate::common::tensor::le_bytes_to_f32;
+use contract::Contract;
 
 /// Picks the next color by smooth weighted round robin (nginx's algorithm):
 /// each eligible color gains its weight, the richest wins and pays the total.
@@ -164,6 +171,38 @@ pub struct RouterConfig {
     /// Output compared for shadow parity (`embedding`, `logits`; `None` =
     /// first FP32 output).
     pub compare_output: Option<String>,
+    /// What each color's model is checked against; `None` = no checks.
+    pub contract: Option<Arc<Contract>>,
+}
+
+/// Attempts at reading one color's model metadata before giving up until the next table.
+const CHECK_ATTEMPTS: u32 = 6;
+/// Limit for one `ModelMetadata` call.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A model as one color serves it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct CheckKey {
+    color: String,
+    model_name: String,
+    model_version: String,
+}
+
+/// Where the check of one color's model stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Checked {
+    /// Asked, not answered yet.
+    Pending,
+    /// The model takes what this worker sends.
+    Fits,
+    /// It does not; what differs.
+    Mismatch(String),
+}
+
+type Checks = Arc<Mutex<HashMap<CheckKey, Checked>>>;
+
+fn lock_checks(checks: &Checks) -> std::sync::MutexGuard<'_, HashMap<CheckKey, Checked>> {
+    checks.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Where one request goes.
@@ -192,6 +231,7 @@ pub struct Router {
     changed: watch::Sender<u64>,
     held_now: AtomicU64,
     metrics: Metrics,
+    checks: Checks,
 }
 
 impl Router {
@@ -204,7 +244,77 @@ impl Router {
             changed,
             held_now: AtomicU64::new(0),
             metrics,
+            checks: Checks::default(),
         }
+    }
+
+    /// The model a color's requests name: its own, or the pipeline's when it names none.
+    fn model_of(&self, c: &ColorRoute) -> (String, String) {
+        if c.model_name.is_empty() {
+            (
+                self.cfg.default_model.clone(),
+                self.cfg.default_version.clone(),
+            )
+        } else {
+            (c.model_name.clone(), c.model_version.clone())
+        }
+    }
+
+    /// Starts a model check for each color of `colors` whose model has none yet, and forgets
+    /// the checks of colors no longer routed to.
+    fn check_models(&self, colors: &[ColorRoute]) {
+        let Some(contract) = &self.cfg.contract else {
+            return;
+        };
+        let mut checks = lock_checks(&self.checks);
+        let keys: Vec<(CheckKey, &ColorRoute)> = colors
+            .iter()
+            .filter(|c| !c.endpoints.is_empty())
+            .map(|c| {
+                let (model_name, model_version) = self.model_of(c);
+                let key = CheckKey {
+                    color: c.name.clone(),
+                    model_name,
+                    model_version,
+                };
+                (key, c)
+            })
+            .collect();
+        checks.retain(|k, _| keys.iter().any(|(key, _)| key == k));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for (key, color) in keys {
+            if checks.contains_key(&key) {
+                continue;
+            }
+            checks.insert(key.clone(), Checked::Pending);
+            let clients = color.endpoints.iter().map(|e| e.client.clone()).collect();
+            runtime.spawn(check_model(
+                Arc::clone(&self.checks),
+                key,
+                clients,
+                Arc::clone(contract),
+            ));
+        }
+    }
+
+    /// Models found not to take what this worker sends, for `GetStats`.
+    pub fn model_mismatches(&self) -> Vec<ModelMismatch> {
+        let mut found: Vec<ModelMismatch> = lock_checks(&self.checks)
+            .iter()
+            .filter_map(|(k, c)| match c {
+                Checked::Mismatch(message) => Some(ModelMismatch {
+                    color: k.color.clone(),
+                    model_name: k.model_name.clone(),
+                    model_version: k.model_version.clone(),
+                    message: message.clone(),
+                }),
+                Checked::Pending | Checked::Fits => None,
+            })
+            .collect();
+        found.sort_by(|a, b| a.color.cmp(&b.color));
+        found
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -297,6 +407,7 @@ impl Router {
             })
             .unwrap_or_default();
         st.wrr = vec![0; colors.len()];
+        self.check_models(&colors);
         st.colors = colors;
         st.endpoints = endpoints;
         st.generation = table.generation;
@@ -386,18 +497,11 @@ impl Router {
                 .map(|e| Some(e.address.as_str()) == excl)
                 .collect();
             let i = least_loaded(&loads, &excluded, rotate)?;
+            let (model_name, model_version) = self.model_of(c);
             Some(Target {
                 color: c.name.clone(),
-                model_name: if c.model_name.is_empty() {
-                    self.cfg.default_model.clone()
-                } else {
-                    c.model_name.clone()
-                },
-                model_version: if c.model_name.is_empty() {
-                    self.cfg.default_version.clone()
-                } else {
-                    c.model_version.clone()
-                },
+                model_name,
+                model_version,
                 endpoint: Arc::clone(&c.endpoints[i]),
                 counters: Arc::clone(&c.counters),
             })
@@ -627,6 +731,65 @@ pub fn comparable(resp: &ModelInferResponse, name: Option<&str>) -> Option<(Vec<
     let values = le_bytes_to_f32(raw)?;
     let width = usize::try_from(*out.shape.last()?).ok()?;
     Some((values, width))
+}
+
+/// Asks the color's pods in turn for the model's metadata, with backoff between rounds, and
+/// records whether the model takes what this worker sends. Stops early when the color is no
+/// longer routed to; after [`CHECK_ATTEMPTS`] unanswered rounds the check is dropped, so the
+/// next table that names the color starts another.
+async fn check_model(
+    checks: Checks,
+    key: CheckKey,
+    clients: Vec<GrpcInferenceServiceClient<Channel>>,
+    contract: Arc<Contract>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    let mut last_error = String::new();
+    for _ in 0..CHECK_ATTEMPTS {
+        for client in &clients {
+            if !lock_checks(&checks).contains_key(&key) {
+                return;
+            }
+            let request = ModelMetadataRequest {
+                name: key.model_name.clone(),
+                version: key.model_version.clone(),
+            };
+            let mut client = client.clone();
+            let metadata =
+                match tokio::time::timeout(CHECK_TIMEOUT, client.model_metadata(request)).await {
+                    Ok(Ok(m)) => m.into_inner(),
+                    Ok(Err(status)) => {
+                        last_error = format!("{:?}: {}", status.code(), status.message());
+                        continue;
+                    }
+                    Err(_) => {
+                        last_error = format!("no answer within {} s", CHECK_TIMEOUT.as_secs());
+                        continue;
+                    }
+                };
+            let outcome = match contract.check(&metadata) {
+                Ok(()) => {
+                    tracing::info!(color = %key.color, model = %key.model_name, version = %key.model_version, "the model takes what this worker sends");
+                    Checked::Fits
+                }
+                Err(why) => {
+                    tracing::error!(color = %key.color, model = %key.model_name, version = %key.model_version, why = %why, "the model does not take what this worker sends: every request to it will fail");
+                    Checked::Mismatch(why)
+                }
+            };
+            if let Some(slot) = lock_checks(&checks).get_mut(&key) {
+                *slot = outcome;
+            }
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(8));
+    }
+    tracing::warn!(color = %key.color, model = %key.model_name, error = %last_error, "could not read the model's metadata; its fit is not checked until the next routing table");
+    let mut checks = lock_checks(&checks);
+    if checks.get(&key) == Some(&Checked::Pending) {
+        checks.remove(&key);
+    }
 }
 
 fn connect(address: &str) -> Result<EndpointHandle, RequestError> {

@@ -21,6 +21,7 @@ use super::image::ImagePipeline;
 use super::metrics::{Metrics, RequestLabels};
 use super::pool::{Abandoned, CpuPool, PoolError};
 use super::postprocess::classify;
+use super::router::contract::Contract;
 use super::router::{Router, RouterConfig};
 use super::text::TextPipeline;
 use crate::common::oip::{self, NotServed};
@@ -176,6 +177,7 @@ impl Service {
                 hold_timeout: Duration::from_millis(limits.hold_timeout_ms),
                 forward_timeout: Duration::from_millis(limits.forward_timeout_ms),
                 compare_output,
+                contract: Some(Arc::new(Contract::of(&cfg))),
             },
             metrics.clone(),
         ));
@@ -624,6 +626,7 @@ impl Service {
             model_version: self.cfg.model.version.clone(),
             model_loaded: true,
             batches: None,
+            model_mismatches: self.router.model_mismatches(),
         }
     }
 }
