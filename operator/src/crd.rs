@@ -883,6 +883,12 @@ pub struct StageStatus {
     /// The numbers behind the last change, e.g. `queue 48 > 16 per pod: 1 → 3 pods`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_message: Option<String>,
+    /// Preprocess only: why the active model cannot take what the preprocess pods send, as
+    /// they found it in the model's metadata (e.g. `input "input": sent as [N, 3, 320, 320],
+    /// the model takes [-1, 3, 224, 224]`). Every request fails while it is set; the pipeline
+    /// is Degraded with reason `ModelMismatch`. Cleared once the pods find that the model fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_mismatch: Option<String>,
 }
 
 /// Strings for `kubectl get` columns.

@@ -17,6 +17,8 @@ pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 /// Condition type: something keeps pods from becoming ready, or the spec is invalid.
 pub const DEGRADED: &str = "Degraded";
+/// Reason: the preprocess pods found that the active model cannot take what they send.
+pub const MODEL_MISMATCH: &str = "ModelMismatch";
 
 /// What was observed of one Deployment (from the server-side apply response) and its pods.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -87,13 +89,27 @@ pub fn compute(
     let prev_conditions = prev.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let pre = &obs.preprocess;
     let inf = &obs.inference;
-    let ready = pre.is_ready() && inf.is_ready();
+    // Written by the autoscaler from the preprocess pods' model checks.
+    let mismatch = prev
+        .and_then(|s| s.preprocess.as_ref())
+        .and_then(|s| s.model_mismatch.as_deref())
+        .map(|why| {
+            format!(
+                "{}:{} on {} does not take what preprocess sends, so every request fails: {why}",
+                obs.active_model.name,
+                obs.active_model.version,
+                obs.active_color.as_str()
+            )
+        });
+    let pods_ready = pre.is_ready() && inf.is_ready();
+    let ready = pods_ready && mismatch.is_none();
     let rollout = obs.rollout.as_deref();
     let rolling = rollout
         .filter(|r| !r.halted && r.phase.is_some_and(RolloutPhase::in_progress))
         .map(|r| r.message.clone().unwrap_or_default());
     let problem = stage_problem("inference", inf)
         .or_else(|| stage_problem("preprocess", pre))
+        .or_else(|| mismatch.clone().map(|m| (MODEL_MISMATCH, m)))
         .or_else(|| rollout.and_then(rollout_problem));
 
     let mut conditions = Vec::with_capacity(3);
@@ -107,8 +123,10 @@ pub fn compute(
         )
     } else if !inf.is_ready() {
         ("InferenceNotReady", not_ready_message("inference", inf))
-    } else {
+    } else if !pre.is_ready() {
         ("PreprocessNotReady", not_ready_message("preprocess", pre))
+    } else {
+        (MODEL_MISMATCH, mismatch.clone().unwrap_or_default())
     };
     conditions.push(condition(
         prev_conditions,
@@ -132,6 +150,11 @@ pub fn compute(
         ("PodsStarting", not_ready_message(stage.0, stage.1))
     } else if ready {
         ("Stable", "every stage runs its desired pods".to_owned())
+    } else if pods_ready {
+        (
+            "Blocked",
+            "requests cannot be served; see the Degraded condition".to_owned(),
+        )
     } else {
         (
             "Blocked",
@@ -622,6 +645,51 @@ mod tests {
 
     fn cond<'a>(s: &'a InferencePipelineStatus, t: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn a_model_that_does_not_take_what_preprocess_sends_is_degraded_and_not_ready_until_cleared() {
+        let why = "input \"input\": sent as [N, 3, 320, 320], the model takes [-1, 3, 224, 224]";
+        let reported = InferencePipelineStatus {
+            preprocess: Some(StageStatus {
+                model_mismatch: Some(why.into()),
+                ..StageStatus::default()
+            }),
+            ..InferencePipelineStatus::default()
+        };
+        let s = compute(Some(&reported), &obs(dep(2, 2), dep(1, 1)), &t(100));
+        let message = format!(
+            "minilm:2 on blue does not take what preprocess sends, so every request fails: {why}"
+        );
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        for c in [READY, DEGRADED] {
+            assert_eq!(cond(&s, c).reason, MODEL_MISMATCH, "{c}");
+            assert_eq!(cond(&s, c).message, message, "{c}");
+        }
+        assert_eq!(cond(&s, READY).status, "False");
+        assert_eq!(cond(&s, DEGRADED).status, "True");
+        assert_eq!(cond(&s, PROGRESSING).status, "False");
+        assert_eq!(
+            cond(&s, PROGRESSING).message,
+            "requests cannot be served; see the Degraded condition"
+        );
+        // The autoscaler's field is carried through the reconciler's own write.
+        assert_eq!(
+            s.preprocess
+                .as_ref()
+                .and_then(|p| p.model_mismatch.as_deref()),
+            Some(why)
+        );
+
+        // Cleared by the autoscaler: ready again.
+        let cleared = InferencePipelineStatus {
+            preprocess: Some(StageStatus::default()),
+            ..s
+        };
+        let s = compute(Some(&cleared), &obs(dep(2, 2), dep(1, 1)), &t(110));
+        assert_eq!(s.phase, Some(Phase::Ready));
+        assert_eq!(cond(&s, READY).status, "True");
+        assert_eq!(cond(&s, DEGRADED).status, "False");
     }
 
     #[test]

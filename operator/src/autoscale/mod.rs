@@ -5,6 +5,10 @@
 //! Deployments. The reconciler stays the one writer of `replicas`; a status change re-queues
 //! the pipeline through the controller's watch. Every change is also an Event and a metric.
 //!
+//! The same answers carry the preprocess pods' model checks: when they find that the active
+//! model cannot take what they send, the autoscaler writes it to `status.preprocess.modelMismatch`,
+//! from where the reconciler marks the pipeline Degraded.
+//!
 //! Runs on the leader only, beside the reconciler, reading the controller's pipeline and pod
 //! caches (one copy per watched namespace keeps the operator's memory flat). The inference stage is sized on the load of *all* its pods (both colors
 //! during a rollout); the rollout logic splits that total between the colors.
@@ -24,7 +28,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Map, Value, json};
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
-use tandem_proto::tandem::v1::{GetStatsRequest, WorkerStats};
+use tandem_proto::tandem::v1::{GetStatsRequest, ModelMismatch, WorkerStats};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
@@ -213,12 +217,21 @@ async fn tick(
     });
     let answers = join_all(calls).await;
     let mut polls: HashMap<(String, String), Vec<PodPoll>> = HashMap::new();
-    for ((key, w), load) in targets.into_iter().zip(answers) {
+    let mut checks: HashMap<(String, String), ModelChecks> = HashMap::new();
+    for ((key, w), answer) in targets.into_iter().zip(answers) {
         // A draining pod stops answering when it exits: expected, not a failure.
-        if load.is_none() && !w.terminating {
+        if answer.is_none() && !w.terminating {
             metrics.count_autoscale_poll_failure(metric_stage(w.stage));
             debug!(pod = %w.name, "GetStats failed");
         }
+        let load = answer.map(|(load, mismatches)| {
+            if w.stage == Stage::Preprocess && !w.terminating {
+                let c = checks.entry(key.clone()).or_default();
+                c.answered = true;
+                c.mismatches.extend(mismatches);
+            }
+            load
+        });
         polls.entry(key).or_default().push(PodPoll {
             name: w.name,
             stage: w.stage,
@@ -238,12 +251,16 @@ async fn tick(
         }
         // Invalid specs are the reconciler's to report; nothing to scale.
         let Ok(v) = validate(p) else { continue };
+        let status = p.status.as_ref();
         let key = (ns.clone(), name.clone());
         seen.insert(key.clone());
         let st = state.entry(key.clone()).or_default();
         let round = polls.remove(&key).unwrap_or_default();
+        let active = status
+            .and_then(|s| s.active_color)
+            .unwrap_or(crate::crd::Color::Blue);
+        let found = checks.remove(&key).and_then(|c| c.verdict(active.as_str()));
         let observed = observe(&round, &mut st.memory, now, cfg.unreachable_grace);
-        let status = p.status.as_ref();
 
         let policy = |r: Replicas, target: u32| Policy {
             min: r.min,
@@ -323,6 +340,16 @@ async fn tick(
                 log_scaling(&ns, &name, stage, decision, queue, demand.held);
             }
         }
+        let pre_status = status.and_then(|s| s.preprocess.as_ref());
+        let mismatch = found.and_then(|f| mismatch_patch(pre_status, f));
+        if let Some(value) = &mismatch {
+            let fields = patch
+                .entry(Stage::Preprocess.as_str())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(fields) = fields {
+                fields.insert("modelMismatch".into(), value.clone());
+            }
+        }
         if patch.is_empty() {
             continue;
         }
@@ -338,6 +365,20 @@ async fn tick(
             if let Some(reason) = decision.change.reason() {
                 publish(events, p, stage, reason, decision, &stamp);
             }
+        }
+        if let Some(Value::String(why)) = &mismatch {
+            warn!(pipeline = %format!("{ns}/{name}"), color = active.as_str(), why = %why, "the active model does not take what preprocess sends");
+            let note = crate::events::Note {
+                action: "CheckModel",
+                reason: "ModelMismatch",
+                note: format!(
+                    "the {} model does not take what preprocess sends: {why}",
+                    active.as_str()
+                ),
+                warning: true,
+                discriminator: active.as_str(),
+            };
+            events.publish(p.as_ref().into(), note, stamp);
         }
     }
     state.retain(|k, _| seen.contains(k));
@@ -357,6 +398,39 @@ fn log_scaling(ns: &str, name: &str, stage: Stage, decision: &Decision, queue: u
         why = %decision.message,
         "scaling"
     );
+}
+
+/// What a round's preprocess answers of one pipeline said about the models they route to.
+#[derive(Debug, Default)]
+struct ModelChecks {
+    /// At least one preprocess pod answered.
+    answered: bool,
+    /// Every mismatch any of them reported (usually none).
+    mismatches: Vec<ModelMismatch>,
+}
+
+impl ModelChecks {
+    /// What is known of the `color` model's fit: `None` when no preprocess pod answered,
+    /// `Some(None)` when none that answered found a mismatch (fits, or not checked yet),
+    /// `Some(Some(why))` when one did.
+    fn verdict(self, color: &str) -> Option<Option<String>> {
+        self.answered.then(|| {
+            self.mismatches
+                .into_iter()
+                .find(|m| m.color == color)
+                .map(|m| m.message)
+        })
+    }
+}
+
+/// The `modelMismatch` value to write (a string, or JSON null to clear it), if status does not
+/// already say the same.
+fn mismatch_patch(status: Option<&StageStatus>, found: Option<String>) -> Option<Value> {
+    let shown = status.and_then(|s| s.model_mismatch.as_deref());
+    if shown == found.as_deref() {
+        return None;
+    }
+    Some(found.map_or(Value::Null, Value::String))
 }
 
 /// Whether the reconciler has written this pipeline's status at least once. Until then it has
@@ -471,16 +545,19 @@ fn channel(
     Some(client)
 }
 
-/// One `GetStats` call; `None` when the pod does not answer within `timeout` (connection
-/// included) or answers with an error.
-async fn poll(client: Option<WorkerControlClient<Channel>>, timeout: Duration) -> Option<PodLoad> {
+/// One `GetStats` call: the pod's load and the model mismatches it reports; `None` when the
+/// pod does not answer within `timeout` (connection included) or answers with an error.
+async fn poll(
+    client: Option<WorkerControlClient<Channel>>,
+    timeout: Duration,
+) -> Option<(PodLoad, Vec<ModelMismatch>)> {
     let mut client = client?;
     let reply = tokio::time::timeout(timeout, client.get_stats(GetStatsRequest {}))
         .await
         .ok()?
         .ok()?
         .into_inner();
-    Some(pod_load(&reply))
+    Some((pod_load(&reply), reply.model_mismatches))
 }
 
 /// The figures the autoscaler reads from a stats answer.
@@ -574,6 +651,47 @@ mod tests {
         assert_eq!(poll(client, timeout).await, None);
         assert!(started.elapsed() < Duration::from_secs(2));
         assert_eq!(poll(None, timeout).await, None, "no address, no answer");
+    }
+
+    #[test]
+    fn the_active_colors_mismatch_is_written_once_and_cleared_when_the_pods_find_none() {
+        let mismatch = |color: &str| ModelMismatch {
+            color: color.into(),
+            model_name: "effnet".into(),
+            model_version: "1".into(),
+            message: "input \"input\": sent as [N, 3, 320, 320], the model takes [-1, 3, 224, 224]"
+                .into(),
+        };
+        let checks = |answered, ms: Vec<ModelMismatch>| ModelChecks {
+            answered,
+            mismatches: ms,
+        };
+        let why = mismatch("blue").message;
+
+        // Only the active color's mismatch counts; no answer means nothing is known.
+        assert_eq!(
+            checks(true, vec![mismatch("green"), mismatch("blue")]).verdict("blue"),
+            Some(Some(why.clone()))
+        );
+        assert_eq!(
+            checks(true, vec![mismatch("green")]).verdict("blue"),
+            Some(None)
+        );
+        assert_eq!(checks(false, vec![]).verdict("blue"), None);
+
+        // Written when status does not show it yet, not again, and cleared with null.
+        let none = StageStatus::default();
+        assert_eq!(
+            mismatch_patch(Some(&none), Some(why.clone())),
+            Some(json!(why))
+        );
+        let shown = StageStatus {
+            model_mismatch: Some(why.clone()),
+            ..StageStatus::default()
+        };
+        assert_eq!(mismatch_patch(Some(&shown), Some(why.clone())), None);
+        assert_eq!(mismatch_patch(Some(&shown), None), Some(Value::Null));
+        assert_eq!(mismatch_patch(Some(&none), None), None);
     }
 
     #[test]

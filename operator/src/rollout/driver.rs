@@ -206,7 +206,8 @@ async fn drive(
         .filter_map(|(name, s)| Some((name.as_str(), s.as_ref()?)))
         .collect();
     obs.routes_acked = acknowledged(p, workers, table.as_deref(), &pre);
-    if let Some((color, _)) = &candidate {
+    if let Some((color, model)) = &candidate {
+        obs.candidate_mismatch = candidate_mismatch(&answered, color.as_str(), &model.version);
         obs.shadow = shadow_counts(&answered, color.as_str());
         let r = rollout.cloned().unwrap_or_default();
         let window = (
@@ -424,6 +425,14 @@ fn acknowledged(
         .then_some(table.generation)
 }
 
+/// A preprocess pod's finding that the candidate's model cannot take what it sends.
+fn candidate_mismatch(pre: &[(&str, &WorkerStats)], color: &str, version: &str) -> Option<String> {
+    pre.iter()
+        .flat_map(|(_, s)| &s.model_mismatches)
+        .find(|m| m.color == color && m.model_version == version)
+        .map(|m| m.message.clone())
+}
+
 fn shadow_counts(pre: &[(&str, &WorkerStats)], color: &str) -> ShadowCounts {
     let mut c = ShadowCounts::default();
     for s in pre
@@ -540,5 +549,32 @@ mod tests {
         assert_eq!((c.compared, c.mismatches, c.errors), (15, 1, 2));
         assert_eq!(c.worst_cosine, Some(0.9));
         assert_eq!(c.max_abs_diff, Some(0.5));
+    }
+
+    #[test]
+    fn only_a_mismatch_of_the_candidates_color_and_version_stops_the_rollout() {
+        use tandem_proto::tandem::v1::ModelMismatch;
+        let reports = |color: &str, version: &str| WorkerStats {
+            model_mismatches: vec![ModelMismatch {
+                color: color.into(),
+                model_name: "effnet".into(),
+                model_version: version.into(),
+                message: format!("{color} {version}"),
+            }],
+            ..WorkerStats::default()
+        };
+        let (fine, active, stale, found) = (
+            WorkerStats::default(),
+            reports("blue", "1"),
+            reports("green", "1"),
+            reports("green", "2"),
+        );
+        let pods = [("a", &fine), ("b", &active), ("c", &stale)];
+        assert_eq!(candidate_mismatch(&pods, "green", "2"), None);
+        let pods = [("a", &fine), ("b", &active), ("c", &stale), ("d", &found)];
+        assert_eq!(
+            candidate_mismatch(&pods, "green", "2").as_deref(),
+            Some("green 2")
+        );
     }
 }

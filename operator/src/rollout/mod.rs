@@ -86,6 +86,9 @@ pub struct Observations {
     pub candidate_wanted: u32,
     /// Why candidate pods are not ready, when their status says (`status::pod_problem`).
     pub candidate_problem: Option<String>,
+    /// Why the candidate's model cannot take what preprocess sends, when a preprocess pod found
+    /// it in the model's metadata once the candidate was routed to.
+    pub candidate_mismatch: Option<String>,
     /// The routing generation for the current status, once every ready preprocess pod holds
     /// it; `None` while any pod lags (or no table has been published yet).
     pub routes_acked: Option<u64>,
@@ -296,6 +299,16 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
     }
     if r.halted {
         d.rollout = Some(next);
+        return;
+    }
+    // Every request the candidate would get fails: no point shadowing or stepping on.
+    if let Some(why) = &obs.candidate_mismatch {
+        let msg = format!(
+            "candidate {} on {} does not take what preprocess sends: {why}",
+            version(inp.spec_model),
+            candidate.as_str()
+        );
+        fail(inp, next, d, "ModelMismatch", msg);
         return;
     }
 

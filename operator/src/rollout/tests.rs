@@ -237,6 +237,26 @@ fn shadow_counts_accumulate_and_a_clean_shadow_moves_the_first_step_of_traffic()
 }
 
 #[test]
+fn a_candidate_model_that_does_not_take_what_preprocess_sends_rolls_back_at_once() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    let why = "input \"input\": sent as [N, 3, 224, 224], the model takes [-1, 3, 260, 260]";
+    w.obs.candidate_mismatch = Some(why.to_owned());
+    let ev = w.tick(5, None);
+    assert_eq!(reasons(&ev), ["ModelMismatch"]);
+    assert!(ev[0].warning);
+    assert_eq!(w.phase(), Some(RolloutPhase::RolledBack));
+    assert_eq!(w.active_model, model("v1"));
+    let msg = w.r().message.clone().unwrap();
+    assert!(
+        msg.starts_with(&format!(
+            "candidate minilm:v2 on green does not take what preprocess sends: {why}; rolled back: all traffic is on blue"
+        )),
+        "{msg}"
+    );
+}
+
+#[test]
 fn mismatches_beyond_the_budget_roll_back_with_the_measured_rate_in_the_message() {
     let mut w = World::serving_v1();
     w.shadowing_v2();
