@@ -289,6 +289,10 @@ pub struct Limits {
     pub max_queue_depth: usize,
     /// Largest request body accepted, in bytes.
     pub max_request_bytes: usize,
+    /// Bytes of request bodies received and held at once, over all requests (REST and gRPC);
+    /// a request whose body does not fit is refused at once with `RESOURCE_EXHAUSTED` / 429.
+    /// At least `maxRequestBytes`.
+    pub max_request_bytes_in_flight: usize,
     /// Largest batch (N) accepted in one request.
     pub max_batch: usize,
     /// Largest decoded image, in pixels (width × height), checked from the header.
@@ -316,6 +320,7 @@ impl Default for Limits {
         Self {
             max_queue_depth: 1024,
             max_request_bytes: 64 << 20,
+            max_request_bytes_in_flight: 256 << 20,
             max_batch: 256,
             max_image_pixels: 50_000_000,
             max_held_requests: 256,
@@ -387,6 +392,18 @@ impl PipelineConfig {
         if self.limits.max_queue_depth == 0 || self.limits.max_batch == 0 {
             return bad("limits.maxQueueDepth and limits.maxBatch must be at least 1");
         }
+        let Limits {
+            max_request_bytes: one,
+            max_request_bytes_in_flight: all,
+            ..
+        } = self.limits;
+        if all < one {
+            return bad(&format!(
+                "limits.maxRequestBytesInFlight ({all}) is less than limits.maxRequestBytes \
+                 ({one}): no request of the largest size could ever be received; raise the \
+                 first or lower the second"
+            ));
+        }
         Ok(())
     }
 }
@@ -435,6 +452,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("maxLength"), "{err}");
+    }
+
+    #[test]
+    fn a_budget_of_bytes_in_flight_smaller_than_one_request_is_refused_naming_both() {
+        let text = |limits: &str| {
+            format!(
+                "pipeline: p\nmodel: {{name: m}}\npreprocess: {{text: {{tokenizer: t, maxLength: 8}}}}\nlimits: {{{limits}}}\n"
+            )
+        };
+        let err = PipelineConfig::parse(&text(
+            "maxRequestBytes: 2097152, maxRequestBytesInFlight: 1048576",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid config: limits.maxRequestBytesInFlight (1048576) is less than \
+             limits.maxRequestBytes (2097152): no request of the largest size could ever be \
+             received; raise the first or lower the second"
+        );
+        let cfg = PipelineConfig::parse(&text(
+            "maxRequestBytes: 2097152, maxRequestBytesInFlight: 2097152",
+        ))
+        .unwrap();
+        assert_eq!(cfg.limits.max_request_bytes_in_flight, 2 << 20);
+        let cfg = PipelineConfig::parse(&text("")).unwrap();
+        assert_eq!(cfg.limits.max_request_bytes_in_flight, 256 << 20);
     }
 
     #[test]

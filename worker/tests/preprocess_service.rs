@@ -163,6 +163,11 @@ fn image_service(extra: &str) -> Arc<Service> {
 }
 
 fn text_service() -> Arc<Service> {
+    text_service_limited("")
+}
+
+/// The text service with `limits` (YAML flow-map entries) in its config.
+fn text_service_limited(limits: &str) -> Arc<Service> {
     use tokenizers::models::wordlevel::WordLevel;
     use tokenizers::pre_tokenizers::whitespace::Whitespace;
     let vocab = [("[UNK]", 0u32), ("hello", 1), ("world", 2)]
@@ -177,7 +182,7 @@ fn text_service() -> Arc<Service> {
     let mut tok = tokenizers::Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(Whitespace {}));
     let text = tandem_worker::preprocess::text::TextPipeline::from_tokenizer(tok, 8).unwrap();
-    let cfg = PipelineConfig::parse("pipeline: t\nmodel: {name: minilm}\npreprocess: {text: {tokenizer: unused, maxLength: 8}}\npostprocess: {kind: Embedding}\n").unwrap();
+    let cfg = PipelineConfig::parse(&format!("pipeline: t\nmodel: {{name: minilm}}\npreprocess: {{text: {{tokenizer: unused, maxLength: 8}}}}\npostprocess: {{kind: Embedding}}\nlimits: {{{limits}}}\n")).unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
     Service::new(
         cfg,
@@ -185,6 +190,16 @@ fn text_service() -> Arc<Service> {
         vec![],
         Metrics::register(&mut registry),
     )
+}
+
+/// The service's budget of request bytes in flight, as the worker sizes it.
+fn budget(svc: &Service) -> tandem_worker::common::budget::Budget {
+    tandem_worker::preprocess::request_budget(&svc.config().limits, Default::default())
+}
+
+/// The REST router over `svc`, with its budget.
+fn rest_router(svc: &Arc<Service>) -> axum::Router {
+    tandem_worker::preprocess::rest::router(Arc::clone(svc), budget(svc))
 }
 
 fn jpeg() -> Vec<u8> {
@@ -375,7 +390,7 @@ async fn a_request_too_costly_to_decode_is_refused_before_decoding_and_the_next_
     set_routes(&svc, table(1, &[("blue", 100, &[&addr])], None)).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let server = tandem_worker::preprocess::grpc::server(Arc::clone(&svc));
+    let server = tandem_worker::preprocess::grpc::server(Arc::clone(&svc), budget(&svc));
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(server)
@@ -829,7 +844,7 @@ async fn rest_health_infer_and_errors_follow_the_oip_v2_http_form() {
     use tower::ServiceExt;
     let (addr, _fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
     let svc = text_service();
-    let app = tandem_worker::preprocess::rest::router(Arc::clone(&svc));
+    let app = rest_router(&svc);
     let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
     // The protocol's health answers: the status code, and an empty body.
     let health = |uri: &'static str| {
@@ -990,7 +1005,7 @@ async fn a_version_not_served_is_refused_naming_the_version_asked_and_the_one_se
         (Code::NotFound, says("7").as_str())
     );
 
-    let app = tandem_worker::preprocess::rest::router(Arc::clone(&svc));
+    let app = rest_router(&svc);
     let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
     for uri in [
         "/v2/models/effnet/versions/2",
@@ -1042,7 +1057,7 @@ async fn an_output_asking_for_the_classification_extension_is_refused_pointing_a
         "{}",
         err.message()
     );
-    let app = tandem_worker::preprocess::rest::router(Arc::clone(&svc));
+    let app = rest_router(&svc);
     let post = axum::http::Request::post("/v2/models/effnet/infer")
         .body(Body::from(
             r#"{"inputs":[{"name":"INPUT","shape":[1],"datatype":"BYTES","data":["x"]}],"outputs":[{"name":"logits","parameters":{"classification":3}}]}"#,
@@ -1064,7 +1079,7 @@ async fn an_output_asking_for_the_classification_extension_is_refused_pointing_a
 #[tokio::test]
 async fn rest_paths_and_methods_not_served_get_a_json_error_naming_them() {
     use axum::body::Body;
-    let app = tandem_worker::preprocess::rest::router(text_service());
+    let app = rest_router(&text_service());
     let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
     for (req, status, says) in [
         (get("/unknown"), 404, "no such endpoint: GET /unknown"),
@@ -1099,4 +1114,169 @@ async fn rest_paths_and_methods_not_served_get_a_json_error_naming_them() {
         let (got, body) = rest_call(&app, req).await;
         assert_eq!((got, body["error"].as_str()), (status, Some(says)));
     }
+}
+
+/// An inference pod that holds every call until its gate opens, telling `arrived` of each;
+/// answers an embedding of width 4.
+#[derive(Clone)]
+struct Gated {
+    gate: Arc<tokio::sync::Semaphore>,
+    arrived: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+#[tonic::async_trait]
+impl Backend for Gated {
+    const SERVER_NAME: &'static str = "gated-inference";
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    fn check_served(&self, _: &str, _: &str) -> Result<(), NotServed> {
+        Ok(())
+    }
+
+    fn model_metadata(&self) -> Result<ModelMetadataResponse, Status> {
+        Ok(ModelMetadataResponse::default())
+    }
+
+    async fn infer(
+        self: Arc<Self>,
+        req: ModelInferRequest,
+        _: Option<String>,
+    ) -> Result<ModelInferResponse, Status> {
+        let _ = self.arrived.send(());
+        // Given back at once: one permit opens the gate for every call.
+        let _open = self.gate.acquire().await;
+        let n = req.inputs[0].shape[0] as usize;
+        Ok(ModelInferResponse {
+            model_name: req.model_name,
+            outputs: vec![InferOutputTensor {
+                name: "embedding".into(),
+                datatype: "FP32".into(),
+                shape: vec![n as i64, 4],
+                ..Default::default()
+            }],
+            raw_output_contents: vec![tandem_worker::common::tensor::f32_to_le_bytes(&vec![
+                0.5;
+                n * 4
+            ])],
+            ..Default::default()
+        })
+    }
+}
+
+/// A text service whose budget of request bytes in flight (3 MiB) holds one 2 MiB request
+/// but not two, routed to a [`Gated`] pod: (service, gate, arrivals).
+async fn budgeted_text_service() -> (
+    Arc<Service>,
+    Arc<tokio::sync::Semaphore>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
+    let gated = Gated {
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        arrived: arrived_tx,
+    };
+    let gate = Arc::clone(&gated.gate);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(GrpcInferenceServiceServer::new(Grpc(Arc::new(gated))))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let svc = text_service_limited("maxRequestBytes: 2097152, maxRequestBytesInFlight: 3145728");
+    set_routes(&svc, table(1, &[("blue", 100, &[&addr])], None)).await;
+    (svc, gate, arrived)
+}
+
+/// Text of 1.9 MiB: two are over the 3 MiB budget, one is within the 2 MiB request limit.
+fn big_text() -> String {
+    "hello ".repeat(330_000)
+}
+
+/// The refusal of a second big request while one is held: both sizes rounded, as the worker
+/// words them.
+const REFUSAL: &str = "worker is receiving 1.9 MiB of request bodies; this request's 1.9 MiB \
+                       would pass its budget of 3 MiB (limits.maxRequestBytesInFlight); retry \
+                       later";
+
+#[tokio::test]
+async fn over_grpc_a_request_that_would_pass_the_bytes_in_flight_budget_is_refused_until_the_one_held_is_answered()
+ {
+    let (svc, gate, mut arrived) = budgeted_text_service().await;
+    let budget = budget(&svc);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tandem_worker::preprocess::grpc::server(Arc::clone(&svc), budget.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut client = GrpcInferenceServiceClient::connect(url).await.unwrap();
+    let text = big_text();
+    let big = request("minilm", &[text.as_bytes()]);
+    let mut c = client.clone();
+    let held = big.clone();
+    let first = tokio::spawn(async move { c.model_infer(held).await });
+    // Forwarded: its message was decoded long ago, and is still budgeted.
+    arrived.recv().await.unwrap();
+    assert!(budget.reserved() > text.len(), "{}", budget.reserved());
+
+    let refused = tokio::time::timeout(Duration::from_secs(10), client.model_infer(big.clone()))
+        .await
+        .expect("refused at once, not forwarded")
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.message()),
+        (Code::ResourceExhausted, REFUSAL)
+    );
+
+    gate.add_permits(1);
+    first.await.unwrap().expect("the held request is answered");
+    client
+        .model_infer(big)
+        .await
+        .expect("the refused request, sent again");
+    assert_eq!(budget.reserved(), 0);
+    let stats = worker_stats(&svc).await;
+    assert_eq!((stats.requests_total, stats.errors_total), (3, 1));
+}
+
+#[tokio::test]
+async fn over_rest_a_body_that_would_pass_the_bytes_in_flight_budget_is_refused_with_429_until_the_one_held_is_answered()
+ {
+    let (svc, gate, mut arrived) = budgeted_text_service().await;
+    let budget = budget(&svc);
+    let app = tandem_worker::preprocess::rest::router(Arc::clone(&svc), budget.clone());
+    let text = big_text();
+    let big = || {
+        let body = serde_json::json!({
+            "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1], "data": [&text]}]
+        })
+        .to_string();
+        axum::http::Request::post("/v2/models/minilm/infer")
+            .header(axum::http::header::CONTENT_LENGTH, body.len())
+            .body(axum::body::Body::from(body))
+            .unwrap()
+    };
+    let held = app.clone();
+    let first_req = big();
+    let first = tokio::spawn(async move { rest_call(&held, first_req).await });
+    arrived.recv().await.unwrap();
+    assert!(budget.reserved() > text.len(), "{}", budget.reserved());
+
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), rest_call(&app, big()))
+        .await
+        .expect("refused at once, not forwarded");
+    assert_eq!((status, body["error"].as_str()), (429, Some(REFUSAL)));
+
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap().0, 200);
+    assert_eq!(rest_call(&app, big()).await.0, 200);
+    assert_eq!(budget.reserved(), 0);
+    let stats = worker_stats(&svc).await;
+    assert_eq!((stats.requests_total, stats.errors_total), (3, 1));
 }

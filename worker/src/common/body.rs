@@ -5,6 +5,8 @@
 //! A client that declares more than the limit is refused before anything is read; one that
 //! stops sending half-way is cut off after [`BODY_READ_TIMEOUT`] instead of holding its
 //! buffer until it closes; a compressed body may not expand past the same limit.
+//! [`bytes_to_reserve`] says what reading a body may hold, for the worker's
+//! [`budget`](super::budget) before it is read.
 
 use std::io::Read as _;
 use std::time::Duration;
@@ -44,13 +46,32 @@ impl BodyError {
     }
 }
 
+/// The body's declared `Content-Length`, if any.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// How many bytes [`read_body`] may hold for this body, to reserve before reading it: the
+/// declared `Content-Length` of an uncompressed body; `limit` for a body whose length is not
+/// declared (chunked) or that may expand to it (gzip, deflate); nothing for one it refuses
+/// before reading (declared over the limit, an unknown encoding).
+pub fn bytes_to_reserve(headers: &HeaderMap, limit: usize) -> usize {
+    match (Encoding::of(headers), declared_length(headers)) {
+        (Err(_), _) => 0,
+        (Ok(_), Some(n)) if n > limit as u64 => 0,
+        // Within the limit, so within a usize.
+        (Ok(Encoding::Identity), Some(n)) => usize::try_from(n).unwrap_or(limit),
+        (Ok(_), _) => limit,
+    }
+}
+
 /// Reads `body` (at most `limit` bytes, within [`BODY_READ_TIMEOUT`]) and decodes its
 /// `Content-Encoding` to at most `limit` bytes.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let declared = declared_length(headers);
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge(limit));
     }
@@ -193,6 +214,30 @@ mod tests {
             read_body(&h, Body::from("x"), 10).await.unwrap_err(),
             BodyError::Encoding("br".into())
         );
+    }
+
+    #[test]
+    fn a_declared_plain_body_reserves_its_length_and_an_undeclared_or_compressed_one_the_limit() {
+        let plain = headers(&[(header::CONTENT_LENGTH, "1000")]);
+        assert_eq!(bytes_to_reserve(&plain, 1 << 20), 1000);
+        let chunked = HeaderMap::new();
+        assert_eq!(bytes_to_reserve(&chunked, 1 << 20), 1 << 20);
+        for encoding in ["gzip", "deflate"] {
+            let compressed = headers(&[
+                (header::CONTENT_LENGTH, "1000"),
+                (header::CONTENT_ENCODING, encoding),
+            ]);
+            assert_eq!(
+                bytes_to_reserve(&compressed, 1 << 20),
+                1 << 20,
+                "{encoding}"
+            );
+        }
+        // Refused before anything is read: nothing to reserve.
+        let over = headers(&[(header::CONTENT_LENGTH, "2000000")]);
+        assert_eq!(bytes_to_reserve(&over, 1 << 20), 0);
+        let brotli = headers(&[(header::CONTENT_ENCODING, "br")]);
+        assert_eq!(bytes_to_reserve(&brotli, 1 << 20), 0);
     }
 
     #[tokio::test(start_paused = true)]

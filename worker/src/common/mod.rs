@@ -3,6 +3,7 @@
 //! - [`tensor`]: Open Inference Protocol v2 tensor helpers (datatypes, shapes,
 //!   raw little-endian contents, the BYTES 4-byte-length-prefixed encoding).
 //! - [`body`]: REST request bodies, bounded in size and time, gzip/deflate decoded.
+//! - [`budget`]: the worker's budget of request-body bytes in flight (REST and gRPC).
 //! - [`rest`]: OIP v2 REST infer bodies (JSON and binary tensor data) in and out.
 //! - [`metrics`]: the Prometheus `/metrics` HTTP server.
 //! - [`net`]: client-facing listeners whose connections have `TCP_NODELAY` set.
@@ -13,6 +14,7 @@
 //! - [`write_termination_message`]: why a worker failed, where Kubernetes shows it.
 
 pub mod body;
+pub mod budget;
 pub mod metrics;
 pub use tandem_net as net;
 pub mod oip;

@@ -14,6 +14,7 @@ const BATCH_SIZE: &str = "tandem_inference_batch_size";
 const QUEUE_DEPTH: &str = "tandem_inference_queue_depth";
 const IN_FLIGHT: &str = "tandem_inference_in_flight";
 const READY: &str = "tandem_inference_model_ready";
+const REQUEST_BYTES_IN_FLIGHT: &str = "tandem_inference_request_bytes_in_flight";
 
 /// Outcome label of a request.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub in_flight: Gauge,
     /// 1 once the model is loaded and warmed up.
     pub ready: Gauge,
+    /// Bytes of request bodies reserved from `--max-request-bytes-in-flight`.
+    pub request_bytes_in_flight: Gauge,
 }
 
 impl Default for Metrics {
@@ -55,6 +58,7 @@ impl Metrics {
         let queue_depth = Gauge::default();
         let in_flight = Gauge::default();
         let ready = Gauge::default();
+        let request_bytes_in_flight = Gauge::default();
         registry.register(REQUESTS, "Inference requests by outcome", requests.clone());
         registry.register(LATENCY, "ModelInfer latency in seconds", latency.clone());
         registry.register(
@@ -77,6 +81,11 @@ impl Metrics {
             "1 when the model is loaded and warmed up",
             ready.clone(),
         );
+        registry.register(
+            REQUEST_BYTES_IN_FLIGHT,
+            "Bytes of request bodies being received or held, reserved from --max-request-bytes-in-flight",
+            request_bytes_in_flight.clone(),
+        );
         Self {
             registry,
             requests,
@@ -85,7 +94,18 @@ impl Metrics {
             queue_depth,
             in_flight,
             ready,
+            request_bytes_in_flight,
         }
+    }
+
+    /// Counts a request refused before it reached the batcher because the worker had no room
+    /// for its body, as a full queue's refusals are counted (`outcome="rejected"`).
+    pub fn count_refused(&self) {
+        self.requests
+            .get_or_create(&OutcomeLabel {
+                outcome: "rejected",
+            })
+            .inc();
     }
 
     /// Text exposition format.

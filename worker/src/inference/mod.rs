@@ -26,11 +26,10 @@ use tandem_engine::batcher::BatcherConfig;
 use tandem_engine::load::LoadOptions;
 use tandem_engine::runner::Runner;
 use tandem_engine::{DataType, Device};
-use tandem_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tandem_proto::tandem::v1::worker_control_server::WorkerControlServer;
 use tokio::sync::watch;
-use tonic::codec::CompressionEncoding;
 
+use crate::common::budget::Budget;
 use crate::common::net;
 
 use service::Worker;
@@ -84,6 +83,19 @@ pub struct Args {
     /// Most requests waiting; beyond it requests get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TANDEM_MAX_QUEUE_DEPTH", default_value_t = 256)]
     pub max_queue_depth: usize,
+    /// Bytes of request bodies received and held at once, REST and gRPC together; a request
+    /// whose body does not fit gets RESOURCE_EXHAUSTED / 429. At least the largest request
+    /// (256 MiB). The default, 512 MiB, is two of those: one maximal request leaves room for
+    /// the usual traffic (a preprocessed batch is a few MiB: 32 images of 224 x 224 in FP32
+    /// are 19 MB) instead of shutting it out, while 100 concurrent 64 MiB uploads, which would
+    /// take 6.4 GB, cannot get the pod OOM-killed.
+    #[arg(
+        long,
+        env = "TANDEM_MAX_REQUEST_BYTES_IN_FLIGHT",
+        default_value_t = 2 * rest::MAX_BODY_BYTES,
+        value_parser = bytes_in_flight
+    )]
+    pub max_request_bytes_in_flight: usize,
     /// CPU engine threads (default: all cores).
     #[arg(long, env = "TANDEM_CPU_THREADS")]
     pub cpu_threads: Option<usize>,
@@ -133,6 +145,20 @@ fn delay_ms(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(ms) if (0.0..=60_000.0).contains(&ms) => Ok(ms),
         _ => Err(format!("{s:?} is not a delay between 0 and 60000 ms")),
+    }
+}
+
+/// A budget of request bytes in flight: a whole number of bytes, at least the largest
+/// request ([`rest::MAX_BODY_BYTES`]), so that every request can be received.
+fn bytes_in_flight(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= rest::MAX_BODY_BYTES => Ok(n),
+        Ok(n) => Err(format!(
+            "{n} bytes is less than the largest request ({} bytes); no such request could \
+             ever be received",
+            rest::MAX_BODY_BYTES
+        )),
+        Err(_) => Err(format!("{s:?} is not a number of bytes")),
     }
 }
 
@@ -333,11 +359,12 @@ async fn start_servers(
     let addr = |port| SocketAddr::new(args.listen_address, port);
     let mut tasks = Vec::new();
 
-    let oip = GrpcInferenceServiceServer::new(crate::common::oip::Grpc(worker.clone()))
-        .max_decoding_message_size(rest::MAX_BODY_BYTES)
-        .max_encoding_message_size(rest::MAX_BODY_BYTES)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate);
+    let budget = Budget::new(
+        args.max_request_bytes_in_flight,
+        "--max-request-bytes-in-flight",
+        worker.metrics.request_bytes_in_flight.clone(),
+    );
+    let oip = grpc::server(worker.clone(), budget.clone());
     let grpc_incoming =
         net::grpc_incoming(addr(args.grpc_port), "gRPC port", net::FIRST_BYTE_TIMEOUT).await?;
     let s = stop.clone();
@@ -376,7 +403,7 @@ async fn start_servers(
     ));
 
     let http_listener = net::http_listener(addr(args.http_port), "HTTP port").await?;
-    let app = rest::router(worker.clone());
+    let app = rest::router(worker.clone(), budget);
     let s = stop.clone();
     tasks.push((
         Shutdown::ClientPorts,
@@ -427,9 +454,110 @@ async fn start_servers(
     Ok(tasks)
 }
 
+/// An inference worker over an engine that holds each batch until the test lets it go, for
+/// the protocol handlers' tests.
+#[cfg(test)]
+mod testing {
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::Duration;
+
+    use tandem_engine::batcher::BatcherConfig;
+    use tandem_engine::runner::Runner;
+    use tandem_engine::spec::InputKind;
+    use tandem_engine::{DataType, Engine, EngineError, ModelSpec, Tensor, TensorSpec};
+    use tokio::sync::mpsc;
+
+    use super::service::Worker;
+
+    /// Whether the engine may answer; shared with [`Gate::open`].
+    type Open = Arc<(Mutex<bool>, Condvar)>;
+
+    /// Takes FP32 `x` `[N, K]`, answers FP32 `y` `[N, 1]` of zeros once the gate is open.
+    struct Held {
+        spec: ModelSpec,
+        open: Open,
+        arrived: mpsc::UnboundedSender<()>,
+    }
+
+    impl Engine for Held {
+        fn spec(&self) -> &ModelSpec {
+            &self.spec
+        }
+
+        fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
+            let _ = self.arrived.send(());
+            let (lock, turned) = &*self.open;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = turned.wait(open).unwrap();
+            }
+            let rows = inputs[0].rows();
+            Ok(vec![Tensor::f32(vec![rows, 1], vec![0.0; rows])])
+        }
+    }
+
+    /// Lets the held engine answer.
+    pub struct Gate {
+        open: Open,
+        /// Receives one message per batch the engine is given.
+        pub arrived: mpsc::UnboundedReceiver<()>,
+    }
+
+    impl Gate {
+        /// Lets every batch through, those held and those to come.
+        pub fn open(&self) {
+            *self.open.0.lock().unwrap() = true;
+            self.open.1.notify_all();
+        }
+    }
+
+    /// A ready worker serving model "m" version "1" over the held engine, one request per
+    /// batch.
+    pub fn held_worker() -> (Arc<Worker>, Gate) {
+        let (arrived_tx, arrived) = mpsc::unbounded_channel();
+        let open = Open::default();
+        let engine = Held {
+            spec: ModelSpec {
+                inputs: vec![TensorSpec::new("x", DataType::Fp32, &[-1, -1])],
+                outputs: vec![TensorSpec::new("y", DataType::Fp32, &[-1, 1])],
+                kind: InputKind::Fixed,
+                also_accepts: vec![],
+                value_ranges: vec![],
+                max_sequence_len: None,
+            },
+            open: Arc::clone(&open),
+            arrived: arrived_tx,
+        };
+        let cfg = BatcherConfig {
+            max_batch_size: 1,
+            max_delay: Duration::ZERO,
+            max_queue_depth: 16,
+        };
+        let (runner, _thread) = Runner::spawn(Box::new(engine), cfg).unwrap();
+        let w = Arc::new(Worker::new("m".into(), "1".into(), String::new()));
+        w.set_ready(runner);
+        (w, Gate { open, arrived })
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::delay_ms;
+    use super::{bytes_in_flight, delay_ms};
+
+    #[test]
+    fn a_budget_of_bytes_in_flight_must_hold_the_largest_request() {
+        assert_eq!(bytes_in_flight("268435456"), Ok(256 << 20));
+        assert_eq!(bytes_in_flight("1073741824"), Ok(1 << 30));
+        assert_eq!(
+            bytes_in_flight("1048576"),
+            Err(
+                "1048576 bytes is less than the largest request (268435456 bytes); no such \
+                 request could ever be received"
+                    .into()
+            )
+        );
+        assert!(bytes_in_flight("lots").is_err());
+    }
 
     #[test]
     fn a_batching_delay_must_be_finite_and_at_most_a_minute() {

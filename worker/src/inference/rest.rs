@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use crate::common::body::read_body;
+use crate::common::body::{bytes_to_reserve, read_body};
+use crate::common::budget::Budget;
 use crate::common::rest;
 
 use super::grpc::model_metadata;
@@ -21,8 +22,22 @@ use super::trace::request_span;
 /// The largest request body, compressed or decompressed (the gRPC message limit too).
 pub const MAX_BODY_BYTES: usize = 256 << 20;
 
-/// The REST router.
-pub fn router(w: Arc<Worker>) -> Router {
+/// What the handlers share: the worker, and the budget of body bytes (shared with the gRPC
+/// server).
+#[derive(Clone)]
+struct Rest {
+    worker: Arc<Worker>,
+    budget: Budget,
+}
+
+impl FromRef<Rest> for Arc<Worker> {
+    fn from_ref(r: &Rest) -> Self {
+        Arc::clone(&r.worker)
+    }
+}
+
+/// The REST router; infer bodies reserve their bytes from `budget`.
+pub fn router(w: Arc<Worker>, budget: Budget) -> Router {
     let router = Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
@@ -36,7 +51,7 @@ pub fn router(w: Arc<Worker>) -> Router {
         )
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
-        .with_state(w);
+        .with_state(Rest { worker: w, budget });
     rest::with_fallbacks(router)
 }
 
@@ -108,30 +123,38 @@ async fn model_ready_v(
 }
 
 async fn infer(
-    State(w): State<Arc<Worker>>,
+    State(r): State<Rest>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_common(w, name, String::new(), headers, body).await
+    infer_common(r, name, String::new(), headers, body).await
 }
 
 async fn infer_v(
-    State(w): State<Arc<Worker>>,
+    State(r): State<Rest>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_common(w, name, version, headers, body).await
+    infer_common(r, name, version, headers, body).await
 }
 
 async fn infer_common(
-    w: Arc<Worker>,
+    Rest { worker: w, budget }: Rest,
     name: String,
     version: String,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // Held until the answer is made: the tensors decoded from the body live that long.
+    let _reserved = match budget.try_reserve(bytes_to_reserve(&headers, MAX_BODY_BYTES)) {
+        Ok(r) => r,
+        Err(full) => {
+            w.metrics.count_refused();
+            return error(StatusCode::TOO_MANY_REQUESTS, full.to_string());
+        }
+    };
     let body = match read_body(&headers, body, MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(e) => {
@@ -161,10 +184,17 @@ mod tests {
     use tandem_proto::inference::ModelInferRequest;
     use tower::ServiceExt;
 
+    use super::super::testing::held_worker;
     use super::*;
 
     fn worker() -> Arc<Worker> {
         Arc::new(Worker::new("m".into(), "1".into(), String::new()))
+    }
+
+    /// The router, with room for any request.
+    fn app(w: Arc<Worker>) -> Router {
+        let budget = Budget::new(1 << 30, "--max-request-bytes-in-flight", Default::default());
+        router(w, budget)
     }
 
     async fn send(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
@@ -179,10 +209,64 @@ mod tests {
         )
     }
 
+    /// One row of 2 MiB of FP32 zeros for the held worker's model, as binary tensor data, its
+    /// length declared.
+    fn two_mib_request() -> Request<Body> {
+        let json = r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1,524288],"parameters":{"binary_data_size":2097152}}]}"#;
+        let mut body = json.as_bytes().to_vec();
+        body.resize(json.len() + (2 << 20), 0);
+        Request::post("/v2/models/m/infer")
+            .header(rest::HEADER_LEN, json.len())
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_body_that_would_pass_the_budget_is_refused_with_429_until_the_one_held_is_answered()
+    {
+        let (w, mut gate) = held_worker();
+        let budget = Budget::new(
+            3 << 20,
+            "--max-request-bytes-in-flight",
+            w.metrics.request_bytes_in_flight.clone(),
+        );
+        let app = router(Arc::clone(&w), budget.clone());
+        let held = app.clone();
+        let first = tokio::spawn(async move { send(&held, two_mib_request()).await });
+        gate.arrived.recv().await.unwrap();
+        assert_eq!(budget.reserved(), (2 << 20) + 1024);
+
+        let (status, body) = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            send(&app, two_mib_request()),
+        )
+        .await
+        .expect("refused at once, not queued");
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            body["error"],
+            "worker is receiving 2 MiB of request bodies; this request's 2 MiB would pass its \
+             budget of 3 MiB (--max-request-bytes-in-flight); retry later"
+        );
+
+        gate.open();
+        assert_eq!(first.await.unwrap().0, StatusCode::OK);
+        assert_eq!(send(&app, two_mib_request()).await.0, StatusCode::OK);
+        assert_eq!(budget.reserved(), 0);
+        let metrics = w.metrics.encode();
+        for line in [
+            "tandem_inference_requests_total{outcome=\"rejected\"} 1",
+            "tandem_inference_request_bytes_in_flight 0",
+        ] {
+            assert!(metrics.contains(line), "{line} in {metrics}");
+        }
+    }
+
     #[tokio::test]
     async fn a_version_not_served_is_refused_naming_the_version_asked_and_the_one_served() {
         let w = worker();
-        let app = router(Arc::clone(&w));
+        let app = app(Arc::clone(&w));
         let says =
             "model \"m\" version \"2\" is not served here (this worker serves version \"1\")";
         for req in [
@@ -222,7 +306,7 @@ mod tests {
     #[tokio::test]
     async fn an_output_asking_for_classification_is_refused_over_rest_and_grpc() {
         let w = worker();
-        let app = router(Arc::clone(&w));
+        let app = app(Arc::clone(&w));
         let post = Request::post("/v2/models/m/infer")
             .body(Body::from(
                 r#"{"inputs":[],"outputs":[{"name":"logits","parameters":{"classification":3}}]}"#,
@@ -253,7 +337,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_paths_and_methods_get_a_json_error_naming_them() {
-        let app = router(worker());
+        let app = app(worker());
         let get = |uri: &str| Request::get(uri).body(Body::empty()).unwrap();
         for (req, status, says) in [
             (get("/unknown"), 404, "no such endpoint: GET /unknown"),
@@ -293,7 +377,7 @@ mod tests {
     #[tokio::test]
     async fn malformed_rest_bodies_are_counted_as_invalid_requests_and_errors() {
         let w = worker();
-        let app = router(Arc::clone(&w));
+        let app = app(Arc::clone(&w));
         let not_json = Request::post("/v2/models/m/infer")
             .body(Body::from("not json"))
             .unwrap();

@@ -8,7 +8,9 @@ use tandem_proto::inference::{ModelInferRequest, ModelInferResponse, ModelMetada
 use tonic::Status;
 use tonic::codec::CompressionEncoding;
 
+use super::error::RequestError;
 use super::service::{Service, trace_from_header};
+use crate::common::budget::{Budget, Exhausted, GrpcBudget};
 use crate::common::oip::{Backend, Grpc, NotServed};
 
 /// The gRPC adapter.
@@ -16,8 +18,12 @@ pub type OipGrpc = Grpc<Service>;
 
 /// Wraps the adapter in the generated server with message limits derived
 /// from `limits.maxRequestBytes` (with headroom so the handler, not the
-/// codec, reports an oversized request with a clear message).
-pub fn server(service: Arc<Service>) -> GrpcInferenceServiceServer<OipGrpc> {
+/// codec, reports an oversized request with a clear message), each message's bytes reserved
+/// from `budget` (shared with the REST server) while it is received and answered.
+pub fn server(
+    service: Arc<Service>,
+    budget: Budget,
+) -> GrpcBudget<GrpcInferenceServiceServer<OipGrpc>> {
     let limit = service
         .config()
         .limits
@@ -26,11 +32,15 @@ pub fn server(service: Arc<Service>) -> GrpcInferenceServiceServer<OipGrpc> {
         .saturating_mul(2);
     // Compressed requests (tritonclient's `compression_algorithm`) are decoded up to the same
     // limit.
-    GrpcInferenceServiceServer::new(Grpc(service))
+    let server = GrpcInferenceServiceServer::new(Grpc(Arc::clone(&service)))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX)
         .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate)
+        .accept_compressed(CompressionEncoding::Deflate);
+    let refused = Arc::new(move |e: &Exhausted| {
+        service.infer_rejected("grpc", &RequestError::ResourceExhausted(e.to_string()));
+    });
+    GrpcBudget::new(server, budget, limit, refused)
 }
 
 #[tonic::async_trait]

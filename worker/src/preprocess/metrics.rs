@@ -12,6 +12,8 @@ use prometheus_client::registry::Registry;
 pub const QUEUE_DEPTH: &str = "tandem_preprocess_queue_depth";
 /// Requests being handled (admitted, not yet answered).
 pub const IN_FLIGHT: &str = "tandem_preprocess_in_flight";
+/// Bytes of request bodies reserved from `limits.maxRequestBytesInFlight`.
+pub const REQUEST_BYTES_IN_FLIGHT: &str = "tandem_preprocess_request_bytes_in_flight";
 /// Requests held because no inference endpoint exists.
 pub const HELD: &str = "tandem_preprocess_held_requests";
 /// Requests answered, by protocol and outcome code.
@@ -64,6 +66,8 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     /// See [`IN_FLIGHT`].
     pub in_flight: Gauge,
+    /// See [`REQUEST_BYTES_IN_FLIGHT`].
+    pub request_bytes_in_flight: Gauge,
     /// See [`HELD`].
     pub held: Gauge,
     /// See [`REQUESTS`].
@@ -84,6 +88,7 @@ impl Metrics {
         let m = Self {
             queue_depth: Gauge::default(),
             in_flight: Gauge::default(),
+            request_bytes_in_flight: Gauge::default(),
             held: Gauge::default(),
             requests: Family::default(),
             phase_seconds: Family::new_with_constructor(|| {
@@ -99,6 +104,11 @@ impl Metrics {
             m.queue_depth.clone(),
         );
         registry.register(IN_FLIGHT, "Requests being handled", m.in_flight.clone());
+        registry.register(
+            REQUEST_BYTES_IN_FLIGHT,
+            "Bytes of request bodies being received or held, reserved from limits.maxRequestBytesInFlight",
+            m.request_bytes_in_flight.clone(),
+        );
         registry.register(
             HELD,
             "Requests held while no inference endpoint exists",

@@ -27,9 +27,10 @@ use std::time::Duration;
 use anyhow::Context;
 use prometheus_client::registry::Registry;
 
+use crate::common::budget::Budget;
 use crate::common::shutdown::Shutdown;
 use crate::common::{metrics as metrics_server, net, telemetry};
-use crate::config::PipelineConfig;
+use crate::config::{Limits, PipelineConfig};
 
 /// Preprocess worker configuration (flags override the config file).
 #[derive(Debug, Clone, clap::Args)]
@@ -63,6 +64,10 @@ pub struct Args {
     /// Admission limit (overrides `limits.maxQueueDepth`).
     #[arg(long, env = "TANDEM_MAX_QUEUE_DEPTH")]
     pub max_queue_depth: Option<usize>,
+    /// Bytes of request bodies received and held at once, REST and gRPC together (overrides
+    /// `limits.maxRequestBytesInFlight`; at least `limits.maxRequestBytes`).
+    #[arg(long, env = "TANDEM_MAX_REQUEST_BYTES_IN_FLIGHT")]
+    pub max_request_bytes_in_flight: Option<usize>,
     /// CPU threads (overrides `limits.cpuThreads`; 0 = one per core).
     #[arg(long, env = "TANDEM_CPU_THREADS")]
     pub cpu_threads: Option<usize>,
@@ -103,6 +108,9 @@ pub fn effective_config(args: &Args) -> anyhow::Result<PipelineConfig> {
     if let Some(d) = args.max_queue_depth {
         cfg.limits.max_queue_depth = d;
     }
+    if let Some(b) = args.max_request_bytes_in_flight {
+        cfg.limits.max_request_bytes_in_flight = b;
+    }
     if let Some(t) = args.cpu_threads {
         cfg.limits.cpu_threads = t;
     }
@@ -111,6 +119,19 @@ pub fn effective_config(args: &Args) -> anyhow::Result<PipelineConfig> {
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The worker's budget of request-body bytes in flight (`limits.maxRequestBytesInFlight`),
+/// shared by its gRPC and REST servers, reporting what is reserved in `reserved`.
+pub fn request_budget(
+    limits: &Limits,
+    reserved: prometheus_client::metrics::gauge::Gauge,
+) -> Budget {
+    Budget::new(
+        limits.max_request_bytes_in_flight,
+        "limits.maxRequestBytesInFlight",
+        reserved,
+    )
 }
 
 /// How long a server may still wait for its connections to close once the drain has ended.
@@ -199,6 +220,7 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Res
     } = stop;
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
+    let budget = request_budget(&cfg.limits, metrics.request_bytes_in_flight.clone());
     let pipeline = service::build_pipeline_async(&cfg).await?;
     let labels = service::load_labels(&cfg)?;
     let ports = cfg.ports;
@@ -226,7 +248,7 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Res
 
     let s = closing.clone();
     let grpc = tonic::transport::Server::builder()
-        .add_service(grpc::server(Arc::clone(&svc)))
+        .add_service(grpc::server(Arc::clone(&svc), budget.clone()))
         .serve_with_incoming_shutdown(grpc_incoming, async move { s.wait().await });
     let d = drained.clone();
     let control = tonic::transport::Server::builder()
@@ -235,7 +257,7 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Res
     let s = closing.clone();
     let http = net::serve_http(
         http_listener,
-        rest::router(Arc::clone(&svc)),
+        rest::router(Arc::clone(&svc), budget),
         net::HEADER_READ_TIMEOUT,
         async move { s.wait().await },
     );

@@ -4,13 +4,14 @@
 //! `POST /v2/models/{name}[/versions/{v}]/infer`.
 //!
 //! Infer bodies are read and written by [`crate::common::rest`] (JSON, or JSON followed by
-//! binary tensor data, as `tritonclient.http` sends). Errors are `{"error": "..."}`.
+//! binary tensor data, as `tritonclient.http` sends), once the bytes they may take are
+//! reserved from the worker's [`Budget`]. Errors are `{"error": "..."}`.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,11 +19,32 @@ use serde_json::{Value, json};
 
 use super::error::RequestError;
 use super::service::{Service, trace_from_header};
-use crate::common::body::{BodyError, read_body};
+use crate::common::body::{BodyError, bytes_to_reserve, read_body};
+use crate::common::budget::Budget;
 use crate::common::rest;
 
-/// The REST router.
-pub fn router(service: Arc<Service>) -> axum::Router {
+/// What the handlers share: the service, and the budget of body bytes (shared with the gRPC
+/// server).
+#[derive(Clone)]
+struct Rest {
+    service: Arc<Service>,
+    budget: Budget,
+}
+
+impl FromRef<Rest> for Arc<Service> {
+    fn from_ref(r: &Rest) -> Self {
+        Arc::clone(&r.service)
+    }
+}
+
+impl FromRef<Rest> for Budget {
+    fn from_ref(r: &Rest) -> Self {
+        r.budget.clone()
+    }
+}
+
+/// The REST router; infer bodies reserve their bytes from `budget`.
+pub fn router(service: Arc<Service>, budget: Budget) -> axum::Router {
     let router = axum::Router::new()
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(ready))
@@ -40,7 +62,7 @@ pub fn router(service: Arc<Service>) -> axum::Router {
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer_v))
         .layer(DefaultBodyLimit::disable())
-        .with_state(service);
+        .with_state(Rest { service, budget });
     rest::with_fallbacks(router)
 }
 
@@ -105,21 +127,32 @@ async fn model_ready_v(
 
 async fn infer(
     state: State<Arc<Service>>,
+    budget: State<Budget>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_v(state, Path((name, String::new())), headers, body).await
+    infer_v(state, budget, Path((name, String::new())), headers, body).await
 }
 
 async fn infer_v(
     State(s): State<Arc<Service>>,
+    State(budget): State<Budget>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     // JSON framing adds overhead beyond the tensor bytes that the limit is about.
     let limit = s.config().limits.max_request_bytes.saturating_add(64 << 10);
+    // Held until the answer is made: the tensors decoded from the body live that long.
+    let _reserved = match budget.try_reserve(bytes_to_reserve(&headers, limit)) {
+        Ok(r) => r,
+        Err(full) => {
+            let e = RequestError::ResourceExhausted(full.to_string());
+            s.infer_rejected("http", &e);
+            return request_error(&e);
+        }
+    };
     let body = match read_body(&headers, body, limit).await {
         Ok(b) => b,
         Err(b) => {
