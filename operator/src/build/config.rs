@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::build::{PORT_CONTROL, PORT_GRPC, PORT_HTTP, PORT_METRICS};
 use crate::crd::{ImageDtype, Normalize, ResizeFilter, ResizeMode, TensorLayout};
+use crate::quantity;
 use crate::validate::{Input, ValidatedPipeline};
 
 /// Key of the config file inside the ConfigMap.
@@ -129,6 +130,31 @@ pub struct WorkerPorts {
 pub struct WorkerLimits {
     /// Admission bound.
     pub max_queue_depth: u32,
+    /// Largest request; omitted for the worker's default ([`WORKER_MAX_REQUEST_BYTES`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes: Option<u64>,
+    /// Request-body bytes in flight per pod; omitted for the worker's default (256 MiB).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes_in_flight: Option<u64>,
+}
+
+/// The worker's default `limits.maxRequestBytes` (`worker/src/config.rs`).
+pub const WORKER_MAX_REQUEST_BYTES: u64 = 64 << 20;
+
+impl WorkerLimits {
+    /// The request-size limits for a preprocess pod with `memory_limit` (a quantity): half of
+    /// it for request bodies in flight, the other half left for the decoded images or tokens,
+    /// the tensors forwarded and the process itself; and no request larger than that half,
+    /// which the worker would refuse to start with. Without a limit (or with one the operator
+    /// cannot read) the worker's defaults stand.
+    fn sized_for(max_queue_depth: u32, memory_limit: Option<&str>) -> Self {
+        let in_flight = memory_limit.and_then(quantity::bytes).map(|b| b / 2);
+        Self {
+            max_queue_depth,
+            max_request_bytes: in_flight.filter(|b| *b < WORKER_MAX_REQUEST_BYTES),
+            max_request_bytes_in_flight: in_flight,
+        }
+    }
 }
 
 impl WorkerConfig {
@@ -183,11 +209,15 @@ impl WorkerConfig {
                 metrics: PORT_METRICS,
                 control: PORT_CONTROL,
             },
-            limits: WorkerLimits {
-                max_queue_depth: v.preprocess.max_queue_depth,
-            },
+            limits: WorkerLimits::sized_for(v.preprocess.max_queue_depth, memory_limit(v)),
         }
     }
+}
+
+/// The preprocess pods' memory limit, as written in the spec.
+fn memory_limit(v: &ValidatedPipeline) -> Option<&str> {
+    let limits = v.preprocess.resources.as_ref()?.limits.as_ref()?;
+    limits.get("memory").map(|q| q.0.as_str())
 }
 
 /// `pipeline.yaml` for a validated pipeline.
@@ -267,5 +297,58 @@ postprocess:
   labels: imagenet
 ";
         assert!(yaml.contains(expected), "{yaml}");
+    }
+
+    /// The text pipeline's rendered config with preprocess `resources` of `kind` (`limits` or
+    /// `requests`) `memory`.
+    fn with_preprocess_memory(kind: &str, memory: &str) -> String {
+        let mut p = text_pipeline();
+        let list: crate::crd::ResourceList = [(
+            "memory",
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity(memory.into()),
+        )]
+        .into_iter()
+        .collect();
+        let mut r = crate::crd::Resources::default();
+        match kind {
+            "limits" => r.limits = list,
+            _ => r.requests = list,
+        }
+        p.spec.preprocess.resources = Some(r);
+        render_worker_config(&validate(&p).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_preprocess_memory_limit_gives_half_of_it_to_request_bytes_in_flight() {
+        let yaml = with_preprocess_memory("limits", "1Gi");
+        assert!(
+            yaml.ends_with(
+                "limits:\n  maxQueueDepth: 1024\n  maxRequestBytesInFlight: 536870912\n"
+            ),
+            "{yaml}"
+        );
+    }
+
+    #[test]
+    fn a_memory_limit_under_twice_the_largest_request_lowers_that_to_the_half_too() {
+        let yaml = with_preprocess_memory("limits", "100M");
+        assert!(
+            yaml.ends_with(
+                "limits:\n  maxQueueDepth: 1024\n  maxRequestBytes: 50000000\n  maxRequestBytesInFlight: 50000000\n"
+            ),
+            "{yaml}"
+        );
+        // Exactly twice: the worker's default request limit stands.
+        let yaml = with_preprocess_memory("limits", "128Mi");
+        assert!(
+            yaml.ends_with("limits:\n  maxQueueDepth: 1024\n  maxRequestBytesInFlight: 67108864\n"),
+            "{yaml}"
+        );
+    }
+
+    #[test]
+    fn a_memory_request_without_a_limit_leaves_the_workers_defaults() {
+        let yaml = with_preprocess_memory("requests", "1Gi");
+        assert!(yaml.ends_with("limits:\n  maxQueueDepth: 1024\n"), "{yaml}");
     }
 }
