@@ -63,6 +63,7 @@ pub fn image_preprocess() -> ImagePreprocess {
         normalize: Normalize::default(),
         layout: TensorLayout::Nchw,
         dtype: ImageDtype::Fp32,
+        jpeg_draft: Default::default(),
         labels: Some("imagenet".into()),
         top_k: 5,
     }

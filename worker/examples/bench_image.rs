@@ -25,10 +25,10 @@ fn pipeline(dtype: ImageDtype, layout: Layout, draft: JpegDraft) -> ImagePipelin
             normalize: Normalize::default(),
             layout,
             dtype,
+            jpeg_draft: draft,
         },
         100_000_000,
     )
-    .with_jpeg_draft(draft)
 }
 
 fn main() -> anyhow::Result<()> {

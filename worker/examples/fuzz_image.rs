@@ -50,8 +50,9 @@ fn pipeline(mode: ResizeMode, draft: JpegDraft, dtype: ImageDtype) -> ImagePipel
         normalize: Normalize::default(),
         layout: Layout::Nchw,
         dtype,
+        jpeg_draft: draft,
     };
-    ImagePipeline::new(cfg, 40_000_000).with_jpeg_draft(draft)
+    ImagePipeline::new(cfg, 40_000_000)
 }
 
 fn mutate(r: &mut Rng, seed: &[u8]) -> Vec<u8> {

@@ -76,6 +76,7 @@ fn every_fixture_case_matches_pillow_and_numpy_within_its_tolerance() {
                 },
                 layout: case.layout,
                 dtype: case.dtype,
+                jpeg_draft: Default::default(),
             },
             10_000_000,
         );

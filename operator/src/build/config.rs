@@ -8,7 +8,7 @@
 use serde::Serialize;
 
 use crate::build::{PORT_CONTROL, PORT_GRPC, PORT_HTTP, PORT_METRICS};
-use crate::crd::{ImageDtype, Normalize, ResizeFilter, ResizeMode, TensorLayout};
+use crate::crd::{ImageDtype, JpegDraft, Normalize, ResizeFilter, ResizeMode, TensorLayout};
 use crate::quantity;
 use crate::validate::{Input, ValidatedPipeline};
 
@@ -79,6 +79,14 @@ pub struct WorkerImage {
     pub layout: TensorLayout,
     /// Tensor element type.
     pub dtype: ImageDtype,
+    /// JPEG decode-time downscaling; left out at its default, so that pipelines that never
+    /// set it keep their config hash (and their pods) across an operator upgrade.
+    #[serde(rename = "jpegDraft", skip_serializing_if = "is_fast")]
+    pub jpeg_draft: JpegDraft,
+}
+
+fn is_fast(d: &JpegDraft) -> bool {
+    *d == JpegDraft::Fast
 }
 
 /// `preprocess.image.resize`.
@@ -184,6 +192,7 @@ impl WorkerConfig {
                         normalize: i.normalize.clone(),
                         layout: i.layout,
                         dtype: i.dtype,
+                        jpeg_draft: i.jpeg_draft,
                     }),
                 },
                 WorkerPostprocess::Classification {
@@ -297,6 +306,21 @@ postprocess:
   labels: imagenet
 ";
         assert!(yaml.contains(expected), "{yaml}");
+    }
+
+    #[test]
+    fn a_jpeg_draft_policy_is_rendered_only_when_it_is_not_the_default() {
+        let mut p = image_pipeline();
+        let mut rendered = |draft| {
+            if let Some(i) = p.spec.preprocess.image.as_mut() {
+                i.jpeg_draft = draft;
+            }
+            render_worker_config(&validate(&p).unwrap()).unwrap()
+        };
+        assert!(rendered(JpegDraft::Off).contains("    dtype: FP32\n    jpegDraft: Off\n"));
+        assert!(rendered(JpegDraft::Quality).contains("    jpegDraft: Quality\n"));
+        // The default keeps the config (and its hash) as it was before the field existed.
+        assert!(!rendered(JpegDraft::Fast).contains("jpegDraft"));
     }
 
     /// The text pipeline's rendered config with preprocess `resources` of `kind` (`limits` or

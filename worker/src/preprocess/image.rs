@@ -19,6 +19,7 @@ use std::io::Cursor;
 use fast_image_resize as fr;
 use image::{DynamicImage, ImageDecoder, ImageFormat};
 
+pub use crate::config::JpegDraft;
 use crate::config::{ImageConfig, ImageDtype, Layout, ResizeFilter, ResizeMode};
 
 /// Why one image could not be turned into a tensor; shown to clients.
@@ -79,29 +80,6 @@ pub enum ImageError {
     Resize(String),
 }
 
-/// How far a JPEG may be downscaled while it is decoded (scaled inverse DCT:
-/// the decoder reconstructs each 8×8 block at 4×4, 2×2 or 1×1, skipping the
-/// colour conversion and resize work for pixels that would be thrown away).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum JpegDraft {
-    /// Always decode at full size.
-    Off,
-    /// Scale down while the decoded crop keeps at least twice the output's
-    /// pixels in each direction, so the antialiased resize after it still
-    /// averages over ≥ 2 source pixels: quality close to a full decode. For
-    /// a 1080p frame to 224×224 this decodes at 1/2 scale: 25–40 % less CPU
-    /// than a full decode (PSNR 40.9 vs 41.3 dB against a Lanczos reference;
-    /// docs/benchmarks.md).
-    Quality,
-    /// Pillow's `draft` rule: scale down while the decoded crop is at least
-    /// as large as the output. For a 1080p frame to 224×224 this decodes at
-    /// 1/4 scale: about half the CPU of a full decode, at the quality of
-    /// Pillow's draft mode (PSNR 39.0 dB, the same as Pillow's; a full decode
-    /// gives 41.3 dB; docs/benchmarks.md).
-    #[default]
-    Fast,
-}
-
 impl JpegDraft {
     /// Minimum decoded-crop size per output pixel, per direction.
     fn min_oversample(self) -> Option<f64> {
@@ -133,17 +111,11 @@ impl ImagePipeline {
             }
         }
         Self {
+            draft: cfg.jpeg_draft,
             cfg,
             max_pixels,
-            draft: JpegDraft::default(),
             lut,
         }
-    }
-
-    /// The same pipeline with another JPEG decode-time downscaling policy.
-    pub fn with_jpeg_draft(mut self, draft: JpegDraft) -> Self {
-        self.draft = draft;
-        self
     }
 
     /// The configuration.
@@ -882,6 +854,7 @@ mod tests {
             normalize: crate::config::Normalize::default(),
             layout,
             dtype,
+            jpeg_draft: JpegDraft::default(),
         }
     }
 
@@ -923,15 +896,20 @@ mod tests {
             Layout::Nhwc,
             ImageDtype::Uint8,
         );
-        let run = |draft| {
-            ImagePipeline::new(cfg.clone(), 1 << 30)
-                .with_jpeg_draft(draft)
+        // The policy comes from the pipeline's configuration (`jpegDraft`).
+        let run = |jpeg_draft| {
+            let cfg = ImageConfig {
+                jpeg_draft,
+                ..cfg.clone()
+            };
+            ImagePipeline::new(cfg, 1 << 30)
                 .process_batch(&[&jpeg])
                 .unwrap()
         };
         let full = run(JpegDraft::Off);
         for draft in [JpegDraft::Quality, JpegDraft::Fast] {
             let got = run(draft);
+            assert_ne!(got, full, "{draft:?} decodes at a smaller scale than Off");
             let mean = got
                 .iter()
                 .zip(&full)
