@@ -99,6 +99,40 @@ pub fn unimplemented(rpc: &str, instead: &str) -> Status {
     ))
 }
 
+/// What to use instead of Triton's shared-memory extensions.
+const SHARED_MEMORY: &str =
+    "send tensors in the request (raw_input_contents), as the workers run in other pods";
+
+/// A `GRPCInferenceService` method for one of Triton's extensions, answered with
+/// [`unimplemented`]: `triton_extension!(method, Rpc, RpcRequest, RpcResponse, "instead")`.
+///
+/// It writes the signature `#[tonic::async_trait]` gives the trait's methods: the attribute
+/// does not look inside macro calls, so an `async fn` here would not match the trait.
+macro_rules! triton_extension {
+    ($method:ident, $rpc:ident, $req:ident, $resp:ident, $instead:expr) => {
+        fn $method<'life0, 'async_trait>(
+            &'life0 self,
+            _: Request<tandem_proto::inference::$req>,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<Response<tandem_proto::inference::$resp>, Status>,
+                    > + Send
+                    + 'async_trait,
+            >,
+        >
+        where
+            'life0: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(std::future::ready(Err(unimplemented(
+                stringify!($rpc),
+                $instead,
+            ))))
+        }
+    };
+}
+
 /// What a worker role serves over OIP v2.
 #[tonic::async_trait]
 pub trait Backend: Send + Sync + 'static {
@@ -231,6 +265,77 @@ impl<B: Backend> GrpcInferenceService for Grpc<B> {
             "each worker serves one model, named by ServerMetadata and ModelMetadata",
         ))
     }
+
+    triton_extension!(
+        repository_model_load,
+        RepositoryModelLoad,
+        RepositoryModelLoadRequest,
+        RepositoryModelLoadResponse,
+        "a worker serves the one model it started with; change spec.inference.model to roll out another"
+    );
+    triton_extension!(
+        repository_model_unload,
+        RepositoryModelUnload,
+        RepositoryModelUnloadRequest,
+        RepositoryModelUnloadResponse,
+        "a worker serves the one model it started with; scale or delete the pipeline instead"
+    );
+    triton_extension!(
+        system_shared_memory_status,
+        SystemSharedMemoryStatus,
+        SystemSharedMemoryStatusRequest,
+        SystemSharedMemoryStatusResponse,
+        SHARED_MEMORY
+    );
+    triton_extension!(
+        system_shared_memory_register,
+        SystemSharedMemoryRegister,
+        SystemSharedMemoryRegisterRequest,
+        SystemSharedMemoryRegisterResponse,
+        SHARED_MEMORY
+    );
+    triton_extension!(
+        system_shared_memory_unregister,
+        SystemSharedMemoryUnregister,
+        SystemSharedMemoryUnregisterRequest,
+        SystemSharedMemoryUnregisterResponse,
+        SHARED_MEMORY
+    );
+    triton_extension!(
+        cuda_shared_memory_status,
+        CudaSharedMemoryStatus,
+        CudaSharedMemoryStatusRequest,
+        CudaSharedMemoryStatusResponse,
+        SHARED_MEMORY
+    );
+    triton_extension!(
+        cuda_shared_memory_register,
+        CudaSharedMemoryRegister,
+        CudaSharedMemoryRegisterRequest,
+        CudaSharedMemoryRegisterResponse,
+        SHARED_MEMORY
+    );
+    triton_extension!(
+        cuda_shared_memory_unregister,
+        CudaSharedMemoryUnregister,
+        CudaSharedMemoryUnregisterRequest,
+        CudaSharedMemoryUnregisterResponse,
+        SHARED_MEMORY
+    );
+    triton_extension!(
+        trace_setting,
+        TraceSetting,
+        TraceSettingRequest,
+        TraceSettingResponse,
+        "tracing is OpenTelemetry, set with OTEL_EXPORTER_OTLP_ENDPOINT and a W3C traceparent on each request"
+    );
+    triton_extension!(
+        log_settings,
+        LogSettings,
+        LogSettingsRequest,
+        LogSettingsResponse,
+        "the log level is set with RUST_LOG when the worker starts"
+    );
 
     async fn model_infer(
         &self,
@@ -435,7 +540,7 @@ mod tests {
     /// Over a real connection: the generated server routes every declared RPC to the service,
     /// the streaming one included.
     #[tokio::test]
-    async fn a_client_calling_model_config_or_stream_infer_is_told_tandem_lacks_it() {
+    async fn a_client_calling_a_triton_extension_is_told_tandem_lacks_it_and_what_to_use() {
         use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
         use tandem_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -470,6 +575,66 @@ mod tests {
             err.message()
                 .contains("Tandem does not implement ModelStreamInfer")
         );
+
+        // The other extensions tritonclient offers: loading models, shared memory, trace and
+        // log settings. Undeclared, they were UNIMPLEMENTED with an empty message.
+        use tandem_proto::inference::{
+            CudaSharedMemoryRegisterRequest, LogSettingsRequest, RepositoryModelLoadRequest,
+            SystemSharedMemoryStatusRequest, TraceSettingRequest,
+        };
+        let answers = [
+            (
+                client
+                    .repository_model_load(RepositoryModelLoadRequest::default())
+                    .await
+                    .map(|_| ()),
+                "RepositoryModelLoad",
+                "change spec.inference.model",
+            ),
+            (
+                client
+                    .system_shared_memory_status(SystemSharedMemoryStatusRequest::default())
+                    .await
+                    .map(|_| ()),
+                "SystemSharedMemoryStatus",
+                "raw_input_contents",
+            ),
+            (
+                client
+                    .cuda_shared_memory_register(CudaSharedMemoryRegisterRequest::default())
+                    .await
+                    .map(|_| ()),
+                "CudaSharedMemoryRegister",
+                "raw_input_contents",
+            ),
+            (
+                client
+                    .trace_setting(TraceSettingRequest::default())
+                    .await
+                    .map(|_| ()),
+                "TraceSetting",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                client
+                    .log_settings(LogSettingsRequest::default())
+                    .await
+                    .map(|_| ()),
+                "LogSettings",
+                "RUST_LOG",
+            ),
+        ];
+        for (answer, rpc, instead) in answers {
+            let err = answer.unwrap_err();
+            assert_eq!(err.code(), Code::Unimplemented, "{rpc}");
+            assert!(
+                err.message()
+                    .starts_with(&format!("Tandem does not implement {rpc} "))
+                    && err.message().contains(instead),
+                "{rpc}: {}",
+                err.message()
+            );
+        }
     }
 
     #[test]
