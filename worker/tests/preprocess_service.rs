@@ -1280,3 +1280,44 @@ async fn over_rest_a_body_that_would_pass_the_bytes_in_flight_budget_is_refused_
     let stats = worker_stats(&svc).await;
     assert_eq!((stats.requests_total, stats.errors_total), (3, 1));
 }
+
+/// An HTTP/1.1 client such as Python's `http.client` sends its whole body before it reads the
+/// answer; a refusal sent without reading the body, on a connection then closed under it, reached
+/// such a client as a reset (`BrokenPipeError`), not as the 429.
+#[tokio::test]
+async fn an_http1_client_that_sends_its_whole_body_before_reading_gets_the_429() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let svc = text_service_limited("maxRequestBytes: 16777216, maxRequestBytesInFlight: 16777216");
+    let budget = budget(&svc);
+    let _full = budget.try_reserve(16 << 20).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(tandem_worker::common::net::serve_http(
+        listener,
+        tandem_worker::preprocess::rest::router(Arc::clone(&svc), budget.clone()),
+        tandem_worker::common::net::HEADER_READ_TIMEOUT,
+        std::future::pending(),
+    ));
+    let body = vec![b'x'; 16 << 20];
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v2/models/minilm/infer HTTP/1.1\r\nHost: worker\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body)
+        .await
+        .expect("the body is taken, not cut off");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = conn.read(&mut buf).await.expect("the answer, not a reset");
+        assert!(n > 0, "closed without an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 429 Too Many Requests"),
+        "{answer}"
+    );
+}

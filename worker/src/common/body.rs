@@ -12,7 +12,8 @@ use std::io::Read as _;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Version, header};
+use http_body_util::BodyExt as _;
 
 /// The longest a client may take to send a request body.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -97,6 +98,32 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     }
 }
 
+/// Reads `body` to its end, dropping each piece as it arrives (at most `limit` bytes, within
+/// [`BODY_READ_TIMEOUT`]), before an answer that did not need it. An HTTP/1.1 client that sends
+/// its whole body before it reads the answer (Python's `http.client`, tritonclient's HTTP
+/// client) otherwise sees its connection reset under the unread body, not the answer. Skipped
+/// where the body need not be read: HTTP/2, where the answer ends the stream by itself, and a
+/// client waiting for `100 Continue`, which is then not sent, so the client sends nothing more.
+pub async fn discard(version: Version, headers: &HeaderMap, body: Body, limit: usize) {
+    let waits_for_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if version >= Version::HTTP_2 || waits_for_continue {
+        return;
+    }
+    let drain = async {
+        let mut body = body;
+        let mut read = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, Bytes::len);
+            if read > limit {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(BODY_READ_TIMEOUT, drain).await;
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Encoding {
     Identity,
@@ -141,6 +168,7 @@ impl Encoding {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt as _;
     use std::io::Write as _;
 
     fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
@@ -238,6 +266,39 @@ mod tests {
         assert_eq!(bytes_to_reserve(&over, 1 << 20), 0);
         let brotli = headers(&[(header::CONTENT_ENCODING, "br")]);
         assert_eq!(bytes_to_reserve(&brotli, 1 << 20), 0);
+    }
+
+    /// A body of `chunks` chunks of 1 KiB that counts those read.
+    fn counted(chunks: usize) -> (Body, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r = std::sync::Arc::clone(&read);
+        let stream = futures::stream::iter(0..chunks).map(move |_| {
+            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, std::io::Error>(Bytes::from(vec![0u8; 1024]))
+        });
+        (Body::from_stream(stream), read)
+    }
+
+    #[tokio::test]
+    async fn a_discarded_http1_body_is_read_to_its_end_or_the_limit() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (body, read) = counted(100);
+        discard(Version::HTTP_11, &HeaderMap::new(), body, 1 << 20).await;
+        assert_eq!(read.load(SeqCst), 100);
+        let (body, read) = counted(100);
+        discard(Version::HTTP_11, &HeaderMap::new(), body, 10 * 1024).await;
+        assert_eq!(read.load(SeqCst), 11, "stops once past the limit");
+    }
+
+    #[tokio::test]
+    async fn a_body_is_not_read_over_http2_nor_from_a_client_waiting_for_100_continue() {
+        let (body, read) = counted(100);
+        discard(Version::HTTP_2, &HeaderMap::new(), body, 1 << 20).await;
+        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let (body, read) = counted(100);
+        let h = headers(&[(header::EXPECT, "100-Continue")]);
+        discard(Version::HTTP_11, &h, body, 1 << 20).await;
+        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{FromRef, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use crate::common::body::{bytes_to_reserve, read_body};
+use crate::common::body::{bytes_to_reserve, discard, read_body};
 use crate::common::budget::Budget;
 use crate::common::rest;
 
@@ -125,25 +125,28 @@ async fn model_ready_v(
 async fn infer(
     State(r): State<Rest>,
     Path(name): Path<String>,
+    http: Version,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_common(r, name, String::new(), headers, body).await
+    infer_common(r, name, String::new(), http, headers, body).await
 }
 
 async fn infer_v(
     State(r): State<Rest>,
     Path((name, version)): Path<(String, String)>,
+    http: Version,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_common(r, name, version, headers, body).await
+    infer_common(r, name, version, http, headers, body).await
 }
 
 async fn infer_common(
     Rest { worker: w, budget }: Rest,
     name: String,
     version: String,
+    http: Version,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -152,6 +155,7 @@ async fn infer_common(
         Ok(r) => r,
         Err(full) => {
             w.metrics.count_refused();
+            discard(http, &headers, body, MAX_BODY_BYTES).await;
             return error(StatusCode::TOO_MANY_REQUESTS, full.to_string());
         }
     };

@@ -12,14 +12,14 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::error::RequestError;
 use super::service::{Service, trace_from_header};
-use crate::common::body::{BodyError, bytes_to_reserve, read_body};
+use crate::common::body::{BodyError, bytes_to_reserve, discard, read_body};
 use crate::common::budget::Budget;
 use crate::common::rest;
 
@@ -129,16 +129,26 @@ async fn infer(
     state: State<Arc<Service>>,
     budget: State<Budget>,
     Path(name): Path<String>,
+    http: Version,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    infer_v(state, budget, Path((name, String::new())), headers, body).await
+    infer_v(
+        state,
+        budget,
+        Path((name, String::new())),
+        http,
+        headers,
+        body,
+    )
+    .await
 }
 
 async fn infer_v(
     State(s): State<Arc<Service>>,
     State(budget): State<Budget>,
     Path((name, version)): Path<(String, String)>,
+    http: Version,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -150,6 +160,7 @@ async fn infer_v(
         Err(full) => {
             let e = RequestError::ResourceExhausted(full.to_string());
             s.infer_rejected("http", &e);
+            discard(http, &headers, body, limit).await;
             return request_error(&e);
         }
     };
