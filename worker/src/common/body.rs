@@ -77,18 +77,11 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         return Err(BodyError::TooLarge(limit));
     }
     let encoding = Encoding::of(headers)?;
-    let raw = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
+    // Within the limit, so within a usize.
+    let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit));
+    let raw = tokio::time::timeout(BODY_READ_TIMEOUT, collect(body, expected, limit))
         .await
-        .map_err(|_| BodyError::Timeout)?
-        .map_err(|e| {
-            if std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            {
-                BodyError::TooLarge(limit)
-            } else {
-                BodyError::Read(e.to_string())
-            }
-        })?;
+        .map_err(|_| BodyError::Timeout)??;
     match encoding {
         Encoding::Identity => Ok(raw),
         // Decompressing up to the limit is CPU work: off the async threads.
@@ -96,6 +89,23 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
             .await
             .map_err(|e| BodyError::Read(e.to_string()))?,
     }
+}
+
+/// `body`'s bytes in one buffer of `expected` bytes to start with (the declared length), each
+/// piece copied in as it arrives and let go: the body takes its own size while it is read, not
+/// twice that as when all its pieces are kept and then joined.
+async fn collect(mut body: Body, expected: usize, limit: usize) -> Result<Bytes, BodyError> {
+    let mut out = bytes::BytesMut::with_capacity(expected);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
+        if let Some(data) = frame.data_ref() {
+            if out.len() + data.len() > limit {
+                return Err(BodyError::TooLarge(limit));
+            }
+            out.extend_from_slice(data);
+        }
+    }
+    Ok(out.freeze())
 }
 
 /// Reads `body` to its end, dropping each piece as it arrives (at most `limit` bytes, within
