@@ -425,6 +425,9 @@ impl GrpcInferenceService for Stub {
             "the stub answers ModelInfer only",
         ))
     }
+    tandem_proto::triton_extensions!(|_| tonic::Status::unimplemented(
+        "the stub answers ModelInfer only"
+    ));
     async fn model_infer(
         &self,
         req: tonic::Request<ModelInferRequest>,

@@ -99,38 +99,22 @@ pub fn unimplemented(rpc: &str, instead: &str) -> Status {
     ))
 }
 
-/// What to use instead of Triton's shared-memory extensions.
-const SHARED_MEMORY: &str =
-    "send tensors in the request (raw_input_contents), as the workers run in other pods";
-
-/// A `GRPCInferenceService` method for one of Triton's extensions, answered with
-/// [`unimplemented`]: `triton_extension!(method, Rpc, RpcRequest, RpcResponse, "instead")`.
-///
-/// It writes the signature `#[tonic::async_trait]` gives the trait's methods: the attribute
-/// does not look inside macro calls, so an `async fn` here would not match the trait.
-macro_rules! triton_extension {
-    ($method:ident, $rpc:ident, $req:ident, $resp:ident, $instead:expr) => {
-        fn $method<'life0, 'async_trait>(
-            &'life0 self,
-            _: Request<tandem_proto::inference::$req>,
-        ) -> std::pin::Pin<
-            Box<
-                dyn std::future::Future<
-                        Output = Result<Response<tandem_proto::inference::$resp>, Status>,
-                    > + Send
-                    + 'async_trait,
-            >,
-        >
-        where
-            'life0: 'async_trait,
-            Self: 'async_trait,
-        {
-            Box::pin(std::future::ready(Err(unimplemented(
-                stringify!($rpc),
-                $instead,
-            ))))
+/// What to use instead of a Triton extension of the protocol that Tandem lacks.
+fn instead_of(rpc: &str) -> &'static str {
+    match rpc {
+        "RepositoryModelLoad" => {
+            "a worker serves the one model it started with; change spec.inference.model to roll out another"
         }
-    };
+        "RepositoryModelUnload" => {
+            "a worker serves the one model it started with; scale or delete the pipeline instead"
+        }
+        "TraceSetting" => {
+            "tracing is OpenTelemetry, set with OTEL_EXPORTER_OTLP_ENDPOINT and a W3C traceparent on each request"
+        }
+        "LogSettings" => "the log level is set with RUST_LOG when the worker starts",
+        // The system and CUDA shared-memory calls.
+        _ => "send tensors in the request (raw_input_contents), as the workers run in other pods",
+    }
 }
 
 /// What a worker role serves over OIP v2.
@@ -266,76 +250,7 @@ impl<B: Backend> GrpcInferenceService for Grpc<B> {
         ))
     }
 
-    triton_extension!(
-        repository_model_load,
-        RepositoryModelLoad,
-        RepositoryModelLoadRequest,
-        RepositoryModelLoadResponse,
-        "a worker serves the one model it started with; change spec.inference.model to roll out another"
-    );
-    triton_extension!(
-        repository_model_unload,
-        RepositoryModelUnload,
-        RepositoryModelUnloadRequest,
-        RepositoryModelUnloadResponse,
-        "a worker serves the one model it started with; scale or delete the pipeline instead"
-    );
-    triton_extension!(
-        system_shared_memory_status,
-        SystemSharedMemoryStatus,
-        SystemSharedMemoryStatusRequest,
-        SystemSharedMemoryStatusResponse,
-        SHARED_MEMORY
-    );
-    triton_extension!(
-        system_shared_memory_register,
-        SystemSharedMemoryRegister,
-        SystemSharedMemoryRegisterRequest,
-        SystemSharedMemoryRegisterResponse,
-        SHARED_MEMORY
-    );
-    triton_extension!(
-        system_shared_memory_unregister,
-        SystemSharedMemoryUnregister,
-        SystemSharedMemoryUnregisterRequest,
-        SystemSharedMemoryUnregisterResponse,
-        SHARED_MEMORY
-    );
-    triton_extension!(
-        cuda_shared_memory_status,
-        CudaSharedMemoryStatus,
-        CudaSharedMemoryStatusRequest,
-        CudaSharedMemoryStatusResponse,
-        SHARED_MEMORY
-    );
-    triton_extension!(
-        cuda_shared_memory_register,
-        CudaSharedMemoryRegister,
-        CudaSharedMemoryRegisterRequest,
-        CudaSharedMemoryRegisterResponse,
-        SHARED_MEMORY
-    );
-    triton_extension!(
-        cuda_shared_memory_unregister,
-        CudaSharedMemoryUnregister,
-        CudaSharedMemoryUnregisterRequest,
-        CudaSharedMemoryUnregisterResponse,
-        SHARED_MEMORY
-    );
-    triton_extension!(
-        trace_setting,
-        TraceSetting,
-        TraceSettingRequest,
-        TraceSettingResponse,
-        "tracing is OpenTelemetry, set with OTEL_EXPORTER_OTLP_ENDPOINT and a W3C traceparent on each request"
-    );
-    triton_extension!(
-        log_settings,
-        LogSettings,
-        LogSettingsRequest,
-        LogSettingsResponse,
-        "the log level is set with RUST_LOG when the worker starts"
-    );
+    tandem_proto::triton_extensions!(|rpc| unimplemented(rpc, instead_of(rpc)));
 
     async fn model_infer(
         &self,

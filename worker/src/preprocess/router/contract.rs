@@ -92,9 +92,18 @@ impl Contract {
 
     /// Whether a model with this metadata takes what the pipeline sends and has the output it
     /// reads; `Err` says what differs, every difference found.
+    ///
+    /// A server that lists no inputs (or no outputs) says nothing about them, and they are
+    /// not checked: minimal OIP servers, such as the serving benchmark's stub, answer
+    /// metadata that way.
     pub fn check(&self, model: &ModelMetadataResponse) -> Result<(), String> {
         let mut problems = Vec::new();
-        for sent in &self.inputs {
+        let listed_inputs = if model.inputs.is_empty() {
+            &[][..]
+        } else {
+            &self.inputs[..]
+        };
+        for sent in listed_inputs {
             match model.inputs.iter().find(|t| t.name == sent.name) {
                 None => problems.push(format!(
                     "input {:?}: sent, but the model has no such input (it takes {})",
@@ -111,6 +120,7 @@ impl Contract {
             }
         }
         if let Some(out) = self.output
+            && !model.outputs.is_empty()
             && !model.outputs.iter().any(|t| t.name == out)
         {
             problems.push(format!(
@@ -156,9 +166,6 @@ fn dims(d: &[i64]) -> String {
 }
 
 fn listed(ts: &[TensorMetadata]) -> String {
-    if ts.is_empty() {
-        return "none".to_owned();
-    }
     let names: Vec<String> = ts
         .iter()
         .map(|t| format!("{:?} {}", t.name, dims(&t.shape)))
@@ -291,12 +298,25 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_lists_no_inputs_or_outputs_is_not_checked_for_them() {
+        let contract = Contract::of(&image(320, "NCHW", "Classification"));
+        assert_eq!(contract.check(&meta(&[], &[])), Ok(()));
+        assert_eq!(
+            contract.check(&meta(&[], &[("embedding", &[-1, 384])])),
+            Err("output \"logits\": read by the classification post-processing, but the model has no such output (it has \"embedding\" [-1, 384])".into())
+        );
+    }
+
+    #[test]
     fn every_difference_is_reported_at_once() {
-        let m = meta(&[("pixels", &[-1, 3, 224, 224])], &[]);
+        let m = meta(
+            &[("pixels", &[-1, 3, 224, 224])],
+            &[("probabilities", &[-1, 1000])],
+        );
         let err = Contract::of(&image(224, "NCHW", "Classification"))
             .check(&m)
             .expect_err("two differences");
         assert!(err.contains("input \"input\": sent, but the model has no such input (it takes \"pixels\" [-1, 3, 224, 224])"), "{err}");
-        assert!(err.contains("output \"logits\": read by the classification post-processing, but the model has no such output (it has none)"), "{err}");
+        assert!(err.contains("output \"logits\": read by the classification post-processing, but the model has no such output (it has \"probabilities\" [-1, 1000])"), "{err}");
     }
 }
