@@ -54,6 +54,17 @@ struct Fake {
     /// When set, each call records the flag's value as it arrives.
     probe: Arc<Mutex<Option<Arc<AtomicBool>>>>,
     probed: Arc<Mutex<Vec<bool>>>,
+    /// When set, each call tells the sender it arrived, then waits until the gate opens.
+    gate: Option<Gate>,
+    /// What ModelMetadata answers (empty lists by default: the model check skips them).
+    metadata: ModelMetadataResponse,
+}
+
+/// Holds calls until a permit is added; one permit opens it for every call.
+#[derive(Clone)]
+struct Gate {
+    open: Arc<tokio::sync::Semaphore>,
+    arrived: tokio::sync::mpsc::UnboundedSender<()>,
 }
 
 /// Serves any model; answers ModelInfer per its [`Behaviour`].
@@ -70,7 +81,7 @@ impl Backend for Fake {
     }
 
     fn model_metadata(&self) -> Result<ModelMetadataResponse, Status> {
-        Ok(ModelMetadataResponse::default())
+        Ok(self.metadata.clone())
     }
 
     async fn infer(
@@ -78,6 +89,11 @@ impl Backend for Fake {
         req: ModelInferRequest,
         traceparent: Option<String>,
     ) -> Result<ModelInferResponse, Status> {
+        if let Some(gate) = &self.gate {
+            let _ = gate.arrived.send(());
+            // Given back at once: one permit opens the gate for every call.
+            let _open = gate.open.acquire().await;
+        }
         self.hits.fetch_add(1, Ordering::SeqCst);
         if let Some(flag) = self.probe.lock().unwrap().as_ref() {
             self.probed
@@ -125,14 +141,25 @@ impl Backend for Fake {
 }
 
 async fn start_fake(behaviour: Behaviour) -> (String, Fake) {
-    let fake = Fake {
+    start(fake(behaviour)).await
+}
+
+/// A fake that answers per `behaviour`, with no gate and empty metadata.
+fn fake(behaviour: Behaviour) -> Fake {
+    Fake {
         behaviour,
         hits: Arc::default(),
         traces: Arc::default(),
         shapes: Arc::default(),
         probe: Arc::default(),
         probed: Arc::default(),
-    };
+        gate: None,
+        metadata: ModelMetadataResponse::default(),
+    }
+}
+
+/// Serves `fake` on a loopback port: (address, fake).
+async fn start(fake: Fake) -> (String, Fake) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let svc = GrpcInferenceServiceServer::new(Grpc(Arc::new(fake.clone())));
@@ -1116,79 +1143,27 @@ async fn rest_paths_and_methods_not_served_get_a_json_error_naming_them() {
     }
 }
 
-/// An inference pod that holds every call until its gate opens, telling `arrived` of each;
-/// answers an embedding of width 4.
-#[derive(Clone)]
-struct Gated {
-    gate: Arc<tokio::sync::Semaphore>,
-    arrived: tokio::sync::mpsc::UnboundedSender<()>,
-}
-
-#[tonic::async_trait]
-impl Backend for Gated {
-    const SERVER_NAME: &'static str = "gated-inference";
-
-    fn is_ready(&self) -> bool {
-        true
-    }
-
-    fn check_served(&self, _: &str, _: &str) -> Result<(), NotServed> {
-        Ok(())
-    }
-
-    fn model_metadata(&self) -> Result<ModelMetadataResponse, Status> {
-        Ok(ModelMetadataResponse::default())
-    }
-
-    async fn infer(
-        self: Arc<Self>,
-        req: ModelInferRequest,
-        _: Option<String>,
-    ) -> Result<ModelInferResponse, Status> {
-        let _ = self.arrived.send(());
-        // Given back at once: one permit opens the gate for every call.
-        let _open = self.gate.acquire().await;
-        let n = req.inputs[0].shape[0] as usize;
-        Ok(ModelInferResponse {
-            model_name: req.model_name,
-            outputs: vec![InferOutputTensor {
-                name: "embedding".into(),
-                datatype: "FP32".into(),
-                shape: vec![n as i64, 4],
-                ..Default::default()
-            }],
-            raw_output_contents: vec![tandem_worker::common::tensor::f32_to_le_bytes(&vec![
-                0.5;
-                n * 4
-            ])],
-            ..Default::default()
-        })
-    }
-}
-
 /// A text service whose budget of request bytes in flight (3 MiB) holds one 2 MiB request
-/// but not two, routed to a [`Gated`] pod: (service, gate, arrivals).
+/// but not two, routed to a gated [`Fake`] pod: (service, gate, arrivals).
 async fn budgeted_text_service() -> (
     Arc<Service>,
     Arc<tokio::sync::Semaphore>,
     tokio::sync::mpsc::UnboundedReceiver<()>,
 ) {
     let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
-    let gated = Gated {
-        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    let gate = Gate {
+        open: Arc::new(tokio::sync::Semaphore::new(0)),
         arrived: arrived_tx,
     };
-    let gate = Arc::clone(&gated.gate);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(GrpcInferenceServiceServer::new(Grpc(Arc::new(gated))))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let open = Arc::clone(&gate.open);
+    let (addr, _) = start(Fake {
+        gate: Some(gate),
+        ..fake(Behaviour::Logits { slope: 1.0 })
+    })
+    .await;
     let svc = text_service_limited("maxRequestBytes: 2097152, maxRequestBytesInFlight: 3145728");
     set_routes(&svc, table(1, &[("blue", 100, &[&addr])], None)).await;
-    (svc, gate, arrived)
+    (svc, open, arrived)
 }
 
 /// Text of 1.9 MiB: two are over the 3 MiB budget, one is within the 2 MiB request limit.
@@ -1320,4 +1295,79 @@ async fn an_http1_client_that_sends_its_whole_body_before_reading_gets_the_429()
         answer.starts_with("HTTP/1.1 429 Too Many Requests"),
         "{answer}"
     );
+}
+
+/// A fake pod whose ModelMetadata advertises an image model taking `side`×`side` NCHW.
+async fn start_advertising(side: i64) -> String {
+    use tandem_proto::inference::model_metadata_response::TensorMetadata;
+    let t = |name: &str, shape: Vec<i64>| TensorMetadata {
+        name: name.into(),
+        datatype: "FP32".into(),
+        shape,
+    };
+    let metadata = ModelMetadataResponse {
+        name: "effnet-backend".into(),
+        inputs: vec![t("input", vec![-1, 3, side, side])],
+        outputs: vec![t("logits", vec![-1, 1000])],
+        ..Default::default()
+    };
+    start(Fake {
+        metadata,
+        ..fake(Behaviour::Logits { slope: 1.0 })
+    })
+    .await
+    .0
+}
+
+/// The model mismatches `GetStats` reports once they name exactly `colors`.
+async fn settled_mismatches(
+    svc: &Arc<Service>,
+    colors: &[&str],
+) -> Vec<tandem_proto::tandem::v1::ModelMismatch> {
+    for _ in 0..100 {
+        let stats = worker_stats(svc).await;
+        let reported: Vec<&str> = stats
+            .model_mismatches
+            .iter()
+            .map(|m| m.color.as_str())
+            .collect();
+        if reported == colors {
+            return stats.model_mismatches;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the model checks did not report {colors:?}");
+}
+
+#[tokio::test]
+async fn a_color_whose_model_takes_another_size_is_reported_with_both_shapes_until_it_is_routed_no_more()
+ {
+    // The pipeline sends 16×16 NCHW.
+    let svc = image_service("");
+    let (fits, too_small) = (start_advertising(16).await, start_advertising(12).await);
+
+    set_routes(
+        &svc,
+        table(
+            1,
+            &[("blue", 50, &[&fits]), ("green", 50, &[&too_small])],
+            None,
+        ),
+    )
+    .await;
+    let found = settled_mismatches(&svc, &["green"]).await;
+    assert_eq!(
+        found,
+        vec![tandem_proto::tandem::v1::ModelMismatch {
+            color: "green".into(),
+            model_name: "effnet-backend".into(),
+            model_version: String::new(),
+            message: "input \"input\": sent as [N, 3, 16, 16], the model takes [-1, 3, 12, 12]"
+                .into(),
+        }]
+    );
+
+    // The mismatched color leaves the table: nothing is reported any more.
+    set_routes(&svc, table(2, &[("blue", 100, &[&fits])], None)).await;
+    assert!(settled_mismatches(&svc, &[]).await.is_empty());
 }

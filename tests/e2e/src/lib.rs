@@ -282,6 +282,32 @@ impl ServedModels {
     }
 }
 
+/// Where a test with real worker pods starts: the cluster with the CRD installed, a namespace
+/// of its own (deleted with everything in it when dropped) and the models served over HTTP.
+pub struct WorkerTest {
+    /// The local cluster.
+    pub cluster: Cluster,
+    /// The test's namespace.
+    pub namespace: TestNamespace,
+    /// Where pods download the models from.
+    pub models: ServedModels,
+}
+
+impl WorkerTest {
+    /// Sets one up, the namespace named after `prefix`.
+    pub fn start(prefix: &str) -> anyhow::Result<WorkerTest> {
+        let cluster = Cluster::connect();
+        cluster.ensure_crd()?;
+        let namespace = cluster.namespace(prefix)?;
+        let models = ServedModels::start()?;
+        Ok(WorkerTest {
+            cluster,
+            namespace,
+            models,
+        })
+    }
+}
+
 /// Runs a repository script (path relative to the root) and returns its trimmed stdout.
 pub fn script_output(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(repo_root().join(cmd))

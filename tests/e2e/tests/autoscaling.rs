@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde_json::Value;
-use tandem_e2e::{Cluster, Operator, ServedModels, script_output, wait_until};
+use tandem_e2e::{Cluster, Operator, ServedModels, WorkerTest, script_output, wait_until};
 
 /// The pipeline's name.
 const PIPELINE: &str = "effnet";
@@ -248,16 +248,18 @@ fn assert_no_failures(op: &Operator, what: &str, result: &Value) {
 #[test]
 fn inference_scales_from_zero_both_stages_follow_a_load_step_and_idle_goes_back_to_zero_without_failed_requests()
 -> anyhow::Result<()> {
-    let cluster = Cluster::connect();
-    cluster.ensure_crd()?;
-    // Deleted (with everything in it) when the guard drops.
-    let ns_guard = cluster.namespace("autoscale")?;
+    // The namespace is deleted (with everything in it) when the guard drops.
+    let WorkerTest {
+        cluster,
+        namespace: ns_guard,
+        models:
+            ServedModels {
+                base,
+                efficientnet_sha256: sha,
+                ..
+            },
+    } = WorkerTest::start("autoscale")?;
     let ns = ns_guard.name().to_owned();
-    let ServedModels {
-        base,
-        efficientnet_sha256: sha,
-        ..
-    } = ServedModels::start()?;
 
     let op = start_operator(&cluster, &ns);
     let manifest = format!(

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tandem_e2e::{Cluster, Operator, ServedModels, wait_until};
+use tandem_e2e::{Cluster, Operator, ServedModels, WorkerTest, wait_until};
 
 const PIPELINE: &str = "misfit";
 
@@ -61,15 +61,17 @@ fn wait_for(
 #[test]
 fn a_model_that_does_not_take_what_preprocess_sends_degrades_the_pipeline_until_the_spec_fits()
 -> anyhow::Result<()> {
-    let cluster = Cluster::connect();
-    cluster.ensure_crd()?;
-    let ns_guard = cluster.namespace("model-check")?;
+    let WorkerTest {
+        cluster,
+        namespace: ns_guard,
+        models:
+            ServedModels {
+                base,
+                efficientnet_sha256: sha,
+                ..
+            },
+    } = WorkerTest::start("model-check")?;
     let ns = ns_guard.name().to_owned();
-    let ServedModels {
-        base,
-        efficientnet_sha256: sha,
-        ..
-    } = ServedModels::start()?;
     let op = Operator::start(&cluster, &ns, "model-check-e2e");
 
     // EfficientNet-Lite0 takes 224×224; this pipeline sends 320×320.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tandem_e2e::otlp::{ExportedSpan, Receiver};
-use tandem_e2e::{Cluster, Operator, ServedModels, wait_until};
+use tandem_e2e::{Operator, ServedModels, WorkerTest, wait_until};
 use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tandem_proto::inference::model_infer_request::InferInputTensor;
 use tandem_proto::inference::{InferTensorContents, ModelInferRequest};
@@ -126,15 +126,17 @@ fn traced_request(address: &str) -> anyhow::Result<()> {
 #[test]
 fn a_client_request_is_one_trace_through_both_worker_pods_and_the_operator_exports_its_reconciles()
 -> anyhow::Result<()> {
-    let cluster = Cluster::connect();
-    cluster.ensure_crd()?;
-    let ns_guard = cluster.namespace("tracing")?;
+    let WorkerTest {
+        cluster,
+        namespace: ns_guard,
+        models:
+            ServedModels {
+                base,
+                minilm_sha256: sha,
+                ..
+            },
+    } = WorkerTest::start("tracing")?;
     let ns = ns_guard.name().to_owned();
-    let ServedModels {
-        base,
-        minilm_sha256: sha,
-        ..
-    } = ServedModels::start()?;
     // Pods reach the host on the bridge address the file server listens on.
     let bridge: IpAddr = base
         .strip_prefix("http://")
