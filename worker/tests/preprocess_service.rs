@@ -1216,8 +1216,16 @@ async fn over_grpc_a_request_that_would_pass_the_bytes_in_flight_budget_is_refus
         .await
         .expect("the refused request, sent again");
     assert_eq!(budget.reserved(), 0);
+    // GetStats counts the refusal as a request, an error and a rejection (as a full queue's).
     let stats = worker_stats(&svc).await;
-    assert_eq!((stats.requests_total, stats.errors_total), (3, 1));
+    assert_eq!(
+        (
+            stats.requests_total,
+            stats.errors_total,
+            stats.rejected_total
+        ),
+        (3, 1, 1)
+    );
 }
 
 #[tokio::test]
@@ -1252,8 +1260,16 @@ async fn over_rest_a_body_that_would_pass_the_bytes_in_flight_budget_is_refused_
     assert_eq!(first.await.unwrap().0, 200);
     assert_eq!(rest_call(&app, big()).await.0, 200);
     assert_eq!(budget.reserved(), 0);
+    // GetStats counts the refusal as a request, an error and a rejection (as a full queue's).
     let stats = worker_stats(&svc).await;
-    assert_eq!((stats.requests_total, stats.errors_total), (3, 1));
+    assert_eq!(
+        (
+            stats.requests_total,
+            stats.errors_total,
+            stats.rejected_total
+        ),
+        (3, 1, 1)
+    );
 }
 
 /// An HTTP/1.1 client such as Python's `http.client` sends its whole body before it reads the

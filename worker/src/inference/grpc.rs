@@ -30,7 +30,7 @@ pub fn server(
         .max_encoding_message_size(MAX_BODY_BYTES)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate);
-    let refused = Arc::new(move |_: &Exhausted| w.metrics.count_refused());
+    let refused = Arc::new(move |_: &Exhausted| w.infer_refused());
     GrpcBudget::new(server, budget, MAX_BODY_BYTES, refused)
 }
 
@@ -177,12 +177,6 @@ mod tests {
             .await
             .expect("the refused request, sent again");
         assert_eq!(budget.reserved(), 0);
-        let metrics = w.metrics.encode();
-        for line in [
-            "tandem_inference_requests_total{outcome=\"rejected\"} 1",
-            "tandem_inference_request_bytes_in_flight 0",
-        ] {
-            assert!(metrics.contains(line), "{line} in {metrics}");
-        }
+        crate::inference::service::assert_one_refusal_counted(&w);
     }
 }

@@ -154,7 +154,7 @@ async fn infer_common(
     let _reserved = match budget.try_reserve(bytes_to_reserve(&headers, MAX_BODY_BYTES)) {
         Ok(r) => r,
         Err(full) => {
-            w.metrics.count_refused();
+            w.infer_refused();
             discard(http, &headers, body, MAX_BODY_BYTES).await;
             return error(StatusCode::TOO_MANY_REQUESTS, full.to_string());
         }
@@ -258,13 +258,7 @@ mod tests {
         assert_eq!(first.await.unwrap().0, StatusCode::OK);
         assert_eq!(send(&app, two_mib_request()).await.0, StatusCode::OK);
         assert_eq!(budget.reserved(), 0);
-        let metrics = w.metrics.encode();
-        for line in [
-            "tandem_inference_requests_total{outcome=\"rejected\"} 1",
-            "tandem_inference_request_bytes_in_flight 0",
-        ] {
-            assert!(metrics.contains(line), "{line} in {metrics}");
-        }
+        crate::inference::service::assert_one_refusal_counted(&w);
     }
 
     #[tokio::test]

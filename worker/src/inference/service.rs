@@ -101,6 +101,8 @@ pub struct Worker {
     draining: AtomicBool,
     requests: AtomicU64,
     errors: AtomicU64,
+    /// Requests refused for the bytes-in-flight budget (the runner counts full-queue ones).
+    refused: AtomicU64,
     latency: Mutex<LatencyWindow>,
     /// Prometheus metrics.
     pub metrics: Metrics,
@@ -118,6 +120,7 @@ impl Worker {
             draining: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             latency: Mutex::new(LatencyWindow::new(Duration::from_secs(60), 8192)),
             metrics: Metrics::new(),
         }
@@ -192,6 +195,16 @@ impl Worker {
             .requests
             .get_or_create(&OutcomeLabel { outcome: "invalid" })
             .inc();
+    }
+
+    /// Counts a request refused for the bytes-in-flight budget before it reached
+    /// [`Self::infer`]: in `GetStats` as a request, an error and a rejection (as the runner
+    /// counts a full queue's), and in Prometheus as `outcome="rejected"`.
+    pub fn infer_refused(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.metrics.count_refused();
     }
 
     async fn infer_inner(
@@ -273,7 +286,9 @@ impl Worker {
             max_queue_depth: runner.map_or(0, |s| s.max_queue_depth),
             requests_total: self.requests.load(Ordering::Relaxed),
             errors_total: self.errors.load(Ordering::Relaxed),
-            rejected_total: runner.map_or(0, |s| s.rejected),
+            rejected_total: runner
+                .map_or(0, |s| s.rejected)
+                .saturating_add(self.refused.load(Ordering::Relaxed)),
             latency: Some(LatencySummary {
                 count: summary.count,
                 p50_ms: summary.p50_ms,
@@ -301,4 +316,20 @@ impl Drop for SetOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
+}
+
+/// Test check, shared by the gRPC and REST budget tests: one budget refusal is counted in
+/// Prometheus and in `GetStats`, and no request bytes are left reserved.
+#[cfg(test)]
+pub(crate) fn assert_one_refusal_counted(w: &Worker) {
+    let metrics = w.metrics.encode();
+    for line in [
+        "tandem_inference_requests_total{outcome=\"rejected\"} 1",
+        "tandem_inference_request_bytes_in_flight 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    let stats = w.stats();
+    assert_eq!(stats.rejected_total, 1, "{stats:?}");
+    assert!(stats.errors_total >= 1, "{stats:?}");
 }

@@ -358,6 +358,9 @@ impl Service {
     pub fn infer_rejected(&self, protocol: &'static str, e: &RequestError) {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        if matches!(e, RequestError::ResourceExhausted(_)) {
+            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        }
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
