@@ -1171,6 +1171,25 @@ fn big_text() -> String {
     "hello ".repeat(330_000)
 }
 
+/// After the held request and the refused one sent again were answered: nothing is left
+/// reserved, and `GetStats` counted the refusal as a request, an error and a rejection (as a
+/// full queue's), beside the two answered requests.
+async fn released_and_counted_once(
+    svc: &Arc<Service>,
+    budget: &tandem_worker::common::budget::Budget,
+) {
+    assert_eq!(budget.reserved(), 0);
+    let stats = worker_stats(svc).await;
+    assert_eq!(
+        (
+            stats.requests_total,
+            stats.errors_total,
+            stats.rejected_total
+        ),
+        (3, 1, 1)
+    );
+}
+
 /// The refusal of a second big request while one is held: both sizes rounded, as the worker
 /// words them.
 const REFUSAL: &str = "worker is receiving 1.9 MiB of request bodies; this request's 1.9 MiB \
@@ -1215,17 +1234,7 @@ async fn over_grpc_a_request_that_would_pass_the_bytes_in_flight_budget_is_refus
         .model_infer(big)
         .await
         .expect("the refused request, sent again");
-    assert_eq!(budget.reserved(), 0);
-    // GetStats counts the refusal as a request, an error and a rejection (as a full queue's).
-    let stats = worker_stats(&svc).await;
-    assert_eq!(
-        (
-            stats.requests_total,
-            stats.errors_total,
-            stats.rejected_total
-        ),
-        (3, 1, 1)
-    );
+    released_and_counted_once(&svc, &budget).await;
 }
 
 #[tokio::test]
@@ -1259,17 +1268,7 @@ async fn over_rest_a_body_that_would_pass_the_bytes_in_flight_budget_is_refused_
     gate.add_permits(1);
     assert_eq!(first.await.unwrap().0, 200);
     assert_eq!(rest_call(&app, big()).await.0, 200);
-    assert_eq!(budget.reserved(), 0);
-    // GetStats counts the refusal as a request, an error and a rejection (as a full queue's).
-    let stats = worker_stats(&svc).await;
-    assert_eq!(
-        (
-            stats.requests_total,
-            stats.errors_total,
-            stats.rejected_total
-        ),
-        (3, 1, 1)
-    );
+    released_and_counted_once(&svc, &budget).await;
 }
 
 /// An HTTP/1.1 client such as Python's `http.client` sends its whole body before it reads the

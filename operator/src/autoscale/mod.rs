@@ -217,18 +217,17 @@ async fn tick(
     });
     let answers = join_all(calls).await;
     let mut polls: HashMap<(String, String), Vec<PodPoll>> = HashMap::new();
-    let mut checks: HashMap<(String, String), ModelChecks> = HashMap::new();
+    // Only pods that report a mismatch add an entry (rarely any): no per-round work per pipeline.
+    let mut mismatches: HashMap<(String, String), Vec<ModelMismatch>> = HashMap::new();
     for ((key, w), answer) in targets.into_iter().zip(answers) {
         // A draining pod stops answering when it exits: expected, not a failure.
         if answer.is_none() && !w.terminating {
             metrics.count_autoscale_poll_failure(metric_stage(w.stage));
             debug!(pod = %w.name, "GetStats failed");
         }
-        let load = answer.map(|(load, mismatches)| {
-            if w.stage == Stage::Preprocess && !w.terminating {
-                let c = checks.entry(key.clone()).or_default();
-                c.answered = true;
-                c.mismatches.extend(mismatches);
+        let load = answer.map(|(load, found)| {
+            if w.stage == Stage::Preprocess && !w.terminating && !found.is_empty() {
+                mismatches.entry(key.clone()).or_default().extend(found);
             }
             load
         });
@@ -259,7 +258,13 @@ async fn tick(
         let active = status
             .and_then(|s| s.active_color)
             .unwrap_or(crate::crd::Color::Blue);
-        let found = checks.remove(&key).and_then(|c| c.verdict(active.as_str()));
+        let checks = ModelChecks {
+            answered: round
+                .iter()
+                .any(|p| p.stage == Stage::Preprocess && !p.draining && p.load.is_some()),
+            mismatches: mismatches.remove(&key).unwrap_or_default(),
+        };
+        let found = checks.verdict(active.as_str());
         let observed = observe(&round, &mut st.memory, now, cfg.unreachable_grace);
 
         let policy = |r: Replicas, target: u32| Policy {
@@ -401,7 +406,7 @@ fn log_scaling(ns: &str, name: &str, stage: Stage, decision: &Decision, queue: u
 }
 
 /// What a round's preprocess answers of one pipeline said about the models they route to.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ModelChecks {
     /// At least one preprocess pod answered.
     answered: bool,

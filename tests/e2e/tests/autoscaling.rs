@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde_json::Value;
-use tandem_e2e::{Cluster, Operator, ServedModels, WorkerTest, script_output, wait_until};
+use tandem_e2e::{Cluster, Operator, WorkerTest, script_output, wait_until};
 
 /// The pipeline's name.
 const PIPELINE: &str = "effnet";
@@ -248,20 +248,12 @@ fn assert_no_failures(op: &Operator, what: &str, result: &Value) {
 #[test]
 fn inference_scales_from_zero_both_stages_follow_a_load_step_and_idle_goes_back_to_zero_without_failed_requests()
 -> anyhow::Result<()> {
-    // The namespace is deleted (with everything in it) when the guard drops.
-    let WorkerTest {
-        cluster,
-        namespace: ns_guard,
-        models:
-            ServedModels {
-                base,
-                efficientnet_sha256: sha,
-                ..
-            },
-    } = WorkerTest::start("autoscale")?;
-    let ns = ns_guard.name().to_owned();
+    // The namespace is deleted (with everything in it) when `t` drops.
+    let t = WorkerTest::start("autoscale")?;
+    let (cluster, ns) = (&t.cluster, t.namespace.name().to_owned());
+    let (base, sha) = (&t.models.base, &t.models.efficientnet_sha256);
 
-    let op = start_operator(&cluster, &ns);
+    let op = start_operator(cluster, &ns);
     let manifest = format!(
         r#"
 apiVersion: tandem.dev/v1alpha1
@@ -298,16 +290,16 @@ spec:
     check(wait_until(
         "inference desiredReplicas 0",
         Duration::from_secs(30),
-        || Ok((stage_status(&cluster, &ns, "inference")?["desiredReplicas"] == 0).then_some(())),
+        || Ok((stage_status(cluster, &ns, "inference")?["desiredReplicas"] == 0).then_some(())),
     ))?;
     assert_eq!(
-        deployment_replicas(&cluster, &ns, &format!("{PIPELINE}-inference-blue"))?,
+        deployment_replicas(cluster, &ns, &format!("{PIPELINE}-inference-blue"))?,
         0
     );
     let cold = Load::start(&address, 1, 0, 1, 1, 64)?.finish()?;
     assert_no_failures(&op, "first request against zero inference pods", &cold);
     let from_zero = first_event(
-        &cluster,
+        cluster,
         &ns,
         "ScaledFromZero",
         "inference",
@@ -344,7 +336,7 @@ spec:
         // Wait for the reactions while the load runs.
         let started = now_unix();
         let pre_up = first_event(
-            &cluster,
+            cluster,
             &ns,
             "ScaledUp",
             "preprocess",
@@ -352,7 +344,7 @@ spec:
             Duration::from_secs(20),
         );
         let inf_up = first_event(
-            &cluster,
+            cluster,
             &ns,
             "ScaledUp",
             "inference",
@@ -387,10 +379,10 @@ spec:
         assert_no_failures(&op, "load step", &result);
         result
     };
-    let pre_desired = stage_status(&cluster, &ns, "preprocess")?["desiredReplicas"].clone();
-    let inf_desired = stage_status(&cluster, &ns, "inference")?["desiredReplicas"].clone();
+    let pre_desired = stage_status(cluster, &ns, "preprocess")?["desiredReplicas"].clone();
+    let inf_desired = stage_status(cluster, &ns, "inference")?["desiredReplicas"].clone();
     println!("desired after the step: preprocess {pre_desired}, inference {inf_desired}");
-    assert!(deployment_replicas(&cluster, &ns, &format!("{PIPELINE}-preprocess"))? >= 2);
+    assert!(deployment_replicas(cluster, &ns, &format!("{PIPELINE}-preprocess"))? >= 2);
 
     // 3. Load removed: down after the window, then inference to zero after the idle window.
     //    A stage's window runs from the last round its load needed more pods. That can be
@@ -404,7 +396,7 @@ spec:
     let wait = Duration::from_secs(SCALE_DOWN_WINDOW_S + 30);
     let pre_down = check_event(
         &op,
-        first_event(&cluster, &ns, "ScaledDown", "preprocess", pre_up_at, wait),
+        first_event(cluster, &ns, "ScaledDown", "preprocess", pre_up_at, wait),
     )?;
     println!(
         "load removed → preprocess ScaledDown {:+.2} s from the load's end, {:.2} s after its \
@@ -418,7 +410,7 @@ spec:
     let inf_down = check_event(
         &op,
         first_event(
-            &cluster,
+            cluster,
             &ns,
             "ScaledDown",
             "inference",
@@ -438,7 +430,7 @@ spec:
     let to_zero = check_event(
         &op,
         first_event(
-            &cluster,
+            cluster,
             &ns,
             "ScaledToZero",
             "inference",
@@ -463,10 +455,10 @@ spec:
         },
     ))?;
     assert_eq!(
-        deployment_replicas(&cluster, &ns, &format!("{PIPELINE}-inference-blue"))?,
+        deployment_replicas(cluster, &ns, &format!("{PIPELINE}-inference-blue"))?,
         0
     );
-    let inf_status = stage_status(&cluster, &ns, "inference")?;
+    let inf_status = stage_status(cluster, &ns, "inference")?;
     assert_eq!(
         inf_status["lastScaleReason"], "ScaledToZero",
         "{inf_status}"
@@ -482,7 +474,7 @@ spec:
         "preprocess settled at its one-pod minimum",
         Duration::from_secs(SCALE_DOWN_WINDOW_S + 60),
         || {
-            let desired = stage_status(&cluster, &ns, "preprocess")?["desiredReplicas"] == 1;
+            let desired = stage_status(cluster, &ns, "preprocess")?["desiredReplicas"] == 1;
             let pods = cluster.worker_pods(&ns, PIPELINE, "preprocess")?;
             Ok((desired && pods.len() == 1 && pods[0].ready).then_some(()))
         },
@@ -493,7 +485,7 @@ spec:
     let back = check_event(
         &op,
         first_event(
-            &cluster,
+            cluster,
             &ns,
             "ScaledFromZero",
             "inference",

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tandem_e2e::{Cluster, Operator, ServedModels, WorkerTest, wait_until};
+use tandem_e2e::{Cluster, Operator, WorkerTest, wait_until};
 
 const PIPELINE: &str = "misfit";
 
@@ -61,25 +61,18 @@ fn wait_for(
 #[test]
 fn a_model_that_does_not_take_what_preprocess_sends_degrades_the_pipeline_until_the_spec_fits()
 -> anyhow::Result<()> {
-    let WorkerTest {
-        cluster,
-        namespace: ns_guard,
-        models:
-            ServedModels {
-                base,
-                efficientnet_sha256: sha,
-                ..
-            },
-    } = WorkerTest::start("model-check")?;
-    let ns = ns_guard.name().to_owned();
-    let op = Operator::start(&cluster, &ns, "model-check-e2e");
+    // The namespace is deleted (with everything in it) when `t` drops.
+    let t = WorkerTest::start("model-check")?;
+    let (cluster, ns) = (&t.cluster, t.namespace.name().to_owned());
+    let (base, sha) = (&t.models.base, &t.models.efficientnet_sha256);
+    let op = Operator::start(cluster, &ns, "model-check-e2e");
 
     // EfficientNet-Lite0 takes 224×224; this pipeline sends 320×320.
-    cluster.apply(&manifest(&ns, 320, &base, &sha))?;
+    cluster.apply(&manifest(&ns, 320, base, sha))?;
     let expected = "efficientnet-lite0:1 on blue does not take what preprocess sends, so every \
                     request fails: input \"input\": sent as [N, 3, 320, 320], the model takes \
                     [-1, 3, 224, 224]";
-    let p = wait_for(&cluster, &ns, &op, "Degraded=True ModelMismatch", |p| {
+    let p = wait_for(cluster, &ns, &op, "Degraded=True ModelMismatch", |p| {
         condition(p, "Degraded")["reason"] == "ModelMismatch"
     });
     assert_eq!(condition(&p, "Degraded")["status"], "True");
@@ -106,8 +99,8 @@ fn a_model_that_does_not_take_what_preprocess_sends_degrades_the_pipeline_until_
     assert!(warned, "a Warning Event ModelMismatch: {events:#}");
 
     // Fixed: the new preprocess pods find that the model fits; the field is cleared.
-    cluster.apply(&manifest(&ns, 224, &base, &sha))?;
-    let p = wait_for(&cluster, &ns, &op, "Ready=True after the fix", |p| {
+    cluster.apply(&manifest(&ns, 224, base, sha))?;
+    let p = wait_for(cluster, &ns, &op, "Ready=True after the fix", |p| {
         condition(p, "Ready")["status"] == "True"
     });
     assert_eq!(condition(&p, "Degraded")["status"], "False");

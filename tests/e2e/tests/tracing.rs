@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tandem_e2e::otlp::{ExportedSpan, Receiver};
-use tandem_e2e::{Operator, ServedModels, WorkerTest, wait_until};
+use tandem_e2e::{Operator, WorkerTest, wait_until};
 use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tandem_proto::inference::model_infer_request::InferInputTensor;
 use tandem_proto::inference::{InferTensorContents, ModelInferRequest};
@@ -126,17 +126,10 @@ fn traced_request(address: &str) -> anyhow::Result<()> {
 #[test]
 fn a_client_request_is_one_trace_through_both_worker_pods_and_the_operator_exports_its_reconciles()
 -> anyhow::Result<()> {
-    let WorkerTest {
-        cluster,
-        namespace: ns_guard,
-        models:
-            ServedModels {
-                base,
-                minilm_sha256: sha,
-                ..
-            },
-    } = WorkerTest::start("tracing")?;
-    let ns = ns_guard.name().to_owned();
+    // The namespace is deleted (with everything in it) when `t` drops.
+    let t = WorkerTest::start("tracing")?;
+    let (cluster, ns) = (&t.cluster, t.namespace.name().to_owned());
+    let (base, sha) = (&t.models.base, &t.models.minilm_sha256);
     // Pods reach the host on the bridge address the file server listens on.
     let bridge: IpAddr = base
         .strip_prefix("http://")
@@ -148,7 +141,7 @@ fn a_client_request_is_one_trace_through_both_worker_pods_and_the_operator_expor
     let receiver = Receiver::start(bridge)?;
     let endpoint = receiver.endpoint();
     let op = Operator::start_with_env(
-        &cluster,
+        cluster,
         &ns,
         "tracing-e2e",
         &[format!("--worker-otlp-endpoint={endpoint}")],

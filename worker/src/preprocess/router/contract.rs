@@ -98,12 +98,8 @@ impl Contract {
     /// metadata that way.
     pub fn check(&self, model: &ModelMetadataResponse) -> Result<(), String> {
         let mut problems = Vec::new();
-        let listed_inputs = if model.inputs.is_empty() {
-            &[][..]
-        } else {
-            &self.inputs[..]
-        };
-        for sent in listed_inputs {
+        let inputs_listed = !model.inputs.is_empty();
+        for sent in self.inputs.iter().filter(|_| inputs_listed) {
             match model.inputs.iter().find(|t| t.name == sent.name) {
                 None => problems.push(format!(
                     "input {:?}: sent, but the model has no such input (it takes {})",
