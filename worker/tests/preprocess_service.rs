@@ -1276,23 +1276,48 @@ async fn over_rest_a_body_that_would_pass_the_bytes_in_flight_budget_is_refused_
 /// such a client as a reset (`BrokenPipeError`), not as the 429.
 #[tokio::test]
 async fn an_http1_client_that_sends_its_whole_body_before_reading_gets_the_429() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let svc = text_service_limited("maxRequestBytes: 16777216, maxRequestBytesInFlight: 16777216");
     let budget = budget(&svc);
     let _full = budget.try_reserve(16 << 20).unwrap();
+    let answer = send_whole_body_then_read(&svc, budget, 16 << 20).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 429 Too Many Requests"),
+        "{answer}"
+    );
+}
+
+/// The same client with a body over `limits.maxRequestBytes` got a reset instead of the 413.
+#[tokio::test]
+async fn an_http1_client_that_sends_its_whole_oversized_body_before_reading_gets_the_413() {
+    let svc = text_service_limited("maxRequestBytes: 4194304");
+    let answer = send_whole_body_then_read(&svc, budget(&svc), 12 << 20).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413 Payload Too Large"),
+        "{answer}"
+    );
+    assert!(answer.contains("limits.maxRequestBytes"), "{answer}");
+}
+
+/// Writes an HTTP/1.1 request with a body of `len` bytes to the preprocess REST server (with
+/// `budget`), all of it before reading anything, then reads the whole answer.
+async fn send_whole_body_then_read(
+    svc: &Arc<Service>,
+    budget: tandem_worker::common::budget::Budget,
+    len: usize,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(tandem_worker::common::net::serve_http(
         listener,
-        tandem_worker::preprocess::rest::router(Arc::clone(&svc), budget.clone()),
+        tandem_worker::preprocess::rest::router(Arc::clone(svc), budget),
         tandem_worker::common::net::HEADER_READ_TIMEOUT,
         std::future::pending(),
     ));
-    let body = vec![b'x'; 16 << 20];
+    let body = vec![b'x'; len];
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST /v2/models/minilm/infer HTTP/1.1\r\nHost: worker\r\nContent-Length: {}\r\n\r\n",
-        body.len()
+        "POST /v2/models/minilm/infer HTTP/1.1\r\nHost: worker\r\nContent-Length: {len}\r\n\r\n"
     );
     conn.write_all(head.as_bytes()).await.unwrap();
     conn.write_all(&body)
@@ -1300,16 +1325,25 @@ async fn an_http1_client_that_sends_its_whole_body_before_reading_gets_the_429()
         .expect("the body is taken, not cut off");
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
-    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+    loop {
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .expect("a Content-Length");
+            if body.len() >= length {
+                return text.into_owned();
+            }
+        }
         let n = conn.read(&mut buf).await.expect("the answer, not a reset");
-        assert!(n > 0, "closed without an answer");
+        assert!(n > 0, "closed before the whole answer: {text}");
         answer.extend_from_slice(&buf[..n]);
     }
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(
-        answer.starts_with("HTTP/1.1 429 Too Many Requests"),
-        "{answer}"
-    );
 }
 
 /// A fake pod whose ModelMetadata advertises an image model taking `side`×`side` NCHW.

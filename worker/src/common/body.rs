@@ -2,8 +2,9 @@
 //! `Content-Encoding` tritonclient.http sends with `request_compression_algorithm` (gzip or
 //! deflate).
 //!
-//! A client that declares more than the limit is refused before anything is read; one that
-//! stops sending half-way is cut off after [`BODY_READ_TIMEOUT`] instead of holding its
+//! A client that declares more than the limit is refused without keeping anything it sends
+//! (over HTTP/1.1 the body is read and dropped first, up to [`DRAIN_FACTOR`] times the limit,
+//! so the client gets the answer, not a reset); one that stops sending half-way is cut off after [`BODY_READ_TIMEOUT`] instead of holding its
 //! buffer until it closes; a compressed body may not expand past the same limit.
 //! [`bytes_to_reserve`] says what reading a body may hold, for the worker's
 //! [`budget`](super::budget) before it is read.
@@ -17,6 +18,10 @@ use http_body_util::BodyExt as _;
 
 /// The longest a client may take to send a request body.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A body declared over the limit is read and dropped up to this many times the limit before
+/// it is refused; past that the connection is closed under it.
+pub const DRAIN_FACTOR: usize = 4;
 
 /// Why a body was not read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -70,10 +75,17 @@ pub fn bytes_to_reserve(headers: &HeaderMap, limit: usize) -> usize {
 }
 
 /// Reads `body` (at most `limit` bytes, within [`BODY_READ_TIMEOUT`]) and decodes its
-/// `Content-Encoding` to at most `limit` bytes.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, BodyError> {
+/// `Content-Encoding` to at most `limit` bytes. A body declared over the limit is refused
+/// without being kept, after it is [`discard`]ed up to [`DRAIN_FACTOR`] times the limit.
+pub async fn read_body(
+    version: Version,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, BodyError> {
     let declared = declared_length(headers);
     if declared.is_some_and(|n| n > limit as u64) {
+        discard(version, headers, body, limit.saturating_mul(DRAIN_FACTOR)).await;
         return Err(BodyError::TooLarge(limit));
     }
     let encoding = Encoding::of(headers)?;
@@ -212,7 +224,9 @@ mod tests {
             let h = encoding.map_or_else(HeaderMap::new, |e| {
                 headers(&[(header::CONTENT_ENCODING, e)])
             });
-            let got = read_body(&h, Body::from(body), 1 << 20).await.unwrap();
+            let got = read_body(Version::HTTP_11, &h, Body::from(body), 1 << 20)
+                .await
+                .unwrap();
             assert_eq!(got.as_ref(), data.as_slice(), "{encoding:?}");
         }
     }
@@ -223,33 +237,68 @@ mod tests {
         let bomb = gzip(&vec![0u8; 10 << 20]);
         let h = headers(&[(header::CONTENT_ENCODING, "gzip")]);
         assert_eq!(
-            read_body(&h, Body::from(bomb), 1 << 20).await.unwrap_err(),
+            read_body(Version::HTTP_11, &h, Body::from(bomb), 1 << 20)
+                .await
+                .unwrap_err(),
             BodyError::TooLarge(1 << 20)
         );
     }
 
     #[tokio::test]
-    async fn a_declared_length_over_the_limit_is_refused_before_reading() {
+    async fn a_declared_length_over_the_limit_is_refused_before_reading_over_http2() {
         let h = headers(&[(header::CONTENT_LENGTH, "1000000000000000")]);
         // A body that never ends: only the declared length can have refused it.
         let never = Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
         assert_eq!(
-            read_body(&h, never, 1 << 20).await.unwrap_err(),
+            read_body(Version::HTTP_2, &h, never, 1 << 20)
+                .await
+                .unwrap_err(),
             BodyError::TooLarge(1 << 20)
         );
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_is_drained_over_http1_up_to_the_drain_factor() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let h = headers(&[(header::CONTENT_LENGTH, "102400")]);
+        // 100 KiB declared and sent against a 40 KiB limit: all of it read, none of it kept.
+        let (body, read) = counted(100);
+        assert_eq!(
+            read_body(Version::HTTP_11, &h, body, 40 * 1024)
+                .await
+                .unwrap_err(),
+            BodyError::TooLarge(40 * 1024)
+        );
+        assert_eq!(read.load(SeqCst), 100);
+        // Against a 10 KiB limit: read only until past 4 × 10 KiB.
+        let (body, read) = counted(100);
+        assert_eq!(
+            read_body(Version::HTTP_11, &h, body, 10 * 1024)
+                .await
+                .unwrap_err(),
+            BodyError::TooLarge(10 * 1024)
+        );
+        assert_eq!(read.load(SeqCst), 4 * 10 + 1);
     }
 
     #[tokio::test]
     async fn a_sent_body_over_the_limit_and_an_unknown_encoding_are_refused() {
         assert_eq!(
-            read_body(&HeaderMap::new(), Body::from(vec![1u8; 100]), 10)
-                .await
-                .unwrap_err(),
+            read_body(
+                Version::HTTP_11,
+                &HeaderMap::new(),
+                Body::from(vec![1u8; 100]),
+                10
+            )
+            .await
+            .unwrap_err(),
             BodyError::TooLarge(10)
         );
         let h = headers(&[(header::CONTENT_ENCODING, "br")]);
         assert_eq!(
-            read_body(&h, Body::from("x"), 10).await.unwrap_err(),
+            read_body(Version::HTTP_11, &h, Body::from("x"), 10)
+                .await
+                .unwrap_err(),
             BodyError::Encoding("br".into())
         );
     }
@@ -316,7 +365,7 @@ mod tests {
         let stalled =
             Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
         assert_eq!(
-            read_body(&HeaderMap::new(), stalled, 1 << 20)
+            read_body(Version::HTTP_11, &HeaderMap::new(), stalled, 1 << 20)
                 .await
                 .unwrap_err(),
             BodyError::Timeout

@@ -159,7 +159,7 @@ async fn infer_common(
             return error(StatusCode::TOO_MANY_REQUESTS, full.to_string());
         }
     };
-    let body = match read_body(&headers, body, MAX_BODY_BYTES).await {
+    let body = match read_body(http, &headers, body, MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(e) => {
             w.infer_rejected();

@@ -164,7 +164,7 @@ async fn infer_v(
             return request_error(&e);
         }
     };
-    let body = match read_body(&headers, body, limit).await {
+    let body = match read_body(http, &headers, body, limit).await {
         Ok(b) => b,
         Err(b) => {
             let e = RequestError::invalid(match &b {
