@@ -1389,7 +1389,7 @@ async fn settled_mismatches(
 }
 
 #[tokio::test]
-async fn a_color_whose_model_takes_another_size_is_reported_with_both_shapes_until_it_is_routed_no_more()
+async fn a_color_whose_model_takes_another_size_is_reported_with_both_shapes_even_at_zero_pods_until_it_is_routed_no_more()
  {
     // The pipeline sends 16×16 NCHW.
     let svc = image_service("");
@@ -1416,7 +1416,15 @@ async fn a_color_whose_model_takes_another_size_is_reported_with_both_shapes_unt
         }]
     );
 
+    // Green scaled to zero: its model is unchanged, so the mismatch is still reported.
+    set_routes(
+        &svc,
+        table(2, &[("blue", 100, &[&fits]), ("green", 0, &[])], None),
+    )
+    .await;
+    assert_eq!(worker_stats(&svc).await.model_mismatches, found);
+
     // The mismatched color leaves the table: nothing is reported any more.
-    set_routes(&svc, table(2, &[("blue", 100, &[&fits])], None)).await;
+    set_routes(&svc, table(3, &[("blue", 100, &[&fits])], None)).await;
     assert!(settled_mismatches(&svc, &[]).await.is_empty());
 }

@@ -260,8 +260,9 @@ impl Router {
         }
     }
 
-    /// Starts a model check for each color of `colors` whose model has none yet, and forgets
-    /// the checks of colors no longer routed to.
+    /// Starts a model check for each color of `colors` with pods whose model has none yet, and
+    /// forgets the checks of colors no longer routed to or now routed to another model. A color
+    /// scaled to zero keeps its verdict: its model has not changed, so neither has the fit.
     fn check_models(&self, colors: &[ColorRoute]) {
         let Some(contract) = &self.cfg.contract else {
             return;
@@ -269,7 +270,6 @@ impl Router {
         let mut checks = lock_checks(&self.checks);
         let keys: Vec<(CheckKey, &ColorRoute)> = colors
             .iter()
-            .filter(|c| !c.endpoints.is_empty())
             .map(|c| {
                 let (model_name, model_version) = self.model_of(c);
                 let key = CheckKey {
@@ -285,7 +285,7 @@ impl Router {
             return;
         };
         for (key, color) in keys {
-            if checks.contains_key(&key) {
+            if color.endpoints.is_empty() || checks.contains_key(&key) {
                 continue;
             }
             checks.insert(key.clone(), Checked::Pending);
