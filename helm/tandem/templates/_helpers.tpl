@@ -62,12 +62,15 @@ app.kubernetes.io/component: operator
 {{- default (list .Release.Namespace) .Values.rbac.watchNamespaces | uniq | toJson }}
 {{- end }}
 
-{{/* Where NOTES.txt suggests creating a pipeline: the first watched namespace, or the release's. */}}
+{{/*
+Where NOTES.txt suggests creating a pipeline: the first watched namespace, or a placeholder in
+Cluster scope (pipelines belong in their teams' namespaces, not the operator's).
+*/}}
 {{- define "tandem.exampleNamespace" -}}
 {{- if eq .Values.rbac.scope "Namespaced" }}
 {{- include "tandem.watchNamespaces" . | fromJsonArray | first }}
 {{- else }}
-{{- .Release.Namespace }}
+{{- "<namespace>" }}
 {{- end }}
 {{- end }}
 

@@ -121,9 +121,36 @@ fn helm_lint_is_clean_in_both_rbac_scopes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Renders the chart with `args` (`--set`, `--set-string`, ...) and asserts that Helm refuses
+/// it with a message containing `expected`.
+fn assert_render_refused(args: &[&str], expected: &str) -> anyhow::Result<()> {
+    let chart = chart_dir();
+    let mut all: Vec<&std::ffi::OsStr> = vec!["template".as_ref(), "t".as_ref(), chart.as_os_str()];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    let out = helm(&all)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{args:?} rendered, but must be rejected"
+    );
+    assert!(
+        stderr.contains(expected),
+        "{args:?}: the error should name {expected:?}, got: {stderr}"
+    );
+    Ok(())
+}
+
+/// Renders the chart's templates with `args`; fails the test when Helm refuses them.
+fn render(args: &[&str]) -> anyhow::Result<String> {
+    let chart = chart_dir();
+    let mut all: Vec<&std::ffi::OsStr> =
+        vec!["template".as_ref(), RELEASE.as_ref(), chart.as_os_str()];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    helm_ok(&all)
+}
+
 #[test]
 fn bad_values_fail_at_render_time_with_a_message_naming_the_value() -> anyhow::Result<()> {
-    let chart = chart_dir();
     let cases = [
         ("rbac.scope=Everywhere", "/rbac/scope"),
         ("replicaCount=0", "/replicaCount"),
@@ -152,38 +179,285 @@ fn bad_values_fail_at_render_time_with_a_message_naming_the_value() -> anyhow::R
             "worker.imagePullSecrets[0].secret=regcred",
             "/worker/imagePullSecrets/0",
         ),
+        // Values the API server would refuse at apply time, after Helm had started.
+        (
+            "podDisruptionBudget.maxUnavailable=abc",
+            "'/podDisruptionBudget/maxUnavailable': 'abc' does not match pattern",
+        ),
+        (
+            "podDisruptionBudget.maxUnavailable=-1",
+            "'/podDisruptionBudget/maxUnavailable': minimum: got -1, want 1",
+        ),
+        (
+            "resources.limits.memory=lots",
+            "'/resources/limits/memory': 'lots' does not match pattern",
+        ),
+        (
+            "resources.requests.cpu=-1",
+            "'/resources/requests/cpu': minimum: got -1, want 0",
+        ),
+        (
+            "extraEnv[0].name=FOO,extraEnv[0].bogus=x",
+            "'/extraEnv/0': additional properties 'bogus' not allowed",
+        ),
+        // Values the API server accepts but that break the operator or the cluster's upkeep:
+        // maxUnavailable 0 blocks every node drain, a zero grace period kills a reconcile.
+        (
+            "podDisruptionBudget.maxUnavailable=0",
+            "'/podDisruptionBudget/maxUnavailable': minimum: got 0, want 1",
+        ),
+        (
+            "terminationGracePeriodSeconds=0",
+            "'/terminationGracePeriodSeconds': minimum: got 0, want 15",
+        ),
     ];
     for (set, expected) in cases {
-        let out = helm([
-            "template".as_ref(),
-            "t".as_ref(),
-            chart.as_os_str(),
-            "--set".as_ref(),
-            set.as_ref(),
-        ])?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_render_refused(&["--set", set], expected)?;
+    }
+    assert_render_refused(
+        &["--set-string", "podDisruptionBudget.maxUnavailable=0%"],
+        "'/podDisruptionBudget/maxUnavailable': '0%' does not match pattern",
+    )?;
+    assert_render_refused(
+        &["--set", "serviceAccount.create=false"],
+        "serviceAccount.name must name an existing ServiceAccount",
+    )?;
+    // What the refusals leave possible still renders.
+    let pdb = render(&[
+        "--set-string",
+        "podDisruptionBudget.maxUnavailable=50%",
+        "--set",
+        "resources.limits.cpu=1500m,resources.limits.memory=1Gi,resources.requests.cpu=0.5",
+        "--set",
+        "extraEnv[0].name=FOO,extraEnv[0].value=bar",
+        "--show-only",
+        "templates/pdb.yaml",
+    ])?;
+    assert!(pdb.contains("maxUnavailable: \"50%\""), "{pdb}");
+    Ok(())
+}
+
+/// The docs say the operator's hardening is pinned: no value removes or weakens what a
+/// restricted Pod Security Standard namespace requires, or the read-only root file system.
+#[test]
+fn the_pod_hardening_cannot_be_removed_or_weakened_through_values() -> anyhow::Result<()> {
+    let cases = [
+        ("securityContext=null", "missing property 'securityContext'"),
+        (
+            "podSecurityContext=null",
+            "missing property 'podSecurityContext'",
+        ),
+        (
+            "securityContext.runAsUser=0",
+            "'/securityContext/runAsUser': minimum: got 0, want 1",
+        ),
+        (
+            "securityContext.runAsNonRoot=false",
+            "'/securityContext/runAsNonRoot': value must be true",
+        ),
+        (
+            "securityContext.privileged=true",
+            "'/securityContext/privileged': value must be false",
+        ),
+        (
+            "securityContext.readOnlyRootFilesystem=false",
+            "'/securityContext/readOnlyRootFilesystem': value must be true",
+        ),
+        (
+            "securityContext.capabilities.add[0]=SYS_ADMIN",
+            "'/securityContext/capabilities/add': maxItems: got 1, want 0",
+        ),
+        (
+            "securityContext.capabilities.drop[0]=NET_RAW",
+            "'/securityContext/capabilities/drop': no items match contains schema",
+        ),
+        (
+            "securityContext.capabilities=null",
+            "'/securityContext': missing property 'capabilities'",
+        ),
+        (
+            "securityContext.seccompProfile.type=Unconfined",
+            "'/securityContext/seccompProfile/type': value must be one of 'RuntimeDefault', 'Localhost'",
+        ),
+        (
+            "securityContext.readonlyRootFilesystem=true",
+            "'/securityContext': additional properties 'readonlyRootFilesystem' not allowed",
+        ),
+        (
+            "podSecurityContext.runAsUser=0",
+            "'/podSecurityContext/runAsUser': minimum: got 0, want 1",
+        ),
+        (
+            "podSecurityContext.seccompProfile.type=Unconfined",
+            "'/podSecurityContext/seccompProfile/type': value must be one of 'RuntimeDefault', 'Localhost'",
+        ),
+        (
+            "podSecurityContext.seccompProfile=null",
+            "'/podSecurityContext': missing property 'seccompProfile'",
+        ),
+        (
+            "podSecurityContext.seccompProfile.type=Localhost",
+            "'/podSecurityContext/seccompProfile': missing property 'localhostProfile'",
+        ),
+        (
+            "podSecurityContext.appArmorProfile.type=Unconfined",
+            "'/podSecurityContext/appArmorProfile/type': value must be one of 'RuntimeDefault', 'Localhost'",
+        ),
+    ];
+    for (set, expected) in cases {
+        assert_render_refused(&["--set", set], expected)?;
+    }
+    // Tightening or adapting stays possible: another non-root uid, a Localhost profile, the
+    // local cluster's sets (no uid at all; runAsNonRoot still enforces non-root).
+    let rendered = render(&[
+        "--set",
+        "securityContext.runAsUser=1000,podSecurityContext.fsGroup=2000",
+        "--set",
+        "podSecurityContext.seccompProfile.type=Localhost",
+        "--set",
+        "podSecurityContext.seccompProfile.localhostProfile=profiles/tandem.json",
+        "--set",
+        LOCAL_CLUSTER_SETS[0],
+        "--set",
+        LOCAL_CLUSTER_SETS[1],
+        "--show-only",
+        "templates/deployment.yaml",
+    ])?;
+    for needle in [
+        "localhostProfile: profiles/tandem.json",
+        "runAsUser: 1000",
+        "readOnlyRootFilesystem: true",
+    ] {
+        assert!(rendered.contains(needle), "no {needle:?} in:\n{rendered}");
+    }
+    Ok(())
+}
+
+/// Values the schema cannot judge alone (a relation between two values, a duration's size, a
+/// key the chart reserves) fail at render time with what to do, not at run time.
+#[test]
+fn values_that_would_break_the_operator_at_run_time_fail_at_render_time_with_what_to_do()
+-> anyhow::Result<()> {
+    let cases = [
+        (
+            "leaderElection.leaseDuration=0s",
+            "leaderElection.leaseDuration must be at least 5s (got 0s)",
+        ),
+        (
+            "leaderElection.leaseDuration=5500ms",
+            "leaderElection.leaseDuration must be a whole number of seconds (got 5500ms)",
+        ),
+        (
+            "reconcileTimeout=0s",
+            "reconcileTimeout must be at least 5s (got 0s)",
+        ),
+        (
+            "reconcileTimeout=1m",
+            "terminationGracePeriodSeconds (45) must be at least reconcileTimeout (1m) + 10s",
+        ),
+        (
+            "terminationGracePeriodSeconds=39",
+            "terminationGracePeriodSeconds (39) must be at least reconcileTimeout (30s) + 10s",
+        ),
+        (
+            "rbac.watchNamespaces={ml}",
+            "rbac.watchNamespaces (ml) is only read with rbac.scope=Namespaced",
+        ),
+        (
+            "podLabels.app\\.kubernetes\\.io/name=evil",
+            "podLabels must not set app.kubernetes.io/name",
+        ),
+        (
+            "podLabels.app\\.kubernetes\\.io/instance=evil",
+            "podLabels must not set app.kubernetes.io/instance",
+        ),
+        (
+            "extraArgs[0]=--lease-name=other",
+            "extraArgs must not set --lease-name=other",
+        ),
+    ];
+    for (set, expected) in cases {
+        assert_render_refused(&["--set", set], expected)?;
+    }
+    // The defaults satisfy every relation, and a longer reconcile deadline renders once the
+    // grace period covers it.
+    let rendered = render(&["--show-only", "templates/deployment.yaml"])?;
+    assert!(
+        rendered.contains("terminationGracePeriodSeconds: 45")
+            && rendered.contains("- --reconcile-timeout=30s"),
+        "the default grace period must cover the default reconcileTimeout + 10s:\n{rendered}"
+    );
+    render(&[
+        "--set",
+        "reconcileTimeout=1m,terminationGracePeriodSeconds=70,leaderElection.leaseDuration=5s",
+    ])?;
+    render(&[
+        "--set",
+        "rbac.scope=Namespaced,rbac.watchNamespaces={ml},podLabels.team=ml",
+    ])?;
+    Ok(())
+}
+
+/// A parent chart that vendors this one under `charts/` renders: Helm passes the parent's
+/// `global` values (and the `enabled` key of a `condition`) down to the subchart, and the
+/// schema must not refuse them.
+#[test]
+fn the_chart_renders_as_a_subchart_of_a_parent_chart() -> anyhow::Result<()> {
+    let parent = std::env::temp_dir().join(format!("tandem-parent-chart-{}", std::process::id()));
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveOnDrop(parent.clone());
+    let charts = parent.join("charts");
+    std::fs::create_dir_all(&charts)?;
+    std::fs::write(
+        parent.join("Chart.yaml"),
+        "apiVersion: v2\nname: platform\nversion: 1.0.0\ndependencies:\n\
+         - name: tandem\n  version: \">=0.0.0-0\"\n  condition: tandem.enabled\n",
+    )?;
+    std::fs::write(
+        parent.join("values.yaml"),
+        "global:\n  imageRegistry: registry.example.com\n  storageClass: fast\n\
+         tandem:\n  enabled: true\n  rbac:\n    scope: Namespaced\n",
+    )?;
+    helm_ok([
+        "package".as_ref(),
+        chart_dir().as_os_str(),
+        "--destination".as_ref(),
+        charts.as_os_str(),
+    ])?;
+    let rendered = helm_ok([
+        "template".as_ref(),
+        "platform".as_ref(),
+        parent.as_os_str(),
+        "-n".as_ref(),
+        "ml".as_ref(),
+    ])?;
+    for needle in [
+        "kind: Deployment",
+        "name: platform-tandem",
+        "- --namespace=ml",
+    ] {
         assert!(
-            !out.status.success(),
-            "--set {set} rendered, but must be rejected"
-        );
-        assert!(
-            stderr.contains(expected),
-            "--set {set}: the error should name {expected:?}, got: {stderr}"
+            rendered.contains(needle),
+            "the subchart rendered no {needle:?}:\n{rendered}"
         );
     }
+    // The subchart's schema still applies to the values the parent gives it.
     let out = helm([
         "template".as_ref(),
-        "t".as_ref(),
-        chart.as_os_str(),
+        "platform".as_ref(),
+        parent.as_os_str(),
         "--set".as_ref(),
-        "serviceAccount.create=false".as_ref(),
+        "tandem.replicaCount=0".as_ref(),
     ])?;
-    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("serviceAccount.name must name an existing ServiceAccount"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        !out.status.success() && stderr.contains("/replicaCount"),
+        "tandem.replicaCount=0 in the parent must be refused: {stderr}"
     );
     Ok(())
 }
@@ -637,8 +911,13 @@ fn workload_permissions() -> BTreeSet<Permission> {
 }
 
 /// Exactly what the operator needs in its own namespace for leader election.
+/// `create` has no name (the name is not known before the object exists): it lets the operator
+/// recreate a Lease deleted by hand instead of campaigning for ever.
 fn lease_permissions() -> BTreeSet<Permission> {
-    perms(&[("leases.coordination.k8s.io", OPERATOR, &["get", "update"])])
+    perms(&[
+        ("leases.coordination.k8s.io", OPERATOR, &["get", "update"]),
+        ("leases.coordination.k8s.io", "", &["create"]),
+    ])
 }
 
 fn assert_permissions(what: &str, got: &BTreeSet<Permission>, want: &BTreeSet<Permission>) {
