@@ -6,7 +6,8 @@
 //! [`MAX_JPEG_SCANS`] scans is refused too), decode once (JPEG with
 //! libjpeg-turbo straight to RGB8; a JPEG much larger than the output is
 //! decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, like Pillow's `draft`,
-//! see [`JpegDraft`]; CMYK JPEG, PNG and WebP with the `image` crate), apply
+//! see [`JpegDraft`]; PNG row by row into RGB8 with the `png` crate, see [`super::png`];
+//! CMYK JPEG and WebP with the `image` crate), apply
 //! the EXIF orientation, convert grayscale/CMYK/alpha/16-bit to RGB8, resize
 //! with an antialiasing convolution (Pillow-compatible filters via `fast_image_resize`)
 //! into a small RGB8 scratch, then normalize through a per-channel lookup table
@@ -362,18 +363,8 @@ pub fn decode_rgb8_for(
                 max_pixels,
             )?
         }
-        ImageFormat::Png => {
-            // The png crate reads up to the first IDAT before it reports the
-            // size; check the IHDR ourselves so a bomb is named as such.
-            if let Some((width, height)) = png_ihdr_size(encoded) {
-                check_size(width, height, max_pixels)?;
-            }
-            decode_checked(
-                image::codecs::png::PngDecoder::new(cursor).map_err(header)?,
-                name,
-                max_pixels,
-            )?
-        }
+        // Row by row straight into RGB8 (see `super::png`).
+        ImageFormat::Png => return super::png::decode(encoded, max_pixels),
         ImageFormat::WebP => decode_checked(
             image::codecs::webp::WebPDecoder::new(cursor).map_err(header)?,
             name,
@@ -651,18 +642,7 @@ fn jpeg_markers(data: &[u8]) -> JpegMarkers {
     found
 }
 
-/// Width and height from a PNG's IHDR chunk (always the first chunk).
-fn png_ihdr_size(data: &[u8]) -> Option<(u32, u32)> {
-    let ihdr = data.get(12..24)?;
-    if &ihdr[..4] != b"IHDR" {
-        return None;
-    }
-    let w = u32::from_be_bytes([ihdr[4], ihdr[5], ihdr[6], ihdr[7]]);
-    let h = u32::from_be_bytes([ihdr[8], ihdr[9], ihdr[10], ihdr[11]]);
-    Some((w, h))
-}
-
-fn check_size(width: u32, height: u32, max_pixels: u64) -> Result<(), ImageError> {
+pub(super) fn check_size(width: u32, height: u32, max_pixels: u64) -> Result<(), ImageError> {
     let pixels = u64::from(width) * u64::from(height);
     if width == 0 || height == 0 {
         return Err(ImageError::ZeroSize { width, height });

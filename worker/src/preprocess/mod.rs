@@ -12,6 +12,7 @@ pub mod error;
 pub mod grpc;
 pub mod image;
 pub mod metrics;
+mod png;
 pub mod pool;
 pub mod postprocess;
 pub mod rest;
