@@ -123,7 +123,7 @@ pub struct BuildConfig {
     pub image_pull_policy: Option<String>,
     /// Secrets (in the pipeline's namespace) worker pods pull their image with.
     pub image_pull_secrets: Vec<String>,
-    /// Operator version, recorded in `app.kubernetes.io/version`.
+    /// Operator version, recorded in `app.kubernetes.io/version` on the objects (not on the pods).
     pub operator_version: String,
     /// Where workers export their spans (OTLP/gRPC); no tracing on workers when `None`.
     pub worker_tracing: Option<WorkerTracing>,
@@ -239,6 +239,20 @@ fn labels(
     if let Some(c) = color {
         l.insert(LABEL_COLOR.to_owned(), c.as_str().to_owned());
     }
+    l
+}
+
+/// The labels of a worker pod: the Deployment's without `app.kubernetes.io/version`, so an
+/// operator upgrade that changes nothing else in the pod template does not roll every worker
+/// pod of every pipeline (inference pods would download and load their models again).
+fn pod_labels(
+    v: &ValidatedPipeline,
+    cfg: &BuildConfig,
+    stage: Stage,
+    color: Option<Color>,
+) -> BTreeMap<String, String> {
+    let mut l = labels(v, cfg, Some(stage), color);
+    l.remove(LABEL_VERSION);
     l
 }
 

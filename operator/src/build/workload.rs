@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     ANNOTATION_CONFIG_HASH, BuildConfig, CONFIG_FILE, CONFIG_MOUNT_DIR, ColorPlan, PORT_CONTROL,
-    PORT_GRPC, PORT_HTTP, PORT_METRICS, Stage, labels, names, object_meta, selector_labels,
+    PORT_GRPC, PORT_HTTP, PORT_METRICS, Stage, names, object_meta, pod_labels, selector_labels,
 };
 use crate::crd::{Color, Device};
 use crate::validate::ValidatedPipeline;
@@ -199,7 +199,7 @@ fn deployment(
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(v, cfg, Some(stage), color)),
+                    labels: Some(pod_labels(v, cfg, stage, color)),
                     annotations: (!annotations.is_empty()).then_some(annotations),
                     ..ObjectMeta::default()
                 }),
@@ -656,6 +656,30 @@ mod tests {
             4
         );
         assert_eq!(replicas(preprocess_deployment(&v, &cfg(), "", Some(0))), 1);
+    }
+
+    #[test]
+    fn an_operator_upgrade_alone_leaves_every_pod_template_unchanged() {
+        let v = validate(&text_pipeline()).unwrap();
+        let templates = |version: &str| {
+            let cfg = BuildConfig {
+                operator_version: version.into(),
+                ..cfg()
+            };
+            let built = build(&v, &blue(&v), &cfg).unwrap().deployments;
+            let labels = built[0].metadata.labels.clone().unwrap();
+            let templates: Vec<_> = built
+                .into_iter()
+                .map(|d| d.spec.unwrap().template)
+                .collect();
+            (labels, templates)
+        };
+        let (old_labels, old) = templates("0.1.0");
+        let (new_labels, new) = templates("0.1.1");
+        assert_eq!(old, new, "a new pod template rolls every worker pod");
+        // The objects themselves still say which operator version wrote them.
+        assert_eq!(old_labels[crate::build::LABEL_VERSION], "0.1.0");
+        assert_eq!(new_labels[crate::build::LABEL_VERSION], "0.1.1");
     }
 
     #[test]
