@@ -52,6 +52,9 @@ struct PipelineRoutes {
     table: Option<Arc<RoutingTable>>,
     /// Pod name → (restart count, generation) it acknowledged.
     acked: HashMap<String, (i32, u64)>,
+    /// Pods that reported a newer table than this operator ever numbered: pushed with
+    /// `replace` until they hold this operator's table.
+    replace: HashSet<String>,
 }
 
 /// Routing tables as last numbered, per pipeline `(namespace, name)`. The rollout driver reads
@@ -250,6 +253,9 @@ async fn sync_once(
         routes
             .acked
             .retain(|pod, _| workers.iter().any(|w| &w.name == pod));
+        routes
+            .replace
+            .retain(|pod| workers.iter().any(|w| &w.name == pod));
         // Draining pods too: requests they hold (an inference stage scaling from zero) are
         // only served once they learn the new endpoints.
         for w in workers.iter().filter(|w| w.stage == Stage::Preprocess) {
@@ -259,11 +265,15 @@ async fn sync_once(
             if routes.acked.get(&w.name) == Some(&(w.restarts, desired.generation)) {
                 continue;
             }
+            let request = SetRoutesRequest {
+                table: Some(desired.clone()),
+                replace: routes.replace.contains(&w.name),
+            };
             pushes.push((
                 (ns.to_owned(), name.to_owned()),
                 w.name.clone(),
                 w.restarts,
-                push(address, desired.clone(), cfg.push_timeout),
+                push(address, request, cfg.push_timeout),
             ));
         }
     }
@@ -286,8 +296,22 @@ async fn sync_once(
         };
         let wanted = routes.table.as_ref().map_or(0, |t| t.generation);
         match result {
-            Ok(applied) if applied >= wanted => {
+            Ok(applied) if applied == wanted => {
+                routes.replace.remove(&pod);
                 routes.acked.insert(pod, (restarts, wanted));
+            }
+            // This operator numbers its tables from the clock and never goes back, so a newer
+            // one came from elsewhere (anything that can reach the pod's control port, or a
+            // leader whose clock ran ahead): it must not pin the pod for good.
+            Ok(applied) if applied > wanted => {
+                warn!(
+                    pipeline = %format!("{}/{}", key.0, key.1),
+                    pod = %pod,
+                    applied,
+                    wanted,
+                    "preprocess pod holds a routing table this operator did not push; replacing it"
+                );
+                routes.replace.insert(pod);
             }
             Ok(applied) => {
                 warn!(pod = %pod, applied, wanted, "preprocess pod kept an older routing table")
@@ -299,7 +323,11 @@ async fn sync_once(
     false
 }
 
-async fn push(address: String, table: RoutingTable, timeout: Duration) -> Result<u64, PushError> {
+async fn push(
+    address: String,
+    request: SetRoutesRequest,
+    timeout: Duration,
+) -> Result<u64, PushError> {
     let call = async {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| PushError::Address(address.clone(), e.to_string()))?
@@ -310,7 +338,7 @@ async fn push(address: String, table: RoutingTable, timeout: Duration) -> Result
             .await
             .map_err(|e| PushError::Connect(e.to_string()))?;
         let reply = WorkerControlClient::new(channel)
-            .set_routes(SetRoutesRequest { table: Some(table) })
+            .set_routes(request)
             .await
             .map_err(|s| PushError::Rejected(s.code(), s.message().to_owned()))?;
         Ok(reply.into_inner().applied_generation)
@@ -405,6 +433,106 @@ mod tests {
             None,
             "a Pending pod is reported by the Deployment's reconcile, not per pod event"
         );
+    }
+
+    /// A preprocess pod's `SetRoutes` as the worker answers it: a lower generation than the
+    /// one held is ignored unless `replace`. Records each request's `replace`.
+    #[derive(Clone)]
+    struct FakePod {
+        held: Arc<Mutex<u64>>,
+        replaces: Arc<Mutex<Vec<bool>>>,
+    }
+
+    #[tonic::async_trait]
+    impl tandem_proto::tandem::v1::worker_control_server::WorkerControl for FakePod {
+        async fn get_stats(
+            &self,
+            _: tonic::Request<tandem_proto::tandem::v1::GetStatsRequest>,
+        ) -> Result<tonic::Response<tandem_proto::tandem::v1::WorkerStats>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not used"))
+        }
+
+        async fn set_routes(
+            &self,
+            req: tonic::Request<SetRoutesRequest>,
+        ) -> Result<tonic::Response<tandem_proto::tandem::v1::SetRoutesResponse>, tonic::Status>
+        {
+            let req = req.into_inner();
+            let generation = req.table.map_or(0, |t| t.generation);
+            self.replaces.lock().unwrap().push(req.replace);
+            let mut held = self.held.lock().unwrap();
+            if req.replace || generation >= *held {
+                *held = generation;
+            }
+            Ok(tonic::Response::new(
+                tandem_proto::tandem::v1::SetRoutesResponse {
+                    applied_generation: *held,
+                },
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pod_pinned_by_a_table_the_operator_never_numbered_is_made_to_take_the_operators() {
+        // A loopback address of its own: the control port is fixed.
+        let ip = format!("127.{}.{}.{}", 1 + std::process::id() % 250, 7, 9);
+        let pod = FakePod {
+            held: Arc::new(Mutex::new(u64::MAX)),
+            replaces: Arc::default(),
+        };
+        let addr = format!("{ip}:{}", crate::build::PORT_CONTROL)
+            .parse()
+            .unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    tandem_proto::tandem::v1::worker_control_server::WorkerControlServer::new(
+                        pod.clone(),
+                    ),
+                )
+                .serve(addr),
+        );
+        let pipelines = Cache::<InferencePipeline>::default();
+        let mut pipeline = crate::test_fixtures::text_pipeline();
+        pipeline.metadata.namespace = Some("ml".into());
+        pipeline.metadata.name = Some("minilm".into());
+        pipelines.apply(&watcher::Event::Apply(pipeline), Clone::clone);
+        let pods = Cache::<PodSummary>::default();
+        let preprocess: k8s_openapi::api::core::v1::Pod =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "minilm-preprocess-x", "namespace": "ml",
+                             "labels": {"app.kubernetes.io/instance": "minilm",
+                                        "app.kubernetes.io/component": "preprocess"}},
+                "status": {"podIP": ip}
+            }))
+            .unwrap();
+        pods.apply(&watcher::Event::Apply(preprocess), |p| {
+            PodSummary::of(p).expect("summary")
+        });
+        let mut state = HashMap::new();
+        let published = Published::default();
+        let cfg = RouterConfig::default();
+        let mut settled = false;
+        for _ in 0..50 {
+            settled = sync_once(&pipelines, &pods, &mut state, &published, &cfg).await;
+            if settled {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(settled, "the pod never acknowledged the operator's table");
+        let wanted = state[&("ml".to_owned(), "minilm".to_owned())]
+            .table
+            .as_ref()
+            .unwrap()
+            .generation;
+        assert_eq!(*pod.held.lock().unwrap(), wanted);
+        assert_eq!(
+            *pod.replaces.lock().unwrap(),
+            [false, true],
+            "a plain push first; `replace` only once the pod reported a newer generation"
+        );
+        server.abort();
     }
 
     #[test]

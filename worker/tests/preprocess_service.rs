@@ -280,8 +280,15 @@ fn table(
 }
 
 async fn set_routes(svc: &Arc<Service>, t: RoutingTable) -> u64 {
+    push_routes(svc, t, false).await
+}
+
+async fn push_routes(svc: &Arc<Service>, t: RoutingTable, replace: bool) -> u64 {
     Control(Arc::clone(svc))
-        .set_routes(Request::new(SetRoutesRequest { table: Some(t) }))
+        .set_routes(Request::new(SetRoutesRequest {
+            table: Some(t),
+            replace,
+        }))
         .await
         .unwrap()
         .into_inner()
@@ -577,6 +584,27 @@ async fn not_ready_until_routes_arrive_and_a_held_request_completes_once_they_do
     assert!(svc.is_ready());
 }
 
+/// A table numbered past anything the operator will number (pushed by anyone who can reach the
+/// control port) made the pod ignore the operator's tables for good; the operator now pushes
+/// its table with `replace` when a pod reports a generation it never numbered.
+#[tokio::test]
+async fn a_table_pushed_with_replace_takes_over_from_one_with_any_higher_generation() {
+    let svc = image_service("");
+    let (addr, _) = start(fake(Behaviour::Logits { slope: 1.0 })).await;
+    let pinned = table(u64::MAX, &[("blue", 100, &["127.0.0.1:1"])], None);
+    assert_eq!(set_routes(&svc, pinned).await, u64::MAX);
+    let operators = || table(1_765_000_000_000, &[("blue", 100, &[&addr])], None);
+    assert_eq!(set_routes(&svc, operators()).await, u64::MAX, "ignored");
+    assert_eq!(
+        push_routes(&svc, operators(), true).await,
+        1_765_000_000_000
+    );
+    let img = jpeg();
+    infer(&svc, request("effnet", &[&img]))
+        .await
+        .expect("served through the replacing table's endpoint");
+}
+
 /// A loopback port nothing listens on right now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -681,6 +709,7 @@ async fn after_sigterm_a_worker_takes_requests_for_the_delay_then_serves_what_it
         .expect("the control port accepts connections while draining")
         .set_routes(SetRoutesRequest {
             table: Some(table(5, &[("blue", 100, &[&inference])], None)),
+            replace: false,
         })
         .await
         .expect("SetRoutes while draining")

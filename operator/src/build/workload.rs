@@ -682,6 +682,48 @@ mod tests {
         assert_eq!(new_labels[crate::build::LABEL_VERSION], "0.1.1");
     }
 
+    /// docs/examples/networkpolicy/worker-control.yaml, which docs/operations.md tells users
+    /// to apply: it must select every worker pod the operator builds, keep the data and metrics
+    /// ports open and let only the operator reach the control port.
+    #[test]
+    fn the_documented_network_policy_selects_every_worker_pod_and_guards_only_the_control_port() {
+        use k8s_openapi::api::networking::v1::NetworkPolicy;
+        let policy: NetworkPolicy = serde_yaml_ng::from_str(include_str!(
+            "../../../docs/examples/networkpolicy/worker-control.yaml"
+        ))
+        .unwrap();
+        let spec = policy.spec.unwrap();
+        let selector = spec.pod_selector.unwrap().match_labels.unwrap();
+        for pipeline in [text_pipeline(), crate::test_fixtures::image_pipeline()] {
+            let v = validate(&pipeline).unwrap();
+            for d in build(&v, &blue(&v), &cfg()).unwrap().deployments {
+                let labels = d.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+                for (k, val) in &selector {
+                    assert_eq!(labels.get(k), Some(val), "{k}");
+                }
+            }
+        }
+        let rules = spec.ingress.unwrap();
+        let ports = |i: usize| -> Vec<i32> {
+            rules[i]
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| match p.port {
+                    Some(IntOrString::Int(n)) => n,
+                    _ => panic!("numeric ports"),
+                })
+                .collect()
+        };
+        assert_eq!(rules.len(), 2);
+        assert!(rules[0].from.is_none(), "open to every pod");
+        assert_eq!(ports(0), [PORT_HTTP, PORT_GRPC, PORT_METRICS]);
+        let from = rules[1].from.as_ref().unwrap();
+        assert_eq!(from.len(), 1);
+        assert!(from[0].namespace_selector.is_some() && from[0].pod_selector.is_some());
+        assert_eq!(ports(1), [PORT_CONTROL]);
+    }
+
     #[test]
     fn deployment_selectors_are_the_stable_subset_of_pod_labels() {
         let v = validate(&text_pipeline()).unwrap();

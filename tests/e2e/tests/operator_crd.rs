@@ -238,3 +238,24 @@ fn kubectl_explain_shows_the_field_documentation() {
         .expect("explain");
     assert!(text.contains("Defaults to `CUDA`."), "{text}");
 }
+
+/// docs/examples/networkpolicy/worker-control.yaml, which docs/operations.md tells users to
+/// apply (the operator's unit tests check what it selects; the local node agent does not
+/// enforce NetworkPolicy, so only its acceptance is checked here).
+#[test]
+fn the_documented_worker_network_policy_is_accepted_by_the_api_server() {
+    let cluster = Cluster::connect();
+    let ns = cluster.namespace("op-netpol").expect("namespace");
+    let text = std::fs::read_to_string(
+        repo_root().join("docs/examples/networkpolicy/worker-control.yaml"),
+    )
+    .expect("read the policy");
+    let out = cluster
+        .kubectl_stdin(&["apply", "--dry-run=server", "-n", ns.name()], &text)
+        .expect("running kubectl");
+    assert!(
+        out.status.success(),
+        "refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -31,11 +31,16 @@ impl WorkerControl for Control {
         &self,
         req: Request<SetRoutesRequest>,
     ) -> Result<Response<SetRoutesResponse>, Status> {
-        let table = req
-            .into_inner()
-            .table
-            .ok_or_else(|| Status::invalid_argument("SetRoutesRequest.table is required"))?;
-        let applied_generation = self.0.router().apply(table, false)?;
+        let SetRoutesRequest { table, replace } = req.into_inner();
+        let table =
+            table.ok_or_else(|| Status::invalid_argument("SetRoutesRequest.table is required"))?;
+        if replace {
+            tracing::warn!(
+                generation = table.generation,
+                "routing table replaced whatever its generation (the operator found one it did not push)"
+            );
+        }
+        let applied_generation = self.0.router().apply(table, replace)?;
         self.0.refresh_ready_metric();
         Ok(Response::new(SetRoutesResponse { applied_generation }))
     }

@@ -347,7 +347,7 @@ impl Router {
     }
 
     /// Applies a pushed table; lower generations than the one held are
-    /// ignored. Returns the generation held afterwards.
+    /// ignored unless `force`. Returns the generation held afterwards.
     pub fn apply(&self, table: RoutingTable, force: bool) -> Result<u64, RequestError> {
         let mut st = self.lock();
         if st.held && !force && table.generation < st.generation {
