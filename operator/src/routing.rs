@@ -131,7 +131,9 @@ pub fn desired_table(pipeline: &InferencePipeline, pods: &[WorkerPod]) -> Routin
     let mut shadow = None;
     if let (Some((color, model)), Some(r)) = (candidate, rollout) {
         colors.push(route(color, model, candidate_share, pods));
-        if r.phase == Some(RolloutPhase::Shadowing) {
+        // A halted rollout holds its candidate's share, but mirrors nothing more to it: it
+        // has failed, and its shadow counters are no longer read.
+        if r.phase == Some(RolloutPhase::Shadowing) && !r.halted {
             let tolerance = &pipeline.spec.rollout.shadow.tolerance;
             shadow = Some(ShadowPolicy {
                 color: color.as_str().to_owned(),
@@ -309,7 +311,8 @@ mod tests {
     }
 
     #[test]
-    fn a_shadowing_rollout_mirrors_every_request_to_the_candidate_without_live_traffic() {
+    fn a_shadowing_rollout_mirrors_every_request_to_the_candidate_without_live_traffic_until_halted()
+     {
         let mut p = pipeline();
         let model = ModelRef::from(&p.spec.inference.model);
         p.status = Some(InferencePipelineStatus {
@@ -357,6 +360,15 @@ mod tests {
         let tolerance = shadow.tolerance.expect("tolerance");
         assert_eq!(tolerance.min_cosine, p.spec.rollout.shadow.tolerance.cosine);
         assert!(shadow.epoch.starts_with("green/2/"), "{}", shadow.epoch);
+
+        // The same rollout halted (failed with autoRollback: false): nothing more is mirrored
+        // to the failed candidate; it keeps its listing and its (zero) share.
+        if let Some(r) = p.status.as_mut().and_then(|s| s.rollout.as_mut()) {
+            r.halted = true;
+        }
+        let halted = desired_table(&p, &pods);
+        assert_eq!(halted.shadow, None);
+        assert_eq!(halted.colors, table.colors);
     }
 
     #[test]

@@ -316,7 +316,19 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
         RolloutPhase::Provisioning => {
             let waited = elapsed_ms(r.step_started_at.as_ref(), inp.now);
             let ready = obs.candidate_ready >= obs.candidate_wanted.max(1);
-            if ready && obs.routes_acked.is_some() {
+            if ready && obs.routes_acked.is_some() && policy.paused {
+                // Held where it is: neither mirroring nor live traffic starts while paused.
+                next.message = Some(format!(
+                    "candidate {} ready on {}; paused before {} (spec.rollout.paused)",
+                    version(inp.spec_model),
+                    candidate.as_str(),
+                    if policy.shadow_requests == 0 {
+                        "moving traffic"
+                    } else {
+                        "shadowing"
+                    }
+                ));
+            } else if ready && obs.routes_acked.is_some() {
                 if policy.shadow_requests == 0 {
                     enter_step(inp, &mut next, 0);
                     d.events.push(normal(
@@ -475,15 +487,21 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
                     candidate.as_str()
                 ));
             } else if due && !policy.paused {
-                if step + 1 < policy.steps.len() {
-                    enter_step(inp, &mut next, step + 1);
+                // The first step above the share held now, not the next index: `steps` may have
+                // been edited since this step was entered.
+                let next_step = policy
+                    .steps
+                    .iter()
+                    .position(|&p| i32::from(p) > r.traffic_percent);
+                if let Some(next_step) = next_step {
+                    enter_step(inp, &mut next, next_step);
                     d.events.push(normal(
                         "TrafficShifted",
                         format!(
                             "{}% of traffic on {} (step {}/{}); candidate {} requests, {} errors in the last step",
                             next.traffic_percent,
                             candidate.as_str(),
-                            step + 2,
+                            next_step + 1,
                             policy.steps.len(),
                             cand.requests,
                             cand.errors

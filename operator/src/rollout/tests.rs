@@ -439,6 +439,48 @@ fn paused_rollouts_hold_their_step() {
 }
 
 #[test]
+fn a_paused_rollout_neither_shadows_nor_moves_traffic_once_its_candidate_is_ready() {
+    for shadow_requests in [0, 100] {
+        let mut w = World::serving_v1();
+        w.policy.paused = true;
+        w.policy.shadow_requests = shadow_requests;
+        w.spec = model("v2");
+        w.tick(0, None);
+        w.obs.candidate_ready = 1;
+        assert!(w.tick(5, None).is_empty(), "{shadow_requests}");
+        assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+        assert_eq!(w.r().traffic_percent, 0);
+        let message = w.r().message.clone().unwrap();
+        assert!(message.contains("spec.rollout.paused"), "{message}");
+        w.policy.paused = false;
+        w.tick(6, None);
+        let (phase, traffic) = if shadow_requests == 0 {
+            (RolloutPhase::ShiftingTraffic, 10)
+        } else {
+            (RolloutPhase::Shadowing, 0)
+        };
+        assert_eq!((w.phase(), w.r().traffic_percent), (Some(phase), traffic));
+    }
+}
+
+#[test]
+fn steps_edited_mid_rollout_go_on_from_the_first_step_above_the_share_held() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    assert_eq!((w.r().step, w.r().traffic_percent), (Some(0), 10));
+    // At 10 %, steps [10, 50, 100] become [25, 100]: the next step is 25 %, not index 1's 100 %.
+    w.policy.steps = vec![25, 100];
+    w.tick(40, None);
+    assert_eq!((w.r().step, w.r().traffic_percent), (Some(0), 25));
+    // Steps entirely below the share held are skipped, never stepped back to.
+    w.policy.steps = vec![5, 20, 100];
+    w.tick(70, None);
+    assert_eq!((w.r().step, w.r().traffic_percent), (Some(2), 100));
+    assert_eq!(reasons(&w.tick(100, None)), ["Promoted"]);
+}
+
+#[test]
 fn a_new_spec_mid_rollout_supersedes_the_candidate_on_the_same_color() {
     let mut w = World::serving_v1();
     w.shadowing_v2();
