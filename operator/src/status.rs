@@ -19,6 +19,10 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// Reason: the preprocess pods found that the active model cannot take what they send.
 pub const MODEL_MISMATCH: &str = "ModelMismatch";
+/// Degraded reasons that a rollout's end sets. The rollout driver publishes that transition as
+/// its own Event, with the failure's reason and numbers (`ShadowParityFailed`,
+/// `ProgressDeadlineExceeded`, `RolloutHalted`, `RolloutAborted`, …).
+const ROLLOUT_REASONS: [&str; 3] = ["RolledBack", "RolloutAborted", "RolloutHalted"];
 
 /// What was observed of one Deployment (from the server-side apply response) and its pods.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -366,6 +370,11 @@ pub fn transitions(
         if before.is_none() && !became_true {
             continue;
         }
+        // The rollout driver already published this one; a second Warning with the same text
+        // would be alert noise.
+        if t == DEGRADED && became_true && ROLLOUT_REASONS.contains(&after.reason.as_str()) {
+            continue;
+        }
         let warning = (t == DEGRADED) == became_true;
         out.push(Transition {
             warning,
@@ -544,9 +553,9 @@ fn not_ready_message(stage: &str, d: &DeploymentObservation) -> String {
 fn rollout_problem(r: &RolloutStatus) -> Option<(&'static str, String)> {
     let message = || r.message.clone().unwrap_or_default();
     match r.phase {
-        Some(RolloutPhase::RolledBack) => Some(("RolledBack", message())),
-        Some(RolloutPhase::Aborted) => Some(("RolloutAborted", message())),
-        Some(p) if p.in_progress() && r.halted => Some(("RolloutHalted", message())),
+        Some(RolloutPhase::RolledBack) => Some((ROLLOUT_REASONS[0], message())),
+        Some(RolloutPhase::Aborted) => Some((ROLLOUT_REASONS[1], message())),
+        Some(p) if p.in_progress() && r.halted => Some((ROLLOUT_REASONS[2], message())),
         _ => None,
     }
 }
@@ -877,6 +886,46 @@ mod tests {
         let broken = compute(Some(&ready), &obs(dep(1, 1), inf), &t(120));
         let ev = transitions(Some(&ready), &broken);
         assert!(ev.iter().any(|e| e.warning && e.reason == "PodsFailing"));
+    }
+
+    #[test]
+    fn a_failed_rollout_degrades_the_pipeline_without_a_second_event_beside_the_drivers() {
+        let ready = compute(None, &obs(dep(1, 1), dep(1, 1)), &t(100));
+        let ended = |phase, halted| {
+            let mut o = obs(dep(1, 1), dep(1, 1));
+            o.rollout = Some(Box::new(RolloutStatus {
+                phase: Some(phase),
+                halted,
+                message: Some("shadow parity failed: 87 of 100 compared requests differed".into()),
+                ..RolloutStatus::default()
+            }));
+            compute(Some(&ready), &o, &t(110))
+        };
+        for (phase, halted, reason) in [
+            (RolloutPhase::RolledBack, false, "RolledBack"),
+            (RolloutPhase::Aborted, false, "RolloutAborted"),
+            (RolloutPhase::Shadowing, true, "RolloutHalted"),
+        ] {
+            let s = ended(phase, halted);
+            assert_eq!(
+                cond(&s, DEGRADED).reason,
+                reason,
+                "the condition still says why"
+            );
+            assert_eq!(
+                transitions(Some(&ready), &s),
+                [],
+                "{reason}: the driver's Event only"
+            );
+            // Fixed (a new spec): the recovery is the reconciler's news.
+            let fixed = compute(Some(&s), &obs(dep(1, 1), dep(1, 1)), &t(120));
+            let ev = transitions(Some(&s), &fixed);
+            assert_eq!(ev.len(), 1, "{ev:?}");
+            assert_eq!(
+                (ev[0].reason.as_str(), ev[0].warning),
+                ("AsExpected", false)
+            );
+        }
     }
 
     #[test]
