@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     ANNOTATION_ABORT, ANNOTATION_PROMOTE, ColorWindow, Inputs, Observations, ShadowCounts,
-    UserAction, color_replicas, next,
+    UserAction, color_replicas, consumed_annotation, next,
 };
 use crate::build::Stage;
 use crate::controller::FIELD_MANAGER;
@@ -286,6 +286,9 @@ async fn drive(
     {
         Ok(_) => {
             mem.last_write = Some(Instant::now());
+            if let Some(key) = consumed_annotation(action, rollout, d.rollout.as_ref()) {
+                remove_annotation(&api, &v.meta.name, key).await;
+            }
             for e in &d.events {
                 log_transition(&v.meta.namespace, &v.meta.name, e);
                 metrics.count_rollout_transition(&e.reason);
@@ -304,6 +307,23 @@ async fn drive(
             debug!(pipeline = %v.meta.name, "rollout status write conflicted; retrying next tick")
         }
         Err(e) => warn!(pipeline = %v.meta.name, error = %e, "writing rollout status failed"),
+    }
+}
+
+/// Removes an annotation the rollout acted on. A failure is logged: the annotation then stays,
+/// as it did before the operator removed them, and acts only on a rollout of its version.
+async fn remove_annotation(api: &Api<InferencePipeline>, name: &str, key: &str) {
+    let patch = serde_json::json!({ "metadata": { "annotations": { key: null } } });
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            info!(pipeline = %name, annotation = key, "removed the annotation the rollout acted on")
+        }
+        Err(e) => {
+            warn!(pipeline = %name, annotation = key, error = %e, "could not remove the annotation the rollout acted on")
+        }
     }
 }
 

@@ -39,14 +39,39 @@ const MIN_LATENCY_SAMPLES: u64 = 50;
 const LATENCY_FLOOR_MS: f64 = 5.0;
 
 /// A request from a person, read from the pipeline's annotations. It only applies when the
-/// annotation names the version currently being rolled out, so an old annotation never touches
-/// a later rollout.
+/// annotation names the version currently being rolled out, and the driver removes the
+/// annotation once it has acted ([`consumed_annotation`]), so an old annotation never touches a
+/// later rollout, even one of the same version string.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UserAction {
     /// Skip the remaining shadow and traffic steps.
     Promote,
     /// Stop, send all traffic back to the active color and remove the candidate.
     Abort,
+}
+
+/// The annotation a tick acted on, for the driver to remove: `tandem.dev/abort` when the
+/// rollout went from in progress to `Aborted`, `tandem.dev/promote` when a person's promotion
+/// made it `Promoted`. An annotation left on the object would otherwise act again on a later
+/// rollout that reuses the version string (a fixed build shipped under the same version).
+pub fn consumed_annotation(
+    action: Option<UserAction>,
+    before: Option<&RolloutStatus>,
+    after: Option<&RolloutStatus>,
+) -> Option<&'static str> {
+    let was_in_progress = before
+        .and_then(|r| r.phase)
+        .is_some_and(RolloutPhase::in_progress);
+    let now = after.and_then(|r| r.phase);
+    match action? {
+        UserAction::Abort if was_in_progress && now == Some(RolloutPhase::Aborted) => {
+            Some(ANNOTATION_ABORT)
+        }
+        UserAction::Promote if was_in_progress && now == Some(RolloutPhase::Promoted) => {
+            Some(ANNOTATION_PROMOTE)
+        }
+        _ => None,
+    }
 }
 
 /// Requests one color served in the current traffic step (deltas since the step began).

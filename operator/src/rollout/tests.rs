@@ -700,3 +700,34 @@ fn the_candidate_takes_live_traffic_only_while_traffic_shifts_and_never_more_tha
         0
     );
 }
+
+#[test]
+fn the_annotation_a_person_acted_through_is_consumed_once_it_has_acted_and_not_before() {
+    let consumed = |w: &mut World, secs: i64, action: Option<UserAction>| {
+        let before = w.rollout.clone();
+        w.tick(secs, action);
+        consumed_annotation(action, before.as_ref(), w.rollout.as_ref())
+    };
+    let mut w = World::serving_v1();
+    w.spec = model("v2");
+    w.tick(0, None);
+    // No candidate pod ready yet: a promotion cannot act, so its annotation stays.
+    assert_eq!(consumed(&mut w, 1, Some(UserAction::Promote)), None);
+    assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+    w.obs.candidate_ready = 1;
+    assert_eq!(
+        consumed(&mut w, 2, Some(UserAction::Promote)),
+        Some(ANNOTATION_PROMOTE)
+    );
+    // Promoted: the same annotation read again is not an action any more.
+    assert_eq!(consumed(&mut w, 3, Some(UserAction::Promote)), None);
+
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    assert_eq!(consumed(&mut w, 6, None), None);
+    assert_eq!(
+        consumed(&mut w, 7, Some(UserAction::Abort)),
+        Some(ANNOTATION_ABORT)
+    );
+    assert_eq!(consumed(&mut w, 8, Some(UserAction::Abort)), None);
+}

@@ -890,7 +890,11 @@ fn perms(rows: &[(&str, &str, &[&str])]) -> BTreeSet<Permission> {
 /// Exactly what the operator needs where pipelines live (see helm/tandem/templates/rbac.yaml).
 fn workload_permissions() -> BTreeSet<Permission> {
     perms(&[
-        ("inferencepipelines.tandem.dev", "", &["list", "watch"]),
+        (
+            "inferencepipelines.tandem.dev",
+            "",
+            &["list", "watch", "patch"],
+        ),
         ("inferencepipelines.tandem.dev/status", "", &["patch"]),
         (
             "deployments.apps",

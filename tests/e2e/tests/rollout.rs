@@ -703,6 +703,15 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
         .unwrap_or_default();
     assert_eq!(degraded["reason"], "RolloutAborted", "{degraded}");
     assert_eq!(p["status"]["activeModel"]["version"], "v5");
+    // Acted on, the annotation is removed: it cannot act on a later rollout of "v6".
+    watch(
+        &cluster,
+        ns,
+        "abort annotation removed",
+        Duration::from_secs(30),
+        &mut seen,
+        |p| p["metadata"]["annotations"]["tandem.dev/abort"].is_null(),
+    );
     plugin(&cluster, ns, &["undo", PIPELINE]);
     let p = watch(
         &cluster,
