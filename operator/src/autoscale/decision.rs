@@ -160,8 +160,18 @@ pub struct Decision {
     pub message: String,
 }
 
+/// A bound of `spec.<stage>.replicas` that decided the count rather than the load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bound {
+    /// `replicas.min` is above the current count (it was raised).
+    Min(i32),
+    /// `replicas.max` is below the current count (it was lowered).
+    Max(i32),
+}
+
 struct Why<'a> {
     demand: &'a Demand,
+    bound: Option<Bound>,
     policy: &'a Policy,
     current: i32,
     desired: i32,
@@ -180,6 +190,21 @@ impl fmt::Display for Why<'_> {
         };
         let target = self.policy.target_queue_depth;
         let (from, to) = (self.current, self.desired);
+        match self.bound {
+            Some(Bound::Min(min)) => {
+                return write!(
+                    f,
+                    "replicas.min raised to {min} ({queue}{ff}): {from} → {to} pods"
+                );
+            }
+            Some(Bound::Max(max)) => {
+                return write!(
+                    f,
+                    "replicas.max lowered to {max} ({queue}{ff}): {from} → {to} pods"
+                );
+            }
+            None => {}
+        }
         match self.change {
             Change::FromZero => write!(
                 f,
@@ -263,7 +288,11 @@ pub fn decide(
     let stabilized = memory.stabilized().unwrap_or(recommendation);
 
     let mut desired = if recommendation > current {
-        recommendation.min(Policy::max_step_up(current))
+        // The step limit paces growth the load asks for; a raised `min` applies at once, as
+        // the reconciler clamps the Deployment into `[min, max]` anyway.
+        recommendation
+            .min(Policy::max_step_up(current))
+            .max(floor.min(max))
     } else if may_be_zero && recommendation == 0 {
         // The idle window already proved the quiet: no second wait.
         0
@@ -277,6 +306,15 @@ pub fn decide(
     }
     // A lowered `max` applies at once.
     desired = desired.min(max);
+    // Say so when a bound of the spec, not the load, moved the count: the load-based message
+    // would claim a queue that is not there, or a window that was not waited.
+    let bound = if current < floor && desired == floor && raw < floor {
+        Some(Bound::Min(floor))
+    } else if current > max && desired == max {
+        Some(Bound::Max(max))
+    } else {
+        None
+    };
     let change = match (current, desired) {
         (c, d) if d == c => Change::Steady,
         (0, _) => Change::FromZero,
@@ -291,6 +329,7 @@ pub fn decide(
     }
     let message = Why {
         demand,
+        bound,
         policy,
         current,
         desired,
@@ -599,6 +638,83 @@ mod tests {
             counts,
             [2, 2, 2],
             "the recommendation itself is clamped to max"
+        );
+    }
+
+    #[test]
+    fn a_raised_min_applies_at_once_and_says_so_instead_of_naming_the_queue() {
+        let mut p = policy();
+        p.min = 3;
+        let (counts, decisions) = run(&p, 1, std::iter::repeat_n(queued(0.0), 3));
+        assert_eq!(counts, [3, 3, 3]);
+        assert_eq!(decisions[0].change, Change::Up);
+        assert_eq!(
+            decisions[0].message,
+            "replicas.min raised to 3 (queue 0): 1 → 3 pods"
+        );
+
+        // Beyond the per-round step limit too: the reconciler sizes the Deployment to min.
+        p.min = 12;
+        p.max = 20;
+        let d = decide(
+            &queued(0.0),
+            1,
+            &p,
+            &mut StageMemory::default(),
+            Instant::now(),
+        );
+        assert_eq!(d.desired, 12);
+
+        // At zero, a raised min is not a held request.
+        p.min = 1;
+        let d = decide(
+            &queued(0.0),
+            0,
+            &p,
+            &mut StageMemory::default(),
+            Instant::now(),
+        );
+        assert_eq!((d.desired, d.change), (1, Change::FromZero));
+        assert_eq!(d.message, "replicas.min raised to 1 (queue 0): 0 → 1 pods");
+
+        // When the load asks for at least as many, the load is the reason.
+        p.min = 3;
+        let d = decide(
+            &queued(50.0),
+            1,
+            &p,
+            &mut StageMemory::default(),
+            Instant::now(),
+        );
+        assert!(
+            d.message.starts_with("queue 50 > 10 per pod"),
+            "{}",
+            d.message
+        );
+    }
+
+    #[test]
+    fn a_lowered_max_applies_at_once_and_says_so_instead_of_naming_a_window() {
+        let mut p = policy();
+        p.max = 2;
+        let (counts, decisions) = run(&p, 3, std::iter::repeat_n(queued(0.0), 2));
+        assert_eq!(counts, [2, 2], "no scale-down window for a lowered max");
+        assert_eq!(decisions[0].change, Change::Down);
+        assert_eq!(
+            decisions[0].message,
+            "replicas.max lowered to 2 (queue 0): 3 → 2 pods"
+        );
+        // Under load, too.
+        let d = decide(
+            &queued(100.0),
+            5,
+            &p,
+            &mut StageMemory::default(),
+            Instant::now(),
+        );
+        assert_eq!(
+            d.message,
+            "replicas.max lowered to 2 (queue 100): 5 → 2 pods"
         );
     }
 
