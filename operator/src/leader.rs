@@ -11,7 +11,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// What a candidate should do with the Lease as it is now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,6 +116,10 @@ pub enum LeaderError {
     /// Creating or replacing the Lease failed.
     #[error("writing Lease {0}")]
     Write(String, #[source] kube::Error),
+    /// The Lease changed between reading and writing it (another replica campaigning, or any
+    /// other writer, such as `helm upgrade` relabelling it): the next round reads it again.
+    #[error("Lease {0} changed while it was being written; read again next round")]
+    Conflict(String),
 }
 
 /// Campaigns for the Lease until `shutdown` turns true, publishing leadership on `leading`.
@@ -144,7 +148,11 @@ pub async fn run(
                 leading.send_replace(false);
             }
             Err(e) => {
-                warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "leader election round failed");
+                if matches!(e, LeaderError::Conflict(_)) {
+                    debug!(error = %e, "leader election round conflicted");
+                } else {
+                    warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "leader election round failed");
+                }
                 // Keep leading only while our last renewal is certainly still valid.
                 let valid = last_renewed
                     .is_some_and(|t| t.elapsed() < cfg.lease_duration.saturating_sub(period));
@@ -209,7 +217,10 @@ async fn round(api: &Api<Lease>, cfg: &LeaderConfig) -> Result<bool, LeaderError
     };
     match result {
         Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        // Not a verdict on who leads: a leader keeps leading while its last renewal is valid,
+        // as after any failed round. (Taken as "another replica holds it", any write to the
+        // Lease, even a label change, made the leader step down and exit.)
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(LeaderError::Conflict(cfg.name.clone())),
         Err(e) => Err(LeaderError::Write(cfg.name.clone(), e)),
     }
 }
@@ -325,5 +336,125 @@ mod tests {
             )
             .is_none()
         );
+    }
+}
+
+#[cfg(test)]
+mod conflict_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    type Held = Arc<Mutex<Option<serde_json::Value>>>;
+
+    fn status(code: u16, reason: &str) -> serde_json::Value {
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": reason, "code": code})
+    }
+
+    /// One request to the fake API server: GET returns the Lease, a write stores it, except
+    /// the writes numbered in `conflicts`, which answer 409.
+    async fn handle(
+        req: http::Request<hyper::body::Incoming>,
+        lease: Held,
+        puts: Arc<AtomicUsize>,
+        conflicts: std::ops::Range<usize>,
+    ) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+        use http_body_util::BodyExt as _;
+        let method = req.method().clone();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let mut held = lease.lock().unwrap();
+        let (code, answer) = if method == http::Method::GET {
+            held.clone()
+                .map_or_else(|| (404, status(404, "NotFound")), |l| (200, l))
+        } else {
+            let n = puts.fetch_add(1, Ordering::SeqCst) + 1;
+            if conflicts.contains(&n) {
+                (409, status(409, "Conflict"))
+            } else {
+                let mut l: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                l["metadata"]["resourceVersion"] = n.to_string().into();
+                *held = Some(l.clone());
+                (200, l)
+            }
+        };
+        Ok(http::Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                answer.to_string(),
+            )))
+            .unwrap())
+    }
+
+    /// A fake API server holding one Lease; returns its URL and the count of writes.
+    async fn lease_server(conflicts: std::ops::Range<usize>) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let lease = Held::default();
+        let puts = Arc::new(AtomicUsize::new(0));
+        let count = puts.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let (lease, count, conflicts) = (lease.clone(), count.clone(), conflicts.clone());
+                let service = hyper::service::service_fn(move |req| {
+                    handle(req, lease.clone(), count.clone(), conflicts.clone())
+                });
+                tokio::spawn(async move {
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(sock), service)
+                        .await;
+                });
+            }
+        });
+        (url, puts)
+    }
+
+    /// Any write to the Lease between a renewal's read and write (another campaigner, or
+    /// `helm upgrade` relabelling it) answers 409. Taken as "another replica holds it", that
+    /// made the leader step down and exit; it is now a failed round, retried.
+    #[tokio::test]
+    async fn a_leader_whose_renewals_conflict_briefly_keeps_leading() {
+        // PUT 1 creates the Lease; PUT 2 (the next renewal) conflicts. One conflict is within
+        // the renewal deadline (two thirds of the Lease); two in a row are not.
+        let (url, puts) = lease_server(2..3).await;
+        let config = kube::Config::new(url.parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let (leading_tx, mut leading) = watch::channel(false);
+        let (stop_tx, stop) = watch::channel(false);
+        let elector = tokio::spawn(run(
+            Api::namespaced(client, "ops"),
+            LeaderConfig {
+                name: "tandem".into(),
+                namespace: "ops".into(),
+                identity: "me".into(),
+                lease_duration: Duration::from_millis(1500),
+            },
+            leading_tx,
+            stop,
+        ));
+        leading.wait_for(|l| *l).await.unwrap();
+        let mut stepped_down = false;
+        while puts.load(Ordering::SeqCst) < 4 {
+            tokio::select! {
+                r = leading.changed() => {
+                    r.unwrap();
+                    stepped_down |= !*leading.borrow();
+                }
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        assert!(!stepped_down, "stepped down on a conflicting renewal");
+        assert!(*leading.borrow(), "leads after renewing again");
+        stop_tx.send_replace(true);
+        elector.await.unwrap();
     }
 }

@@ -264,6 +264,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let (leading_tx, mut leading_rx) = watch::channel(false);
+    // The elector stops (and releases a held Lease) only after the controllers have finished
+    // their running reconciles: released at the signal, a standby could take over and
+    // reconcile the same pipelines while this replica was still applying.
+    let (elector_stop_tx, elector_stop_rx) = watch::channel(false);
     let elector = tokio::spawn(leader::run(
         Api::<Lease>::namespaced(client.clone(), &lease_namespace),
         LeaderConfig {
@@ -273,7 +277,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             lease_duration: args.lease_duration,
         },
         leading_tx,
-        shutdown_rx.clone(),
+        elector_stop_rx,
     ));
 
     // Standing by is healthy: a follower is ready.
@@ -356,6 +360,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     shutdown_tx.send_replace(true);
+    elector_stop_tx.send_replace(true);
     if let Err(e) = elector.await {
         warn!(error = %e, "leader election task ended abnormally");
     }
