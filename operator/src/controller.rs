@@ -149,6 +149,9 @@ pub struct Context {
     applied: Arc<Mutex<Applied>>,
     /// Failed reconciles in a row, per pipeline (the backoff's exponent).
     failures: Mutex<HashMap<Key, u32>>,
+    /// Since which generation each owned Deployment's spec, `replicas` aside, is unchanged:
+    /// status does not wait for the Deployment controller to observe a change of `replicas`.
+    spec_since: Mutex<status::SpecSince>,
     /// Creates the Events reconciles publish, without making them wait.
     events: crate::events::Publisher,
 }
@@ -303,6 +306,7 @@ pub async fn run(
         pods: pod_store.clone(),
         applied: applied.clone(),
         failures: Mutex::new(HashMap::new()),
+        spec_since: Mutex::default(),
         events: events.clone(),
     });
 
@@ -431,6 +435,9 @@ async fn run_one(ctx: Arc<Context>, key: Key, queued: Instant) -> (Key, Finished
         debug!(pipeline = %key, "pipeline gone");
         if let Ok(mut f) = ctx.failures.lock() {
             f.remove(&key);
+        }
+        if let Ok(mut s) = ctx.spec_since.lock() {
+            s.forget(&key);
         }
         return (key, Finished::Gone);
     };
@@ -673,8 +680,9 @@ async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Requeue
         .unwrap_or(Color::Blue);
     let pre_dep = applied.first();
     let inf_dep = applied.get(1);
-    let preprocess = observe(ctx, &v, pre_dep, Stage::Preprocess, None).await?;
-    let inference = observe(ctx, &v, inf_dep, Stage::Inference, Some(active)).await?;
+    let built = |i: usize| desired.deployments.get(i);
+    let preprocess = observe(ctx, &v, pre_dep, built(0), Stage::Preprocess, None).await?;
+    let inference = observe(ctx, &v, inf_dep, built(1), Stage::Inference, Some(active)).await?;
     let obs = Observation {
         generation: p.metadata.generation,
         preprocess,
@@ -1006,11 +1014,12 @@ fn ignore_gone(r: Result<(), kube::Error>) -> Result<(), kube::Error> {
 }
 
 /// Reads a Deployment's counts from the apply response and, only when pods are missing,
-/// lists them to learn why.
+/// lists them to learn why. `built` is the Deployment as this reconcile built it.
 async fn observe(
     ctx: &Context,
     v: &ValidatedPipeline,
     dep: Option<&DeploymentSummary>,
+    built: Option<&Deployment>,
     stage: Stage,
     color: Option<Color>,
 ) -> Result<DeploymentObservation, Error> {
@@ -1019,13 +1028,28 @@ async fn observe(
     };
     let desired = dep.spec.replicas.unwrap_or(1);
     let st = &dep.status;
+    // The generation whose pods the counts must describe: the first with the current spec,
+    // `replicas` aside (a change of `replicas` alone replaces no pod).
+    let spec_since = dep.generation.map(|generation| {
+        let spec = built.and_then(|b| b.spec.clone()).map(|mut spec| {
+            spec.replicas = None;
+            spec
+        });
+        let fp = spec.as_ref().and_then(crate::applied::fingerprint);
+        match (fp, ctx.spec_since.lock()) {
+            (Some(fp), Ok(mut s)) => {
+                let pipeline = key(&v.meta.namespace, &v.meta.name);
+                s.since(&pipeline, &dep.name, fp, generation)
+            }
+            _ => generation,
+        }
+    });
     let mut obs = DeploymentObservation {
         desired,
         replicas: st.replicas.unwrap_or(0),
         ready: st.ready_replicas.unwrap_or(0),
         updated: st.updated_replicas.unwrap_or(0),
-        observed_current: st.observed_generation.is_some()
-            && st.observed_generation >= dep.generation,
+        observed_current: st.observed_generation.is_some() && st.observed_generation >= spec_since,
         problem: None,
     };
     if obs.ready < obs.desired {
@@ -1184,6 +1208,7 @@ mod tests {
             pods: Cache::default(),
             applied: Arc::new(Mutex::new(Applied::default())),
             failures: Mutex::new(HashMap::new()),
+            spec_since: Mutex::default(),
             events,
         });
         (ctx, conn_rx)

@@ -2,6 +2,10 @@
 //! `InferencePipelineStatus` out. Conditions keep `lastTransitionTime` while their status is
 //! unchanged, and every message says why.
 
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{
@@ -35,7 +39,9 @@ pub struct DeploymentObservation {
     pub ready: i32,
     /// Pods on the current template.
     pub updated: i32,
-    /// Whether the Deployment controller has seen the latest spec.
+    /// Whether the Deployment controller has seen the latest spec, `replicas` aside: a change
+    /// of `replicas` alone leaves the pods as they are, so the counts it reports still hold
+    /// (see [`SpecSince`]).
     pub observed_current: bool,
     /// Why pods are not ready, when it is known (unschedulable, crash loop, image pull).
     pub problem: Option<Problem>,
@@ -53,6 +59,79 @@ pub struct Problem {
 impl DeploymentObservation {
     fn is_ready(&self) -> bool {
         self.observed_current && self.ready >= self.desired && self.updated >= self.desired
+    }
+
+    /// Whether the stage serves: every desired pod ready, or, for a stage that was ready with
+    /// `before` pods, a change of `replicas` alone under way (every pod on the current spec)
+    /// with at least as many pods ready as before or as now desired, whichever is fewer. A
+    /// scale-up fails no request while the new pods start, nor does a scale-down while the
+    /// extra pods go.
+    fn serves(&self, before: Option<i32>) -> bool {
+        self.is_ready()
+            || (self.observed_current
+                && self.updated >= self.replicas
+                && before.is_some_and(|b| self.ready >= self.desired.min(b)))
+    }
+}
+
+/// Per owned Deployment: the first generation that carried its current spec, `replicas`
+/// aside. A generation newer than that changed only `replicas` (the autoscaler, or
+/// `replicas.min`/`max`), so a Deployment controller that has not observed it yet still
+/// reports the current pods. Kept per pipeline, forgotten with it; an operator that restarts
+/// starts from the generation it first sees (as before: the lag counts until observed).
+#[derive(Debug, Default)]
+pub struct SpecSince {
+    by_pipeline: HashMap<Arc<str>, Vec<SpecRecord>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SpecRecord {
+    deployment: u64,
+    spec: u64,
+    since: i64,
+}
+
+impl SpecSince {
+    /// The first generation of Deployment `deployment` (of `pipeline`) whose spec without
+    /// `replicas` hashes to `spec`, given that it is now at `generation`.
+    pub fn since(
+        &mut self,
+        pipeline: &Arc<str>,
+        deployment: &str,
+        spec: u64,
+        generation: i64,
+    ) -> i64 {
+        let deployment = {
+            let mut h = DefaultHasher::new();
+            deployment.hash(&mut h);
+            h.finish()
+        };
+        let records = self.by_pipeline.entry(pipeline.clone()).or_default();
+        match records.iter_mut().find(|r| r.deployment == deployment) {
+            // A generation below the record's: the Deployment was deleted and created anew.
+            Some(r) if r.spec == spec && r.since <= generation => r.since,
+            Some(r) => {
+                *r = SpecRecord {
+                    deployment,
+                    spec,
+                    since: generation,
+                };
+                generation
+            }
+            None => {
+                records.push(SpecRecord {
+                    deployment,
+                    spec,
+                    since: generation,
+                });
+                generation
+            }
+        }
+    }
+
+    /// Drops a deleted pipeline's records.
+    pub fn forget(&mut self, pipeline: &str) {
+        self.by_pipeline.remove(pipeline);
     }
 }
 
@@ -105,12 +184,23 @@ pub fn compute(
                 obs.active_color.as_str()
             )
         });
-    let pods_ready = pre.is_ready() && inf.is_ready();
+    // The ready pods of each stage when the pipeline was last Ready: a scale-up or -down is
+    // measured against them (see `DeploymentObservation::serves`).
+    let was_ready = prev_conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.status == "True");
+    let before = |s: Option<&StageStatus>| s.filter(|_| was_ready).map(|s| s.ready_replicas);
+    let pre_serves = pre.serves(before(prev.and_then(|s| s.preprocess.as_ref())));
+    let inf_serves = inf.serves(before(prev.and_then(|s| s.inference.as_ref())));
+    let pods_ready = pre_serves && inf_serves;
     let ready = pods_ready && mismatch.is_none();
+    // Serving, with pods still coming or going after a change of `replicas`.
+    let scaling = pods_ready && !(pre.is_ready() && inf.is_ready());
     let rollout = obs.rollout.as_deref();
     let rolling = rollout
         .filter(|r| !r.halted && r.phase.is_some_and(RolloutPhase::in_progress))
         .map(|r| r.message.clone().unwrap_or_default());
+    let is_rolling = rolling.is_some();
     let problem = stage_problem("inference", inf)
         .or_else(|| stage_problem("preprocess", pre))
         .or_else(|| mismatch.clone().map(|m| (MODEL_MISMATCH, m)))
@@ -125,9 +215,9 @@ pub fn compute(
                 pre.ready, pre.desired, inf.ready, inf.desired
             ),
         )
-    } else if !inf.is_ready() {
+    } else if !inf_serves {
         ("InferenceNotReady", not_ready_message("inference", inf))
-    } else if !pre.is_ready() {
+    } else if !pre_serves {
         ("PreprocessNotReady", not_ready_message("preprocess", pre))
     } else {
         (MODEL_MISMATCH, mismatch.clone().unwrap_or_default())
@@ -142,19 +232,29 @@ pub fn compute(
         now,
     ));
 
-    let progressing = (!ready || rolling.is_some()) && problem.is_none();
+    let progressing = (!ready || is_rolling || scaling) && problem.is_none();
     let (p_reason, p_message) = if let Some(message) = rolling.filter(|_| progressing) {
         ("RollingOut", message)
+    } else if progressing && !ready {
+        let stage = if inf_serves {
+            ("preprocess", pre)
+        } else {
+            ("inference", inf)
+        };
+        ("PodsStarting", not_ready_message(stage.0, stage.1))
     } else if progressing {
         let stage = if inf.is_ready() {
             ("preprocess", pre)
         } else {
             ("inference", inf)
         };
-        ("PodsStarting", not_ready_message(stage.0, stage.1))
-    } else if ready {
+        (
+            "Scaling",
+            format!("serving while {}", not_ready_message(stage.0, stage.1)),
+        )
+    } else if ready && !scaling {
         ("Stable", "every stage runs its desired pods".to_owned())
-    } else if pods_ready {
+    } else if pods_ready && !ready {
         (
             "Blocked",
             "requests cannot be served; see the Degraded condition".to_owned(),
@@ -191,7 +291,8 @@ pub fn compute(
 
     let phase = if problem.is_some() {
         Phase::Degraded
-    } else if ready && !progressing {
+    } else if ready && !is_rolling {
+        // A change of `replicas` under way is no reason to leave `Ready`: the pipeline serves.
         Phase::Ready
     } else if ready {
         Phase::Progressing
@@ -886,6 +987,167 @@ mod tests {
         let broken = compute(Some(&ready), &obs(dep(1, 1), inf), &t(120));
         let ev = transitions(Some(&ready), &broken);
         assert!(ev.iter().any(|e| e.warning && e.reason == "PodsFailing"));
+    }
+
+    /// The Deployment as the reconciler sees it right after applying `replicas`: generation 5,
+    /// the Deployment controller still at 4, its counts those of generation 4's pods. The spec
+    /// without `replicas` is the same as at generation 4 unless `new_template`.
+    fn lagging(desired: i32, pods: i32, ready: i32, new_template: bool) -> DeploymentObservation {
+        let mut specs = SpecSince::default();
+        let pipeline: Arc<str> = "ml/minilm".into();
+        assert_eq!(specs.since(&pipeline, "minilm-inference-blue", 7, 4), 4);
+        let spec = if new_template { 8 } else { 7 };
+        let since = specs.since(&pipeline, "minilm-inference-blue", spec, 5);
+        DeploymentObservation {
+            desired,
+            replicas: pods,
+            ready,
+            updated: pods,
+            observed_current: 4 >= since,
+            problem: None,
+        }
+    }
+
+    #[test]
+    fn a_change_of_replicas_alone_keeps_the_generation_of_the_spec_and_a_new_spec_starts_anew() {
+        let mut specs = SpecSince::default();
+        let p: Arc<str> = "ml/minilm".into();
+        assert_eq!(specs.since(&p, "minilm-preprocess", 1, 3), 3, "first sight");
+        assert_eq!(
+            specs.since(&p, "minilm-preprocess", 1, 4),
+            3,
+            "replicas only"
+        );
+        assert_eq!(
+            specs.since(&p, "minilm-preprocess", 1, 6),
+            3,
+            "replicas only"
+        );
+        assert_eq!(
+            specs.since(&p, "minilm-inference-blue", 1, 2),
+            2,
+            "its own record"
+        );
+        assert_eq!(specs.since(&p, "minilm-preprocess", 2, 7), 7, "a new spec");
+        assert_eq!(specs.since(&p, "minilm-preprocess", 2, 8), 7);
+        assert_eq!(
+            specs.since(&p, "minilm-preprocess", 2, 1),
+            1,
+            "created anew"
+        );
+        specs.forget("ml/minilm");
+        assert_eq!(specs.since(&p, "minilm-preprocess", 2, 8), 8, "forgotten");
+    }
+
+    #[test]
+    fn a_scale_down_stays_ready_without_an_event_while_the_deployment_controller_catches_up() {
+        let ready = compute(None, &obs(dep(1, 1), dep(3, 3)), &t(100));
+        let s = compute(
+            Some(&ready),
+            &obs(dep(1, 1), lagging(2, 3, 3, false)),
+            &t(101),
+        );
+        assert_eq!(s.phase, Some(Phase::Ready));
+        assert_eq!(cond(&s, READY).status, "True");
+        assert_eq!(cond(&s, PROGRESSING).status, "False");
+        assert_eq!(transitions(Some(&ready), &s), []);
+    }
+
+    #[test]
+    fn a_scale_up_stays_ready_without_an_event_while_the_new_pods_start() {
+        let ready = compute(None, &obs(dep(1, 1), dep(1, 1)), &t(100));
+        // Not observed yet, then observed with the new pods starting, then one of them ready.
+        let mut starting = dep(3, 1);
+        starting.replicas = 3;
+        let mut one_more = starting.clone();
+        one_more.ready = 2;
+        let mut prev = ready.clone();
+        for (i, inf) in [lagging(3, 1, 1, false), starting, one_more]
+            .into_iter()
+            .enumerate()
+        {
+            let s = compute(Some(&prev), &obs(dep(1, 1), inf), &t(101 + i as i64));
+            assert_eq!(s.phase, Some(Phase::Ready), "step {i}");
+            assert_eq!(cond(&s, READY).status, "True", "step {i}");
+            assert_eq!(transitions(Some(&prev), &s), [], "step {i}");
+            prev = s;
+        }
+        let p = cond(&prev, PROGRESSING);
+        assert_eq!(
+            (p.status.as_str(), p.reason.as_str(), p.message.as_str()),
+            ("True", "Scaling", "serving while 2/3 inference pods ready")
+        );
+        assert_eq!(
+            cond(&prev, READY).message,
+            "1/1 preprocess and 2/3 inference pods ready"
+        );
+        // From zero: nothing served before, nothing lost; requests are held meanwhile.
+        let zero = compute(None, &obs(dep(1, 1), dep(0, 0)), &t(200));
+        let mut waking = dep(1, 0);
+        waking.replicas = 1;
+        let s = compute(Some(&zero), &obs(dep(1, 1), waking), &t(201));
+        assert_eq!(cond(&s, READY).status, "True");
+        assert_eq!(transitions(Some(&zero), &s), []);
+    }
+
+    #[test]
+    fn losing_a_ready_pod_or_a_new_pod_template_still_makes_the_pipeline_not_ready() {
+        let ready = compute(None, &obs(dep(1, 1), dep(3, 3)), &t(100));
+        // A pod fewer than before, replicas unchanged.
+        let s = compute(Some(&ready), &obs(dep(1, 1), dep(3, 2)), &t(101));
+        assert_eq!(cond(&s, READY).status, "False");
+        assert_eq!(cond(&s, READY).message, "2/3 inference pods ready");
+        // Two more wanted, and one of the three lost meanwhile.
+        let mut lost = dep(5, 2);
+        lost.replicas = 5;
+        let s = compute(Some(&ready), &obs(dep(1, 1), lost), &t(101));
+        assert_eq!(cond(&s, READY).status, "False");
+        // A new pod template, not observed yet, even with the replica count unchanged.
+        let s = compute(
+            Some(&ready),
+            &obs(dep(1, 1), lagging(3, 3, 3, true)),
+            &t(101),
+        );
+        assert_eq!(
+            (
+                cond(&s, READY).status.as_str(),
+                cond(&s, READY).message.as_str()
+            ),
+            (
+                "False",
+                "inference Deployment has not picked up the latest spec yet"
+            )
+        );
+        // Observed: old pods still running beside the new ones.
+        let mut rolling = dep(3, 3);
+        rolling.replicas = 4;
+        rolling.updated = 1;
+        let s = compute(Some(&ready), &obs(dep(1, 1), rolling), &t(102));
+        assert_eq!(cond(&s, READY).status, "False");
+        assert_eq!(s.phase, Some(Phase::Progressing));
+    }
+
+    #[test]
+    fn a_scale_up_that_cannot_place_its_pods_is_degraded_but_still_ready() {
+        let ready = compute(None, &obs(dep(1, 1), dep(1, 1)), &t(100));
+        let mut inf = dep(2, 1);
+        inf.problem = Some(Problem {
+            reason: "PodsUnschedulable",
+            message: "Insufficient nvidia.com/gpu".into(),
+        });
+        let s = compute(Some(&ready), &obs(dep(1, 1), inf), &t(101));
+        assert_eq!(cond(&s, READY).status, "True", "the first pod serves");
+        assert_eq!(cond(&s, DEGRADED).reason, "PodsUnschedulable");
+        assert_eq!(
+            cond(&s, PROGRESSING).message,
+            "pods cannot become ready; see the Degraded condition"
+        );
+        let ev = transitions(Some(&ready), &s);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(
+            (ev[0].reason.as_str(), ev[0].warning),
+            ("PodsUnschedulable", true)
+        );
     }
 
     #[test]
