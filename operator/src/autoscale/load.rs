@@ -34,6 +34,35 @@ pub struct PodLoad {
     pub requests_total: u64,
     /// Requests completed per second over the worker's summary window.
     pub throughput_rps: f64,
+    /// Requests completed in that window (what `throughput_rps` is measured on).
+    pub completed_in_window: u64,
+}
+
+/// Fewest completed requests in a pod's window for its throughput to count as its capacity: a
+/// pod that has just come back from idle reports one request per second for its first answer.
+const CAPACITY_MIN_SAMPLES: u64 = 20;
+
+/// Least backlog, in seconds of the pod's own pace (`queue_depth / throughput_rps`), for the
+/// pod to count as saturated. A dynamic batcher holds a request or two for its delay window at
+/// any load, and a pod that keeps up completes what it is offered: its throughput is then the
+/// arrival rate, not what it could do.
+const SATURATED_BACKLOG_S: f64 = 0.25;
+
+/// How long a learned capacity is trusted without a new saturated observation (a new model,
+/// other pods on the node, a long idle time).
+const CAPACITY_TTL: Duration = Duration::from_secs(300);
+
+impl PodLoad {
+    /// This inference pod's throughput, when it measures what the pod can do: it is clearly
+    /// behind (see [`SATURATED_BACKLOG_S`]) and has completed enough requests to measure.
+    fn capacity(&self) -> Option<f64> {
+        let behind = self.queue_depth as f64 >= SATURATED_BACKLOG_S * self.throughput_rps;
+        (self.throughput_rps > 0.0
+            && self.queue_depth > 1
+            && behind
+            && self.completed_in_window >= CAPACITY_MIN_SAMPLES)
+            .then_some(self.throughput_rps)
+    }
 }
 
 impl PodLoad {
@@ -70,8 +99,9 @@ pub struct PodPoll {
 pub struct PipelineMemory {
     /// Last good answer per pod, with its time.
     last_good: HashMap<String, (Instant, PodLoad)>,
-    /// Requests per second one inference pod completed the last time it had a queue.
-    capacity_rps: Option<f64>,
+    /// Requests per second one inference pod completed the last time it was saturated, and
+    /// when ([`PodLoad::capacity`]); forgotten after [`CAPACITY_TTL`].
+    capacity_rps: Option<(Instant, f64)>,
     /// Preprocess arrivals per second, smoothed over rounds (one round sees few arrivals).
     arrival_rps: Option<f64>,
     /// Preprocess stage decision memory.
@@ -132,10 +162,9 @@ pub fn observe(
                     }
                 }
                 if poll.stage == Stage::Inference
-                    && load.queue_depth > 0
-                    && load.throughput_rps > 0.0
+                    && let Some(capacity) = load.capacity()
                 {
-                    saturated.push(load.throughput_rps);
+                    saturated.push(capacity);
                 }
                 memory.last_good.insert(poll.name.clone(), (now, load));
                 Some(load)
@@ -180,10 +209,16 @@ pub fn observe(
     }
     let arrivals = memory.arrival_rps.unwrap_or(0.0);
     if !saturated.is_empty() {
-        memory.capacity_rps = Some(saturated.iter().sum::<f64>() / saturated.len() as f64);
+        memory.capacity_rps = Some((now, saturated.iter().sum::<f64>() / saturated.len() as f64));
+    }
+    if memory
+        .capacity_rps
+        .is_some_and(|(t, _)| now.saturating_duration_since(t) > CAPACITY_TTL)
+    {
+        memory.capacity_rps = None;
     }
     let rate_floor = match memory.capacity_rps {
-        Some(c) if c > 0.0 && arrivals > 0.0 => {
+        Some((_, c)) if c > 0.0 && arrivals > 0.0 => {
             let pods = (arrivals / c).ceil();
             if pods >= f64::from(i32::MAX) {
                 i32::MAX
@@ -395,9 +430,11 @@ mod tests {
                 ..PodLoad::default()
             })
         };
+        // 40 requests waiting at 40 rps: a second behind.
         let saturated = Some(PodLoad {
-            queue_depth: 5,
+            queue_depth: 40,
             throughput_rps: 40.0,
+            completed_in_window: 400,
             ..PodLoad::default()
         });
         observe(&[pre("p1", p(0)), inf("i1", saturated)], &mut m, t0, grace);
@@ -420,6 +457,91 @@ mod tests {
         assert_eq!(o.arrival_rps, 50.0);
         assert_eq!(o.inference.rate_floor, 2);
         assert!(!o.inference.arrived);
+    }
+
+    /// Seen on the local cluster: 10 requests/s of one sentence each, after 11 minutes idle,
+    /// scaled inference 1 → 4 pods (its max) with a queue of 0. A pod back from idle reported
+    /// 1 request/s (one completed request over the one-second minimum span) with a request
+    /// waiting in its batcher, which counted as "saturated" and set the capacity to 1 rps.
+    #[test]
+    fn a_pod_that_keeps_up_or_has_barely_started_teaches_no_capacity() {
+        let grace = Duration::from_secs(5);
+        let p = |total| {
+            Some(PodLoad {
+                requests_total: total,
+                ..PodLoad::default()
+            })
+        };
+        let cases = [
+            // Back from idle: one request done, one waiting for the batch window.
+            PodLoad {
+                queue_depth: 1,
+                throughput_rps: 1.0,
+                completed_in_window: 1,
+                ..PodLoad::default()
+            },
+            // Keeping up at 10 rps, a request or two in the batcher (0.2 s of backlog).
+            PodLoad {
+                queue_depth: 2,
+                throughput_rps: 10.0,
+                completed_in_window: 600,
+                ..PodLoad::default()
+            },
+            // Behind, but after too few requests to measure a rate.
+            PodLoad {
+                queue_depth: 30,
+                throughput_rps: 3.0,
+                completed_in_window: 3,
+                ..PodLoad::default()
+            },
+        ];
+        for pod in cases {
+            let mut m = PipelineMemory::default();
+            let t0 = Instant::now();
+            observe(&[pre("p1", p(0)), inf("i1", Some(pod))], &mut m, t0, grace);
+            let o = observe(
+                &[pre("p1", p(10)), inf("i1", Some(pod))],
+                &mut m,
+                t0 + Duration::from_secs(1),
+                grace,
+            );
+            assert_eq!(o.arrival_rps, 10.0);
+            assert_eq!(o.inference.rate_floor, 0, "{pod:?}");
+        }
+    }
+
+    #[test]
+    fn a_learned_capacity_is_forgotten_after_five_minutes_without_saturation() {
+        let mut m = PipelineMemory::default();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(5);
+        let pod = |queue_depth, total| {
+            [
+                pre(
+                    "p1",
+                    Some(PodLoad {
+                        requests_total: total,
+                        ..PodLoad::default()
+                    }),
+                ),
+                inf(
+                    "i1",
+                    Some(PodLoad {
+                        queue_depth,
+                        throughput_rps: 20.0,
+                        completed_in_window: 1200,
+                        ..PodLoad::default()
+                    }),
+                ),
+            ]
+        };
+        observe(&pod(40, 0), &mut m, t0, grace);
+        let o = observe(&pod(0, 50), &mut m, t0 + Duration::from_secs(1), grace);
+        assert_eq!(o.inference.rate_floor, 3, "50 rps against 20 per pod");
+        let later = t0 + Duration::from_secs(1) + CAPACITY_TTL;
+        observe(&pod(0, 50), &mut m, later, grace);
+        let o = observe(&pod(0, 100), &mut m, later + Duration::from_secs(2), grace);
+        assert_eq!(o.inference.rate_floor, 0, "no capacity left to divide by");
     }
 
     #[test]

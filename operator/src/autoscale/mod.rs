@@ -577,6 +577,7 @@ fn pod_load(stats: &WorkerStats) -> PodLoad {
             .fold(0u64, |sum, c| sum.saturating_add(c.in_flight)),
         requests_total: stats.requests_total,
         throughput_rps: stats.throughput_rps,
+        completed_in_window: stats.latency.map_or(0, |l| l.count),
     }
 }
 
