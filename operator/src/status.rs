@@ -672,6 +672,8 @@ fn traffic(active: Color, rollout: Option<&RolloutStatus>) -> String {
             let pct = crate::rollout::candidate_share(Some(r));
             format!("{a} {}% {c} {pct}%", 100 - pct)
         }
+        // Halted: nothing is mirrored any more (`routing::desired_table`).
+        Some(RolloutPhase::Shadowing) if r.halted => format!("{a} 100% ({c} halted)"),
         Some(RolloutPhase::Shadowing) => format!("{a} 100% (shadow {c})"),
         Some(RolloutPhase::Provisioning) => format!("{a} 100% ({c} starting)"),
         _ => format!("{a} 100%"),
@@ -1338,6 +1340,13 @@ mod tests {
         }
         let s = compute(None, &o, &t(1));
         assert_eq!(s.summary.unwrap().traffic, "blue 100% (shadow green)");
+
+        // Halted while shadowing: the failed candidate no longer gets mirrored requests.
+        if let Some(r) = o.rollout.as_mut() {
+            r.halted = true;
+        }
+        let s = compute(None, &o, &t(1));
+        assert_eq!(s.summary.unwrap().traffic, "blue 100% (green halted)");
     }
 
     #[test]
