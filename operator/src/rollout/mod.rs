@@ -341,17 +341,13 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
         RolloutPhase::Provisioning => {
             let waited = elapsed_ms(r.step_started_at.as_ref(), inp.now);
             let ready = obs.candidate_ready >= obs.candidate_wanted.max(1);
-            if ready && obs.routes_acked.is_some() && policy.paused {
-                // Held where it is: neither mirroring nor live traffic starts while paused.
+            if ready && obs.routes_acked.is_some() && policy.paused && policy.shadow_requests == 0 {
+                // Held before live traffic moves. (Shadowing moves none: a paused rollout may
+                // start it and holds at its end, as in the Shadowing arm.)
                 next.message = Some(format!(
-                    "candidate {} ready on {}; paused before {} (spec.rollout.paused)",
+                    "candidate {} ready on {}; paused before moving traffic (spec.rollout.paused)",
                     version(inp.spec_model),
                     candidate.as_str(),
-                    if policy.shadow_requests == 0 {
-                        "moving traffic"
-                    } else {
-                        "shadowing"
-                    }
                 ));
             } else if ready && obs.routes_acked.is_some() {
                 if policy.shadow_requests == 0 {

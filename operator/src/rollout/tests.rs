@@ -439,28 +439,40 @@ fn paused_rollouts_hold_their_step() {
 }
 
 #[test]
-fn a_paused_rollout_neither_shadows_nor_moves_traffic_once_its_candidate_is_ready() {
-    for shadow_requests in [0, 100] {
-        let mut w = World::serving_v1();
-        w.policy.paused = true;
-        w.policy.shadow_requests = shadow_requests;
-        w.spec = model("v2");
-        w.tick(0, None);
-        w.obs.candidate_ready = 1;
-        assert!(w.tick(5, None).is_empty(), "{shadow_requests}");
-        assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
-        assert_eq!(w.r().traffic_percent, 0);
-        let message = w.r().message.clone().unwrap();
-        assert!(message.contains("spec.rollout.paused"), "{message}");
-        w.policy.paused = false;
-        w.tick(6, None);
-        let (phase, traffic) = if shadow_requests == 0 {
-            (RolloutPhase::ShiftingTraffic, 10)
-        } else {
-            (RolloutPhase::Shadowing, 0)
-        };
-        assert_eq!((w.phase(), w.r().traffic_percent), (Some(phase), traffic));
-    }
+fn a_paused_rollout_without_a_shadow_phase_moves_no_traffic_once_its_candidate_is_ready() {
+    let mut w = World::serving_v1();
+    w.policy.paused = true;
+    w.policy.shadow_requests = 0;
+    w.spec = model("v2");
+    w.tick(0, None);
+    w.obs.candidate_ready = 1;
+    assert!(w.tick(5, None).is_empty());
+    assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+    assert_eq!(w.r().traffic_percent, 0);
+    let message = w.r().message.clone().unwrap();
+    assert!(message.contains("spec.rollout.paused"), "{message}");
+    w.policy.paused = false;
+    w.tick(6, None);
+    assert_eq!(
+        (w.phase(), w.r().traffic_percent),
+        (Some(RolloutPhase::ShiftingTraffic), 10)
+    );
+}
+
+#[test]
+fn a_paused_rollout_with_a_shadow_phase_shadows_and_holds_at_its_end() {
+    let mut w = World::serving_v1();
+    w.policy.paused = true;
+    w.shadowing_v2();
+    w.obs.shadow = ShadowCounts {
+        compared: 100,
+        ..ShadowCounts::default()
+    };
+    assert!(w.tick(60, None).is_empty());
+    assert_eq!(w.phase(), Some(RolloutPhase::Shadowing));
+    assert_eq!(w.r().traffic_percent, 0);
+    w.policy.paused = false;
+    assert_eq!(reasons(&w.tick(61, None)), ["ShadowPassed"]);
 }
 
 #[test]
