@@ -258,6 +258,19 @@ pub struct Rgb8 {
     pub pixels: Vec<u8>,
 }
 
+impl From<DynamicImage> for Rgb8 {
+    /// Its pixels as RGB8: grey repeated, alpha dropped, 16-bit samples rounded.
+    fn from(img: DynamicImage) -> Self {
+        let rgb = img.into_rgb8();
+        let (width, height) = rgb.dimensions();
+        Self {
+            width,
+            height,
+            pixels: rgb.into_raw(),
+        }
+    }
+}
+
 fn format_name(f: ImageFormat) -> &'static str {
     match f {
         ImageFormat::Jpeg => "JPEG",
@@ -372,13 +385,7 @@ pub fn decode_rgb8_for(
         )?,
         _ => return Err(ImageError::UnknownFormat),
     };
-    let rgb = decoded.into_rgb8();
-    let (width, height) = rgb.dimensions();
-    Ok(Rgb8 {
-        width,
-        height,
-        pixels: rgb.into_raw(),
-    })
+    Ok(Rgb8::from(decoded))
 }
 
 /// The most scans a JPEG may have. Each scan of a progressive JPEG makes the

@@ -192,13 +192,7 @@ pub(super) fn decode(encoded: &[u8], max_pixels: u64) -> Result<Rgb8, ImageError
             .ok_or_else(|| corrupt("pixel buffer of the wrong size".into()))?,
     );
     img.apply_orientation(orientation);
-    let rgb = img.into_rgb8();
-    let (width, height) = rgb.dimensions();
-    Ok(Rgb8 {
-        width,
-        height,
-        pixels: rgb.into_raw(),
-    })
+    Ok(Rgb8::from(img))
 }
 
 #[cfg(test)]
@@ -305,12 +299,7 @@ mod tests {
         let orientation = decoder.orientation().unwrap();
         let mut img = image::DynamicImage::from_decoder(decoder).unwrap();
         img.apply_orientation(orientation);
-        let rgb = img.into_rgb8();
-        Rgb8 {
-            width: rgb.width(),
-            height: rgb.height(),
-            pixels: rgb.into_raw(),
-        }
+        Rgb8::from(img)
     }
 
     const KINDS: [(u8, &[u8]); 5] = [
