@@ -190,20 +190,15 @@ impl fmt::Display for Why<'_> {
         };
         let target = self.policy.target_queue_depth;
         let (from, to) = (self.current, self.desired);
-        match self.bound {
-            Some(Bound::Min(min)) => {
-                return write!(
-                    f,
-                    "replicas.min raised to {min} ({queue}{ff}): {from} → {to} pods"
-                );
-            }
-            Some(Bound::Max(max)) => {
-                return write!(
-                    f,
-                    "replicas.max lowered to {max} ({queue}{ff}): {from} → {to} pods"
-                );
-            }
-            None => {}
+        if let Some(bound) = self.bound {
+            let (change, n) = match bound {
+                Bound::Min(min) => ("min raised", min),
+                Bound::Max(max) => ("max lowered", max),
+            };
+            return write!(
+                f,
+                "replicas.{change} to {n} ({queue}{ff}): {from} → {to} pods"
+            );
         }
         match self.change {
             Change::FromZero => write!(
@@ -376,6 +371,11 @@ mod tests {
             queued: q,
             ..Demand::default()
         }
+    }
+
+    /// One decision from a fresh memory.
+    fn decide_once(d: &Demand, current: i32, p: &Policy) -> Decision {
+        decide(d, current, p, &mut StageMemory::default(), Instant::now())
     }
 
     /// Runs a load series, one decision per second, feeding each decision back as the next
@@ -583,13 +583,7 @@ mod tests {
             unknown_pods: 1,
             ..Demand::default()
         };
-        let out = decide(
-            &d,
-            2,
-            &policy(),
-            &mut StageMemory::default(),
-            Instant::now(),
-        );
+        let out = decide_once(&d, 2, &policy());
         assert_eq!((out.desired, out.change), (5, Change::Up));
     }
 
@@ -600,13 +594,7 @@ mod tests {
             rate_floor: 3,
             ..Demand::default()
         };
-        let out = decide(
-            &d,
-            1,
-            &policy(),
-            &mut StageMemory::default(),
-            Instant::now(),
-        );
+        let out = decide_once(&d, 1, &policy());
         assert_eq!((out.desired, out.change), (3, Change::Up));
         assert!(out.message.contains("arrival rate"), "{}", out.message);
     }
@@ -618,13 +606,7 @@ mod tests {
             fed_forward: 20.0,
             ..Demand::default()
         };
-        let out = decide(
-            &d,
-            1,
-            &policy(),
-            &mut StageMemory::default(),
-            Instant::now(),
-        );
+        let out = decide_once(&d, 1, &policy());
         assert_eq!(out.desired, 3);
         assert!(out.message.contains("20 fed forward"), "{}", out.message);
     }
@@ -656,36 +638,18 @@ mod tests {
         // Beyond the per-round step limit too: the reconciler sizes the Deployment to min.
         p.min = 12;
         p.max = 20;
-        let d = decide(
-            &queued(0.0),
-            1,
-            &p,
-            &mut StageMemory::default(),
-            Instant::now(),
-        );
+        let d = decide_once(&queued(0.0), 1, &p);
         assert_eq!(d.desired, 12);
 
         // At zero, a raised min is not a held request.
         p.min = 1;
-        let d = decide(
-            &queued(0.0),
-            0,
-            &p,
-            &mut StageMemory::default(),
-            Instant::now(),
-        );
+        let d = decide_once(&queued(0.0), 0, &p);
         assert_eq!((d.desired, d.change), (1, Change::FromZero));
         assert_eq!(d.message, "replicas.min raised to 1 (queue 0): 0 → 1 pods");
 
         // When the load asks for at least as many, the load is the reason.
         p.min = 3;
-        let d = decide(
-            &queued(50.0),
-            1,
-            &p,
-            &mut StageMemory::default(),
-            Instant::now(),
-        );
+        let d = decide_once(&queued(50.0), 1, &p);
         assert!(
             d.message.starts_with("queue 50 > 10 per pod"),
             "{}",
@@ -705,13 +669,7 @@ mod tests {
             "replicas.max lowered to 2 (queue 0): 3 → 2 pods"
         );
         // Under load, too.
-        let d = decide(
-            &queued(100.0),
-            5,
-            &p,
-            &mut StageMemory::default(),
-            Instant::now(),
-        );
+        let d = decide_once(&queued(100.0), 5, &p);
         assert_eq!(
             d.message,
             "replicas.max lowered to 2 (queue 100): 5 → 2 pods"
