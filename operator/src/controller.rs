@@ -15,7 +15,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
+use kube::api::{
+    Api, DeleteParams, GetParams, PartialObjectMeta, Patch, PatchParams, Preconditions,
+};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -29,6 +31,7 @@ use crate::build::{
 use crate::cache::{Cache, key_of};
 use crate::crd::{Color, InferencePipeline, InferencePipelineStatus, ModelRef, RolloutPhase};
 use crate::metrics::{ErrorKind, Metrics, Outcome};
+use crate::ownership::{self, Owners};
 use crate::status::{self, DeploymentObservation, Observation};
 use crate::summary::{DeploymentSummary, PodSummary, WatchedDeployment};
 use crate::validate::{ValidateError, ValidatedPipeline, validate};
@@ -50,6 +53,30 @@ pub enum Error {
     /// Objects could not be built.
     #[error("building objects")]
     Build(#[source] build::BuildError),
+    /// Reading an existing object before its first apply failed.
+    #[error("reading {kind} {name}")]
+    Read {
+        /// Object kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// An object under one of the pipeline's names exists and is not the pipeline's; it is
+    /// left alone, and nothing of the pipeline is applied (see [`crate::ownership`]).
+    #[error(
+        "{kind} {name} already exists and does not belong to this pipeline ({holder}); the operator will not take it over"
+    )]
+    NameInUse {
+        /// Object kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+        /// Who holds it ([`crate::ownership::holder`]).
+        holder: String,
+    },
     /// Server-side apply of an owned object failed.
     #[error("applying {kind} {name}")]
     Apply {
@@ -87,6 +114,7 @@ impl Error {
     /// retrying alone will not fix. `None` for everything else, transient errors included.
     fn refusal(&self) -> Option<String> {
         let (verb, kind, name, source) = match self {
+            Self::Read { kind, name, source } => ("read", kind, name, source),
             Self::Apply { kind, name, source } => ("apply", kind, name, source),
             Self::Prune { kind, name, source } => ("delete", kind, name, source),
             _ => return None,
@@ -104,6 +132,8 @@ impl Error {
         match self {
             Self::InvalidSpec(_) => ErrorKind::InvalidSpec,
             Self::Build(_) => ErrorKind::Build,
+            Self::Read { .. } => ErrorKind::Read,
+            Self::NameInUse { .. } => ErrorKind::NameInUse,
             Self::Apply { .. } => ErrorKind::Apply,
             Self::Prune { .. } => ErrorKind::Prune,
             Self::Status(_) => ErrorKind::Status,
@@ -147,6 +177,9 @@ pub struct Context {
     pods: Cache<PodSummary>,
     /// What was last applied of each owned object (see [`crate::applied`]).
     applied: Arc<Mutex<Applied>>,
+    /// The controlling owner of each cached owned object but Deployments (see
+    /// [`crate::ownership`]).
+    owners: Owners,
     /// Failed reconciles in a row, per pipeline (the backoff's exponent).
     failures: Mutex<HashMap<Key, u32>>,
     /// Since which generation each owned Deployment's spec, `replicas` aside, is unchanged:
@@ -218,6 +251,7 @@ pub async fn run(
         .page_size(cfg.page_size);
 
     let applied = Arc::new(Mutex::new(Applied::default()));
+    let owners = Owners::default();
     let owned_watch = OwnedWatch {
         client: &client,
         namespace: &cfg.namespace,
@@ -271,11 +305,17 @@ pub async fn run(
             .filter_map(|ev| std::future::ready(self_key(ev)))
             .boxed(),
         owner_keys(deployments, "Deployment"),
-        owner_keys(owned_watch.stream::<Service>(), "Service"),
-        owner_keys(owned_watch.stream::<ConfigMap>(), "ConfigMap"),
-        owner_keys(owned_watch.stream::<ServiceAccount>(), "ServiceAccount"),
+        owner_keys(owned_watch.stream::<Service>(&owners.services), "Service"),
         owner_keys(
-            owned_watch.stream::<PodDisruptionBudget>(),
+            owned_watch.stream::<ConfigMap>(&owners.config_maps),
+            "ConfigMap",
+        ),
+        owner_keys(
+            owned_watch.stream::<ServiceAccount>(&owners.service_accounts),
+            "ServiceAccount",
+        ),
+        owner_keys(
+            owned_watch.stream::<PodDisruptionBudget>(&owners.pdbs),
             "PodDisruptionBudget",
         ),
         futures::stream::unfold(failing_rx, |mut rx| async move {
@@ -305,6 +345,7 @@ pub async fn run(
         deployments: dep_store.clone(),
         pods: pod_store.clone(),
         applied: applied.clone(),
+        owners: owners.clone(),
         failures: Mutex::new(HashMap::new()),
         spec_since: Mutex::default(),
         events: events.clone(),
@@ -313,12 +354,17 @@ pub async fn run(
     // `/metrics` reads each pipeline's rollout phase and traffic split from this cache.
     ctx.metrics.watch_pipelines(ipl_store.clone());
 
-    // Both caches hold a full list: before that they are empty (a list is swapped in whole),
-    // so reconciles wait for it, and so does readiness.
+    // The caches hold a full list: before that they are empty (a list is swapped in whole),
+    // so reconciles wait for it, and so does readiness. (An empty owner cache would cost a read
+    // of every object before its first apply, not a wrong answer.)
     let synced = {
         let (pipelines, deployments) = (ipl_store.clone(), dep_store.clone());
         async move {
-            futures::join!(pipelines.wait_until_ready(), deployments.wait_until_ready());
+            futures::join!(
+                pipelines.wait_until_ready(),
+                deployments.wait_until_ready(),
+                owners.wait_until_ready()
+            );
         }
     };
 
@@ -538,11 +584,12 @@ struct OwnedWatch<'a> {
 }
 
 impl OwnedWatch<'_> {
-    /// Trigger stream of one owned kind (metadata only, nothing cached). Every change is also
-    /// shown to `applied`, which drops an object's record when someone other than the
-    /// reconciler changed or deleted it.
+    /// Trigger stream of one owned kind (metadata only; `owners` caches each object's
+    /// controlling owner). Every change is also shown to `applied`, which drops an object's
+    /// record when someone other than the reconciler changed or deleted it.
     fn stream<K>(
         &self,
+        owners: &Cache<u64>,
     ) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -559,9 +606,15 @@ impl OwnedWatch<'_> {
             self.config.clone(),
         )
         .default_backoff()
+        .inspect(owners.writer(controller_of::<K>))
         .inspect(move |ev| note_owned_event(&applied, ev))
         .touched_objects()
     }
+}
+
+/// What the owner caches keep of an owned object ([`ownership::controller_hash`]).
+fn controller_of<K>(o: &PartialObjectMeta<K>) -> u64 {
+    ownership::controller_hash(&o.metadata)
 }
 
 /// Shows one owned-object watch event to the apply record, which drops an object's record when
@@ -664,8 +717,18 @@ async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Requeue
         Err(e) => {
             // Say why in status, where `kubectl describe` shows it; retried with backoff all
             // the same (a missing permission can be granted meanwhile).
-            if let Some(message) = e.refusal() {
-                let next = status::refused(prev, p.metadata.generation, message, &now);
+            let next = if let Error::NameInUse { .. } = &e {
+                Some(status::name_in_use(
+                    prev,
+                    p.metadata.generation,
+                    e.to_string(),
+                    &now,
+                ))
+            } else {
+                e.refusal()
+                    .map(|message| status::refused(prev, p.metadata.generation, message, &now))
+            };
+            if let Some(next) = next {
                 write_status(p, ctx, prev, &next).await?;
             }
             return Err(e);
@@ -798,15 +861,88 @@ fn owned_kind(kind: &str) -> Option<&'static str> {
     })
 }
 
-/// [`apply_all`], then [`prune`].
+/// [`claim_names`], [`apply_all`], then [`prune`].
 async fn apply_owned(
     ctx: &Context,
     v: &ValidatedPipeline,
     d: &Desired,
 ) -> Result<Vec<DeploymentSummary>, Error> {
+    claim_names(ctx, v, d).await?;
     let applied = apply_all(ctx, v, d).await?;
     prune(ctx, v, d).await?;
     Ok(applied)
+}
+
+/// Makes sure that every desired object is absent or already the pipeline's before anything is
+/// applied, so that an object of the same name that belongs to something else is neither
+/// rewritten nor adopted (and a pipeline is not half created beside it). Objects the owner
+/// caches show as the pipeline's cost nothing; the others (a new pipeline's) are read at once,
+/// concurrently.
+async fn claim_names(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Result<(), Error> {
+    let ns = v.meta.namespace.as_str();
+    let uid = v.meta.uid.as_str();
+    let name = |meta: &ObjectMeta| meta.name.clone().unwrap_or_default();
+    let cached = |kind: &str, meta: &ObjectMeta| {
+        ctx.owners
+            .controlled_by(kind, ns, meta.name.as_deref().unwrap_or_default(), uid)
+    };
+    let deployments = d.deployments.iter().map(|dep| {
+        let name = name(&dep.metadata);
+        let ours = ctx
+            .deployments
+            .get(ns, &name)
+            .is_some_and(|c| c.owner_uids.iter().any(|o| &**o == uid));
+        claim::<Deployment>(ctx, v, name, ours).boxed()
+    });
+    let pdbs = d.pdbs.iter().map(|pdb| {
+        let ours = cached("PodDisruptionBudget", &pdb.metadata);
+        claim::<PodDisruptionBudget>(ctx, v, name(&pdb.metadata), ours).boxed()
+    });
+    let (sa, cm, svc) = (
+        &d.service_account.metadata,
+        &d.config_map.metadata,
+        &d.service.metadata,
+    );
+    let others = [
+        claim::<ServiceAccount>(ctx, v, name(sa), cached("ServiceAccount", sa)).boxed(),
+        claim::<ConfigMap>(ctx, v, name(cm), cached("ConfigMap", cm)).boxed(),
+        claim::<Service>(ctx, v, name(svc), cached("Service", svc)).boxed(),
+    ];
+    let results =
+        futures::future::join_all(others.into_iter().chain(deployments).chain(pdbs)).await;
+    results.into_iter().collect()
+}
+
+/// One object of [`claim_names`]: nothing to do when `cached_as_ours`, else a read of its
+/// metadata (from the API server's watch cache): absent or the pipeline's is fine, anything
+/// else is [`Error::NameInUse`].
+async fn claim<K>(
+    ctx: &Context,
+    v: &ValidatedPipeline,
+    name: String,
+    cached_as_ours: bool,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    if cached_as_ours {
+        return Ok(());
+    }
+    let kind = short_kind::<K>();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &v.meta.namespace);
+    match api.get_metadata_with(&name, &GetParams::any()).await {
+        Ok(found) if ownership::owned_by(&found.metadata, &v.meta.uid) => Ok(()),
+        Ok(found) => Err(Error::NameInUse {
+            kind,
+            name,
+            holder: ownership::holder(&found.metadata, &v.meta.name, &InferencePipeline::kind(&())),
+        }),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(Error::Read { kind, name, source }),
+    }
 }
 
 /// Applies the desired objects that changed; returns the Deployments as the server now has
@@ -1205,6 +1341,7 @@ mod tests {
             metrics,
             pipelines: store,
             deployments: Cache::default(),
+            owners: Owners::default(),
             pods: Cache::default(),
             applied: Arc::new(Mutex::new(Applied::default())),
             failures: Mutex::new(HashMap::new()),

@@ -13,6 +13,7 @@ pub mod crd;
 pub mod events;
 pub mod leader;
 pub mod metrics;
+pub mod ownership;
 pub mod quantity;
 pub mod reference;
 pub mod rollout;

@@ -147,6 +147,10 @@ pub enum ErrorKind {
     InvalidSpec,
     /// Building objects.
     Build,
+    /// Reading an existing object before claiming its name.
+    Read,
+    /// An object of a pipeline's names exists and belongs to something else.
+    NameInUse,
     /// Server-side apply.
     Apply,
     /// Deleting retired objects.

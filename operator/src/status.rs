@@ -385,6 +385,23 @@ pub fn refused(
     .status(prev, generation, message, now)
 }
 
+/// Status while an object under one of the pipeline's names exists and belongs to something
+/// else (see [`crate::ownership`]): nothing of the pipeline is applied until it is gone.
+pub fn name_in_use(
+    prev: Option<&InferencePipelineStatus>,
+    generation: Option<i64>,
+    message: String,
+    now: &Time,
+) -> InferencePipelineStatus {
+    Stuck {
+        reason: "NameInUse",
+        waiting_for: "waiting until that object is deleted or renamed, or the pipeline is given another name; retried with backoff",
+        keep_ready: true,
+        phase: Phase::Degraded,
+    }
+    .status(prev, generation, message, now)
+}
+
 /// A pipeline the operator cannot move forward until someone acts.
 struct Stuck {
     reason: &'static str,

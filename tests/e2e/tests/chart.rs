@@ -899,16 +899,24 @@ fn workload_permissions() -> BTreeSet<Permission> {
         (
             "deployments.apps",
             "",
-            &["list", "watch", "create", "patch", "delete"],
+            &["get", "list", "watch", "create", "patch", "delete"],
         ),
         (
             "poddisruptionbudgets.policy",
             "",
-            &["list", "watch", "create", "patch", "delete"],
+            &["get", "list", "watch", "create", "patch", "delete"],
         ),
-        ("services", "", &["list", "watch", "create", "patch"]),
-        ("configmaps", "", &["list", "watch", "create", "patch"]),
-        ("serviceaccounts", "", &["list", "watch", "create", "patch"]),
+        ("services", "", &["get", "list", "watch", "create", "patch"]),
+        (
+            "configmaps",
+            "",
+            &["get", "list", "watch", "create", "patch"],
+        ),
+        (
+            "serviceaccounts",
+            "",
+            &["get", "list", "watch", "create", "patch"],
+        ),
         ("pods", "", &["list", "watch"]),
         ("events.events.k8s.io", "", &["create"]),
     ])

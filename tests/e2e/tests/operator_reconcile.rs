@@ -524,6 +524,140 @@ fn an_object_the_api_server_refuses_degrades_the_pipeline_with_its_message_until
     );
 }
 
+#[test]
+fn an_existing_object_under_a_pipelines_name_is_left_alone_and_named_until_it_is_gone() {
+    let cluster = Cluster::connect();
+    cluster.ensure_crd().expect("the CRD is served");
+    let ns = cluster.namespace("op-name-in-use").expect("namespace");
+    let ns = ns.name();
+    // Someone else's ConfigMap under the name the pipeline's worker config takes. Its keys
+    // differ from the operator's, so a server-side apply would not even conflict: before, the
+    // operator added its key, labels and owner reference, and deleting the pipeline deleted it.
+    cluster
+        .kubectl_ok([
+            "create",
+            "configmap",
+            "parked-config",
+            "-n",
+            ns,
+            "--from-literal=owner=platform-team",
+        ])
+        .expect("create the ConfigMap");
+    let before = cluster
+        .get_json(&["configmap", "parked-config", "-n", ns])
+        .expect("read it");
+    let op = Operator::start(&cluster, ns, "a");
+    cluster
+        .kubectl_stdin(&["apply", "-n", ns], UNSCHEDULABLE)
+        .expect("apply");
+    let p = wait_for_status(
+        &cluster,
+        ns,
+        "parked",
+        &op,
+        "Degraded=True NameInUse",
+        |p| condition(p, "Degraded")["reason"] == "NameInUse",
+    );
+    assert_eq!(condition(&p, "Degraded")["status"], "True");
+    assert_eq!(p["status"]["phase"], "Degraded");
+    assert_eq!(
+        condition(&p, "Degraded")["message"],
+        "ConfigMap parked-config already exists and does not belong to this pipeline (it has no \
+         controlling owner and was written by kubectl-create); the operator will not take it over"
+    );
+    wait_until("a Warning Event NameInUse", Duration::from_secs(30), || {
+        let events = cluster.get_json(&["events.events.k8s.io", "-n", ns])?;
+        Ok(events["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["reason"] == "NameInUse" && e["type"] == "Warning")
+            .then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+    // Nothing of the pipeline was applied, and the ConfigMap is as it was.
+    assert!(names(&get(&cluster, ns, "deployments")).is_empty());
+    assert!(names(&get(&cluster, ns, "services")).is_empty());
+    assert_eq!(names(&get(&cluster, ns, "serviceaccounts")), ["default"]);
+    let after = cluster
+        .get_json(&["configmap", "parked-config", "-n", ns])
+        .expect("read it");
+    assert_eq!(
+        after["metadata"]["resourceVersion"],
+        before["metadata"]["resourceVersion"]
+    );
+    assert_eq!(after["data"], json!({"owner": "platform-team"}));
+    assert!(after["metadata"]["ownerReferences"].is_null(), "{after}");
+
+    // Once it is gone, the next try (with backoff) creates the pipeline's own.
+    cluster
+        .kubectl_ok(["delete", "configmap", "parked-config", "-n", ns])
+        .expect("delete the ConfigMap");
+    let uid = p["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+    let owned_by_pipeline = |what: &str, name: &str| -> anyhow::Result<bool> {
+        let out = cluster.kubectl([
+            "get",
+            what,
+            name,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.metadata.ownerReferences[0].uid}",
+        ])?;
+        Ok(out.status.success() && String::from_utf8_lossy(&out.stdout) == uid.as_str())
+    };
+    wait_until(
+        "the pipeline's own ConfigMap and Deployments",
+        Duration::from_secs(120),
+        || {
+            Ok((owned_by_pipeline("configmap", "parked-config")?
+                && owned_by_pipeline("deployment", "parked-preprocess")?)
+            .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+    wait_for_status(&cluster, ns, "parked", &op, "NameInUse cleared", |p| {
+        condition(p, "Degraded")["reason"] != "NameInUse"
+    });
+
+    // Deleted and created again under the same name: the earlier pipeline's objects are
+    // refused until the garbage collector removes them, then the new one's are created.
+    cluster
+        .kubectl_ok(["delete", "ipl", "parked", "-n", ns])
+        .expect("delete the pipeline");
+    cluster
+        .kubectl_stdin(&["apply", "-n", ns], UNSCHEDULABLE)
+        .expect("apply again");
+    let again = cluster
+        .get_json(&["ipl", "parked", "-n", ns])
+        .expect("the new pipeline");
+    let new_uid = again["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_ne!(new_uid, uid);
+    wait_until(
+        "every object owned by the new pipeline",
+        Duration::from_secs(120),
+        || {
+            let list = cluster.get_json(&[
+                "deployments,services,configmaps,serviceaccounts,poddisruptionbudgets",
+                "-n",
+                ns,
+                "-l",
+                "app.kubernetes.io/instance=parked",
+            ])?;
+            let items = list["items"].as_array().cloned().unwrap_or_default();
+            Ok((items.len() == 7
+                && items
+                    .iter()
+                    .all(|i| i["metadata"]["ownerReferences"][0]["uid"] == new_uid.as_str()))
+            .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+}
+
 /// Runnable pods whose inference worker cannot load its model: the file does not exist.
 const MISSING_MODEL: &str = r#"
 apiVersion: tandem.dev/v1alpha1
