@@ -2,7 +2,7 @@
 //!
 //! Each watch decodes an object into its *watched* form ([`WatchedDeployment`],
 //! [`WatchedPod`]): the metadata fields something reads ([`decode_meta`]; `managedFields`,
-//! annotations and timestamps are skipped unparsed) with the spec or status fields the
+//! annotations and finalizers are skipped unparsed) with the spec or status fields the
 //! operator uses. The watcher resumes from its `resourceVersion` and the controller maps it to
 //! its pipeline through its owner reference; then the cache keeps only its *summary*
 //! ([`DeploymentSummary`], [`PodSummary`]), with no `ObjectMeta` (360 bytes inline before any
@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 use serde::{Deserialize, Deserializer};
 
@@ -126,7 +127,8 @@ fn boxed(s: &str) -> Box<str> {
 }
 
 /// The metadata fields the watched forms decode: what the watcher (`resourceVersion`), the
-/// owner triggers and apply record (owner references, `generation`) and the summaries read.
+/// owner triggers and apply record (owner references, `generation`) and the summaries read
+/// (a pod's `creationTimestamp`: which rollout it was started for).
 /// Everything else is skipped without being parsed into values, `managedFields` above all:
 /// about half of a Deployment's JSON, re-sent with every status change the deployment
 /// controller writes.
@@ -138,6 +140,7 @@ struct MetaFields {
     uid: Option<String>,
     resource_version: Option<String>,
     generation: Option<i64>,
+    creation_timestamp: Option<Time>,
     deletion_timestamp: Option<Time>,
     labels: Option<BTreeMap<String, String>>,
     owner_references: Option<Vec<OwnerReference>>,
@@ -151,6 +154,7 @@ fn decode_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> 
         uid: m.uid,
         resource_version: m.resource_version,
         generation: m.generation,
+        creation_timestamp: m.creation_timestamp,
         deletion_timestamp: m.deletion_timestamp,
         labels: m.labels,
         owner_references: m.owner_references,
@@ -216,6 +220,9 @@ pub struct PodSummary {
     pub name: Box<str>,
     /// `metadata.namespace`.
     pub namespace: Box<str>,
+    /// `metadata.creationTimestamp` (whole seconds): a rollout judges only the candidate pods
+    /// started for it, not an earlier candidate's still on the same color.
+    pub created: Option<Timestamp>,
     /// Whether it is being deleted (`metadata.deletionTimestamp` is set).
     pub terminating: bool,
     /// The selector labels, by which pods are grouped and matched.
@@ -229,6 +236,7 @@ impl PodSummary {
         Self {
             name: boxed(meta.name.as_deref().unwrap_or_default()),
             namespace: boxed(meta.namespace.as_deref().unwrap_or_default()),
+            created: meta.creation_timestamp.as_ref().map(|t| t.0),
             terminating: meta.deletion_timestamp.is_some(),
             labels: WorkerLabels::of(meta.labels.as_ref()),
             status,
@@ -360,6 +368,9 @@ pub struct ContainerWaiting {
 pub struct ContainerTerminated {
     /// Exit code.
     pub exit_code: i32,
+    /// Machine-readable reason (`Error`, `OOMKilled`, ...): the only explanation of a kill,
+    /// which leaves no message.
+    pub reason: Option<String>,
     /// Termination message (e.g. the worker's termination log).
     pub message: Option<String>,
 }
@@ -451,6 +462,10 @@ mod tests {
         let m = watched(json).metadata;
         assert_eq!(m.resource_version.as_deref(), Some("812"));
         assert!(m.deletion_timestamp.is_some());
+        assert!(
+            m.creation_timestamp.is_some(),
+            "a pod's says which rollout it is of"
+        );
         assert_eq!(m.uid.as_deref(), Some("u-dep"));
         assert_eq!(m.generation, Some(3));
         let owner = &m.owner_references.as_deref().expect("owner")[0];
@@ -460,13 +475,8 @@ mod tests {
             "the owner trigger maps it to its pipeline by these"
         );
         assert_eq!(
-            (
-                &m.managed_fields,
-                &m.annotations,
-                &m.creation_timestamp,
-                &m.finalizers
-            ),
-            (&None, &None, &None, &None)
+            (&m.managed_fields, &m.annotations, &m.finalizers),
+            (&None, &None, &None)
         );
     }
 
@@ -492,6 +502,7 @@ mod tests {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": "text-preprocess-abc", "namespace": "ml",
+                         "creationTimestamp": "2026-12-05T07:59:30Z",
                          "labels": {"app.kubernetes.io/component": "preprocess"},
                          "annotations": {"a": "b"}},
             "spec": {"containers": [{"name": "preprocess", "image": "w:1",
@@ -504,7 +515,8 @@ mod tests {
                 "containerStatuses": [{"name": "preprocess", "image": "w:1", "imageID": "x", "ready": true,
                                        "restartCount": 2,
                                        "state": {"running": {"startedAt": "2026-12-05T08:00:00Z"}},
-                                       "lastState": {"terminated": {"exitCode": 3, "message": "model sha256 mismatch"}}}]
+                                       "lastState": {"terminated": {"exitCode": 3, "reason": "Error",
+                                                                  "message": "model sha256 mismatch"}}}]
             }
         })
     }
@@ -513,6 +525,10 @@ mod tests {
     fn a_pods_json_decodes_to_ip_conditions_restarts_and_last_exit() {
         let s: PodSummary = serde_json::from_value(pod_json()).expect("decodes");
         assert_eq!((&*s.name, &*s.namespace), ("text-preprocess-abc", "ml"));
+        assert_eq!(
+            s.created.map(|t| t.to_string()).as_deref(),
+            Some("2026-12-05T07:59:30Z")
+        );
         assert!(!s.terminating);
         assert_eq!(s.status.pod_ip.as_deref(), Some("10.244.0.7"));
         assert!(s.is_ready());
@@ -521,6 +537,7 @@ mod tests {
         assert_eq!(c.state.waiting, None);
         let last = c.last_state.terminated.as_ref().expect("last exit");
         assert_eq!(last.exit_code, 3);
+        assert_eq!(last.reason.as_deref(), Some("Error"));
         assert_eq!(last.message.as_deref(), Some("model sha256 mismatch"));
     }
 
