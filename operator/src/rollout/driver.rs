@@ -196,7 +196,10 @@ async fn drive(
             .try_into()
             .unwrap_or(u32::MAX);
         if obs.candidate_ready < obs.candidate_wanted.max(1) {
-            obs.candidate_problem = candidate_problem(pods, &key.0, &key.1, *color);
+            obs.candidate_pods = candidate_pods(pods, &key.0, &key.1, *color);
+            obs.candidate_problem =
+                crate::status::pod_problem(obs.candidate_pods.iter().map(AsRef::as_ref))
+                    .map(|p| p.message);
         }
     }
 
@@ -358,20 +361,23 @@ fn shape(r: Option<&RolloutStatus>) -> Option<Shape> {
     })
 }
 
-/// Why the candidate color's pods are not running (crash loop, unschedulable...), if known.
-fn candidate_problem(
+/// The inference pods of one pipeline's color, terminating ones included: for why they are
+/// not running (crash loop, unschedulable...) and whether they crash-loop.
+fn candidate_pods(
     pods: &[Arc<PodSummary>],
     ns: &str,
     pipeline: &str,
     color: Color,
-) -> Option<String> {
-    crate::status::pod_problem(pods.iter().map(AsRef::as_ref).filter(|p| {
-        &*p.namespace == ns
-            && p.labels.instance.as_deref() == Some(pipeline)
-            && p.labels.component.as_deref() == Some(Stage::Inference.as_str())
-            && p.labels.color.as_deref() == Some(color.as_str())
-    }))
-    .map(|p| p.message)
+) -> Vec<Arc<PodSummary>> {
+    pods.iter()
+        .filter(|p| {
+            &*p.namespace == ns
+                && p.labels.instance.as_deref() == Some(pipeline)
+                && p.labels.component.as_deref() == Some(Stage::Inference.as_str())
+                && p.labels.color.as_deref() == Some(color.as_str())
+        })
+        .cloned()
+        .collect()
 }
 
 fn count_ready(workers: &[WorkerPod], stage: Stage, color: Option<Color>) -> u32 {
@@ -569,6 +575,28 @@ mod tests {
         assert_eq!((c.compared, c.mismatches, c.errors), (15, 1, 2));
         assert_eq!(c.worst_cosine, Some(0.9));
         assert_eq!(c.max_abs_diff, Some(0.5));
+    }
+
+    #[test]
+    fn the_candidates_pods_are_its_pipelines_inference_pods_of_its_color_in_its_namespace() {
+        let pod = |name: &str, ns: &str, pipeline: &str, stage: Stage, color: Option<Color>| {
+            let labels = crate::build::selector_labels(pipeline, stage, color);
+            let json = serde_json::json!({
+                "metadata": {"name": name, "namespace": ns, "labels": labels},
+            });
+            Arc::new(serde_json::from_value::<PodSummary>(json).expect("decodes"))
+        };
+        let green = Some(Color::Green);
+        let all = [
+            pod("mine", "ml", "text", Stage::Inference, green),
+            pod("active", "ml", "text", Stage::Inference, Some(Color::Blue)),
+            pod("preprocess", "ml", "text", Stage::Preprocess, None),
+            pod("other-pipeline", "ml", "img", Stage::Inference, green),
+            pod("other-ns", "dev", "text", Stage::Inference, green),
+        ];
+        let found = candidate_pods(&all, "ml", "text", Color::Green);
+        let names: Vec<&str> = found.iter().map(|p| &*p.name).collect();
+        assert_eq!(names, ["mine"]);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! ```text
 //! idle ──spec.model changes──▶ Provisioning ──candidate ready, table acked──▶ Shadowing
 //!   ▲                              │                                            │ parity ok
-//!   │                              ▼ (deadline, parity, errors, latency)        ▼
+//!   │                              ▼ (deadline, crash, parity, errors, latency) ▼
 //!   │                         RolledBack ◀──────────────────────────────── ShiftingTraffic
 //!   │                                                                  steps…100%, held
 //!   └── Complete ◀──scaleDownDelay── Promoted ◀─────────────────────────────────┘
@@ -20,10 +20,14 @@
 pub mod driver;
 pub mod view;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{Color, ModelRef, RolloutPhase, RolloutStatus, ShadowStatus};
 use crate::status::Transition;
+use crate::summary::{ContainerStatusSummary, ContainerTerminated, PodSummary};
 use crate::validate::ValidRollout;
 
 /// Annotation naming the candidate version to promote at once (skipping remaining steps).
@@ -37,6 +41,23 @@ const MIN_ERROR_SAMPLES: u64 = 20;
 const MIN_LATENCY_SAMPLES: u64 = 50;
 /// Latencies below this are not compared (noise dominates).
 const LATENCY_FLOOR_MS: f64 = 5.0;
+/// Restarts after which a candidate container that keeps failing is a crash loop, which fails
+/// the rollout at once (`CandidateCrashLoop`) instead of at `progressDeadline`. Between
+/// restarts the kubelet backs off 10 s, 20 s, 40 s, … (it may restart the first crash at
+/// once), so three restarts are half a minute to a minute of the same failure at start: a
+/// fault that clears by itself (the model store briefly unreachable) still gets its retries,
+/// while a wrong URI or checksum, which no restart fixes, fails in about a minute rather than
+/// after 10 (the default deadline).
+const CRASH_LOOP_RESTARTS: i32 = 3;
+/// How much older than its rollout a candidate pod may look and still count as started for
+/// it: `creationTimestamp` has whole seconds, and the API server's clock may trail the
+/// operator's a little. An earlier candidate's pod on the same color (a halted rollout that a
+/// fix superseded) is far older; the Deployment keeps it until a replacement is available
+/// (`maxUnavailable: 0`), so it can be the only pod there until that replacement is created,
+/// which under a full quota may be never, and its crash loop is not the new model's.
+const POD_AGE_SLACK: Duration = Duration::from_secs(5);
+/// Longest excerpt of a container's termination message quoted in a rollout's message.
+const CRASH_MESSAGE_MAX: usize = 300;
 
 /// A request from a person, read from the pipeline's annotations. It only applies when the
 /// annotation names the version currently being rolled out, and the driver removes the
@@ -111,6 +132,9 @@ pub struct Observations {
     pub candidate_wanted: u32,
     /// Why candidate pods are not ready, when their status says (`status::pod_problem`).
     pub candidate_problem: Option<String>,
+    /// The candidate color's inference pods as watched, terminating ones included, while fewer
+    /// than wanted are ready (for the crash-loop check).
+    pub candidate_pods: Vec<Arc<PodSummary>>,
     /// Why the candidate's model cannot take what preprocess sends, when a preprocess pod found
     /// it in the model's metadata once the candidate was routed to.
     pub candidate_mismatch: Option<String>,
@@ -380,6 +404,23 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
                         ),
                     ));
                 }
+            } else if let Some(crash) = r
+                .started_at
+                .as_ref()
+                .filter(|_| obs.candidate_ready == 0)
+                .and_then(|since| crash_loop(&obs.candidate_pods, since.0))
+            {
+                // No restart fixes what makes every pod exit at start (a wrong URI or
+                // checksum): waiting out progressDeadline would only delay the same answer.
+                let msg = format!(
+                    "candidate {} on {} is crash-looping with no pod ready ({} pod(s), each restarted at least {CRASH_LOOP_RESTARTS} times): {}",
+                    version(inp.spec_model),
+                    candidate.as_str(),
+                    crash.pods,
+                    crash.detail
+                );
+                fail(inp, next, d, "CandidateCrashLoop", msg);
+                return;
             } else if waited >= millis(policy.progress_deadline) {
                 let mut msg = format!(
                     "candidate {} on {} had {}/{} pods ready with the model loaded after {}s (progressDeadline {}s)",
@@ -638,6 +679,98 @@ fn end_without_candidate(
     next.halted = false;
     next.step_started_at = Some(time(inp.now));
     next.message = Some(message);
+}
+
+/// Candidate pods that all crash at start, as [`crash_loop`] finds them.
+#[derive(Clone, Debug, PartialEq)]
+struct CrashLoop {
+    /// How many pods of the rollout there are, every one crash-looping.
+    pods: usize,
+    /// The container, its restarts and how it last ended, of the pod with the fewest restarts
+    /// (as many as every pod has had at least).
+    detail: String,
+}
+
+/// `Some` when the rollout begun at `since` has at least one candidate pod started for it
+/// (created since, [`POD_AGE_SLACK`] allowed) that is not terminating, and every such pod is
+/// crash-looping ([`crashing_container`]); a single ready or still-starting pod is `None`.
+fn crash_loop(pods: &[Arc<PodSummary>], since: Timestamp) -> Option<CrashLoop> {
+    let since = since.as_millisecond().saturating_sub(millis(POD_AGE_SLACK));
+    let mut crashing = Vec::new();
+    for pod in pods
+        .iter()
+        .filter(|p| !p.terminating && p.created.is_some_and(|t| t.as_millisecond() >= since))
+    {
+        crashing.push(crashing_container(pod)?);
+    }
+    let pods = crashing.len();
+    let c = crashing.into_iter().min_by_key(|c| c.restart_count)?;
+    let mut detail = format!("container {} restarted {} times", c.name, c.restart_count);
+    match last_termination(c) {
+        Some(t) => {
+            detail.push_str(&format!(", last exited with code {}", t.exit_code));
+            if let Some(reason) = t.reason.as_deref().filter(|r| !r.is_empty()) {
+                detail.push_str(&format!(" ({})", excerpt(reason, 64)));
+            }
+            // Of a message of several lines (the end of the log, under FallbackToLogsOnError),
+            // the last one: a panic's or the final error's, as `status::pod_problem` quotes it.
+            if let Some(m) = t
+                .message
+                .as_deref()
+                .and_then(|m| m.lines().map(str::trim).rfind(|l| !l.is_empty()))
+            {
+                detail.push_str(": ");
+                detail.push_str(&excerpt(m, CRASH_MESSAGE_MAX));
+            }
+        }
+        None => detail.push_str(", waiting in CrashLoopBackOff"),
+    }
+    Some(CrashLoop { pods, detail })
+}
+
+/// The container (the worker or an init container) that makes a pod crash-loop: the pod is not
+/// ready, and the container has restarted at least [`CRASH_LOOP_RESTARTS`] times and now waits
+/// in `CrashLoopBackOff` or last ended with a non-zero code (it may be running again, between
+/// two crashes). Of several, the most restarted.
+fn crashing_container(pod: &PodSummary) -> Option<&ContainerStatusSummary> {
+    if pod.is_ready() {
+        return None;
+    }
+    let status = &pod.status;
+    status
+        .init_container_statuses
+        .iter()
+        .chain(&status.container_statuses)
+        .filter(|c| c.restart_count >= CRASH_LOOP_RESTARTS)
+        .filter(|c| {
+            let backing_off = c
+                .state
+                .waiting
+                .as_ref()
+                .is_some_and(|w| w.reason.as_deref() == Some("CrashLoopBackOff"));
+            backing_off || last_termination(c).is_some_and(|t| t.exit_code != 0)
+        })
+        .max_by_key(|c| c.restart_count)
+}
+
+/// How the container last ended: now, if it is terminated, or before its last restart.
+fn last_termination(c: &ContainerStatusSummary) -> Option<&ContainerTerminated> {
+    c.state
+        .terminated
+        .as_ref()
+        .or(c.last_state.terminated.as_ref())
+}
+
+/// At most `max` bytes of `s`, cut at a char boundary, with `…` when cut.
+fn excerpt(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// Counters only grow: a preprocess pod that restarts or goes away takes its counts with it,

@@ -1,6 +1,9 @@
 use std::time::Duration;
 
 use super::*;
+use crate::summary::{
+    ContainerStateSummary, ContainerWaiting, PodConditionSummary, PodStatusSummary,
+};
 
 fn model(v: &str) -> ModelRef {
     ModelRef {
@@ -205,6 +208,263 @@ fn a_crashing_candidate_says_why_while_provisioning_and_when_rolled_back() {
         msg.contains(&format!("(progressDeadline 600s): {why}; rolled back")),
         "{msg}"
     );
+}
+
+const SHA_MISMATCH: &str = "Error: model minilm from http://models/v2/model.safetensors: sha256 mismatch for /tmp/models/model.safetensors: expected aaaa, got bbbb";
+
+/// A candidate pod, created a second into the rollout, whose inference container restarted
+/// `restarts` times and waits in CrashLoopBackOff after exiting with code 1 and `message` (its
+/// log's end).
+fn crashing(restarts: i32, message: &str) -> PodSummary {
+    PodSummary {
+        name: format!("minilm-inference-green-{restarts}").into(),
+        namespace: "ml".into(),
+        created: Some(at(1)),
+        status: PodStatusSummary {
+            container_statuses: vec![ContainerStatusSummary {
+                name: "inference".into(),
+                restart_count: restarts,
+                state: ContainerStateSummary {
+                    waiting: Some(ContainerWaiting {
+                        reason: Some("CrashLoopBackOff".into()),
+                        message: Some("back-off 40s restarting failed container".into()),
+                    }),
+                    terminated: None,
+                },
+                last_state: ContainerStateSummary {
+                    waiting: None,
+                    terminated: Some(ContainerTerminated {
+                        exit_code: 1,
+                        reason: Some("Error".into()),
+                        message: Some(message.to_owned()),
+                    }),
+                },
+                ready: false,
+            }],
+            ..PodStatusSummary::default()
+        },
+        ..PodSummary::default()
+    }
+}
+
+/// A candidate pod that passes its readiness probe.
+fn ready_pod() -> PodSummary {
+    PodSummary {
+        name: "minilm-inference-green-ready".into(),
+        namespace: "ml".into(),
+        created: Some(at(1)),
+        status: PodStatusSummary {
+            conditions: vec![PodConditionSummary {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..PodConditionSummary::default()
+            }],
+            container_statuses: vec![ContainerStatusSummary {
+                name: "inference".into(),
+                ready: true,
+                ..ContainerStatusSummary::default()
+            }],
+            ..PodStatusSummary::default()
+        },
+        ..PodSummary::default()
+    }
+}
+
+fn pods(pods: impl IntoIterator<Item = PodSummary>) -> Vec<Arc<PodSummary>> {
+    pods.into_iter().map(Arc::new).collect()
+}
+
+/// A v1 → v2 rollout provisioning since t = 0.
+fn provisioning_v2() -> World {
+    let mut w = World::serving_v1();
+    w.spec = model("v2");
+    w.tick(0, None);
+    assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+    w
+}
+
+#[test]
+fn a_candidate_whose_pods_all_crash_loop_rolls_back_long_before_the_progress_deadline() {
+    let mut w = provisioning_v2();
+    w.obs.candidate_pods = pods([crashing(3, &format!("loading model\n{SHA_MISMATCH}\n"))]);
+    let ev = w.tick(75, None);
+    assert_eq!(reasons(&ev), ["CandidateCrashLoop"]);
+    assert!(ev[0].warning);
+    assert_eq!(w.phase(), Some(RolloutPhase::RolledBack));
+    assert_eq!(w.r().candidate_color, None, "the candidate is removed");
+    assert_eq!(
+        (w.active_color, &w.active_model),
+        (Color::Blue, &model("v1"))
+    );
+    assert_eq!(
+        w.r().message.as_deref(),
+        Some(
+            format!(
+                "candidate minilm:v2 on green is crash-looping with no pod ready (1 pod(s), each restarted at least 3 times): container inference restarted 3 times, last exited with code 1 (Error): {SHA_MISMATCH}; rolled back: all traffic is on blue (minilm:v1)"
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(ev[0].note, w.r().message.clone().unwrap());
+}
+
+#[test]
+fn a_crash_loop_without_auto_rollback_halts_the_rollout_on_its_candidate() {
+    let mut w = provisioning_v2();
+    w.policy.auto_rollback = false;
+    w.obs.candidate_pods = pods([crashing(4, SHA_MISMATCH)]);
+    assert_eq!(reasons(&w.tick(75, None)), ["RolloutHalted"]);
+    let r = w.r();
+    assert!(r.halted);
+    assert_eq!(r.phase, Some(RolloutPhase::Provisioning));
+    assert_eq!(r.candidate_color, Some(Color::Green));
+    let msg = r.message.clone().unwrap();
+    assert!(
+        msg.starts_with("candidate minilm:v2 on green is crash-looping"),
+        "{msg}"
+    );
+    assert!(msg.contains("restarted 4 times"), "{msg}");
+    assert!(msg.contains("autoRollback is off"), "{msg}");
+    assert!(w.tick(700, None).is_empty(), "halted: not failed again");
+    assert!(w.r().halted);
+}
+
+#[test]
+fn one_crashing_pod_beside_a_ready_or_a_starting_one_keeps_the_rollout_waiting() {
+    let mut w = provisioning_v2();
+    w.obs.candidate_wanted = 2;
+    w.obs.candidate_ready = 1;
+    w.obs.candidate_pods = pods([crashing(5, SHA_MISMATCH), ready_pod()]);
+    assert!(w.tick(120, None).is_empty());
+    assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+
+    // Ready for Kubernetes but not (yet) answering GetStats with the model loaded.
+    w.obs.candidate_ready = 0;
+    assert!(w.tick(121, None).is_empty());
+
+    // A second pod still starting (pulling its image, loading the model) may yet come up.
+    let starting = PodSummary {
+        name: "minilm-inference-green-new".into(),
+        created: Some(at(100)),
+        ..PodSummary::default()
+    };
+    w.obs.candidate_pods = pods([crashing(5, SHA_MISMATCH), starting]);
+    assert!(w.tick(122, None).is_empty());
+    assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+}
+
+#[test]
+fn pods_with_fewer_than_three_restarts_keep_the_rollout_waiting_until_the_third() {
+    let mut w = provisioning_v2();
+    let why = format!("CrashLoopBackOff: container inference exited with code 1: {SHA_MISMATCH}");
+    w.obs.candidate_problem = Some(why.clone());
+    w.obs.candidate_pods = pods([crashing(2, SHA_MISMATCH)]);
+    assert!(w.tick(120, None).is_empty());
+    assert_eq!(
+        w.r().message.as_deref(),
+        Some(format!("waiting for candidate pods to load minilm:v2: 0/1 ready; {why}").as_str())
+    );
+    w.obs.candidate_pods = pods([crashing(3, SHA_MISMATCH)]);
+    assert_eq!(reasons(&w.tick(121, None)), ["CandidateCrashLoop"]);
+}
+
+#[test]
+fn an_earlier_candidates_crash_looping_pod_on_the_color_is_not_the_new_rollouts() {
+    // A halted v2 rollout superseded by v3: the Deployment keeps v2's crash-looping pod until
+    // v3's is available, and until v3's is created (or ever, under a full quota) it is the only
+    // pod there is.
+    let mut w = World::serving_v1();
+    w.policy.auto_rollback = false;
+    w.spec = model("v2");
+    w.tick(0, None);
+    let v2_pod = crashing(5, "v2's error");
+    w.obs.candidate_pods = pods([v2_pod.clone()]);
+    assert_eq!(reasons(&w.tick(75, None)), ["RolloutHalted"]);
+    w.spec = model("v3");
+    assert_eq!(reasons(&w.tick(200, None)), ["RolloutSuperseded"]);
+    assert!(w.tick(201, None).is_empty());
+    assert!(w.tick(400, None).is_empty());
+    assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+    assert!(!w.r().halted);
+
+    // Created with whole seconds, a little behind the operator's clock: still v3's.
+    let mut v3_pod = crashing(3, "v3's error");
+    v3_pod.created = Some(at(197));
+    w.obs.candidate_pods = pods([v2_pod, v3_pod]);
+    assert_eq!(reasons(&w.tick(401, None)), ["RolloutHalted"]);
+    let msg = w.r().message.clone().unwrap();
+    assert!(msg.contains("minilm:v3 on green is crash-looping"), "{msg}");
+    assert!(msg.contains("(1 pod(s), each"), "{msg}");
+    assert!(msg.contains("v3's error"), "{msg}");
+}
+
+#[test]
+fn the_crash_message_quotes_the_last_line_of_the_least_restarted_pods_exit_bounded_at_a_char_boundary()
+ {
+    let mut w = provisioning_v2();
+    let long = "é".repeat(1000);
+    w.obs.candidate_pods = pods([
+        crashing(9, "the older pod's error"),
+        crashing(3, &format!("first line\n{long}\n\n")),
+    ]);
+    assert_eq!(reasons(&w.tick(75, None)), ["CandidateCrashLoop"]);
+    let msg = w.r().message.clone().unwrap();
+    assert!(
+        msg.contains("(2 pod(s), each restarted at least 3 times)"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("container inference restarted 3 times"),
+        "{msg}"
+    );
+    assert!(!msg.contains("older pod"), "{msg}");
+    assert!(!msg.contains("first line"), "the last line only: {msg}");
+    assert!(
+        msg.contains(&format!("(Error): {}…; rolled back", "é".repeat(150))),
+        "{msg}"
+    );
+    assert!(msg.len() < 600, "{} bytes: {msg}", msg.len());
+}
+
+#[test]
+fn a_container_running_again_between_crashes_or_an_init_container_counts_and_a_clean_exit_does_not()
+{
+    let between_crashes = |exit_code: i32| {
+        let mut p = crashing(3, SHA_MISMATCH);
+        let c = &mut p.status.container_statuses[0];
+        c.state = ContainerStateSummary::default();
+        if let Some(t) = c.last_state.terminated.as_mut() {
+            t.exit_code = exit_code;
+        }
+        p
+    };
+    let mut w = provisioning_v2();
+    w.obs.candidate_pods = pods([between_crashes(0)]);
+    assert!(w.tick(75, None).is_empty(), "exited 0, not backing off");
+    w.obs.candidate_pods = pods([between_crashes(1)]);
+    assert_eq!(reasons(&w.tick(76, None)), ["CandidateCrashLoop"]);
+
+    let mut w = provisioning_v2();
+    let mut init = crashing(3, "cannot fetch");
+    init.status.init_container_statuses = std::mem::take(&mut init.status.container_statuses);
+    init.status.init_container_statuses[0].name = "fetch".into();
+    w.obs.candidate_pods = pods([init]);
+    assert_eq!(reasons(&w.tick(75, None)), ["CandidateCrashLoop"]);
+    let msg = w.r().message.clone().unwrap();
+    assert!(msg.contains("container fetch restarted 3 times"), "{msg}");
+}
+
+#[test]
+fn terminating_pods_neither_make_nor_prevent_a_crash_loop() {
+    let terminating = |p: PodSummary| PodSummary {
+        terminating: true,
+        ..p
+    };
+    let mut w = provisioning_v2();
+    w.obs.candidate_pods = pods([terminating(crashing(5, SHA_MISMATCH))]);
+    assert!(w.tick(75, None).is_empty(), "no pod left to judge");
+    w.obs.candidate_pods = pods([terminating(ready_pod()), crashing(3, SHA_MISMATCH)]);
+    assert_eq!(reasons(&w.tick(76, None)), ["CandidateCrashLoop"]);
 }
 
 #[test]
