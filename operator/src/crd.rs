@@ -564,7 +564,9 @@ pub struct RolloutSpec {
     #[x_kube(validation = Rule::new("self == 0.0 || (self >= 1.0 && self <= 100.0)").message("rollout.maxLatencyRatio must be 0 (off) or between 1 and 100"))]
     pub max_latency_ratio: f64,
     /// How long candidate pods may take to load the model and become ready before the rollout
-    /// fails (for example a wrong URI or checksum); at most `24h`.
+    /// fails (`ProgressDeadlineExceeded`); at most `24h`. Candidate pods that all crash-loop
+    /// (none ready, each restarted at least 3 times, as a wrong URI or checksum makes them)
+    /// fail it sooner, about a minute in (`CandidateCrashLoop`).
     #[serde(default = "default_progress_deadline")]
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(
