@@ -14,6 +14,10 @@
 //!    candidate, `abort` stops it (Degraded, reason RolloutAborted), `undo` sets the spec back
 //!    to v5 and the pipeline is Ready again with no rollout.
 //!
+//! Another pipeline rolls out a model whose `sha256` does not match its weights: its pods
+//! crash-loop, and the rollout rolls back on that (`CandidateCrashLoop`) within a minute or so,
+//! not at its 30-minute `progressDeadline`, with no request of the load failing.
+//!
 //! Latency percentiles of the load during each swap are printed.
 
 use std::collections::BTreeMap;
@@ -65,15 +69,18 @@ fn models_dir() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// `<dir>/<version>/` holds a MiniLM copy per version: v1, v2, v4, v5, v6 the real weights, v3
-/// every floating-point weight multiplied by `1 + 0.05·u`, `u` uniform in [-1, 1]
+/// `<dir>/<version>/` holds a MiniLM copy per version asked for: v1, v2, v4, v5, v6 the real
+/// weights, v3 every floating-point weight multiplied by `1 + 0.05·u`, `u` uniform in [-1, 1]
 /// (deterministic).
-fn prepare_models(ns: &str) -> anyhow::Result<(PathBuf, BTreeMap<String, String>)> {
+fn prepare_models(
+    ns: &str,
+    versions: &[&str],
+) -> anyhow::Result<(PathBuf, BTreeMap<String, String>)> {
     let src = models_dir().join("minilm");
     let dir = std::env::temp_dir().join(format!("tandem-rollout-models-{ns}"));
     let _ = std::fs::remove_dir_all(&dir);
     let mut sums = BTreeMap::new();
-    for v in ["v1", "v2", "v3", "v4", "v5", "v6"] {
+    for &v in versions {
         let to = dir.join(v);
         std::fs::create_dir_all(to.join("1_Pooling"))?;
         for f in ["config.json", "tokenizer.json", "1_Pooling/config.json"] {
@@ -374,6 +381,42 @@ fn watch(
     }
 }
 
+/// The pipeline once it is Ready.
+fn wait_ready(cluster: &Cluster, ns: &str) -> Value {
+    watch(
+        cluster,
+        ns,
+        "v1 Ready",
+        Duration::from_secs(240),
+        &mut Vec::new(),
+        |p| {
+            p["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+        },
+    )
+}
+
+/// The OIP v2 gRPC address of the preprocess pod, where the load goes.
+fn preprocess_address(cluster: &Cluster, ns: &str) -> String {
+    let pre_ip = cluster
+        .kubectl_ok([
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            &format!(
+                "app.kubernetes.io/instance={PIPELINE},app.kubernetes.io/component=preprocess"
+            ),
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ])
+        .expect("preprocess pod IP");
+    format!("{}:8001", pre_ip.trim())
+}
+
 fn deployments(cluster: &Cluster, ns: &str) -> Vec<String> {
     cluster
         .kubectl_ok([
@@ -451,7 +494,8 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
     cluster.ensure_crd().expect("the CRD is served");
     let ns_guard = cluster.namespace("rollout").expect("namespace");
     let ns = ns_guard.name();
-    let (dir, sums) = prepare_models(ns).expect("model copies");
+    let (dir, sums) =
+        prepare_models(ns, &["v1", "v2", "v3", "v4", "v5", "v6"]).expect("model copies");
     let server = serve(&dir);
     let base = server.base.clone();
 
@@ -460,38 +504,9 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
     cluster
         .apply(&manifest(ns, &base, &sums))
         .expect("applying the pipeline");
-    let p = watch(
-        &cluster,
-        ns,
-        "v1 Ready",
-        Duration::from_secs(240),
-        &mut Vec::new(),
-        |p| {
-            p["status"]["conditions"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
-            })
-        },
-    );
+    let p = wait_ready(&cluster, ns);
     assert_eq!(p["status"]["activeColor"], "blue");
-    let pre_ip = cluster
-        .kubectl_ok([
-            "get",
-            "pods",
-            "-n",
-            ns,
-            "-l",
-            &format!(
-                "app.kubernetes.io/instance={PIPELINE},app.kubernetes.io/component=preprocess"
-            ),
-            "-o",
-            "jsonpath={.items[0].status.podIP}",
-        ])
-        .expect("preprocess pod IP");
-    let load = Load::start(
-        format!("{}:8001", pre_ip.trim()),
-        Duration::from_millis(100),
-    );
+    let load = Load::start(preprocess_address(&cluster, ns), Duration::from_millis(100));
     std::thread::sleep(Duration::from_secs(2));
 
     // 1. v1 → v2: same weights under a new version and URI.
@@ -772,6 +787,127 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
         assert!(all.contains(reason), "Event {reason} missing:\n{all}");
     }
     let _ = std::io::stdout().flush();
+    drop(operator);
+    drop(server);
+}
+
+#[test]
+fn a_candidate_crash_looping_on_a_wrong_sha256_rolls_back_long_before_the_progress_deadline() {
+    let cluster = Cluster::connect();
+    cluster.ensure_crd().expect("the CRD is served");
+    let ns_guard = cluster.namespace("crashloop").expect("namespace");
+    let ns = ns_guard.name();
+    let (dir, sums) = prepare_models(ns, &["v1"]).expect("model copy");
+    let server = serve(&dir);
+    let base = server.base.clone();
+
+    tandem_e2e::bin_dir(); // built now, not while the rollout is timed
+    let operator = Operator::start(&cluster, ns, "crashloop");
+    let mut pipeline: Value = serde_json::from_str(&manifest(ns, &base, &sums)).expect("JSON");
+    let deadline = Duration::from_secs(30 * 60);
+    pipeline["spec"]["rollout"]["progressDeadline"] = "30m".into();
+    cluster
+        .apply(&pipeline.to_string())
+        .expect("applying the pipeline");
+    let p = wait_ready(&cluster, ns);
+    assert_eq!(p["status"]["activeColor"], "blue");
+    let load = Load::start(preprocess_address(&cluster, ns), Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(2));
+
+    // The same weights under a checksum they do not have: the worker exits at every start.
+    let mut wrong = model_json(&base, &sums, "v1");
+    wrong["version"] = "v2-wrong-sha256".into();
+    wrong["sha256"] = "0123456789abcdef".repeat(4).into();
+    assert_ne!(wrong["sha256"], sums["v1"].as_str());
+    let t = Instant::now();
+    set_model(&cluster, ns, &wrong);
+    let mut seen = Vec::new();
+    let p = watch(
+        &cluster,
+        ns,
+        "v2-wrong-sha256",
+        Duration::from_secs(300),
+        &mut seen,
+        |p| rollout_phase(p) == "RolledBack",
+    );
+    let took = t.elapsed();
+    println!(
+        "rolled back on the crash loop {:.0} s after the spec changed (progressDeadline {} s)",
+        took.as_secs_f64(),
+        deadline.as_secs()
+    );
+    assert!(
+        seen.iter().all(|s| s.1 == 0 && s.2 == "blue"),
+        "no live traffic left blue: {seen:?}"
+    );
+    assert_eq!(p["status"]["activeColor"], "blue");
+    assert_eq!(p["status"]["activeModel"]["version"], "v1");
+    let message = p["status"]["rollout"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    println!("status.rollout.message: {message}");
+    assert!(
+        message.starts_with(
+            "candidate minilm:v2-wrong-sha256 on green is crash-looping with no pod ready"
+        ) && message.contains("sha256 mismatch")
+            && message.ends_with("rolled back: all traffic is on blue (minilm:v1)"),
+        "{message}"
+    );
+
+    // The driver's Warning Event names the failure; it is created after the status write.
+    let event = wait_until(
+        "a CandidateCrashLoop Event",
+        Duration::from_secs(10),
+        || {
+            let events = cluster.get_json(&["events.events.k8s.io", "-n", ns])?;
+            Ok(events["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["reason"] == "CandidateCrashLoop")
+                .cloned())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}\n{}", events(&cluster, ns), operator.log_tail()));
+    assert_eq!(event["type"], "Warning", "{event}");
+    assert_eq!(event["note"], message.as_str(), "{event}");
+
+    let p = watch(
+        &cluster,
+        ns,
+        "Degraded",
+        Duration::from_secs(30),
+        &mut seen,
+        |p| p["status"]["phase"] == "Degraded",
+    );
+    let degraded = p["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(degraded["reason"], "RolledBack", "{degraded}");
+    wait_until(
+        "the crash-looping candidate to be removed",
+        Duration::from_secs(60),
+        || {
+            Ok(
+                (!deployments(&cluster, ns).contains(&format!("{PIPELINE}-inference-green")))
+                    .then_some(()),
+            )
+        },
+    )
+    .expect("candidate removed");
+    report(
+        &load,
+        t,
+        "v1 → v2 with a wrong sha256 (rolled back on its crash loop)",
+    );
+    load.finish();
+    assert!(
+        took < deadline / 10,
+        "the crash loop, not the deadline, ended the rollout: {took:?}"
+    );
     drop(operator);
     drop(server);
 }
