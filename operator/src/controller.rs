@@ -767,8 +767,10 @@ async fn reconcile_inner(p: &InferencePipeline, ctx: &Context) -> Result<Requeue
 /// Which inference colors to run, from status: the active color with its model (the spec's
 /// model for a new pipeline), a rollout's candidate while it is provisioned, shadowed or takes
 /// traffic, and the previous color after a promotion until `scaleDownDelay` has passed. The
-/// stage's desired pods (the autoscaler's `status.inference.desiredReplicas`) are split between
-/// them by [`crate::rollout::color_replicas`].
+/// stage's desired pods (the autoscaler's `status.inference.desiredReplicas`), within the
+/// spec's bounds, are split between them by [`crate::rollout::color_replicas`]: the bounds
+/// apply to the stage, not to each color, so a candidate starts with `maxSurge` pods even when
+/// `replicas.min` is higher.
 fn plan(v: &ValidatedPipeline, prev: Option<&InferencePipelineStatus>) -> Observed {
     let active = prev.and_then(|s| s.active_color).unwrap_or(Color::Blue);
     let active_model = prev
@@ -788,7 +790,7 @@ fn plan(v: &ValidatedPipeline, prev: Option<&InferencePipelineStatus>) -> Observ
             colors: vec![ColorPlan {
                 color: active,
                 model: active_model,
-                desired_replicas: total_desired,
+                replicas: v.inference.replicas.clamp(total_desired),
             }],
             preprocess_desired: prev
                 .and_then(|s| s.preprocess.as_ref())
@@ -802,18 +804,18 @@ fn plan(v: &ValidatedPipeline, prev: Option<&InferencePipelineStatus>) -> Observ
         .max(1)
         .unsigned_abs();
     let (active_n, other_n) = crate::rollout::color_replicas(total, rollout, v.rollout.max_surge);
-    let count = |n: u32| Some(i32::try_from(n).unwrap_or(i32::MAX));
+    let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
     Observed {
         colors: vec![
             ColorPlan {
                 color: active,
                 model: active_model,
-                desired_replicas: count(active_n),
+                replicas: count(active_n),
             },
             ColorPlan {
                 color: other_color,
                 model: other_model,
-                desired_replicas: count(other_n),
+                replicas: count(other_n),
             },
         ],
         preprocess_desired: prev
@@ -1545,7 +1547,7 @@ mod tests {
         let o = plan(&v, None);
         assert_eq!(o.colors.len(), 1);
         assert_eq!(o.colors[0].color, Color::Blue);
-        assert_eq!(o.colors[0].desired_replicas, None);
+        assert_eq!(o.colors[0].replicas, 1, "replicas.min");
         assert_eq!(o.preprocess_desired, None);
     }
 
@@ -1570,7 +1572,71 @@ mod tests {
             [Color::Green, Color::Blue]
         );
         assert_eq!(o.colors[1].model, candidate);
-        assert_eq!(o.colors[1].desired_replicas, Some(1), "maxSurge pods");
+        assert_eq!(o.colors[1].replicas, 1, "maxSurge pods");
+    }
+
+    #[test]
+    fn replica_bounds_apply_to_the_stage_so_a_candidate_adds_max_surge_pods_not_a_second_copy() {
+        let mut p = text_pipeline();
+        p.spec.inference.replicas.min = 3;
+        p.spec.inference.replicas.max = 6;
+        let v = validate(&p).unwrap();
+        let status = |desired: Option<i32>, rollout: Option<(RolloutPhase, i32)>| {
+            let mut candidate = ModelRef::from(&v.inference.model);
+            candidate.version = "2".into();
+            InferencePipelineStatus {
+                active_color: Some(Color::Blue),
+                inference: Some(crate::crd::StageStatus {
+                    desired_replicas: desired,
+                    ..Default::default()
+                }),
+                rollout: rollout.map(|(phase, traffic)| {
+                    Box::new(RolloutStatus {
+                        phase: Some(phase),
+                        candidate_color: Some(Color::Green),
+                        candidate_model: Some(candidate.clone()),
+                        previous_color: Some(Color::Green),
+                        previous_model: Some(candidate),
+                        traffic_percent: traffic,
+                        ..RolloutStatus::default()
+                    })
+                }),
+                ..InferencePipelineStatus::default()
+            }
+        };
+        // What the inference Deployments get, as built.
+        let cfg = BuildConfig {
+            worker_image: "tandem-worker:test".into(),
+            image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
+            operator_version: "test".into(),
+            worker_tracing: None,
+        };
+        let counts = |s: &InferencePipelineStatus| -> Vec<i32> {
+            let d = build::build(&v, &plan(&v, Some(s)), &cfg).unwrap();
+            d.deployments[1..]
+                .iter()
+                .map(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap())
+                .collect()
+        };
+        // One color: the desired count within [min, max].
+        assert_eq!(counts(&status(None, None)), [3]);
+        assert_eq!(counts(&status(Some(1), None)), [3]);
+        assert_eq!(counts(&status(Some(40), None)), [6]);
+        // Two colors: the stage's count split, maxSurge (1) on top; before, each color was
+        // clamped to min and the candidate ran 3 pods.
+        assert_eq!(
+            counts(&status(Some(4), Some((RolloutPhase::Shadowing, 0)))),
+            [4, 1]
+        );
+        assert_eq!(
+            counts(&status(Some(4), Some((RolloutPhase::ShiftingTraffic, 50)))),
+            [2, 2]
+        );
+        assert_eq!(
+            counts(&status(Some(4), Some((RolloutPhase::Promoted, 100)))),
+            [4, 1]
+        );
     }
 
     #[test]

@@ -101,8 +101,10 @@ pub struct ColorPlan {
     pub color: Color,
     /// The model it serves.
     pub model: ModelRef,
-    /// Desired pods from status; clamped into the spec's bounds by the builder.
-    pub desired_replicas: Option<i32>,
+    /// Pods to run: the stage's desired count from status within the spec's bounds, or,
+    /// while a rollout runs two colors, this color's share of that count (the second color's
+    /// `maxSurge` pods come on top of the bounds, not a second full set). Used as is.
+    pub replicas: i32,
 }
 
 /// What the builders need to know beyond the spec.
@@ -308,7 +310,7 @@ pub(crate) mod tests {
             colors: vec![ColorPlan {
                 color: Color::Blue,
                 model: ModelRef::from(&v.inference.model),
-                desired_replicas: None,
+                replicas: 1,
             }],
             preprocess_desired: None,
         }
@@ -376,7 +378,7 @@ pub(crate) mod tests {
         obs.colors.push(ColorPlan {
             color: Color::Green,
             model: ModelRef::from(&v.inference.model),
-            desired_replicas: Some(2),
+            replicas: 2,
         });
         let d = build(&v, &obs, &cfg()).unwrap();
         assert_eq!(

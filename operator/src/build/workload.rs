@@ -157,7 +157,7 @@ pub fn inference_deployment(
         names::inference(&v.meta.name, plan.color),
         Stage::Inference,
         Some(plan.color),
-        inf.replicas.clamp(plan.desired_replicas),
+        plan.replicas,
         pod_spec(
             cfg,
             &v.meta.name,
@@ -638,24 +638,19 @@ mod tests {
     }
 
     #[test]
-    fn replicas_come_from_status_clamped_into_the_spec_bounds() {
+    fn inference_runs_the_planned_count_and_preprocess_its_desired_count_within_bounds() {
         let v = validate(&text_pipeline()).unwrap();
-        let plan = |desired| ColorPlan {
+        let plan = |replicas| ColorPlan {
             color: Color::Blue,
             model: ModelRef::from(&v.inference.model),
-            desired_replicas: desired,
+            replicas,
         };
         let replicas = |d: Deployment| d.spec.unwrap().replicas.unwrap();
-        assert_eq!(replicas(inference_deployment(&v, &cfg(), &plan(None))), 1);
-        assert_eq!(
-            replicas(inference_deployment(&v, &cfg(), &plan(Some(3)))),
-            3
-        );
-        assert_eq!(
-            replicas(inference_deployment(&v, &cfg(), &plan(Some(40)))),
-            4
-        );
+        // The plan is already within bounds (or a rollout's split); the builder keeps it.
+        assert_eq!(replicas(inference_deployment(&v, &cfg(), &plan(3))), 3);
+        assert_eq!(replicas(inference_deployment(&v, &cfg(), &plan(1))), 1);
         assert_eq!(replicas(preprocess_deployment(&v, &cfg(), "", Some(0))), 1);
+        assert_eq!(replicas(preprocess_deployment(&v, &cfg(), "", Some(3))), 3);
     }
 
     #[test]
