@@ -544,8 +544,11 @@ pub struct RolloutSpec {
         validation = Rule::new(duration_at_most!("24h")).message("rollout.scaleDownDelay must be at most 24h")
     )]
     pub scale_down_delay: String,
-    /// Hold the rollout where it is: no shadow verdict, no next step, no promotion. Traffic
-    /// stays as it is until this is false again.
+    /// Stop the rollout moving forward: no traffic step and no promotion by the operator until
+    /// this is false again (a candidate that becomes ready is still shadowed, which moves no
+    /// traffic, and holds at the end of its shadow phase). Its failure checks keep running: a
+    /// candidate that fails is rolled back (or halted) while paused. A `tandem.dev/promote` or
+    /// `tandem.dev/abort` annotation still acts.
     #[serde(default)]
     pub paused: bool,
     /// Candidate pods started before any traffic moves (the candidate grows with its traffic
