@@ -133,9 +133,10 @@ pub struct TextPreprocess {
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new(URI_RULE).message("preprocess.text.tokenizer must be a file://, http:// or https:// URI with a path after file:// or a host after http(s)://, e.g. file:///models/minilm/tokenizer.json"))]
     pub tokenizer: String,
-    /// Longest input in tokens; longer inputs are truncated.
+    /// Longest input in tokens, the special tokens the tokenizer adds included (2 to 8192);
+    /// longer inputs are truncated.
     #[serde(default = "default_text_max_length")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 8192").message("preprocess.text.maxLength must be between 1 and 8192 tokens"))]
+    #[x_kube(validation = Rule::new("self >= 2 && self <= 8192").message("preprocess.text.maxLength must be between 2 and 8192 tokens (the special tokens the tokenizer adds take two)"))]
     pub max_length: i32,
 }
 

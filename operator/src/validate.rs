@@ -62,6 +62,12 @@ pub enum ValidateError {
         /// Given value.
         value: i64,
     },
+    /// `preprocess.text.maxLength` leaves no room for a token beside the tokenizer's special
+    /// tokens (the worker refuses such a config at start).
+    #[error(
+        "preprocess.text.maxLength must be at least 2: the special tokens the tokenizer adds take two (got {0})"
+    )]
+    MaxLengthTooShort(i32),
     /// A target queue depth above the maximum can never be reached.
     #[error("{stage}.targetQueueDepth ({target}) must not exceed {stage}.maxQueueDepth ({max})")]
     TargetAboveMax {
@@ -327,7 +333,9 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
     let input = match (&pre.text, &pre.image) {
         (Some(text), None) => {
             check_uri("preprocess.text.tokenizer", &text.tokenizer)?;
-            positive("preprocess.text.maxLength", text.max_length.into())?;
+            if text.max_length < 2 {
+                return Err(ValidateError::MaxLengthTooShort(text.max_length));
+            }
             Input::Text(text.clone())
         }
         (None, Some(image)) => {
@@ -609,6 +617,23 @@ mod tests {
         assert_eq!(v.rollout.scale_down_delay, Duration::from_secs(300));
         assert_eq!(v.rollout.steps, vec![10, 50, 100]);
         assert!(matches!(v.preprocess.input, Input::Text(_)));
+    }
+
+    #[test]
+    fn a_text_max_length_below_two_is_rejected_as_the_worker_would_refuse_it() {
+        let mut p = text_pipeline();
+        if let Some(t) = p.spec.preprocess.text.as_mut() {
+            t.max_length = 1;
+        }
+        let e = validate(&p).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "preprocess.text.maxLength must be at least 2: the special tokens the tokenizer adds take two (got 1)"
+        );
+        if let Some(t) = p.spec.preprocess.text.as_mut() {
+            t.max_length = 2;
+        }
+        assert!(validate(&p).is_ok());
     }
 
     #[test]
