@@ -594,17 +594,16 @@ fn last_exit_failed(cs: &ContainerStatusSummary) -> bool {
         .is_some_and(|t| t.exit_code != 0)
 }
 
-/// `container X exited with code N: <its termination message>`, from the last termination.
-/// Of a message of several lines (the end of the log, under `FallbackToLogsOnError`), the last
-/// one: a panic's or the final error's.
+/// `container X exited with code N (reason): <why>`, from the last termination: the reason
+/// is the only explanation of a kill (`OOMKilled`), which leaves no message; `why` is the
+/// message's telling line ([`crate::summary::ContainerTerminated::why`]).
 fn last_exit(cs: &ContainerStatusSummary) -> Option<String> {
     let t = cs.last_state.terminated.as_ref()?;
     let mut msg = format!("container {} exited with code {}", cs.name, t.exit_code);
-    if let Some(m) = t
-        .message
-        .as_deref()
-        .and_then(|m| m.lines().map(str::trim).rfind(|l| !l.is_empty()))
-    {
+    if let Some(reason) = t.telling_reason() {
+        msg.push_str(&format!(" ({})", truncate(reason, 64)));
+    }
+    if let Some(m) = t.why() {
         msg.push_str(": ");
         msg.push_str(&truncate(m, 300));
     }
@@ -1330,6 +1329,60 @@ mod tests {
         assert_eq!(status(true, 3, 1), None, "ready again: recovered");
         assert_eq!(status(false, 1, 0), None, "a clean exit is not a failure");
         assert_eq!(status(false, 0, 1), None, "never restarted");
+    }
+
+    #[test]
+    fn a_kill_is_named_by_its_reason_and_a_panic_by_its_message_not_rusts_footer() {
+        let crashed = |reason: &str, message: Option<&str>| {
+            let pod = Pod {
+                status: Some(PodStatus {
+                    container_statuses: Some(vec![ContainerStatus {
+                        name: "inference".into(),
+                        restart_count: 2,
+                        state: Some(ContainerState {
+                            waiting: Some(ContainerStateWaiting {
+                                reason: Some("CrashLoopBackOff".into()),
+                                ..ContainerStateWaiting::default()
+                            }),
+                            ..ContainerState::default()
+                        }),
+                        last_state: Some(ContainerState {
+                            terminated: Some(ContainerStateTerminated {
+                                exit_code: if reason == "OOMKilled" { 137 } else { 101 },
+                                reason: Some(reason.into()),
+                                message: message.map(Into::into),
+                                ..ContainerStateTerminated::default()
+                            }),
+                            ..ContainerState::default()
+                        }),
+                        ..ContainerStatus::default()
+                    }]),
+                    ..PodStatus::default()
+                }),
+                ..Pod::default()
+            };
+            pod_problem(&[PodSummary::of(&pod).expect("summarises")])
+                .expect("a problem")
+                .message
+        };
+        // A kill leaves no message: the reason is all there is.
+        assert_eq!(
+            crashed("OOMKilled", None),
+            "CrashLoopBackOff: container inference exited with code 137 (OOMKilled)"
+        );
+        // A panic's last line is Rust's footer; the line before it says why. `Error` (any
+        // non-zero exit) adds nothing to the code.
+        assert_eq!(
+            crashed(
+                "Error",
+                Some(
+                    "thread 'main' panicked at worker/src/main.rs:10:5:\n\
+                     index out of bounds\n\
+                     note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n"
+                )
+            ),
+            "CrashLoopBackOff: container inference exited with code 101: index out of bounds"
+        );
     }
 
     #[test]

@@ -375,6 +375,27 @@ pub struct ContainerTerminated {
     pub message: Option<String>,
 }
 
+impl ContainerTerminated {
+    /// The reason, when it says more than the exit code: `OOMKilled`, `ContainerCannotRun`...,
+    /// not `Error` (any non-zero exit) or `Completed`.
+    pub fn telling_reason(&self) -> Option<&str> {
+        self.reason
+            .as_deref()
+            .filter(|r| !r.is_empty() && !matches!(*r, "Error" | "Completed"))
+    }
+
+    /// The line of the termination message that says why: of several (the end of the log,
+    /// under `FallbackToLogsOnError`), the last non-empty one, skipping the footer Rust prints
+    /// after a panic's message (`note: run with `RUST_BACKTRACE=1` ...`), which says nothing.
+    pub fn why(&self) -> Option<&str> {
+        self.message.as_deref().and_then(|m| {
+            m.lines()
+                .map(str::trim)
+                .rfind(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+        })
+    }
+}
+
 impl PodSummary {
     /// The summary of a typed pod (the same as decoding the pod's JSON).
     pub fn of(pod: &k8s_openapi::api::core::v1::Pod) -> Result<Self, serde_json::Error> {

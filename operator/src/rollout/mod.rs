@@ -709,16 +709,10 @@ fn crash_loop(pods: &[Arc<PodSummary>], since: Timestamp) -> Option<CrashLoop> {
     match last_termination(c) {
         Some(t) => {
             detail.push_str(&format!(", last exited with code {}", t.exit_code));
-            if let Some(reason) = t.reason.as_deref().filter(|r| !r.is_empty()) {
+            if let Some(reason) = t.telling_reason() {
                 detail.push_str(&format!(" ({})", excerpt(reason, 64)));
             }
-            // Of a message of several lines (the end of the log, under FallbackToLogsOnError),
-            // the last one: a panic's or the final error's, as `status::pod_problem` quotes it.
-            if let Some(m) = t
-                .message
-                .as_deref()
-                .and_then(|m| m.lines().map(str::trim).rfind(|l| !l.is_empty()))
-            {
+            if let Some(m) = t.why() {
                 detail.push_str(": ");
                 detail.push_str(&excerpt(m, CRASH_MESSAGE_MAX));
             }
