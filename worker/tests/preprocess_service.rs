@@ -22,6 +22,7 @@ use tandem_proto::tandem::v1::{
     ColorRoute, Endpoint, GetStatsRequest, ParityTolerance, RoutingTable, SetRoutesRequest,
     ShadowPolicy,
 };
+use tandem_worker::common::control_auth::{self, ControlAuth, ControlToken};
 use tandem_worker::common::oip::{Backend, Grpc, NotServed};
 use tandem_worker::common::tensor::{
     decode_bytes_elements, encode_bytes_elements, le_bytes_to_f32,
@@ -650,6 +651,7 @@ async fn after_sigterm_a_worker_takes_requests_for_the_delay_then_serves_what_it
     let server = tokio::spawn(tandem_worker::preprocess::serve(
         cfg,
         [127, 0, 0, 1].into(),
+        None,
         Stop {
             signal: signal.clone(),
             delay,
@@ -1456,4 +1458,269 @@ async fn a_color_whose_model_takes_another_size_is_reported_with_both_shapes_eve
     // The mismatched color leaves the table: nothing is reported any more.
     set_routes(&svc, table(3, &[("blue", 100, &[&fits])], None)).await;
     assert!(settled_mismatches(&svc, &[]).await.is_empty());
+}
+
+/// The token of the control tests: 64 hex characters, as the operator derives them.
+const CONTROL_TOKEN: &str = "5f0e3c1a9b7d24e68a1f0c3b5d7e9a2c4b6d8f0a1c3e5b7d9f2a4c6e8b0d1f3a";
+
+/// `message` with `authorization: <value>` when there is a value.
+fn authorized<T>(message: T, value: Option<&str>) -> Request<T> {
+    let mut r = Request::new(message);
+    if let Some(v) = value {
+        r.metadata_mut()
+            .insert("authorization", v.parse().expect("ASCII metadata"));
+    }
+    r
+}
+
+/// `svc`'s control server behind `token` on a loopback port: (URL, the registry holding the
+/// refusal counter).
+async fn start_control(
+    svc: &Arc<Service>,
+    token: Option<&str>,
+) -> (String, prometheus_client::registry::Registry) {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let token = token.map(|t| ControlToken::from(t.to_owned()));
+    let auth = ControlAuth::new(token.as_ref(), control_auth::register(&mut registry))
+        .expect("a valid token");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tandem_worker::preprocess::control::server(Arc::clone(svc), auth);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (url, registry)
+}
+
+fn assert_unauthenticated(result: Result<impl std::fmt::Debug, Status>, message: &str) {
+    let e = result.expect_err("refused");
+    assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    assert_eq!(e.message(), message);
+    assert!(!e.message().contains(CONTROL_TOKEN));
+}
+
+/// Whoever can push a routing table decides where a pipeline's inference traffic goes, so a
+/// pod started with a control token takes `SetRoutes` and `GetStats` only from a caller that
+/// sends it; a refusal leaves the table as it was, and is counted.
+#[tokio::test]
+async fn with_a_control_token_worker_control_takes_only_calls_that_carry_it_and_counts_the_others()
+{
+    let svc = image_service("");
+    let (inference, fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
+    let (url, registry) = start_control(&svc, Some(CONTROL_TOKEN)).await;
+    let mut client = WorkerControlClient::connect(url).await.unwrap();
+    let push = |auth: Option<&str>| {
+        authorized(
+            SetRoutesRequest {
+                table: Some(table(7, &[("blue", 100, &[&inference])], None)),
+                replace: true,
+            },
+            auth,
+        )
+    };
+    let missing = "WorkerControl needs \"authorization: Bearer <token>\" (this pod was started \
+                   with a control token)";
+    let wrong = format!("Bearer {}", CONTROL_TOKEN.replace('f', "0"));
+    let right = format!("Bearer {CONTROL_TOKEN}");
+
+    assert_unauthenticated(
+        client.get_stats(authorized(GetStatsRequest {}, None)).await,
+        missing,
+    );
+    assert_unauthenticated(client.set_routes(push(None)).await, missing);
+    assert_unauthenticated(
+        client
+            .get_stats(authorized(GetStatsRequest {}, Some(&wrong)))
+            .await,
+        "wrong control token",
+    );
+    assert_unauthenticated(
+        client.set_routes(push(Some(&wrong))).await,
+        "wrong control token",
+    );
+    // The token alone, without the scheme, is not the metadata asked for.
+    assert_unauthenticated(
+        client.set_routes(push(Some(CONTROL_TOKEN))).await,
+        "wrong control token",
+    );
+    assert!(!svc.is_ready(), "no refused table was applied");
+    assert_eq!(worker_stats(&svc).await.routes_generation, 0);
+
+    let applied = client
+        .set_routes(push(Some(&right)))
+        .await
+        .expect("SetRoutes with the token")
+        .into_inner()
+        .applied_generation;
+    assert_eq!(applied, 7);
+    let stats = client
+        .get_stats(authorized(GetStatsRequest {}, Some(&right)))
+        .await
+        .expect("GetStats with the token")
+        .into_inner();
+    assert_eq!(stats.routes_generation, 7);
+    assert!(stats.ready);
+    let img = jpeg();
+    infer(&svc, request("effnet", &[&img]))
+        .await
+        .expect("served through the pushed table's endpoint");
+    assert_eq!(fake.hits.load(Ordering::SeqCst), 1);
+
+    let metrics = tandem_worker::common::metrics::render(&registry).unwrap();
+    for line in [
+        "tandem_worker_control_unauthenticated_total{reason=\"missing\"} 2",
+        "tandem_worker_control_unauthenticated_total{reason=\"wrong\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert!(!metrics.contains(CONTROL_TOKEN));
+}
+
+/// Standalone workers and operators that send no token keep working: without a token (or
+/// with an empty one) the control port takes calls without metadata.
+#[tokio::test]
+async fn without_a_control_token_worker_control_takes_calls_without_metadata() {
+    for token in [None, Some("")] {
+        let svc = image_service("");
+        let (url, registry) = start_control(&svc, token).await;
+        let mut client = WorkerControlClient::connect(url).await.unwrap();
+        let applied = client
+            .set_routes(SetRoutesRequest {
+                table: Some(table(3, &[("blue", 100, &["127.0.0.1:1"])], None)),
+                replace: false,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("SetRoutes without metadata ({token:?}): {e}"))
+            .into_inner()
+            .applied_generation;
+        assert_eq!(applied, 3);
+        let stats = client
+            .get_stats(GetStatsRequest {})
+            .await
+            .expect("GetStats without metadata")
+            .into_inner();
+        assert_eq!(stats.routes_generation, 3);
+        let metrics = tandem_worker::common::metrics::render(&registry).unwrap();
+        assert!(
+            !metrics.contains("tandem_worker_control_unauthenticated_total{"),
+            "{metrics}"
+        );
+    }
+}
+
+/// The pipeline config of a whole worker on loopback ports: (config, gRPC port, control port).
+fn whole_worker_config(endpoints: &[&str]) -> (PipelineConfig, u16, u16) {
+    let (grpc, control) = (free_port(), free_port());
+    let yaml = format!(
+        "pipeline: p\nmodel: {{name: effnet, version: \"1\"}}\npreprocess:\n  image:\n    resize: {{width: 16, height: 16}}\npostprocess: {{kind: Classification, topK: 2, labels: imagenet}}\nports: {{http: {}, grpc: {grpc}, metrics: {}, control: {control}}}\ninferenceEndpoints: {endpoints:?}\n",
+        free_port(),
+        free_port()
+    );
+    (PipelineConfig::parse(&yaml).unwrap(), grpc, control)
+}
+
+/// The token guards the control port only: the OIP port serves clients, which hold none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_with_a_control_token_guards_its_control_port_and_not_its_oip_port() {
+    let (inference, fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
+    let (cfg, grpc, control) = whole_worker_config(&[&inference]);
+    let signal = tandem_worker::common::shutdown::Shutdown::new();
+    let token = ControlToken::from(CONTROL_TOKEN.to_owned());
+    let stop = signal.clone();
+    let server = tokio::spawn(async move {
+        tandem_worker::preprocess::serve(
+            cfg,
+            [127, 0, 0, 1].into(),
+            Some(&token),
+            Stop {
+                signal: stop,
+                delay: Duration::ZERO,
+                drain: Duration::from_secs(5),
+            },
+        )
+        .await
+    });
+    let control_url = format!("http://127.0.0.1:{control}");
+    let mut control = eventually("the control port", || {
+        let url = control_url.clone();
+        async move { WorkerControlClient::connect(url).await.ok() }
+    })
+    .await;
+    assert_unauthenticated(
+        control.get_stats(GetStatsRequest {}).await,
+        "WorkerControl needs \"authorization: Bearer <token>\" (this pod was started with a \
+         control token)",
+    );
+    let stats = control
+        .get_stats(authorized(
+            GetStatsRequest {},
+            Some(&format!("Bearer {CONTROL_TOKEN}")),
+        ))
+        .await
+        .expect("GetStats with the token")
+        .into_inner();
+    assert!(stats.ready, "ready on its static endpoint");
+
+    let grpc_url = format!("http://127.0.0.1:{grpc}");
+    let mut client = eventually("the gRPC port", || {
+        let url = grpc_url.clone();
+        async move { GrpcInferenceServiceClient::connect(url).await.ok() }
+    })
+    .await;
+    assert!(
+        client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .expect("ServerReady without a token")
+            .into_inner()
+            .ready
+    );
+    let img = jpeg();
+    client
+        .model_infer(request("effnet", &[&img]))
+        .await
+        .expect("ModelInfer without a token");
+    assert_eq!(fake.hits.load(Ordering::SeqCst), 1);
+
+    signal.trigger();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the worker exits")
+        .unwrap()
+        .expect("a clean exit");
+}
+
+/// The operator's tokens are 64 hex characters; a short one is a mistake, and a guessable
+/// secret. The worker refuses it before it opens a port, and the message (which the termination
+/// log and the pipeline's `Degraded` condition show) does not quote it.
+#[tokio::test]
+async fn a_control_token_under_16_bytes_fails_the_start_naming_the_flag_not_the_token() {
+    let (cfg, _, control) = whole_worker_config(&["127.0.0.1:1"]);
+    let token = ControlToken::from("hunter2-hunter2".to_owned());
+    let e = tandem_worker::preprocess::serve(
+        cfg,
+        [127, 0, 0, 1].into(),
+        Some(&token),
+        Stop {
+            signal: tandem_worker::common::shutdown::Shutdown::new(),
+            delay: Duration::ZERO,
+            drain: Duration::ZERO,
+        },
+    )
+    .await
+    .expect_err("a 15-byte token is refused");
+    assert_eq!(
+        format!("{e:#}"),
+        "the control token (--control-token, TANDEM_CONTROL_TOKEN) is 15 bytes long; it must be \
+         at least 16 (the operator gives each pipeline a 64-hex-character HMAC), or empty to take \
+         WorkerControl calls without one"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", control))
+            .await
+            .is_err(),
+        "no port was opened"
+    );
 }

@@ -11,10 +11,12 @@
 //! - [`shutdown`]: SIGTERM/SIGINT handling as a cloneable shutdown signal.
 //! - [`telemetry`]: tracing subscriber setup and W3C `traceparent` helpers.
 //! - [`stats`]: latency windows that produce the `WorkerControl` stats shapes.
+//! - [`control_auth`]: the control token `WorkerControl` calls must carry, when one is set.
 //! - [`write_termination_message`]: why a worker failed, where Kubernetes shows it.
 
 pub mod body;
 pub mod budget;
+pub mod control_auth;
 pub mod metrics;
 pub use tandem_net as net;
 pub mod oip;

@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::common::control_auth;
+
 const REQUESTS: &str = "tandem_inference_requests";
 const LATENCY: &str = "tandem_inference_request_duration_seconds";
 const BATCH_SIZE: &str = "tandem_inference_batch_size";
@@ -40,6 +42,8 @@ pub struct Metrics {
     pub ready: Gauge,
     /// Bytes of request bodies reserved from `--max-request-bytes-in-flight`.
     pub request_bytes_in_flight: Gauge,
+    /// WorkerControl calls refused for their control token (shared with the preprocess role).
+    pub control_refusals: control_auth::Refusals,
 }
 
 impl Default for Metrics {
@@ -86,6 +90,7 @@ impl Metrics {
             "Bytes of request bodies being received or held, reserved from --max-request-bytes-in-flight",
             request_bytes_in_flight.clone(),
         );
+        let control_refusals = control_auth::register(&mut registry);
         Self {
             registry,
             requests,
@@ -95,6 +100,7 @@ impl Metrics {
             in_flight,
             ready,
             request_bytes_in_flight,
+            control_refusals,
         }
     }
 

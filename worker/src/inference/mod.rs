@@ -26,10 +26,10 @@ use tandem_engine::batcher::BatcherConfig;
 use tandem_engine::load::LoadOptions;
 use tandem_engine::runner::Runner;
 use tandem_engine::{DataType, Device};
-use tandem_proto::tandem::v1::worker_control_server::WorkerControlServer;
 use tokio::sync::watch;
 
 use crate::common::budget::Budget;
+use crate::common::control_auth::{self, ControlAuth, ControlToken};
 use crate::common::net;
 
 use service::Worker;
@@ -137,6 +137,10 @@ pub struct Args {
     /// Pod name reported in stats.
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub pod_name: String,
+    /// Secret that every WorkerControl call (GetStats) must carry as gRPC metadata
+    /// `authorization: Bearer <token>`; at least 16 bytes. Unset or empty: calls need none.
+    #[arg(long, env = "TANDEM_CONTROL_TOKEN", hide_env_values = true)]
+    pub control_token: Option<ControlToken>,
 }
 
 /// A batching delay in milliseconds: finite, 0 to a minute (a request would wait that long
@@ -357,6 +361,11 @@ async fn start_servers(
     stop: watch::Receiver<Shutdown>,
 ) -> anyhow::Result<Vec<(Shutdown, tokio::task::JoinHandle<()>)>> {
     let addr = |port| SocketAddr::new(args.listen_address, port);
+    // Checked before any port is bound: a token too short fails the start.
+    let auth = ControlAuth::new(
+        args.control_token.as_ref(),
+        worker.metrics.control_refusals.clone(),
+    )?;
     let mut tasks = Vec::new();
 
     let budget = Budget::new(
@@ -381,7 +390,7 @@ async fn start_servers(
         }),
     ));
 
-    let control = WorkerControlServer::new(grpc::Control(worker.clone()));
+    let control = control_auth::server(grpc::Control(worker.clone()), auth);
     let control_incoming = net::grpc_incoming(
         addr(args.control_port),
         "control port",
@@ -542,7 +551,222 @@ mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::{bytes_in_flight, delay_ms};
+    use std::sync::Arc;
+
+    use clap::Parser as _;
+    use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use tandem_proto::inference::model_infer_request::InferInputTensor;
+    use tandem_proto::inference::{ModelInferRequest, ServerReadyRequest};
+    use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
+    use tandem_proto::tandem::v1::{GetStatsRequest, SetRoutesRequest};
+    use tokio::sync::watch;
+    use tonic::{Code, Request};
+
+    use super::testing::held_worker;
+    use super::{Args, Shutdown, bytes_in_flight, delay_ms, start_servers};
+
+    /// 64 hex characters, as the operator derives a pipeline's control token.
+    const TOKEN: &str = "5f0e3c1a9b7d24e68a1f0c3b5d7e9a2c4b6d8f0a1c3e5b7d9f2a4c6e8b0d1f3a";
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port")
+    }
+
+    /// The flags of a worker on free loopback ports, with `extra` after them: (args, gRPC
+    /// port, control port).
+    fn args(extra: &[&str]) -> (Args, u16, u16) {
+        let (grpc, control) = (free_port(), free_port());
+        let ports = [
+            ("--grpc-port", grpc),
+            ("--control-port", control),
+            ("--http-port", free_port()),
+            ("--metrics-port", free_port()),
+        ];
+        let mut argv: Vec<String> = [
+            "tandem-worker",
+            "--model-uri",
+            "file:///unused",
+            "--model-name",
+            "m",
+            "--listen-address",
+            "127.0.0.1",
+        ]
+        .map(String::from)
+        .into();
+        for (flag, port) in ports {
+            argv.extend([flag.to_owned(), port.to_string()]);
+        }
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        (Cli::try_parse_from(argv).unwrap().args, grpc, control)
+    }
+
+    fn authorized<T>(message: T, value: &str) -> Request<T> {
+        let mut r = Request::new(message);
+        r.metadata_mut()
+            .insert("authorization", value.parse().expect("ASCII metadata"));
+        r
+    }
+
+    async fn connect_control(port: u16) -> WorkerControlClient<tonic::transport::Channel> {
+        WorkerControlClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("the control port")
+    }
+
+    async fn stop(
+        stop_tx: watch::Sender<Shutdown>,
+        tasks: Vec<(Shutdown, tokio::task::JoinHandle<()>)>,
+    ) {
+        stop_tx.send(Shutdown::All).unwrap();
+        for (_, t) in tasks {
+            t.await.unwrap();
+        }
+    }
+
+    /// An inference pod's `GetStats` tells whoever asks how loaded it is and what it serves;
+    /// with a token only the operator may ask. Its OIP port serves clients, which hold no
+    /// token, as before.
+    #[tokio::test]
+    async fn with_a_control_token_worker_control_needs_it_and_the_oip_port_does_not() {
+        let (w, gate) = held_worker();
+        let (args, grpc, control) = args(&["--control-token", TOKEN]);
+        let (stop_tx, stop_rx) = watch::channel(Shutdown::Running);
+        let tasks = start_servers(&args, Arc::clone(&w), stop_rx).await.unwrap();
+        let mut c = connect_control(control).await;
+
+        let missing = c.get_stats(GetStatsRequest {}).await.unwrap_err();
+        assert_eq!(missing.code(), Code::Unauthenticated);
+        assert_eq!(
+            missing.message(),
+            "WorkerControl needs \"authorization: Bearer <token>\" (this pod was started with \
+             a control token)"
+        );
+        let wrong = c
+            .get_stats(authorized(GetStatsRequest {}, "Bearer 0123456789abcdef"))
+            .await
+            .unwrap_err();
+        assert_eq!(wrong.code(), Code::Unauthenticated);
+        assert_eq!(wrong.message(), "wrong control token");
+        let right = format!("Bearer {TOKEN}");
+        let stats = c
+            .get_stats(authorized(GetStatsRequest {}, &right))
+            .await
+            .expect("GetStats with the token")
+            .into_inner();
+        assert_eq!(stats.model_name, "m");
+        assert!(stats.model_loaded);
+        // SetRoutes is checked first too; with the token it reaches the handler, which has no
+        // table to set.
+        let routes = || SetRoutesRequest {
+            table: None,
+            replace: true,
+        };
+        let refused = c.set_routes(routes()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+        let reached = c
+            .set_routes(authorized(routes(), &right))
+            .await
+            .unwrap_err();
+        assert_eq!(reached.code(), Code::Unimplemented, "{}", reached.message());
+
+        let metrics = w.metrics.encode();
+        for line in [
+            "tandem_worker_control_unauthenticated_total{reason=\"missing\"} 2",
+            "tandem_worker_control_unauthenticated_total{reason=\"wrong\"} 1",
+        ] {
+            assert!(metrics.contains(line), "{line} in {metrics}");
+        }
+
+        let mut oip = GrpcInferenceServiceClient::connect(format!("http://127.0.0.1:{grpc}"))
+            .await
+            .unwrap();
+        assert!(
+            oip.server_ready(ServerReadyRequest {})
+                .await
+                .expect("ServerReady without a token")
+                .into_inner()
+                .ready
+        );
+        gate.open();
+        oip.model_infer(ModelInferRequest {
+            model_name: "m".into(),
+            inputs: vec![InferInputTensor {
+                name: "x".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 2],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![vec![0u8; 8].into()],
+            ..Default::default()
+        })
+        .await
+        .expect("ModelInfer without a token");
+        stop(stop_tx, tasks).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_control_token_get_stats_needs_no_metadata() {
+        let (w, _gate) = held_worker();
+        let (args, _, control) = args(&[]);
+        let (stop_tx, stop_rx) = watch::channel(Shutdown::Running);
+        let tasks = start_servers(&args, Arc::clone(&w), stop_rx).await.unwrap();
+        let stats = connect_control(control)
+            .await
+            .get_stats(GetStatsRequest {})
+            .await
+            .expect("GetStats without metadata")
+            .into_inner();
+        assert_eq!(stats.model_name, "m");
+        assert!(
+            !w.metrics
+                .encode()
+                .contains("tandem_worker_control_unauthenticated_total{")
+        );
+        stop(stop_tx, tasks).await;
+    }
+
+    #[tokio::test]
+    async fn a_control_token_under_16_bytes_fails_the_start_before_any_port_opens() {
+        let (w, _gate) = held_worker();
+        let (args, grpc, control) = args(&["--control-token", "hunter2"]);
+        let (_stop_tx, stop_rx) = watch::channel(Shutdown::Running);
+        let e = start_servers(&args, w, stop_rx)
+            .await
+            .expect_err("a 7-byte token is refused");
+        assert_eq!(
+            format!("{e:#}"),
+            "the control token (--control-token, TANDEM_CONTROL_TOKEN) is 7 bytes long; it must \
+             be at least 16 (the operator gives each pipeline a 64-hex-character HMAC), or empty \
+             to take WorkerControl calls without one"
+        );
+        for port in [grpc, control] {
+            assert!(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_err()
+            );
+        }
+    }
+
+    #[test]
+    fn the_control_token_never_shows_in_the_arguments_debug_output() {
+        let (args, _, _) = args(&["--control-token", TOKEN]);
+        let shown = format!("{args:?}");
+        assert!(!shown.contains(TOKEN), "{shown}");
+        assert!(
+            shown.contains("control_token: Some(ControlToken(<hidden>))"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn a_budget_of_bytes_in_flight_must_hold_the_largest_request() {

@@ -1,21 +1,27 @@
-//! `tandem.v1.WorkerControl` for the preprocess role: `GetStats` and `SetRoutes`.
+//! `tandem.v1.WorkerControl` for the preprocess role: `GetStats` and `SetRoutes`, behind the
+//! control token when one is set ([`crate::common::control_auth`]).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tandem_proto::tandem::v1::worker_control_server::{WorkerControl, WorkerControlServer};
 use tandem_proto::tandem::v1::{GetStatsRequest, SetRoutesRequest, SetRoutesResponse, WorkerStats};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use super::service::Service;
+use crate::common::control_auth::{self, ControlAuth};
 
 /// The control adapter.
 #[derive(Debug, Clone)]
 pub struct Control(pub Arc<Service>);
 
-/// The generated server around [`Control`].
-pub fn server(service: Arc<Service>) -> WorkerControlServer<Control> {
-    WorkerControlServer::new(Control(service))
+/// The generated server around [`Control`], taking only the calls `auth` lets through.
+pub fn server(
+    service: Arc<Service>,
+    auth: ControlAuth,
+) -> InterceptedService<WorkerControlServer<Control>, ControlAuth> {
+    control_auth::server(Control(service), auth)
 }
 
 #[tonic::async_trait]

@@ -29,6 +29,7 @@ use anyhow::Context;
 use prometheus_client::registry::Registry;
 
 use crate::common::budget::Budget;
+use crate::common::control_auth::{self, ControlAuth, ControlToken};
 use crate::common::shutdown::Shutdown;
 use crate::common::{metrics as metrics_server, net, telemetry};
 use crate::config::{Limits, PipelineConfig};
@@ -89,6 +90,11 @@ pub struct Args {
         default_value = "/dev/termination-log"
     )]
     pub termination_log: PathBuf,
+    /// Secret that every WorkerControl call (SetRoutes, GetStats) must carry as gRPC metadata
+    /// `authorization: Bearer <token>`; at least 16 bytes. Unset or empty: calls need none.
+    /// A flag rather than a config-file field, so that the secret stays out of the ConfigMap.
+    #[arg(long, env = "TANDEM_CONTROL_TOKEN", hide_env_values = true)]
+    pub control_token: Option<ControlToken>,
 }
 
 /// Loads the config file and applies the flag overrides.
@@ -182,7 +188,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             drain,
         };
         tokio::spawn(stop.signal.clone().listen_for_signals());
-        serve(cfg, args.bind, stop).await
+        serve(cfg, args.bind, args.control_token.as_ref(), stop).await
     });
     {
         let _rt = runtime.enter();
@@ -203,7 +209,8 @@ pub struct Stop {
 }
 
 /// Builds the service and serves all four ports until `stop.signal` fires and the requests it
-/// accepted are answered (or `stop.drain` passes).
+/// accepted are answered (or `stop.drain` passes). With a `control_token`, the control port
+/// takes only calls that carry it; a token under 16 bytes fails here, before anything starts.
 ///
 /// On the signal the worker turns not ready at once, but takes requests for `stop.delay`
 /// more: endpoints and load balancers drop a terminating pod asynchronously, and a
@@ -213,13 +220,19 @@ pub struct Stop {
 /// pod may hold requests for an inference stage that is scaling from zero, only the
 /// operator's `SetRoutes` can tell it where to send them, and its `GetStats` answers keep
 /// that demand counted.
-pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Result<()> {
+pub async fn serve(
+    cfg: PipelineConfig,
+    bind: IpAddr,
+    control_token: Option<&ControlToken>,
+    stop: Stop,
+) -> anyhow::Result<()> {
     let Stop {
         signal: shutdown,
         delay,
         drain,
     } = stop;
     let mut registry = Registry::default();
+    let auth = ControlAuth::new(control_token, control_auth::register(&mut registry))?;
     let metrics = metrics::Metrics::register(&mut registry);
     let budget = request_budget(&cfg.limits, metrics.request_bytes_in_flight.clone());
     let pipeline = service::build_pipeline_async(&cfg).await?;
@@ -253,7 +266,7 @@ pub async fn serve(cfg: PipelineConfig, bind: IpAddr, stop: Stop) -> anyhow::Res
         .serve_with_incoming_shutdown(grpc_incoming, async move { s.wait().await });
     let d = drained.clone();
     let control = tonic::transport::Server::builder()
-        .add_service(control::server(Arc::clone(&svc)))
+        .add_service(control::server(Arc::clone(&svc), auth))
         .serve_with_incoming_shutdown(control_incoming, async move { d.wait().await });
     let s = closing.clone();
     let http = net::serve_http(
@@ -318,6 +331,31 @@ mod tests {
         drained.trigger();
         let stuck = std::future::pending::<()>();
         assert_eq!(until_drained(stuck, &drained, "test").await, None);
+    }
+
+    #[test]
+    fn the_control_token_is_a_flag_that_never_shows_in_the_arguments_debug_output() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let token = "5f0e3c1a9b7d24e68a1f0c3b5d7e9a2c";
+        let cli = Cli::try_parse_from([
+            "tandem-worker",
+            "--config",
+            "p.yaml",
+            "--control-token",
+            token,
+        ])
+        .unwrap();
+        let shown = format!("{:?}", cli.args);
+        assert!(!shown.contains(token), "{shown}");
+        assert!(
+            shown.contains("control_token: Some(ControlToken(<hidden>))"),
+            "{shown}"
+        );
     }
 
     #[tokio::test]
