@@ -148,8 +148,10 @@ impl ControlAuth {
             Some(_) => "wrong",
         };
         self.refusals.get_or_create(&RefusalLabels { reason }).inc();
+        // Debug, not warn: a peer that floods the port would flood the log. The counter is
+        // the signal to alert on.
         let peer = request.remote_addr();
-        tracing::warn!(
+        tracing::debug!(
             ?peer,
             reason,
             "WorkerControl call refused: no valid control token"
