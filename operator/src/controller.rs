@@ -378,7 +378,10 @@ pub async fn run(
         pod_store.clone(),
         cache_changes,
         published.clone(),
-        crate::router::RouterConfig::default(),
+        crate::router::RouterConfig {
+            control_key: cfg.build.control_key.clone(),
+            ..crate::router::RouterConfig::default()
+        },
     ));
     let autoscaler = cfg.autoscale.clone().map(|a| {
         tokio::spawn(crate::autoscale::run(
@@ -397,7 +400,10 @@ pub async fn run(
         published,
         ctx.metrics.clone(),
         events.clone(),
-        crate::rollout::driver::DriverConfig::default(),
+        crate::rollout::driver::DriverConfig {
+            control_key: cfg.build.control_key.clone(),
+            ..crate::rollout::driver::DriverConfig::default()
+        },
     ));
 
     drive(ctx, triggers, synced, ready, shutdown).await;
@@ -1332,6 +1338,7 @@ mod tests {
                     image_pull_secrets: Vec::new(),
                     operator_version: "test".into(),
                     worker_tracing: None,
+                    control_key: None,
                 },
                 namespace: Some("ml".into()),
                 concurrency,
@@ -1611,6 +1618,7 @@ mod tests {
             image_pull_secrets: Vec::new(),
             operator_version: "test".into(),
             worker_tracing: None,
+            control_key: None,
         };
         let counts = |s: &InferencePipelineStatus| -> Vec<i32> {
             let d = build::build(&v, &plan(&v, Some(s)), &cfg).unwrap();

@@ -8,6 +8,7 @@ pub mod autoscale;
 pub mod build;
 pub mod cache;
 pub mod client;
+pub mod control_auth;
 pub mod controller;
 pub mod crd;
 pub mod events;

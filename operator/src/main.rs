@@ -11,6 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use tandem_operator::autoscale::AutoscaleConfig;
 use tandem_operator::build::{BuildConfig, WorkerTracing};
+use tandem_operator::control_auth::ControlKey;
 use tandem_operator::controller::{self, ControllerConfig};
 use tandem_operator::leader::{self, LeaderConfig};
 use tandem_operator::metrics::{self, Metrics};
@@ -58,6 +59,12 @@ struct RunArgs {
         value_name = "SECRET"
     )]
     worker_image_pull_secrets: Vec<String>,
+    /// File holding the secret key each pipeline's worker control token is derived from (at
+    /// least 32 bytes; the chart mounts one from a Secret it creates). Worker pods then take
+    /// `GetStats`/`SetRoutes` only with their pipeline's token; without a key, from anyone who
+    /// can reach their control port.
+    #[arg(long, env = "TANDEM_CONTROL_KEY_FILE", value_name = "FILE")]
+    control_key_file: Option<std::path::PathBuf>,
     /// OTLP/gRPC collector for the worker pods' spans (sets `OTEL_EXPORTER_OTLP_ENDPOINT` in
     /// every worker container); workers export nothing when unset.
     #[arg(long, env = "TANDEM_WORKER_OTLP_ENDPOINT")]
@@ -228,6 +235,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let control_key = args
+        .control_key_file
+        .as_deref()
+        .map(ControlKey::load)
+        .transpose()?;
+    if control_key.is_some() {
+        info!("worker control ports take calls with their pipeline's token only");
+    } else {
+        warn!(
+            "no --control-key-file: worker control ports (GetStats, SetRoutes) take calls from anyone who can reach them"
+        );
+    }
     let lease_namespace = args
         .lease_namespace
         .clone()
@@ -302,6 +321,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 scale_down_window: a.scale_down_window,
                 scale_to_zero_after: a.scale_to_zero_after,
                 status_interval: a.autoscale_status_interval,
+                control_key: control_key.clone(),
             }
         });
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -334,6 +354,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                             sampling_ratio: args.worker_trace_sampling_ratio,
                         }
                     }),
+                    control_key: control_key.clone(),
                 },
                 namespace: scope.clone(),
                 concurrency: args.concurrency,

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::cache::Cache;
+use crate::control_auth::ControlKey;
 use futures::StreamExt;
 use futures::future::join_all;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -34,6 +35,9 @@ pub struct RouterConfig {
     pub push_timeout: Duration,
     /// Tables are pushed again to every pod this often, acknowledged or not.
     pub refresh: Duration,
+    /// Derives the token each pipeline's pods require (see [`crate::control_auth`]); none
+    /// when unset.
+    pub control_key: Option<ControlKey>,
 }
 
 impl Default for RouterConfig {
@@ -42,6 +46,7 @@ impl Default for RouterConfig {
             interval: Duration::from_millis(250),
             push_timeout: Duration::from_secs(1),
             refresh: Duration::from_secs(30),
+            control_key: None,
         }
     }
 }
@@ -230,6 +235,10 @@ async fn sync_once(
         let workers = by_pipeline.remove(&(ns, name)).unwrap_or_default();
         let key = (ns.to_owned(), name.to_owned());
         seen.insert(key.clone());
+        let token: Option<Arc<str>> = cfg.control_key.as_ref().map(|k| {
+            let uid = pipeline.metadata.uid.as_deref().unwrap_or_default();
+            k.token(ns, name, uid).into()
+        });
         let routes = state.entry(key.clone()).or_default();
         let mut desired = desired_table(pipeline, &workers);
         match &routes.table {
@@ -273,7 +282,7 @@ async fn sync_once(
                 (ns.to_owned(), name.to_owned()),
                 w.name.clone(),
                 w.restarts,
-                push(address, request, cfg.push_timeout),
+                push(address, request, token.clone(), cfg.push_timeout),
             ));
         }
     }
@@ -326,6 +335,7 @@ async fn sync_once(
 async fn push(
     address: String,
     request: SetRoutesRequest,
+    token: Option<Arc<str>>,
     timeout: Duration,
 ) -> Result<u64, PushError> {
     let call = async {
@@ -338,7 +348,7 @@ async fn push(
             .await
             .map_err(|e| PushError::Connect(e.to_string()))?;
         let reply = WorkerControlClient::new(channel)
-            .set_routes(request)
+            .set_routes(crate::control_auth::request(request, token.as_deref()))
             .await
             .map_err(|s| PushError::Rejected(s.code(), s.message().to_owned()))?;
         Ok(reply.into_inner().applied_generation)
@@ -436,11 +446,80 @@ mod tests {
     }
 
     /// A preprocess pod's `SetRoutes` as the worker answers it: a lower generation than the
-    /// one held is ignored unless `replace`. Records each request's `replace`.
+    /// one held is ignored unless `replace`. Records each request's `replace` and
+    /// `authorization` metadata.
     #[derive(Clone)]
     struct FakePod {
         held: Arc<Mutex<u64>>,
         replaces: Arc<Mutex<Vec<bool>>>,
+        authorization: Arc<Mutex<Vec<Option<String>>>>,
+    }
+
+    /// A fake pod, its server task, and the caches that hold it and its pipeline.
+    type Served = (
+        FakePod,
+        tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+        Cache<InferencePipeline>,
+        Cache<PodSummary>,
+    );
+
+    impl FakePod {
+        /// A pod holding generation `held`, serving on `ip`'s control port, and caches with
+        /// the `ml/minilm` pipeline and that pod.
+        fn serve(held: u64, ip: &str) -> Served {
+            let pod = FakePod {
+                held: Arc::new(Mutex::new(held)),
+                replaces: Arc::default(),
+                authorization: Arc::default(),
+            };
+            let addr = format!("{ip}:{}", crate::build::PORT_CONTROL)
+                .parse()
+                .unwrap();
+            let server = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(
+                        tandem_proto::tandem::v1::worker_control_server::WorkerControlServer::new(
+                            pod.clone(),
+                        ),
+                    )
+                    .serve(addr),
+            );
+            let pipelines = Cache::<InferencePipeline>::default();
+            let mut pipeline = crate::test_fixtures::text_pipeline();
+            pipeline.metadata.namespace = Some("ml".into());
+            pipeline.metadata.name = Some("minilm".into());
+            pipelines.apply(&watcher::Event::Apply(pipeline), Clone::clone);
+            let pods = Cache::<PodSummary>::default();
+            let preprocess: k8s_openapi::api::core::v1::Pod =
+                serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "minilm-preprocess-x", "namespace": "ml",
+                                 "labels": {"app.kubernetes.io/instance": "minilm",
+                                            "app.kubernetes.io/component": "preprocess"}},
+                    "status": {"podIP": ip}
+                }))
+                .unwrap();
+            pods.apply(&watcher::Event::Apply(preprocess), |p| {
+                PodSummary::of(p).expect("summary")
+            });
+            (pod, server, pipelines, pods)
+        }
+    }
+
+    /// Passes until the pod acknowledges (or 50 tries); whether it did.
+    async fn sync_until_settled(
+        pipelines: &Cache<InferencePipeline>,
+        pods: &Cache<PodSummary>,
+        state: &mut HashMap<(String, String), PipelineRoutes>,
+        cfg: &RouterConfig,
+    ) -> bool {
+        let published = Published::default();
+        for _ in 0..50 {
+            if sync_once(pipelines, pods, state, &published, cfg).await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     #[tonic::async_trait]
@@ -457,6 +536,12 @@ mod tests {
             req: tonic::Request<SetRoutesRequest>,
         ) -> Result<tonic::Response<tandem_proto::tandem::v1::SetRoutesResponse>, tonic::Status>
         {
+            self.authorization.lock().unwrap().push(
+                req.metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            );
             let req = req.into_inner();
             let generation = req.table.map_or(0, |t| t.generation);
             self.replaces.lock().unwrap().push(req.replace);
@@ -476,50 +561,10 @@ mod tests {
     async fn a_pod_pinned_by_a_table_the_operator_never_numbered_is_made_to_take_the_operators() {
         // A loopback address of its own: the control port is fixed.
         let ip = format!("127.{}.{}.{}", 1 + std::process::id() % 250, 7, 9);
-        let pod = FakePod {
-            held: Arc::new(Mutex::new(u64::MAX)),
-            replaces: Arc::default(),
-        };
-        let addr = format!("{ip}:{}", crate::build::PORT_CONTROL)
-            .parse()
-            .unwrap();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(
-                    tandem_proto::tandem::v1::worker_control_server::WorkerControlServer::new(
-                        pod.clone(),
-                    ),
-                )
-                .serve(addr),
-        );
-        let pipelines = Cache::<InferencePipeline>::default();
-        let mut pipeline = crate::test_fixtures::text_pipeline();
-        pipeline.metadata.namespace = Some("ml".into());
-        pipeline.metadata.name = Some("minilm".into());
-        pipelines.apply(&watcher::Event::Apply(pipeline), Clone::clone);
-        let pods = Cache::<PodSummary>::default();
-        let preprocess: k8s_openapi::api::core::v1::Pod =
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": "minilm-preprocess-x", "namespace": "ml",
-                             "labels": {"app.kubernetes.io/instance": "minilm",
-                                        "app.kubernetes.io/component": "preprocess"}},
-                "status": {"podIP": ip}
-            }))
-            .unwrap();
-        pods.apply(&watcher::Event::Apply(preprocess), |p| {
-            PodSummary::of(p).expect("summary")
-        });
+        let (pod, server, pipelines, pods) = FakePod::serve(u64::MAX, &ip);
         let mut state = HashMap::new();
-        let published = Published::default();
         let cfg = RouterConfig::default();
-        let mut settled = false;
-        for _ in 0..50 {
-            settled = sync_once(&pipelines, &pods, &mut state, &published, &cfg).await;
-            if settled {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let settled = sync_until_settled(&pipelines, &pods, &mut state, &cfg).await;
         assert!(settled, "the pod never acknowledged the operator's table");
         let wanted = state[&("ml".to_owned(), "minilm".to_owned())]
             .table
@@ -532,6 +577,31 @@ mod tests {
             [false, true],
             "a plain push first; `replace` only once the pod reported a newer generation"
         );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn with_a_control_key_every_push_carries_the_pipelines_token_and_without_one_none() {
+        let ip = format!("127.{}.{}.{}", 1 + std::process::id() % 250, 8, 9);
+        let (pod, server, pipelines, pods) = FakePod::serve(0, &ip);
+        let key = crate::control_auth::ControlKey::from_bytes(&[42; 32]).unwrap();
+        let uid = pipelines
+            .get("ml", "minilm")
+            .and_then(|p| p.metadata.uid.clone())
+            .expect("the fixture has a uid");
+        let cfg = RouterConfig {
+            control_key: Some(key.clone()),
+            ..RouterConfig::default()
+        };
+        let mut state = HashMap::new();
+        assert!(sync_until_settled(&pipelines, &pods, &mut state, &cfg).await);
+        let bearer = format!("Bearer {}", key.token("ml", "minilm", &uid));
+        assert_eq!(*pod.authorization.lock().unwrap(), [Some(bearer)]);
+
+        // Without a key, a fresh router's push carries no token.
+        let mut state = HashMap::new();
+        assert!(sync_until_settled(&pipelines, &pods, &mut state, &RouterConfig::default()).await);
+        assert_eq!(pod.authorization.lock().unwrap().last(), Some(&None));
         server.abort();
     }
 

@@ -64,6 +64,9 @@ pub struct AutoscaleConfig {
     pub scale_to_zero_after: Duration,
     /// Queue depths alone (no change of desired replicas) are written at most this often.
     pub status_interval: Duration,
+    /// Derives the token each pipeline's pods require (see [`crate::control_auth`]); none
+    /// when unset.
+    pub control_key: Option<crate::control_auth::ControlKey>,
 }
 
 impl Default for AutoscaleConfig {
@@ -76,6 +79,7 @@ impl Default for AutoscaleConfig {
             scale_down_window: Duration::from_secs(30),
             scale_to_zero_after: Duration::from_secs(60),
             status_interval: Duration::from_secs(5),
+            control_key: None,
         }
     }
 }
@@ -177,11 +181,20 @@ async fn tick(
 
     // Every ready pod of every pipeline is polled at once.
     let mut targets: Vec<((String, String), WorkerPod)> = Vec::new();
+    // Each polled pipeline's control token, computed once per round.
+    let mut tokens: HashMap<(String, String), Arc<str>> = HashMap::new();
     for p in &pipelines {
         let Some(key) = namespaced_name(&p.metadata) else {
             continue;
         };
         let group = by_pipeline.remove(&key);
+        if let (Some(k), Some(_)) = (&cfg.control_key, &group) {
+            let uid = p.metadata.uid.as_deref().unwrap_or_default();
+            tokens.insert(
+                (key.0.to_owned(), key.1.to_owned()),
+                k.token(key.0, key.1, uid).into(),
+            );
+        }
         for w in group.into_iter().flatten() {
             // Ready pods, and preprocess pods draining after a scale-down: what they still
             // hold waits for inference (see `PodPoll::draining`).
@@ -209,11 +222,11 @@ async fn tick(
         .filter_map(|(_, w)| w.control_address())
         .collect();
     channels.retain(|addr, _| live.contains(addr));
-    let calls = targets.iter().map(|(_, w)| {
+    let calls = targets.iter().map(|(key, w)| {
         let client = w
             .control_address()
             .and_then(|a| channel(channels, &a, cfg.poll_timeout));
-        poll(client, cfg.poll_timeout)
+        poll(client, tokens.get(key).cloned(), cfg.poll_timeout)
     });
     let answers = join_all(calls).await;
     let mut polls: HashMap<(String, String), Vec<PodPoll>> = HashMap::new();
@@ -554,10 +567,12 @@ fn channel(
 /// pod does not answer within `timeout` (connection included) or answers with an error.
 async fn poll(
     client: Option<WorkerControlClient<Channel>>,
+    token: Option<Arc<str>>,
     timeout: Duration,
 ) -> Option<(PodLoad, Vec<ModelMismatch>)> {
     let mut client = client?;
-    let reply = tokio::time::timeout(timeout, client.get_stats(GetStatsRequest {}))
+    let request = crate::control_auth::request(GetStatsRequest {}, token.as_deref());
+    let reply = tokio::time::timeout(timeout, client.get_stats(request))
         .await
         .ok()?
         .ok()?
@@ -654,9 +669,13 @@ mod tests {
         let timeout = Duration::from_millis(300);
         let client = channel(&mut channels, &addr, timeout);
         let started = Instant::now();
-        assert_eq!(poll(client, timeout).await, None);
+        assert_eq!(poll(client, None, timeout).await, None);
         assert!(started.elapsed() < Duration::from_secs(2));
-        assert_eq!(poll(None, timeout).await, None, "no address, no answer");
+        assert_eq!(
+            poll(None, None, timeout).await,
+            None,
+            "no address, no answer"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod workload;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, EnvVar, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
@@ -129,6 +129,9 @@ pub struct BuildConfig {
     pub operator_version: String,
     /// Where workers export their spans (OTLP/gRPC); no tracing on workers when `None`.
     pub worker_tracing: Option<WorkerTracing>,
+    /// Derives the pipeline's worker control token, handed to every worker container as
+    /// `TANDEM_CONTROL_TOKEN` ([`crate::control_auth`]); no token when `None`.
+    pub control_key: Option<crate::control_auth::ControlKey>,
 }
 
 /// OTLP export settings handed to every worker container as the standard
@@ -188,6 +191,12 @@ pub fn build(
     for plan in &observed.colors {
         deployments.push(workload::inference_deployment(v, cfg, plan));
     }
+    if let Some(key) = &cfg.control_key {
+        let token = key.token(&v.meta.namespace, &v.meta.name, &v.meta.uid);
+        for d in &mut deployments {
+            with_control_token(d, &token);
+        }
+    }
     let pdbs = deployments
         .iter()
         .map(|d| objects::pdb_for(v, cfg, d))
@@ -199,6 +208,23 @@ pub fn build(
         deployments,
         pdbs,
     })
+}
+
+/// Gives every container of `d`'s pods the pipeline's control token (one token for both
+/// stages: it is the pipeline's, not a pod's).
+fn with_control_token(d: &mut Deployment, token: &str) {
+    let containers = d
+        .spec
+        .iter_mut()
+        .flat_map(|s| s.template.spec.iter_mut())
+        .flat_map(|s| s.containers.iter_mut());
+    for c in containers {
+        c.env.get_or_insert_default().push(EnvVar {
+            name: crate::control_auth::TOKEN_ENV.to_owned(),
+            value: Some(token.to_owned()),
+            ..EnvVar::default()
+        });
+    }
 }
 
 /// Labels that select a stage's pods (stable: Deployment selectors are immutable).
@@ -302,6 +328,7 @@ pub(crate) mod tests {
             image_pull_secrets: Vec::new(),
             operator_version: "0.1.0".into(),
             worker_tracing: None,
+            control_key: None,
         }
     }
 
@@ -369,6 +396,44 @@ pub(crate) mod tests {
         let l = d.deployments[1].metadata.labels.as_ref().unwrap();
         assert_eq!(l[LABEL_COMPONENT], "inference");
         assert_eq!(l[LABEL_COLOR], "blue");
+    }
+
+    #[test]
+    fn with_a_control_key_every_worker_container_gets_the_pipelines_token_and_without_none() {
+        let v = validate(&text_pipeline()).unwrap();
+        let mut obs = blue(&v);
+        obs.colors.push(ColorPlan {
+            color: Color::Green,
+            model: ModelRef::from(&v.inference.model),
+            replicas: 1,
+        });
+        let tokens = |cfg: &BuildConfig| -> Vec<Option<String>> {
+            build(&v, &obs, cfg)
+                .unwrap()
+                .deployments
+                .into_iter()
+                .flat_map(|d| d.spec.unwrap().template.spec.unwrap().containers)
+                .map(|c| {
+                    c.env
+                        .unwrap_or_default()
+                        .into_iter()
+                        .find(|e| e.name == "TANDEM_CONTROL_TOKEN")
+                        .and_then(|e| e.value)
+                })
+                .collect()
+        };
+        assert_eq!(tokens(&cfg()), [None, None, None]);
+        let key = crate::control_auth::ControlKey::from_bytes(&[b'k'; 32]).unwrap();
+        let want = key.token(&v.meta.namespace, &v.meta.name, &v.meta.uid);
+        let with = BuildConfig {
+            control_key: Some(key),
+            ..cfg()
+        };
+        assert_eq!(
+            tokens(&with),
+            [Some(want.clone()), Some(want.clone()), Some(want)],
+            "preprocess, blue and green: one token per pipeline"
+        );
     }
 
     #[test]

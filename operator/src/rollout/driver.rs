@@ -42,6 +42,9 @@ pub struct DriverConfig {
     pub stats_timeout: Duration,
     /// Status writes that only refresh counters and messages happen at most this often.
     pub counters_every: Duration,
+    /// Derives the token each pipeline's pods require (see [`crate::control_auth`]); none
+    /// when unset.
+    pub control_key: Option<crate::control_auth::ControlKey>,
 }
 
 impl Default for DriverConfig {
@@ -50,6 +53,7 @@ impl Default for DriverConfig {
             interval: Duration::from_secs(1),
             stats_timeout: Duration::from_millis(800),
             counters_every: Duration::from_secs(2),
+            control_key: None,
         }
     }
 }
@@ -164,6 +168,11 @@ async fn drive(
     } = tick;
     let table = published.lock().ok().and_then(|t| t.get(key).cloned());
     let mem = memory.entry(key.clone()).or_default();
+    let token = cfg
+        .control_key
+        .as_ref()
+        .map(|k| k.token(&key.0, &key.1, &v.meta.uid));
+    let token = token.as_deref();
 
     let candidate = rollout
         .filter(|r| r.phase.is_some_and(RolloutPhase::in_progress))
@@ -187,7 +196,14 @@ async fn drive(
     };
 
     if let Some((color, model)) = &candidate {
-        let stats = poll(workers, Stage::Inference, Some(*color), cfg.stats_timeout).await;
+        let stats = poll(
+            workers,
+            Stage::Inference,
+            Some(*color),
+            token,
+            cfg.stats_timeout,
+        )
+        .await;
         obs.candidate_ready = stats
             .iter()
             .filter_map(|(_, s)| s.as_ref())
@@ -203,7 +219,7 @@ async fn drive(
         }
     }
 
-    let pre = poll(workers, Stage::Preprocess, None, cfg.stats_timeout).await;
+    let pre = poll(workers, Stage::Preprocess, None, token, cfg.stats_timeout).await;
     let answered: Vec<(&str, &WorkerStats)> = pre
         .iter()
         .filter_map(|(name, s)| Some((name.as_str(), s.as_ref()?)))
@@ -395,6 +411,7 @@ async fn poll(
     workers: &[WorkerPod],
     stage: Stage,
     color: Option<Color>,
+    token: Option<&str>,
     timeout: Duration,
 ) -> Vec<(String, Option<WorkerStats>)> {
     let calls = workers
@@ -402,7 +419,7 @@ async fn poll(
         .filter(|w| w.stage == stage && w.color == color && w.ready && !w.terminating)
         .filter_map(|w| Some((w.name.clone(), w.control_address()?)))
         .map(|(name, address)| async move {
-            let stats = get_stats(&address, timeout).await;
+            let stats = get_stats(&address, token, timeout).await;
             if let Err(e) = &stats {
                 debug!(pod = %name, error = %e, "GetStats failed");
             }
@@ -411,7 +428,11 @@ async fn poll(
     join_all(calls).await
 }
 
-async fn get_stats(address: &str, timeout: Duration) -> Result<WorkerStats, String> {
+async fn get_stats(
+    address: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<WorkerStats, String> {
     let call = async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| e.to_string())?
@@ -421,7 +442,7 @@ async fn get_stats(address: &str, timeout: Duration) -> Result<WorkerStats, Stri
             .await
             .map_err(|e| e.to_string())?;
         WorkerControlClient::new(channel)
-            .get_stats(GetStatsRequest {})
+            .get_stats(crate::control_auth::request(GetStatsRequest {}, token))
             .await
             .map(tonic::Response::into_inner)
             .map_err(|s| s.message().to_owned())

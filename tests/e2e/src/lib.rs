@@ -569,6 +569,15 @@ impl Operator {
         }
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let log = std::env::temp_dir().join(format!("tandem-operator-{ns}-{identity}.log"));
+        // Worker control ports take the pipelines' tokens, as with the chart: one key per
+        // namespace, shared by every operator a test starts there (as replicas share the
+        // chart's Secret).
+        let key = std::env::temp_dir().join(format!("tandem-control-key-{ns}"));
+        std::fs::write(
+            &key,
+            format!("e2e-control-key-{ns}-0123456789abcdef0123456789abcdef\n"),
+        )
+        .expect("control key file");
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(operator_binary())
             .args([
@@ -582,6 +591,7 @@ impl Operator {
             ])
             .args(["--identity", identity, "--log-format", "text"])
             .arg(format!("--metrics-addr={addr}"))
+            .arg(format!("--control-key-file={}", key.display()))
             .args(extra)
             .env("KUBECONFIG", cluster.kubeconfig())
             .env("RUST_LOG", "info,tandem_operator=debug")

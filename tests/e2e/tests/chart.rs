@@ -1126,6 +1126,29 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
         "the leader counted reconcile errors (RBAC?): {errors:?}"
     );
     assert_no_forbidden_in_logs(&pods)?;
+    // The chart's control key reached the operator: the workers got the pipeline's token.
+    let control = |what: &[&str]| -> anyhow::Result<String> {
+        let mut args = vec!["get"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&["-n", ns]);
+        cluster.kubectl_ok(args)
+    };
+    let key = || control(&["secret", "tandem-control-key", "-o", "jsonpath={.data.key}"]);
+    let token = || {
+        control(&[
+            "deployment",
+            "minilm-preprocess",
+            "-o",
+            r#"jsonpath={.spec.template.spec.containers[0].env[?(@.name=="TANDEM_CONTROL_TOKEN")].value}"#,
+        ])
+    };
+    let (key_before, token_before) = (key()?, token()?);
+    assert!(key_before.len() >= 64, "the generated key: {key_before:?}");
+    assert_eq!(
+        token_before.len(),
+        64,
+        "the worker's token: {token_before:?}"
+    );
 
     // helm upgrade with a changed value rolls the operator; the new leader keeps reconciling.
     release.upgrade(&cluster, &["concurrency=4", "logging.format=text"])?;
@@ -1157,6 +1180,13 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
     ])?;
     wait_reconciled(&cluster, ns)?;
     assert_no_forbidden_in_logs(&pods)?;
+    // The upgrade kept the key, so the workers' token (and pods) stayed as they were.
+    assert_eq!(
+        key()?,
+        key_before,
+        "helm upgrade regenerated the control key"
+    );
+    assert_eq!(token()?, token_before);
 
     // Uninstall: pipelines first (their objects are theirs, not the chart's), then the chart.
     cluster.kubectl_ok([

@@ -911,3 +911,125 @@ fn a_candidate_crash_looping_on_a_wrong_sha256_rolls_back_long_before_the_progre
     drop(operator);
     drop(server);
 }
+
+#[test]
+fn a_pipelines_control_ports_take_calls_only_with_its_token() {
+    use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
+    use tandem_proto::tandem::v1::{GetStatsRequest, SetRoutesRequest};
+
+    let cluster = Cluster::connect();
+    cluster.ensure_crd().expect("the CRD is served");
+    let ns_guard = cluster.namespace("control-auth").expect("namespace");
+    let ns = ns_guard.name();
+    let (dir, sums) = prepare_models(ns, &["v1"]).expect("model copy");
+    let server = serve(&dir);
+    let _operator = Operator::start(&cluster, ns, "control-auth");
+    cluster
+        .apply(&manifest(ns, &server.base, &sums))
+        .expect("applying the pipeline");
+    // Ready means every preprocess pod holds the operator's routing table: pushed with the
+    // pipeline's token, to pods that require it.
+    wait_ready(&cluster, ns);
+
+    let token_of = |deployment: &str| {
+        cluster
+            .kubectl_ok([
+                "get",
+                "deployment",
+                deployment,
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={.spec.template.spec.containers[0].env[?(@.name==\"TANDEM_CONTROL_TOKEN\")].value}",
+            ])
+            .expect("the Deployment")
+    };
+    let token = token_of(&format!("{PIPELINE}-preprocess"));
+    assert_eq!(token.len(), 64, "{token:?}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token:?}");
+    assert_eq!(
+        token_of(&format!("{PIPELINE}-inference-blue")),
+        token,
+        "one token per pipeline, both stages"
+    );
+    let pre_ip = preprocess_address(&cluster, ns)
+        .trim_end_matches(":8001")
+        .to_owned();
+    let inf_ip = cluster
+        .kubectl_ok([
+            "get",
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            &format!("app.kubernetes.io/instance={PIPELINE},app.kubernetes.io/component=inference"),
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ])
+        .expect("inference pod IP");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    fn with<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        if let Some(t) = token {
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {t}").parse().expect("ASCII"),
+            );
+        }
+        r
+    }
+    rt.block_on(async {
+        let mut pre = WorkerControlClient::connect(format!("http://{pre_ip}:9091"))
+            .await
+            .expect("preprocess control port");
+        // No token, or another pipeline's: refused, and the table the pod holds stays.
+        let hijack = SetRoutesRequest {
+            table: None,
+            replace: true,
+        };
+        for token in [None, Some("0".repeat(64).as_str())] {
+            let e = pre
+                .set_routes(with(hijack.clone(), token))
+                .await
+                .expect_err("SetRoutes without the pipeline's token");
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        }
+        let e = pre
+            .get_stats(with(GetStatsRequest {}, None))
+            .await
+            .expect_err("GetStats without a token");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let stats = pre
+            .get_stats(with(GetStatsRequest {}, Some(&token)))
+            .await
+            .expect("GetStats with the pipeline's token")
+            .into_inner();
+        assert!(
+            stats.ready,
+            "the pod still holds the operator's table: {stats:?}"
+        );
+        assert!(stats.routes_generation > 0, "{stats:?}");
+
+        let mut inf = WorkerControlClient::connect(format!("http://{}:9091", inf_ip.trim()))
+            .await
+            .expect("inference control port");
+        let e = inf
+            .get_stats(with(GetStatsRequest {}, None))
+            .await
+            .expect_err("the inference pod's GetStats without a token");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        assert!(
+            inf.get_stats(with(GetStatsRequest {}, Some(&token)))
+                .await
+                .expect("with it")
+                .into_inner()
+                .model_loaded
+        );
+    });
+    // Still serving after the attempts.
+    wait_ready(&cluster, ns);
+}
