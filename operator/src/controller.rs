@@ -1612,14 +1612,7 @@ mod tests {
             }
         };
         // What the inference Deployments get, as built.
-        let cfg = BuildConfig {
-            worker_image: "tandem-worker:test".into(),
-            image_pull_policy: None,
-            image_pull_secrets: Vec::new(),
-            operator_version: "test".into(),
-            worker_tracing: None,
-            control_key: None,
-        };
+        let cfg = crate::build::tests::cfg();
         let counts = |s: &InferencePipelineStatus| -> Vec<i32> {
             let d = build::build(&v, &plan(&v, Some(s)), &cfg).unwrap();
             d.deployments[1..]

@@ -26,7 +26,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::crd::{Color, ModelRef, RolloutPhase, RolloutStatus, ShadowStatus};
-use crate::status::Transition;
+use crate::status::{Transition, truncate};
 use crate::summary::{ContainerStatusSummary, ContainerTerminated, PodSummary};
 use crate::validate::ValidRollout;
 
@@ -710,11 +710,11 @@ fn crash_loop(pods: &[Arc<PodSummary>], since: Timestamp) -> Option<CrashLoop> {
         Some(t) => {
             detail.push_str(&format!(", last exited with code {}", t.exit_code));
             if let Some(reason) = t.telling_reason() {
-                detail.push_str(&format!(" ({})", excerpt(reason, 64)));
+                detail.push_str(&format!(" ({})", truncate(reason, 64)));
             }
             if let Some(m) = t.why() {
                 detail.push_str(": ");
-                detail.push_str(&excerpt(m, CRASH_MESSAGE_MAX));
+                detail.push_str(&truncate(m, CRASH_MESSAGE_MAX));
             }
         }
         None => detail.push_str(", waiting in CrashLoopBackOff"),
@@ -753,18 +753,6 @@ fn last_termination(c: &ContainerStatusSummary) -> Option<&ContainerTerminated> 
         .terminated
         .as_ref()
         .or(c.last_state.terminated.as_ref())
-}
-
-/// At most `max` bytes of `s`, cut at a char boundary, with `…` when cut.
-fn excerpt(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 /// Counters only grow: a preprocess pod that restarts or goes away takes its counts with it,
