@@ -50,6 +50,21 @@ macro_rules! duration_at_most {
 // A URI the workers can fetch: a path after `file://`, a host after `http://` or `https://`
 // (the scheme alone passed a prefix check, then failed in the operator and the pods).
 const URI_RULE: &str = "self.matches('^(file://.+|https?://[^/].*)$')";
+// A label key (`nvidia.com/gpu.product`): an optional DNS-subdomain prefix and `/`, then a name of
+// at most 63 characters (317 in all: 253 + 1 + 63; the prefix's own bound is left to that).
+// `[.]` rather than `\.`: the node selector's rule puts it in a CEL string literal, where `\.`
+// is no escape.
+macro_rules! label_key_pattern {
+    () => {
+        "^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    };
+}
+/// A label key, as the CRD's node selector rule and toleration `key` check it
+/// (`crate::validate::is_label_key` checks the same, with the prefix's own bound).
+pub const LABEL_KEY_PATTERN: &str = label_key_pattern!();
+/// A label value: empty, or at most 63 letters, digits, `-`, `_` and `.`, starting and ending
+/// with a letter or digit.
+pub const LABEL_VALUE_PATTERN: &str = "^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$";
 
 /// A two-stage AI inference pipeline: CPU preprocess workers in front of (GPU) inference workers,
 /// each stage autoscaled on its own queue depth, with blue-green model rollouts.
@@ -122,6 +137,11 @@ pub struct PreprocessSpec {
     /// memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// Which nodes the preprocess pods may run on: a node selector and tolerations. When
+    /// unset, the pods carry neither.
+    // Boxed: most pipelines have none, and a cached pipeline then pays 8 bytes for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<Box<Scheduling>>,
 }
 
 /// Tokenization and pooling for text models.
@@ -315,6 +335,13 @@ pub struct InferenceSpec {
     /// memory. `nvidia.com/gpu: 1` is added for `CUDA` unless set here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// Which nodes the inference pods may run on: a node selector and tolerations, such as
+    /// `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3` and a toleration of the GPU nodes'
+    /// taint. When unset, the pods carry neither (`CUDA` pods still go only to nodes with a free
+    /// `nvidia.com/gpu`).
+    // Boxed, as in `PreprocessSpec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<Box<Scheduling>>,
 }
 
 /// Compute resources of each pod of a stage, as in a container's `resources`.
@@ -413,6 +440,189 @@ impl JsonSchema for ResourceList {
                 "anyOf": [{"type": "integer"}, {"type": "string"}],
                 "pattern": QUANTITY_PATTERN,
                 "x-kubernetes-int-or-string": true
+            }
+        })
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+}
+
+/// Where the pods of a stage may run, copied into each pod's spec. Affinity and topology
+/// spread constraints are not offered; an admission policy can add them.
+// Not `k8s_openapi`'s `Toleration` and `BTreeMap<String, String>`: their schemas bound no string
+// (the CEL cost estimator and the API server's limits want bounds) and carry the pod's docs, and a
+// `BTreeMap` costs ~0.5 KB per cached pipeline (see `ResourceList`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Scheduling {
+    /// Node labels a node must carry, every one of them, to run the stage's pods, such as
+    /// `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`. At most 32.
+    #[serde(default, skip_serializing_if = "NodeSelector::is_empty")]
+    #[x_kube(validation = Rule::new(concat!("self.all(k, size(k) <= 317 && k.matches('", label_key_pattern!(), "'))")).message("scheduling.nodeSelector keys must be label keys such as nvidia.com/gpu.product: an optional DNS subdomain and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (317 characters in all)"))]
+    pub node_selector: NodeSelector,
+    /// Taints the stage's pods tolerate, so that they may run on nodes that carry them (such
+    /// as GPU nodes tainted `nvidia.com/gpu:NoSchedule`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+}
+
+// The messages of the toleration rules; `validate` gives the same.
+/// Why a toleration without a key is refused.
+pub const TOLERATION_WITHOUT_KEY: &str =
+    "a toleration without a key must have operator: Exists (it then tolerates every taint)";
+/// Why an `Exists` toleration with a value is refused.
+pub const TOLERATION_EXISTS_WITH_VALUE: &str = "a toleration with operator: Exists must not set a value: it matches every value of its key (use operator: Equal to match one value)";
+/// Why `tolerationSeconds` without `effect: NoExecute` is refused.
+pub const TOLERATION_SECONDS_WITHOUT_NO_EXECUTE: &str = "tolerationSeconds applies only to effect: NoExecute (how long a pod stays on a node after such a taint is added)";
+
+/// A taint the pods tolerate, as in a pod's `tolerations`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.key) || self.operator == 'Exists'").message(TOLERATION_WITHOUT_KEY),
+    validation = Rule::new("self.operator != 'Exists' || !has(self.value) || self.value == ''").message(TOLERATION_EXISTS_WITH_VALUE),
+    validation = Rule::new("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')").message(TOLERATION_SECONDS_WITHOUT_NO_EXECUTE)
+)]
+pub struct Toleration {
+    /// The taint key it matches, such as `nvidia.com/gpu`. Without a key, `operator` must be
+    /// `Exists`, and every taint is tolerated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 317), pattern(LABEL_KEY_PATTERN))]
+    pub key: Option<String>,
+    /// `Equal`: the taint's value must be `value`. `Exists`: any value (set no `value`).
+    #[serde(default)]
+    pub operator: TolerationOperator,
+    /// The taint value `operator: Equal` matches; unset matches an empty value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63), pattern(LABEL_VALUE_PATTERN))]
+    pub value: Option<String>,
+    /// The taint effect it matches; unset matches every effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<TaintEffect>,
+    /// With `effect: NoExecute` only: how many seconds a running pod stays on a node after a
+    /// matching taint is added (0 or less: it is evicted at once). Unset: it stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toleration_seconds: Option<i64>,
+}
+
+/// How a toleration matches a taint's value.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TolerationOperator {
+    /// The taint's value equals the toleration's `value`.
+    #[default]
+    Equal,
+    /// The taint has the key, with any value.
+    Exists,
+}
+
+impl TolerationOperator {
+    /// Name as written in a pod's toleration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Equal => "Equal",
+            Self::Exists => "Exists",
+        }
+    }
+}
+
+// What a taint does to pods that do not tolerate it. A `//` comment: kube's schema transform for
+// an `Option` of an enum copies the enum's description over the field's (as it does for
+// `status.phase`), and `kubectl explain` should show the field's.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaintEffect {
+    /// New pods are not scheduled onto the node.
+    NoSchedule,
+    /// The scheduler avoids the node for new pods when it can.
+    PreferNoSchedule,
+    /// New pods are not scheduled, and running pods are evicted.
+    NoExecute,
+}
+
+impl TaintEffect {
+    /// Name as written in a pod's toleration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoSchedule => "NoSchedule",
+            Self::PreferNoSchedule => "PreferNoSchedule",
+            Self::NoExecute => "NoExecute",
+        }
+    }
+}
+
+impl From<&Toleration> for k8s_openapi::api::core::v1::Toleration {
+    fn from(t: &Toleration) -> Self {
+        Self {
+            key: t.key.clone(),
+            operator: Some(t.operator.as_str().to_owned()),
+            value: t.value.clone(),
+            effect: t.effect.map(|e| e.as_str().to_owned()),
+            toleration_seconds: t.toleration_seconds,
+        }
+    }
+}
+
+/// Node label to value, in the JSON of a pod's `nodeSelector`. A sorted boxed slice, for the
+/// reason given at [`ResourceList`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeSelector(Box<[(Box<str>, Box<str>)]>);
+
+impl NodeSelector {
+    /// Whether it names no label.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// As a pod's node selector.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.0
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
+impl<K: Into<Box<str>>, V: Into<Box<str>>> FromIterator<(K, V)> for NodeSelector {
+    /// Sorted by key; the last value given for a key wins.
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let map: BTreeMap<Box<str>, Box<str>> = iter
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        Self(map.into_iter().collect())
+    }
+}
+
+impl Serialize for NodeSelector {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (&**k, &**v)))
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeSelector {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BTreeMap::<String, String>::deserialize(deserializer).map(NodeSelector::from_iter)
+    }
+}
+
+impl JsonSchema for NodeSelector {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "NodeSelector".into()
+    }
+
+    /// A map of at most 32 label values (the keys are checked by the field's CEL rule: a
+    /// structural schema cannot constrain them).
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "maxProperties": 32,
+            "additionalProperties": {
+                "description": "A label value: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit.",
+                "type": "string",
+                "maxLength": 63,
+                "pattern": LABEL_VALUE_PATTERN
             }
         })
     }
@@ -1126,6 +1336,101 @@ mod tests {
             serde_json::json!([{"type": "integer"}, {"type": "string"}])
         );
         assert_eq!(value["pattern"], QUANTITY_PATTERN);
+    }
+
+    #[test]
+    fn scheduling_reads_and_writes_the_json_of_a_pod_s_node_selector_and_tolerations() {
+        let json = serde_json::json!({
+            "nodeSelector": {"zone": "b", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                {"key": "maintenance", "value": "soon", "effect": "NoExecute", "tolerationSeconds": 60},
+            ],
+        });
+        let s: Scheduling = serde_json::from_value(json.clone()).expect("decodes");
+        // Sorted by key, as a pod's map is written.
+        assert_eq!(
+            s.node_selector.to_map().into_iter().collect::<Vec<_>>(),
+            [
+                (
+                    "nvidia.com/gpu.product".to_owned(),
+                    "NVIDIA-H100-80GB-HBM3".to_owned()
+                ),
+                ("zone".to_owned(), "b".to_owned())
+            ]
+        );
+        assert_eq!(
+            s.tolerations[1].operator,
+            TolerationOperator::Equal,
+            "the default"
+        );
+        let mut written = json;
+        written["tolerations"][1]["operator"] = "Equal".into();
+        assert_eq!(serde_json::to_value(&s).expect("encodes"), written);
+        let k8s = k8s_openapi::api::core::v1::Toleration::from(&s.tolerations[1]);
+        assert_eq!(
+            serde_json::to_value(k8s).expect("encodes"),
+            written["tolerations"][1]
+        );
+        // Nothing set, nothing written; and a stage without it pays one pointer.
+        assert_eq!(
+            serde_json::to_value(Scheduling::default()).expect("encodes"),
+            serde_json::json!({})
+        );
+        let spec = crate::test_fixtures::text_pipeline().spec;
+        let written = serde_json::to_value(&spec).expect("encodes");
+        assert!(written["preprocess"].get("scheduling").is_none());
+        assert!(written["inference"].get("scheduling").is_none());
+        assert_eq!(std::mem::size_of::<Option<Box<Scheduling>>>(), 8);
+    }
+
+    #[test]
+    fn scheduling_is_bounded_in_the_schema_of_both_stages() {
+        let crd: serde_json::Value =
+            serde_yaml_ng::from_str(&crd_yaml().expect("yaml")).expect("parses");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        for stage in ["preprocess", "inference"] {
+            let s = &spec[stage]["properties"]["scheduling"]["properties"];
+            let selector = &s["nodeSelector"];
+            assert_eq!(selector["maxProperties"], 32, "{stage}");
+            assert_eq!(selector["additionalProperties"]["maxLength"], 63, "{stage}");
+            assert_eq!(
+                selector["additionalProperties"]["pattern"], LABEL_VALUE_PATTERN,
+                "{stage}"
+            );
+            assert!(
+                selector["x-kubernetes-validations"][0]["rule"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(LABEL_KEY_PATTERN) && r.contains("<= 317")),
+                "{stage}"
+            );
+            assert_eq!(
+                selector["x-kubernetes-validations"]
+                    .as_array()
+                    .map(Vec::len),
+                Some(1),
+                "{stage}: the key rule"
+            );
+            let tolerations = &s["tolerations"];
+            assert_eq!(tolerations["maxItems"], 32, "{stage}");
+            let t = &tolerations["items"];
+            assert_eq!(t["properties"]["key"]["maxLength"], 317, "{stage}");
+            assert_eq!(
+                t["properties"]["key"]["pattern"], LABEL_KEY_PATTERN,
+                "{stage}"
+            );
+            assert_eq!(
+                t["properties"]["value"]["pattern"], LABEL_VALUE_PATTERN,
+                "{stage}"
+            );
+            assert_eq!(t["properties"]["value"]["maxLength"], 63, "{stage}");
+            assert_eq!(t["properties"]["operator"]["default"], "Equal", "{stage}");
+            assert_eq!(
+                t["x-kubernetes-validations"].as_array().map(Vec::len),
+                Some(3),
+                "{stage}: key or Exists, no value with Exists, seconds only with NoExecute"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use kube::api::ObjectMeta;
 use crate::crd::{
     Batching, Device, ImageDtype, ImagePreprocess, InferencePipeline, InferencePipelineSpec,
     InferenceSpec, ModelSpec, Normalize, PreprocessSpec, ReplicaRange, Resize, ResizeFilter,
-    ResizeMode, RolloutSpec, TensorLayout, TextPreprocess,
+    ResizeMode, RolloutSpec, Scheduling, TensorLayout, TextPreprocess,
 };
 
 pub const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -24,6 +24,7 @@ pub fn text_pipeline() -> InferencePipeline {
                 target_queue_depth: 16,
                 max_queue_depth: 1024,
                 resources: None,
+                scheduling: None,
             },
             inference: InferenceSpec {
                 model: ModelSpec {
@@ -38,6 +39,7 @@ pub fn text_pipeline() -> InferencePipeline {
                 target_queue_depth: 64,
                 max_queue_depth: 1024,
                 resources: None,
+                scheduling: None,
             },
             rollout: RolloutSpec::default(),
         },
@@ -77,6 +79,18 @@ pub fn image_pipeline() -> InferencePipeline {
     p.spec.inference.device = Device::Cpu;
     p.spec.inference.model.name = "efficientnet-lite0".into();
     p
+}
+
+/// The `scheduling` of docs/operations.md's GPU example: an H100 node, tolerating the GPU
+/// nodes' taint.
+pub fn gpu_scheduling() -> Box<Scheduling> {
+    Box::new(
+        serde_json::from_value(serde_json::json!({
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        }))
+        .expect("a valid scheduling"),
+    )
 }
 
 /// The log lines `f` emits, as the operator writes them with `logging.format: json` (fields

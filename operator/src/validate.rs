@@ -6,12 +6,14 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use kube::ResourceExt;
 
 use crate::crd::{
     Device, ImagePreprocess, InferencePipeline, MAX_PIPELINE_NAME_LEN, ModelSpec, ReplicaRange,
-    TextPreprocess,
+    TaintEffect, TextPreprocess, TolerationOperator,
 };
 
 /// Why a spec cannot be served. The `Display` text goes into the Degraded condition, so it
@@ -108,6 +110,34 @@ pub enum ValidateError {
         /// Given value.
         value: String,
     },
+    /// A node selector key or toleration key that is not a label key (the pod would be refused).
+    #[error(
+        "{field} must be a label key such as nvidia.com/gpu.product: an optional DNS subdomain and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (got {value:?})"
+    )]
+    LabelKey {
+        /// `inference.scheduling.nodeSelector key` and so on.
+        field: String,
+        /// Given key.
+        value: String,
+    },
+    /// A node selector value or toleration value that is not a label value.
+    #[error(
+        "{field} must be a label value: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (got {value:?})"
+    )]
+    LabelValue {
+        /// `inference.scheduling.nodeSelector["zone"]` and so on.
+        field: String,
+        /// Given value.
+        value: String,
+    },
+    /// A toleration that breaks one of the CRD's toleration rules.
+    #[error("{field}: {rule}")]
+    Toleration {
+        /// `inference.scheduling.tolerations[0]` and so on.
+        field: String,
+        /// The rule's message, as the CRD gives it.
+        rule: &'static str,
+    },
     /// Not a SHA-256 hex digest.
     #[error("inference.model.sha256 must be exactly 64 hexadecimal characters")]
     Sha256,
@@ -178,6 +208,8 @@ pub struct ValidPreprocess {
     pub max_queue_depth: u32,
     /// Pod resources as given.
     pub resources: Option<ResourceRequirements>,
+    /// Node selector and tolerations as given.
+    pub scheduling: PodScheduling,
 }
 
 /// The inference stage, validated.
@@ -199,6 +231,18 @@ pub struct ValidInference {
     pub max_queue_depth: u32,
     /// Pod resources as given.
     pub resources: Option<ResourceRequirements>,
+    /// Node selector and tolerations as given.
+    pub scheduling: PodScheduling,
+}
+
+/// A stage's `scheduling` as the pod spec's fields: `None` where the spec sets nothing, so a
+/// pipeline without it builds the pod spec it built before the field existed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodScheduling {
+    /// The pod's `nodeSelector`.
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// The pod's `tolerations`.
+    pub tolerations: Option<Vec<Toleration>>,
 }
 
 /// The rollout policy, validated.
@@ -279,6 +323,95 @@ fn resources(
         }
     }
     Ok(Some(ResourceRequirements::from(r)))
+}
+
+/// A stage's scheduling as pod spec fields, each label and toleration checked as the CRD does
+/// (the API server would refuse the Deployment with a message about the Deployment, not the
+/// pipeline).
+fn scheduling(
+    stage: &str,
+    s: Option<&crate::crd::Scheduling>,
+) -> Result<PodScheduling, ValidateError> {
+    let Some(s) = s else {
+        return Ok(PodScheduling::default());
+    };
+    let node_selector = s.node_selector.to_map();
+    for (key, value) in &node_selector {
+        if !is_label_key(key) {
+            return Err(ValidateError::LabelKey {
+                field: format!("{stage}.scheduling.nodeSelector key"),
+                value: key.clone(),
+            });
+        }
+        if !is_label_value(value) {
+            return Err(ValidateError::LabelValue {
+                field: format!("{stage}.scheduling.nodeSelector[{key:?}]"),
+                value: value.clone(),
+            });
+        }
+    }
+    for (i, t) in s.tolerations.iter().enumerate() {
+        let field = format!("{stage}.scheduling.tolerations[{i}]");
+        let exists = t.operator == TolerationOperator::Exists;
+        let value = t.value.as_deref().unwrap_or_default();
+        let rule = match &t.key {
+            Some(key) if !is_label_key(key) => {
+                return Err(ValidateError::LabelKey {
+                    field: format!("{field}.key"),
+                    value: key.clone(),
+                });
+            }
+            None if !exists => Some(crate::crd::TOLERATION_WITHOUT_KEY),
+            _ if exists && !value.is_empty() => Some(crate::crd::TOLERATION_EXISTS_WITH_VALUE),
+            _ if t.toleration_seconds.is_some() && t.effect != Some(TaintEffect::NoExecute) => {
+                Some(crate::crd::TOLERATION_SECONDS_WITHOUT_NO_EXECUTE)
+            }
+            _ => None,
+        };
+        if let Some(rule) = rule {
+            return Err(ValidateError::Toleration { field, rule });
+        }
+        if !is_label_value(value) {
+            return Err(ValidateError::LabelValue {
+                field: format!("{field}.value"),
+                value: value.to_owned(),
+            });
+        }
+    }
+    Ok(PodScheduling {
+        node_selector: (!node_selector.is_empty()).then_some(node_selector),
+        tolerations: (!s.tolerations.is_empty())
+            .then(|| s.tolerations.iter().map(Toleration::from).collect()),
+    })
+}
+
+/// Whether `s` is a label key (a qualified name): an optional DNS subdomain of at most 253
+/// characters and `/`, then a name of at most 63 — the CRD's [`crate::crd::LABEL_KEY_PATTERN`]
+/// with the prefix's own bound.
+pub fn is_label_key(s: &str) -> bool {
+    let (prefix, name) = match s.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, s),
+    };
+    let dns_label = |l: &str| {
+        l.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && l.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && l.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    let subdomain = |p: &str| p.len() <= 253 && p.split('.').all(dns_label);
+    !name.is_empty() && is_label_value(name) && prefix.is_none_or(subdomain)
+}
+
+/// Whether `s` is a label value: empty, or at most 63 letters, digits, `-`, `_` and `.`,
+/// starting and ending with a letter or digit ([`crate::crd::LABEL_VALUE_PATTERN`]).
+pub fn is_label_value(s: &str) -> bool {
+    s.is_empty()
+        || (s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric()))
 }
 
 /// Whether `s` is a Kubernetes quantity: a signed decimal number with an optional binary
@@ -364,6 +497,7 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
         target_queue_depth: positive("preprocess.targetQueueDepth", pre.target_queue_depth.into())?,
         max_queue_depth: positive("preprocess.maxQueueDepth", pre.max_queue_depth.into())?,
         resources: resources("preprocess", pre.resources.as_ref())?,
+        scheduling: scheduling("preprocess", pre.scheduling.as_deref())?,
     };
     target_within_max("preprocess", pre.target_queue_depth, pre.max_queue_depth)?;
 
@@ -385,6 +519,7 @@ pub fn validate(p: &InferencePipeline) -> Result<ValidatedPipeline, ValidateErro
         target_queue_depth: positive("inference.targetQueueDepth", inf.target_queue_depth.into())?,
         max_queue_depth: positive("inference.maxQueueDepth", inf.max_queue_depth.into())?,
         resources: resources("inference", inf.resources.as_ref())?,
+        scheduling: scheduling("inference", inf.scheduling.as_deref())?,
     };
 
     let r = &spec.rollout;
@@ -606,6 +741,151 @@ mod tests {
             validate(&p).unwrap_err().to_string(),
             "inference.resources.requests.cpu must be a quantity such as 500m, 2 or 1Gi (got \"lots\")"
         );
+    }
+
+    #[test]
+    fn scheduling_is_carried_into_its_own_stage_as_pod_spec_fields_and_none_when_empty() {
+        let v = validate(&text_pipeline()).expect("valid");
+        assert_eq!(v.preprocess.scheduling, PodScheduling::default());
+        assert_eq!(v.inference.scheduling, PodScheduling::default());
+
+        let mut p = text_pipeline();
+        p.spec.inference.scheduling = Some(crate::test_fixtures::gpu_scheduling());
+        p.spec.preprocess.scheduling = Some(Box::default());
+        let v = validate(&p).expect("valid");
+        assert_eq!(
+            v.preprocess.scheduling,
+            PodScheduling::default(),
+            "an empty scheduling sets nothing"
+        );
+        let s = &v.inference.scheduling;
+        assert_eq!(
+            s.node_selector,
+            Some(BTreeMap::from([(
+                "nvidia.com/gpu.product".to_owned(),
+                "NVIDIA-H100-80GB-HBM3".to_owned()
+            )]))
+        );
+        assert_eq!(
+            s.tolerations,
+            Some(vec![Toleration {
+                key: Some("nvidia.com/gpu".into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Toleration::default()
+            }])
+        );
+    }
+
+    #[test]
+    fn a_label_or_toleration_the_crd_refuses_is_refused_naming_its_stage_and_place() {
+        let with = |stage: &str, scheduling: serde_json::Value| {
+            let mut p = text_pipeline();
+            let s = Some(Box::new(
+                serde_json::from_value(scheduling).expect("decodes"),
+            ));
+            match stage {
+                "preprocess" => p.spec.preprocess.scheduling = s,
+                _ => p.spec.inference.scheduling = s,
+            }
+            validate(&p).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let cases = [
+            (
+                serde_json::json!({"nodeSelector": {"has space": "x"}}),
+                r#"inference.scheduling.nodeSelector key must be a label key such as nvidia.com/gpu.product: an optional DNS subdomain and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (got "has space")"#,
+            ),
+            (
+                serde_json::json!({"nodeSelector": {"zone": "a/b"}}),
+                r#"inference.scheduling.nodeSelector["zone"] must be a label value: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (got "a/b")"#,
+            ),
+            (
+                serde_json::json!({"tolerations": [{"operator": "Exists"}, {"value": "v"}]}),
+                "inference.scheduling.tolerations[1]: a toleration without a key must have operator: Exists (it then tolerates every taint)",
+            ),
+            (
+                serde_json::json!({"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
+                "inference.scheduling.tolerations[0]: a toleration with operator: Exists must not set a value: it matches every value of its key (use operator: Equal to match one value)",
+            ),
+            (
+                serde_json::json!({"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5}]}),
+                "inference.scheduling.tolerations[0]: tolerationSeconds applies only to effect: NoExecute (how long a pod stays on a node after such a taint is added)",
+            ),
+            (
+                serde_json::json!({"tolerations": [{"key": "-k"}]}),
+                r#"inference.scheduling.tolerations[0].key must be a label key such as nvidia.com/gpu.product: an optional DNS subdomain and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (got "-k")"#,
+            ),
+            (
+                serde_json::json!({"tolerations": [{"key": "k", "value": "v!"}]}),
+                r#"inference.scheduling.tolerations[0].value must be a label value: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (got "v!")"#,
+            ),
+        ];
+        for (scheduling, message) in cases {
+            assert_eq!(
+                with("inference", scheduling.clone()),
+                Err(message.to_owned())
+            );
+            assert_eq!(
+                with("preprocess", scheduling),
+                Err(message.replacen("inference", "preprocess", 1))
+            );
+        }
+        for ok in [
+            serde_json::json!({"tolerations": [{"operator": "Exists"}]}),
+            serde_json::json!({"tolerations": [{"key": "k", "operator": "Exists", "value": ""}]}),
+            serde_json::json!({"tolerations": [{"key": "k", "effect": "NoExecute", "tolerationSeconds": 0}]}),
+            serde_json::json!({"nodeSelector": {"zone": ""}}),
+        ] {
+            assert_eq!(with("inference", ok.clone()), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn label_keys_and_values_follow_the_kubernetes_grammar_and_the_crd_patterns() {
+        let prefix = format!("{0}.{0}.{0}.{1}", "a".repeat(63), "b".repeat(61));
+        assert_eq!(prefix.len(), 253);
+        let longest = format!("{prefix}/{}", "c".repeat(63));
+        let key = regex::Regex::new(crate::crd::LABEL_KEY_PATTERN).unwrap();
+        let value = regex::Regex::new(crate::crd::LABEL_VALUE_PATTERN).unwrap();
+        for ok in [
+            "zone",
+            "nvidia.com/gpu.product",
+            "node-role.kubernetes.io/gpu",
+            "Zone_1.a",
+            longest.as_str(),
+        ] {
+            assert!(is_label_key(ok), "{ok}");
+            assert!(key.is_match(ok), "{ok}: the CRD and the operator agree");
+        }
+        for bad in [
+            "",
+            "/gpu",
+            "nvidia.com/",
+            "Nvidia.com/gpu",
+            "nvidia..com/gpu",
+            "-nvidia.com/gpu",
+            "a/b/c",
+            "-zone",
+            "zone.",
+            "has space",
+            &"n".repeat(64),
+        ] {
+            assert!(!is_label_key(bad), "{bad}");
+            assert!(!key.is_match(bad), "{bad}: the CRD and the operator agree");
+        }
+        // Only the operator holds the prefix to 253 (the CRD bounds the whole key at 317).
+        assert!(!is_label_key(&format!("a{prefix}/c")));
+        for ok in ["", "a", "NVIDIA-H100-80GB-HBM3", "1.2_3", &"v".repeat(63)] {
+            assert!(is_label_value(ok), "{ok}");
+            assert!(value.is_match(ok), "{ok}: the CRD and the operator agree");
+        }
+        for bad in ["-a", "a-", "a/b", "with space", "v!", &"v".repeat(64)] {
+            assert!(!is_label_value(bad), "{bad}");
+            assert!(
+                !value.is_match(bad),
+                "{bad}: the CRD and the operator agree"
+            );
+        }
     }
 
     #[test]

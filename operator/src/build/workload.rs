@@ -22,7 +22,7 @@ use super::{
     PORT_GRPC, PORT_HTTP, PORT_METRICS, Stage, names, object_meta, pod_labels, selector_labels,
 };
 use crate::crd::{Color, Device};
-use crate::validate::ValidatedPipeline;
+use crate::validate::{PodScheduling, ValidatedPipeline};
 
 /// Extended resource a CUDA inference pod requests.
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -97,6 +97,7 @@ pub fn preprocess_deployment(
             container,
             volumes,
             PREPROCESS_GRACE_SECONDS,
+            &v.preprocess.scheduling,
         ),
         annotations,
     )
@@ -164,6 +165,7 @@ pub fn inference_deployment(
             container,
             vec![tmp_volume()],
             INFERENCE_GRACE_SECONDS,
+            &inf.scheduling,
         ),
         BTreeMap::new(),
     )
@@ -217,6 +219,7 @@ fn pod_spec(
     container: Container,
     volumes: Vec<Volume>,
     grace: i64,
+    scheduling: &PodScheduling,
 ) -> PodSpec {
     let pull_secrets = cfg
         .image_pull_secrets
@@ -231,6 +234,10 @@ fn pod_spec(
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
         termination_grace_period_seconds: Some(grace),
+        // `None` when unset: a pipeline without `scheduling` keeps its pod template, and its
+        // pods, across the operator upgrade that added the field.
+        node_selector: scheduling.node_selector.clone(),
+        tolerations: scheduling.tolerations.clone(),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(WORKER_UID),
@@ -410,7 +417,7 @@ fn short_hash(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::build::tests::{blue, cfg};
-    use crate::build::{WorkerTracing, build, render_worker_config};
+    use crate::build::{Observed, WorkerTracing, build, render_worker_config};
     use crate::crd::ModelRef;
     use crate::test_fixtures::{image_pipeline, text_pipeline};
     use crate::validate::validate;
@@ -675,6 +682,101 @@ mod tests {
         // The objects themselves still say which operator version wrote them.
         assert_eq!(old_labels[crate::build::LABEL_VERSION], "0.1.0");
         assert_eq!(new_labels[crate::build::LABEL_VERSION], "0.1.1");
+    }
+
+    #[test]
+    fn a_stage_s_scheduling_reaches_its_own_pod_spec_and_no_other() {
+        let plain = validate(&text_pipeline()).unwrap();
+        let plain = build(&plain, &blue(&plain), &cfg()).unwrap().deployments;
+        let template = |d: &Deployment| d.spec.as_ref().unwrap().template.clone();
+        let mut p = text_pipeline();
+        p.spec.inference.scheduling = Some(crate::test_fixtures::gpu_scheduling());
+        let v = validate(&p).unwrap();
+        let built = build(&v, &blue(&v), &cfg()).unwrap().deployments;
+        let (pre, inf) = (pod(&built[0]), pod(&built[1]));
+        assert_eq!(
+            inf.node_selector,
+            Some(BTreeMap::from([(
+                "nvidia.com/gpu.product".to_owned(),
+                "NVIDIA-H100-80GB-HBM3".to_owned()
+            )]))
+        );
+        let toleration = &inf.tolerations.as_ref().unwrap()[..];
+        assert_eq!(toleration.len(), 1);
+        assert_eq!(toleration[0].key.as_deref(), Some("nvidia.com/gpu"));
+        assert_eq!(toleration[0].operator.as_deref(), Some("Exists"));
+        assert_eq!(toleration[0].effect.as_deref(), Some("NoSchedule"));
+        assert_eq!(toleration[0].value, None);
+        assert_eq!((&pre.node_selector, &pre.tolerations), (&None, &None));
+        assert_eq!(
+            template(&built[0]),
+            template(&plain[0]),
+            "preprocess untouched"
+        );
+
+        // And the other way round, on every color.
+        let mut p = text_pipeline();
+        p.spec.preprocess.scheduling = Some(crate::test_fixtures::gpu_scheduling());
+        let v = validate(&p).unwrap();
+        let both = Observed {
+            colors: vec![
+                ColorPlan {
+                    color: Color::Blue,
+                    model: ModelRef::from(&v.inference.model),
+                    replicas: 1,
+                },
+                ColorPlan {
+                    color: Color::Green,
+                    model: ModelRef::from(&v.inference.model),
+                    replicas: 1,
+                },
+            ],
+            preprocess_desired: None,
+        };
+        let built = build(&v, &both, &cfg()).unwrap().deployments;
+        assert_eq!(built.len(), 3);
+        assert!(pod(&built[0]).node_selector.is_some() && pod(&built[0]).tolerations.is_some());
+        for d in &built[1..] {
+            assert_eq!((&pod(d).node_selector, &pod(d).tolerations), (&None, &None));
+        }
+        assert_eq!(
+            template(&built[1]),
+            template(&plain[1]),
+            "inference untouched"
+        );
+    }
+
+    #[test]
+    fn a_pipeline_without_scheduling_builds_the_pod_templates_it_built_before_the_field() {
+        let templates = |p: &crate::crd::InferencePipeline| -> Vec<PodTemplateSpec> {
+            let v = validate(p).unwrap();
+            build(&v, &blue(&v), &cfg())
+                .unwrap()
+                .deployments
+                .into_iter()
+                .map(|d| d.spec.unwrap().template)
+                .collect()
+        };
+        for absent in [text_pipeline(), image_pipeline()] {
+            let before = templates(&absent);
+            for t in &before {
+                let json = serde_json::to_value(t).unwrap();
+                let spec = json["spec"].as_object().unwrap();
+                assert!(
+                    !spec.contains_key("nodeSelector") && !spec.contains_key("tolerations"),
+                    "{json}"
+                );
+            }
+            // `scheduling: {}` (what is left after removing every entry) sets nothing either.
+            let mut empty = absent.clone();
+            empty.spec.preprocess.scheduling = Some(Box::default());
+            empty.spec.inference.scheduling = Some(Box::default());
+            assert_eq!(
+                templates(&empty),
+                before,
+                "a new pod template rolls the pods"
+            );
+        }
     }
 
     /// docs/examples/networkpolicy/worker-control.yaml, which docs/operations.md tells users

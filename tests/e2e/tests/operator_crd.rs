@@ -198,6 +198,130 @@ fn duration_bounds_are_enforced_by_the_api_server_at_the_edge_and_without_evalua
 }
 
 #[test]
+fn scheduling_bounds_and_rules_are_enforced_by_the_api_server_without_evaluation_errors() {
+    let cluster = Cluster::connect();
+    cluster.ensure_crd().expect("the CRD is served");
+    let ns = cluster.namespace("op-scheduling").expect("namespace");
+    // The longest label key: a 253-character DNS subdomain, '/', a 63-character name.
+    let prefix = format!("{0}.{0}.{0}.{1}", "a".repeat(63), "b".repeat(61));
+    let longest = format!("{prefix}/{}", "c".repeat(63));
+    assert_eq!(longest.len(), 317);
+    let many: serde_json::Map<String, serde_json::Value> = (0..33)
+        .map(|i| (format!("label-{i}"), "x".into()))
+        .collect();
+    let toleration = |t: serde_json::Value| serde_json::json!({"tolerations": [t]});
+    // (scheduling, None when accepted or the message it is refused with)
+    let cases = [
+        (serde_json::json!({}), None),
+        (
+            serde_json::json!({"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "zone": ""}}),
+            None,
+        ),
+        (
+            serde_json::json!({"nodeSelector": {longest.as_str(): "x"}}),
+            None,
+        ),
+        (
+            serde_json::json!({"nodeSelector": {format!("a{longest}"): "x"}}),
+            Some("scheduling.nodeSelector keys must be label keys"),
+        ),
+        (
+            serde_json::json!({"nodeSelector": {"has space": "x"}}),
+            Some("scheduling.nodeSelector keys must be label keys"),
+        ),
+        (
+            serde_json::json!({"nodeSelector": {"zone": "not/a/value"}}),
+            Some("should match"),
+        ),
+        (
+            serde_json::json!({"nodeSelector": many}),
+            Some("must have at most 32 items"),
+        ),
+        (toleration(serde_json::json!({"operator": "Exists"})), None),
+        (
+            toleration(serde_json::json!({"key": "k", "operator": "Exists", "value": ""})),
+            None,
+        ),
+        (
+            toleration(
+                serde_json::json!({"key": "k", "effect": "NoExecute", "tolerationSeconds": 0}),
+            ),
+            None,
+        ),
+        (
+            toleration(serde_json::json!({"value": "v"})),
+            Some("a toleration without a key must have operator: Exists"),
+        ),
+        (
+            toleration(serde_json::json!({"key": "k", "operator": "Exists", "value": "v"})),
+            Some("a toleration with operator: Exists must not set a value"),
+        ),
+        (
+            toleration(serde_json::json!({"key": "k", "tolerationSeconds": 5})),
+            Some("tolerationSeconds applies only to effect: NoExecute"),
+        ),
+        (
+            toleration(serde_json::json!({"key": "k", "effect": "NoSchedul"})),
+            Some("Unsupported value"),
+        ),
+        (
+            serde_json::json!({"tolerations": vec![serde_json::json!({"operator": "Exists"}); 33]}),
+            Some("must have at most 32 items"),
+        ),
+    ];
+    for (scheduling, refused) in cases {
+        for stage in ["preprocess", "inference"] {
+            let mut spec = serde_json::json!({
+                "preprocess": {"text": {"tokenizer": "file:///m/tokenizer.json"}},
+                "inference": {"model": {"name": "m", "version": "1",
+                    "uri": "https://example.invalid/m.safetensors", "sha256": "0".repeat(64)}},
+            });
+            spec[stage]["scheduling"] = scheduling.clone();
+            let obj = serde_json::json!({"apiVersion": "tandem.dev/v1alpha1",
+                "kind": "InferencePipeline", "metadata": {"name": "scheduling"}, "spec": spec});
+            let out = cluster
+                .kubectl_stdin(
+                    &["create", "--dry-run=server", "-o", "json", "-n", ns.name()],
+                    &obj.to_string(),
+                )
+                .expect("running kubectl");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let case = format!("{stage}: {scheduling}");
+            match refused {
+                None => {
+                    assert!(out.status.success(), "{case}: {stderr}");
+                    let stored: serde_json::Value =
+                        serde_json::from_slice(&out.stdout).expect("json");
+                    // Nothing pruned: the schema knows every field.
+                    let mut expected = scheduling.clone();
+                    for t in expected
+                        .get_mut("tolerations")
+                        .and_then(serde_json::Value::as_array_mut)
+                        .into_iter()
+                        .flatten()
+                    {
+                        t.as_object_mut()
+                            .expect("object")
+                            .entry("operator")
+                            .or_insert("Equal".into());
+                    }
+                    assert_eq!(stored["spec"][stage]["scheduling"], expected, "{case}");
+                }
+                Some(message) => {
+                    assert!(!out.status.success(), "{case}: accepted");
+                    assert!(
+                        stderr.contains(&format!("spec.{stage}.scheduling"))
+                            && stderr.contains(message),
+                        "{case}: expected {message:?} in {stderr}"
+                    );
+                    assert!(!stderr.contains("evaluating rule"), "{case}: {stderr}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn kubectl_explain_shows_the_field_documentation() {
     let cluster = Cluster::connect();
     cluster.ensure_crd().expect("the CRD is served");
