@@ -445,6 +445,136 @@ fn a_second_reconcile_changes_nothing_and_spec_edits_flow_through() {
     assert_eq!(p["status"]["inference"]["desiredReplicas"], 2);
 }
 
+/// Preprocess pods that ask for a node label no node carries (and nothing else a node lacks),
+/// beside an inference stage that tolerates taints and starts at zero pods, so that its own pods
+/// cannot take the Degraded condition.
+const PLACED: &str = r#"
+apiVersion: tandem.dev/v1alpha1
+kind: InferencePipeline
+metadata: {name: placed}
+spec:
+  preprocess:
+    text: {tokenizer: "file:///var/lib/tandem/models/minilm/tokenizer.json"}
+    replicas: {min: 1, max: 1}
+    resources: {requests: {cpu: 10m, memory: 64Mi}}
+    scheduling:
+      nodeSelector: {e2e.tandem.dev/no-node-has-this: "true"}
+  inference:
+    model: {name: minilm, version: "1", uri: "file:///var/lib/tandem/models/minilm/model.safetensors",
+            sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"}
+    device: CUDA
+    replicas: {min: 0, max: 1}
+    scheduling:
+      tolerations:
+      - {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}
+      - {key: e2e.tandem.dev/maintenance, value: soon, effect: NoExecute, tolerationSeconds: 30}
+"#;
+
+#[test]
+fn a_stage_s_scheduling_reaches_only_its_pods_and_an_unmatched_node_selector_is_named_in_degraded()
+{
+    let cluster = Cluster::connect();
+    let (ns, op) = pipeline_in_own_namespace(&cluster, "op-scheduling", PLACED);
+    let ns = ns.name();
+    let p = wait_for_status(
+        &cluster,
+        ns,
+        "placed",
+        &op,
+        "Degraded=True PodsUnschedulable naming the node selector",
+        |p| {
+            condition(p, "Degraded")["reason"] == "PodsUnschedulable"
+                && condition(p, "Degraded")["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("node affinity/selector"))
+        },
+    );
+    let message = condition(&p, "Degraded")["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.starts_with("0/1 preprocess pods ready: ")
+            && message.contains("didn't match Pod's node affinity/selector"),
+        "{message}"
+    );
+
+    // Each Deployment carries its own stage's fields, as the API server stored the pipeline
+    // (`operator: Equal` is the CRD's default).
+    let pre = deployment(&cluster, ns, "placed-preprocess");
+    let inf = deployment(&cluster, ns, "placed-inference-blue");
+    let (pre_pod, inf_pod) = (
+        &pre["spec"]["template"]["spec"],
+        &inf["spec"]["template"]["spec"],
+    );
+    assert_eq!(
+        pre_pod["nodeSelector"],
+        json!({"e2e.tandem.dev/no-node-has-this": "true"})
+    );
+    assert!(pre_pod.get("tolerations").is_none(), "{pre_pod}");
+    assert_eq!(
+        inf_pod["tolerations"],
+        json!([
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "e2e.tandem.dev/maintenance", "operator": "Equal", "value": "soon",
+             "effect": "NoExecute", "tolerationSeconds": 30},
+        ])
+    );
+    assert!(inf_pod.get("nodeSelector").is_none(), "{inf_pod}");
+    assert_eq!(inf["spec"]["replicas"], 0);
+
+    // Without the selector the template drops it, and the new template's pod is placed.
+    cluster
+        .kubectl_ok([
+            "patch",
+            "ipl",
+            "placed",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"preprocess":{"scheduling":{"nodeSelector":null}}}}"#,
+        ])
+        .expect("patch");
+    wait_until(
+        "the preprocess pod template without a node selector",
+        Duration::from_secs(60),
+        || {
+            let pre = deployment(&cluster, ns, "placed-preprocess");
+            let pod = &pre["spec"]["template"]["spec"];
+            Ok(
+                (pod.get("nodeSelector").is_none() && pod.get("tolerations").is_none())
+                    .then_some(()),
+            )
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+    wait_until(
+        "a preprocess pod without the selector to be scheduled",
+        Duration::from_secs(60),
+        || {
+            let pods = cluster.get_json(&[
+                "pods",
+                "-n",
+                ns,
+                "-l",
+                "app.kubernetes.io/instance=placed,app.kubernetes.io/component=preprocess",
+            ])?;
+            Ok(pods["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|pod| {
+                    pod["spec"].get("nodeSelector").is_none()
+                        && pod["spec"]["nodeName"]
+                            .as_str()
+                            .is_some_and(|n| !n.is_empty())
+                })
+                .then_some(()))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+}
+
 #[test]
 fn an_object_the_api_server_refuses_degrades_the_pipeline_with_its_message_until_fixed() {
     // The CRD cannot see that a request exceeds its limit; the API server refuses the
