@@ -13,6 +13,7 @@
 //! Without a key (`--control-key-file` unset) pods get no token and calls carry none: the
 //! workers then take every call, as before.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
@@ -81,11 +82,12 @@ impl ControlKey {
             }
             mac.update(part.as_bytes());
         }
-        mac.finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        let mut hex = String::with_capacity(64);
+        for b in mac.finalize().into_bytes() {
+            // Writing to a String cannot fail.
+            let _ = write!(hex, "{b:02x}");
+        }
+        hex
     }
 }
 

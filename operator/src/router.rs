@@ -235,10 +235,8 @@ async fn sync_once(
         let workers = by_pipeline.remove(&(ns, name)).unwrap_or_default();
         let key = (ns.to_owned(), name.to_owned());
         seen.insert(key.clone());
-        let token: Option<Arc<str>> = cfg.control_key.as_ref().map(|k| {
-            let uid = pipeline.metadata.uid.as_deref().unwrap_or_default();
-            k.token(ns, name, uid).into()
-        });
+        // Derived at the pipeline's first push of this pass: most passes push nothing.
+        let mut token: Option<Arc<str>> = None;
         let routes = state.entry(key.clone()).or_default();
         let mut desired = desired_table(pipeline, &workers);
         match &routes.table {
@@ -278,6 +276,12 @@ async fn sync_once(
                 table: Some(desired.clone()),
                 replace: routes.replace.contains(&w.name),
             };
+            if token.is_none()
+                && let Some(k) = &cfg.control_key
+            {
+                let uid = pipeline.metadata.uid.as_deref().unwrap_or_default();
+                token = Some(k.token(ns, name, uid).into());
+            }
             pushes.push((
                 (ns.to_owned(), name.to_owned()),
                 w.name.clone(),

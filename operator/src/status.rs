@@ -1230,6 +1230,34 @@ mod tests {
         );
     }
 
+    /// The summary of a pod whose one container, `inference`, has this status.
+    fn pod_with(container: ContainerStatus) -> PodSummary {
+        let pod = Pod {
+            status: Some(PodStatus {
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "inference".into(),
+                    ..container
+                }]),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        };
+        PodSummary::of(&pod).expect("summarises")
+    }
+
+    /// A container's `lastState`: terminated with `code`, `reason` and `message`.
+    fn exited(code: i32, reason: Option<&str>, message: Option<&str>) -> Option<ContainerState> {
+        Some(ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: code,
+                reason: reason.map(Into::into),
+                message: message.map(Into::into),
+                ..ContainerStateTerminated::default()
+            }),
+            ..ContainerState::default()
+        })
+    }
+
     #[test]
     fn pod_problems_come_from_scheduling_and_container_waits() {
         let unschedulable = Pod {
@@ -1251,34 +1279,20 @@ mod tests {
             (p.reason, p.message.as_str()),
             ("PodsUnschedulable", "Insufficient nvidia.com/gpu")
         );
-        let crashing = Pod {
-            status: Some(PodStatus {
-                container_statuses: Some(vec![ContainerStatus {
-                    name: "inference".into(),
-                    state: Some(ContainerState {
-                        waiting: Some(ContainerStateWaiting {
-                            reason: Some("CrashLoopBackOff".into()),
-                            message: Some(
-                                "back-off 10s restarting failed container=inference pod=x".into(),
-                            ),
-                        }),
-                        ..ContainerState::default()
-                    }),
-                    last_state: Some(ContainerState {
-                        terminated: Some(ContainerStateTerminated {
-                            exit_code: 1,
-                            message: Some("model sha256 mismatch\n".into()),
-                            ..ContainerStateTerminated::default()
-                        }),
-                        ..ContainerState::default()
-                    }),
-                    ..ContainerStatus::default()
-                }]),
-                ..PodStatus::default()
+        let crashing = pod_with(ContainerStatus {
+            state: Some(ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some("CrashLoopBackOff".into()),
+                    message: Some(
+                        "back-off 10s restarting failed container=inference pod=x".into(),
+                    ),
+                }),
+                ..ContainerState::default()
             }),
-            ..Pod::default()
-        };
-        let p = pod_problem(&[summary(&Pod::default()), summary(&crashing)]).unwrap();
+            last_state: exited(1, None, Some("model sha256 mismatch\n")),
+            ..ContainerStatus::default()
+        });
+        let p = pod_problem(&[summary(&Pod::default()), crashing]).unwrap();
         assert_eq!(
             (p.reason, p.message.as_str()),
             (
@@ -1291,32 +1305,18 @@ mod tests {
     #[test]
     fn a_container_running_again_between_crashes_is_still_failing_with_its_last_exit() {
         let status = |ready: bool, restarts: i32, exit_code: i32| {
-            let pod = Pod {
-                status: Some(PodStatus {
-                    container_statuses: Some(vec![ContainerStatus {
-                        name: "inference".into(),
-                        ready,
-                        restart_count: restarts,
-                        state: Some(ContainerState::default()),
-                        last_state: Some(ContainerState {
-                            terminated: Some(ContainerStateTerminated {
-                                exit_code,
-                                // The end of the log, as FallbackToLogsOnError gives it.
-                                message: Some(
-                                    "loading model\nsha256 mismatch: expected 00…, got 53…\n\n"
-                                        .into(),
-                                ),
-                                ..ContainerStateTerminated::default()
-                            }),
-                            ..ContainerState::default()
-                        }),
-                        ..ContainerStatus::default()
-                    }]),
-                    ..PodStatus::default()
-                }),
-                ..Pod::default()
-            };
-            pod_problem(&[PodSummary::of(&pod).expect("summarises")])
+            pod_problem(&[pod_with(ContainerStatus {
+                ready,
+                restart_count: restarts,
+                state: Some(ContainerState::default()),
+                // The end of the log, as FallbackToLogsOnError gives it.
+                last_state: exited(
+                    exit_code,
+                    None,
+                    Some("loading model\nsha256 mismatch: expected 00…, got 53…\n\n"),
+                ),
+                ..ContainerStatus::default()
+            })])
         };
         let p = status(false, 3, 1).expect("a problem");
         assert_eq!(
@@ -1335,36 +1335,21 @@ mod tests {
     #[test]
     fn a_kill_is_named_by_its_reason_and_a_panic_by_its_message_not_rusts_footer() {
         let crashed = |reason: &str, message: Option<&str>| {
-            let pod = Pod {
-                status: Some(PodStatus {
-                    container_statuses: Some(vec![ContainerStatus {
-                        name: "inference".into(),
-                        restart_count: 2,
-                        state: Some(ContainerState {
-                            waiting: Some(ContainerStateWaiting {
-                                reason: Some("CrashLoopBackOff".into()),
-                                ..ContainerStateWaiting::default()
-                            }),
-                            ..ContainerState::default()
-                        }),
-                        last_state: Some(ContainerState {
-                            terminated: Some(ContainerStateTerminated {
-                                exit_code: if reason == "OOMKilled" { 137 } else { 101 },
-                                reason: Some(reason.into()),
-                                message: message.map(Into::into),
-                                ..ContainerStateTerminated::default()
-                            }),
-                            ..ContainerState::default()
-                        }),
-                        ..ContainerStatus::default()
-                    }]),
-                    ..PodStatus::default()
+            let code = if reason == "OOMKilled" { 137 } else { 101 };
+            pod_problem(&[pod_with(ContainerStatus {
+                restart_count: 2,
+                state: Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: Some("CrashLoopBackOff".into()),
+                        ..ContainerStateWaiting::default()
+                    }),
+                    ..ContainerState::default()
                 }),
-                ..Pod::default()
-            };
-            pod_problem(&[PodSummary::of(&pod).expect("summarises")])
-                .expect("a problem")
-                .message
+                last_state: exited(code, Some(reason), message),
+                ..ContainerStatus::default()
+            })])
+            .expect("a problem")
+            .message
         };
         // A kill leaves no message: the reason is all there is.
         assert_eq!(

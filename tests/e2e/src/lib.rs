@@ -534,6 +534,15 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The condition of `type_` in a pipeline's status (`null` when it has none).
+pub fn condition<'a>(p: &'a serde_json::Value, type_: &str) -> &'a serde_json::Value {
+    static NULL: serde_json::Value = serde_json::Value::Null;
+    p["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or(&NULL)
+}
+
 /// A `tandem-operator run` process watching one namespace; killed on drop.
 pub struct Operator {
     child: Child,

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tandem_e2e::{Cluster, Operator, WorkerTest, wait_until};
+use tandem_e2e::{Cluster, Operator, WorkerTest, condition, wait_until};
 
 const PIPELINE: &str = "misfit";
 
@@ -34,13 +34,6 @@ spec:
     resources: {{requests: {{cpu: 10m, memory: 64Mi}}}}
 "#
     )
-}
-
-fn condition<'a>(p: &'a Value, type_: &str) -> &'a Value {
-    p["status"]["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
-        .unwrap_or(&Value::Null)
 }
 
 /// The pipeline, once `done` holds for it.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tandem_e2e::{Cluster, Operator, TestNamespace, repo_root, wait_until};
+use tandem_e2e::{Cluster, Operator, TestNamespace, condition, repo_root, wait_until};
 
 // ---- helpers of this file (shared ones live in tests/e2e/src/lib.rs) ----
 
@@ -80,13 +80,6 @@ fn wait_for_status(
         Ok(pred(&p).then_some(p))
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()))
-}
-
-fn condition<'a>(p: &'a Value, type_: &str) -> &'a Value {
-    p["status"]["conditions"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == type_))
-        .unwrap_or(&Value::Null)
 }
 
 fn container(deployment: &Value) -> &Value {

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tandem_e2e::{Cluster, Operator, free_port, repo_root, wait_until};
+use tandem_e2e::{Cluster, Operator, condition, free_port, repo_root, wait_until};
 use tandem_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tandem_proto::inference::model_infer_request::InferInputTensor;
 use tandem_proto::inference::{InferTensorContents, ModelInferRequest};
@@ -578,11 +578,7 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
         &mut seen,
         |p| p["status"]["phase"] == "Degraded",
     );
-    let degraded = p["status"]["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
-        .cloned()
-        .unwrap_or_default();
+    let degraded = condition(&p, "Degraded");
     assert_eq!(degraded["status"], "True", "{degraded}");
     assert_eq!(degraded["reason"], "RolledBack", "{degraded}");
     let message = degraded["message"].as_str().unwrap_or_default();
@@ -711,11 +707,7 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
         &mut seen,
         |p| rollout_phase(p) == "Aborted" && p["status"]["phase"] == "Degraded",
     );
-    let degraded = p["status"]["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
-        .cloned()
-        .unwrap_or_default();
+    let degraded = condition(&p, "Degraded");
     assert_eq!(degraded["reason"], "RolloutAborted", "{degraded}");
     assert_eq!(p["status"]["activeModel"]["version"], "v5");
     // Acted on, the annotation is removed: it cannot act on a later rollout of "v6".
@@ -881,11 +873,7 @@ fn a_candidate_crash_looping_on_a_wrong_sha256_rolls_back_long_before_the_progre
         &mut seen,
         |p| p["status"]["phase"] == "Degraded",
     );
-    let degraded = p["status"]["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
-        .cloned()
-        .unwrap_or_default();
+    let degraded = condition(&p, "Degraded");
     assert_eq!(degraded["reason"], "RolledBack", "{degraded}");
     wait_until(
         "the crash-looping candidate to be removed",
