@@ -211,6 +211,13 @@ async fn drive(
             .count()
             .try_into()
             .unwrap_or(u32::MAX);
+        obs.candidate_stale = stats
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .filter(|s| s.model_version != model.version)
+            .count()
+            .try_into()
+            .unwrap_or(u32::MAX);
         if obs.candidate_ready < obs.candidate_wanted.max(1) {
             obs.candidate_pods = candidate_pods(pods, &key.0, &key.1, *color);
             obs.candidate_problem =

@@ -130,6 +130,11 @@ pub struct Observations {
     pub candidate_ready: u32,
     /// Candidate pods wanted before traffic moves.
     pub candidate_wanted: u32,
+    /// Ready pods of the candidate color still serving another model: a superseded
+    /// candidate's, or a rolled-back one's not yet gone. They are in the routing table, and
+    /// every request sent to them for the candidate's model fails, so nothing is mirrored or
+    /// shifted until they have left.
+    pub candidate_stale: u32,
     /// Why candidate pods are not ready, when their status says (`status::pod_problem`).
     pub candidate_problem: Option<String>,
     /// The candidate color's inference pods as watched, terminating ones included, while fewer
@@ -364,7 +369,8 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
     match phase {
         RolloutPhase::Provisioning => {
             let waited = elapsed_ms(r.step_started_at.as_ref(), inp.now);
-            let ready = obs.candidate_ready >= obs.candidate_wanted.max(1);
+            let ready =
+                obs.candidate_ready >= obs.candidate_wanted.max(1) && obs.candidate_stale == 0;
             if ready && obs.routes_acked.is_some() && policy.paused && policy.shadow_requests == 0 {
                 // Held before live traffic moves. (Shadowing moves none: a paused rollout may
                 // start it and holds at its end, as in the Shadowing arm.)
@@ -441,6 +447,15 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
                 next.message = Some(if ready {
                     "candidate ready; waiting for every preprocess pod to apply the routing table"
                         .to_owned()
+                } else if obs.candidate_stale > 0 {
+                    format!(
+                        "waiting for {} pod(s) on {} still serving an earlier candidate to leave before {} takes requests ({}/{} ready)",
+                        obs.candidate_stale,
+                        candidate.as_str(),
+                        version(inp.spec_model),
+                        obs.candidate_ready,
+                        obs.candidate_wanted.max(1)
+                    )
                 } else {
                     let mut msg = format!(
                         "waiting for candidate pods to load {}: {}/{} ready",

@@ -773,6 +773,28 @@ fn a_new_spec_mid_rollout_supersedes_the_candidate_on_the_same_color() {
 }
 
 #[test]
+fn a_superseding_candidate_mirrors_nothing_while_the_superseded_ones_pods_still_serve() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.spec = model("v3");
+    assert_eq!(reasons(&w.tick(12, None)), ["RolloutSuperseded"]);
+    // The green Deployment rolls: a v3 pod is ready, a v2 pod not yet deleted is too. Both
+    // are in the routing table, and a request for v3 sent to the v2 pod fails.
+    w.obs.candidate_ready = 1;
+    w.obs.candidate_stale = 1;
+    assert!(w.tick(20, None).is_empty());
+    assert_eq!(w.phase(), Some(RolloutPhase::Provisioning));
+    let msg = w.r().message.clone().unwrap_or_default();
+    assert!(
+        msg.contains("1 pod(s) on green still serving an earlier candidate"),
+        "{msg}"
+    );
+
+    w.obs.candidate_stale = 0;
+    assert_eq!(reasons(&w.tick(21, None)), ["ShadowStarted"]);
+}
+
+#[test]
 fn setting_the_spec_back_to_the_active_model_cancels_the_rollout() {
     let mut w = World::serving_v1();
     w.shadowing_v2();
