@@ -109,6 +109,15 @@ pub struct Args {
         default_value = "/tmp/tandem-models"
     )]
     pub model_cache_dir: PathBuf,
+    /// Seconds a model download may wait to connect, for a response or for more data before
+    /// it fails (the pod then exits and says why, rather than staying unready for ever).
+    #[arg(
+        long,
+        env = "TANDEM_DOWNLOAD_STALL_TIMEOUT",
+        default_value_t = 60.0,
+        value_parser = stall_secs
+    )]
+    pub download_stall_timeout: f64,
     /// Address to listen on.
     #[arg(long, env = "TANDEM_LISTEN_ADDRESS", default_value = "0.0.0.0")]
     pub listen_address: IpAddr,
@@ -149,6 +158,15 @@ fn delay_ms(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(ms) if (0.0..=60_000.0).contains(&ms) => Ok(ms),
         _ => Err(format!("{s:?} is not a delay between 0 and 60000 ms")),
+    }
+}
+
+fn stall_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.1..=3600.0).contains(&secs) => Ok(secs),
+        _ => Err(format!(
+            "{s:?} is not a timeout between 0.1 and 3600 seconds"
+        )),
     }
 }
 
@@ -222,6 +240,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             &args.model_uri,
             args.model_sha256.as_deref(),
             &args.model_cache_dir,
+            Duration::from_secs_f64(args.download_stall_timeout),
         )
         .await?;
         tokio::task::spawn_blocking(move || model::load_and_warm_up(&local, &opts))

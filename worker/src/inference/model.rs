@@ -3,6 +3,7 @@
 //! warm-up batch. Errors name the problem for the operator.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tandem_engine::load::{LoadError, LoadOptions, Loaded, load_engine};
 use tandem_engine::source::{
@@ -51,11 +52,14 @@ pub struct LocalModel {
     pub weights: PathBuf,
 }
 
-/// Resolves `uri` to local files, downloading http(s) models into `cache_dir`.
+/// Resolves `uri` to local files, downloading http(s) models into `cache_dir`. A download
+/// that connects to nothing, gets no response or receives no data for `stall` fails with a
+/// message saying so, rather than leaving the pod unready for ever.
 pub async fn resolve(
     uri: &str,
     sha256: Option<&str>,
     cache_dir: &Path,
+    stall: Duration,
 ) -> Result<LocalModel, ModelError> {
     if let Some(d) = sha256 {
         source::normalize_digest(d)?;
@@ -75,33 +79,49 @@ pub async fn resolve(
             let cached = weights.is_file()
                 && source::verify_sha256(&weights, sha256).is_ok()
                 && sha256.is_some();
-            let client = reqwest::Client::new();
+            let client = reqwest::Client::builder()
+                .connect_timeout(stall)
+                .build()
+                .map_err(|e| ModelError::Download {
+                    url: weights_url.clone(),
+                    reason: e.to_string(),
+                })?;
+            let get = |url: &str, dest: PathBuf, required: bool| {
+                download(&client, url.to_owned(), dest, required, stall)
+            };
             if !cached {
-                download(&client, &weights_url, &weights, true).await?;
+                get(&weights_url, weights.clone(), true).await?;
             }
-            download(&client, &config_url, &dir.join(CONFIG_FILE), true).await?;
-            download(&client, &pooling_url, &dir.join(POOLING_FILE), false).await?;
+            get(&config_url, dir.join(CONFIG_FILE), true).await?;
+            get(&pooling_url, dir.join(POOLING_FILE), false).await?;
             Ok(LocalModel { dir, weights })
         }
     }
 }
 
 /// Downloads `url` to `dest` (via a temporary file). A 404 on an optional file is fine.
+/// Waiting longer than `stall` for the response or for the next bytes of the body fails.
 async fn download(
     client: &reqwest::Client,
-    url: &str,
-    dest: &Path,
+    url: String,
+    dest: PathBuf,
     required: bool,
+    stall: Duration,
 ) -> Result<(), ModelError> {
     let fail = |reason: String| ModelError::Download {
-        url: url.to_owned(),
+        url: url.clone(),
         reason,
     };
-    let mut resp = client
-        .get(url)
-        .send()
+    let stalled = |waiting_for: &str| {
+        fail(format!(
+            "no {waiting_for} for {}s (--download-stall-timeout)",
+            stall.as_secs_f64()
+        ))
+    };
+    let mut resp = tokio::time::timeout(stall, client.get(&url).send())
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|_| stalled("response"))?
+        .map_err(|e| fail(error_chain(&e)))?;
     if resp.status() == reqwest::StatusCode::NOT_FOUND && !required {
         return Ok(());
     }
@@ -110,20 +130,37 @@ async fn download(
     }
     let parent = dest.parent().unwrap_or(Path::new("."));
     let cache_err = |source| ModelError::Cache {
-        path: dest.to_path_buf(),
+        path: dest.clone(),
         source,
     };
     tokio::fs::create_dir_all(parent).await.map_err(cache_err)?;
     let tmp = dest.with_extension("part");
     let mut file = tokio::fs::File::create(&tmp).await.map_err(cache_err)?;
     use tokio::io::AsyncWriteExt;
-    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+    while let Some(chunk) = tokio::time::timeout(stall, resp.chunk())
+        .await
+        .map_err(|_| stalled("data"))?
+        .map_err(|e| fail(error_chain(&e)))?
+    {
         file.write_all(&chunk).await.map_err(cache_err)?;
     }
     file.flush().await.map_err(cache_err)?;
     drop(file);
-    tokio::fs::rename(&tmp, dest).await.map_err(cache_err)?;
+    tokio::fs::rename(&tmp, &dest).await.map_err(cache_err)?;
     Ok(())
+}
+
+/// An error with its causes: reqwest's own message alone ("error sending request") hides
+/// whether DNS, the connection or TLS failed.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Loads the model (blocking: run it off the async threads) and warms it up.
@@ -161,4 +198,96 @@ pub fn warm_up(engine: &mut dyn Engine) -> Result<(), ModelError> {
     };
     engine.forward(&inputs)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves one HTTP response that promises `length` bytes, sends `sent` of them and then
+    /// holds the connection open without sending more.
+    async fn stalling_server(length: usize, sent: &'static [u8]) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n");
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(sent).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        format!("http://{addr}/model.safetensors")
+    }
+
+    #[tokio::test]
+    async fn a_download_that_stops_sending_fails_after_the_stall_timeout_naming_it() {
+        let uri = stalling_server(1000, b"first bytes").await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let started = std::time::Instant::now();
+        let err = resolve(&uri, None, dir.path(), Duration::from_millis(300))
+            .await
+            .expect_err("a stalled download must fail");
+        let text = err.to_string();
+        assert!(text.contains(&uri), "{text}");
+        assert!(
+            text.contains("no data for 0.3s (--download-stall-timeout)"),
+            "{text}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "it waited for the server"
+        );
+        assert!(
+            !dir.path()
+                .read_dir()
+                .expect("cache dir")
+                .any(|e| e.ok().is_some_and(|e| e.path().join(WEIGHTS_FILE).exists())),
+            "no weights file is left as if complete"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_accepts_but_never_answers_fails_after_the_stall_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        // Accepts (so connecting succeeds) and reads, but never writes a response.
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uri = format!("http://{addr}/model.safetensors");
+        let err = resolve(&uri, None, dir.path(), Duration::from_millis(300))
+            .await
+            .expect_err("an unanswered download must fail");
+        assert!(err.to_string().contains("no response for 0.3s"), "{err}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_its_cause() {
+        // Bind then drop: nothing listens on the port.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let uri = format!("http://{addr}/model.safetensors");
+        let err = resolve(&uri, None, dir.path(), Duration::from_secs(5))
+            .await
+            .expect_err("nothing listens");
+        let text = err.to_string().to_lowercase();
+        assert!(text.contains("connect"), "{text}");
+        assert!(text.contains("refused"), "the OS's reason is kept: {text}");
+    }
 }
