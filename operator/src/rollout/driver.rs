@@ -220,9 +220,10 @@ async fn drive(
             .unwrap_or(u32::MAX);
         if obs.candidate_ready < obs.candidate_wanted.max(1) {
             obs.candidate_pods = candidate_pods(pods, &key.0, &key.1, *color);
-            obs.candidate_problem =
-                crate::status::pod_problem(obs.candidate_pods.iter().map(AsRef::as_ref))
-                    .map(|p| p.message);
+            obs.candidate_problem = super::candidate_problem(
+                &obs.candidate_pods,
+                rollout.and_then(|r| r.started_at.as_ref()).map(|t| t.0),
+            );
         }
     }
 

@@ -706,16 +706,32 @@ struct CrashLoop {
     detail: String,
 }
 
+/// Whether `pod` was created for the rollout begun at `since` ([`POD_AGE_SLACK`] allowed)
+/// and is not terminating: an earlier candidate's pod on the same color is not.
+fn started_for(pod: &PodSummary, since: Timestamp) -> bool {
+    let since = since.as_millisecond().saturating_sub(millis(POD_AGE_SLACK));
+    !pod.terminating && pod.created.is_some_and(|t| t.as_millisecond() >= since)
+}
+
+/// Why the candidate's pods are not ready, for the rollout's message: the first problem
+/// [`crate::status::pod_problem`] finds among the pods started for the rollout begun at
+/// `since` (all of them when it is unknown). An earlier candidate's crash, still on the same
+/// color until a replacement is ready, is not the new model's.
+pub fn candidate_problem(pods: &[Arc<PodSummary>], since: Option<Timestamp>) -> Option<String> {
+    crate::status::pod_problem(
+        pods.iter()
+            .map(AsRef::as_ref)
+            .filter(|p| since.is_none_or(|s| started_for(p, s))),
+    )
+    .map(|p| p.message)
+}
+
 /// `Some` when the rollout begun at `since` has at least one candidate pod started for it
 /// (created since, [`POD_AGE_SLACK`] allowed) that is not terminating, and every such pod is
 /// crash-looping ([`crashing_container`]); a single ready or still-starting pod is `None`.
 fn crash_loop(pods: &[Arc<PodSummary>], since: Timestamp) -> Option<CrashLoop> {
-    let since = since.as_millisecond().saturating_sub(millis(POD_AGE_SLACK));
     let mut crashing = Vec::new();
-    for pod in pods
-        .iter()
-        .filter(|p| !p.terminating && p.created.is_some_and(|t| t.as_millisecond() >= since))
-    {
+    for pod in pods.iter().filter(|p| started_for(p, since)) {
         crashing.push(crashing_container(pod)?);
     }
     let pods = crashing.len();

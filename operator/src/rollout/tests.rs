@@ -330,6 +330,39 @@ fn a_crash_loop_without_auto_rollback_halts_the_rollout_on_its_candidate() {
 }
 
 #[test]
+fn the_reason_quoted_for_unready_candidate_pods_is_never_an_earlier_candidates_crash() {
+    // v2's pod crash-looped since t = 1; v3's rollout began at t = 600 and its pod waits
+    // unscheduled.
+    let earlier = crashing(5, SHA_MISMATCH);
+    let unscheduled = PodSummary {
+        name: "minilm-inference-green-v3".into(),
+        namespace: "ml".into(),
+        created: Some(at(601)),
+        status: PodStatusSummary {
+            conditions: vec![PodConditionSummary {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("Unschedulable".into()),
+                message: Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into()),
+            }],
+            ..PodStatusSummary::default()
+        },
+        ..PodSummary::default()
+    };
+    let both = pods([earlier.clone(), unscheduled]);
+    let why = candidate_problem(&both, Some(at(600))).expect("the new pod's problem");
+    assert!(why.contains("Insufficient nvidia.com/gpu"), "{why}");
+    // Only the earlier pod left: nothing known about the new model's pods yet.
+    assert_eq!(
+        candidate_problem(&pods([earlier.clone()]), Some(at(600))),
+        None
+    );
+    // Without a start time every pod counts, as before.
+    let all = candidate_problem(&pods([earlier]), None).expect("a problem");
+    assert!(all.contains("CrashLoopBackOff"), "{all}");
+}
+
+#[test]
 fn one_crashing_pod_beside_a_ready_or_a_starting_one_keeps_the_rollout_waiting() {
     let mut w = provisioning_v2();
     w.obs.candidate_wanted = 2;
