@@ -767,6 +767,40 @@ async fn a_full_queue_answers_resource_exhausted_and_holding_times_out_as_unavai
     assert_eq!(stats.rejected_total, 1);
 }
 
+/// An inference pod that goes away mid-request: it accepts connections, reads what the caller
+/// sends, and closes the connection without an answer.
+async fn start_vanishing() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 64 << 10];
+                let _ = tokio::time::timeout(Duration::from_millis(200), conn.read(&mut buf)).await;
+                drop(conn);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_request_whose_inference_pod_closes_the_connection_is_retried_on_another() {
+    let gone = start_vanishing().await;
+    let (up, up_fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
+    let svc = image_service("");
+    set_routes(&svc, table(1, &[("blue", 100, &[&gone, &up])], None)).await;
+    let img = jpeg();
+    for i in 0..6 {
+        Grpc(Arc::clone(&svc))
+            .model_infer(Request::new(request("effnet", &[&img])))
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e:?}"));
+    }
+    assert_eq!(up_fake.hits.load(Ordering::SeqCst), 6);
+}
+
 #[tokio::test]
 async fn an_unavailable_endpoint_is_retried_once_on_another_and_traceparent_is_propagated() {
     let (down, down_fake) = start_fake(Behaviour::Unavailable).await;

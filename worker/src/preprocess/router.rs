@@ -4,7 +4,7 @@
 //! Per request: a weighted split between colors (smooth weighted round robin,
 //! deterministic), the least-loaded endpoint inside the color (fewest calls in
 //! flight from this worker), one retry on another endpoint when the first
-//! answers UNAVAILABLE, and optional shadow mirroring to another color whose
+//! fails as a pod that is going away does (see [`pod_gone`]), and optional shadow mirroring to another color whose
 //! outputs are compared with the live ones off the request path. While no
 //! endpoint exists, requests are *held* (bounded count, bounded time) so the
 //! inference stage can scale from zero.
@@ -574,34 +574,10 @@ impl Router {
 
         let first = self.call(&target, request.clone(), trace).await;
         let result = match first {
-            Err(RequestError::Upstream {
-                code: tonic::Code::Unavailable,
-                ..
-            })
-            | Err(RequestError::Unavailable(_)) => {
-                self.metrics
-                    .forwards
-                    .get_or_create(&ForwardLabels {
-                        color: target.color.clone(),
-                        outcome: "retried",
-                    })
-                    .inc();
-                let (retry, _) = self.select(Some(&target.endpoint.address), Some(&target.color));
-                let retry = match retry {
-                    Some(r) => Some(r),
-                    None => self.select(Some(&target.endpoint.address), None).0,
-                };
-                match retry {
-                    Some(r) => {
-                        request.model_name = r.model_name.clone();
-                        request.model_version = r.model_version.clone();
-                        self.call(&r, request, trace)
-                            .await
-                            .map(|resp| (resp, r.color))
-                    }
-                    None => first.map(|resp| (resp, target.color.clone())),
-                }
+            Err(RequestError::Upstream { code, .. }) if pod_gone(code) => {
+                self.retry(&target, request, trace, first).await
             }
+            Err(RequestError::Unavailable(_)) => self.retry(&target, request, trace, first).await,
             other => other.map(|resp| (resp, target.color.clone())),
         };
         let (response, color) = result?;
@@ -617,6 +593,40 @@ impl Router {
             });
         }
         Ok(Forwarded { response, color })
+    }
+
+    /// The one retry of a request whose first endpoint failed as a pod going away does: on
+    /// another endpoint of the same color if there is one, else of any color; the first
+    /// failure stands when there is no other endpoint.
+    async fn retry(
+        &self,
+        target: &Target,
+        mut request: ModelInferRequest,
+        trace: Option<TraceContext>,
+        first: Result<ModelInferResponse, RequestError>,
+    ) -> Result<(ModelInferResponse, String), RequestError> {
+        self.metrics
+            .forwards
+            .get_or_create(&ForwardLabels {
+                color: target.color.clone(),
+                outcome: "retried",
+            })
+            .inc();
+        let (retry, _) = self.select(Some(&target.endpoint.address), Some(&target.color));
+        let retry = match retry {
+            Some(r) => Some(r),
+            None => self.select(Some(&target.endpoint.address), None).0,
+        };
+        match retry {
+            Some(r) => {
+                request.model_name = r.model_name.clone();
+                request.model_version = r.model_version.clone();
+                self.call(&r, request, trace)
+                    .await
+                    .map(|resp| (resp, r.color))
+            }
+            None => first.map(|resp| (resp, target.color.clone())),
+        }
     }
 
     async fn call(
@@ -810,6 +820,19 @@ fn connect(address: &str) -> Result<EndpointHandle, RequestError> {
         in_flight: AtomicU64::new(0),
         client,
     })
+}
+
+/// Whether a forwarded call's status is what a pod that is going away, or already gone,
+/// produces before answering: `UNAVAILABLE` (connection refused, the server's GOAWAY),
+/// `CANCELLED` (the connection closed with the call queued or in flight; our own deadline is
+/// told apart by the time taken) and `UNKNOWN` (tonic's "transport error", a connection reset).
+/// Inference is a pure function of its inputs, so one more attempt elsewhere can only cost
+/// time, never repeat an effect.
+fn pod_gone(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    )
 }
 
 /// Increments two in-flight counters for its lifetime.
