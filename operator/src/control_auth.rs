@@ -12,6 +12,12 @@
 //!
 //! Without a key (`--control-key-file` unset) pods get no token and calls carry none: the
 //! workers then take every call, as before.
+//!
+//! Changing the key changes every token, so every worker pod rolls; until a pod is replaced it
+//! still holds the token derived from the old key. With that key given as the previous one
+//! (`--previous-control-key-file`), a call a pod refuses with `UNAUTHENTICATED` is made once
+//! more with the previous token ([`call`]), so pods not yet replaced keep taking routing
+//! tables and stats polls through the roll. New pods only ever get the current token.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -91,6 +97,69 @@ impl ControlKey {
     }
 }
 
+/// The key tokens are derived from now and, during a rotation, the one before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlKeys {
+    current: ControlKey,
+    previous: Option<ControlKey>,
+}
+
+impl ControlKeys {
+    /// The current key and, while pods may still carry tokens derived from it, the previous
+    /// one (ignored when it equals the current key).
+    pub fn new(current: ControlKey, previous: Option<ControlKey>) -> Self {
+        let previous = previous.filter(|p| *p != current);
+        Self { current, previous }
+    }
+
+    /// The key new pod templates get their token from.
+    pub fn current(&self) -> &ControlKey {
+        &self.current
+    }
+
+    /// Whether a previous key is still accepted.
+    pub fn has_previous(&self) -> bool {
+        self.previous.is_some()
+    }
+
+    /// The tokens of the pipeline `namespace/name` with `uid` a call may present.
+    pub fn tokens(&self, namespace: &str, name: &str, uid: &str) -> Tokens {
+        Tokens {
+            current: self.current.token(namespace, name, uid).into(),
+            previous: self
+                .previous
+                .as_ref()
+                .map(|k| k.token(namespace, name, uid).into()),
+        }
+    }
+}
+
+/// A pipeline's current token and, during a key rotation, its previous one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tokens {
+    /// Derived from the current key: what new pods carry.
+    pub current: Box<str>,
+    /// Derived from the previous key: what pods not yet replaced carry.
+    pub previous: Option<Box<str>>,
+}
+
+/// Makes a control call with the current token; when the pod refuses it as
+/// `UNAUTHENTICATED` and a previous token exists, makes it once more with that one. `make`
+/// builds the call for a token (`None`: no key, no token).
+pub async fn call<T, F, Fut>(tokens: Option<&Tokens>, mut make: F) -> Result<T, tonic::Status>
+where
+    F: FnMut(Option<&str>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let first = make(tokens.map(|t| &*t.current)).await;
+    match (first, tokens.and_then(|t| t.previous.as_deref())) {
+        (Err(status), Some(previous)) if status.code() == tonic::Code::Unauthenticated => {
+            make(Some(previous)).await
+        }
+        (answer, _) => answer,
+    }
+}
+
 /// The environment variable worker pods read their token from.
 pub const TOKEN_ENV: &str = "TANDEM_CONTROL_TOKEN";
 
@@ -145,6 +214,83 @@ mod tests {
         );
         let k = key();
         assert_eq!(format!("{k:?}"), "ControlKey(48 bytes)");
+    }
+
+    /// A stand-in for a worker pod's control port: takes calls with `accepts` only, and
+    /// records every token it was offered.
+    async fn pod_call(
+        accepts: &str,
+        offered: &std::sync::Mutex<Vec<Option<String>>>,
+        token: Option<String>,
+    ) -> Result<&'static str, tonic::Status> {
+        let taken = token.as_deref() == Some(accepts);
+        offered.lock().unwrap().push(token);
+        if taken {
+            Ok("answer")
+        } else {
+            Err(tonic::Status::unauthenticated("wrong token"))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pod_still_on_the_previous_keys_token_is_called_again_with_it_and_others_once() {
+        let old = key();
+        let new = ControlKey::from_bytes(&[7; 48]).unwrap();
+        let keys = ControlKeys::new(new.clone(), Some(old.clone()));
+        let tokens = keys.tokens("ml", "embed", "u-1");
+        assert_eq!(&*tokens.current, new.token("ml", "embed", "u-1"));
+        let previous = old.token("ml", "embed", "u-1");
+        assert_eq!(tokens.previous.as_deref(), Some(previous.as_str()));
+
+        // A pod created before the rotation: refused once, then answered.
+        let offered = std::sync::Mutex::new(Vec::new());
+        let answer = call(Some(&tokens), |t| {
+            pod_call(&previous, &offered, t.map(str::to_owned))
+        })
+        .await;
+        assert_eq!(answer.unwrap(), "answer");
+        assert_eq!(
+            *offered.lock().unwrap(),
+            [Some(tokens.current.to_string()), Some(previous.clone())]
+        );
+
+        // A pod created after it: one call.
+        let offered = std::sync::Mutex::new(Vec::new());
+        let answer = call(Some(&tokens), |t| {
+            pod_call(&tokens.current, &offered, t.map(str::to_owned))
+        })
+        .await;
+        assert_eq!(answer.unwrap(), "answer");
+        assert_eq!(offered.lock().unwrap().len(), 1);
+
+        // Without a previous key, the old pod stays refused: one call, its error returned.
+        let current_only = ControlKeys::new(new.clone(), None).tokens("ml", "embed", "u-1");
+        let offered = std::sync::Mutex::new(Vec::new());
+        let e = call(Some(&current_only), |t| {
+            pod_call(&previous, &offered, t.map(str::to_owned))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert_eq!(offered.lock().unwrap().len(), 1);
+
+        // Other errors are not retried with another token.
+        let offered = std::sync::Mutex::new(Vec::new());
+        let e = call(Some(&tokens), |t| {
+            offered.lock().unwrap().push(t.map(str::to_owned));
+            async { Err::<(), _>(tonic::Status::unavailable("down")) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert_eq!(offered.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_previous_key_equal_to_the_current_one_is_no_previous_key() {
+        let keys = ControlKeys::new(key(), Some(key()));
+        assert!(!keys.has_previous());
+        assert_eq!(keys.tokens("a", "b", "c").previous, None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use tandem_operator::autoscale::AutoscaleConfig;
 use tandem_operator::build::{BuildConfig, WorkerTracing};
-use tandem_operator::control_auth::ControlKey;
+use tandem_operator::control_auth::{ControlKey, ControlKeys};
 use tandem_operator::controller::{self, ControllerConfig};
 use tandem_operator::leader::{self, LeaderConfig};
 use tandem_operator::metrics::{self, Metrics};
@@ -65,6 +65,17 @@ struct RunArgs {
     /// can reach their control port.
     #[arg(long, env = "TANDEM_CONTROL_KEY_FILE", value_name = "FILE")]
     control_key_file: Option<std::path::PathBuf>,
+    /// During a key rotation, the file holding the key used before the current one: a pod not
+    /// yet replaced, which still has the old token, is called with that token when it refuses
+    /// the current one. A missing file (the chart's Secret has no `previous` entry outside a
+    /// rotation) means no previous key.
+    #[arg(
+        long,
+        env = "TANDEM_PREVIOUS_CONTROL_KEY_FILE",
+        value_name = "FILE",
+        requires = "control_key_file"
+    )]
+    previous_control_key_file: Option<std::path::PathBuf>,
     /// OTLP/gRPC collector for the worker pods' spans (sets `OTEL_EXPORTER_OTLP_ENDPOINT` in
     /// every worker container); workers export nothing when unset.
     #[arg(long, env = "TANDEM_WORKER_OTLP_ENDPOINT")]
@@ -239,9 +250,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .control_key_file
         .as_deref()
         .map(ControlKey::load)
+        .transpose()?
+        .map(|current| {
+            let previous = match args.previous_control_key_file.as_deref() {
+                Some(path) if path.exists() => Some(ControlKey::load(path)?),
+                _ => None,
+            };
+            anyhow::Ok(ControlKeys::new(current, previous))
+        })
         .transpose()?;
-    if control_key.is_some() {
-        info!("worker control ports take calls with their pipeline's token only");
+    if let Some(keys) = &control_key {
+        info!(
+            previous_key = keys.has_previous(),
+            "worker control ports take calls with their pipeline's token only"
+        );
     } else {
         warn!(
             "no --control-key-file: worker control ports (GetStats, SetRoutes) take calls from anyone who can reach them"

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::cache::Cache;
-use crate::control_auth::ControlKey;
+use crate::control_auth::{self, ControlKeys, Tokens};
 use futures::StreamExt;
 use futures::future::join_all;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -37,7 +37,7 @@ pub struct RouterConfig {
     pub refresh: Duration,
     /// Derives the token each pipeline's pods require (see [`crate::control_auth`]); none
     /// when unset.
-    pub control_key: Option<ControlKey>,
+    pub control_key: Option<ControlKeys>,
 }
 
 impl Default for RouterConfig {
@@ -236,7 +236,7 @@ async fn sync_once(
         let key = (ns.to_owned(), name.to_owned());
         seen.insert(key.clone());
         // Derived at the pipeline's first push of this pass: most passes push nothing.
-        let mut token: Option<Arc<str>> = None;
+        let mut token: Option<Arc<Tokens>> = None;
         let routes = state.entry(key.clone()).or_default();
         let mut desired = desired_table(pipeline, &workers);
         match &routes.table {
@@ -280,7 +280,7 @@ async fn sync_once(
                 && let Some(k) = &cfg.control_key
             {
                 let uid = pipeline.metadata.uid.as_deref().unwrap_or_default();
-                token = Some(k.token(ns, name, uid).into());
+                token = Some(Arc::new(k.tokens(ns, name, uid)));
             }
             pushes.push((
                 (ns.to_owned(), name.to_owned()),
@@ -339,7 +339,7 @@ async fn sync_once(
 async fn push(
     address: String,
     request: SetRoutesRequest,
-    token: Option<Arc<str>>,
+    tokens: Option<Arc<Tokens>>,
     timeout: Duration,
 ) -> Result<u64, PushError> {
     let call = async {
@@ -351,10 +351,15 @@ async fn push(
             .connect()
             .await
             .map_err(|e| PushError::Connect(e.to_string()))?;
-        let reply = WorkerControlClient::new(channel)
-            .set_routes(crate::control_auth::request(request, token.as_deref()))
-            .await
-            .map_err(|s| PushError::Rejected(s.code(), s.message().to_owned()))?;
+        let client = WorkerControlClient::new(channel);
+        // A pod not yet replaced after a key rotation takes the previous token.
+        let reply = control_auth::call(tokens.as_deref(), |token| {
+            let mut client = client.clone();
+            let request = control_auth::request(request.clone(), token);
+            async move { client.set_routes(request).await }
+        })
+        .await
+        .map_err(|s| PushError::Rejected(s.code(), s.message().to_owned()))?;
         Ok(reply.into_inner().applied_generation)
     };
     tokio::time::timeout(timeout * 2, call)
@@ -457,6 +462,8 @@ mod tests {
         held: Arc<Mutex<u64>>,
         replaces: Arc<Mutex<Vec<bool>>>,
         authorization: Arc<Mutex<Vec<Option<String>>>>,
+        /// Set: the only `authorization` value taken, as a worker started with a token.
+        accepts: Arc<Mutex<Option<String>>>,
     }
 
     /// A fake pod, its server task, and the caches that hold it and its pipeline.
@@ -475,6 +482,7 @@ mod tests {
                 held: Arc::new(Mutex::new(held)),
                 replaces: Arc::default(),
                 authorization: Arc::default(),
+                accepts: Arc::default(),
             };
             let addr = format!("{ip}:{}", crate::build::PORT_CONTROL)
                 .parse()
@@ -540,12 +548,17 @@ mod tests {
             req: tonic::Request<SetRoutesRequest>,
         ) -> Result<tonic::Response<tandem_proto::tandem::v1::SetRoutesResponse>, tonic::Status>
         {
-            self.authorization.lock().unwrap().push(
-                req.metadata()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned),
-            );
+            let offered = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            self.authorization.lock().unwrap().push(offered.clone());
+            if let Some(accepts) = self.accepts.lock().unwrap().as_ref()
+                && offered.as_ref() != Some(accepts)
+            {
+                return Err(tonic::Status::unauthenticated("wrong token"));
+            }
             let req = req.into_inner();
             let generation = req.table.map_or(0, |t| t.generation);
             self.replaces.lock().unwrap().push(req.replace);
@@ -594,7 +607,7 @@ mod tests {
             .and_then(|p| p.metadata.uid.clone())
             .expect("the fixture has a uid");
         let cfg = RouterConfig {
-            control_key: Some(key.clone()),
+            control_key: Some(ControlKeys::new(key.clone(), None)),
             ..RouterConfig::default()
         };
         let mut state = HashMap::new();
@@ -606,6 +619,52 @@ mod tests {
         let mut state = HashMap::new();
         assert!(sync_until_settled(&pipelines, &pods, &mut state, &RouterConfig::default()).await);
         assert_eq!(pod.authorization.lock().unwrap().last(), Some(&None));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn after_a_key_rotation_a_pod_still_on_the_old_token_takes_tables_only_with_the_previous_key()
+     {
+        let ip = format!("127.{}.{}.{}", 1 + std::process::id() % 250, 8, 10);
+        let (pod, server, pipelines, pods) = FakePod::serve(0, &ip);
+        let old = crate::control_auth::ControlKey::from_bytes(&[1; 32]).unwrap();
+        let new = crate::control_auth::ControlKey::from_bytes(&[2; 32]).unwrap();
+        let uid = pipelines
+            .get("ml", "minilm")
+            .and_then(|p| p.metadata.uid.clone())
+            .expect("the fixture has a uid");
+        let old_bearer = format!("Bearer {}", old.token("ml", "minilm", &uid));
+        let new_bearer = format!("Bearer {}", new.token("ml", "minilm", &uid));
+        *pod.accepts.lock().unwrap() = Some(old_bearer.clone());
+
+        // The new key alone: the pod refuses every push, and none is acknowledged.
+        let only_new = RouterConfig {
+            control_key: Some(ControlKeys::new(new.clone(), None)),
+            ..RouterConfig::default()
+        };
+        let mut state = HashMap::new();
+        assert!(!sync_until_settled(&pipelines, &pods, &mut state, &only_new).await);
+        let offered = pod.authorization.lock().unwrap().clone();
+        assert!(!offered.is_empty(), "the pod was reached");
+        assert!(
+            offered.iter().all(|o| o.as_ref() == Some(&new_bearer)),
+            "{offered:?}"
+        );
+        assert_eq!(*pod.held.lock().unwrap(), 0, "no table taken");
+
+        // With the old key as the previous one, the push is made again with its token.
+        pod.authorization.lock().unwrap().clear();
+        let rotating = RouterConfig {
+            control_key: Some(ControlKeys::new(new, Some(old))),
+            ..RouterConfig::default()
+        };
+        let mut state = HashMap::new();
+        assert!(sync_until_settled(&pipelines, &pods, &mut state, &rotating).await);
+        assert_eq!(
+            *pod.authorization.lock().unwrap(),
+            [Some(new_bearer), Some(old_bearer)]
+        );
+        assert!(*pod.held.lock().unwrap() > 0, "the table was taken");
         server.abort();
     }
 

@@ -33,6 +33,7 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::build::Stage;
+use crate::control_auth::{self, Tokens};
 use crate::crd::{InferencePipeline, StageStatus};
 use crate::events::Publisher;
 use crate::metrics::{AutoscaleStage, Metrics, ScaleChange};
@@ -66,7 +67,7 @@ pub struct AutoscaleConfig {
     pub status_interval: Duration,
     /// Derives the token each pipeline's pods require (see [`crate::control_auth`]); none
     /// when unset.
-    pub control_key: Option<crate::control_auth::ControlKey>,
+    pub control_key: Option<crate::control_auth::ControlKeys>,
 }
 
 impl Default for AutoscaleConfig {
@@ -182,7 +183,7 @@ async fn tick(
     // Every ready pod of every pipeline is polled at once.
     let mut targets: Vec<((String, String), WorkerPod)> = Vec::new();
     // Each polled pipeline's control token, computed once per round.
-    let mut tokens: HashMap<(String, String), Arc<str>> = HashMap::new();
+    let mut tokens: HashMap<(String, String), Arc<Tokens>> = HashMap::new();
     for p in &pipelines {
         let Some(key) = namespaced_name(&p.metadata) else {
             continue;
@@ -192,7 +193,7 @@ async fn tick(
             let uid = p.metadata.uid.as_deref().unwrap_or_default();
             tokens.insert(
                 (key.0.to_owned(), key.1.to_owned()),
-                k.token(key.0, key.1, uid).into(),
+                Arc::new(k.tokens(key.0, key.1, uid)),
             );
         }
         for w in group.into_iter().flatten() {
@@ -567,12 +568,17 @@ fn channel(
 /// pod does not answer within `timeout` (connection included) or answers with an error.
 async fn poll(
     client: Option<WorkerControlClient<Channel>>,
-    token: Option<Arc<str>>,
+    tokens: Option<Arc<Tokens>>,
     timeout: Duration,
 ) -> Option<(PodLoad, Vec<ModelMismatch>)> {
-    let mut client = client?;
-    let request = crate::control_auth::request(GetStatsRequest {}, token.as_deref());
-    let reply = tokio::time::timeout(timeout, client.get_stats(request))
+    let client = client?;
+    // A pod not yet replaced after a key rotation takes the previous token.
+    let call = control_auth::call(tokens.as_deref(), |token| {
+        let mut client = client.clone();
+        let request = control_auth::request(GetStatsRequest {}, token);
+        async move { client.get_stats(request).await }
+    });
+    let reply = tokio::time::timeout(timeout, call)
         .await
         .ok()?
         .ok()?

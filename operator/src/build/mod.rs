@@ -131,7 +131,7 @@ pub struct BuildConfig {
     pub worker_tracing: Option<WorkerTracing>,
     /// Derives the pipeline's worker control token, handed to every worker container as
     /// `TANDEM_CONTROL_TOKEN` ([`crate::control_auth`]); no token when `None`.
-    pub control_key: Option<crate::control_auth::ControlKey>,
+    pub control_key: Option<crate::control_auth::ControlKeys>,
 }
 
 /// OTLP export settings handed to every worker container as the standard
@@ -192,7 +192,9 @@ pub fn build(
         deployments.push(workload::inference_deployment(v, cfg, plan));
     }
     if let Some(key) = &cfg.control_key {
-        let token = key.token(&v.meta.namespace, &v.meta.name, &v.meta.uid);
+        let token = key
+            .current()
+            .token(&v.meta.namespace, &v.meta.name, &v.meta.uid);
         for d in &mut deployments {
             with_control_token(d, &token);
         }
@@ -426,7 +428,7 @@ pub(crate) mod tests {
         let key = crate::control_auth::ControlKey::from_bytes(&[b'k'; 32]).unwrap();
         let want = key.token(&v.meta.namespace, &v.meta.name, &v.meta.uid);
         let with = BuildConfig {
-            control_key: Some(key),
+            control_key: Some(crate::control_auth::ControlKeys::new(key, None)),
             ..cfg()
         };
         assert_eq!(

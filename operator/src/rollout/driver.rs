@@ -23,6 +23,7 @@ use super::{
     UserAction, color_replicas, consumed_annotation, next,
 };
 use crate::build::Stage;
+use crate::control_auth::{self, Tokens};
 use crate::controller::FIELD_MANAGER;
 use crate::crd::{Color, InferencePipeline, ModelRef, RolloutPhase, RolloutStatus};
 use crate::events::Publisher;
@@ -44,7 +45,7 @@ pub struct DriverConfig {
     pub counters_every: Duration,
     /// Derives the token each pipeline's pods require (see [`crate::control_auth`]); none
     /// when unset.
-    pub control_key: Option<crate::control_auth::ControlKey>,
+    pub control_key: Option<crate::control_auth::ControlKeys>,
 }
 
 impl Default for DriverConfig {
@@ -171,8 +172,8 @@ async fn drive(
     let token = cfg
         .control_key
         .as_ref()
-        .map(|k| k.token(&key.0, &key.1, &v.meta.uid));
-    let token = token.as_deref();
+        .map(|k| k.tokens(&key.0, &key.1, &v.meta.uid));
+    let token = token.as_ref();
 
     let candidate = rollout
         .filter(|r| r.phase.is_some_and(RolloutPhase::in_progress))
@@ -419,7 +420,7 @@ async fn poll(
     workers: &[WorkerPod],
     stage: Stage,
     color: Option<Color>,
-    token: Option<&str>,
+    token: Option<&Tokens>,
     timeout: Duration,
 ) -> Vec<(String, Option<WorkerStats>)> {
     let calls = workers
@@ -438,7 +439,7 @@ async fn poll(
 
 async fn get_stats(
     address: &str,
-    token: Option<&str>,
+    tokens: Option<&Tokens>,
     timeout: Duration,
 ) -> Result<WorkerStats, String> {
     let call = async {
@@ -449,11 +450,16 @@ async fn get_stats(
             .connect()
             .await
             .map_err(|e| e.to_string())?;
-        WorkerControlClient::new(channel)
-            .get_stats(crate::control_auth::request(GetStatsRequest {}, token))
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| s.message().to_owned())
+        let client = WorkerControlClient::new(channel);
+        // A pod not yet replaced after a key rotation takes the previous token.
+        control_auth::call(tokens, |token| {
+            let mut client = client.clone();
+            let request = control_auth::request(GetStatsRequest {}, token);
+            async move { client.get_stats(request).await }
+        })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| s.message().to_owned())
     };
     tokio::time::timeout(timeout * 2, call)
         .await

@@ -550,6 +550,16 @@ pub struct Operator {
     log: PathBuf,
 }
 
+/// The key file every operator a test starts in `ns` reads, unless it is given its own.
+pub fn control_key_file(ns: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("tandem-control-key-{ns}"))
+}
+
+/// What [`control_key_file`] holds.
+pub fn default_control_key(ns: &str) -> String {
+    format!("e2e-control-key-{ns}-0123456789abcdef0123456789abcdef\n")
+}
+
 impl Operator {
     /// Starts one and waits for its `/healthz`.
     pub fn start(cluster: &Cluster, ns: &str, identity: &str) -> Operator {
@@ -580,13 +590,10 @@ impl Operator {
         let log = std::env::temp_dir().join(format!("tandem-operator-{ns}-{identity}.log"));
         // Worker control ports take the pipelines' tokens, as with the chart: one key per
         // namespace, shared by every operator a test starts there (as replicas share the
-        // chart's Secret).
-        let key = std::env::temp_dir().join(format!("tandem-control-key-{ns}"));
-        std::fs::write(
-            &key,
-            format!("e2e-control-key-{ns}-0123456789abcdef0123456789abcdef\n"),
-        )
-        .expect("control key file");
+        // chart's Secret), unless the test passes its own `--control-key-file`.
+        let key = control_key_file(ns);
+        std::fs::write(&key, default_control_key(ns)).expect("control key file");
+        let own_key = extra.iter().any(|a| a.starts_with("--control-key-file="));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(operator_binary())
             .args([
@@ -600,7 +607,7 @@ impl Operator {
             ])
             .args(["--identity", identity, "--log-format", "text"])
             .arg(format!("--metrics-addr={addr}"))
-            .arg(format!("--control-key-file={}", key.display()))
+            .args((!own_key).then(|| format!("--control-key-file={}", key.display())))
             .args(extra)
             .env("KUBECONFIG", cluster.kubeconfig())
             .env("RUST_LOG", "info,tandem_operator=debug")

@@ -1187,6 +1187,36 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
         "helm upgrade regenerated the control key"
     );
     assert_eq!(token()?, token_before);
+    // Mid-rotation (docs/operations.md), an upgrade keeps the previous key too: the template
+    // carries it forward (helm's three-way merge would also leave a field it never wrote, but a
+    // `--force` upgrade replaces the object), and the operator is told where to find it.
+    let previous = "cHJldmlvdXMta2V5LWZvci10aGUtY2hhcnQtdGVzdC0wMTIzNDU2Nzg5YWJjZGVm";
+    cluster.kubectl_ok([
+        "patch",
+        "secret",
+        "tandem-control-key",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        &format!(r#"{{"data":{{"previous":"{previous}"}}}}"#),
+    ])?;
+    release.upgrade(&cluster, &["concurrency=4", "logging.format=text"])?;
+    assert_eq!(
+        control(&[
+            "secret",
+            "tandem-control-key",
+            "-o",
+            "jsonpath={.data.previous}"
+        ])?,
+        previous,
+        "helm upgrade dropped the previous key of a rotation in progress"
+    );
+    assert_eq!(key()?, key_before);
+    assert!(
+        template_args.contains("--previous-control-key-file=/etc/tandem/control-key/previous"),
+        "{template_args}"
+    );
 
     // Uninstall: pipelines first (their objects are theirs, not the chart's), then the chart.
     cluster.kubectl_ok([

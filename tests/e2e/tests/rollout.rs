@@ -901,7 +901,7 @@ fn a_candidate_crash_looping_on_a_wrong_sha256_rolls_back_long_before_the_progre
 }
 
 #[test]
-fn a_pipelines_control_ports_take_calls_only_with_its_token() {
+fn control_ports_take_only_the_pipelines_token_and_a_key_rotation_keeps_old_pods_routed() {
     use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
     use tandem_proto::tandem::v1::{GetStatsRequest, SetRoutesRequest};
 
@@ -911,7 +911,7 @@ fn a_pipelines_control_ports_take_calls_only_with_its_token() {
     let ns = ns_guard.name();
     let (dir, sums) = prepare_models(ns, &["v1"]).expect("model copy");
     let server = serve(&dir);
-    let _operator = Operator::start(&cluster, ns, "control-auth");
+    let operator = Operator::start(&cluster, ns, "control-auth");
     cluster
         .apply(&manifest(ns, &server.base, &sums))
         .expect("applying the pipeline");
@@ -970,7 +970,7 @@ fn a_pipelines_control_ports_take_calls_only_with_its_token() {
         }
         r
     }
-    rt.block_on(async {
+    let generation_before = rt.block_on(async {
         let mut pre = WorkerControlClient::connect(format!("http://{pre_ip}:9091"))
             .await
             .expect("preprocess control port");
@@ -1017,7 +1017,115 @@ fn a_pipelines_control_ports_take_calls_only_with_its_token() {
                 .into_inner()
                 .model_loaded
         );
+        stats.routes_generation
     });
     // Still serving after the attempts.
     wait_ready(&cluster, ns);
+
+    // A key rotation (docs/operations.md): the operator restarts with a new key and the old
+    // one as the previous key. The preprocess Deployment is paused, so its pod keeps the old
+    // token while the inference pod rolls to the new one: the new inference pod's address can
+    // reach the old preprocess pod only in a table pushed with the previous key's token.
+    let preprocess = format!("{PIPELINE}-preprocess");
+    let pod_names = |component: &str| {
+        cluster
+            .kubectl_ok([
+                "get",
+                "pods",
+                "-n",
+                ns,
+                "-l",
+                &format!(
+                    "app.kubernetes.io/instance={PIPELINE},app.kubernetes.io/component={component}"
+                ),
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ])
+            .expect("pods")
+    };
+    let (old_pre, old_inf) = (pod_names("preprocess"), pod_names("inference"));
+    cluster
+        .kubectl_ok(["rollout", "pause", "deployment", &preprocess, "-n", ns])
+        .expect("pausing the preprocess Deployment");
+    let load = Load::start(format!("{pre_ip}:8001"), Duration::from_millis(100));
+    let t = Instant::now();
+    operator.kill();
+    let new_key = std::env::temp_dir().join(format!("tandem-control-key-{ns}-rotated"));
+    std::fs::write(
+        &new_key,
+        format!("rotated-e2e-control-key-{ns}-fedcba9876543210fedcba98\n"),
+    )
+    .expect("new key file");
+    let operator = Operator::start_with(
+        &cluster,
+        ns,
+        "control-auth-rotated",
+        &[
+            format!("--control-key-file={}", new_key.display()),
+            format!(
+                "--previous-control-key-file={}",
+                tandem_e2e::control_key_file(ns).display()
+            ),
+        ],
+    );
+    let new_token = wait_until(
+        "the operator to give the pods the new key's token",
+        Duration::from_secs(60),
+        || {
+            let t = token_of(&format!("{PIPELINE}-inference-blue"));
+            Ok((t.len() == 64 && t != token).then_some(t))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    assert_eq!(token_of(&preprocess), new_token, "the paused template too");
+    wait_until(
+        "the inference pod replaced, and its address pushed to the old preprocess pod",
+        Duration::from_secs(180),
+        || {
+            let inf = pod_names("inference");
+            if inf.is_empty() || inf.split(' ').any(|p| old_inf.split(' ').any(|o| o == p)) {
+                return Ok(None);
+            }
+            let stats = rt.block_on(async {
+                let mut pre = WorkerControlClient::connect(format!("http://{pre_ip}:9091"))
+                    .await
+                    .ok()?;
+                pre.get_stats(with(GetStatsRequest {}, Some(&token)))
+                    .await
+                    .ok()
+                    .map(tonic::Response::into_inner)
+            });
+            Ok(stats.filter(|s| s.ready && s.routes_generation > generation_before))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", operator.log_tail()));
+    // Requests keep flowing through the old pod to the new inference pod.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        pod_names("preprocess"),
+        old_pre,
+        "the paused pod is still the one"
+    );
+    report(
+        &load,
+        t,
+        "key rotation, preprocess pod on the previous key's token",
+    );
+    load.finish();
+
+    // Resumed, the preprocess pod rolls to the new token and takes the table with it.
+    cluster
+        .kubectl_ok(["rollout", "resume", "deployment", &preprocess, "-n", ns])
+        .expect("resuming");
+    wait_until(
+        "the preprocess pod replaced",
+        Duration::from_secs(120),
+        || {
+            let now = pod_names("preprocess");
+            Ok((!now.is_empty() && now != old_pre).then_some(()))
+        },
+    )
+    .expect("preprocess rolled");
+    wait_ready(&cluster, ns);
+    drop(operator);
 }
