@@ -36,6 +36,12 @@ const PREPROCESS_GRACE_SECONDS: i64 = 100;
 /// Inference pods drain a full queue of batches before exiting; generous because a lost
 /// in-flight request is worse than a slow scale-down.
 const INFERENCE_GRACE_SECONDS: i64 = 120;
+/// How long a new worker pod must have been Ready before a Deployment update counts it and
+/// deletes a pod it replaces. Without it the old pod got SIGTERM the moment its replacement was
+/// Ready, before the operator had pushed the replacement's address to the preprocess pods (a
+/// router pass and a push, well under a second) or Service endpoints listed it: requests
+/// routed to the old pod then had nowhere to be retried.
+const MIN_READY_SECONDS: i32 = 5;
 
 /// The preprocess Deployment. `config_yaml` is hashed into a pod annotation so a config change
 /// rolls the pods.
@@ -187,6 +193,7 @@ fn deployment(
         spec: Some(DeploymentSpec {
             replicas: Some(replicas),
             revision_history_limit: Some(3),
+            min_ready_seconds: Some(MIN_READY_SECONDS),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(&v.meta.name, stage, color)),
                 match_expressions: None,
@@ -453,6 +460,27 @@ mod tests {
                 c.termination_message_policy.as_deref(),
                 Some("FallbackToLogsOnError")
             );
+        }
+    }
+
+    #[test]
+    fn an_update_surges_and_removes_an_old_pod_only_once_its_replacement_has_been_ready_a_while() {
+        let v = validate(&text_pipeline()).unwrap();
+        for d in build(&v, &blue(&v), &cfg()).unwrap().deployments {
+            let spec = d.spec.as_ref().unwrap();
+            assert_eq!(
+                spec.min_ready_seconds,
+                Some(MIN_READY_SECONDS),
+                "{:?}",
+                d.metadata.name
+            );
+            let rolling = spec
+                .strategy
+                .as_ref()
+                .and_then(|s| s.rolling_update.as_ref())
+                .unwrap();
+            assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+            assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
         }
     }
 
