@@ -90,27 +90,20 @@ fn walk(out: &mut String, path: &str, schema: &Value, required: bool) {
     if required {
         desc = format!("**Required.** {desc}");
     }
-    for rule in rules(schema) {
-        let _ = write!(desc, " Rule: {rule}.");
+    desc.push_str(&constraints(schema));
+    // What each element must be: rules on a list's items (a toleration's operator and value),
+    // a map's value pattern (a node selector's label values, resource quantities).
+    if schema["type"] == "array" {
+        let each = constraints(&schema["items"]);
+        if !each.is_empty() {
+            let _ = write!(desc, " Each item:{each}");
+        }
     }
-    if let Some(values) = schema["enum"].as_array() {
-        let v: Vec<String> = values
-            .iter()
-            .map(|v| format!("`{}`", v.as_str().unwrap_or_default()))
-            .collect();
-        let _ = write!(desc, " One of {}.", v.join(", "));
-    }
-    let bounds: Vec<String> = [
-        ("minLength", "min length"),
-        ("maxLength", "max length"),
-        ("minItems", "min items"),
-        ("maxItems", "max items"),
-    ]
-    .iter()
-    .filter_map(|(k, label)| schema[*k].as_u64().map(|n| format!("{label} {n}")))
-    .collect();
-    if !bounds.is_empty() {
-        let _ = write!(desc, " ({}).", bounds.join(", "));
+    if schema["additionalProperties"].is_object() {
+        let each = constraints(&schema["additionalProperties"]);
+        if !each.is_empty() {
+            let _ = write!(desc, " Each value:{each}");
+        }
     }
     let default = if schema["default"].is_null() {
         String::new()
@@ -156,6 +149,40 @@ fn walk(out: &mut String, path: &str, schema: &Value, required: bool) {
             );
         }
     }
+}
+
+/// A schema's own constraints as sentences, each starting with a space: CEL rules with their
+/// messages, allowed values, length, count and entry bounds, and the pattern.
+fn constraints(schema: &Value) -> String {
+    let mut out = String::new();
+    for rule in rules(schema) {
+        let _ = write!(out, " Rule: {rule}.");
+    }
+    if let Some(values) = schema["enum"].as_array() {
+        let v: Vec<String> = values
+            .iter()
+            .map(|v| format!("`{}`", v.as_str().unwrap_or_default()))
+            .collect();
+        let _ = write!(out, " One of {}.", v.join(", "));
+    }
+    let bounds: Vec<String> = [
+        ("minLength", "min length"),
+        ("maxLength", "max length"),
+        ("minItems", "min items"),
+        ("maxItems", "max items"),
+        ("minProperties", "min entries"),
+        ("maxProperties", "max entries"),
+    ]
+    .iter()
+    .filter_map(|(k, label)| schema[*k].as_u64().map(|n| format!("{label} {n}")))
+    .collect();
+    if !bounds.is_empty() {
+        let _ = write!(out, " ({}).", bounds.join(", "));
+    }
+    if let Some(pattern) = schema["pattern"].as_str() {
+        let _ = write!(out, " Pattern `{pattern}`.");
+    }
+    out
 }
 
 fn type_of(schema: &Value) -> String {
@@ -207,5 +234,28 @@ mod tests {
         assert!(md.contains("| Model | string | `.status.summary.model` |"));
         assert!(md.contains("`status.conditions[].reason`"));
         assert!(md.contains("One of `CUDA`, `CPU`."));
+    }
+
+    #[test]
+    fn list_item_rules_map_value_patterns_and_entry_bounds_are_documented() {
+        let md = crd_reference().unwrap();
+        let row = |field: &str| {
+            md.lines()
+                .find(|l| l.starts_with(&format!("| `{field}` |")))
+                .unwrap_or_else(|| panic!("no row for {field}"))
+                .to_owned()
+        };
+        let tolerations = row("spec.inference.scheduling.tolerations");
+        assert!(tolerations.contains("Each item: Rule:"), "{tolerations}");
+        let selector = row("spec.inference.scheduling.nodeSelector");
+        assert!(selector.contains("(max entries 32)."), "{selector}");
+        assert!(
+            selector.contains("Each value: (max length 63). Pattern `"),
+            "{selector}"
+        );
+        let key = row("spec.preprocess.scheduling.tolerations[].key");
+        assert!(key.contains("Pattern `^("), "{key}");
+        let limits = row("spec.inference.resources.limits");
+        assert!(limits.contains("Each value: Pattern `"), "{limits}");
     }
 }
