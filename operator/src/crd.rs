@@ -901,7 +901,8 @@ pub struct InferencePipelineStatus {
     pub summary: Option<StatusSummary>,
 }
 
-/// Lifecycle phase of a pipeline.
+// Lifecycle phase of a pipeline. A `//` comment, as on `TaintEffect`: the schema of an
+// `Option` of this enum would show this text instead of the field's own.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     /// Objects created, pods not ready yet.
@@ -916,7 +917,7 @@ pub enum Phase {
     Invalid,
 }
 
-/// A Deployment color of the inference stage.
+// A Deployment color of the inference stage (`//`, as on `Phase`).
 #[derive(
     JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
 )]
@@ -1031,7 +1032,7 @@ pub struct RolloutStatus {
     pub message: Option<String>,
 }
 
-/// Phase of a rollout.
+// Phase of a rollout (`//`, as on `Phase`).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RolloutPhase {
     /// Candidate pods are starting and loading the model.

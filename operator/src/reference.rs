@@ -258,4 +258,24 @@ mod tests {
         let limits = row("spec.inference.resources.limits");
         assert!(limits.contains("Each value: Pattern `"), "{limits}");
     }
+
+    #[test]
+    fn an_optional_enum_field_keeps_its_own_description() {
+        let md = crd_reference().unwrap();
+        for (field, own) in [
+            ("status.activeColor", "serve live traffic"),
+            ("status.phase", "the conditions say why"),
+            ("status.rollout.phase", "Where the rollout stands"),
+            (
+                "spec.inference.scheduling.tolerations[].effect",
+                "unset matches every effect",
+            ),
+        ] {
+            let row = md
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{field}` |")))
+                .unwrap_or_else(|| panic!("no row for {field}"));
+            assert!(row.contains(own), "{row}");
+        }
+    }
 }
