@@ -1217,6 +1217,20 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
         template_args.contains("--previous-control-key-file=/etc/tandem/control-key/previous"),
         "{template_args}"
     );
+    // The operator reads keys at start (the documented rotation restarts it): restarted, it
+    // finds the previous key in its mounted Secret.
+    cluster.kubectl_ok(["rollout", "restart", "deployment", OPERATOR, "-n", ns])?;
+    let pods = wait_operator_rolled_out(&cluster, ns, 2)?;
+    for (pod, _) in &pods {
+        let log = pod_log(pod)?;
+        assert!(
+            // Text logs (this release's logging.format) or JSON.
+            log.contains("previous_key=true") || log.contains(r#""previous_key":true"#),
+            "operator pod {pod} did not load the previous key: {}",
+            log.lines().take(5).collect::<Vec<_>>().join("\n")
+        );
+    }
+    wait_leader(&cluster, ns, &pods)?;
 
     // Uninstall: pipelines first (their objects are theirs, not the chart's), then the chart.
     cluster.kubectl_ok([
