@@ -234,7 +234,14 @@ fn init_telemetry(
         LogFormat::Json => registry
             .with(tracing_subscriber::fmt::layer().json().flatten_event(true))
             .try_init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).try_init(),
+        // Colors only on a terminal: in a pod's log (a file or a pipe) the escape codes split
+        // `field=value` pairs and make the lines hard to search.
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())),
+            )
+            .try_init(),
     }
     .context("installing the log subscriber")?;
     Ok(provider)
