@@ -460,6 +460,48 @@ mod tests {
         p
     }
 
+    /// The metric names in `text` that start with `prefix` (the chart's alert rules).
+    pub(crate) fn metric_names(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+        text.match_indices(prefix)
+            .map(|(i, _)| {
+                text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_operator_metric_the_charts_alerts_name_is_exported() {
+        use kube::runtime::watcher::Event;
+        let rules = include_str!("../../helm/tandem/templates/prometheusrule.yaml");
+        let names = metric_names(rules, "tandem_operator_");
+        assert!(names.len() >= 4, "{names:?}");
+        // A leader with a pipeline in a rollout and a series in each labeled family (an unused
+        // family is not listed at all): what a scrape of the chart's job returns.
+        let m = Metrics::new();
+        m.observe_reconcile(Outcome::Error, Duration::from_millis(5));
+        m.count_error(ErrorKind::Apply);
+        m.count_unpublished_event(Unpublished::QueueFull);
+        m.count_rollout_transition("RolloutHalted");
+        let store = Cache::default();
+        m.watch_pipelines(store.clone());
+        store.apply(
+            &Event::Apply(rolled(Color::Blue, crate::crd::RolloutPhase::RolledBack, 0)),
+            Clone::clone,
+        );
+        let text = m.encode().unwrap();
+        for name in names {
+            // OpenMetrics names a counter's family without `_total`.
+            let family = name.strip_suffix("_total").unwrap_or(&name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "the chart's alerts use {name}, which the operator does not export:\n{text}"
+            );
+        }
+    }
+
     #[test]
     fn rollout_phase_and_traffic_are_read_from_the_pipeline_cache_at_each_scrape() {
         use crate::crd::RolloutPhase;

@@ -63,4 +63,9 @@ kills a reconcile half way and the standby waits out the whole Lease.
 {{- fail (printf "extraArgs must not set %s: the chart's RBAC covers only its own Lease; set leaderElection.leaseName instead" .) }}
 {{- end }}
 {{- end }}
+
+{{- /* The ServiceMonitor scrapes the operator through the metrics Service. */}}
+{{- if and $v.monitoring.serviceMonitor.enabled (not $v.metrics.service.enabled) }}
+{{- fail "monitoring.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor selects the operator through that Service (or scrape the pods with your own PodMonitor)" }}
+{{- end }}
 {{- end }}

@@ -401,6 +401,121 @@ fn values_that_would_break_the_operator_at_run_time_fail_at_render_time_with_wha
 /// A parent chart that vendors this one under `charts/` renders: Helm passes the parent's
 /// `global` values (and the `enabled` key of a `condition`) down to the subchart, and the
 /// schema must not refuse them.
+/// The rendered objects of `kind`, parsed.
+fn rendered(yaml: &str, kind: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        if v["kind"] == kind {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn prometheus_operator_monitors_and_alerts_render_only_when_asked_and_select_the_right_targets()
+-> anyhow::Result<()> {
+    let plain = render(&[])?;
+    assert!(!plain.contains("monitoring.coreos.com"), "off by default");
+    let all = [
+        "--set",
+        "monitoring.serviceMonitor.enabled=true",
+        "--set",
+        "monitoring.podMonitor.enabled=true",
+        "--set",
+        "monitoring.prometheusRule.enabled=true",
+        "--set",
+        "monitoring.serviceMonitor.labels.release=kps",
+    ];
+    let yaml = render(&all)?;
+
+    // The ServiceMonitor selects the metrics Service, by its labels and port name.
+    let sm = &rendered(&yaml, "ServiceMonitor")?[0];
+    let service = &rendered(&yaml, "Service")?[0];
+    assert_eq!(sm["metadata"]["labels"]["release"], "kps");
+    for (k, v) in sm["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(&service["metadata"]["labels"][k], v, "label {k}");
+    }
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["port"],
+        service["spec"]["ports"][0]["name"]
+    );
+    assert_eq!(sm["spec"]["endpoints"][0]["honorLabels"], true);
+
+    // The PodMonitor selects worker pods by the labels the operator gives them: every
+    // namespace in Cluster scope, the watched ones in Namespaced scope.
+    let pm = &rendered(&yaml, "PodMonitor")?[0];
+    let service_name = service["metadata"]["name"]
+        .as_str()
+        .context("Service name")?;
+    let pod_monitor_job = format!(
+        "{}/{}",
+        pm["metadata"]["namespace"].as_str().context("namespace")?,
+        pm["metadata"]["name"].as_str().context("name")?
+    );
+    assert_eq!(
+        pm["spec"]["selector"]["matchLabels"],
+        serde_json::json!({"app.kubernetes.io/name": "tandem-worker",
+                           "app.kubernetes.io/managed-by": "tandem-operator"})
+    );
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert_eq!(pm["spec"]["namespaceSelector"]["any"], true);
+    let mut namespaced = all.to_vec();
+    namespaced.extend([
+        "--set",
+        "rbac.scope=Namespaced",
+        "--set",
+        "rbac.watchNamespaces={ml,search}",
+    ]);
+    let pm = &rendered(&render(&namespaced)?, "PodMonitor")?[0];
+    assert_eq!(
+        pm["spec"]["namespaceSelector"],
+        serde_json::json!({"matchNames": ["ml", "search"]})
+    );
+
+    // Every alert parses as PromQL and selects the job of the monitor that scrapes it.
+    let rule = &rendered(&yaml, "PrometheusRule")?[0];
+    let mut alerts = 0;
+    for group in rule["spec"]["groups"].as_array().into_iter().flatten() {
+        for r in group["rules"].as_array().into_iter().flatten() {
+            let expr = r["expr"].as_str().context("an expr")?;
+            promql_parser::parser::parse(expr)
+                .map_err(|e| anyhow::anyhow!("{}: {expr}: {e}", r["alert"]))?;
+            // Prometheus Operator's job names: the Service's name for a ServiceMonitor,
+            // `<namespace>/<name>` of the PodMonitor for a PodMonitor.
+            let job = if expr.contains("tandem_operator_") {
+                format!("job=\"{}\"", service_name)
+            } else {
+                format!("job=\"{pod_monitor_job}\"")
+            };
+            assert!(
+                expr.contains(&job),
+                "{}: {expr} should select {job}",
+                r["alert"]
+            );
+            assert!(r["labels"]["severity"].is_string(), "{}", r["alert"]);
+            alerts += 1;
+        }
+    }
+    assert!(alerts >= 8, "{alerts} alerts");
+
+    assert_render_refused(
+        &[
+            "--set",
+            "monitoring.serviceMonitor.enabled=true",
+            "--set",
+            "metrics.service.enabled=false",
+        ],
+        "monitoring.serviceMonitor.enabled needs metrics.service.enabled",
+    )?;
+    Ok(())
+}
+
 #[test]
 fn the_chart_renders_as_a_subchart_of_a_parent_chart() -> anyhow::Result<()> {
     let parent = std::env::temp_dir().join(format!("tandem-parent-chart-{}", std::process::id()));

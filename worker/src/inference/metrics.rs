@@ -122,3 +122,51 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_metric_the_charts_alerts_name_is_exported() {
+        use crate::common::control_auth::RefusalLabels;
+        use tandem_worker::preprocess::metrics::{Metrics as Preprocess, RequestLabels};
+        let rules = include_str!("../../../helm/tandem/templates/prometheusrule.yaml");
+        let names: std::collections::BTreeSet<String> = rules
+            .match_indices("tandem_")
+            .map(|(i, _)| {
+                rules[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect::<String>()
+            })
+            .filter(|n| !n.starts_with("tandem_operator_"))
+            .collect();
+        assert!(names.len() >= 4, "{names:?}");
+        // Both roles' registries as their /metrics ports serve them once each labeled family
+        // has a series (an unused family is not listed at all).
+        let mut registry = Registry::default();
+        let pre = Preprocess::register(&mut registry);
+        pre.requests
+            .get_or_create(&RequestLabels {
+                protocol: "grpc",
+                code: "RESOURCE_EXHAUSTED",
+            })
+            .inc();
+        control_auth::register(&mut registry)
+            .get_or_create(&RefusalLabels { reason: "wrong" })
+            .inc();
+        let mut text = crate::common::metrics::render(&registry).unwrap_or_default();
+        let inf = Metrics::new();
+        inf.count_refused();
+        text.push_str(&inf.encode());
+        for name in names {
+            // OpenMetrics names a counter's family without `_total`.
+            let family = name.strip_suffix("_total").unwrap_or(&name);
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "the chart's alerts use {name}, which no worker exports:\n{text}"
+            );
+        }
+    }
+}
