@@ -461,7 +461,7 @@ mod tests {
     }
 
     /// The metric names in `text` that start with `prefix` (the chart's alert rules).
-    pub(crate) fn metric_names(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    fn metric_names(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
         text.match_indices(prefix)
             .map(|(i, _)| {
                 text[i..]

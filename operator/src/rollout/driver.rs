@@ -205,20 +205,15 @@ async fn drive(
             cfg.stats_timeout,
         )
         .await;
-        obs.candidate_ready = stats
-            .iter()
-            .filter_map(|(_, s)| s.as_ref())
-            .filter(|s| s.model_loaded && s.model_version == model.version)
-            .count()
-            .try_into()
-            .unwrap_or(u32::MAX);
-        obs.candidate_stale = stats
-            .iter()
-            .filter_map(|(_, s)| s.as_ref())
-            .filter(|s| s.model_version != model.version)
-            .count()
-            .try_into()
-            .unwrap_or(u32::MAX);
+        // Each answering pod serves the candidate's model (ready once loaded) or another one
+        // (a superseded candidate's pod not yet gone).
+        for s in stats.iter().filter_map(|(_, s)| s.as_ref()) {
+            if s.model_version != model.version {
+                obs.candidate_stale = obs.candidate_stale.saturating_add(1);
+            } else if s.model_loaded {
+                obs.candidate_ready = obs.candidate_ready.saturating_add(1);
+            }
+        }
         if obs.candidate_ready < obs.candidate_wanted.max(1) {
             obs.candidate_pods = candidate_pods(pods, &key.0, &key.1, *color);
             obs.candidate_problem = super::candidate_problem(

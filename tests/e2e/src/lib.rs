@@ -556,7 +556,7 @@ pub fn control_key_file(ns: &str) -> PathBuf {
 }
 
 /// What [`control_key_file`] holds.
-pub fn default_control_key(ns: &str) -> String {
+fn default_control_key(ns: &str) -> String {
     format!("e2e-control-key-{ns}-0123456789abcdef0123456789abcdef\n")
 }
 

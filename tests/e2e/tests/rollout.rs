@@ -169,6 +169,25 @@ fn serve(dir: &Path) -> ModelServer {
     server
 }
 
+/// What every test here starts from: the cluster with the CRD, a namespace of its own, and
+/// the MiniLM copies for `versions` served over HTTP with their checksums.
+fn scene(
+    prefix: &str,
+    versions: &[&str],
+) -> (
+    Cluster,
+    tandem_e2e::TestNamespace,
+    BTreeMap<String, String>,
+    ModelServer,
+) {
+    let cluster = Cluster::connect();
+    cluster.ensure_crd().expect("the CRD is served");
+    let ns = cluster.namespace(prefix).expect("namespace");
+    let (dir, sums) = prepare_models(ns.name(), versions).expect("model copies");
+    let server = serve(&dir);
+    (cluster, ns, sums, server)
+}
+
 fn model_json(base: &str, sums: &BTreeMap<String, String>, v: &str) -> Value {
     serde_json::json!({
         "name": "minilm",
@@ -490,13 +509,8 @@ fn report(load: &Load, from: Instant, name: &str) {
 
 #[test]
 fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under_load() {
-    let cluster = Cluster::connect();
-    cluster.ensure_crd().expect("the CRD is served");
-    let ns_guard = cluster.namespace("rollout").expect("namespace");
+    let (cluster, ns_guard, sums, server) = scene("rollout", &["v1", "v2", "v3", "v4", "v5", "v6"]);
     let ns = ns_guard.name();
-    let (dir, sums) =
-        prepare_models(ns, &["v1", "v2", "v3", "v4", "v5", "v6"]).expect("model copies");
-    let server = serve(&dir);
     let base = server.base.clone();
 
     tandem_e2e::bin_dir(); // built now, not in the middle of a timed scenario
@@ -785,12 +799,8 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
 
 #[test]
 fn a_candidate_crash_looping_on_a_wrong_sha256_rolls_back_long_before_the_progress_deadline() {
-    let cluster = Cluster::connect();
-    cluster.ensure_crd().expect("the CRD is served");
-    let ns_guard = cluster.namespace("crashloop").expect("namespace");
+    let (cluster, ns_guard, sums, server) = scene("crashloop", &["v1"]);
     let ns = ns_guard.name();
-    let (dir, sums) = prepare_models(ns, &["v1"]).expect("model copy");
-    let server = serve(&dir);
     let base = server.base.clone();
 
     tandem_e2e::bin_dir(); // built now, not while the rollout is timed
@@ -905,12 +915,8 @@ fn control_ports_take_only_the_pipelines_token_and_a_key_rotation_keeps_old_pods
     use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
     use tandem_proto::tandem::v1::{GetStatsRequest, SetRoutesRequest};
 
-    let cluster = Cluster::connect();
-    cluster.ensure_crd().expect("the CRD is served");
-    let ns_guard = cluster.namespace("control-auth").expect("namespace");
+    let (cluster, ns_guard, sums, server) = scene("control-auth", &["v1"]);
     let ns = ns_guard.name();
-    let (dir, sums) = prepare_models(ns, &["v1"]).expect("model copy");
-    let server = serve(&dir);
     let operator = Operator::start(&cluster, ns, "control-auth");
     cluster
         .apply(&manifest(ns, &server.base, &sums))

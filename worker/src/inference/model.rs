@@ -86,14 +86,11 @@ pub async fn resolve(
                     url: weights_url.clone(),
                     reason: e.to_string(),
                 })?;
-            let get = |url: &str, dest: PathBuf, required: bool| {
-                download(&client, url.to_owned(), dest, required, stall)
-            };
             if !cached {
-                get(&weights_url, weights.clone(), true).await?;
+                download(&client, &weights_url, &weights, true, stall).await?;
             }
-            get(&config_url, dir.join(CONFIG_FILE), true).await?;
-            get(&pooling_url, dir.join(POOLING_FILE), false).await?;
+            download(&client, &config_url, &dir.join(CONFIG_FILE), true, stall).await?;
+            download(&client, &pooling_url, &dir.join(POOLING_FILE), false, stall).await?;
             Ok(LocalModel { dir, weights })
         }
     }
@@ -103,13 +100,13 @@ pub async fn resolve(
 /// Waiting longer than `stall` for the response or for the next bytes of the body fails.
 async fn download(
     client: &reqwest::Client,
-    url: String,
-    dest: PathBuf,
+    url: &str,
+    dest: &Path,
     required: bool,
     stall: Duration,
 ) -> Result<(), ModelError> {
     let fail = |reason: String| ModelError::Download {
-        url: url.clone(),
+        url: url.to_owned(),
         reason,
     };
     let stalled = |waiting_for: &str| {
@@ -118,7 +115,7 @@ async fn download(
             stall.as_secs_f64()
         ))
     };
-    let mut resp = tokio::time::timeout(stall, client.get(&url).send())
+    let mut resp = tokio::time::timeout(stall, client.get(url).send())
         .await
         .map_err(|_| stalled("response"))?
         .map_err(|e| fail(error_chain(&e)))?;
@@ -130,7 +127,7 @@ async fn download(
     }
     let parent = dest.parent().unwrap_or(Path::new("."));
     let cache_err = |source| ModelError::Cache {
-        path: dest.clone(),
+        path: dest.to_path_buf(),
         source,
     };
     tokio::fs::create_dir_all(parent).await.map_err(cache_err)?;
@@ -146,7 +143,7 @@ async fn download(
     }
     file.flush().await.map_err(cache_err)?;
     drop(file);
-    tokio::fs::rename(&tmp, &dest).await.map_err(cache_err)?;
+    tokio::fs::rename(&tmp, dest).await.map_err(cache_err)?;
     Ok(())
 }
 

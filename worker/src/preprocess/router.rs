@@ -574,10 +574,7 @@ impl Router {
 
         let first = self.call(&target, request.clone(), trace).await;
         let result = match first {
-            Err(RequestError::Upstream { code, .. }) if pod_gone(code) => {
-                self.retry(&target, request, trace, first).await
-            }
-            Err(RequestError::Unavailable(_)) => self.retry(&target, request, trace, first).await,
+            Err(ref e) if pod_gone(e) => self.retry(&target, request, trace, first).await,
             other => other.map(|resp| (resp, target.color.clone())),
         };
         let (response, color) = result?;
@@ -822,17 +819,21 @@ fn connect(address: &str) -> Result<EndpointHandle, RequestError> {
     })
 }
 
-/// Whether a forwarded call's status is what a pod that is going away, or already gone,
-/// produces before answering: `UNAVAILABLE` (connection refused, the server's GOAWAY),
-/// `CANCELLED` (the connection closed with the call queued or in flight; our own deadline is
-/// told apart by the time taken) and `UNKNOWN` (tonic's "transport error", a connection reset).
-/// Inference is a pure function of its inputs, so one more attempt elsewhere can only cost
-/// time, never repeat an effect.
-fn pod_gone(code: tonic::Code) -> bool {
-    matches!(
-        code,
-        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
-    )
+/// Whether a forwarded call failed as a pod that is going away, or already gone, makes it
+/// fail before answering: no endpoint could be chosen, or the pod's status is `UNAVAILABLE`
+/// (connection refused, the server's GOAWAY), `CANCELLED` (the connection closed with the call
+/// queued or in flight; our own deadline is told apart by the time taken, in `call`) or
+/// `UNKNOWN` (tonic's "transport error", a connection reset). Inference is a pure function of
+/// its inputs, so one more attempt elsewhere can only cost time, never repeat an effect.
+fn pod_gone(e: &RequestError) -> bool {
+    match e {
+        RequestError::Unavailable(_) => true,
+        RequestError::Upstream { code, .. } => matches!(
+            code,
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        ),
+        _ => false,
+    }
 }
 
 /// Increments two in-flight counters for its lifetime.
