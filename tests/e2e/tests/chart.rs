@@ -707,6 +707,23 @@ impl Release {
         Ok(())
     }
 
+    /// `helm upgrade --reuse-values`: the release's stored values, the local cluster's `null`s
+    /// included, which the values schema must accept as "unset".
+    fn upgrade_reusing_values(&self, cluster: &Cluster) -> anyhow::Result<()> {
+        helm_ok([
+            "upgrade".as_ref(),
+            RELEASE.as_ref(),
+            chart_dir().as_os_str(),
+            "--namespace".as_ref(),
+            self.namespace.as_ref(),
+            "--skip-crds".as_ref(),
+            "--reuse-values".as_ref(),
+            "--kubeconfig".as_ref(),
+            cluster.kubeconfig().as_os_str(),
+        ])?;
+        Ok(())
+    }
+
     fn uninstall(&mut self, cluster: &Cluster) -> anyhow::Result<()> {
         helm_ok([
             "uninstall".as_ref(),
@@ -1316,7 +1333,20 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
         "-p",
         &format!(r#"{{"data":{{"previous":"{previous}"}}}}"#),
     ])?;
-    release.upgrade(&cluster, &["concurrency=4", "logging.format=text"])?;
+    release.upgrade_reusing_values(&cluster)?;
+    let template_args = cluster.kubectl_ok([
+        "get",
+        "deployment",
+        OPERATOR,
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ])?;
+    assert!(
+        template_args.contains("--concurrency=4"),
+        "helm upgrade --reuse-values lost the release's values: {template_args}"
+    );
     assert_eq!(
         control(&[
             "secret",
