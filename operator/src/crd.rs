@@ -780,7 +780,9 @@ pub struct RolloutSpec {
     /// How long candidate pods may take to load the model and become ready before the rollout
     /// fails (`ProgressDeadlineExceeded`); at most `24h`. Candidate pods that all crash-loop
     /// (none ready, each restarted at least 3 times, as a wrong URI or checksum makes them)
-    /// fail it sooner, about a minute in (`CandidateCrashLoop`).
+    /// fail it sooner, about a minute in (`CandidateCrashLoop`). A candidate that was ready and
+    /// then has no ready pod gets as long again, from the loss, to have one
+    /// (`CandidateUnavailable`).
     #[serde(default = "default_progress_deadline")]
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(
@@ -1027,6 +1029,13 @@ pub struct RolloutStatus {
     /// for an abort, a promotion or a spec change.
     #[serde(default)]
     pub halted: bool,
+    /// Set while a candidate that had been ready has no ready pod (it crashed, was evicted or
+    /// its node went away) during shadowing or traffic steps: since then all live traffic is on
+    /// the active color, the candidate's current step starts over once a pod is ready again,
+    /// and the rollout fails (`CandidateUnavailable`) when this is older than
+    /// `progressDeadline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_unavailable_since: Option<Time>,
     /// What is happening or what went wrong, with the numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

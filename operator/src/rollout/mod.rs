@@ -296,6 +296,7 @@ fn start(inp: &Inputs<'_>, d: &mut Decision) {
         previous_model: Some(inp.active_model.clone()),
         routes_generation: None,
         halted: false,
+        candidate_unavailable_since: None,
         message: Some(format!(
             "starting {} candidate pod(s) of {} on {}",
             inp.policy.max_surge,
@@ -365,6 +366,19 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
         fail(inp, next, d, "ModelMismatch", msg);
         return;
     }
+    if matches!(
+        phase,
+        RolloutPhase::Shadowing | RolloutPhase::ShiftingTraffic
+    ) {
+        if candidate_unavailable(obs) {
+            candidate_lost(inp, r, next, d);
+            return;
+        }
+        if r.candidate_unavailable_since.is_some() {
+            candidate_back(inp, r, phase, next, d);
+            return;
+        }
+    }
 
     match phase {
         RolloutPhase::Provisioning => {
@@ -410,21 +424,9 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
                         ),
                     ));
                 }
-            } else if let Some(crash) = r
-                .started_at
-                .as_ref()
-                .filter(|_| obs.candidate_ready == 0)
-                .and_then(|since| crash_loop(&obs.candidate_pods, since.0))
-            {
+            } else if let Some(msg) = crash_loop_failure(inp, r, candidate) {
                 // No restart fixes what makes every pod exit at start (a wrong URI or
                 // checksum): waiting out progressDeadline would only delay the same answer.
-                let msg = format!(
-                    "candidate {} on {} is crash-looping with no pod ready ({} pod(s), each restarted at least {CRASH_LOOP_RESTARTS} times): {}",
-                    version(inp.spec_model),
-                    candidate.as_str(),
-                    crash.pods,
-                    crash.detail
-                );
                 fail(inp, next, d, "CandidateCrashLoop", msg);
                 return;
             } else if waited >= millis(policy.progress_deadline) {
@@ -608,6 +610,131 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
     d.rollout = Some(next);
 }
 
+/// The `CandidateCrashLoop` message when no candidate pod is ready and every pod started for
+/// the rollout is crash-looping ([`crash_loop`]).
+fn crash_loop_failure(inp: &Inputs<'_>, r: &RolloutStatus, candidate: Color) -> Option<String> {
+    let obs = inp.obs;
+    let crash = r
+        .started_at
+        .as_ref()
+        .filter(|_| obs.candidate_ready == 0)
+        .and_then(|since| crash_loop(&obs.candidate_pods, since.0))?;
+    Some(format!(
+        "candidate {} on {} is crash-looping with no pod ready ({} pod(s), each restarted at least {CRASH_LOOP_RESTARTS} times): {}",
+        version(inp.spec_model),
+        candidate.as_str(),
+        crash.pods,
+        crash.detail
+    ))
+}
+
+/// Whether a candidate that had been ready has no ready pod now: none answers `GetStats` with
+/// the model loaded, and none is Ready for Kubernetes either (so one `GetStats` call that timed
+/// out does not count as a loss).
+fn candidate_unavailable(obs: &Observations) -> bool {
+    obs.candidate_ready == 0
+        && !obs
+            .candidate_pods
+            .iter()
+            .any(|p| !p.terminating && p.is_ready())
+}
+
+/// Shadowing or shifting traffic with no ready candidate pod. A crash loop fails the rollout
+/// at once, as in provisioning. Otherwise live traffic goes back to the active color (which
+/// gets its pods back with it, [`color_replicas`]) and the rollout waits for a pod, up to
+/// `progressDeadline` from the loss.
+fn candidate_lost(inp: &Inputs<'_>, r: &RolloutStatus, mut next: RolloutStatus, d: &mut Decision) {
+    let policy = inp.policy;
+    let candidate = r.candidate_color.unwrap_or(inp.active_color.other());
+    next.traffic_percent = 0;
+    if let Some(msg) = crash_loop_failure(inp, r, candidate) {
+        fail(inp, next, d, "CandidateCrashLoop", msg);
+        return;
+    }
+    let why = inp
+        .obs
+        .candidate_problem
+        .as_deref()
+        .map(|w| format!(": {w}"))
+        .unwrap_or_default();
+    let since = r
+        .candidate_unavailable_since
+        .clone()
+        .unwrap_or_else(|| time(inp.now));
+    let lost_ms = elapsed_ms(Some(&since), inp.now);
+    if lost_ms >= millis(policy.progress_deadline) {
+        let msg = format!(
+            "candidate {} on {} has had no ready pod for {}s (progressDeadline {}s){why}",
+            version(inp.spec_model),
+            candidate.as_str(),
+            lost_ms / 1000,
+            policy.progress_deadline.as_secs()
+        );
+        fail(inp, next, d, "CandidateUnavailable", msg);
+        return;
+    }
+    if r.candidate_unavailable_since.is_none() {
+        d.events.push(warning(
+            "CandidateUnavailable",
+            format!(
+                "candidate {} on {} has no ready pod{why}; all live traffic is back on {}, and the rollout fails if none is ready within progressDeadline ({}s)",
+                version(inp.spec_model),
+                candidate.as_str(),
+                inp.active_color.as_str(),
+                policy.progress_deadline.as_secs()
+            ),
+        ));
+    }
+    next.message = Some(format!(
+        "candidate {} on {} has had no ready pod for {}s{why}; all live traffic is on {} until one is ready again (progressDeadline {}s)",
+        version(inp.spec_model),
+        candidate.as_str(),
+        lost_ms / 1000,
+        inp.active_color.as_str(),
+        policy.progress_deadline.as_secs()
+    ));
+    next.candidate_unavailable_since = Some(since);
+    d.rollout = Some(next);
+}
+
+/// A candidate pod is ready again after [`candidate_lost`]: shadowing resumes where it was
+/// (its counters only grow), a traffic step starts over, with its share and a full
+/// `stepDuration`, so it is judged on requests the candidate served after its return.
+fn candidate_back(
+    inp: &Inputs<'_>,
+    r: &RolloutStatus,
+    phase: RolloutPhase,
+    mut next: RolloutStatus,
+    d: &mut Decision,
+) {
+    let candidate = r.candidate_color.unwrap_or(inp.active_color.other());
+    next.candidate_unavailable_since = None;
+    let note = if phase == RolloutPhase::ShiftingTraffic {
+        let step = usize::try_from(r.step.unwrap_or(0)).unwrap_or(0);
+        enter_step(inp, &mut next, step);
+        format!(
+            "candidate {} on {} has a ready pod again; step {}/{} starts over with {}% of traffic",
+            version(inp.spec_model),
+            candidate.as_str(),
+            step + 1,
+            inp.policy.steps.len(),
+            next.traffic_percent
+        )
+    } else {
+        let compared = r.shadow.as_ref().map_or(0, |s| s.compared);
+        let note = format!(
+            "candidate {} on {} has a ready pod again; mirroring resumes at {compared}/{} compared",
+            version(inp.spec_model),
+            candidate.as_str(),
+            inp.policy.shadow_requests
+        );
+        next.message = Some(note.clone());
+        note
+    };
+    d.events.push(normal("CandidateRecovered", note));
+    d.rollout = Some(next);
+}
+
 fn enter_step(inp: &Inputs<'_>, next: &mut RolloutStatus, step: usize) {
     let pct = inp.policy.steps.get(step).copied().unwrap_or(100);
     next.phase = Some(RolloutPhase::ShiftingTraffic);
@@ -637,6 +764,7 @@ fn promote(inp: &Inputs<'_>, r: &RolloutStatus, d: &mut Decision, why: &str) {
     // The candidate model is now the active one and takes all live traffic.
     next.traffic_percent = 100;
     next.halted = false;
+    next.candidate_unavailable_since = None;
     next.step_started_at = Some(time(inp.now));
     next.message = Some(format!(
         "{} is active on {} ({why}); {} keeps running {}s for an instant undo",
@@ -692,6 +820,7 @@ fn end_without_candidate(
     next.step = None;
     next.traffic_percent = 0;
     next.halted = false;
+    next.candidate_unavailable_since = None;
     next.step_started_at = Some(time(inp.now));
     next.message = Some(message);
 }

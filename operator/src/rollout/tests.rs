@@ -1058,3 +1058,163 @@ fn the_annotation_a_person_acted_through_is_consumed_once_it_has_acted_and_not_b
     );
     assert_eq!(consumed(&mut w, 8, Some(UserAction::Abort)), None);
 }
+
+/// A candidate pod the scheduler cannot place (its node went away, say): not ready, no
+/// restarts.
+fn unschedulable_pod(created: i64) -> PodSummary {
+    PodSummary {
+        name: format!("minilm-inference-green-{created}").into(),
+        namespace: "ml".into(),
+        created: Some(at(created)),
+        status: PodStatusSummary {
+            conditions: vec![PodConditionSummary {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("Unschedulable".into()),
+                message: Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into()),
+            }],
+            ..PodStatusSummary::default()
+        },
+        ..PodSummary::default()
+    }
+}
+
+/// The candidate's only pod is gone and its replacement waits unscheduled.
+fn lose_the_candidate(w: &mut World, created: i64) {
+    w.obs.candidate_ready = 0;
+    w.obs.candidate_pods = pods([unschedulable_pod(created)]);
+    w.obs.candidate_problem = Some("Unschedulable: 3 Insufficient nvidia.com/gpu".into());
+}
+
+#[test]
+fn a_candidate_that_loses_every_pod_mid_step_gets_no_traffic_and_its_step_starts_over_when_one_is_back()
+ {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    w.tick(40, None);
+    assert_eq!((w.r().step, w.r().traffic_percent), (Some(1), 50));
+
+    lose_the_candidate(&mut w, 55);
+    let ev = w.tick(60, None);
+    assert_eq!(reasons(&ev), ["CandidateUnavailable"]);
+    assert!(ev[0].warning);
+    assert!(
+        ev[0].note.contains("all live traffic is back on blue"),
+        "{}",
+        ev[0].note
+    );
+    let r = w.r().clone();
+    assert_eq!(r.phase, Some(RolloutPhase::ShiftingTraffic));
+    assert_eq!(r.step, Some(1), "the step is kept, to be resumed");
+    assert_eq!(
+        r.traffic_percent, 0,
+        "no live traffic on a color with no pod"
+    );
+    assert_eq!(r.candidate_unavailable_since, Some(time(at(60))));
+    assert_eq!(
+        color_replicas(4, Some(&r), 1),
+        (4, 1),
+        "the active color gets its pods back"
+    );
+
+    // 50 % was due at 70 and 100 % at 100: neither moves, nothing is promoted.
+    assert!(w.tick(75, None).is_empty());
+    assert!(w.tick(200, None).is_empty());
+    assert_eq!(w.active_color, Color::Blue);
+    assert_eq!(w.r().traffic_percent, 0);
+    assert_eq!(
+        w.r().message.as_deref(),
+        Some(
+            "candidate minilm:v2 on green has had no ready pod for 140s: Unschedulable: 3 Insufficient nvidia.com/gpu; all live traffic is on blue until one is ready again (progressDeadline 600s)"
+        )
+    );
+
+    // A pod is back: the step is entered again, with a full stepDuration.
+    w.obs.candidate_ready = 1;
+    w.obs.candidate_problem = None;
+    let ev = w.tick(210, None);
+    assert_eq!(reasons(&ev), ["CandidateRecovered"]);
+    assert_eq!(
+        ev[0].note,
+        "candidate minilm:v2 on green has a ready pod again; step 2/3 starts over with 50% of traffic"
+    );
+    assert_eq!((w.r().step, w.r().traffic_percent), (Some(1), 50));
+    assert_eq!(w.r().candidate_unavailable_since, None);
+    assert!(w.tick(239, None).is_empty(), "held for stepDuration again");
+    assert_eq!(reasons(&w.tick(240, None)), ["TrafficShifted"]);
+    assert_eq!(w.r().traffic_percent, 100);
+}
+
+#[test]
+fn a_candidate_with_no_ready_pod_for_the_progress_deadline_rolls_back() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    lose_the_candidate(&mut w, 15);
+    assert_eq!(reasons(&w.tick(20, None)), ["CandidateUnavailable"]);
+    assert!(w.tick(619, None).is_empty());
+    let ev = w.tick(620, None);
+    assert_eq!(reasons(&ev), ["CandidateUnavailable"]);
+    assert_eq!(w.phase(), Some(RolloutPhase::RolledBack));
+    assert_eq!(w.r().candidate_unavailable_since, None);
+    assert_eq!(
+        w.r().message.as_deref(),
+        Some(
+            "candidate minilm:v2 on green has had no ready pod for 600s (progressDeadline 600s): Unschedulable: 3 Insufficient nvidia.com/gpu; rolled back: all traffic is on blue (minilm:v1)"
+        )
+    );
+}
+
+#[test]
+fn a_candidate_that_starts_crash_looping_while_shadowing_rolls_back_at_once() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.obs.shadow.compared = 40;
+    w.tick(8, None);
+    w.obs.candidate_ready = 0;
+    w.obs.candidate_pods = pods([crashing(3, "out of memory loading the model")]);
+    let ev = w.tick(90, None);
+    assert_eq!(reasons(&ev), ["CandidateCrashLoop"]);
+    assert_eq!(w.phase(), Some(RolloutPhase::RolledBack));
+    assert!(
+        ev[0].note.starts_with(
+            "candidate minilm:v2 on green is crash-looping with no pod ready (1 pod(s)"
+        ),
+        "{}",
+        ev[0].note
+    );
+}
+
+#[test]
+fn shadowing_waits_for_a_lost_candidate_and_resumes_with_its_counts() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.obs.shadow.compared = 40;
+    w.tick(8, None);
+    lose_the_candidate(&mut w, 9);
+    assert_eq!(reasons(&w.tick(10, None)), ["CandidateUnavailable"]);
+    assert_eq!(w.phase(), Some(RolloutPhase::Shadowing));
+    w.obs.candidate_ready = 1;
+    let ev = w.tick(30, None);
+    assert_eq!(
+        ev[0].note,
+        "candidate minilm:v2 on green has a ready pod again; mirroring resumes at 40/100 compared"
+    );
+    assert_eq!(w.r().shadow.as_ref().map(|s| s.compared), Some(40));
+    w.obs.shadow.compared = 100;
+    assert_eq!(reasons(&w.tick(31, None)), ["ShadowPassed"]);
+}
+
+#[test]
+fn a_candidate_ready_for_kubernetes_whose_stats_call_failed_is_not_lost() {
+    let mut w = World::serving_v1();
+    w.shadowing_v2();
+    w.passes_shadow(10);
+    // GetStats timed out this tick, but the pod is Ready.
+    w.obs.candidate_ready = 0;
+    w.obs.candidate_pods = pods([ready_pod()]);
+    assert!(w.tick(20, None).is_empty());
+    assert_eq!(w.r().traffic_percent, 10);
+    assert_eq!(w.r().candidate_unavailable_since, None);
+}

@@ -18,6 +18,10 @@
 //! crash-loop, and the rollout rolls back on that (`CandidateCrashLoop`) within a minute or so,
 //! not at its 30-minute `progressDeadline`, with no request of the load failing.
 //!
+//! A third loses its candidate's only pod at the 50 % step while the model store hangs: live
+//! traffic goes back to blue, the step starts over once a replacement has loaded the model, and
+//! the candidate is promoted, again with no request failing.
+//!
 //! Latency percentiles of the load during each swap are printed.
 
 use std::collections::BTreeMap;
@@ -143,6 +147,15 @@ fn perturbed(weights: &[u8]) -> anyhow::Result<Vec<u8>> {
 
 fn serve(dir: &Path) -> ModelServer {
     let port = free_port();
+    ModelServer {
+        child: http_server(dir, port),
+        base: format!("http://{BRIDGE_IP}:{port}"),
+        dir: dir.to_owned(),
+    }
+}
+
+/// Python's `http.server` for `dir` on the bridge, once it accepts connections.
+fn http_server(dir: &Path, port: u16) -> Child {
     let python = std::env::var("TANDEM_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let child = Command::new(python)
         .args(["-m", "http.server", &port.to_string(), "--bind", BRIDGE_IP])
@@ -152,11 +165,6 @@ fn serve(dir: &Path) -> ModelServer {
         .stderr(Stdio::null())
         .spawn()
         .expect("starting the model file server");
-    let server = ModelServer {
-        child,
-        base: format!("http://{BRIDGE_IP}:{port}"),
-        dir: dir.to_owned(),
-    };
     let addr = format!("{BRIDGE_IP}:{port}").parse().expect("address");
     wait_until("the model file server", Duration::from_secs(20), || {
         Ok(
@@ -166,7 +174,28 @@ fn serve(dir: &Path) -> ModelServer {
         )
     })
     .expect("model file server up");
-    server
+    child
+}
+
+impl ModelServer {
+    /// Freezes the model store (SIGSTOP): connections are accepted but never answered, so a
+    /// download waits, as on a store that hangs, until [`ModelServer::resume`].
+    fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets the frozen store answer again (SIGCONT).
+    fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {sig} of the model server failed");
+    }
 }
 
 /// What every test here starts from: the cluster with the CRD, a namespace of its own, and
@@ -906,6 +935,149 @@ fn a_candidate_crash_looping_on_a_wrong_sha256_rolls_back_long_before_the_progre
         took < deadline / 10,
         "the crash loop, not the deadline, ended the rollout: {took:?}"
     );
+    drop(operator);
+    drop(server);
+}
+
+/// The pipeline's candidate-color inference pods that are not being deleted.
+fn candidate_pods(cluster: &Cluster, ns: &str) -> Vec<String> {
+    let pods = cluster
+        .get_json(&[
+            "pods",
+            "-n",
+            ns,
+            "-l",
+            &format!(
+                "app.kubernetes.io/instance={PIPELINE},app.kubernetes.io/component=inference,tandem.dev/color=green"
+            ),
+        ])
+        .unwrap_or(Value::Null);
+    pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The Event of `reason` about the pipeline, once the driver has created it.
+fn wait_event(cluster: &Cluster, ns: &str, reason: &str, operator: &Operator) -> Value {
+    wait_until(
+        &format!("a {reason} Event"),
+        Duration::from_secs(20),
+        || {
+            let events = cluster.get_json(&["events.events.k8s.io", "-n", ns])?;
+            Ok(events["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["reason"] == reason)
+                .cloned())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}:\n{}\n{}", events(cluster, ns), operator.log_tail()))
+}
+
+#[test]
+fn a_candidate_that_loses_its_pod_mid_step_gets_no_traffic_until_one_is_back_and_no_request_fails()
+{
+    let (cluster, ns_guard, sums, server) = scene("lostpod", &["v1", "v2"]);
+    let ns = ns_guard.name();
+    let base = server.base.clone();
+
+    tandem_e2e::bin_dir();
+    let operator = Operator::start(&cluster, ns, "lostpod");
+    let mut pipeline: Value = serde_json::from_str(&manifest(ns, &base, &sums)).expect("JSON");
+    // Long enough a step that the candidate is lost and back before it is due.
+    pipeline["spec"]["rollout"]["steps"] = serde_json::json!([50, 100]);
+    pipeline["spec"]["rollout"]["stepDuration"] = "30s".into();
+    cluster
+        .apply(&pipeline.to_string())
+        .expect("applying the pipeline");
+    wait_ready(&cluster, ns);
+    let load = Load::start(preprocess_address(&cluster, ns), Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(2));
+
+    let t = Instant::now();
+    set_model(&cluster, ns, &model_json(&base, &sums, "v2"));
+    let mut seen = Vec::new();
+    watch(
+        &cluster,
+        ns,
+        "v2 at 50 %",
+        Duration::from_secs(180),
+        &mut seen,
+        |p| rollout_phase(p) == "ShiftingTraffic" && p["status"]["rollout"]["trafficPercent"] == 50,
+    );
+
+    // The model store hangs, then the candidate's only pod goes: its replacement waits for v2.
+    server.pause();
+    let lost = candidate_pods(&cluster, ns);
+    assert_eq!(lost.len(), 1, "one candidate pod: {lost:?}");
+    cluster
+        .kubectl_ok(["delete", "pod", &lost[0], "-n", ns, "--wait=false"])
+        .expect("deleting the candidate pod");
+    let p = watch(
+        &cluster,
+        ns,
+        "the candidate lost",
+        Duration::from_secs(60),
+        &mut seen,
+        |p| !p["status"]["rollout"]["candidateUnavailableSince"].is_null(),
+    );
+    assert_eq!(rollout_phase(&p), "ShiftingTraffic");
+    assert_eq!(
+        p["status"]["rollout"]["trafficPercent"], 0,
+        "live traffic back on blue: {}",
+        p["status"]["rollout"]
+    );
+    let message = p["status"]["rollout"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.starts_with("candidate minilm:v2 on green has had no ready pod for")
+            && message.contains("all live traffic is on blue until one is ready again"),
+        "{message}"
+    );
+    let event = wait_event(&cluster, ns, "CandidateUnavailable", &operator);
+    assert_eq!(event["type"], "Warning", "{event}");
+
+    // The store answers again: the replacement loads v2, and the step starts over.
+    server.resume();
+    let p = watch(
+        &cluster,
+        ns,
+        "the candidate back",
+        Duration::from_secs(120),
+        &mut seen,
+        |p| p["status"]["rollout"]["candidateUnavailableSince"].is_null(),
+    );
+    assert_eq!(
+        rollout_phase(&p),
+        "ShiftingTraffic",
+        "{}",
+        p["status"]["rollout"]
+    );
+    assert_eq!(p["status"]["rollout"]["trafficPercent"], 50);
+    let event = wait_event(&cluster, ns, "CandidateRecovered", &operator);
+    assert_eq!(
+        event["note"],
+        "candidate minilm:v2 on green has a ready pod again; step 1/2 starts over with 50% of traffic"
+    );
+    let p = watch(
+        &cluster,
+        ns,
+        "v2 promoted",
+        Duration::from_secs(120),
+        &mut seen,
+        |p| p["status"]["activeColor"] == "green",
+    );
+    assert_eq!(p["status"]["activeModel"]["version"], "v2");
+    report(
+        &load,
+        t,
+        "v1 → v2 with the candidate's pod lost at 50 % and back",
+    );
+    load.finish();
     drop(operator);
     drop(server);
 }
