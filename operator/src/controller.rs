@@ -22,7 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::applied::{Applied, fingerprint};
 use crate::build::{
@@ -136,6 +136,7 @@ impl Error {
             Self::NameInUse { .. } => ErrorKind::NameInUse,
             Self::Apply { .. } => ErrorKind::Apply,
             Self::Prune { .. } => ErrorKind::Prune,
+            Self::Status(e) if crate::skew::undeclared_field(e).is_some() => ErrorKind::CrdOutdated,
             Self::Status(_) => ErrorKind::Status,
             Self::Timeout(_) => ErrorKind::Timeout,
         }
@@ -680,10 +681,26 @@ pub async fn reconcile(
 
 /// Maps a failed reconcile to its retry: an invalid spec waits for the object to change;
 /// anything else (API errors) backs off exponentially per object.
-pub fn error_policy(_p: &InferencePipeline, key: &Key, err: &Error, ctx: &Context) -> Requeue {
+pub fn error_policy(p: &InferencePipeline, key: &Key, err: &Error, ctx: &Context) -> Requeue {
     ctx.metrics.count_error(err.kind());
     if let Error::InvalidSpec(_) = err {
         return Requeue::OnChange;
+    }
+    if let Error::Status(e) = err
+        && let Some(field) = crate::skew::undeclared_field(e)
+    {
+        // Status cannot say it: the write that failed is status. Say it where it can be read.
+        let note = crate::skew::note(field);
+        error!(pipeline = %key, reason = crate::skew::REASON, "{note}");
+        let note = crate::events::Note {
+            action: "Reconcile",
+            reason: crate::skew::REASON,
+            note,
+            warning: true,
+            discriminator: "crd",
+        };
+        ctx.events
+            .publish(p.into(), note, k8s_openapi::jiff::Timestamp::now());
     }
     let failures = match ctx.failures.lock() {
         Ok(mut f) => {

@@ -20,6 +20,7 @@ pub mod reference;
 pub mod rollout;
 pub mod router;
 pub mod routing;
+pub mod skew;
 pub mod status;
 pub mod summary;
 pub mod validate;

@@ -157,6 +157,8 @@ pub enum ErrorKind {
     Prune,
     /// Writing status.
     Status,
+    /// Writing status, refused because the installed CRD is older than the operator.
+    CrdOutdated,
     /// A reconcile ran past its time limit.
     Timeout,
 }

@@ -16,7 +16,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
 use tandem_proto::tandem::v1::{GetStatsRequest, WorkerStats};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     ANNOTATION_ABORT, ANNOTATION_PROMOTE, ColorWindow, Inputs, Observations, ShadowCounts,
@@ -67,6 +67,8 @@ struct Memory {
     /// `(pod, color)` → `(requests, errors)` when the step began (or the pod was first seen).
     baselines: HashMap<(String, String), (u64, u64)>,
     last_write: Option<Instant>,
+    /// Whether an outdated CRD's refusal was already reported ([`crate::skew`]).
+    crd_outdated: bool,
 }
 
 /// Runs until aborted.
@@ -329,7 +331,26 @@ async fn drive(
         Err(kube::Error::Api(s)) if s.code == 409 => {
             debug!(pipeline = %v.meta.name, "rollout status write conflicted; retrying next tick")
         }
-        Err(e) => warn!(pipeline = %v.meta.name, error = %e, "writing rollout status failed"),
+        Err(e) => match crate::skew::undeclared_field(&e) {
+            // Once per pipeline and leader term: the driver retries every tick.
+            Some(field) if !mem.crd_outdated => {
+                mem.crd_outdated = true;
+                let note = crate::skew::note(field);
+                error!(pipeline = %v.meta.name, reason = crate::skew::REASON, "{note}");
+                let note = crate::events::Note {
+                    action: "Rollout",
+                    reason: crate::skew::REASON,
+                    note,
+                    warning: true,
+                    discriminator: "crd",
+                };
+                events.publish(p.into(), note, Timestamp::now());
+            }
+            Some(_) => {
+                debug!(pipeline = %v.meta.name, "rollout status refused: the CRD is outdated")
+            }
+            None => warn!(pipeline = %v.meta.name, error = %e, "writing rollout status failed"),
+        },
     }
 }
 
