@@ -892,18 +892,29 @@ async fn apply_owned(
     v: &ValidatedPipeline,
     d: &Desired,
 ) -> Result<Vec<DeploymentSummary>, Error> {
-    claim_names(ctx, v, d).await?;
-    let applied = apply_all(ctx, v, d).await?;
+    let absent = claim_names(ctx, v, d).await?;
+    let applied = apply_all(ctx, v, d, &absent).await?;
     prune(ctx, v, d).await?;
     Ok(applied)
 }
+
+/// The desired objects [`claim_names`] found absent, by kind and name. Their first apply may
+/// only create them ([`CREATE_ONLY`]).
+type Absent = BTreeSet<(&'static str, String)>;
+
+/// A `resourceVersion` sent with the first apply of an object its claim found absent. A create
+/// ignores it; an update compares it with the object's, and no object has this one (it is etcd's
+/// first revision, written while the API server starts), so if someone created the object
+/// between the claim and the apply, the apply fails with 409 Conflict instead of taking the
+/// object over, and the next reconcile's claim finds it and names its holder.
+pub const CREATE_ONLY: &str = "1";
 
 /// Makes sure that every desired object is absent or already the pipeline's before anything is
 /// applied, so that an object of the same name that belongs to something else is neither
 /// rewritten nor adopted (and a pipeline is not half created beside it). Objects the owner
 /// caches show as the pipeline's cost nothing; the others (a new pipeline's) are read at once,
-/// concurrently.
-async fn claim_names(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Result<(), Error> {
+/// concurrently. Returns the objects found absent.
+async fn claim_names(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Result<Absent, Error> {
     let ns = v.meta.namespace.as_str();
     let uid = v.meta.uid.as_str();
     let name = |meta: &ObjectMeta| meta.name.clone().unwrap_or_default();
@@ -935,18 +946,22 @@ async fn claim_names(ctx: &Context, v: &ValidatedPipeline, d: &Desired) -> Resul
     ];
     let results =
         futures::future::join_all(others.into_iter().chain(deployments).chain(pdbs)).await;
-    results.into_iter().collect()
+    let mut absent = Absent::new();
+    for r in results {
+        absent.extend(r?);
+    }
+    Ok(absent)
 }
 
 /// One object of [`claim_names`]: nothing to do when `cached_as_ours`, else a read of its
-/// metadata (from the API server's watch cache): absent or the pipeline's is fine, anything
-/// else is [`Error::NameInUse`].
+/// metadata (from the API server's watch cache): the pipeline's is fine, absent is returned,
+/// anything else is [`Error::NameInUse`].
 async fn claim<K>(
     ctx: &Context,
     v: &ValidatedPipeline,
     name: String,
     cached_as_ours: bool,
-) -> Result<(), Error>
+) -> Result<Option<(&'static str, String)>, Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -954,18 +969,18 @@ where
         + std::fmt::Debug,
 {
     if cached_as_ours {
-        return Ok(());
+        return Ok(None);
     }
     let kind = short_kind::<K>();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &v.meta.namespace);
     match api.get_metadata_with(&name, &GetParams::any()).await {
-        Ok(found) if ownership::owned_by(&found.metadata, &v.meta.uid) => Ok(()),
+        Ok(found) if ownership::owned_by(&found.metadata, &v.meta.uid) => Ok(None),
         Ok(found) => Err(Error::NameInUse {
             kind,
             name,
             holder: ownership::holder(&found.metadata, &v.meta.name, &InferencePipeline::kind(&())),
         }),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Some((kind, name))),
         Err(source) => Err(Error::Read { kind, name, source }),
     }
 }
@@ -980,13 +995,14 @@ async fn apply_all(
     ctx: &Context,
     v: &ValidatedPipeline,
     d: &Desired,
+    absent: &Absent,
 ) -> Result<Vec<DeploymentSummary>, Error> {
     let ns = v.meta.namespace.as_str();
     let now = Instant::now();
     let (sa, cm, svc) = futures::join!(
-        apply_changed(ctx, ns, &d.service_account, now),
-        apply_changed(ctx, ns, &d.config_map, now),
-        apply_changed(ctx, ns, &d.service, now),
+        apply_changed(ctx, ns, &d.service_account, now, absent),
+        apply_changed(ctx, ns, &d.config_map, now, absent),
+        apply_changed(ctx, ns, &d.service, now, absent),
     );
     sa?;
     cm?;
@@ -995,9 +1011,13 @@ async fn apply_all(
         futures::future::join_all(
             d.deployments
                 .iter()
-                .map(|dep| deployment(ctx, ns, dep, now))
+                .map(|dep| deployment(ctx, ns, dep, now, absent))
         ),
-        futures::future::join_all(d.pdbs.iter().map(|pdb| apply_changed(ctx, ns, pdb, now))),
+        futures::future::join_all(
+            d.pdbs
+                .iter()
+                .map(|pdb| apply_changed(ctx, ns, pdb, now, absent))
+        ),
     );
     for pdb in pdbs {
         pdb?;
@@ -1007,7 +1027,13 @@ async fn apply_all(
 
 /// Applies `obj` unless the apply record says exactly this was applied and nobody touched it
 /// since.
-async fn apply_changed<K>(ctx: &Context, ns: &str, obj: &K, now: Instant) -> Result<(), Error>
+async fn apply_changed<K>(
+    ctx: &Context,
+    ns: &str,
+    obj: &K,
+    now: Instant,
+    absent: &Absent,
+) -> Result<(), Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -1025,7 +1051,9 @@ where
     {
         return Ok(());
     }
-    apply_recorded(ctx, ns, obj, fp, now).await.map(|_| ())
+    apply_recorded(ctx, ns, obj, fp, now, absent)
+        .await
+        .map(|_| ())
 }
 
 /// A desired Deployment as the server has it: from the watch cache when the apply record says
@@ -1036,6 +1064,7 @@ async fn deployment(
     ns: &str,
     dep: &Deployment,
     now: Instant,
+    absent: &Absent,
 ) -> Result<DeploymentSummary, Error> {
     let name = dep.metadata.name.as_deref().unwrap_or_default();
     let fp = fingerprint(dep);
@@ -1054,19 +1083,21 @@ async fn deployment(
     {
         return Ok(cached.as_ref().clone());
     }
-    apply_recorded(ctx, ns, dep, fp, now)
+    apply_recorded(ctx, ns, dep, fp, now, absent)
         .await
         .map(DeploymentSummary::from)
 }
 
 /// Applies `obj` and records the result: the fingerprint sent and the marker the server
-/// returned, or no record at all when the apply failed.
+/// returned, or no record at all when the apply failed. An object its claim found absent is
+/// sent with [`CREATE_ONLY`].
 async fn apply_recorded<K>(
     ctx: &Context,
     ns: &str,
     obj: &K,
     fp: Option<u64>,
     now: Instant,
+    absent: &Absent,
 ) -> Result<K, Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
@@ -1077,7 +1108,13 @@ where
 {
     let kind = short_kind::<K>();
     let name = obj.meta().name.as_deref().unwrap_or_default();
-    let result = apply(ctx, ns, obj).await;
+    let result = if absent.contains(&(kind, name.to_owned())) {
+        let mut create = obj.clone();
+        create.meta_mut().resource_version = Some(CREATE_ONLY.to_owned());
+        apply(ctx, ns, &create).await
+    } else {
+        apply(ctx, ns, obj).await
+    };
     if let Ok(mut a) = ctx.applied.lock() {
         match (&result, fp) {
             (Ok(applied), Some(fp)) => match change_marker(kind, applied.meta()) {

@@ -799,6 +799,81 @@ spec:
     resources: {requests: {cpu: 10m, memory: 64Mi}}
 "#;
 
+/// What the reconciler's first apply of an object its claim found absent relies on
+/// (`CREATE_ONLY` in operator/src/controller.rs, `resourceVersion: "1"`): on this API server a
+/// server-side apply with that resourceVersion creates an absent object, and refuses with a
+/// conflict, even with `force`, to touch one someone created since, so the race between the
+/// claim's read and the apply cannot hand the operator a foreign object.
+#[test]
+fn a_create_only_apply_creates_an_absent_object_and_conflicts_with_one_created_since_the_claim() {
+    let cluster = Cluster::connect();
+    let ns = cluster.namespace("op-create-only").expect("namespace");
+    let ns = ns.name();
+    let manifest = |name: &str| {
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"},
+            "data": {"config.json": "{}"},
+        })
+        .to_string()
+    };
+    let apply = |name: &str| {
+        cluster
+            .kubectl_stdin(
+                &[
+                    "apply",
+                    "--server-side",
+                    "--force-conflicts",
+                    "--field-manager=tandem-operator",
+                ],
+                &manifest(name),
+            )
+            .expect("running kubectl")
+    };
+
+    let created = apply("absent-config");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let cm = cluster
+        .get_json(&["configmap", "absent-config", "-n", ns])
+        .expect("created");
+    assert_eq!(cm["data"]["config.json"], "{}");
+
+    cluster
+        .kubectl_ok([
+            "create",
+            "configmap",
+            "raced-config",
+            "-n",
+            ns,
+            "--from-literal=owner=platform-team",
+        ])
+        .expect("someone else's ConfigMap");
+    let raced = apply("raced-config");
+    assert!(!raced.status.success(), "the apply took the object over");
+    let err = String::from_utf8_lossy(&raced.stderr);
+    assert!(
+        err.contains("the object has been modified"),
+        "not a conflict: {err}"
+    );
+    let cm = cluster
+        .get_json(&["configmap", "raced-config", "-n", ns])
+        .expect("still there");
+    assert_eq!(cm["data"], serde_json::json!({"owner": "platform-team"}));
+    assert!(
+        cm["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|f| f["manager"] != "tandem-operator"),
+        "{cm}"
+    );
+}
+
 #[test]
 fn a_crashing_stage_is_degraded_with_the_reason_its_worker_gave() {
     let cluster = Cluster::connect();
