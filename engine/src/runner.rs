@@ -304,10 +304,20 @@ fn run_jobs(shared: &Shared, engine: &mut dyn Engine, jobs: Vec<Job>) {
     }))
     .unwrap_or_else(|panic| Err(EngineError::Panic(panic_message(panic.as_ref()))));
     match result {
-        Ok(per_request) => {
+        Ok(Some(per_request)) => {
             for (job, out) in jobs.into_iter().zip(per_request) {
                 (job.reply)(Ok(out));
             }
+        }
+        Ok(None) => {
+            shared
+                .counters
+                .abandoned
+                .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            tracing::debug!(
+                requests = jobs.len(),
+                "stopped a request in chunks whose client went away"
+            );
         }
         Err(EngineError::InvalidInput(e) | EngineError::Panic(e)) if jobs.len() > 1 => {
             tracing::warn!(error = %e, requests = jobs.len(), "the engine refused a batch; running its requests one by one");
@@ -336,12 +346,13 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic without a message".to_owned())
 }
 
-/// Joins `jobs` into one batch, runs it, and splits the outputs back per request.
+/// Joins `jobs` into one batch, runs it, and splits the outputs back per request; `None` when
+/// it was run in chunks and every job's client went away before the last one.
 fn forward(
     shared: &Shared,
     engine: &mut dyn Engine,
     jobs: &[Job],
-) -> Result<Vec<Vec<Tensor>>, EngineError> {
+) -> Result<Option<Vec<Vec<Tensor>>>, EngineError> {
     let assembly: Vec<tracing::Span> = jobs
         .iter()
         .map(|j| tracing::info_span!(parent: &j.span, "batch_assembly"))
@@ -361,27 +372,35 @@ fn forward(
         .iter()
         .map(|j| tracing::info_span!(parent: &j.span, "engine_forward", batch_rows = total))
         .collect();
-    let out = forward_in_chunks(engine, &inputs, total, shared.max_rows);
+    let gone = || jobs.iter().all(Job::is_abandoned);
+    let out = forward_in_chunks(engine, &inputs, total, shared.max_rows, &gone);
     drop(forward);
-    out.map(|o| batch::split(o, &rows))
+    out.map(|o| o.map(|o| batch::split(o, &rows)))
 }
 
 /// Runs `inputs` (`total` rows) through the engine at most `max_rows` rows at a time. Only a
 /// single request larger than `max_batch_size` is ever split: the engine's working memory
 /// grows with the rows it is given (a BERT's attention with rows × length²), so one request
 /// of 2,048 rows of 512 tokens would otherwise need 5 GB, where a full batch needs what
-/// `max_batch_size` allows.
+/// `max_batch_size` allows. Before each chunk after the first, `gone` is asked whether anyone
+/// still waits for the answer: a request of 256 rows of 256 tokens is over a minute of CPU,
+/// which a client that gave up (or a preprocess pod whose forward deadline passed) must not
+/// keep the engine busy with. `None` when it stopped for that.
 fn forward_in_chunks(
     engine: &mut dyn Engine,
     inputs: &[Tensor],
     total: usize,
     max_rows: usize,
-) -> Result<Vec<Tensor>, EngineError> {
+    gone: &dyn Fn() -> bool,
+) -> Result<Option<Vec<Tensor>>, EngineError> {
     if total <= max_rows {
-        return engine.forward(inputs);
+        return engine.forward(inputs).map(Some);
     }
     let mut outputs: Option<Vec<Tensor>> = None;
     for start in (0..total).step_by(max_rows) {
+        if start > 0 && gone() {
+            return Ok(None);
+        }
         let end = (start + max_rows).min(total);
         let chunk: Vec<Tensor> = inputs.iter().map(|t| t.rows_range(start, end)).collect();
         let out = engine.forward(&chunk)?;
@@ -396,7 +415,7 @@ fn forward_in_chunks(
             }
         }
     }
-    Ok(outputs.unwrap_or_default())
+    Ok(Some(outputs.unwrap_or_default()))
 }
 
 #[cfg(test)]
@@ -533,6 +552,54 @@ mod tests {
         let doubled: Vec<f32> = values.iter().map(|x| x * 2.0).collect();
         assert_eq!(out, vec![Tensor::f32(vec![20, 1], doubled)]);
         assert_eq!(*seen.lock().unwrap(), [8, 8, 4]);
+    }
+
+    #[test]
+    fn a_request_in_chunks_stops_after_the_chunk_during_which_its_client_went_away() {
+        /// Doubles its input; the client leaves while the first chunk runs.
+        struct LeavesDuringFirst {
+            inner: Box<dyn Engine>,
+            gone: Arc<AtomicBool>,
+        }
+        impl Engine for LeavesDuringFirst {
+            fn spec(&self) -> &ModelSpec {
+                self.inner.spec()
+            }
+            fn forward(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, EngineError> {
+                self.gone.store(true, Ordering::SeqCst);
+                self.inner.forward(inputs)
+            }
+        }
+        let (inner, seen) = doubler();
+        let gone = Arc::new(AtomicBool::new(false));
+        let engine = Box::new(LeavesDuringFirst {
+            inner,
+            gone: Arc::clone(&gone),
+        });
+        let cfg = BatcherConfig {
+            max_batch_size: 8,
+            max_delay: Duration::from_millis(1),
+            max_queue_depth: 16,
+        };
+        let (runner, handle) = Runner::spawn(engine, cfg).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let job = Job {
+            inputs: vec![Tensor::f32(vec![20, 1], vec![1.0; 20])],
+            reply: Box::new(move |r| tx.send(r).unwrap()),
+            span: tracing::Span::none(),
+            abandoned: Some(gone),
+        };
+        assert!(runner.submit(job).is_ok());
+        runner.close();
+        handle.join().unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [8],
+            "only the first of three chunks ran"
+        );
+        assert!(rx.try_recv().is_err(), "nobody is answered");
+        assert_eq!(runner.stats().abandoned, 1);
+        assert_eq!(runner.stats().errors, 0);
     }
 
     #[test]
