@@ -416,6 +416,54 @@ async fn hostile_inputs_get_invalid_argument_naming_the_problem_and_the_next_req
     assert_eq!(err.code(), Code::NotFound);
 }
 
+/// gRPC carries the error message in a response header, and grpc-core clients refuse headers
+/// over 16 KiB (8 KiB soft): a message quoting a 20 KB model name or a 3,000-dimension shape
+/// whole reached tritonclient as `RESOURCE_EXHAUSTED: received metadata size exceeds hard
+/// limit`, not as the error.
+#[tokio::test]
+async fn errors_quoting_huge_client_values_stay_small_enough_for_grpc_clients_and_name_the_problem()
+{
+    let (addr, _fake) = start_fake(Behaviour::Logits { slope: 1.0 }).await;
+    let svc = image_service("");
+    set_routes(&svc, table(1, &[("blue", 100, &[&addr])], None)).await;
+    let img = jpeg();
+    let limit = tandem_worker::common::MAX_ERROR_MESSAGE + 32;
+
+    let err = infer(&svc, request(&"A".repeat(20_000), &[&img]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().len() <= limit,
+        "{} bytes",
+        err.message().len()
+    );
+    assert!(
+        err.message().ends_with("is not served here"),
+        "{}",
+        err.message()
+    );
+
+    let mut deep = request("effnet", &[&img]);
+    deep.inputs[0].shape = vec![1; 3000];
+    let err = infer(&svc, deep).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().len() <= limit,
+        "{} bytes",
+        err.message().len()
+    );
+    assert!(
+        err.message().starts_with("input \"INPUT\" has shape [1, 1"),
+        "{}",
+        err.message()
+    );
+
+    infer(&svc, request("effnet", &[&img]))
+        .await
+        .expect("a valid request after them");
+}
+
 /// Prost allocates about 300 bytes per `inputs` entry, which is 2 bytes on the wire when
 /// empty: a request of 2^18 empty inputs is 512 KiB sent and would be 80 MB decoded.
 #[tokio::test]

@@ -155,7 +155,7 @@ impl<B: Backend> Grpc<B> {
     fn check_model(&self, name: &str, version: &str) -> Result<(), Status> {
         self.0
             .check_served(name, version)
-            .map_err(|e| Status::not_found(e.to_string()))
+            .map_err(|e| Status::not_found(super::bounded_message(e.to_string())))
     }
 }
 

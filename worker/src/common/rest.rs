@@ -425,6 +425,7 @@ fn unsupported_part(path: &str) -> Option<&'static str> {
 }
 
 fn error_json(status: StatusCode, message: String) -> Response {
+    let message = super::bounded_message(message);
     (status, axum::Json(json!({ "error": message }))).into_response()
 }
 

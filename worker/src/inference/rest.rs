@@ -56,7 +56,8 @@ pub fn router(w: Arc<Worker>, budget: Budget) -> Router {
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, axum::Json(json!({"error": msg.into()}))).into_response()
+    let msg = crate::common::bounded_message(msg.into());
+    (status, axum::Json(json!({"error": msg}))).into_response()
 }
 
 async fn ready(State(w): State<Arc<Worker>>) -> StatusCode {

@@ -44,7 +44,7 @@ pub enum InferError {
 
 impl From<InferError> for tonic::Status {
     fn from(e: InferError) -> Self {
-        let msg = e.to_string();
+        let msg = crate::common::bounded_message(e.to_string());
         match e {
             InferError::UnknownModel(_) => tonic::Status::not_found(msg),
             InferError::NotReady | InferError::Draining | InferError::Lost => {

@@ -116,7 +116,7 @@ pub fn code_label(code: tonic::Code) -> &'static str {
 
 impl From<RequestError> for tonic::Status {
     fn from(e: RequestError) -> Self {
-        tonic::Status::new(e.grpc_code(), e.to_string())
+        tonic::Status::new(e.grpc_code(), crate::common::bounded_message(e.to_string()))
     }
 }
 

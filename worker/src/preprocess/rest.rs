@@ -67,7 +67,8 @@ pub fn router(service: Arc<Service>, budget: Budget) -> axum::Router {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({"error": message.into()}))).into_response()
+    let message = crate::common::bounded_message(message.into());
+    (status, Json(json!({"error": message}))).into_response()
 }
 
 fn request_error(e: &RequestError) -> Response {
