@@ -424,6 +424,30 @@ fn unsupported_part(path: &str) -> Option<&'static str> {
     }
 }
 
+/// `axum::extract::Path` whose refusal is JSON like every other client error: a model name
+/// that is not UTF-8 once percent-decoded (`/v2/models/%ff/infer`) gets 400 `{"error": ...}`,
+/// not axum's plain text.
+#[derive(Debug)]
+pub struct ModelPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ModelPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Self(v)),
+            Err(e) => Err(error_json(e.status(), e.body_text())),
+        }
+    }
+}
+
 fn error_json(status: StatusCode, message: String) -> Response {
     let message = super::bounded_message(message);
     (status, axum::Json(json!({ "error": message }))).into_response()

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::common::body::{bytes_to_reserve, discard, read_body};
 use crate::common::budget::Budget;
-use crate::common::rest;
+use crate::common::rest::{self, ModelPath};
 
 use super::grpc::model_metadata;
 use super::service::Worker;
@@ -89,13 +89,13 @@ fn metadata_for(w: &Worker, name: &str, version: &str) -> Response {
         .into_response()
 }
 
-async fn metadata(State(w): State<Arc<Worker>>, Path(name): Path<String>) -> Response {
+async fn metadata(State(w): State<Arc<Worker>>, ModelPath(name): ModelPath<String>) -> Response {
     metadata_for(&w, &name, "")
 }
 
 async fn metadata_v(
     State(w): State<Arc<Worker>>,
-    Path((name, version)): Path<(String, String)>,
+    ModelPath((name, version)): ModelPath<(String, String)>,
 ) -> Response {
     metadata_for(&w, &name, &version)
 }
@@ -112,20 +112,20 @@ fn ready_for(w: &Worker, name: &str, version: &str) -> Response {
     }
 }
 
-async fn model_ready(State(w): State<Arc<Worker>>, Path(name): Path<String>) -> Response {
+async fn model_ready(State(w): State<Arc<Worker>>, ModelPath(name): ModelPath<String>) -> Response {
     ready_for(&w, &name, "")
 }
 
 async fn model_ready_v(
     State(w): State<Arc<Worker>>,
-    Path((name, version)): Path<(String, String)>,
+    ModelPath((name, version)): ModelPath<(String, String)>,
 ) -> Response {
     ready_for(&w, &name, &version)
 }
 
 async fn infer(
     State(r): State<Rest>,
-    Path(name): Path<String>,
+    ModelPath(name): ModelPath<String>,
     http: Version,
     headers: HeaderMap,
     body: Body,
@@ -135,7 +135,7 @@ async fn infer(
 
 async fn infer_v(
     State(r): State<Rest>,
-    Path((name, version)): Path<(String, String)>,
+    ModelPath((name, version)): ModelPath<(String, String)>,
     http: Version,
     headers: HeaderMap,
     body: Body,
@@ -260,6 +260,20 @@ mod tests {
         assert_eq!(send(&app, two_mib_request()).await.0, StatusCode::OK);
         assert_eq!(budget.reserved(), 0);
         crate::inference::service::assert_one_refusal_counted(&w);
+    }
+
+    #[tokio::test]
+    async fn a_model_name_that_is_not_utf8_is_refused_as_json_like_any_client_error() {
+        let app = app(worker());
+        for req in [
+            Request::post("/v2/models/%ff%fe/infer").body(Body::from(r#"{"inputs":[]}"#)),
+            Request::get("/v2/models/m/versions/%c3%28/ready").body(Body::empty()),
+        ] {
+            let (status, body) = send(&app, req.unwrap()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            let says = body["error"].as_str().expect("a JSON error");
+            assert!(says.contains("UTF-8"), "{says}");
+        }
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::http::{HeaderMap, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,7 +21,7 @@ use super::error::RequestError;
 use super::service::{Service, trace_from_header};
 use crate::common::body::{BodyError, bytes_to_reserve, discard, read_body};
 use crate::common::budget::Budget;
-use crate::common::rest;
+use crate::common::rest::{self, ModelPath};
 
 /// What the handlers share: the service, and the budget of body bytes (shared with the gRPC
 /// server).
@@ -98,13 +98,16 @@ fn metadata_json(s: &Service) -> Value {
     json!({"name": m.name, "versions": m.versions, "platform": m.platform, "inputs": t(&m.inputs), "outputs": t(&m.outputs)})
 }
 
-async fn model_metadata(State(s): State<Arc<Service>>, Path(name): Path<String>) -> Response {
-    model_metadata_v(State(s), Path((name, String::new()))).await
+async fn model_metadata(
+    State(s): State<Arc<Service>>,
+    ModelPath(name): ModelPath<String>,
+) -> Response {
+    model_metadata_v(State(s), ModelPath((name, String::new()))).await
 }
 
 async fn model_metadata_v(
     State(s): State<Arc<Service>>,
-    Path((name, version)): Path<(String, String)>,
+    ModelPath((name, version)): ModelPath<(String, String)>,
 ) -> Response {
     if let Err(e) = s.check_served(&name, &version) {
         return request_error(&e.into());
@@ -112,13 +115,16 @@ async fn model_metadata_v(
     Json(metadata_json(&s)).into_response()
 }
 
-async fn model_ready(State(s): State<Arc<Service>>, Path(name): Path<String>) -> Response {
-    model_ready_v(State(s), Path((name, String::new()))).await
+async fn model_ready(
+    State(s): State<Arc<Service>>,
+    ModelPath(name): ModelPath<String>,
+) -> Response {
+    model_ready_v(State(s), ModelPath((name, String::new()))).await
 }
 
 async fn model_ready_v(
     State(s): State<Arc<Service>>,
-    Path((name, version)): Path<(String, String)>,
+    ModelPath((name, version)): ModelPath<(String, String)>,
 ) -> Response {
     if let Err(e) = s.check_served(&name, &version) {
         return request_error(&e.into());
@@ -129,7 +135,7 @@ async fn model_ready_v(
 async fn infer(
     state: State<Arc<Service>>,
     budget: State<Budget>,
-    Path(name): Path<String>,
+    ModelPath(name): ModelPath<String>,
     http: Version,
     headers: HeaderMap,
     body: Body,
@@ -137,7 +143,7 @@ async fn infer(
     infer_v(
         state,
         budget,
-        Path((name, String::new())),
+        ModelPath((name, String::new())),
         http,
         headers,
         body,
@@ -148,7 +154,7 @@ async fn infer(
 async fn infer_v(
     State(s): State<Arc<Service>>,
     State(budget): State<Budget>,
-    Path((name, version)): Path<(String, String)>,
+    ModelPath((name, version)): ModelPath<(String, String)>,
     http: Version,
     headers: HeaderMap,
     body: Body,
