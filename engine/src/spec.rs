@@ -170,6 +170,19 @@ impl ModelSpec {
                 ));
             }
         }
+        for (spec, t) in self.inputs.iter().zip(inputs) {
+            let TensorData::F32(values) = &t.data else {
+                continue;
+            };
+            // NaN or infinity (JSON's 1e39 overflows to it) runs through every layer and comes
+            // back as `null` outputs: refused, naming the first one, rather than answered.
+            if let Some((at, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(format!(
+                    "input {:?}: element {at} is {v}; inputs must be finite numbers",
+                    spec.name
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -213,6 +226,28 @@ mod tests {
         assert_eq!(
             spec.check_values(&request(&[1; 9], &[0; 9])),
             Err("sequence length 9 exceeds the model's maximum of 8".into())
+        );
+    }
+
+    #[test]
+    fn a_nan_or_infinite_float_input_is_refused_naming_the_element() {
+        let spec = ModelSpec {
+            inputs: vec![TensorSpec::new("input", DataType::Fp32, &[-1, 3])],
+            outputs: vec![TensorSpec::new("logits", DataType::Fp32, &[-1, 2])],
+            kind: InputKind::Fixed,
+            also_accepts: vec![],
+            value_ranges: vec![],
+            max_sequence_len: None,
+        };
+        let with = |v: f32| vec![Tensor::f32(vec![2, 3], vec![0.0, 1.0, -2.5, 3.0, v, 0.5])];
+        assert_eq!(spec.check_values(&with(4.0)), Ok(()));
+        assert_eq!(
+            spec.check_values(&with(f32::NAN)),
+            Err("input \"input\": element 4 is NaN; inputs must be finite numbers".into())
+        );
+        assert_eq!(
+            spec.check_values(&with(f32::INFINITY)),
+            Err("input \"input\": element 4 is inf; inputs must be finite numbers".into())
         );
     }
 
