@@ -277,13 +277,10 @@ fn run_batch(shared: &Shared, engine: &mut dyn Engine, queued: Vec<Queued>) {
         .map(|q| q.job)
         .partition(Job::is_abandoned);
     if !gone.is_empty() {
-        shared
-            .counters
-            .abandoned
-            .fetch_add(gone.len() as u64, Ordering::Relaxed);
-        tracing::debug!(
-            requests = gone.len(),
-            "skipped requests whose clients went away"
+        count_abandoned(
+            shared,
+            gone.len(),
+            "skipped requests whose clients went away",
         );
     }
     // Their replies are dropped unsent: nobody waits for them.
@@ -309,16 +306,11 @@ fn run_jobs(shared: &Shared, engine: &mut dyn Engine, jobs: Vec<Job>) {
                 (job.reply)(Ok(out));
             }
         }
-        Ok(None) => {
-            shared
-                .counters
-                .abandoned
-                .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-            tracing::debug!(
-                requests = jobs.len(),
-                "stopped a request in chunks whose client went away"
-            );
-        }
+        Ok(None) => count_abandoned(
+            shared,
+            jobs.len(),
+            "stopped a request in chunks whose client went away",
+        ),
         Err(EngineError::InvalidInput(e) | EngineError::Panic(e)) if jobs.len() > 1 => {
             tracing::warn!(error = %e, requests = jobs.len(), "the engine refused a batch; running its requests one by one");
             for job in jobs {
@@ -335,6 +327,15 @@ fn run_jobs(shared: &Shared, engine: &mut dyn Engine, jobs: Vec<Job>) {
             }
         }
     }
+}
+
+/// Counts `requests` dropped unanswered because nobody waits for them any more.
+fn count_abandoned(shared: &Shared, requests: usize, what: &'static str) {
+    shared
+        .counters
+        .abandoned
+        .fetch_add(requests as u64, Ordering::Relaxed);
+    tracing::debug!(requests, "{what}");
 }
 
 /// The text a panic was raised with.

@@ -22,7 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::applied::{Applied, fingerprint};
 use crate::build::{
@@ -689,18 +689,7 @@ pub fn error_policy(p: &InferencePipeline, key: &Key, err: &Error, ctx: &Context
     if let Error::Status(e) = err
         && let Some(field) = crate::skew::undeclared_field(e)
     {
-        // Status cannot say it: the write that failed is status. Say it where it can be read.
-        let note = crate::skew::note(field);
-        error!(pipeline = %key, reason = crate::skew::REASON, "{note}");
-        let note = crate::events::Note {
-            action: "Reconcile",
-            reason: crate::skew::REASON,
-            note,
-            warning: true,
-            discriminator: "crd",
-        };
-        ctx.events
-            .publish(p.into(), note, k8s_openapi::jiff::Timestamp::now());
+        crate::skew::report(&ctx.events, p.into(), "Reconcile", field);
     }
     let failures = match ctx.failures.lock() {
         Ok(mut f) => {

@@ -18,6 +18,30 @@ pub fn undeclared_field(e: &kube::Error) -> Option<&str> {
     head.rsplit(' ').next().filter(|f| f.starts_with('.'))
 }
 
+/// Says it where it can be read, since status cannot: an `ERROR` log line and a Warning
+/// Event on the pipeline, by `action` (the loop whose write was refused).
+pub fn report(
+    events: &crate::events::Publisher,
+    regarding: crate::events::Regarding<'_>,
+    action: &'static str,
+    field: &str,
+) {
+    let note = note(field);
+    tracing::error!(
+        pipeline = %format!("{}/{}", regarding.namespace, regarding.name),
+        reason = REASON,
+        "{note}"
+    );
+    let note = crate::events::Note {
+        action,
+        reason: REASON,
+        note,
+        warning: true,
+        discriminator: "crd",
+    };
+    events.publish(regarding, note, k8s_openapi::jiff::Timestamp::now());
+}
+
 /// What a person reads about it.
 pub fn note(field: &str) -> String {
     format!(

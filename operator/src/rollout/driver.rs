@@ -16,7 +16,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use tandem_proto::tandem::v1::worker_control_client::WorkerControlClient;
 use tandem_proto::tandem::v1::{GetStatsRequest, WorkerStats};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     ANNOTATION_ABORT, ANNOTATION_PROMOTE, ColorWindow, Inputs, Observations, ShadowCounts,
@@ -335,16 +335,7 @@ async fn drive(
             // Once per pipeline and leader term: the driver retries every tick.
             Some(field) if !mem.crd_outdated => {
                 mem.crd_outdated = true;
-                let note = crate::skew::note(field);
-                error!(pipeline = %v.meta.name, reason = crate::skew::REASON, "{note}");
-                let note = crate::events::Note {
-                    action: "Rollout",
-                    reason: crate::skew::REASON,
-                    note,
-                    warning: true,
-                    discriminator: "crd",
-                };
-                events.publish(p.into(), note, Timestamp::now());
+                crate::skew::report(events, p.into(), "Rollout", field);
             }
             Some(_) => {
                 debug!(pipeline = %v.meta.name, "rollout status refused: the CRD is outdated")

@@ -371,11 +371,11 @@ fn progress(inp: &Inputs<'_>, r: &RolloutStatus, phase: RolloutPhase, d: &mut De
         RolloutPhase::Shadowing | RolloutPhase::ShiftingTraffic
     ) {
         if candidate_unavailable(obs) {
-            candidate_lost(inp, r, next, d);
+            candidate_lost(inp, r, candidate, next, d);
             return;
         }
         if r.candidate_unavailable_since.is_some() {
-            candidate_back(inp, r, phase, next, d);
+            candidate_back(inp, r, phase, candidate, next, d);
             return;
         }
     }
@@ -643,9 +643,14 @@ fn candidate_unavailable(obs: &Observations) -> bool {
 /// at once, as in provisioning. Otherwise live traffic goes back to the active color (which
 /// gets its pods back with it, [`color_replicas`]) and the rollout waits for a pod, up to
 /// `progressDeadline` from the loss.
-fn candidate_lost(inp: &Inputs<'_>, r: &RolloutStatus, mut next: RolloutStatus, d: &mut Decision) {
+fn candidate_lost(
+    inp: &Inputs<'_>,
+    r: &RolloutStatus,
+    candidate: Color,
+    mut next: RolloutStatus,
+    d: &mut Decision,
+) {
     let policy = inp.policy;
-    let candidate = r.candidate_color.unwrap_or(inp.active_color.other());
     next.traffic_percent = 0;
     if let Some(msg) = crash_loop_failure(inp, r, candidate) {
         fail(inp, next, d, "CandidateCrashLoop", msg);
@@ -704,10 +709,10 @@ fn candidate_back(
     inp: &Inputs<'_>,
     r: &RolloutStatus,
     phase: RolloutPhase,
+    candidate: Color,
     mut next: RolloutStatus,
     d: &mut Decision,
 ) {
-    let candidate = r.candidate_color.unwrap_or(inp.active_color.other());
     next.candidate_unavailable_since = None;
     let note = if phase == RolloutPhase::ShiftingTraffic {
         let step = usize::try_from(r.step.unwrap_or(0)).unwrap_or(0);

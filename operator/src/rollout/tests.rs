@@ -270,6 +270,26 @@ fn ready_pod() -> PodSummary {
     }
 }
 
+/// A candidate pod the scheduler cannot place (its node went away, say): not ready, no
+/// restarts.
+fn unschedulable_pod(created: i64) -> PodSummary {
+    PodSummary {
+        name: format!("minilm-inference-green-{created}").into(),
+        namespace: "ml".into(),
+        created: Some(at(created)),
+        status: PodStatusSummary {
+            conditions: vec![PodConditionSummary {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("Unschedulable".into()),
+                message: Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into()),
+            }],
+            ..PodStatusSummary::default()
+        },
+        ..PodSummary::default()
+    }
+}
+
 fn pods(pods: impl IntoIterator<Item = PodSummary>) -> Vec<Arc<PodSummary>> {
     pods.into_iter().map(Arc::new).collect()
 }
@@ -334,22 +354,7 @@ fn the_reason_quoted_for_unready_candidate_pods_is_never_an_earlier_candidates_c
     // v2's pod crash-looped since t = 1; v3's rollout began at t = 600 and its pod waits
     // unscheduled.
     let earlier = crashing(5, SHA_MISMATCH);
-    let unscheduled = PodSummary {
-        name: "minilm-inference-green-v3".into(),
-        namespace: "ml".into(),
-        created: Some(at(601)),
-        status: PodStatusSummary {
-            conditions: vec![PodConditionSummary {
-                type_: "PodScheduled".into(),
-                status: "False".into(),
-                reason: Some("Unschedulable".into()),
-                message: Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into()),
-            }],
-            ..PodStatusSummary::default()
-        },
-        ..PodSummary::default()
-    };
-    let both = pods([earlier.clone(), unscheduled]);
+    let both = pods([earlier.clone(), unschedulable_pod(601)]);
     let why = candidate_problem(&both, Some(at(600))).expect("the new pod's problem");
     assert!(why.contains("Insufficient nvidia.com/gpu"), "{why}");
     // Only the earlier pod left: nothing known about the new model's pods yet.
@@ -1057,26 +1062,6 @@ fn the_annotation_a_person_acted_through_is_consumed_once_it_has_acted_and_not_b
         Some(ANNOTATION_ABORT)
     );
     assert_eq!(consumed(&mut w, 8, Some(UserAction::Abort)), None);
-}
-
-/// A candidate pod the scheduler cannot place (its node went away, say): not ready, no
-/// restarts.
-fn unschedulable_pod(created: i64) -> PodSummary {
-    PodSummary {
-        name: format!("minilm-inference-green-{created}").into(),
-        namespace: "ml".into(),
-        created: Some(at(created)),
-        status: PodStatusSummary {
-            conditions: vec![PodConditionSummary {
-                type_: "PodScheduled".into(),
-                status: "False".into(),
-                reason: Some("Unschedulable".into()),
-                message: Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into()),
-            }],
-            ..PodStatusSummary::default()
-        },
-        ..PodSummary::default()
-    }
 }
 
 /// The candidate's only pod is gone and its replacement waits unscheduled.

@@ -148,6 +148,26 @@ impl Cluster {
         serde_json::from_str(&text).context("parsing kubectl JSON output")
     }
 
+    /// The first `events.k8s.io` Event in `ns` with `reason` and `type_` (`Normal` or
+    /// `Warning`), once one exists (Events are created after the change they report).
+    pub fn wait_event(
+        &self,
+        ns: &str,
+        reason: &str,
+        type_: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        wait_until(&format!("a {type_} Event {reason}"), timeout, || {
+            let events = self.get_json(&["events.events.k8s.io", "-n", ns])?;
+            Ok(events["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["reason"] == reason && e["type"] == type_)
+                .cloned())
+        })
+    }
+
     /// Creates a fresh namespace for one test; deleted when the guard drops.
     pub fn namespace(&self, prefix: &str) -> anyhow::Result<TestNamespace> {
         static SEQ: AtomicU32 = AtomicU32::new(0);

@@ -1284,15 +1284,18 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
 
     // helm upgrade with a changed value rolls the operator; the new leader keeps reconciling.
     release.upgrade(&cluster, &["concurrency=4", "logging.format=text"])?;
-    let template_args = cluster.kubectl_ok([
-        "get",
-        "deployment",
-        OPERATOR,
-        "-n",
-        ns,
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].args}",
-    ])?;
+    let operator_args = || {
+        cluster.kubectl_ok([
+            "get",
+            "deployment",
+            OPERATOR,
+            "-n",
+            ns,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].args}",
+        ])
+    };
+    let template_args = operator_args()?;
     assert!(
         template_args.contains("--concurrency=4"),
         "upgrade did not change the args: {template_args}"
@@ -1334,15 +1337,7 @@ fn the_installed_chart_runs_the_operator_as_its_service_account_with_only_the_pe
         &format!(r#"{{"data":{{"previous":"{previous}"}}}}"#),
     ])?;
     release.upgrade_reusing_values(&cluster)?;
-    let template_args = cluster.kubectl_ok([
-        "get",
-        "deployment",
-        OPERATOR,
-        "-n",
-        ns,
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].args}",
-    ])?;
+    let template_args = operator_args()?;
     assert!(
         template_args.contains("--concurrency=4"),
         "helm upgrade --reuse-values lost the release's values: {template_args}"

@@ -604,20 +604,9 @@ fn an_object_the_api_server_refuses_degrades_the_pipeline_with_its_message_until
         p["status"]["observedGeneration"],
         p["metadata"]["generation"]
     );
-    wait_until(
-        "a Warning Event ApplyRejected",
-        Duration::from_secs(30),
-        || {
-            let events = cluster.get_json(&["events.events.k8s.io", "-n", ns])?;
-            Ok(events["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|e| e["reason"] == "ApplyRejected" && e["type"] == "Warning")
-                .then_some(()))
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+    cluster
+        .wait_event(ns, "ApplyRejected", "Warning", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
 
     // Fixed, the objects are applied and the status moves on to the real state.
     cluster
@@ -688,16 +677,9 @@ fn an_existing_object_under_a_pipelines_name_is_left_alone_and_named_until_it_is
         "ConfigMap parked-config already exists and does not belong to this pipeline (it has no \
          controlling owner and was written by kubectl-create); the operator will not take it over"
     );
-    wait_until("a Warning Event NameInUse", Duration::from_secs(30), || {
-        let events = cluster.get_json(&["events.events.k8s.io", "-n", ns])?;
-        Ok(events["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|e| e["reason"] == "NameInUse" && e["type"] == "Warning")
-            .then_some(()))
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
+    cluster
+        .wait_event(ns, "NameInUse", "Warning", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", op.log_tail()));
     // Nothing of the pipeline was applied, and the ConfigMap is as it was.
     assert!(names(&get(&cluster, ns, "deployments")).is_empty());
     assert!(names(&get(&cluster, ns, "services")).is_empty());

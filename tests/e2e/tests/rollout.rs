@@ -429,6 +429,17 @@ fn watch(
     }
 }
 
+/// Applies `pipeline`, waits until it is Ready with v1 on blue, and starts open-loop load of 10
+/// requests/s at its preprocess pod (given 2 s to settle).
+fn serve_under_load(cluster: &Cluster, ns: &str, pipeline: &str) -> Load {
+    cluster.apply(pipeline).expect("applying the pipeline");
+    let p = wait_ready(cluster, ns);
+    assert_eq!(p["status"]["activeColor"], "blue");
+    let load = Load::start(preprocess_address(cluster, ns), Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(2));
+    load
+}
+
 /// The pipeline once it is Ready.
 fn wait_ready(cluster: &Cluster, ns: &str) -> Value {
     watch(
@@ -544,13 +555,7 @@ fn model_swaps_promote_roll_back_supersede_and_survive_an_operator_restart_under
 
     tandem_e2e::bin_dir(); // built now, not in the middle of a timed scenario
     let mut operator = Some(Operator::start(&cluster, ns, "a"));
-    cluster
-        .apply(&manifest(ns, &base, &sums))
-        .expect("applying the pipeline");
-    let p = wait_ready(&cluster, ns);
-    assert_eq!(p["status"]["activeColor"], "blue");
-    let load = Load::start(preprocess_address(&cluster, ns), Duration::from_millis(100));
-    std::thread::sleep(Duration::from_secs(2));
+    let load = serve_under_load(&cluster, ns, &manifest(ns, &base, &sums));
 
     // 1. v1 → v2: same weights under a new version and URI.
     let t = Instant::now();
@@ -837,13 +842,7 @@ fn a_candidate_crash_looping_on_a_wrong_sha256_rolls_back_long_before_the_progre
     let mut pipeline: Value = serde_json::from_str(&manifest(ns, &base, &sums)).expect("JSON");
     let deadline = Duration::from_secs(30 * 60);
     pipeline["spec"]["rollout"]["progressDeadline"] = "30m".into();
-    cluster
-        .apply(&pipeline.to_string())
-        .expect("applying the pipeline");
-    let p = wait_ready(&cluster, ns);
-    assert_eq!(p["status"]["activeColor"], "blue");
-    let load = Load::start(preprocess_address(&cluster, ns), Duration::from_millis(100));
-    std::thread::sleep(Duration::from_secs(2));
+    let load = serve_under_load(&cluster, ns, &pipeline.to_string());
 
     // The same weights under a checksum they do not have: the worker exits at every start.
     let mut wrong = model_json(&base, &sums, "v1");
@@ -886,22 +885,8 @@ fn a_candidate_crash_looping_on_a_wrong_sha256_rolls_back_long_before_the_progre
         "{message}"
     );
 
-    // The driver's Warning Event names the failure; it is created after the status write.
-    let event = wait_until(
-        "a CandidateCrashLoop Event",
-        Duration::from_secs(10),
-        || {
-            let events = cluster.get_json(&["events.events.k8s.io", "-n", ns])?;
-            Ok(events["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|e| e["reason"] == "CandidateCrashLoop")
-                .cloned())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e:#}:\n{}\n{}", events(&cluster, ns), operator.log_tail()));
-    assert_eq!(event["type"], "Warning", "{event}");
+    // The driver's Warning Event names the failure.
+    let event = wait_event(&cluster, ns, "CandidateCrashLoop", "Warning", &operator);
     assert_eq!(event["note"], message.as_str(), "{event}");
 
     let p = watch(
@@ -961,22 +946,12 @@ fn candidate_pods(cluster: &Cluster, ns: &str) -> Vec<String> {
         .collect()
 }
 
-/// The Event of `reason` about the pipeline, once the driver has created it.
-fn wait_event(cluster: &Cluster, ns: &str, reason: &str, operator: &Operator) -> Value {
-    wait_until(
-        &format!("a {reason} Event"),
-        Duration::from_secs(20),
-        || {
-            let events = cluster.get_json(&["events.events.k8s.io", "-n", ns])?;
-            Ok(events["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|e| e["reason"] == reason)
-                .cloned())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e:#}:\n{}\n{}", events(cluster, ns), operator.log_tail()))
+/// The Event of `reason` and `type_` about the pipeline, once the driver has created it (after
+/// the status write it reports); the Events there are and the operator's log if none comes.
+fn wait_event(cluster: &Cluster, ns: &str, reason: &str, type_: &str, op: &Operator) -> Value {
+    cluster
+        .wait_event(ns, reason, type_, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}:\n{}\n{}", events(cluster, ns), op.log_tail()))
 }
 
 #[test]
@@ -992,12 +967,7 @@ fn a_candidate_that_loses_its_pod_mid_step_gets_no_traffic_until_one_is_back_and
     // Long enough a step that the candidate is lost and back before it is due.
     pipeline["spec"]["rollout"]["steps"] = serde_json::json!([50, 100]);
     pipeline["spec"]["rollout"]["stepDuration"] = "30s".into();
-    cluster
-        .apply(&pipeline.to_string())
-        .expect("applying the pipeline");
-    wait_ready(&cluster, ns);
-    let load = Load::start(preprocess_address(&cluster, ns), Duration::from_millis(100));
-    std::thread::sleep(Duration::from_secs(2));
+    let load = serve_under_load(&cluster, ns, &pipeline.to_string());
 
     let t = Instant::now();
     set_model(&cluster, ns, &model_json(&base, &sums, "v2"));
@@ -1038,8 +1008,7 @@ fn a_candidate_that_loses_its_pod_mid_step_gets_no_traffic_until_one_is_back_and
             && message.contains("all live traffic is on blue until one is ready again"),
         "{message}"
     );
-    let event = wait_event(&cluster, ns, "CandidateUnavailable", &operator);
-    assert_eq!(event["type"], "Warning", "{event}");
+    wait_event(&cluster, ns, "CandidateUnavailable", "Warning", &operator);
 
     // The store answers again: the replacement loads v2, and the step starts over.
     server.resume();
@@ -1058,7 +1027,7 @@ fn a_candidate_that_loses_its_pod_mid_step_gets_no_traffic_until_one_is_back_and
         p["status"]["rollout"]
     );
     assert_eq!(p["status"]["rollout"]["trafficPercent"], 50);
-    let event = wait_event(&cluster, ns, "CandidateRecovered", &operator);
+    let event = wait_event(&cluster, ns, "CandidateRecovered", "Normal", &operator);
     assert_eq!(
         event["note"],
         "candidate minilm:v2 on green has a ready pod again; step 1/2 starts over with 50% of traffic"

@@ -448,7 +448,9 @@ where
     }
 }
 
-fn error_json(status: StatusCode, message: String) -> Response {
+/// A client error as OIP v2 REST answers it: `{"error": "..."}`, the message cut to
+/// [`bounded_message`](super::bounded_message)'s size.
+pub fn error_json(status: StatusCode, message: String) -> Response {
     let message = super::bounded_message(message);
     (status, axum::Json(json!({ "error": message }))).into_response()
 }

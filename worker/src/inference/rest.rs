@@ -56,8 +56,7 @@ pub fn router(w: Arc<Worker>, budget: Budget) -> Router {
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    let msg = crate::common::bounded_message(msg.into());
-    (status, axum::Json(json!({"error": msg}))).into_response()
+    rest::error_json(status, msg.into())
 }
 
 async fn ready(State(w): State<Arc<Worker>>) -> StatusCode {

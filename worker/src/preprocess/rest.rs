@@ -67,8 +67,7 @@ pub fn router(service: Arc<Service>, budget: Budget) -> axum::Router {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    let message = crate::common::bounded_message(message.into());
-    (status, Json(json!({"error": message}))).into_response()
+    rest::error_json(status, message.into())
 }
 
 fn request_error(e: &RequestError) -> Response {
